@@ -1,0 +1,100 @@
+"""Run a bundle's model on float inputs: preprocessing, quantization and dequantization included.
+
+Callers always speak float values (raw feature values, as in the training data) and get float
+scores back; the adapter applies the manifest's declared preprocessing and each tensor's
+``{scale, zero_point}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.bundle import Manifest, TensorSpec, load_manifest
+from device_agent.errors import AgentError
+from device_agent.runtimes import RuntimeModel, choose_runtime, load_runtime_model
+
+
+class InputError(AgentError):
+    """An input does not fit the model; ``kind`` is ``shape``, ``dtype`` or ``nan`` (a schema violation)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Convert float values to the tensor's dtype with its affine quantization (float passes through)."""
+    dtype = np.dtype(spec.dtype.value)
+    if spec.quantization is None or dtype.kind == "f":
+        return x.astype(dtype, copy=False)
+    info = np.iinfo(dtype)
+    q = np.round(x / spec.quantization.scale) + spec.quantization.zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Convert a tensor's raw values to float32 with its affine quantization."""
+    if spec.quantization is None or np.dtype(spec.dtype.value).kind == "f":
+        return q.astype(np.float32, copy=False)
+    return ((q.astype(np.float32) - spec.quantization.zero_point) * spec.quantization.scale).astype(np.float32)
+
+
+class Predictor:
+    """A verified bundle loaded in one runtime; ``predict`` maps float inputs to float scores."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        manifest: Manifest | None = None,
+        runtime: str | None = None,
+        threads: int | None = None,
+        use_accelerator: bool = True,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest or load_manifest(self.bundle_dir)
+        m = self.manifest
+        self.runtime = choose_runtime([r.value for r in m.model.runtimes], runtime)
+        accel = None
+        if use_accelerator and m.model.accelerated_path and self.runtime == "litert":
+            accel = self.bundle_dir / m.model.accelerated_path
+        self.model: RuntimeModel = load_runtime_model(
+            self.bundle_dir / m.model.path, self.runtime, threads=threads or m.threads, accelerator_path=accel
+        )
+        self.input_spec = m.inputs[0]
+        self.output_spec = m.outputs[0]
+        self.sample_shape = tuple(self.input_spec.shape[1:])
+        pre = m.preprocessing
+        self._scale = self._offset = None
+        if pre.get("type") == "affine":
+            self._scale = np.asarray(pre["scale"], dtype=np.float32)
+            self._offset = np.asarray(pre["offset"], dtype=np.float32)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """Return ``x`` as a float32 batch (n, *sample_shape) or raise InputError."""
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "fiub":
+            raise InputError("dtype", f"input dtype {arr.dtype} is not numeric; send numbers")
+        if tuple(arr.shape) == self.sample_shape:
+            arr = arr[None, ...]
+        if tuple(arr.shape[1:]) != self.sample_shape or arr.shape[0] < 1:
+            want = "x".join(str(d) for d in self.sample_shape)
+            raise InputError("shape", f"input shape {tuple(arr.shape)} does not fit the model: want (n, {want}) or ({want})")
+        arr = arr.astype(np.float32, copy=False)
+        if not np.isfinite(arr).all():
+            raise InputError("nan", "input holds NaN or infinite values; the model was trained on finite values only")
+        return arr
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return float scores (n, K) for float inputs (n, *sample_shape) or one sample."""
+        arr = self.check_input(x)
+        if self._scale is not None:
+            arr = arr * self._scale + self._offset
+        raw = self.model.run(quantize(arr, self.input_spec))
+        out = dequantize(raw, self.output_spec)
+        return out.reshape(out.shape[0], -1)

@@ -1,0 +1,581 @@
+"""Pure, mergeable profiles of what a model sees and says.
+
+One module serves the build (``baseline.json``), the agent (telemetry windows) and the collector
+(drift), so a baseline and a device window can never disagree on bin edges or feature names.
+
+No I/O and no clock here. Everything is plain numpy and dicts that round-trip through JSON.
+
+Histogram layout (per feature): ``counts[0]`` is the underflow bin (``x < edges[0]``), ``counts[1..B]``
+the B regular bins (``[e_i, e_{i+1})``, the last one closed on the right), ``counts[B+1]`` the
+overflow bin (``x > edges[B]``). Non-finite values (NaN, +/-inf) are counted in ``nan_count`` and in
+no bin. Edges are frozen from the baseline and travel with it; windows carry only a ``spec_hash``.
+
+Mean and variance merge with Chan et al.'s pairwise update
+(Chan, Golub, LeVeque, "Updating formulae and a pairwise algorithm for computing sample variances",
+1979): ``n = na + nb; d = mb - ma; mean = ma + d*nb/n; M2 = M2a + M2b + d^2*na*nb/n``.
+Counts and histograms merge exactly by addition, so ``merge`` is associative and commutative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from device_agent.errors import AgentError
+
+SCHEMA = 1
+DEFAULT_BINS = 20
+# Inputs with at most this many elements per sample are profiled element by element (tabular data,
+# small images such as 8x8 digits); larger images get per-channel summaries instead.
+ELEMENT_LIMIT = 256
+CONFIDENCE_EDGES = tuple(float(x) for x in np.linspace(0.0, 1.0, 21))
+# Log-spaced latency bins from 10 us to 10 s.
+LATENCY_EDGES_MS = tuple(float(x) for x in np.round(np.logspace(-2, 4, 25), 6))
+# Wire precision for float summaries (min/max are kept exactly): 10 significant digits.
+FLOAT_DIGITS = 10
+
+
+class StatsError(AgentError, ValueError):
+    """A profile or spec is malformed or two profiles cannot be merged."""
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _round(v: float) -> float | None:
+    if not math.isfinite(v):
+        return None
+    return float(f"{v:.{FLOAT_DIGITS}g}")
+
+
+def make_edges(values: np.ndarray, bins: int = DEFAULT_BINS) -> list[list[float]]:
+    """Return per-feature quantile bin edges for a (n, F) float array, duplicates removed.
+
+    Quantile edges put about the same share of the baseline in every bin, which keeps PSI and JS
+    stable for skewed features. A feature with a single distinct value gets edges ``[v, v + w]``
+    so any other value lands in the under- or overflow bin.
+    """
+    if values.ndim != 2:
+        raise StatsError(f"make_edges wants a (samples, features) array, got shape {values.shape}")
+    if bins < 1:
+        raise StatsError(f"bins must be >= 1, got {bins}")
+    qs = np.linspace(0.0, 1.0, bins + 1)
+    out: list[list[float]] = []
+    for j in range(values.shape[1]):
+        col = values[:, j].astype(np.float64)
+        col = col[np.isfinite(col)]
+        if col.size == 0:
+            out.append([0.0, 1.0])
+            continue
+        e = np.unique(np.quantile(col, qs))
+        if e.size < 2:
+            v = float(e[0])
+            e = np.array([v, v + max(abs(v) * 1e-6, 1e-9)])
+        out.append([float(x) for x in e])
+    return out
+
+
+@dataclass
+class FeatureSetProfile:
+    """Fixed-bin histograms plus moments for F features, updated in batches.
+
+    ``edges`` is (F, Bmax+1) padded with +inf past each feature's own ``nedges[f]`` edges, so one
+    vectorised comparison bins every feature at once.
+    """
+
+    names: list[str]
+    edges: np.ndarray  # (F, Bmax+1) float64, +inf padded
+    nedges: np.ndarray  # (F,) int64
+    counts: np.ndarray  # (F, Bmax+2) int64
+    count: np.ndarray  # (F,) int64, finite values seen
+    nan_count: np.ndarray  # (F,) int64
+    min: np.ndarray  # (F,) float64, +inf when empty
+    max: np.ndarray  # (F,) float64, -inf when empty
+    mean: np.ndarray  # (F,) float64
+    m2: np.ndarray  # (F,) float64, sum of squared deviations
+
+    @classmethod
+    def empty(cls, names: Sequence[str], edges: Sequence[Sequence[float]]) -> FeatureSetProfile:
+        """Return an empty profile for the given feature names and per-feature edges."""
+        if len(names) != len(edges):
+            raise StatsError(f"{len(names)} feature names but {len(edges)} edge lists")
+        if len(names) == 0:
+            raise StatsError("a profile needs at least one feature")
+        nedges = np.array([len(e) for e in edges], dtype=np.int64)
+        if (nedges < 2).any():
+            raise StatsError("every feature needs at least 2 bin edges")
+        bmax = int(nedges.max())
+        pad = np.full((len(names), bmax), np.inf)
+        for i, e in enumerate(edges):
+            arr = np.asarray(e, dtype=np.float64)
+            if not np.isfinite(arr).all() or not (np.diff(arr) > 0).all():
+                raise StatsError(f"edges of feature {names[i]!r} must be finite and strictly increasing")
+            pad[i, : arr.size] = arr
+        f = len(names)
+        return cls(
+            names=list(names),
+            edges=pad,
+            nedges=nedges,
+            counts=np.zeros((f, bmax + 1), dtype=np.int64),
+            count=np.zeros(f, dtype=np.int64),
+            nan_count=np.zeros(f, dtype=np.int64),
+            min=np.full(f, np.inf),
+            max=np.full(f, -np.inf),
+            mean=np.zeros(f),
+            m2=np.zeros(f),
+        )
+
+    @property
+    def n_features(self) -> int:
+        return len(self.names)
+
+    def edge_list(self, j: int) -> list[float]:
+        """Return feature j's real (unpadded) edges."""
+        return [float(x) for x in self.edges[j, : self.nedges[j]]]
+
+    def hist(self, j: int) -> np.ndarray:
+        """Return feature j's counts: underflow, the regular bins, overflow (length nedges+1)."""
+        return self.counts[j, : self.nedges[j] + 1].copy()
+
+    def update(self, values: np.ndarray) -> None:
+        """Add a batch of samples, shape (n, F) (or (F,) for one sample)."""
+        x = np.asarray(values, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise StatsError(f"expected (n, {self.n_features}) values, got shape {x.shape}")
+        if x.shape[0] == 0:
+            return
+        finite = np.isfinite(x)
+        self.nan_count += (~finite).sum(axis=0)
+        xf = np.where(finite, x, np.nan)
+        # Bin index: number of edges <= x (0 = underflow, nedges = overflow); the right edge belongs
+        # to the last bin. NaN compares False everywhere and is masked out below.
+        idx = (xf[:, :, None] >= self.edges[None, :, :]).sum(axis=2)
+        last = self.edges[np.arange(self.n_features), self.nedges - 1]
+        idx = np.where((idx == self.nedges[None, :]) & (xf == last[None, :]), idx - 1, idx)
+        width = self.counts.shape[1]
+        flat = (np.arange(self.n_features)[None, :] * width + idx)[finite]
+        self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
+        nb = finite.sum(axis=0)
+        has = nb > 0
+        if not has.any():
+            return
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bmean = np.where(has, np.nansum(xf, axis=0) / np.maximum(nb, 1), 0.0)
+            bm2 = np.nansum((xf - bmean[None, :]) ** 2, axis=0)
+            self.min = np.where(has, np.fmin(self.min, np.nanmin(np.where(finite, xf, np.inf), axis=0)), self.min)
+            self.max = np.where(has, np.fmax(self.max, np.nanmax(np.where(finite, xf, -np.inf), axis=0)), self.max)
+        self.mean, self.m2 = _chan(self.count, self.mean, self.m2, nb, bmean, bm2)
+        self.count = self.count + nb
+
+    def merge(self, other: FeatureSetProfile) -> FeatureSetProfile:
+        """Return a new profile holding both; edges and names must be identical."""
+        self.check_compatible(other)
+        mean, m2 = _chan(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
+        return FeatureSetProfile(
+            names=list(self.names),
+            edges=self.edges.copy(),
+            nedges=self.nedges.copy(),
+            counts=self.counts + other.counts,
+            count=self.count + other.count,
+            nan_count=self.nan_count + other.nan_count,
+            min=np.fmin(self.min, other.min),
+            max=np.fmax(self.max, other.max),
+            mean=mean,
+            m2=m2,
+        )
+
+    def check_compatible(self, other: FeatureSetProfile) -> None:
+        """Raise StatsError unless both profiles share names and edges."""
+        if self.names != other.names:
+            raise StatsError("profiles have different feature names; they come from different baselines")
+        if self.edges.shape != other.edges.shape or not np.array_equal(self.edges, other.edges):
+            raise StatsError("profiles have different bin edges; they come from different baselines")
+
+    def variance(self) -> np.ndarray:
+        """Return the population variance per feature (0 where fewer than 2 values)."""
+        return np.where(self.count > 1, self.m2 / np.maximum(self.count, 1), 0.0)
+
+    def std(self) -> np.ndarray:
+        """Return the population standard deviation per feature."""
+        return np.sqrt(self.variance())
+
+    def spec_dict(self) -> dict[str, Any]:
+        """Return the frozen part (names and edges) that baselines carry."""
+        return {"names": list(self.names), "edges": [self.edge_list(j) for j in range(self.n_features)]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the mergeable state as JSON-ready lists (no names or edges)."""
+        return {
+            "count": [int(v) for v in self.count],
+            "nan": [int(v) for v in self.nan_count],
+            "min": [_finite_or_none(v) for v in self.min],
+            "max": [_finite_or_none(v) for v in self.max],
+            "mean": [_round(v) for v in self.mean],
+            "m2": [_round(v) for v in self.m2],
+            "hist": [[int(c) for c in self.hist(j)] for j in range(self.n_features)],
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Fill this (empty) profile from ``state_dict()`` output, validating every length and value."""
+        keys = {"count", "nan", "min", "max", "mean", "m2", "hist"}
+        if set(state) != keys:
+            raise StatsError(f"profile state keys {sorted(state)} != {sorted(keys)}")
+        f = self.n_features
+        for k in keys - {"hist"}:
+            if not isinstance(state[k], list) or len(state[k]) != f:
+                raise StatsError(f"profile field {k!r} must be a list of {f} values")
+        count = _ints(state["count"], "count")
+        nan = _ints(state["nan"], "nan")
+        hist = state["hist"]
+        if not isinstance(hist, list) or len(hist) != f:
+            raise StatsError(f"profile field 'hist' must hold {f} histograms")
+        counts = np.zeros_like(self.counts)
+        for j, h in enumerate(hist):
+            want = int(self.nedges[j]) + 1
+            if not isinstance(h, list) or len(h) != want:
+                raise StatsError(
+                    f"histogram of feature {self.names[j]!r} has {len(h) if isinstance(h, list) else '?'} "
+                    f"bins, the baseline has {want}"
+                )
+            counts[j, :want] = _ints(h, "hist")
+            if counts[j].sum() != count[j]:
+                raise StatsError(f"histogram of feature {self.names[j]!r} sums to {counts[j].sum()}, count is {count[j]}")
+        self.counts = counts
+        self.count = count
+        self.nan_count = nan
+        self.min = _floats(state["min"], "min", np.inf)
+        self.max = _floats(state["max"], "max", -np.inf)
+        self.mean = _floats(state["mean"], "mean", 0.0)
+        self.m2 = _floats(state["m2"], "m2", 0.0)
+        if (self.m2 < 0).any():
+            raise StatsError("profile field 'm2' must not be negative")
+
+
+def _ints(vals: Any, name: str) -> np.ndarray:
+    out = []
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise StatsError(f"profile field {name!r} must hold non-negative integers, got {str(v)[:20]!r}")
+        out.append(v)
+    return np.array(out, dtype=np.int64)
+
+
+def _floats(vals: Any, name: str, none_value: float) -> np.ndarray:
+    out = []
+    for v in vals:
+        if v is None:
+            out.append(none_value)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise StatsError(f"profile field {name!r} must hold finite numbers or null, got {str(v)[:20]!r}")
+        else:
+            out.append(float(v))
+    return np.array(out, dtype=np.float64)
+
+
+def _chan(
+    na: np.ndarray, ma: np.ndarray, m2a: np.ndarray, nb: np.ndarray, mb: np.ndarray, m2b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Combine two sets of (count, mean, M2) with Chan et al.'s pairwise formula."""
+    na = np.asarray(na, dtype=np.float64)
+    nb = np.asarray(nb, dtype=np.float64)
+    n = na + nb
+    safe = np.maximum(n, 1.0)
+    d = mb - ma
+    mean = np.where(n > 0, ma + d * nb / safe, 0.0)
+    m2 = np.where(n > 0, m2a + m2b + d * d * na * nb / safe, 0.0)
+    return mean, m2
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature extraction: what a "feature" is for a given model input.
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How raw model inputs become profiled features.
+
+    ``kind`` is ``"elements"`` (every element of a sample is a feature: tabular data, small images)
+    or ``"image_summary"`` (per channel: mean, std, min and max of each sample; for large images).
+    ``input_shape`` is the per-sample shape without the batch axis.
+    """
+
+    kind: str
+    input_shape: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def for_input(cls, input_shape: Sequence[int], feature_names: Sequence[str] | None = None) -> FeatureSpec:
+        """Choose the feature kind for a per-sample input shape (no batch axis)."""
+        shape = tuple(int(d) for d in input_shape)
+        n = int(np.prod(shape)) if shape else 1
+        if feature_names is not None and len(feature_names) != n:
+            raise StatsError(f"{len(feature_names)} feature names for an input of {n} elements")
+        if n <= ELEMENT_LIMIT or len(shape) < 2:
+            if feature_names is not None:
+                names = tuple(str(s) for s in feature_names)
+            elif len(shape) <= 1:
+                names = tuple(f"f{i}" for i in range(n))
+            else:
+                names = tuple("px_" + "_".join(str(int(k)) for k in idx) for idx in np.ndindex(*shape))
+            return cls("elements", shape, names)
+        channels = shape[-1] if len(shape) >= 3 else 1
+        names = tuple(f"c{c}_{s}" for c in range(channels) for s in ("mean", "std", "min", "max"))
+        return cls("image_summary", shape, names)
+
+    def extract(self, x: np.ndarray) -> np.ndarray:
+        """Map a batch (n, *input_shape) to features (n, F) float64."""
+        x = np.asarray(x, dtype=np.float64)
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise StatsError(f"input shape {tuple(x.shape[1:])} != profiled shape {self.input_shape}")
+        n = x.shape[0]
+        if self.kind == "elements":
+            return x.reshape(n, -1)
+        if self.kind == "image_summary":
+            if len(self.input_shape) >= 3:
+                per_c = x.reshape(n, -1, self.input_shape[-1])
+            else:
+                per_c = x.reshape(n, -1, 1)
+            with np.errstate(invalid="ignore"):
+                feats = np.stack(
+                    [per_c.mean(axis=1), per_c.std(axis=1), per_c.min(axis=1), per_c.max(axis=1)], axis=2
+                )
+            return feats.reshape(n, -1)
+        raise StatsError(f"unknown feature kind {self.kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "input_shape": list(self.input_shape), "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureSpec:
+        if set(d) != {"kind", "input_shape", "names"}:
+            raise StatsError(f"feature spec keys {sorted(d)} != ['input_shape', 'kind', 'names']")
+        if d["kind"] not in ("elements", "image_summary"):
+            raise StatsError(f"unknown feature kind {d['kind']!r}")
+        return cls(str(d["kind"]), tuple(int(v) for v in d["input_shape"]), tuple(str(v) for v in d["names"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The full profile of a model: inputs, outputs, latency, schema violations.
+
+
+@dataclass
+class ProfileSpec:
+    """The frozen part of a profile: feature spec, input edges, labels, output/latency edges."""
+
+    features: FeatureSpec
+    input_edges: list[list[float]]
+    labels: list[str]
+    confidence_edges: list[float] = field(default_factory=lambda: list(CONFIDENCE_EDGES))
+    latency_edges_ms: list[float] = field(default_factory=lambda: list(LATENCY_EDGES_MS))
+
+    def new_profile(self) -> Profile:
+        """Return an empty profile with this spec's edges."""
+        return Profile(
+            spec=self,
+            inputs=FeatureSetProfile.empty(self.features.names, self.input_edges),
+            class_counts=np.zeros(len(self.labels), dtype=np.int64),
+            confidence=FeatureSetProfile.empty(["top1_confidence"], [self.confidence_edges]),
+            latency_ms=FeatureSetProfile.empty(["latency_ms"], [self.latency_edges_ms]),
+            schema_violations={},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "features": self.features.to_dict(),
+            "input_edges": [list(map(float, e)) for e in self.input_edges],
+            "labels": list(self.labels),
+            "confidence_edges": list(self.confidence_edges),
+            "latency_edges_ms": list(self.latency_edges_ms),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProfileSpec:
+        keys = {"features", "input_edges", "labels", "confidence_edges", "latency_edges_ms"}
+        if set(d) != keys:
+            raise StatsError(f"profile spec keys {sorted(d)} != {sorted(keys)}")
+        spec = cls(
+            features=FeatureSpec.from_dict(d["features"]),
+            input_edges=[[float(v) for v in e] for e in d["input_edges"]],
+            labels=[str(v) for v in d["labels"]],
+            confidence_edges=[float(v) for v in d["confidence_edges"]],
+            latency_edges_ms=[float(v) for v in d["latency_edges_ms"]],
+        )
+        if len(spec.input_edges) != len(spec.features.names):
+            raise StatsError("profile spec has a different number of edge lists and feature names")
+        spec.new_profile()  # validates edges
+        return spec
+
+    def spec_hash(self) -> str:
+        """Return a sha256 of the canonical spec; windows carry it so the collector can match baselines."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class Profile:
+    """A mergeable profile of one window (or of the baseline)."""
+
+    spec: ProfileSpec
+    inputs: FeatureSetProfile
+    class_counts: np.ndarray
+    confidence: FeatureSetProfile
+    latency_ms: FeatureSetProfile
+    schema_violations: dict[str, int]
+
+    @property
+    def count(self) -> int:
+        """Return the number of predictions (samples with outputs) in this profile."""
+        return int(self.class_counts.sum())
+
+    def update_inputs(self, x: np.ndarray) -> None:
+        """Add a batch of raw model inputs (n, *input_shape)."""
+        self.inputs.update(self.spec.features.extract(x))
+
+    def update_outputs(self, probs: np.ndarray) -> None:
+        """Add a batch of output scores (n, K): predicted class counts and top-1 confidence.
+
+        Scores that do not sum to 1 (logits) go through a softmax first.
+        """
+        p = np.asarray(probs, dtype=np.float64)
+        if p.ndim == 1:
+            p = p[None, :]
+        if p.ndim != 2 or p.shape[1] != self.class_counts.size:
+            raise StatsError(f"expected (n, {self.class_counts.size}) output scores, got shape {p.shape}")
+        if p.shape[0] == 0:
+            return
+        p = as_probabilities(p)
+        top = p.argmax(axis=1)
+        self.class_counts += np.bincount(top, minlength=self.class_counts.size)
+        self.confidence.update(p.max(axis=1)[:, None])
+
+    def update_latency(self, latency_ms: float | np.ndarray) -> None:
+        """Add one or more latency measurements in milliseconds."""
+        self.latency_ms.update(np.atleast_1d(np.asarray(latency_ms, dtype=np.float64))[:, None])
+
+    def add_violation(self, kind: str, n: int = 1) -> None:
+        """Count ``n`` refused inputs of a kind (``shape``, ``dtype``, ``nan``, ...)."""
+        self.schema_violations[kind] = self.schema_violations.get(kind, 0) + int(n)
+
+    def merge(self, other: Profile) -> Profile:
+        """Return a new profile holding both windows (same spec required)."""
+        if self.spec.spec_hash() != other.spec.spec_hash():
+            raise StatsError("profiles come from different baselines (spec hashes differ)")
+        viol = dict(self.schema_violations)
+        for k, v in other.schema_violations.items():
+            viol[k] = viol.get(k, 0) + v
+        return Profile(
+            spec=self.spec,
+            inputs=self.inputs.merge(other.inputs),
+            class_counts=self.class_counts + other.class_counts,
+            confidence=self.confidence.merge(other.confidence),
+            latency_ms=self.latency_ms.merge(other.latency_ms),
+            schema_violations=viol,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the mergeable state (what a telemetry window carries), without the spec."""
+        return {
+            "inputs": self.inputs.state_dict(),
+            "class_counts": [int(v) for v in self.class_counts],
+            "confidence": self.confidence.state_dict(),
+            "latency_ms": self.latency_ms.state_dict(),
+            "schema_violations": {str(k): int(v) for k, v in sorted(self.schema_violations.items())},
+        }
+
+    @classmethod
+    def from_state(cls, spec: ProfileSpec, state: Mapping[str, Any]) -> Profile:
+        """Rebuild a profile from ``state_dict()`` output and its spec, validating strictly."""
+        keys = {"inputs", "class_counts", "confidence", "latency_ms", "schema_violations"}
+        if not isinstance(state, Mapping) or set(state) != keys:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise StatsError(f"profile keys {got} != {sorted(keys)}")
+        prof = spec.new_profile()
+        for name in ("inputs", "confidence", "latency_ms"):
+            if not isinstance(state[name], Mapping):
+                raise StatsError(f"profile field {name!r} must be an object")
+            getattr(prof, name).load_state(state[name])
+        cc = state["class_counts"]
+        if not isinstance(cc, list) or len(cc) != len(spec.labels):
+            raise StatsError(f"class_counts must be a list of {len(spec.labels)} counts")
+        prof.class_counts = _ints(cc, "class_counts")
+        sv = state["schema_violations"]
+        if not isinstance(sv, Mapping):
+            raise StatsError("schema_violations must be an object")
+        for k, v in sv.items():
+            if not isinstance(k, str) or len(k) > 64 or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise StatsError("schema_violations must map short names to non-negative integers")
+        prof.schema_violations = {str(k): int(v) for k, v in sv.items()}
+        return prof
+
+
+def as_probabilities(scores: np.ndarray) -> np.ndarray:
+    """Return rows that sum to 1: pass probabilities through, softmax anything else (logits)."""
+    p = np.asarray(scores, dtype=np.float64)
+    sums = p.sum(axis=1)
+    if np.all(p >= -1e-6) and np.allclose(sums, 1.0, atol=2e-2):
+        return np.clip(p, 0.0, 1.0)
+    z = p - p.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# baseline.json
+
+
+BASELINE_SCHEMA = 1
+
+
+def build_baseline(
+    x: np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    feature_names: Sequence[str] | None = None,
+    bins: int = DEFAULT_BINS,
+    latency_ms: Sequence[float] | None = None,
+) -> Profile:
+    """Profile a reference data set: freeze edges from ``x`` (n, *shape), then add ``x`` and ``probs``."""
+    features = FeatureSpec.for_input(x.shape[1:], feature_names)
+    feats = features.extract(x)
+    spec = ProfileSpec(features=features, input_edges=make_edges(feats, bins), labels=[str(v) for v in labels])
+    prof = spec.new_profile()
+    prof.inputs.update(feats)
+    prof.update_outputs(probs)
+    if latency_ms is not None and len(latency_ms):
+        prof.update_latency(np.asarray(latency_ms))
+    return prof
+
+
+def baseline_to_dict(profile: Profile, source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Return the ``baseline.json`` document: schema, spec, spec hash, state and a note of the source."""
+    return {
+        "schema": BASELINE_SCHEMA,
+        "spec": profile.spec.to_dict(),
+        "spec_hash": profile.spec.spec_hash(),
+        "profile": profile.state_dict(),
+        "source": dict(source or {}),
+    }
+
+
+def baseline_from_dict(doc: Mapping[str, Any]) -> Profile:
+    """Load a ``baseline.json`` document, checking its schema and spec hash."""
+    if not isinstance(doc, Mapping):
+        raise StatsError("baseline must be a JSON object")
+    if doc.get("schema") != BASELINE_SCHEMA:
+        raise StatsError(f"baseline schema {doc.get('schema')!r} is not supported (want {BASELINE_SCHEMA})")
+    keys = {"schema", "spec", "spec_hash", "profile", "source"}
+    if set(doc) != keys:
+        raise StatsError(f"baseline keys {sorted(doc)} != {sorted(keys)}")
+    spec = ProfileSpec.from_dict(doc["spec"])
+    if spec.spec_hash() != doc["spec_hash"]:
+        raise StatsError("baseline spec_hash does not match its spec; the file was edited or damaged")
+    return Profile.from_state(spec, doc["profile"])

@@ -1,0 +1,543 @@
+"""The telemetry wire format: topics and versioned JSON payloads, encoded and decoded strictly.
+
+Topics (lowercase, no leading slash)::
+
+    edgefleet/<fleet>/<device_id>/stats    QoS 1, one closed window (or an empty-window heartbeat)
+    edgefleet/<fleet>/<device_id>/status   retained; birth "online" with the model, Last Will "offline"
+    edgefleet/<fleet>/<device_id>/events   model loaded, errors, deployments
+    edgefleet/<fleet>/<device_id>/cmd      commands to the device (deployments)
+    edgefleet/<fleet>/cmd                  fleet-wide commands
+    edgefleet/<fleet>/alerts               drift alerts published by the collector
+
+Every payload carries ``schema`` (integer) and ``type``. Decoding checks, in order: size limit,
+UTF-8 JSON without NaN/Infinity, nesting depth, schema, known keys, types and finite numbers.
+The profile's histogram lengths are checked later against the registered baseline
+(``StatsMessage.profile``), because only the baseline knows them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from device_agent.errors import AgentError
+from device_agent.stats import FeatureSetProfile, Profile, ProfileSpec, StatsError
+
+SCHEMA = 1
+TOPIC_ROOT = "edgefleet"
+MAX_PAYLOAD_BYTES = 96 * 1024  # well under AWS IoT's 128 KB and Azure's 256 KB message limits
+MAX_DEPTH = 8
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+KINDS = ("stats", "status", "events", "cmd")
+EVENT_NAMES_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+
+class TelemetryError(AgentError):
+    """A payload or topic does not follow the wire schema."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Topics
+
+
+def check_id(value: Any, what: str) -> str:
+    """Return ``value`` if it is a valid fleet or device id (lowercase, digits, ``_.-``; 1-63 chars)."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise TelemetryError(
+            f"{what} {str(value)[:70]!r} is invalid: use 1-63 lowercase letters, digits, '_', '.' or '-'"
+        )
+    return value
+
+
+def topic(fleet: str, device_id: str, kind: str) -> str:
+    """Return ``edgefleet/<fleet>/<device_id>/<kind>``."""
+    if kind not in KINDS:
+        raise TelemetryError(f"unknown topic kind {kind!r}. Known: {', '.join(KINDS)}")
+    return f"{TOPIC_ROOT}/{check_id(fleet, 'fleet')}/{check_id(device_id, 'device_id')}/{kind}"
+
+
+def fleet_topic(fleet: str, kind: str) -> str:
+    """Return a fleet-wide topic: ``edgefleet/<fleet>/cmd`` or ``edgefleet/<fleet>/alerts``."""
+    if kind not in ("cmd", "alerts"):
+        raise TelemetryError(f"unknown fleet topic kind {kind!r}. Known: cmd, alerts")
+    return f"{TOPIC_ROOT}/{check_id(fleet, 'fleet')}/{kind}"
+
+
+def parse_topic(name: str) -> tuple[str, str, str]:
+    """Split a device topic into ``(fleet, device_id, kind)`` or raise TelemetryError."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[3] not in KINDS:
+        raise TelemetryError(f"topic {name[:120]!r} is not edgefleet/<fleet>/<device_id>/<kind>")
+    return check_id(parts[1], "fleet"), check_id(parts[2], "device_id"), parts[3]
+
+
+# --------------------------------------------------------------------------------------------------
+# Timestamps
+
+
+def utc_iso(ts: float) -> str:
+    """Format a POSIX time as ``2026-11-27T11:00:00.000Z``."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+
+
+def parse_utc(value: Any, what: str) -> float:
+    """Parse an ISO-8601 UTC timestamp (``...Z`` or ``+00:00``) to POSIX seconds."""
+    if not isinstance(value, str) or len(value) > 40:
+        raise TelemetryError(f"{what} must be an ISO-8601 UTC timestamp string")
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise TelemetryError(f"{what} {value!r} is not an ISO-8601 timestamp") from None
+    if dt.tzinfo is None or dt.utcoffset() != timezone.utc.utcoffset(None):
+        raise TelemetryError(f"{what} {value!r} must be in UTC (end with 'Z')")
+    return dt.timestamp()
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding helpers
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _depth(obj: Any, limit: int) -> int:
+    stack = [(obj, 1)]
+    deepest = 0
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
+
+
+def load_json(raw: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """Parse an untrusted payload: size limit, UTF-8, no NaN/Infinity, bounded nesting, an object."""
+    if len(raw) > max_bytes:
+        raise TelemetryError(f"payload of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    # Refuse deep nesting before the recursive parser sees it.
+    if raw.count(b"[") + raw.count(b"{") > 0 and _bracket_depth(raw) > MAX_DEPTH:
+        raise TelemetryError(f"payload nests deeper than {MAX_DEPTH} levels")
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise TelemetryError("payload is not UTF-8") from None
+    except (ValueError, RecursionError) as e:
+        raise TelemetryError(f"payload is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(doc, dict):
+        raise TelemetryError("payload must be a JSON object")
+    if _depth(doc, MAX_DEPTH) > MAX_DEPTH:
+        raise TelemetryError(f"payload nests deeper than {MAX_DEPTH} levels")
+    if doc.get("schema") != SCHEMA:
+        raise TelemetryError(f"payload schema {str(doc.get('schema'))[:20]!r} is not supported (want {SCHEMA})")
+    return doc
+
+
+def _bracket_depth(raw: bytes) -> int:
+    depth = deepest = 0
+    in_str = esc = False
+    for b in raw:
+        if in_str:
+            if esc:
+                esc = False
+            elif b == 0x5C:
+                esc = True
+            elif b == 0x22:
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _keys(d: Any, required: set[str], optional: set[str], where: str) -> None:
+    if not isinstance(d, Mapping):
+        raise TelemetryError(f"{where} must be an object")
+    extra = set(d) - required - optional
+    if extra:
+        raise TelemetryError(f"{where} has unknown key(s) {sorted(extra)[:5]}")
+    missing = required - set(d)
+    if missing:
+        raise TelemetryError(f"{where} is missing key(s) {sorted(missing)}")
+
+
+def _int(v: Any, what: str, minimum: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum or v > 2**63 - 1:
+        raise TelemetryError(f"{what} must be an integer >= {minimum}, got {str(v)[:20]!r}")
+    return v
+
+
+def _str(v: Any, what: str, max_len: int = 256) -> str:
+    if not isinstance(v, str) or len(v) > max_len:
+        raise TelemetryError(f"{what} must be a string of at most {max_len} characters")
+    return v
+
+
+def _check_numbers(obj: Any, where: str) -> None:
+    """Refuse non-finite floats anywhere (belt and braces: the parser already refuses NaN/Infinity)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, float) and not math.isfinite(o):
+            raise TelemetryError(f"{where} holds a non-finite number")
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model identity
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model a device runs: bundle name, version and the sha256 of its manifest."""
+
+    name: str
+    version: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "model") -> ModelRef:
+        _keys(d, {"name", "version", "sha256"}, set(), where)
+        sha = _str(d["sha256"], f"{where}.sha256", 64)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise TelemetryError(f"{where}.sha256 must be 64 lowercase hex digits")
+        return cls(_str(d["name"], f"{where}.name", 64), _int(d["version"], f"{where}.version", 1), sha)
+
+
+# --------------------------------------------------------------------------------------------------
+# stats
+
+
+STATS_REQUIRED = {
+    "schema", "type", "device_id", "fleet", "seq", "window_start", "window_end", "model", "spec_hash",
+    "count", "inputs", "outputs", "latency_ms", "schema_violations", "dropped_windows", "agent_version",
+}
+
+
+@dataclass
+class StatsMessage:
+    """One decoded stats window (structure validated; histogram lengths checked by ``profile``)."""
+
+    device_id: str
+    fleet: str
+    seq: int
+    window_start: float
+    window_end: float
+    model: ModelRef
+    spec_hash: str
+    count: int
+    inputs: dict[str, Any] | None
+    outputs: dict[str, Any] | None
+    latency_ms: dict[str, Any] | None
+    schema_violations: dict[str, int]
+    dropped_windows: int
+    agent_version: str
+
+    @property
+    def heartbeat(self) -> bool:
+        """True for an empty window (no predictions): it carries no profile."""
+        return self.inputs is None
+
+    def profile(self, spec: ProfileSpec) -> Profile:
+        """Rebuild the window's Profile against the baseline spec, checking every histogram length."""
+        if spec.spec_hash() != self.spec_hash:
+            raise TelemetryError(
+                f"window spec_hash {self.spec_hash[:12]} does not match the registered baseline {spec.spec_hash()[:12]}"
+            )
+        prof = spec.new_profile()
+        prof.schema_violations = dict(self.schema_violations)
+        if self.heartbeat:
+            return prof
+        assert self.outputs is not None and self.latency_ms is not None
+        try:
+            state = {
+                "inputs": self.inputs,
+                "class_counts": self.outputs["class_counts"],
+                "confidence": self.outputs["confidence"],
+                "latency_ms": self.latency_ms,
+                "schema_violations": self.schema_violations,
+            }
+            prof = Profile.from_state(spec, state)
+        except StatsError as e:
+            raise TelemetryError(f"stats profile does not fit the baseline: {e}") from None
+        if prof.count != self.count:
+            raise TelemetryError(f"stats count {self.count} != {prof.count} predictions in the class counts")
+        return prof
+
+
+def encode_stats(
+    *,
+    device_id: str,
+    fleet: str,
+    seq: int,
+    window_start: float,
+    window_end: float,
+    model: ModelRef,
+    profile: Profile,
+    dropped_windows: int = 0,
+    agent_version: str = "",
+) -> bytes:
+    """Encode a closed window; an empty one becomes a heartbeat without profile fields."""
+    empty = profile.count == 0 and int(profile.inputs.count.sum()) == 0
+    state = profile.state_dict()
+    doc = {
+        "schema": SCHEMA,
+        "type": "stats",
+        "device_id": check_id(device_id, "device_id"),
+        "fleet": check_id(fleet, "fleet"),
+        "seq": int(seq),
+        "window_start": utc_iso(window_start),
+        "window_end": utc_iso(window_end),
+        "model": model.to_dict(),
+        "spec_hash": profile.spec.spec_hash(),
+        "count": profile.count,
+        "inputs": None if empty else state["inputs"],
+        "outputs": None if empty else {"class_counts": state["class_counts"], "confidence": state["confidence"]},
+        "latency_ms": None if empty else state["latency_ms"],
+        "schema_violations": state["schema_violations"],
+        "dropped_windows": int(dropped_windows),
+        "agent_version": agent_version,
+    }
+    raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise TelemetryError(f"stats payload of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}; profile fewer features")
+    return raw
+
+
+def _check_fsp(d: Any, where: str) -> dict[str, Any]:
+    _keys(d, {"count", "nan", "min", "max", "mean", "m2", "hist"}, set(), where)
+    n = None
+    for k in ("count", "nan", "min", "max", "mean", "m2", "hist"):
+        if not isinstance(d[k], list):
+            raise TelemetryError(f"{where}.{k} must be a list")
+        if n is None:
+            n = len(d[k])
+        elif len(d[k]) != n:
+            raise TelemetryError(f"{where}.{k} has {len(d[k])} entries, {where}.count has {n}")
+    for h in d["hist"]:
+        if not isinstance(h, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in h):
+            raise TelemetryError(f"{where}.hist must hold lists of non-negative integers")
+    return dict(d)
+
+
+def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str | None = None) -> StatsMessage:
+    """Decode an untrusted stats payload; when topic ids are given they must match the payload's."""
+    d = load_json(raw)
+    if d.get("type") != "stats":
+        raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'stats'")
+    _keys(d, STATS_REQUIRED, set(), "stats")
+    _check_numbers(d, "stats")
+    device = check_id(d["device_id"], "device_id")
+    fleet = check_id(d["fleet"], "fleet")
+    if topic_device is not None and device != topic_device:
+        raise TelemetryError(f"payload device_id {device!r} does not match the topic's {topic_device!r} (spoofed?)")
+    if topic_fleet is not None and fleet != topic_fleet:
+        raise TelemetryError(f"payload fleet {fleet!r} does not match the topic's {topic_fleet!r}")
+    start = parse_utc(d["window_start"], "window_start")
+    end = parse_utc(d["window_end"], "window_end")
+    if end < start:
+        raise TelemetryError("window_end is before window_start")
+    spec_hash = _str(d["spec_hash"], "spec_hash", 64)
+    sv = d["schema_violations"]
+    if not isinstance(sv, dict) or len(sv) > 32:
+        raise TelemetryError("schema_violations must be an object of at most 32 counters")
+    viol = {_str(k, "schema_violations key", 64): _int(v, f"schema_violations.{k}") for k, v in sv.items()}
+    nulls = [d[k] is None for k in ("inputs", "outputs", "latency_ms")]
+    if any(nulls) and not all(nulls):
+        raise TelemetryError("inputs, outputs and latency_ms must be all present or all null (heartbeat)")
+    inputs = outputs = latency = None
+    count = _int(d["count"], "count")
+    if not all(nulls):
+        inputs = _check_fsp(d["inputs"], "inputs")
+        _keys(d["outputs"], {"class_counts", "confidence"}, set(), "outputs")
+        cc = d["outputs"]["class_counts"]
+        if not isinstance(cc, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cc):
+            raise TelemetryError("outputs.class_counts must be a list of non-negative integers")
+        outputs = {"class_counts": cc, "confidence": _check_fsp(d["outputs"]["confidence"], "outputs.confidence")}
+        latency = _check_fsp(d["latency_ms"], "latency_ms")
+    elif count != 0:
+        raise TelemetryError("a heartbeat (no profile) must have count 0")
+    return StatsMessage(
+        device_id=device,
+        fleet=fleet,
+        seq=_int(d["seq"], "seq"),
+        window_start=start,
+        window_end=end,
+        model=ModelRef.from_dict(d["model"]),
+        spec_hash=spec_hash,
+        count=count,
+        inputs=inputs,
+        outputs=outputs,
+        latency_ms=latency,
+        schema_violations=viol,
+        dropped_windows=_int(d["dropped_windows"], "dropped_windows"),
+        agent_version=_str(d["agent_version"], "agent_version", 40),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# status and events
+
+
+@dataclass
+class StatusMessage:
+    """A device's retained status: ``online`` (birth, with its model) or ``offline`` (will or shutdown)."""
+
+    device_id: str
+    fleet: str
+    state: str
+    ts: float
+    model: ModelRef | None
+    agent_version: str
+    target: str | None = None
+    deployment: dict[str, Any] | None = None
+
+
+def encode_status(
+    *,
+    device_id: str,
+    fleet: str,
+    state: str,
+    ts: float,
+    model: ModelRef | None,
+    agent_version: str,
+    target: str | None = None,
+    deployment: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Encode a status message (``state`` is ``online`` or ``offline``)."""
+    if state not in ("online", "offline"):
+        raise TelemetryError(f"status state {state!r} must be 'online' or 'offline'")
+    doc = {
+        "schema": SCHEMA,
+        "type": "status",
+        "device_id": check_id(device_id, "device_id"),
+        "fleet": check_id(fleet, "fleet"),
+        "state": state,
+        "ts": utc_iso(ts),
+        "model": model.to_dict() if model else None,
+        "agent_version": agent_version,
+        "target": target,
+        "deployment": dict(deployment) if deployment else None,
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_status(raw: bytes, topic_device: str | None = None, topic_fleet: str | None = None) -> StatusMessage:
+    """Decode an untrusted status payload."""
+    d = load_json(raw)
+    if d.get("type") != "status":
+        raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'status'")
+    _keys(d, {"schema", "type", "device_id", "fleet", "state", "ts", "model", "agent_version"},
+          {"target", "deployment"}, "status")
+    _check_numbers(d, "status")
+    device = check_id(d["device_id"], "device_id")
+    fleet = check_id(d["fleet"], "fleet")
+    if topic_device is not None and device != topic_device:
+        raise TelemetryError(f"payload device_id {device!r} does not match the topic's {topic_device!r} (spoofed?)")
+    if topic_fleet is not None and fleet != topic_fleet:
+        raise TelemetryError(f"payload fleet {fleet!r} does not match the topic's {topic_fleet!r}")
+    if d["state"] not in ("online", "offline"):
+        raise TelemetryError(f"status state {str(d['state'])[:20]!r} must be 'online' or 'offline'")
+    dep = d.get("deployment")
+    if dep is not None and not isinstance(dep, dict):
+        raise TelemetryError("status.deployment must be an object or null")
+    target = d.get("target")
+    if target is not None:
+        _str(target, "target", 64)
+    return StatusMessage(
+        device_id=device,
+        fleet=fleet,
+        state=d["state"],
+        ts=parse_utc(d["ts"], "ts"),
+        model=ModelRef.from_dict(d["model"]) if d["model"] is not None else None,
+        agent_version=_str(d["agent_version"], "agent_version", 40),
+        target=target,
+        deployment=dep,
+    )
+
+
+@dataclass
+class EventMessage:
+    """Something that happened on a device: ``model_loaded``, ``error``, ``deployed``, ``deploy_failed``..."""
+
+    device_id: str
+    fleet: str
+    event: str
+    ts: float
+    message: str
+    detail: dict[str, Any]
+
+
+def encode_event(
+    *, device_id: str, fleet: str, event: str, ts: float, message: str = "", detail: Mapping[str, Any] | None = None
+) -> bytes:
+    """Encode an event; ``detail`` maps short keys to strings, numbers, booleans or null."""
+    if not EVENT_NAMES_RE.match(event):
+        raise TelemetryError(f"event name {event!r} must be lowercase snake_case")
+    doc = {
+        "schema": SCHEMA,
+        "type": "event",
+        "device_id": check_id(device_id, "device_id"),
+        "fleet": check_id(fleet, "fleet"),
+        "event": event,
+        "ts": utc_iso(ts),
+        "message": message[:1000],
+        "detail": dict(detail or {}),
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False, default=str).encode()
+
+
+def decode_event(raw: bytes, topic_device: str | None = None, topic_fleet: str | None = None) -> EventMessage:
+    """Decode an untrusted event payload."""
+    d = load_json(raw)
+    if d.get("type") != "event":
+        raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'event'")
+    _keys(d, {"schema", "type", "device_id", "fleet", "event", "ts", "message", "detail"}, set(), "event")
+    _check_numbers(d, "event")
+    device = check_id(d["device_id"], "device_id")
+    fleet = check_id(d["fleet"], "fleet")
+    if topic_device is not None and device != topic_device:
+        raise TelemetryError(f"payload device_id {device!r} does not match the topic's {topic_device!r} (spoofed?)")
+    if topic_fleet is not None and fleet != topic_fleet:
+        raise TelemetryError(f"payload fleet {fleet!r} does not match the topic's {topic_fleet!r}")
+    ev = _str(d["event"], "event", 41)
+    if not EVENT_NAMES_RE.match(ev):
+        raise TelemetryError("event name must be lowercase snake_case")
+    detail = d["detail"]
+    if not isinstance(detail, dict) or len(detail) > 32:
+        raise TelemetryError("event.detail must be an object of at most 32 entries")
+    for k, v in detail.items():
+        if len(k) > 64 or not (v is None or isinstance(v, (str, int, float, bool))):
+            raise TelemetryError("event.detail values must be strings, numbers, booleans or null")
+    return EventMessage(device, fleet, ev, parse_utc(d["ts"], "ts"), _str(d["message"], "message", 1000), detail)
+
+
+__all__ = [
+    "SCHEMA", "MAX_PAYLOAD_BYTES", "TelemetryError", "ModelRef", "StatsMessage", "StatusMessage", "EventMessage",
+    "topic", "fleet_topic", "parse_topic", "check_id", "utc_iso", "parse_utc", "load_json",
+    "encode_stats", "decode_stats", "encode_status", "decode_status", "encode_event", "decode_event",
+    "FeatureSetProfile",
+]
