@@ -1,0 +1,77 @@
+"""Trusted signing keys on the device: Ed25519 public keys in PEM files, loaded to raw 32 bytes.
+
+Key files on disk (written by ``edgefleet keys create``):
+
+* ``NAME.pub``: the public key, PEM ``SubjectPublicKeyInfo`` (``-----BEGIN PUBLIC KEY-----``). This is
+  what a device trusts: list it in ``[agent] trusted_keys``. ``openssl pkey -pubout`` writes the same.
+* ``NAME.key``: the private key, PEM ``PKCS8`` unencrypted (``-----BEGIN PRIVATE KEY-----``), mode 0600.
+  It stays on the build host; a device never needs it.
+
+No toolchain import here: the agent installs with ``cryptography`` and numpy only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from device_agent.errors import AgentError
+
+PUBLIC_KEY_MAX_BYTES = 16 * 1024
+
+
+class KeyFileError(AgentError):
+    """A key file is missing, unreadable, or not an Ed25519 key in the expected PEM form."""
+
+
+def parse_public_key(data: bytes, where: str = "public key") -> bytes:
+    """Return the raw 32-byte Ed25519 public key from PEM (SubjectPublicKeyInfo) bytes."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+
+    if b"PRIVATE KEY" in data:
+        raise KeyFileError(
+            f"{where} holds a PRIVATE key; give the device the .pub file written by 'edgefleet keys create'"
+        )
+    try:
+        key = load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise KeyFileError(
+            f"{where} is not a PEM public key (-----BEGIN PUBLIC KEY-----); use the .pub file written by"
+            " 'edgefleet keys create'"
+        ) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{where} is a {type(key).__name__}, not an Ed25519 key; create one with 'edgefleet keys create'")
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def load_public_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Read one PEM public key file and return the raw 32-byte Ed25519 key."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > PUBLIC_KEY_MAX_BYTES:
+            raise KeyFileError(f"trusted key file {str(p)!r} is larger than {PUBLIC_KEY_MAX_BYTES} bytes; is it a key?")
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"trusted key file {str(p)!r} does not exist; copy the .pub file from 'edgefleet keys create' there"
+        ) from None
+    except IsADirectoryError:
+        raise KeyFileError(f"trusted key file {str(p)!r} is a directory; name the .pub file itself") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot read trusted key file {str(p)!r} ({e.strerror})") from None
+    return parse_public_key(data, f"trusted key file {str(p)!r}")
+
+
+def load_trusted_keys(paths: Iterable[str | os.PathLike[str]]) -> tuple[bytes, ...]:
+    """Load every trusted public key file; return their raw 32-byte keys without duplicates, in order."""
+    out: list[bytes] = []
+    for path in paths:
+        raw = load_public_key_file(path)
+        if raw not in out:
+            out.append(raw)
+    return tuple(out)
+
+
+__all__ = ["KeyFileError", "parse_public_key", "load_public_key_file", "load_trusted_keys", "PUBLIC_KEY_MAX_BYTES"]

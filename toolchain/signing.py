@@ -1,0 +1,134 @@
+"""Ed25519 signing keys and bundle signatures on the build host.
+
+Key files (see ``device_agent.keys`` for the device side):
+
+* ``NAME.key``: PEM PKCS8, unencrypted, mode 0600 (keep it on the build host or in a secret store);
+* ``NAME.pub``: PEM SubjectPublicKeyInfo; copy it to devices and list it in ``[agent] trusted_keys``.
+
+``sign_bundle`` writes ``manifest.sig`` over the exact bytes of ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from device_agent.bundle import SIGNATURE_FILE, key_id, read_manifest_bytes, sign_manifest
+from device_agent.keys import KeyFileError, load_public_key_file
+from toolchain.errors import ToolchainError
+
+PRIVATE_KEY_MAX_BYTES = 16 * 1024
+DEFAULT_KEY_NAME = "fleet"
+
+
+class SigningError(ToolchainError):
+    """A key cannot be created or read, or a bundle cannot be signed."""
+
+
+def create_keys(out_dir: str | os.PathLike[str], name: str = DEFAULT_KEY_NAME, force: bool = False) -> tuple[Path, Path]:
+    """Create an Ed25519 key pair ``NAME.key`` (0600) and ``NAME.pub`` in ``out_dir``; return both paths."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    if not name or "/" in name or name.startswith("."):
+        raise SigningError(f"key name {name!r} must be a plain file name such as 'fleet'")
+    out = Path(out_dir)
+    priv_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
+    if not force:
+        for p in (priv_path, pub_path):
+            if p.exists():
+                raise SigningError(f"{str(p)!r} already exists; choose another --out or --name, or pass --force")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        priv_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        pub_pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = os.open(priv_path, flags, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(priv_pem)
+        os.chmod(priv_path, 0o600)
+        pub_path.write_bytes(pub_pem)
+    except OSError as e:
+        raise SigningError(f"cannot write keys to {str(out)!r} ({e.strerror}); choose a writable --out") from None
+    return priv_path, pub_path
+
+
+def load_private_key(path: str | os.PathLike[str]) -> bytes:
+    """Read a PEM PKCS8 Ed25519 private key file; return the raw 32-byte private key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        load_pem_private_key,
+    )
+
+    p = Path(path)
+    try:
+        if p.stat().st_size > PRIVATE_KEY_MAX_BYTES:
+            raise SigningError(f"signing key {str(p)!r} is larger than {PRIVATE_KEY_MAX_BYTES} bytes; is it a key?")
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise SigningError(f"signing key {str(p)!r} does not exist; create one with 'edgefleet keys create --out DIR'") from None
+    except OSError as e:
+        raise SigningError(f"cannot read signing key {str(p)!r} ({e.strerror})") from None
+    if b"PRIVATE KEY" not in data:
+        raise SigningError(
+            f"signing key {str(p)!r} is not a PEM private key; pass the .key file (not the .pub) from 'edgefleet keys create'"
+        )
+    try:
+        key = load_pem_private_key(data, password=None)
+    except TypeError:
+        raise SigningError(f"signing key {str(p)!r} is encrypted; edgefleet reads unencrypted PKCS8 keys") from None
+    except ValueError:
+        raise SigningError(f"signing key {str(p)!r} is not a valid PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningError(f"signing key {str(p)!r} is a {type(key).__name__}, not Ed25519; use 'edgefleet keys create'")
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def load_public_key(path: str | os.PathLike[str]) -> bytes:
+    """Read a PEM public key file; return the raw 32-byte Ed25519 public key."""
+    try:
+        return load_public_key_file(path)
+    except KeyFileError as e:
+        raise SigningError(str(e)) from None
+
+
+def public_from_private(private_raw: bytes) -> bytes:
+    """Return the raw public key of a raw private key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return Ed25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def sign_bundle(bundle_dir: Path, key_path: Path) -> None:
+    """Sign the exact bytes of ``bundle_dir/manifest.json`` with ``key_path``; write ``manifest.sig``."""
+    private_raw = load_private_key(key_path)
+    raw = read_manifest_bytes(Path(bundle_dir))
+    sig = sign_manifest(raw, private_raw)
+    tmp = Path(bundle_dir) / (SIGNATURE_FILE + ".tmp")
+    try:
+        tmp.write_bytes(sig)
+        os.replace(tmp, Path(bundle_dir) / SIGNATURE_FILE)
+    except OSError as e:
+        raise SigningError(f"cannot write {SIGNATURE_FILE} in {str(bundle_dir)!r} ({e.strerror})") from None
+
+
+def signing_key_id(key_path: str | os.PathLike[str]) -> str:
+    """Return the key id (as written in manifest.sig) of a private or public key file."""
+    p = Path(key_path)
+    try:
+        head = p.read_bytes()[:PRIVATE_KEY_MAX_BYTES]
+    except OSError as e:
+        raise SigningError(f"cannot read key {str(p)!r} ({e.strerror})") from None
+    if b"PRIVATE KEY" in head:
+        return key_id(public_from_private(load_private_key(p)))
+    return key_id(load_public_key(p))
