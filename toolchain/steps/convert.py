@@ -1,0 +1,354 @@
+"""Convert a Keras model into a target's int8 artifact, verify it in the device runtimes, time it.
+
+The neutral part lives here: calibration checks, the ``Artifact`` record, the back-end registry and
+the order of work. Each model format has one small back end (``convert_tflite``, ``convert_onnx``)
+named in ``BACKENDS`` and imported on first use, so adding a format adds a module, not an ``if``.
+
+Conversion never trusts the converter's flags: every artifact is re-read in the runtimes the device
+will use (LiteRT, ONNX Runtime, OpenVINO; never TensorFlow) and checked against the target's promise
+(``toolchain.steps.verify``), and its latency is measured in each candidate runtime
+(``toolchain.steps.latency``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.bundle import DType, ModelFormat, Quantization, TensorSpec
+from toolchain.errors import ToolchainError
+from toolchain.targets import Target
+
+# How many calibration samples PTQ uses (drawn with a fixed seed when more are given), and the
+# fewest it accepts: below ~20 samples min/max ranges follow single outliers and accuracy drops.
+CALIBRATION_SAMPLES = 300
+MIN_CALIBRATION_SAMPLES = 20
+CALIBRATION_SEED = 0
+# Batch size used to feed calibration data to ONNX Runtime's calibrator (TFLite takes one sample at a time).
+CALIBRATION_BATCH = 32
+
+# format -> "module:function" of the back end; loaded on first use.
+BACKENDS: dict[ModelFormat, str] = {
+    ModelFormat.TFLITE: "toolchain.steps.convert_tflite:convert",
+    ModelFormat.ONNX: "toolchain.steps.convert_onnx:convert",
+}
+FLOAT_BACKENDS: dict[ModelFormat, str] = {
+    ModelFormat.TFLITE: "toolchain.steps.convert_tflite:convert_float",
+    ModelFormat.ONNX: "toolchain.steps.convert_onnx:convert_float",
+}
+MODEL_FILES: dict[ModelFormat, str] = {ModelFormat.TFLITE: "model.tflite", ModelFormat.ONNX: "model.onnx"}
+
+# A tf_keras model (maybe a tfmot QAT model or a pruning-stripped one) or a SavedModel directory
+# (how Keras 3 ``.keras`` files arrive: the pipeline exports them with ``model.export(dir)`` first).
+ModelSource = Any
+
+
+class ConversionError(ToolchainError):
+    """A model could not be converted for a target, or its calibration data is unusable."""
+
+
+class VerificationError(ToolchainError):
+    """A converted artifact does not keep the target's promise (dtype, float op, runtime failure)."""
+
+
+@dataclass
+class Artifact:
+    """A converted model file and what the runtimes report about it.
+
+    ``inputs``/``outputs`` are as the runtime reports them (batch axis included, -1 when dynamic).
+    ``runtimes`` is in order of preference; for several candidates it is ordered by the measured
+    p50 latency at the target's thread count, fastest first. ``latency`` maps runtime ->
+    ``{"threads_1": {"p50_ms", "p95_ms", ...}, "threads_N": {"p50_ms", "p95_ms", "threads": N, ...}}``.
+    """
+
+    path: Path
+    format: ModelFormat
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    runtimes: list[str]
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    size_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready view (paths as strings, tensor specs as manifest dicts)."""
+        return {
+            "path": str(self.path),
+            "format": self.format.value,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "runtimes": list(self.runtimes),
+            "latency": self.latency,
+            "checks": self.checks,
+            "size_bytes": self.size_bytes,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration data
+
+
+def check_calibration(calib_x: Any, sample_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Return float32 calibration samples (at most ``CALIBRATION_SAMPLES``) or raise ConversionError.
+
+    ``calib_x`` holds raw inputs ``(n, *sample_shape)``, the values the device will see. More than
+    ``CALIBRATION_SAMPLES`` rows are subsampled with a fixed seed so builds are reproducible.
+    """
+    try:
+        arr = np.asarray(calib_x)
+    except Exception as e:  # ragged lists and the like
+        raise ConversionError(
+            f"calibration data is not an array ({e}); pass (n, *input_shape) numbers"
+        ) from None
+    if arr.dtype.kind not in "fiub":
+        raise ConversionError(f"calibration data has dtype {arr.dtype}; it must be numeric (--data)")
+    if arr.ndim < 2:
+        raise ConversionError(
+            f"calibration data has shape {arr.shape}; need (n, *input_shape) samples (--data)"
+        )
+    n = int(arr.shape[0])
+    if n < MIN_CALIBRATION_SAMPLES:
+        raise ConversionError(
+            f"calibration data has {n} samples; need at least {MIN_CALIBRATION_SAMPLES} (--data)"
+        )
+    if sample_shape is not None and tuple(arr.shape[1:]) != tuple(sample_shape):
+        want = "x".join(str(d) for d in sample_shape)
+        raise ConversionError(
+            f"calibration data has sample shape {tuple(arr.shape[1:])}; the model takes ({want}) (--data)"
+        )
+    arr = arr.astype(np.float32, copy=False)
+    finite = np.isfinite(arr.reshape(n, -1)).all(axis=1)
+    if not finite.all():
+        bad = int((~finite).sum())
+        first = int(np.flatnonzero(~finite)[0])
+        raise ConversionError(
+            f"calibration data holds NaN or infinite values in {bad} of {n} samples (first: row {first});"
+            " clean or drop them (--data)"
+        )
+    if n > CALIBRATION_SAMPLES:
+        idx = np.sort(np.random.default_rng(CALIBRATION_SEED).choice(n, CALIBRATION_SAMPLES, replace=False))
+        arr = arr[idx]
+    return np.ascontiguousarray(arr)
+
+
+def calibration_batches(calib: np.ndarray, batch: int, progress: bool, desc: str) -> Iterator[np.ndarray]:
+    """Yield calibration batches with a tqdm bar (quiet when ``progress`` is False or not a TTY)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(calib), desc=desc, unit="sample", disable=None if progress else True, leave=False)
+    try:
+        for i in range(0, len(calib), batch):
+            chunk = calib[i : i + batch]
+            bar.update(len(chunk))
+            yield chunk
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry and entry points
+
+
+def _load(spec: str) -> Callable[..., Any]:
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+
+
+def backend_for(fmt: ModelFormat, float_model: bool = False) -> Callable[..., Any]:
+    """Return the back-end function for a format (int8 by default, the float reference otherwise)."""
+    table = FLOAT_BACKENDS if float_model else BACKENDS
+    if fmt not in table:
+        raise ConversionError(
+            f"no converter for format {fmt.value!r}. Known: {', '.join(f.value for f in table)}"
+        )
+    return _load(table[fmt])
+
+
+def convert_for_target(
+    model: ModelSource,
+    target: Target,
+    calib_x: np.ndarray,
+    out_dir: Path,
+    *,
+    qat: bool = False,
+    progress: bool = True,
+) -> Artifact:
+    """Convert ``model`` to ``target``'s int8 artifact in ``out_dir``, check it and time it.
+
+    ``calib_x`` holds raw float inputs ``(n, *sample_shape)``. With ``qat=True`` the model is a tfmot
+    quantization-aware model and its learned ranges are used (see docs/conversion.md for ONNX).
+    Raises ConversionError (conversion failed, bad calibration data) or VerificationError (the
+    artifact breaks the target's promise, e.g. a float op left in a full-int8 model).
+    """
+    from toolchain.steps.latency import measure_runtimes
+    from toolchain.steps.verify import inspect_artifact
+
+    calib = check_calibration(calib_x)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MODEL_FILES[target.format]
+    backend = backend_for(target.format)
+    backend(model, target, calib, path, qat=qat, progress=progress)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ConversionError(f"the {target.format.value} converter wrote no model to {path}")
+    runtimes = usable_runtimes(target)
+    inputs, outputs = read_io_specs(path, target.format)
+    artifact = Artifact(
+        path=path,
+        format=target.format,
+        inputs=inputs,
+        outputs=outputs,
+        runtimes=runtimes,
+        size_bytes=path.stat().st_size,
+    )
+    artifact.checks = inspect_artifact(artifact, target)
+    sample = calib[:1]
+    artifact.latency = measure_runtimes(path, runtimes, sample, target.threads)
+    if len(runtimes) > 1:
+        artifact.runtimes = sorted(runtimes, key=lambda r: artifact.latency[r]["threads_N"]["p50_ms"])
+    return artifact
+
+
+def convert_float(model: ModelSource, fmt: ModelFormat, out_path: Path) -> Path:
+    """Write the plain float32 model (.tflite or .onnx, dynamic batch) used as the reference."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    backend_for(fmt, float_model=True)(model, out_path)
+    if not out_path.is_file() or out_path.stat().st_size == 0:
+        raise ConversionError(f"the float {fmt.value} converter wrote no model to {out_path}")
+    return out_path
+
+
+def usable_runtimes(target: Target) -> list[str]:
+    """Return the target's runtimes, all of which must be installed on the build host to verify."""
+    from device_agent.runtimes import is_installed
+
+    names = [r.value for r in target.runtimes]
+    missing = [r for r in names if not is_installed(r)]
+    if missing:
+        raise ConversionError(
+            f"target {target.name!r} is verified in {', '.join(names)} but {', '.join(missing)} is not installed"
+            " here; pip install 'edgefleet[host]'"
+        )
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor specs as the runtimes report them
+
+_NP_DTYPES = {
+    np.dtype(np.float32): DType.FLOAT32,
+    np.dtype(np.int8): DType.INT8,
+    np.dtype(np.uint8): DType.UINT8,
+    np.dtype(np.int32): DType.INT32,
+    np.dtype(np.int64): DType.INT64,
+}
+
+
+def to_dtype(dt: Any, where: str) -> DType:
+    """Map a numpy dtype to the manifest's DType vocabulary."""
+    d = np.dtype(dt)
+    if d not in _NP_DTYPES:
+        raise ConversionError(
+            f"{where} has dtype {d}, which bundles cannot carry (float32, int8, uint8, int32, int64)"
+        )
+    return _NP_DTYPES[d]
+
+
+def read_io_specs(path: Path, fmt: ModelFormat) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Return (inputs, outputs) of a model file as its runtime reports them."""
+    if fmt == ModelFormat.TFLITE:
+        return _tflite_specs(path)
+    return _onnx_specs(path)
+
+
+def _tflite_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    from device_agent.runtimes.litert import _interpreter_module
+
+    try:
+        interp = _interpreter_module().Interpreter(model_path=str(path))
+    except (ValueError, RuntimeError) as e:
+        raise ConversionError(f"LiteRT cannot load {path} ({str(e).splitlines()[0]})") from None
+
+    def spec(d: dict[str, Any]) -> TensorSpec:
+        shape = tuple(int(v) for v in d.get("shape_signature", d["shape"]))
+        scale, zp = d["quantization"]
+        quant = Quantization(float(scale), int(zp)) if scale else None
+        return TensorSpec(d["name"], shape, to_dtype(d["dtype"], f"tensor {d['name']!r}"), quant)
+
+    return [spec(d) for d in interp.get_input_details()], [spec(d) for d in interp.get_output_details()]
+
+
+def _onnx_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnxruntime as ort
+
+    from device_agent.runtimes.onnxruntime import _TYPES
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception classes
+        raise ConversionError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0]})") from None
+
+    def spec(a: Any) -> TensorSpec:
+        shape = tuple(d if isinstance(d, int) else -1 for d in a.shape)
+        if a.type not in _TYPES:
+            raise ConversionError(f"ONNX tensor {a.name!r} has type {a.type}, which bundles cannot carry")
+        return TensorSpec(a.name, shape, to_dtype(_TYPES[a.type], f"tensor {a.name!r}"), None)
+
+    return [spec(a) for a in sess.get_inputs()], [spec(a) for a in sess.get_outputs()]
+
+
+def remove_quietly(path: Path) -> None:
+    """Delete a file or folder left behind by a failed conversion."""
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """Return the most telling single line of a converter's (often huge) error message."""
+    text = str(e) or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        low = ln.lower()
+        if "error:" in low and "loc(" not in low[:5]:
+            return ln[:limit]
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+# Re-exported for callers that import everything from here.
+def verify_artifact(
+    artifact: Artifact, target: Target, x: np.ndarray, float_scores: np.ndarray
+) -> dict[str, Any]:
+    """Run the artifact in every runtime it lists and check it (see ``toolchain.steps.verify``)."""
+    from toolchain.steps.verify import verify_artifact as _verify
+
+    return _verify(artifact, target, x, float_scores)
+
+
+def measure_latency(
+    path: Path, runtime: str, sample: np.ndarray, threads: int, repeats: int | None = None
+) -> dict:
+    """Time one batch-1 inference (see ``toolchain.steps.latency``)."""
+    from toolchain.steps.latency import measure_latency as _measure
+
+    return _measure(path, runtime, sample, threads, repeats)
+
+
+def predict_artifact(
+    artifact_or_bundle_path: Artifact | Path | str, runtime: str | None, x: np.ndarray
+) -> np.ndarray:
+    """Return float scores (n, K) of an artifact or a bundle in one runtime (see ``toolchain.steps.verify``)."""
+    from toolchain.steps.verify import predict_artifact as _predict
+
+    return _predict(artifact_or_bundle_path, runtime, x)
