@@ -1,0 +1,145 @@
+"""Manifest validation and bundle verification (device_agent.bundle), without any runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from device_agent.bundle import (
+    BundleError,
+    DType,
+    FileEntry,
+    Manifest,
+    ModelEntry,
+    ModelFormat,
+    RuntimeName,
+    TensorSpec,
+    VerifyPolicy,
+    file_entry,
+    load_manifest,
+    manifest_sha256,
+    sign_manifest,
+    verify_bundle,
+)
+
+
+def make_bundle(root: Path, version: int = 1, target: str = "raspberry-pi") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.tflite").write_bytes(b"TFL3" + bytes(range(200)))
+    (root / "baseline.json").write_text("{}")
+    (root / "labels.txt").write_text("a\nb\n")
+    m = Manifest(
+        name="digits",
+        version=version,
+        target=target,
+        created_at="2026-11-27T00:00:00Z",
+        files=[file_entry(root, p) for p in ("model.tflite", "baseline.json", "labels.txt")],
+        model=ModelEntry("model.tflite", ModelFormat.TFLITE, (RuntimeName.LITERT,)),
+        inputs=[TensorSpec("x", (1, 8, 8, 1), DType.INT8, None)],
+        outputs=[TensorSpec("y", (1, 2), DType.INT8, None)],
+        labels=["a", "b"],
+    )
+    (root / "manifest.json").write_bytes(m.to_bytes())
+    return root
+
+
+def keypair() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+    k = Ed25519PrivateKey.generate()
+    priv = k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return priv, k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def test_round_trip_and_verify(tmp_path: Path) -> None:
+    b = make_bundle(tmp_path / "b")
+    m = verify_bundle(b)
+    assert m.name == "digits" and m.model.runtimes == (RuntimeName.LITERT,)
+    assert load_manifest(b).to_bytes() == (b / "manifest.json").read_bytes()
+    assert len(manifest_sha256(b)) == 64
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: (b / "model.tflite").write_bytes(b"TFL3" + bytes(range(199)) + b"\x00"), "sha256"),
+        (lambda b: (b / "model.tflite").write_bytes(b"TFL3"), "bytes"),
+        (lambda b: (b / "extra.bin").write_bytes(b"x"), "does not list"),
+        (lambda b: (b / "labels.txt").unlink(), "missing"),
+    ],
+)
+def test_altered_bundles_are_refused(tmp_path: Path, damage, message: str) -> None:
+    b = make_bundle(tmp_path / "b")
+    damage(b)
+    with pytest.raises(BundleError, match=message):
+        verify_bundle(b)
+
+
+def test_symlinked_file_is_refused(tmp_path: Path) -> None:
+    b = make_bundle(tmp_path / "b")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a\nb\n")
+    (b / "labels.txt").unlink()
+    os.symlink(outside, b / "labels.txt")
+    with pytest.raises(BundleError, match="symlink"):
+        verify_bundle(b)
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "a//b", "manifest.json", "C:x"])
+def test_escaping_paths_are_refused(tmp_path: Path, path: str) -> None:
+    b = make_bundle(tmp_path / "b")
+    doc = json.loads((b / "manifest.json").read_text())
+    doc["files"][0]["path"] = path
+    doc["model"]["path"] = path
+    (b / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError):
+        verify_bundle(b)
+
+
+def test_unknown_keys_and_schema_are_refused(tmp_path: Path) -> None:
+    b = make_bundle(tmp_path / "b")
+    doc = json.loads((b / "manifest.json").read_text())
+    doc["surprise"] = 1
+    (b / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="unknown key"):
+        verify_bundle(b)
+    doc.pop("surprise")
+    doc["schema"] = 2
+    (b / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="schema 2"):
+        verify_bundle(b)
+
+
+def test_signature_policy(tmp_path: Path) -> None:
+    b = make_bundle(tmp_path / "b", version=3)
+    priv, pub = keypair()
+    _, other_pub = keypair()
+    with pytest.raises(BundleError, match="unsigned"):
+        verify_bundle(b, VerifyPolicy(trusted_keys=(pub,)))
+    with pytest.raises(BundleError, match="allow_unsigned"):
+        verify_bundle(b, VerifyPolicy())
+    (b / "manifest.sig").write_bytes(sign_manifest((b / "manifest.json").read_bytes(), priv))
+    assert verify_bundle(b, VerifyPolicy(trusted_keys=(pub,))).version == 3
+    with pytest.raises(BundleError, match="does not verify"):
+        verify_bundle(b, VerifyPolicy(trusted_keys=(other_pub,)))
+    with pytest.raises(BundleError, match="target"):
+        verify_bundle(b, VerifyPolicy(trusted_keys=(pub,), target="coral"))
+    with pytest.raises(BundleError, match="not newer"):
+        verify_bundle(b, VerifyPolicy(trusted_keys=(pub,), min_version_exclusive=3))
+    with pytest.raises(BundleError, match="cap"):
+        verify_bundle(b, VerifyPolicy(trusted_keys=(pub,), max_bytes=10))
+    # One changed byte in the manifest breaks the signature.
+    raw = (b / "manifest.json").read_bytes().replace(b'"version": 3', b'"version": 4')
+    (b / "manifest.json").write_bytes(raw)
+    with pytest.raises(BundleError, match="does not verify"):
+        verify_bundle(b, VerifyPolicy(trusted_keys=(pub,)))
+
+
+def test_file_entry_hashes(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    e = file_entry(tmp_path, "f")
+    assert e == FileEntry("f", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", 3)
