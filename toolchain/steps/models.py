@@ -1,0 +1,421 @@
+"""Load the models people bring and build the built-in architectures.
+
+Accepted files: tf_keras (Keras 2) ``.keras``, ``.h5`` and SavedModel directories, and ``.keras``
+files saved by Keras 3 (``import keras``). Keras 3 models are converted for PTQ through
+``model.export()`` to a SavedModel; pruning and QAT need tf_keras models, so ``as_tf_keras``
+rebuilds a Keras 3 Sequential/Functional model of standard layers as tf_keras (config translated
+layer by layer, weights copied layer by layer) and otherwise stops with an error naming the
+workaround.
+
+Built-in architectures put the normalisation inside the model (``Rescaling`` for images,
+``Normalization`` adapted to the training data for tabular data), so the device feeds raw values.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain.errors import ToolchainError
+from toolchain.tfenv import import_keras, import_tf
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("mlp", "cnn", "mobilenetv2")
+# MobileNetV2 needs at least 32x32 inputs; smaller images are resized inside the model.
+MOBILENET_MIN_SIDE = 32
+MOBILENET_ALPHA = 0.35
+PREDICT_BATCH = 256
+
+
+class ModelError(ToolchainError):
+    """A model file cannot be loaded or used as asked."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the pipeline; ``kind`` is ``tf_keras``, ``keras3`` or ``savedmodel``."""
+
+    path: Path
+    kind: str
+    model: Any  # tf_keras.Model, a Keras 3 model, or a loaded SavedModel object
+    input_shape: tuple[int, ...]  # per sample, no batch axis
+    n_outputs: int
+    _export_dir: Path | None = field(default=None, repr=False)
+    _serve: Any = field(default=None, repr=False)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return the float model's scores (n, K) for raw inputs (n, *input_shape)."""
+        x = np.asarray(x, dtype=np.float32)
+        outs = []
+        for i in range(0, x.shape[0], PREDICT_BATCH):
+            chunk = x[i : i + PREDICT_BATCH]
+            if self.kind == "savedmodel":
+                tf = import_tf()
+                res = self._serve(tf.constant(chunk))
+                val = next(iter(res.values())) if isinstance(res, Mapping) else res
+                outs.append(np.asarray(val))
+            else:
+                outs.append(np.asarray(self.model(chunk, training=False)))
+        out = np.concatenate(outs, axis=0) if outs else np.zeros((0, self.n_outputs), np.float32)
+        return out.reshape(out.shape[0], -1).astype(np.float32)
+
+    def conversion_source(self, workdir: Path) -> Any:
+        """Return what the converters take: the tf_keras model, or a SavedModel directory."""
+        if self.kind == "tf_keras":
+            return self.model
+        if self.kind == "savedmodel":
+            return self.path
+        if self._export_dir is None:
+            d = Path(tempfile.mkdtemp(prefix="keras3-export-", dir=workdir))
+            try:
+                self.model.export(str(d / "saved_model"))
+            except Exception as e:  # noqa: BLE001 - Keras raises many types here
+                raise ModelError(
+                    f"cannot export Keras 3 model {str(self.path)!r} to a SavedModel ({_first_line(e)});"
+                    " save it with tf_keras instead"
+                ) from None
+            self._export_dir = d / "saved_model"
+        return self._export_dir
+
+    def as_tf_keras(self, purpose: str) -> Any:
+        """Return a tf_keras model (rebuilt from Keras 3 when its layers allow) for pruning/QAT."""
+        if self.kind == "tf_keras":
+            return self.model
+        if self.kind == "savedmodel":
+            raise ModelError(
+                f"{purpose} needs a Keras model, but {str(self.path)!r} is a plain SavedModel;"
+                " pass the .keras/.h5 file it was exported from, or build with --quantize ptq and no --prune"
+            )
+        return rebuild_as_tf_keras(self.model, self.path, purpose)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:160]
+
+
+def keras_file_version(path: Path) -> str:
+    """Return the ``keras_version`` recorded in a ``.keras`` archive, or raise ModelError if it is not one."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if "config.json" not in names:
+                raise ModelError(f"{str(path)!r} is a zip file but not a .keras model (no config.json); re-save the model")
+            meta = json.loads(z.read("metadata.json")) if "metadata.json" in names else {}
+            bad = z.testzip()
+            if bad is not None:
+                raise ModelError(f"model file {str(path)!r} is corrupt ({bad} fails its CRC); re-save or re-download it")
+    except zipfile.BadZipFile:
+        raise ModelError(
+            f"model file {str(path)!r} is not a valid .keras archive (truncated or corrupt?); re-save or re-download it"
+        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"cannot read model file {str(path)!r} ({_first_line(e)}); re-save or re-download it") from None
+    return str(meta.get("keras_version", ""))
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a tf_keras .keras/.h5/SavedModel, a Keras 3 .keras file, or a plain SavedModel directory."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model {str(p)!r} does not exist; pass a .keras or .h5 file or a SavedModel folder")
+    if p.is_dir():
+        if not (p / "saved_model.pb").is_file():
+            raise ModelError(f"folder {str(p)!r} is not a SavedModel (no saved_model.pb); pass a .keras/.h5 file or a SavedModel")
+        return _load_savedmodel(p)
+    suffix = p.suffix.lower()
+    if suffix == ".keras":
+        version = keras_file_version(p)
+        if version.startswith("3"):
+            return _load_keras3(p)
+        return _load_tf_keras(p)
+    if suffix in (".h5", ".hdf5"):
+        try:
+            import h5py
+
+            with h5py.File(p, "r") as f:
+                if "model_config" not in f.attrs:
+                    raise ModelError(f"{str(p)!r} is an HDF5 file without a model config (weights only?); save the whole model")
+        except OSError:
+            raise ModelError(f"model file {str(p)!r} is not a valid HDF5 file (truncated or corrupt?); re-save it") from None
+        return _load_tf_keras(p)
+    raise ModelError(f"model {str(p)!r} has an unknown format; use .keras, .h5 or a SavedModel folder")
+
+
+def _model_io(model: Any, where: Path) -> tuple[tuple[int, ...], int]:
+    inputs = model.inputs if hasattr(model, "inputs") else None
+    if not inputs or len(inputs) != 1 or len(model.outputs) != 1:
+        raise ModelError(f"model {str(where)!r} must have exactly one input and one output (multi-tensor models are not supported)")
+    in_shape = tuple(inputs[0].shape)[1:]
+    if any(d is None for d in in_shape):
+        raise ModelError(
+            f"model {str(where)!r} has a dynamic input shape {tuple(inputs[0].shape)}; give the Input layer a fixed shape"
+        )
+    out_shape = tuple(model.outputs[0].shape)[1:]
+    n_out = int(np.prod([d for d in out_shape if d is not None])) if out_shape else 1
+    return tuple(int(d) for d in in_shape), n_out
+
+
+def _load_tf_keras(p: Path) -> LoadedModel:
+    keras = import_keras()
+    try:
+        model = keras.models.load_model(str(p), compile=False)
+    except Exception as e:  # noqa: BLE001 - tf_keras raises OSError, ValueError, KeyError... for bad files
+        raise ModelError(f"cannot load model {str(p)!r} ({_first_line(e)}); is the file complete and saved by Keras?") from None
+    shape, n_out = _model_io(model, p)
+    return LoadedModel(p, "tf_keras", model, shape, n_out)
+
+
+def _load_keras3(p: Path) -> LoadedModel:
+    import_tf()
+    try:
+        import keras as keras3
+    except ImportError:
+        raise ModelError(f"{str(p)!r} was saved by Keras 3; pip install keras>=3 to read it") from None
+    if not str(keras3.__version__).startswith("3"):
+        raise ModelError(f"{str(p)!r} was saved by Keras 3 but 'keras' here is {keras3.__version__}; install keras>=3")
+    try:
+        model = keras3.saving.load_model(str(p), compile=False)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load Keras 3 model {str(p)!r} ({_first_line(e)}); is the file complete?") from None
+    shape, n_out = _model_io(model, p)
+    return LoadedModel(p, "keras3", model, shape, n_out)
+
+
+def _load_savedmodel(p: Path) -> LoadedModel:
+    keras = import_keras()
+    try:
+        model = keras.models.load_model(str(p), compile=False)
+        shape, n_out = _model_io(model, p)
+        return LoadedModel(p, "tf_keras", model, shape, n_out)
+    except ModelError:
+        raise
+    except Exception:  # noqa: BLE001 - not a Keras SavedModel: fall back to its serving signature
+        pass
+    tf = import_tf()
+    try:
+        obj = tf.saved_model.load(str(p))
+        serve = obj.signatures["serving_default"]
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load SavedModel {str(p)!r} ({_first_line(e)}); is the folder complete?") from None
+    specs = serve.structured_input_signature[1]
+    if len(specs) != 1 or len(serve.structured_outputs) != 1:
+        raise ModelError(f"SavedModel {str(p)!r} must have one input and one output in 'serving_default'")
+    spec = next(iter(specs.values()))
+    shape = tuple(spec.shape)[1:]
+    if any(d is None for d in shape):
+        raise ModelError(f"SavedModel {str(p)!r} has a dynamic input shape {tuple(spec.shape)}; export it with a fixed shape")
+    out = next(iter(serve.structured_outputs.values()))
+    n_out = int(np.prod([d for d in tuple(out.shape)[1:] if d is not None]))
+    lm = LoadedModel(p, "savedmodel", obj, tuple(int(d) for d in shape), n_out)
+    lm._serve = serve
+    return lm
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras 3 -> tf_keras
+
+
+# Config keys every tf_keras layer accepts through **kwargs.
+_BASE_LAYER_KEYS = {"name", "trainable", "dtype", "input_shape", "batch_input_shape", "batch_size", "input_dim"}
+
+
+def _workaround(path: Path, purpose: str, why: str) -> ModelError:
+    return ModelError(
+        f"{purpose} needs a tf_keras model and Keras 3 model {str(path)!r} cannot be rebuilt as one ({why});"
+        " re-save it with tf_keras (import tf_keras as keras), or build with --quantize ptq and no --prune"
+    )
+
+
+def _clean_layer_config(class_name: str, cfg: dict[str, Any], keras2: Any, path: Path, purpose: str) -> dict[str, Any]:
+    cls = getattr(keras2.layers, class_name, None)
+    if cls is None or not inspect.isclass(cls):
+        raise _workaround(path, purpose, f"layer type {class_name!r} has no tf_keras equivalent")
+    out: dict[str, Any] = {}
+    params = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping) and v.get("class_name") == "DTypePolicy":
+            v = v.get("config", {}).get("name", "float32")
+        if k == "batch_shape":
+            out["batch_input_shape"] = v
+            continue
+        if k.endswith("_initializer"):
+            continue  # weights are copied afterwards
+        if k.endswith(("_regularizer", "_constraint")):
+            if v is not None:
+                log.warning("dropping %s of layer %s while rebuilding as tf_keras", k, cfg.get("name"))
+            continue
+        if k in params or k in _BASE_LAYER_KEYS:
+            out[k] = v
+        elif v not in (None, False, 0, "", [], {}):
+            raise _workaround(path, purpose, f"layer {cfg.get('name')!r} ({class_name}) uses option {k}={str(v)[:40]!r}")
+    return out
+
+
+def _history(arg: Any) -> list[Any]:
+    """Return tf_keras inbound entries [[layer, node, tensor, {}], ...] for a Keras 3 node argument."""
+    if isinstance(arg, Mapping) and arg.get("class_name") == "__keras_tensor__":
+        name, node, idx = arg["config"]["keras_history"]
+        return [[name, node, idx, {}]]
+    if isinstance(arg, (list, tuple)):
+        out: list[Any] = []
+        for a in arg:
+            out += _history(a)
+        return out
+    return []
+
+
+def rebuild_as_tf_keras(model3: Any, path: Path, purpose: str) -> Any:
+    """Rebuild a Keras 3 Sequential/Functional model of standard layers as tf_keras, weights included."""
+    keras2 = import_keras()
+    cfg = model3.get_config()
+    kind = type(model3).__name__
+    if kind not in ("Sequential", "Functional"):
+        raise _workaround(path, purpose, f"it is a subclassed model ({kind})")
+    try:
+        if kind == "Sequential":
+            layers = []
+            for lc in cfg["layers"]:
+                layers.append(
+                    {"class_name": lc["class_name"], "config": _clean_layer_config(lc["class_name"], lc["config"], keras2, path, purpose)}
+                )
+            model2 = keras2.Sequential.from_config({"name": cfg.get("name", "sequential"), "layers": layers})
+        else:
+            layers = []
+            for lc in cfg["layers"]:
+                nodes = []
+                for node in lc.get("inbound_nodes", []):
+                    hist = _history(node.get("args", [])) if isinstance(node, Mapping) else []
+                    if isinstance(node, Mapping) and node.get("kwargs"):
+                        raise _workaround(path, purpose, f"layer {lc['name']!r} is called with keyword arguments")
+                    nodes.append(hist)
+                layers.append(
+                    {
+                        "class_name": lc["class_name"],
+                        "name": lc["name"],
+                        "config": _clean_layer_config(lc["class_name"], lc["config"], keras2, path, purpose),
+                        "inbound_nodes": nodes,
+                    }
+                )
+
+            def io(spec: Any) -> Any:
+                if isinstance(spec, list) and spec and isinstance(spec[0], str):
+                    return [spec]
+                return spec
+
+            model2 = keras2.Model.from_config(
+                {"name": cfg.get("name", "model"), "layers": layers, "input_layers": io(cfg["input_layers"]),
+                 "output_layers": io(cfg["output_layers"])}
+            )
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - from_config raises many types for unknown layers/options
+        raise _workaround(path, purpose, _first_line(e)) from None
+    by_name = {layer.name: layer for layer in model3.layers}
+    for layer in model2.layers:
+        src = by_name.get(layer.name)
+        if src is None:
+            continue
+        w = src.get_weights()
+        if len(w) != len(layer.get_weights()):
+            raise _workaround(path, purpose, f"layer {layer.name!r} has a different number of weights in tf_keras")
+        if w:
+            layer.set_weights(w)
+    # Check the rebuild computes the same function.
+    x = np.random.default_rng(0).normal(size=(4, *model2.input_shape[1:])).astype(np.float32)
+    a = np.asarray(model3(x, training=False))
+    b = np.asarray(model2(x, training=False))
+    if a.shape != b.shape or not np.allclose(a, b, atol=1e-4, rtol=1e-3):
+        raise _workaround(path, purpose, "the rebuilt model computes different outputs")
+    return model2
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in architectures
+
+
+def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) -> Any:
+    """Return an uncompiled tf_keras model for raw inputs like ``x`` (n, *shape) with ``n_classes`` outputs.
+
+    ``mlp`` (tabular or small images, flattened), ``cnn`` (images (h, w, c)), ``mobilenetv2`` (images,
+    alpha 0.35, random init). Normalisation is the first layer, so the model takes raw values.
+    """
+    keras = import_keras()
+    tf = import_tf()
+    tf.random.set_seed(seed)
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {arch!r}. Known: {', '.join(ARCHITECTURES)}")
+    shape = tuple(int(d) for d in x.shape[1:])
+    if n_classes < 2:
+        raise ModelError(f"the data has {n_classes} class; classification needs at least 2")
+    L = keras.layers
+    inp = keras.Input(shape=shape, name="input")
+    if arch == "mlp":
+        h = L.Flatten()(inp) if len(shape) > 1 else inp
+        flat = x.reshape(x.shape[0], -1).astype(np.float32)
+        norm = L.Normalization(axis=-1, name="normalize")
+        norm.adapt(flat)
+        h = norm(h)
+        h = L.Dense(64, activation="relu")(h)
+        h = L.Dense(32, activation="relu")(h)
+        out = L.Dense(n_classes, activation="softmax", name="scores")(h)
+        return keras.Model(inp, out, name="mlp")
+    if len(shape) != 3:
+        raise ModelError(f"--arch {arch} needs images of shape (height, width, channels); the data has samples of shape {shape}")
+    scale = float(np.max(np.abs(x))) or 1.0
+    if arch == "cnn":
+        h = L.Rescaling(1.0 / scale, name="rescale")(inp)
+        h = L.Conv2D(16, 3, padding="same", activation="relu")(h)
+        h = L.MaxPooling2D(2)(h) if min(shape[:2]) >= 4 else h
+        h = L.Conv2D(32, 3, padding="same", activation="relu")(h)
+        h = L.MaxPooling2D(2)(h) if min(shape[:2]) >= 8 else h
+        spatial = int(np.prod(h.shape[1:3]))
+        h = L.Flatten()(h) if spatial <= 64 else L.GlobalAveragePooling2D()(h)
+        h = L.Dense(64, activation="relu")(h)
+        h = L.Dropout(0.2)(h)
+        out = L.Dense(n_classes, activation="softmax", name="scores")(h)
+        return keras.Model(inp, out, name="cnn")
+    # mobilenetv2: scale raw values to [-1, 1] as MobileNetV2 expects; resize tiny images up.
+    h = L.Rescaling(2.0 / scale, offset=-1.0, name="rescale")(inp)
+    side = max(MOBILENET_MIN_SIDE, shape[0], shape[1])
+    if min(shape[:2]) < MOBILENET_MIN_SIDE:
+        h = L.Resizing(side, side, name="resize")(h)
+        side_shape = (side, side, shape[2])
+    else:
+        side_shape = shape
+    # input_tensor keeps every MobileNetV2 layer in this one flat graph (tfmot refuses nested models).
+    base = keras.applications.MobileNetV2(
+        input_shape=side_shape, input_tensor=h, alpha=MOBILENET_ALPHA, include_top=False, weights=None, pooling="avg"
+    )
+    h = base.output
+    out = L.Dense(n_classes, activation="softmax", name="scores")(h)
+    return keras.Model(inp, out, name="mobilenetv2")
+
+
+def save_model(model: Any, out_path: Path) -> Path:
+    """Save a tf_keras model as .keras or .h5 (by suffix) atomically."""
+    out_path = Path(out_path)
+    if out_path.suffix.lower() not in (".keras", ".h5"):
+        raise ModelError(f"--out {str(out_path)!r} must end in .keras or .h5")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
+    try:
+        model.save(str(tmp))
+        tmp.replace(out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_path
