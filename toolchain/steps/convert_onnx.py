@@ -4,10 +4,14 @@ Post-training: float ONNX -> ``quant_pre_process`` (shape inference and graph cl
 ``quantize_static`` in QDQ format, int8 activations and per-channel int8 weights, MinMax-calibrated
 on the same calibration data as the TFLite targets -> ``onnx.checker``.
 
-Quantization-aware (``qat=True``): tf2onnx turns each of the QAT model's FakeQuant nodes into a
-QuantizeLinear/DequantizeLinear pair that carries the learned range. The weight pairs are then
-folded into int8 initializers (so the file holds int8 weights, like the PTQ route), and the graph is
-checked. No re-calibration happens: the learned ranges are the ones the model was fine-tuned with.
+Quantization-aware (``qat=True``): tf2onnx exports the QAT graph with each weight FakeQuant folded
+into float weights that sit on the learned int8 grid (their scales are not kept) and each activation
+FakeQuant as a *uint8* QuantizeLinear/DequantizeLinear pair. Shipping that as is would break the
+int8 promise (uint8 activations, float weights in the file), so the pairs are turned into Identity
+and the resulting float model, holding the QAT-trained weights, goes through the same static int8
+QDQ quantization as PTQ: symmetric per-channel weight quantization lands on the QAT grid again, and
+activation ranges are calibrated on the calibration data rather than taken from the QAT moving
+averages. See docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -94,9 +98,10 @@ def convert(
                 f"calibration data has sample shape {tuple(calib.shape[1:])}; the model takes ({want}) (--data)"
             )
         if qat:
-            fold_qat_weights(float_path, out_path)
-        else:
-            quantize_ptq(float_path, out_path, calib, target, progress)
+            stripped = Path(tmp) / "qat_float.onnx"
+            strip_qat_qdq(float_path, stripped)
+            float_path = stripped
+        quantize_ptq(float_path, out_path, calib, target, progress)
     check_onnx(out_path)
     return out_path
 
@@ -142,63 +147,37 @@ def _input_name(path: Path) -> str:
     return names[0]
 
 
-def fold_qat_weights(qdq_path: Path, out_path: Path) -> None:
-    """Fold QuantizeLinear nodes on constant weights into int8 initializers (keep the learned ranges).
+def strip_qat_qdq(qdq_path: Path, out_path: Path) -> int:
+    """Turn the QuantizeLinear/DequantizeLinear pairs of a tf2onnx QAT export into Identity; return how many.
 
-    tf2onnx exports a QAT model as float weights followed by QuantizeLinear -> DequantizeLinear. A
-    QuantizeLinear whose input is a constant is evaluated here once (round half to even, saturate,
-    as the ONNX spec defines it) and replaced by its int8 result.
+    tf2onnx folds each weight FakeQuant of a tfmot QAT model into a float constant that already sits on
+    the learned int8 grid, and exports each activation FakeQuant as a uint8 Q/DQ pair. What is left
+    after removing the pairs is a float model with the QAT weights, which ``quantize_ptq`` turns
+    into int8 QDQ (symmetric per-channel weights reproduce the grid; activation ranges are
+    re-calibrated on the calibration data).
     """
     import onnx
-    from onnx import numpy_helper
 
     m = onnx.load(str(qdq_path))
-    g = m.graph
-    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    for n in g.node:  # tf2onnx sometimes leaves constants as Constant nodes
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    n_q = sum(1 for n in g.node if n.op_type == "QuantizeLinear")
-    if n_q == 0:
+    n_qdq = 0
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            n.op_type = "Identity"
+            del n.input[1:]
+            del n.attribute[:]
+            n_qdq += 1
+    if n_qdq == 0:
         raise ConversionError(
-            "the QAT model exported to ONNX without QuantizeLinear nodes; is it a tfmot quantization-aware model"
-            " (tfmot.quantization.keras.quantize_model)?"
+            "the QAT model exported to ONNX without quantization nodes; is it a tfmot"
+            " quantization-aware model (tfmot.quantization.keras.quantize_model)?"
         )
-    keep = []
-    folded = 0
-    for n in g.node:
-        if n.op_type == "QuantizeLinear" and n.input[0] in consts and n.input[1] in consts:
-            w = consts[n.input[0]].astype(np.float32)
-            scale = consts[n.input[1]].astype(np.float32)
-            zp = consts[n.input[2]] if len(n.input) > 2 and n.input[2] in consts else np.zeros((), np.uint8)
-            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-            if scale.ndim == 1 and scale.size > 1:
-                bshape = [1] * w.ndim
-                bshape[axis] = scale.size
-                scale_b, zp_b = scale.reshape(bshape), zp.astype(np.int32).reshape(bshape)
-            else:
-                scale_b, zp_b = scale, zp.astype(np.int32)
-            info = np.iinfo(zp.dtype)
-            q = np.clip(np.rint(w / scale_b) + zp_b, info.min, info.max).astype(zp.dtype)
-            g.initializer.append(numpy_helper.from_array(q, n.output[0]))
-            folded += 1
-            continue
-        keep.append(n)
-    if folded == 0:
-        raise ConversionError(
-            "no weight QuantizeLinear could be folded in the QAT ONNX export; the weights stay float"
-        )
-    del g.node[:]
-    g.node.extend(keep)
-    # Drop float weights and Constant nodes nobody reads any more.
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    live = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(live)
-    live_nodes = [n for n in g.node if n.op_type != "Constant" or n.output[0] in used]
-    del g.node[:]
-    g.node.extend(live_nodes)
+    del m.graph.value_info[:]  # the pairs' uint8 types are stale now; shape inference redoes them
+    used = {i for n in m.graph.node for i in n.input}
+    live = [i for i in m.graph.initializer if i.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(live)
     onnx.save(m, str(out_path))
+    return n_qdq
 
 
 def convert_float(model: Any, out_path: Path) -> Path:
