@@ -1,0 +1,139 @@
+"""Magnitude pruning with a short fine-tune (tfmot), and sparsity measured in real weights.
+
+tfmot's ``ConstantSparsity`` prunes only every ``frequency`` steps (default 100), so a short
+fine-tune on a small data set could end with nothing pruned at all. We set the frequency from the
+number of steps per epoch (``PRUNE_UPDATES_PER_EPOCH`` mask updates per epoch, at least one step
+apart), then strip the pruning wrappers and measure the sparsity reached in the kernels; the
+build reports the sparsity of the final artifact on top of that (``toolchain.steps.evaluate``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from toolchain.errors import ToolchainError
+from toolchain.steps.data import Dataset
+from toolchain.tfenv import import_keras
+
+PRUNE_EPOCHS = 4
+PRUNE_UPDATES_PER_EPOCH = 4
+PRUNE_LEARNING_RATE = 3e-4
+BATCH_SIZE = 32
+# Layers whose kernels are pruned (biases and normalisation layers are left alone).
+PRUNABLE = ("Dense", "Conv2D", "Conv1D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
+
+
+class PruneError(ToolchainError):
+    """Pruning cannot be applied as asked."""
+
+
+@dataclass
+class PruneResult:
+    """The stripped pruned model and what was reached."""
+
+    model: Any
+    requested: float
+    reached: float  # zero fraction over the kernels of prunable layers
+    pruned_layers: list[str]
+    frequency_steps: int
+    epochs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "reached_in_keras": self.reached,
+            "pruned_layers": self.pruned_layers,
+            "frequency_steps": self.frequency_steps,
+            "epochs": self.epochs,
+        }
+
+
+def kernel_sparsity(model: Any) -> float:
+    """Return the fraction of exact zeros over the kernels of prunable layers."""
+    zeros = total = 0
+    for layer in _flat_layers(model):
+        if type(layer).__name__ not in PRUNABLE:
+            continue
+        for w in layer.weights:
+            if "kernel" in w.name:
+                arr = np.asarray(w.numpy())
+                zeros += int((arr == 0).sum())
+                total += arr.size
+    return zeros / total if total else 0.0
+
+
+def copy_model(model: Any) -> Any:
+    """Return an independent copy of a tf_keras model (same weights), so callers' models stay untouched."""
+    keras = import_keras()
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _flat_layers(model: Any) -> list[Any]:
+    out = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            out += _flat_layers(layer)
+        else:
+            out.append(layer)
+    return out
+
+
+def prune_model(
+    model: Any,
+    data: Dataset,
+    sparsity: float,
+    *,
+    epochs: int = PRUNE_EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    learning_rate: float = PRUNE_LEARNING_RATE,
+    progress: bool = True,
+    seed: int = 0,
+) -> PruneResult:
+    """Prune ``model`` (tf_keras) to ``sparsity`` with ConstantSparsity, fine-tune, strip, measure."""
+    import tensorflow_model_optimization as tfmot
+
+    from toolchain.steps.train import fit
+
+    keras = import_keras()
+    if not 0 < sparsity < 1:
+        raise PruneError(f"--prune {sparsity} must be between 0 and 1 (0.5 = half the weights)")
+    if any(hasattr(layer, "layers") and layer.layers for layer in model.layers):
+        raise PruneError("pruning does not support nested models; flatten the model into one Functional graph")
+    steps_per_epoch = max(1, math.ceil(data.n * 0.9 / batch_size))
+    frequency = max(1, steps_per_epoch // PRUNE_UPDATES_PER_EPOCH)
+    schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=frequency)
+    pruned_names: list[str] = []
+
+    def wrap(layer: Any) -> Any:
+        # The wrapper takes the (copied) layer itself, so its trained weights carry over.
+        if type(layer).__name__ in PRUNABLE:
+            pruned_names.append(layer.name)
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+        return layer
+
+    try:
+        wrapped = keras.models.clone_model(copy_model(model), clone_function=wrap)
+    except ValueError as e:
+        raise PruneError(f"tfmot cannot prune this model ({str(e).splitlines()[0][:150]})") from None
+    if not pruned_names:
+        raise PruneError(f"the model has no prunable layers ({', '.join(PRUNABLE)}); --prune has nothing to do")
+    fit(
+        wrapped,
+        data,
+        epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        patience=None,
+        extra_callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+        desc=f"prune {sparsity:.0%}",
+        progress=progress,
+        seed=seed,
+    )
+    stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
+    return PruneResult(stripped, sparsity, kernel_sparsity(stripped), pruned_names, frequency, epochs)

@@ -1,0 +1,129 @@
+"""Quantization-aware fine-tuning (tfmot), pruning-preserving when the model was pruned.
+
+tfmot's default 8-bit registry covers convolutions, dense, pooling, activations and the like.
+Layers it does not know but that carry no trainable weights (``Rescaling``, ``Normalization``,
+``Resizing``, ...) get ``OutputOnlyQuantizeConfig``: their output is fake-quantized with a moving
+min/max, their weights (if any, such as Normalization's mean/variance) stay as they are, so the
+converter has learned ranges for every activation. A layer with trainable weights that tfmot does
+not support stops QAT with an error naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from toolchain.errors import ToolchainError
+from toolchain.steps.data import Dataset
+from toolchain.steps.prune import copy_model
+from toolchain.tfenv import import_keras
+
+QAT_EPOCHS = 3
+QAT_LEARNING_RATE = 1e-4
+BATCH_SIZE = 32
+
+
+class QATError(ToolchainError):
+    """Quantization-aware training cannot be applied to this model."""
+
+
+def _output_only_config_class() -> Any:
+    import tensorflow_model_optimization as tfmot
+
+    base = tfmot.quantization.keras.QuantizeConfig
+
+    class OutputOnlyQuantizeConfig(base):  # type: ignore[misc,valid-type]
+        """Fake-quantize a layer's output only (8 bit, asymmetric, moving min/max)."""
+
+        def get_weights_and_quantizers(self, layer: Any) -> list[Any]:
+            return []
+
+        def get_activations_and_quantizers(self, layer: Any) -> list[Any]:
+            return []
+
+        def set_quantize_weights(self, layer: Any, quantize_weights: Any) -> None:
+            pass
+
+        def set_quantize_activations(self, layer: Any, quantize_activations: Any) -> None:
+            pass
+
+        def get_output_quantizers(self, layer: Any) -> list[Any]:
+            return [
+                tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
+                    num_bits=8, per_axis=False, symmetric=False, narrow_range=False
+                )
+            ]
+
+        def get_config(self) -> dict[str, Any]:
+            return {}
+
+    return OutputOnlyQuantizeConfig
+
+
+def quantize_aware_model(model: Any, pruned: bool = False) -> Any:
+    """Return an (untrained) quantization-aware copy of a tf_keras model."""
+    import tensorflow_model_optimization as tfmot
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry,
+    )
+
+    keras = import_keras()
+    qk = tfmot.quantization.keras
+    registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+    output_only = _output_only_config_class()
+    if any(hasattr(layer, "layers") and layer.layers for layer in model.layers):
+        raise QATError("QAT does not support nested models; flatten the model into one Functional graph")
+
+    def annotate(layer: Any) -> Any:
+        # Annotation wraps the (copied) layer itself, so its trained weights carry over.
+        clone = layer
+        if type(layer).__name__ == "InputLayer":
+            return clone
+        if registry.supports(layer):
+            return qk.quantize_annotate_layer(clone)
+        if layer.trainable_weights:
+            raise QATError(
+                f"layer {layer.name!r} ({type(layer).__name__}) has trainable weights that tfmot cannot"
+                " quantize-aware train; build with --quantize ptq"
+            )
+        return qk.quantize_annotate_layer(clone, quantize_config=output_only())
+
+    try:
+        annotated = keras.models.clone_model(copy_model(model), clone_function=annotate)
+        with qk.quantize_scope({"OutputOnlyQuantizeConfig": output_only}):
+            if pruned:
+                scheme = qk.collab_opts.Default8BitPrunePreserveQuantizeScheme()
+                return qk.quantize_apply(annotated, scheme)
+            return qk.quantize_apply(annotated)
+    except QATError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise QATError(f"tfmot cannot make this model quantization-aware ({str(e).splitlines()[0][:160]})") from None
+
+
+def qat_finetune(
+    model: Any,
+    data: Dataset,
+    *,
+    pruned: bool = False,
+    epochs: int = QAT_EPOCHS,
+    learning_rate: float = QAT_LEARNING_RATE,
+    batch_size: int = BATCH_SIZE,
+    progress: bool = True,
+    seed: int = 0,
+) -> Any:
+    """Fine-tune a quantization-aware copy of ``model`` on ``data``; return the QAT model."""
+    from toolchain.steps.train import fit
+
+    qat = quantize_aware_model(model, pruned=pruned)
+    fit(
+        qat,
+        data,
+        epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        patience=None,
+        desc="QAT" + (" (prune-preserving)" if pruned else ""),
+        progress=progress,
+        seed=seed,
+    )
+    return qat
