@@ -1,0 +1,288 @@
+"""The Python API: ``Agent(bundle).predict(x)`` with statistics windows and safe model switching.
+
+``Agent`` is what applications embed and what the daemon serves over HTTP. It verifies a bundle
+(every file's sha256, the signature when keys are trusted), loads it in one runtime, runs a smoke
+inference, and keeps a statistics window that closes every ``window_s`` or ``window_max_samples``
+predictions; closed windows go to ``on_window`` (the daemon's telemetry writer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.bundle import BundleError, Manifest, VerifyPolicy, manifest_sha256, verify_bundle
+from device_agent.errors import AgentError
+from device_agent.inference import InputError, Predictor
+from device_agent.stats import ProfileSpec, StatsError, baseline_from_dict
+from device_agent.telemetry import ModelRef
+from device_agent.windows import ClosedWindow, Window
+
+log = logging.getLogger(__name__)
+BASELINE_MAX_BYTES = 16 * 1024 * 1024
+
+
+def agent_version() -> str:
+    """Return the installed edgefleet version (the agent's version on the wire)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("edgefleet")
+    except (ImportError, PackageNotFoundError):
+        return "0.0.0"
+
+
+@dataclass
+class Prediction:
+    """Scores (n, K) for a batch, the top-1 label and score per sample, and the model that ran."""
+
+    outputs: np.ndarray
+    labels: list[str]
+    scores: list[float]
+    model: ModelRef
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form the HTTP API sends."""
+        return {
+            "outputs": [[float(v) for v in row] for row in self.outputs],
+            "labels": self.labels,
+            "scores": self.scores,
+            "model": self.model.to_dict(),
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A verified bundle loaded in a runtime, with its identity and baseline spec."""
+
+    path: Path
+    manifest: Manifest
+    ref: ModelRef
+    spec: ProfileSpec
+    predictor: Predictor
+
+    @property
+    def runtime(self) -> str:
+        return self.predictor.runtime
+
+
+def load_model(
+    bundle_dir: str | Path,
+    policy: VerifyPolicy,
+    runtime: str | None = None,
+    threads: int | None = None,
+) -> LoadedModel:
+    """Verify a bundle (all hashes, signature per ``policy``), load it and run a smoke inference."""
+    path = Path(bundle_dir)
+    sha_before = manifest_sha256(path)
+    manifest = verify_bundle(path, policy)
+    sha = manifest_sha256(path)
+    if sha != sha_before:
+        raise BundleError(f"bundle {str(path)!r} changed while it was being verified; try again")
+    base_path = path / manifest.baseline
+    if base_path.stat().st_size > BASELINE_MAX_BYTES:
+        raise BundleError(f"{manifest.baseline} is larger than {BASELINE_MAX_BYTES} bytes")
+    try:
+        baseline = baseline_from_dict(json.loads(base_path.read_bytes()))
+    except (ValueError, StatsError) as e:
+        raise BundleError(f"{manifest.baseline} of bundle {str(path)!r} is invalid: {e}") from None
+    spec = baseline.spec
+    predictor = Predictor(path, manifest, runtime=runtime, threads=threads)
+    if tuple(spec.features.input_shape) != tuple(predictor.sample_shape):
+        raise BundleError(
+            f"baseline profiles inputs of shape {spec.features.input_shape},"
+            f" the model takes {predictor.sample_shape}"
+        )
+    if len(spec.labels) != len(manifest.labels):
+        raise BundleError(f"baseline has {len(spec.labels)} labels, the manifest {len(manifest.labels)}")
+    _smoke(predictor, spec, len(manifest.labels))
+    ref = ModelRef(manifest.name, manifest.version, sha)
+    return LoadedModel(path, manifest, ref, spec, predictor)
+
+
+def _smoke(predictor: Predictor, spec: ProfileSpec, n_labels: int) -> None:
+    """Run one inference on a typical input (the baseline means) and check the output's shape and values."""
+    shape = predictor.sample_shape
+    if spec.features.kind == "elements":
+        base = spec.new_profile()  # empty: use the midpoint of each feature's edges instead of data
+        mids = [
+            (e[0] + e[-1]) / 2.0 for e in (base.inputs.edge_list(j) for j in range(base.inputs.n_features))
+        ]
+        x = np.asarray(mids, dtype=np.float32).reshape((1, *shape))
+    else:
+        x = np.zeros((1, *shape), dtype=np.float32)
+    try:
+        out = predictor.predict(x)
+    except AgentError:
+        raise
+    except Exception as e:  # a runtime that cannot run the model must not replace a working one
+        raise BundleError(f"smoke inference failed in {predictor.runtime}: {type(e).__name__}: {e}") from None
+    if out.shape != (1, n_labels) or not np.isfinite(out).all():
+        raise BundleError(
+            f"smoke inference returned shape {out.shape} (want (1, {n_labels})) or non-finite scores"
+        )
+
+
+class Agent:
+    """Run a bundle with statistics: ``Agent("bundle/").predict(x)``.
+
+    ``trusted_keys`` are raw 32-byte Ed25519 public keys (``device_agent.keys.load_trusted_keys``).
+    ``allow_unsigned=None`` allows unsigned bundles only when no key is trusted, with a warning.
+    ``on_window`` receives each ``ClosedWindow`` (called without the Agent's lock held).
+    Thread-safe: inference is serialized (interpreters are not thread-safe).
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        trusted_keys: Sequence[bytes] = (),
+        allow_unsigned: bool | None = None,
+        runtime: str | None = None,
+        threads: int | None = None,
+        target: str | None = None,
+        window_s: float = 60.0,
+        window_max_samples: int | None = None,
+        on_window: Callable[[ClosedWindow], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if allow_unsigned is None:
+            allow_unsigned = not trusted_keys
+            if allow_unsigned:
+                log.warning(
+                    "no trusted signing key given: unsigned bundles are accepted (hashes are still checked)"
+                )
+        self.policy = VerifyPolicy(
+            trusted_keys=tuple(trusted_keys), allow_unsigned=allow_unsigned, target=target
+        )
+        self.runtime_override = runtime
+        self.threads = threads
+        self.window_s = float(window_s)
+        self.window_max_samples = window_max_samples
+        self.on_window = on_window
+        self._clock = clock
+        self._mono = monotonic
+        self._lock = threading.Lock()
+        self._model = load_model(bundle, self.policy, runtime, threads)
+        self._window = self._new_window(self._model)
+        self.predictions_total = 0
+        self.violations_total = 0
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> LoadedModel:
+        """The model serving now."""
+        return self._model
+
+    @property
+    def labels(self) -> list[str]:
+        return self._model.manifest.labels
+
+    def _new_window(self, model: LoadedModel) -> Window:
+        return Window(model.spec, model.ref, self._clock(), self._mono())
+
+    def predict(self, x: Any) -> Prediction:
+        """Return scores, top-1 labels and scores for one sample or a batch of float inputs.
+
+        Raises ``InputError`` (kind ``shape``, ``dtype`` or ``nan``) for inputs that do not fit the
+        model; each is counted as a schema violation in the current window.
+        """
+        closed = None
+        with self._lock:
+            m = self._model
+            try:
+                arr = m.predictor.check_input(np.asarray(x) if not isinstance(x, np.ndarray) else x)
+            except InputError as e:
+                self._window.add_violation(e.kind)
+                self.violations_total += 1
+                raise
+            except (ValueError, TypeError) as e:  # ragged nested lists and the like
+                self._window.add_violation("shape")
+                self.violations_total += 1
+                raise InputError("shape", f"input is not a rectangular array of numbers ({e})") from None
+            t0 = time.perf_counter()
+            scores = m.predictor.predict(arr)
+            latency_ms = (time.perf_counter() - t0) * 1000.0
+            self._window.record(arr, scores, latency_ms)
+            self.predictions_total += scores.shape[0]
+            if self.window_max_samples is not None and self._window.count >= self.window_max_samples:
+                closed = self._rotate()
+        if closed is not None:
+            self._emit(closed)
+        top = scores.argmax(axis=1)
+        labels = m.manifest.labels
+        return Prediction(
+            outputs=scores,
+            labels=[labels[i] if i < len(labels) else str(i) for i in top],
+            scores=[float(scores[r, i]) for r, i in enumerate(top)],
+            model=m.ref,
+        )
+
+    def record_violation(self, kind: str) -> None:
+        """Count a refused request that never reached the model (bad JSON, for instance)."""
+        with self._lock:
+            self._window.add_violation(kind)
+            self.violations_total += 1
+
+    # ---------------------------------------------------------------------------------------------
+    def _rotate(self) -> ClosedWindow:
+        closed = self._window.close(self._clock())
+        self._window = self._new_window(self._model)
+        return closed
+
+    def _emit(self, closed: ClosedWindow) -> None:
+        if self.on_window is None:
+            return
+        try:
+            self.on_window(closed)
+        except Exception:  # the telemetry side must never break inference
+            log.exception("window callback failed; window seq lost")
+
+    def window_due_in(self) -> float:
+        """Seconds until the current window reaches ``window_s`` (<= 0 when due)."""
+        return self.window_s - (self._mono() - self._window.start_mono)
+
+    def poll_window(self) -> ClosedWindow | None:
+        """Close the current window when ``window_s`` has passed; return it (also sent to on_window)."""
+        with self._lock:
+            if self._mono() - self._window.start_mono < self.window_s:
+                return None
+            closed = self._rotate()
+        self._emit(closed)
+        return closed
+
+    def close_window(self) -> ClosedWindow:
+        """Close the current window now (shutdown, model switch) and return it."""
+        with self._lock:
+            closed = self._rotate()
+        self._emit(closed)
+        return closed
+
+    def window_count(self) -> int:
+        """Predictions in the open window."""
+        with self._lock:
+            return self._window.count
+
+    # ---------------------------------------------------------------------------------------------
+    def switch_bundle(self, path: str | Path) -> LoadedModel:
+        """Verify and load another bundle, then swap it in; the old one serves until the swap.
+
+        The open window closes with the old model (its spec may differ). Raises AgentError (and keeps
+        the old model) when the new bundle fails verification, loading or the smoke inference.
+        """
+        new = load_model(path, self.policy, self.runtime_override, self.threads)
+        with self._lock:
+            closed = self._window.close(self._clock())
+            self._model = new
+            self._window = self._new_window(new)
+        self._emit(closed)
+        return new

@@ -1,0 +1,356 @@
+"""The agent's TOML configuration: strict schema (unknown keys are errors), defaults, file checks.
+
+Relative paths in the file are resolved against the directory of the config file, so a config and
+its bundle/keys can travel together. Every error is a ``ConfigError`` naming the key, the value and
+the fix; the daemon exits 78 (EX_CONFIG) on it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from device_agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_MAX_BYTES = 256 * 1024
+DEFAULT_LISTEN = "127.0.0.1:8470"
+DEFAULT_WINDOW_S = 60.0
+DEFAULT_WINDOW_MAX_SAMPLES = 100_000
+DEFAULT_OUTBOX_MAX_ROWS = 10_000
+DEFAULT_OUTBOX_MAX_BYTES = 64 * 1024 * 1024
+RUNTIMES = ("litert", "onnxruntime", "openvino")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where and how the agent publishes telemetry."""
+
+    url: str
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_id: str | None = None
+    keepalive_s: int = 30
+
+    def password(self) -> str | None:
+        """Read the password file (stripped of its trailing newline), or None without one."""
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(
+                f"[mqtt] password_file {str(self.password_file)!r} cannot be read ({e.strerror})"
+            ) from None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without credentials, for logs and /v1/health."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """A validated agent configuration."""
+
+    path: Path | None
+    device_id: str
+    fleet: str
+    bundle: Path
+    state_dir: Path
+    trusted_keys: tuple[Path, ...] = ()
+    allow_unsigned: bool = False
+    runtime: str | None = None
+    threads: int | None = None
+    target: str | None = None
+    mqtt: MqttSettings | None = None
+    window_s: float = DEFAULT_WINDOW_S
+    window_max_samples: int = DEFAULT_WINDOW_MAX_SAMPLES
+    outbox_max_rows: int = DEFAULT_OUTBOX_MAX_ROWS
+    outbox_max_bytes: int = DEFAULT_OUTBOX_MAX_BYTES
+    listen: str | None = DEFAULT_LISTEN
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.state_dir / "outbox.sqlite3"
+
+
+# section -> {key: (required, python types)}
+SCHEMA: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
+    "agent": {
+        "device_id": (True, (str,)),
+        "fleet": (True, (str,)),
+        "bundle": (True, (str,)),
+        "state_dir": (True, (str,)),
+        "trusted_keys": (False, (list,)),
+        "allow_unsigned": (False, (bool,)),
+        "runtime": (False, (str,)),
+        "threads": (False, (int,)),
+        "target": (False, (str,)),
+    },
+    "mqtt": {
+        "url": (True, (str,)),
+        "username": (False, (str,)),
+        "password_file": (False, (str,)),
+        "ca_file": (False, (str,)),
+        "cert_file": (False, (str,)),
+        "key_file": (False, (str,)),
+        "client_id": (False, (str,)),
+        "keepalive_s": (False, (int,)),
+    },
+    "telemetry": {
+        "window_s": (False, (int, float)),
+        "window_max_samples": (False, (int,)),
+        "outbox_max_rows": (False, (int,)),
+        "outbox_max_bytes": (False, (int,)),
+    },
+    "api": {
+        "listen": (False, (str,)),
+    },
+}
+REQUIRED_SECTIONS = ("agent",)
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > CONFIG_MAX_BYTES:
+            raise ConfigError(
+                f"config {str(p)!r} is larger than {CONFIG_MAX_BYTES} bytes; is it the right file?"
+            )
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; start from device_agent/examples/agent.toml"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {str(p)!r} ({e.strerror})") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config {str(p)!r} is not valid TOML: {e}") from None
+    return parse_config(doc, base_dir=p.resolve().parent, path=p)
+
+
+def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) -> AgentConfig:
+    """Validate a parsed TOML document; relative paths resolve against ``base_dir``."""
+    unknown = set(doc) - set(SCHEMA)
+    if unknown:
+        raise ConfigError(
+            f"unknown config section(s) {', '.join(f'[{s}]' for s in sorted(unknown))}. Known: "
+            + ", ".join(f"[{s}]" for s in SCHEMA)
+        )
+    for s in REQUIRED_SECTIONS:
+        if s not in doc:
+            raise ConfigError(f"config has no [{s}] section; see device_agent/examples/agent.toml")
+    sections: dict[str, dict[str, Any]] = {}
+    for name, spec in SCHEMA.items():
+        sec = doc.get(name)
+        if sec is None:
+            continue
+        if not isinstance(sec, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        extra = set(sec) - set(spec)
+        if extra:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(sorted(extra))} in [{name}]. Known: {', '.join(spec)}"
+            )
+        for key, (required, types) in spec.items():
+            if key not in sec:
+                if required:
+                    raise ConfigError(f"[{name}] {key} is required")
+                continue
+            v = sec[key]
+            if isinstance(v, bool) and bool not in types:
+                raise ConfigError(f"[{name}] {key} must be {_type_names(types)}, got {v!r}")
+            if not isinstance(v, types):
+                raise ConfigError(f"[{name}] {key} must be {_type_names(types)}, got {str(v)[:60]!r}")
+        sections[name] = sec
+
+    from device_agent.telemetry import TelemetryError, check_id
+
+    a = sections["agent"]
+    try:
+        device_id = check_id(a["device_id"], "[agent] device_id")
+        fleet = check_id(a["fleet"], "[agent] fleet")
+    except TelemetryError as e:
+        raise ConfigError(str(e)) from None
+
+    def rel(v: str) -> Path:
+        if not v:
+            raise ConfigError("an empty path in the config; give a file or directory path")
+        q = Path(os.path.expanduser(v))
+        return q if q.is_absolute() else base_dir / q
+
+    keys = a.get("trusted_keys", [])
+    if not all(isinstance(k, str) for k in keys):
+        raise ConfigError("[agent] trusted_keys must be a list of paths to .pub files")
+    runtime = a.get("runtime")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise ConfigError(f"[agent] runtime {runtime!r} is unknown. Known: {', '.join(RUNTIMES)}")
+    threads = a.get("threads")
+    if threads is not None and not 1 <= threads <= 64:
+        raise ConfigError(f"[agent] threads must be between 1 and 64, got {threads}")
+
+    t = sections.get("telemetry", {})
+    window_s = float(t.get("window_s", DEFAULT_WINDOW_S))
+    if not 0.05 <= window_s <= 86400:
+        raise ConfigError(f"[telemetry] window_s must be between 0.05 and 86400 seconds, got {window_s}")
+    wmax = t.get("window_max_samples", DEFAULT_WINDOW_MAX_SAMPLES)
+    rows = t.get("outbox_max_rows", DEFAULT_OUTBOX_MAX_ROWS)
+    nbytes = t.get("outbox_max_bytes", DEFAULT_OUTBOX_MAX_BYTES)
+    for key, v, lo in (
+        ("window_max_samples", wmax, 1),
+        ("outbox_max_rows", rows, 1),
+        ("outbox_max_bytes", nbytes, 1024),
+    ):
+        if v < lo:
+            raise ConfigError(f"[telemetry] {key} must be >= {lo}, got {v}")
+
+    listen = sections.get("api", {}).get("listen", DEFAULT_LISTEN)
+    listen = parse_listen(listen)
+
+    mqtt = None
+    if "mqtt" in sections:
+        mqtt = _parse_mqtt(sections["mqtt"], rel, device_id)
+
+    return AgentConfig(
+        path=path,
+        device_id=device_id,
+        fleet=fleet,
+        bundle=rel(a["bundle"]),
+        state_dir=rel(a["state_dir"]),
+        trusted_keys=tuple(rel(k) for k in keys),
+        allow_unsigned=bool(a.get("allow_unsigned", False)),
+        runtime=runtime,
+        threads=threads,
+        target=a.get("target"),
+        mqtt=mqtt,
+        window_s=window_s,
+        window_max_samples=int(wmax),
+        outbox_max_rows=int(rows),
+        outbox_max_bytes=int(nbytes),
+        listen=listen,
+    )
+
+
+def parse_listen(value: str) -> str | None:
+    """Validate ``[api] listen``: ``HOST:PORT``, ``unix:/path`` or ``off``; return None for ``off``."""
+    if value == "off":
+        return None
+    if value.startswith("unix:"):
+        if not value[5:].startswith("/"):
+            raise ConfigError(
+                f"[api] listen {value!r}: a Unix socket needs an absolute path,"
+                " e.g. unix:/run/edgefleet/api.sock"
+            )
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"[api] listen {value!r} must be HOST:PORT (e.g. {DEFAULT_LISTEN}), unix:/path or off"
+        )
+    return value
+
+
+def _parse_mqtt(m: dict[str, Any], rel: Any, device_id: str) -> MqttSettings:
+    url = m["url"]
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(f"[mqtt] url {url!r} must start with mqtt:// or mqtts:// (TLS)")
+    if parts.username or parts.password:
+        raise ConfigError("[mqtt] url must not hold credentials; use username and password_file")
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"[mqtt] url {url!r} must be mqtt[s]://HOST[:PORT] without a path")
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    except ValueError:
+        raise ConfigError(f"[mqtt] url {url!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"[mqtt] url {url!r} has no host")
+    tls = parts.scheme == "mqtts"
+    files = {k: rel(m[k]) if k in m else None for k in ("password_file", "ca_file", "cert_file", "key_file")}
+    if not tls and any(files[k] for k in ("ca_file", "cert_file", "key_file")):
+        raise ConfigError("[mqtt] ca_file/cert_file/key_file need a mqtts:// url")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        raise ConfigError("[mqtt] cert_file and key_file go together (client certificate and its key)")
+    if files["password_file"] is not None and "username" not in m:
+        raise ConfigError("[mqtt] password_file needs a username")
+    keepalive = m.get("keepalive_s", 30)
+    if not 5 <= keepalive <= 3600:
+        raise ConfigError(f"[mqtt] keepalive_s must be between 5 and 3600, got {keepalive}")
+    client_id = m.get("client_id") or f"edgefleet-{device_id}"
+    if len(client_id) > 128:
+        raise ConfigError("[mqtt] client_id must be at most 128 characters")
+    return MqttSettings(
+        url=url,
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=m.get("username"),
+        password_file=files["password_file"],
+        ca_file=files["ca_file"],
+        cert_file=files["cert_file"],
+        key_file=files["key_file"],
+        client_id=client_id,
+        keepalive_s=keepalive,
+    )
+
+
+def check_files(cfg: AgentConfig) -> tuple[bytes, ...]:
+    """Check every file the config names (keys, TLS files, password, state dir); return the trusted keys."""
+    from device_agent.keys import KeyFileError, load_trusted_keys
+
+    try:
+        keys = load_trusted_keys(cfg.trusted_keys)
+    except KeyFileError as e:
+        raise ConfigError(f"[agent] trusted_keys: {e}") from None
+    if not keys and not cfg.allow_unsigned:
+        raise ConfigError(
+            "[agent] trusted_keys is empty and allow_unsigned is false:"
+            " list the .pub file(s) of your signing key,"
+            " or set allow_unsigned = true for unsigned bundles"
+        )
+    if cfg.mqtt is not None:
+        for key in ("password_file", "ca_file", "cert_file", "key_file"):
+            f = getattr(cfg.mqtt, key)
+            if f is not None and not f.is_file():
+                raise ConfigError(f"[mqtt] {key} {str(f)!r} does not exist or is not a file")
+        cfg.mqtt.password()
+    sd = cfg.state_dir
+    if sd.exists() and not sd.is_dir():
+        raise ConfigError(f"[agent] state_dir {str(sd)!r} exists and is not a directory")
+    if not sd.exists():
+        parent = next((q for q in sd.parents if q.exists()), None)
+        if parent is None or not os.access(parent, os.W_OK):
+            raise ConfigError(
+                f"[agent] state_dir {str(sd)!r} cannot be created; create it or choose a writable path"
+            )
+    elif not os.access(sd, os.W_OK):
+        raise ConfigError(f"[agent] state_dir {str(sd)!r} is not writable by this user")
+    if cfg.listen and cfg.listen.startswith("unix:"):
+        d = Path(cfg.listen[5:]).parent
+        if not d.is_dir():
+            raise ConfigError(f"[api] listen: directory {str(d)!r} of the Unix socket does not exist")
+    return keys
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    return " or ".join(names.get(t, t.__name__) for t in types)

@@ -1,0 +1,436 @@
+"""The agent daemon: a model, statistics windows, a disk outbox, an MQTT publisher and a local API.
+
+Threads: HTTP handler threads call ``Agent.predict`` (serialized by the Agent's lock); the
+``telemetry-writer`` thread closes windows on time and writes every closed window to the outbox
+(encode + SQLite commit); the ``mqtt-publisher`` thread drains the outbox to the broker; the
+``bundle-watch`` thread notices a change of the configured bundle path. Inference never waits on
+the network or the disk.
+
+Hooks for other components (the OTA updater):
+
+* ``Daemon.switch_bundle(path) -> bool``: the ONE way to change the model (verify every hash and the
+  signature, smoke inference, atomic swap; ``model_loaded`` or ``reload_failed`` event).
+* ``Daemon.publish_event(event, message, detail)``: an event on ``.../events``.
+* ``Daemon.set_command_handler(fn)``: ``fn(topic, payload)`` receives every message on
+  ``edgefleet/<fleet>/<device_id>/cmd`` and ``edgefleet/<fleet>/cmd``.
+* ``Daemon.status_deployment``: a dict published in the retained status (``deployment``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from device_agent.agent import Agent, agent_version
+from device_agent.config import AgentConfig, check_files, load_config
+from device_agent.errors import AgentError, ConfigError
+from device_agent.outbox import Outbox, OutboxError
+from device_agent.telemetry import TelemetryError, encode_event, encode_stats, encode_status, topic
+from device_agent.windows import ClosedWindow
+
+log = logging.getLogger(__name__)
+
+BUNDLE_POLL_S = 2.0
+WRITER_TICK_S = 0.5
+SHUTDOWN_FLUSH_S = 3.0
+RECENT_EVENTS = 20
+EX_CONFIG = 78
+_STOP = object()
+
+
+class Daemon:
+    """A configured, running agent. ``start()``, then ``run_forever()`` (signals) or ``stop()``."""
+
+    def __init__(self, config: AgentConfig, *, watch_bundle: bool = True) -> None:
+        self.config = config
+        self.trusted_keys = check_files(config)
+        if not self.trusted_keys:
+            log.warning(
+                "SECURITY: no trusted signing key and allow_unsigned = true:"
+                " this agent runs UNSIGNED bundles "
+                "(file hashes are still checked). Set [agent] trusted_keys for production devices."
+            )
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise ConfigError(
+                f"[agent] state_dir {str(config.state_dir)!r} cannot be created ({e.strerror})"
+            ) from None
+        try:
+            self.outbox = Outbox(config.outbox_path, config.outbox_max_rows, config.outbox_max_bytes)
+        except OutboxError as e:
+            raise ConfigError(str(e)) from None
+        self._windows: queue.Queue[Any] = queue.Queue()
+        try:
+            self.agent = Agent(
+                config.bundle,
+                trusted_keys=self.trusted_keys,
+                allow_unsigned=config.allow_unsigned,
+                runtime=config.runtime,
+                threads=config.threads,
+                target=config.target,
+                window_s=config.window_s,
+                window_max_samples=config.window_max_samples,
+                on_window=self._windows.put,
+            )
+        except AgentError as e:
+            self.outbox.close()
+            raise ConfigError(f"[agent] bundle {str(config.bundle)!r} cannot be served: {e}") from None
+        self.stats_topic = topic(config.fleet, config.device_id, "stats")
+        self.events_topic = topic(config.fleet, config.device_id, "events")
+        self.status_deployment: dict[str, Any] | None = None
+        self.started_at = time.time()
+        self.windows_written = 0
+        self.window_errors = 0
+        self.last_window_bytes = 0
+        self.reloads_failed = 0
+        self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self._event_listeners: list[Callable[[bytes], None]] = []
+        self._switch_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._hup = threading.Event()
+        self._watch = watch_bundle
+        self._watched_fp = _fingerprint(config.bundle)
+        self._threads: list[threading.Thread] = []
+        self.publisher = None
+        if config.mqtt is not None:
+            from device_agent.mqtt import MqttPublisher
+
+            self.publisher = MqttPublisher(
+                config.mqtt,
+                self.outbox,
+                fleet=config.fleet,
+                device_id=config.device_id,
+                status_payload=self.status_payload,
+            )
+        self.api = None
+        if config.listen:
+            from device_agent.api import ApiServer
+
+            try:
+                self.api = ApiServer(self.agent, config.listen, health=self.health, gauges=self.gauges)
+            except OSError as e:
+                self.outbox.close()
+                raise ConfigError(
+                    f"[api] listen {config.listen!r}: cannot bind ({e.strerror or e})"
+                ) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **kw: Any) -> Daemon:
+        """Load the config file and build a daemon (not started)."""
+        return cls(load_config(path), **kw)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Daemon:
+        """Start the writer, publisher, API and bundle watcher threads."""
+        self._spawn("telemetry-writer", self._writer)
+        if self.publisher is not None:
+            self.publisher.start()
+        if self.api is not None:
+            self._threads.append(self.api.start())
+        if self._watch:
+            self._spawn("bundle-watch", self._watcher)
+        m = self.agent.model
+        log.info(
+            "serving %s v%s (%s, sha256 %s) as %s/%s",
+            m.ref.name,
+            m.ref.version,
+            m.runtime,
+            m.ref.sha256[:12],
+            self.config.fleet,
+            self.config.device_id,
+        )
+        self.publish_event("model_loaded", f"serving {m.ref.name} v{m.ref.version}", self._model_detail())
+        return self
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        """Flush the open window to the outbox, publish "offline", stop every thread. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self.api is not None:
+            self.api.shutdown()
+        self.agent.close_window()
+        self._windows.put(_STOP)
+        for t in self._threads:
+            t.join(10)
+        if self.publisher is not None:
+            self.publisher.stop(SHUTDOWN_FLUSH_S)
+        self.outbox.close()
+        log.info("stopped")
+
+    def run_forever(self) -> int:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads. Return the exit code."""
+        self.start()
+        signal.signal(signal.SIGTERM, lambda *_: self._stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
+        try:
+            while not self._stopping.is_set():
+                if self._hup.wait(0.2):
+                    self._hup.clear()
+                    self.reload()
+        finally:
+            self.stop()
+        return 0
+
+    # ------------------------------------------------------------------ hooks
+    def switch_bundle(self, path: str | os.PathLike[str]) -> bool:
+        """Verify ``path`` (every hash, signature), smoke-test it and swap it in; True on success.
+
+        On failure the old model keeps serving and a ``reload_failed`` event carries the reason.
+        """
+        p = Path(path)
+        with self._switch_lock:
+            old = self.agent.model.ref
+            try:
+                new = self.agent.switch_bundle(p)
+            except Exception as e:  # any failure keeps the old model serving
+                self.reloads_failed += 1
+                reason = str(e) if isinstance(e, AgentError) else f"{type(e).__name__}: {e}"
+                log.warning("bundle %s rejected, still serving %s v%s: %s", p, old.name, old.version, reason)
+                self.publish_event(
+                    "reload_failed",
+                    reason[:500],
+                    {"path": str(p), "serving_name": old.name, "serving_version": old.version},
+                )
+                return False
+        log.info("switched to %s v%s (%s)", new.ref.name, new.ref.version, new.ref.sha256[:12])
+        self.publish_event("model_loaded", f"serving {new.ref.name} v{new.ref.version}", self._model_detail())
+        if self.publisher is not None:
+            self.publisher.republish_status()
+        return True
+
+    def publish_event(self, event: str, message: str = "", detail: Mapping[str, Any] | None = None) -> None:
+        """Publish an event on ``.../events`` (QoS 1, best effort) and keep it in /v1/health."""
+        try:
+            raw = encode_event(
+                device_id=self.config.device_id,
+                fleet=self.config.fleet,
+                event=event,
+                ts=time.time(),
+                message=message,
+                detail=detail,
+            )
+        except TelemetryError as e:
+            log.warning("event %r not sent: %s", event, e)
+            return
+        self.recent_events.append({"event": event, "message": message[:200], "ts": time.time()})
+        if self.publisher is not None:
+            self.publisher.publish_event(raw)
+        for fn in list(self._event_listeners):
+            try:
+                fn(raw)
+            except Exception:
+                log.exception("event listener failed")
+
+    def add_event_listener(self, fn: Callable[[bytes], None]) -> None:
+        """Also hand every encoded event to ``fn`` (tests, local logging)."""
+        self._event_listeners.append(fn)
+
+    def set_command_handler(self, fn: Callable[[str, bytes], None] | None) -> None:
+        """Register ``fn(topic, payload)`` for messages on the device's and the fleet's cmd topics.
+
+        It runs on the MQTT thread: hand long work (downloads) to a thread of your own.
+        """
+        if self.publisher is not None:
+            self.publisher.command_handler = fn
+
+    def status_payload(self, state: str) -> bytes:
+        """The retained status message for ``state`` (online/offline)."""
+        m = self.agent.model
+        return encode_status(
+            device_id=self.config.device_id,
+            fleet=self.config.fleet,
+            state=state,
+            ts=time.time(),
+            model=m.ref,
+            agent_version=agent_version(),
+            target=m.manifest.target,
+            deployment=self.status_deployment,
+        )
+
+    def _model_detail(self) -> dict[str, Any]:
+        m = self.agent.model
+        return {
+            "name": m.ref.name,
+            "version": m.ref.version,
+            "sha256": m.ref.sha256,
+            "runtime": m.runtime,
+            "accelerated": bool(getattr(m.predictor.model, "accelerated", False)),
+        }
+
+    # ------------------------------------------------------------------ reload
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config file and switch to its bundle (same path or a new one)."""
+        path = self.config.bundle
+        if self.config.path is not None:
+            try:
+                fresh = load_config(self.config.path)
+            except ConfigError as e:
+                log.warning("SIGHUP: config %s is invalid, keeping the running one: %s", self.config.path, e)
+                self.publish_event("reload_failed", f"config: {e}"[:500], {"path": str(self.config.path)})
+                return False
+            if fresh.bundle != path:
+                log.info("SIGHUP: bundle path changed %s -> %s", path, fresh.bundle)
+            changed = [
+                k
+                for k in ("mqtt", "listen", "window_s", "state_dir")
+                if getattr(fresh, k) != getattr(self.config, k)
+            ]
+            if changed:
+                log.warning("SIGHUP: %s changed; restart the agent to apply", ", ".join(changed))
+            path = fresh.bundle
+            self.config = _replace_bundle(self.config, path)
+        self._watched_fp = _fingerprint(path)
+        return self.switch_bundle(path)
+
+    def _watcher(self) -> None:
+        while not self._stopping.wait(BUNDLE_POLL_S):
+            fp = _fingerprint(self.config.bundle)
+            if fp != self._watched_fp:
+                self._watched_fp = fp
+                log.info("bundle path %s changed; reloading", self.config.bundle)
+                self.switch_bundle(self.config.bundle)
+
+    # ------------------------------------------------------------------ telemetry writer
+    def _writer(self) -> None:
+        while True:
+            timeout = max(0.0, min(self.agent.window_due_in(), WRITER_TICK_S))
+            try:
+                item = self._windows.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                while True:  # drain what closed before the stop
+                    try:
+                        rest = self._windows.get_nowait()
+                    except queue.Empty:
+                        return
+                    if rest is not _STOP:
+                        self._write_window(rest)
+            if item is not None:
+                self._write_window(item)
+            if not self._stopping.is_set():
+                try:
+                    self.agent.poll_window()
+                except Exception:
+                    log.exception("closing a window failed")
+
+    def _write_window(self, w: ClosedWindow) -> None:
+        cfg = self.config
+        size = 0
+
+        def encode(seq: int, dropped: int) -> bytes:
+            nonlocal size
+            raw = encode_stats(
+                device_id=cfg.device_id,
+                fleet=cfg.fleet,
+                seq=seq,
+                window_start=w.window_start,
+                window_end=w.window_end,
+                model=w.model,
+                profile=w.profile,
+                dropped_windows=dropped,
+                agent_version=agent_version(),
+            )
+            size = len(raw)
+            return raw
+
+        try:
+            seq = self.outbox.add(self.stats_topic, encode)
+        except (OutboxError, TelemetryError) as e:
+            self.window_errors += 1
+            log.error("window (%d predictions) not stored: %s", w.count, e)
+            return
+        self.windows_written += 1
+        self.last_window_bytes = size
+        log.debug("window seq %d stored (%d predictions, %d bytes)", seq, w.count, size)
+        if self.publisher is not None:
+            self.publisher.wake()
+
+    # ------------------------------------------------------------------ health and metrics
+    def health(self) -> dict[str, Any]:
+        """What /v1/health returns."""
+        m = self.agent.model
+        rows, nbytes = self.outbox.depth()
+        mqtt: dict[str, Any] = {"enabled": False}
+        if self.publisher is not None:
+            mqtt = {"enabled": True, **self.publisher.health()}
+        return {
+            "status": "ok",
+            "device_id": self.config.device_id,
+            "fleet": self.config.fleet,
+            "agent_version": agent_version(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "model": {
+                **m.ref.to_dict(),
+                "runtime": m.runtime,
+                "path": str(m.path),
+                "target": m.manifest.target,
+                "accelerated": bool(getattr(m.predictor.model, "accelerated", False)),
+            },
+            "mqtt": mqtt,
+            "outbox": {
+                "rows": rows,
+                "bytes": nbytes,
+                "dropped_windows": self.outbox.dropped_total,
+                "next_seq": self.outbox.next_seq,
+            },
+            "window": {
+                "count": self.agent.window_count(),
+                "window_s": self.agent.window_s,
+                "window_max_samples": self.agent.window_max_samples,
+            },
+            "windows_written": self.windows_written,
+            "last_window_bytes": self.last_window_bytes,
+            "predictions_total": self.agent.predictions_total,
+            "schema_violations_total": self.agent.violations_total,
+            "reloads_failed": self.reloads_failed,
+            "recent_events": list(self.recent_events),
+        }
+
+    def gauges(self) -> dict[str, float]:
+        """Numbers for /metrics that the daemon (not the HTTP layer) knows."""
+        rows, nbytes = self.outbox.depth()
+        return {
+            "outbox_depth": rows,
+            "outbox_bytes": nbytes,
+            "dropped_windows_total": self.outbox.dropped_total,
+            "windows_total": self.windows_written,
+            "mqtt_connected": 1.0 if (self.publisher is not None and self.publisher.connected) else 0.0,
+            "predictions_total": self.agent.predictions_total,
+            "schema_violations_total": self.agent.violations_total,
+            "reloads_failed_total": self.reloads_failed,
+        }
+
+
+def _fingerprint(path: Path) -> tuple[Any, ...]:
+    """Identify what a bundle path points to now (symlink target, manifest inode, mtime, size)."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(Path(real) / "manifest.json")
+        return (real, st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (str(path), None)
+
+
+def _replace_bundle(cfg: AgentConfig, bundle: Path) -> AgentConfig:
+    from dataclasses import replace
+
+    return replace(cfg, bundle=bundle)

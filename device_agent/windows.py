@@ -1,0 +1,87 @@
+"""Statistics windows: a Profile per window, fed in small batches so profiling stays cheap.
+
+A window buffers per-sample features, scores and latencies and folds them into its
+``device_agent.stats.Profile`` every ``FLUSH_ROWS`` samples (numpy costs per call, not per row), and
+once more when it closes. Windows are made from the bundle's baseline spec (``spec.new_profile()``),
+so they merge and compare with the baseline exactly. Not thread-safe: the Agent holds a lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agent.stats import Profile, ProfileSpec
+from device_agent.telemetry import ModelRef
+
+FLUSH_ROWS = 256
+
+
+@dataclass
+class ClosedWindow:
+    """A finished window: its profile, UTC bounds (POSIX seconds) and the model that produced it."""
+
+    profile: Profile
+    window_start: float
+    window_end: float
+    model: ModelRef
+
+    @property
+    def count(self) -> int:
+        return self.profile.count
+
+
+class Window:
+    """An open statistics window."""
+
+    def __init__(self, spec: ProfileSpec, model: ModelRef, start_ts: float, start_mono: float) -> None:
+        self.spec = spec
+        self.model = model
+        self.start_ts = start_ts
+        self.start_mono = start_mono
+        self.profile = spec.new_profile()
+        self._feats: list[np.ndarray] = []
+        self._scores: list[np.ndarray] = []
+        self._lat: list[np.ndarray] = []
+        self._buffered = 0
+        self._flushed = 0
+
+    @property
+    def count(self) -> int:
+        """Predictions recorded so far (buffered ones included)."""
+        return self._flushed + self._buffered
+
+    def record(self, x: np.ndarray, scores: np.ndarray, latency_ms: float) -> None:
+        """Add a batch: model inputs (n, *shape) float, scores (n, K), and the batch's latency in ms.
+
+        The batch latency is split evenly over its samples so latency counts match predictions.
+        """
+        n = int(scores.shape[0])
+        feats = self.spec.features.extract(x)
+        self._feats.append(np.array(feats, dtype=np.float64, copy=True))
+        self._scores.append(np.array(scores, dtype=np.float64, copy=True))
+        self._lat.append(np.full(n, latency_ms / max(n, 1)))
+        self._buffered += n
+        if self._buffered >= FLUSH_ROWS:
+            self.flush()
+
+    def add_violation(self, kind: str, n: int = 1) -> None:
+        """Count a refused input of ``kind`` (shape, dtype, nan, json, ...)."""
+        self.profile.add_violation(kind, n)
+
+    def flush(self) -> None:
+        """Fold buffered samples into the profile."""
+        if not self._buffered:
+            return
+        self.profile.inputs.update(np.concatenate(self._feats))
+        self.profile.update_outputs(np.concatenate(self._scores))
+        self.profile.update_latency(np.concatenate(self._lat))
+        self._flushed += self._buffered
+        self._feats, self._scores, self._lat = [], [], []
+        self._buffered = 0
+
+    def close(self, end_ts: float) -> ClosedWindow:
+        """Flush and return the finished window."""
+        self.flush()
+        return ClosedWindow(self.profile, self.start_ts, max(end_ts, self.start_ts), self.model)

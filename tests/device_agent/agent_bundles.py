@@ -1,0 +1,246 @@
+"""Small real bundles for the agent's tests, built without the build pipeline.
+
+* ``onnx_bundle(dir)``: a dense softmax classifier of the 8x8 digits (weights fitted with numpy),
+  written as a real ONNX graph with ``onnx.helper``; runs in ONNX Runtime and OpenVINO. No TensorFlow.
+* ``tflite_bundle(dir)``: the same classifier as a tf_keras model converted to a full-int8 .tflite
+  with TFLiteConverter (int8 input/output with their quantization in the manifest); runs in LiteRT and
+  OpenVINO. TensorFlow runs in a subprocess, so the test process itself never imports it.
+
+Both carry a ``baseline.json`` made by ``device_agent.stats.build_baseline`` on the training split.
+The shared ``digits_bundles`` fixture of tests/conftest.py replaces these where it is available.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "calibration_data"
+LABELS = [str(i) for i in range(10)]
+
+
+def digits() -> dict[str, np.ndarray]:
+    tr = np.load(DATA / "digits.npz")
+    te = np.load(DATA / "digits_test.npz")
+    return {
+        "x": tr["x"].astype(np.float32),
+        "y": tr["y"],
+        "x_test": te["x"].astype(np.float32),
+        "y_test": te["y"],
+    }
+
+
+def fit_dense(shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Fit a linear softmax-ish classifier on digits/16 by ridge regression to one-hot targets (64x10)."""
+    d = digits()
+    x = d["x"].reshape(len(d["x"]), -1) / 16.0
+    y = np.eye(10)[d["y"]]
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.linalg.solve(xb.T @ xb + 1e-1 * np.eye(65), xb.T @ y)
+    w = w * 8.0  # sharpen so softmax is confident
+    return w[:64].astype(np.float32) + np.float32(shift), w[64].astype(np.float32)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return softmax(x.reshape(len(x), -1) / 16.0 @ w + b)
+
+
+def write_bundle(
+    root: Path,
+    *,
+    model_file: str,
+    fmt: str,
+    runtimes: list[str],
+    inputs: list[dict],
+    outputs: list[dict],
+    name: str = "digits-dense",
+    version: int = 1,
+    target: str = "x86",
+    preprocessing: dict | None = None,
+) -> Path:
+    """Write baseline.json, labels.txt and manifest.json around a model file already in ``root``."""
+    from device_agent.bundle import Manifest, file_entry
+    from device_agent.stats import baseline_to_dict, build_baseline
+
+    d = digits()
+    w, b = fit_dense()
+    base = build_baseline(d["x"], forward(d["x"], w, b), LABELS)
+    (root / "baseline.json").write_text(json.dumps(baseline_to_dict(base, {"data": "digits.npz"})))
+    (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    files = [file_entry(root, p) for p in (model_file, "baseline.json", "labels.txt")]
+    doc = {
+        "schema": 1,
+        "name": name,
+        "version": version,
+        "target": target,
+        "created_at": "2026-11-27T00:00:00Z",
+        "files": [{"path": f.path, "sha256": f.sha256, "size_bytes": f.size_bytes} for f in files],
+        "model": {"path": model_file, "format": fmt, "runtimes": runtimes, "accelerated_path": None},
+        "inputs": inputs,
+        "outputs": outputs,
+        "labels": LABELS,
+        "preprocessing": preprocessing or {"type": "affine", "scale": 1.0 / 16.0, "offset": 0.0},
+        "baseline": "baseline.json",
+        "metrics": {},
+        "threads": 1,
+        "edgetpu": None,
+    }
+    manifest = Manifest.from_dict(doc)
+    (root / "manifest.json").write_bytes(manifest.to_bytes())
+    return root
+
+
+def onnx_bundle(root: Path, version: int = 1, name: str = "digits-dense", shift: float = 0.0) -> Path:
+    """Write an ONNX bundle (float32 I/O, dynamic batch) into ``root``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    root.mkdir(parents=True, exist_ok=True)
+    w, b = fit_dense(shift)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+            helper.make_node("Add", ["mm", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        ],
+        "digits_dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 1])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 10])],
+        initializer=[
+            numpy_helper.from_array(np.array([-1, 64], dtype=np.int64), "shape"),
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(b, "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(root / "model.onnx"))
+    spec_in = {"name": "x", "shape": [-1, 8, 8, 1], "dtype": "float32", "quantization": None}
+    spec_out = {"name": "probs", "shape": [-1, 10], "dtype": "float32", "quantization": None}
+    return write_bundle(
+        root,
+        model_file="model.onnx",
+        fmt="onnx",
+        runtimes=["onnxruntime", "openvino"],
+        inputs=[spec_in],
+        outputs=[spec_out],
+        name=name,
+        version=version,
+    )
+
+
+def _convert_tflite(root: Path) -> None:
+    """(subprocess) Build the dense model in tf_keras and convert it to full-int8 TFLite."""
+    sys.path.insert(0, str(REPO))
+    from toolchain.tfenv import import_keras, import_tf
+
+    tf = import_tf()
+    keras = import_keras()
+    w, b = fit_dense()
+    model = keras.Sequential(
+        [
+            keras.layers.Input((8, 8, 1)),
+            keras.layers.Rescaling(1.0 / 16.0),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.layers[-1].set_weights([w, b])
+    x = digits()["x"]
+
+    def rep():
+        for i in range(0, 200):
+            yield [x[i : i + 1]]
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = rep
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    (root / "model.tflite").write_bytes(conv.convert())
+
+
+def tflite_bundle(root: Path, version: int = 1, name: str = "digits-dense-int8") -> Path:
+    """Write a full-int8 TFLite bundle into ``root`` (TensorFlow runs in a subprocess)."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from tests.device_agent.agent_bundles import _convert_tflite; "
+            f"from pathlib import Path; _convert_tflite(Path({str(root)!r}))",
+        ],
+        check=True,
+        env=env,
+        cwd=str(REPO),
+        capture_output=True,
+        timeout=600,
+    )
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(root / "model.tflite"))
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+
+    def spec(d: dict, name: str, shape: list[int]) -> dict:
+        scale, zp = d["quantization"]
+        return {
+            "name": name,
+            "shape": shape,
+            "dtype": np.dtype(d["dtype"]).name,
+            "quantization": {"scale": float(scale), "zero_point": int(zp)} if scale else None,
+        }
+
+    # The Rescaling layer is inside the model: no preprocessing in the manifest.
+    return write_bundle(
+        root,
+        model_file="model.tflite",
+        fmt="tflite",
+        runtimes=["litert", "openvino"],
+        inputs=[spec(inp, "x", [int(v) for v in inp["shape_signature"]])],
+        outputs=[spec(out, "probs", [int(v) for v in out["shape_signature"]])],
+        name=name,
+        version=version,
+        target="raspberry-pi",
+        preprocessing={"type": "none"},
+    )
+
+
+_CACHE = Path(tempfile.mkdtemp(prefix="edgefleet-agent-bundles-"))
+
+
+@cache
+def cached_onnx_bundle() -> Path:
+    """One ONNX bundle per test process (copy it before changing it)."""
+    return onnx_bundle(_CACHE / "onnx")
+
+
+@cache
+def cached_tflite_bundle() -> Path:
+    """One int8 TFLite bundle per test process (converted once, in a subprocess)."""
+    return tflite_bundle(_CACHE / "tflite")
+
+
+def shared_bundles(request: object) -> Path | None:
+    """Return the shared ``digits_bundles`` folder when tests/conftest.py provides it, else None."""
+    try:
+        return request.getfixturevalue("digits_bundles")  # type: ignore[attr-defined,no-any-return]
+    except Exception:
+        return None
