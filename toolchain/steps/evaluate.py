@@ -1,0 +1,184 @@
+"""Measure artifacts and bundles: accuracy, sparsity of the shipped weights, latency per runtime.
+
+Everything here runs in the device runtimes (LiteRT, ONNX Runtime, OpenVINO) through
+``device_agent``; TensorFlow is never used to measure what ships.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.bundle import ModelFormat, VerifyPolicy, verify_bundle
+from device_agent.runtimes import is_installed
+from toolchain.errors import ToolchainError
+from toolchain.steps.data import Dataset, DataError, conform
+
+# Repeats per latency measurement in `edgefleet evaluate` (the build uses the converter's default).
+EVAL_LATENCY_REPEATS = 100
+GZIP_LEVEL = 9
+
+
+class EvaluateError(ToolchainError):
+    """A bundle or artifact cannot be measured."""
+
+
+def accuracy(scores: np.ndarray, y: np.ndarray) -> float:
+    """Return top-1 accuracy of scores (n, K) against labels (n,)."""
+    scores = np.asarray(scores)
+    if len(scores) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(scores.reshape(len(scores), -1), axis=1) == np.asarray(y)))
+
+
+def gzip_size(path: Path) -> int:
+    """Return the size in bytes of ``path`` compressed with gzip -9 (what pruning buys on the wire)."""
+    with open(path, "rb") as fh:
+        return len(gzip.compress(fh.read(), compresslevel=GZIP_LEVEL, mtime=0))
+
+
+def artifact_sparsity(path: Path) -> float | None:
+    """Return the fraction of zero weights in a model file's kernels (constant tensors with >= 2 axes).
+
+    A weight counts as zero when its stored value equals its zero point (int8 weights are symmetric,
+    so that is 0) or is exactly 0.0 for float weights. Returns None when the file has no kernels.
+    """
+    path = Path(path)
+    if path.suffix == ".tflite":
+        return _tflite_sparsity(path)
+    if path.suffix == ".onnx":
+        return _onnx_sparsity(path)
+    raise EvaluateError(f"cannot measure sparsity of {path.name}: not a .tflite or .onnx file")
+
+
+def _tflite_sparsity(path: Path) -> float | None:
+    from device_agent.runtimes.litert import _interpreter_module
+    from toolchain.edgetpu import read_tflite
+
+    model = read_tflite(path)
+    interp = _interpreter_module().Interpreter(model_path=str(path))
+    zeros = total = 0
+    for t in model.tensors:
+        if not t.is_constant or len(t.shape) < 2 or t.dtype not in ("int8", "uint8", "float32"):
+            continue
+        try:
+            arr = np.asarray(interp.get_tensor(t.index))
+        except ValueError:
+            continue
+        zp = np.asarray(t.zero_point, dtype=np.int64) if t.zero_point else np.zeros(1, dtype=np.int64)
+        if arr.dtype.kind in "iu" and zp.size > 1:
+            shape = [1] * arr.ndim
+            shape[t.quantized_dimension] = zp.size
+            zp = zp.reshape(shape)
+        elif arr.dtype.kind == "f":
+            zp = np.zeros(1)
+        zeros += int((arr == zp).sum())
+        total += arr.size
+    return zeros / total if total else None
+
+
+def _onnx_sparsity(path: Path) -> float | None:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    zps: dict[str, tuple[str, int]] = {}
+    for node in m.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) >= 3:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            zps[node.input[0]] = (node.input[2], int(axis))
+    inits = {i.name: i for i in m.graph.initializer}
+    zeros = total = 0
+    for init in m.graph.initializer:
+        if len(init.dims) < 2:
+            continue
+        arr = numpy_helper.to_array(init)
+        if arr.dtype not in (np.int8, np.uint8, np.float32):
+            continue
+        zp: Any = 0
+        if arr.dtype.kind in "iu" and init.name in zps and zps[init.name][0] in inits:
+            zp_arr = numpy_helper.to_array(inits[zps[init.name][0]])
+            if zp_arr.size == 1:
+                zp = zp_arr.reshape(())
+            else:
+                shape = [1] * arr.ndim
+                shape[zps[init.name][1] % arr.ndim] = zp_arr.size
+                zp = zp_arr.reshape(shape)
+        zeros += int((arr == zp).sum())
+        total += arr.size
+    return zeros / total if total else None
+
+
+def evaluate_bundle(
+    bundle_dir: str | Path,
+    data: Dataset,
+    *,
+    runtimes: list[str] | None = None,
+    repeats: int = EVAL_LATENCY_REPEATS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Re-measure a bundle on labelled data: accuracy and latency in each installed runtime it lists."""
+    from device_agent.inference import Predictor
+    from toolchain.steps.convert import measure_latency
+
+    root = Path(bundle_dir)
+    manifest = verify_bundle(root, VerifyPolicy(allow_unsigned=True))
+    sample_shape = tuple(manifest.inputs[0].shape[1:])
+    if data.sample_shape != sample_shape:
+        raise DataError(
+            f"data {data.source!r} has samples of shape {data.sample_shape} but bundle {manifest.name!r}"
+            f" ({manifest.target}) takes {sample_shape}; pass data that matches the model input"
+        )
+    data = conform(data, manifest.labels)
+    wanted = runtimes or [r.value for r in manifest.model.runtimes]
+    usable = [r for r in wanted if is_installed(r)]
+    if not usable:
+        raise EvaluateError(
+            f"none of the bundle's runtimes ({', '.join(wanted)}) is installed here; pip install 'edgefleet[host]'"
+        )
+    model_path = root / manifest.model.path
+    per_runtime: dict[str, Any] = {}
+    for rt in usable:
+        pred = Predictor(root, manifest=manifest, runtime=rt, threads=1)
+        scores = pred.predict(data.x)
+        one = measure_latency(model_path, rt, data.x[:1], 1, repeats)
+        many = one if manifest.threads == 1 else measure_latency(model_path, rt, data.x[:1], manifest.threads, repeats)
+        per_runtime[rt] = {
+            "accuracy": accuracy(scores, data.y),
+            "latency": {"threads_1": one, "threads_N": dict(many, threads=manifest.threads)},
+        }
+    preferred = usable[0]
+    built = manifest.metrics
+    return {
+        "bundle": str(root),
+        "name": manifest.name,
+        "version": manifest.version,
+        "target": manifest.target,
+        "format": manifest.model.format.value,
+        "data": data.source,
+        "samples": data.n,
+        "preferred_runtime": preferred,
+        "accuracy": per_runtime[preferred]["accuracy"],
+        "build_accuracy": built.get("accuracy"),
+        "float_accuracy_at_build": built.get("float_accuracy"),
+        "latency_ms_p50": per_runtime[preferred]["latency"]["threads_N"]["p50_ms"],
+        "latency_ms_p95": per_runtime[preferred]["latency"]["threads_N"]["p95_ms"],
+        "size_bytes": model_path.stat().st_size,
+        "sparsity": artifact_sparsity(model_path),
+        "per_runtime": per_runtime,
+    }
+
+
+def model_format(path: Path) -> ModelFormat:
+    """Return the format of a model file by suffix."""
+    return ModelFormat.TFLITE if Path(path).suffix == ".tflite" else ModelFormat.ONNX
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy a file, creating parents."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
