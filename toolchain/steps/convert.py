@@ -207,7 +207,11 @@ def convert_for_target(
         runtimes=runtimes,
         size_bytes=path.stat().st_size,
     )
-    artifact.checks = inspect_artifact(artifact, target)
+    try:
+        artifact.checks = inspect_artifact(artifact, target)
+    except VerificationError:
+        remove_quietly(path)  # never leave an artifact that breaks the promise where a bundle could pick it up
+        raise
     sample = calib[:1]
     artifact.latency = measure_runtimes(path, runtimes, sample, target.threads)
     if len(runtimes) > 1:

@@ -86,7 +86,9 @@ def inspect_artifact(artifact: Artifact, target: Target) -> dict[str, Any]:
     else:
         checks.update(_inspect_onnx(artifact, target))
     if checks["float_ops"]:
-        first = checks["float_ops"][0]
+        # Name the op that computes in float, not the (DE)QUANTIZE the converter put around it.
+        converts = ("QUANTIZE", "DEQUANTIZE", "QuantizeLinear", "DequantizeLinear")
+        first = next((o for o in checks["float_ops"] if o["op"] not in converts), checks["float_ops"][0])
         more = f" and {len(checks['float_ops']) - 1} more" if len(checks["float_ops"]) > 1 else ""
         raise VerificationError(
             f"{name} for target {target.name!r} keeps float op {first['op']} (op #{first['index']},"
@@ -187,7 +189,7 @@ def _inspect_onnx(artifact: Artifact, target: Target) -> dict[str, Any]:
         raise VerificationError(
             f"{artifact.path.name} for target {target.name!r} quantizes to {', '.join(wrong)}; the profile promises int8"
         )
-    if not weight_dtypes:
+    if not weight_dtypes and not float_ops:
         raise VerificationError(
             f"{artifact.path.name} for target {target.name!r} stores no quantized weights"
         )
