@@ -235,3 +235,42 @@ def cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny trained model and its bundles (the build pipeline's Python API; TensorFlow, so use them in `slow` tests)
+
+DIGITS_CNN_EPOCHS = 8
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small tf_keras CNN (built-in ``cnn`` arch) trained a few epochs on the digits, saved as .keras."""
+    from toolchain.steps.data import load_dataset
+    from toolchain.steps.train import train_model
+
+    path = tmp_path_factory.mktemp("digits-cnn") / "digits_cnn.keras"
+    train_model(load_dataset(DATA / "digits.npz"), "cnn", DIGITS_CNN_EPOCHS, path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_bundles(digits_cnn_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A build of all four targets of ``digits_cnn_path`` (name ``digits_cnn``, version 1) with eval data.
+
+    Returns the output folder: ``<dir>/{coral,mobile,raspberry-pi,x86}/`` bundles plus report.json/html.
+    Treat it as read-only (copy a bundle before changing it).
+    """
+    from toolchain.build import build_bundles
+
+    out = tmp_path_factory.mktemp("digits-bundles") / "bundles"
+    build_bundles(
+        digits_cnn_path,
+        DATA / "digits.npz",
+        ["all"],
+        out,
+        eval_data=DATA / "digits_test.npz",
+        allow_accuracy_drop=True,
+        progress=False,
+    )
+    return out

@@ -190,7 +190,9 @@ def staging_dir(dest: Path) -> Path:
     """Return a fresh hidden staging folder next to ``dest`` (same file system, so rename is atomic)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    os.chmod(path, 0o755)  # mkdtemp makes 0700; a bundle is meant to be read by the agent's user too
+    return path
 
 
 def place_bundle(staging: Path, dest: Path) -> str:
