@@ -462,6 +462,9 @@ def _intrinsic_verdict(
     used = [model.tensors[i] for i in op.inputs + op.outputs if i >= 0]
     activations = [t for t in used if not t.is_constant]
     floats = [t for t in used if t.dtype in FLOAT_TYPES]
+    if floats and op.op == "QUANTIZE" and op.version <= supported.get("QUANTIZE", 0):
+        # A float input's QUANTIZE: the compiler logs it as an unspecified limitation, not a data type.
+        return LIMITATION, f"QUANTIZE from {floats[0].dtype} input {floats[0].name!r} runs on the CPU"
     if floats:
         t = floats[0]
         return DATA_TYPE, f"tensor {t.name!r} is {t.dtype}; the Edge TPU runs int8/uint8 only"
@@ -515,17 +518,22 @@ def analyze_model(model: TFLiteModel, constraints: EdgeTPU) -> EdgeTPUReport:
     """Predict, op by op in execution order, what edgetpu_compiler maps (see docs/edgetpu.md)."""
     supported = {k.upper(): int(v) for k, v in constraints.supported_ops.items()}
     verdicts: list[OpVerdict] = []
-    first_unmapped: OperatorInfo | None = None
+    # The compiler makes one Edge TPU subgraph: it starts at the first op it can map (CPU ops before it,
+    # such as a float input's QUANTIZE, are fine) and ends at the first op after that it cannot map.
+    started = False
+    cut: OperatorInfo | None = None
     for op in model.operators:
         reason, detail = _intrinsic_verdict(op, model, supported, constraints.static_batch)
-        if reason == MAPPED and first_unmapped is not None:
+        if reason == MAPPED and cut is not None:
             reason = AFTER_UNMAPPED
             detail = (
-                f"comes after the first unmapped op #{first_unmapped.index} {first_unmapped.op}; the "
-                "compiler maps only up to it, so this op runs on the CPU"
+                f"comes after the first unmapped op #{cut.index} {cut.op}; the compiler maps only up to it, "
+                "so this op runs on the CPU"
             )
-        if reason != MAPPED and first_unmapped is None:
-            first_unmapped = op
+        elif reason == MAPPED:
+            started = True
+        elif started and cut is None:
+            cut = op
         status = STATUS_MAPPED if reason == MAPPED else STATUS_NOT_MAPPED
         verdicts.append(OpVerdict(op.index, op.op, op.version, status, reason, detail))
 
@@ -544,6 +552,26 @@ def analyze_model(model: TFLiteModel, constraints: EdgeTPU) -> EdgeTPUReport:
         notes.append(
             f"the model has {model.subgraph_count} subgraphs; only the main one is analysed and the compiler "
             "maps only one"
+        )
+    too_new = [v for v in verdicts if v.reason == LIMITATION and "Didn't find op" in v.detail]
+    if too_new:
+        v = too_new[0]
+        notes.append(
+            f"edgetpu_compiler 16 refuses the whole model, not just op #{v.index}: {v.op} version "
+            f"{v.version} is newer than it knows (edgetpu issue 879); no op runs on the Edge TPU until "
+            "that op is gone"
+        )
+    float_compute = [
+        v
+        for v in verdicts
+        if v.reason == DATA_TYPE and v.op not in ("QUANTIZE", "DEQUANTIZE") and "float" in v.detail
+    ]
+    if float_compute:
+        v = float_compute[0]
+        notes.append(
+            f"op #{v.index} {v.op} computes in floating point: the compiler maps no float op (and refuses "
+            'a model with no quantized tensor: "Model not quantized"); convert with full-integer '
+            "quantization and int8/uint8 I/O"
         )
     if estimate > constraints.max_on_chip_bytes:
         notes.append(

@@ -174,6 +174,7 @@ def test_op_version_above_compiler_max_is_a_limitation(tmp_path: Path, coral: Ed
     assert q.op == "QUANTIZE" and q.version == 3
     assert "Didn't find op for builtin opcode 'QUANTIZE' version '3'" in q.detail
     assert "#1 QUANTIZE" in report.ops[2].detail
+    assert len(report.notes) == 1 and "refuses the whole model" in report.notes[0]
 
 
 def test_list_form_table_accepts_any_version(tmp_path: Path, coral: EdgeTPU) -> None:
@@ -186,9 +187,10 @@ def test_custom_op_is_not_supported(tmp_path: Path, coral: EdgeTPU) -> None:
     ts = [tensor("in"), tensor("mid"), tensor("out")]
     data = build_model(ts, [(OP.CUSTOM, 1, [0], [1], "MyOp"), (OP.RELU, 1, [1], [2])], [0], [2])
     report = analyze(write(tmp_path, data), coral)
-    assert [(v.op, v.reason) for v in report.ops] == [("CUSTOM", NOT_SUPPORTED), ("RELU", AFTER_UNMAPPED)]
+    # A leading CPU op does not cut the model: the Edge TPU subgraph starts at the first mappable op.
+    assert [(v.op, v.reason) for v in report.ops] == [("CUSTOM", NOT_SUPPORTED), ("RELU", MAPPED)]
     assert "MyOp" in report.ops[0].detail
-    assert report.ops_mapped == 0
+    assert report.ops_mapped == 1
 
 
 def test_unsupported_op_after_the_cut_keeps_its_own_reason(tmp_path: Path, coral: EdgeTPU) -> None:
@@ -198,6 +200,18 @@ def test_unsupported_op_after_the_cut_keeps_its_own_reason(tmp_path: Path, coral
     )
     assert reasons(report) == [MAPPED, NOT_SUPPORTED, NOT_SUPPORTED, AFTER_UNMAPPED]
     assert [u["op"] for u in report.to_dict()["unmapped"]] == ["EXP", "LEAKY_RELU", "TANH"]
+
+
+def test_float_io_ops_are_unsupported_data_type_without_rejecting_the_model(
+    tmp_path: Path, coral: EdgeTPU
+) -> None:
+    ts = [tensor("in", TT.FLOAT32), tensor("q"), tensor("r"), tensor("out", TT.FLOAT32)]
+    ops = [(OP.QUANTIZE, 1, [0], [1]), (OP.RELU, 1, [1], [2]), (OP.DEQUANTIZE, 2, [2], [3])]
+    report = analyze(write(tmp_path, build_model(ts, ops, [0], [3])), coral)
+    # As the compiler logs a float-I/O model: the input QUANTIZE is a limitation, the core is mapped, and
+    # the float output's DEQUANTIZE is an unsupported data type.
+    assert reasons(report) == [LIMITATION, MAPPED, DATA_TYPE]
+    assert report.ops_mapped == 1 and not report.notes
 
 
 def test_int16_activations_are_an_unsupported_data_type(tmp_path: Path, coral: EdgeTPU) -> None:
@@ -619,4 +633,5 @@ def test_float_model_is_an_unsupported_data_type(converted: dict[str, Path], cor
     report = analyze(converted["float"], coral)
     assert report.ops_total > 0 and reasons(report) == [DATA_TYPE] * report.ops_total
     assert "float32" in report.ops[0].detail
+    assert any("Model not quantized" in n for n in report.notes)
     assert report.on_chip_bytes_estimate == 0 and report.constant_bytes > 0
