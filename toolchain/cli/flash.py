@@ -1,0 +1,128 @@
+"""``edgefleet keys | verify | flash | serve``: signing keys, host-side verification and getting bundles onto devices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group("keys")
+def keys_cmd() -> None:
+    """Manage Ed25519 signing keys (private: PEM PKCS8; public: PEM SubjectPublicKeyInfo)."""
+
+
+@keys_cmd.command("create")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for NAME.key and NAME.pub.")
+@click.option("--name", default="fleet", show_default=True, help="File name stem of the pair.")
+@click.option("--force", is_flag=True, help="Overwrite an existing pair.")
+def keys_create_cmd(out: str, name: str, force: bool) -> None:
+    """Create a key pair: NAME.key (keep secret, 0600) signs bundles; NAME.pub goes to devices."""
+    from device_agent.bundle import key_id
+    from toolchain.signing import create_keys, load_public_key
+
+    priv, pub = create_keys(out, name, force=force)
+    click.echo(f"private key: {priv}  (keep it secret; sign with 'edgefleet build --sign-key {priv}')")
+    click.echo(f"public key:  {pub}  (copy to devices; list it in [agent] trusted_keys)")
+    click.echo(f"key id:      {key_id(load_public_key(pub))}")
+
+
+def _existing_bundle(path: str) -> Path:
+    from toolchain.flash import FlashError
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FlashError(f"bundle {path!r} is not a folder; pass the folder that holds manifest.json")
+    return p
+
+
+@click.command("verify")
+@click.argument("bundle")
+@click.option("--key", "key", type=click.Path(dir_okay=False), help="Public key (.pub) the signature must verify with.")
+@click.option("--target", help="Also require this target.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) -> None:
+    """Check a bundle on the host: every file's hash and size, no extra files, and the signature with --key."""
+    from device_agent.bundle import SIGNATURE_FILE, VerifyPolicy, manifest_sha256, verify_bundle
+    from toolchain.signing import load_public_key
+
+    b = _existing_bundle(bundle)
+    keys = (load_public_key(key),) if key else ()
+    m = verify_bundle(b, VerifyPolicy(trusted_keys=keys, allow_unsigned=not keys, target=target))
+    signed = (b / SIGNATURE_FILE).is_file()
+    signature = "verified" if keys else ("present, not checked (pass --key)" if signed else "none")
+    result = {
+        "ok": True, "name": m.name, "version": m.version, "target": m.target, "sha256": manifest_sha256(b),
+        "files": len(m.files), "size_bytes": sum(f.size_bytes for f in m.files), "signature": signature,
+    }
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"OK: {m.name} v{m.version} for {m.target}, {len(m.files)} files, {result['size_bytes']} bytes,"
+                   f" signature {signature}, sha256 {result['sha256'][:16]}")
+
+
+@click.command("flash")
+@click.argument("bundle")
+@click.option("--to", "dest", required=True,
+              help="A local agent state_dir, ssh://user@host[:port]/state_dir, or mqtt://broker[:port]/FLEET[/DEVICE].")
+@click.option("--key", "key", type=click.Path(dir_okay=False), help="Check the signature with this .pub before sending.")
+@click.option("--wait", "wait_s", type=float, default=None,
+              help="Wait up to this many seconds for the agent's result (deployed / deploy_failed).")
+@click.option("--url", help="mqtt:// only: devices fetch the bundle from this HTTP(S) URL instead of MQTT chunks.")
+@click.option("--ssh-option", "ssh_options", multiple=True, help="ssh:// only: an extra 'ssh -o' option (repeatable).")
+@click.option("--chunk-bytes", type=click.IntRange(1024, 256 * 1024), default=64 * 1024, show_default=True,
+              help="mqtt:// only: size of each retained chunk.")
+def flash_cmd(bundle: str, dest: str, key: str | None, wait_s: float | None, url: str | None,
+              ssh_options: tuple[str, ...], chunk_bytes: int) -> None:
+    """Put a bundle onto a device: the agent installs it through its verified, atomic update path."""
+    from toolchain import flash as F
+
+    b = _existing_bundle(bundle)
+    d = F.parse_destination(dest)
+    m = F.check_bundle(b, Path(key) if key else None)
+    from device_agent.bundle import manifest_sha256
+
+    sha = manifest_sha256(b)
+    result: dict | None = None
+    if isinstance(d, F.LocalDest):
+        drop = F.flash_local(b, m, d.state_dir)
+        click.echo(f"dropped {m.name} v{m.version} into {drop}")
+        if wait_s:
+            result = F.wait_local(d.state_dir, sha, drop, wait_s)
+    elif isinstance(d, F.SshDest):
+        drop_s = F.flash_ssh(b, m, d, ssh_options)
+        click.echo(f"copied {m.name} v{m.version} to {d.login}:{drop_s}")
+        if wait_s:
+            result = F.wait_ssh(d, sha, drop_s, wait_s, ssh_options)
+    else:
+        out = F.flash_mqtt(b, m, d, url=url, wait_s=wait_s, chunk_bytes=chunk_bytes)
+        click.echo(f"published deployment {out['deployment_id']} on {out['topic']} ({out['source']['kind']} source)")
+        if "result" in out:
+            event, detail = out["result"]
+            result = {"state": "committed" if event == "deployed" else "failed", "reason": detail.get("reason")}
+    if result is not None:
+        if result.get("state") == "committed":
+            click.echo(f"deployed: the agent now serves {m.name} v{m.version}")
+        else:
+            raise F.FlashError(f"the agent refused {m.name} v{m.version}: {result.get('reason')}")
+
+
+@click.command("serve")
+@click.argument("bundle_dir")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one).")
+@click.option("--verbose", is_flag=True, help="Log every request.")
+def serve_cmd(bundle_dir: str, host: str, port: int, verbose: bool) -> None:
+    """Serve a bundle (or a folder of bundles) over HTTP with Range support, for over-the-air downloads."""
+    from toolchain.serve import BundleHTTPServer
+
+    srv = BundleHTTPServer(bundle_dir, host, port, verbose=verbose)
+    for prefix in srv.bundles:
+        click.echo(f"serving {srv.bundles[prefix]} at {srv.bundle_url(prefix)}", err=False)
+    click.echo("press Ctrl+C to stop")
+    try:
+        srv.serve_forever()
+    finally:
+        srv.server_close()
