@@ -1,0 +1,621 @@
+"""The collector daemon: MQTT 5 in, SQLite or PostgreSQL out, acknowledged only after the commit.
+
+Flow: paho's network thread puts every message on a queue *without* acknowledging it
+(``manual_ack=True``). The worker thread takes a batch (up to ``BATCH_MAX`` messages or
+``BATCH_WAIT_S``), decodes and validates each message, stores the batch in one transaction, and only
+after the commit returns sends the PUBACKs (``client.ack(mid, qos)``). A collector killed at any
+moment has therefore acknowledged only what is committed; the broker redelivers the rest to the
+persistent session (``clean_start=False`` with a session expiry), and ``UNIQUE (fleet, device_id,
+seq)`` makes the redelivery a no-op.
+
+Every message is untrusted (``device_agent.telemetry`` decoders: size limit, JSON, depth, schema,
+known keys, finite numbers, payload ids equal to the topic's; histogram lengths against the registered
+baseline). A message that fails goes to the ``quarantine`` table with its reason and the first
+``QUARANTINE_HEAD_BYTES`` bytes, is counted, logged, and acknowledged: it can never succeed later.
+
+Subscriptions: ``stats`` and ``events`` through ``$share/<group>/...`` when a shared group is set, so
+several collectors split them; ``status`` always directly, because brokers do not send retained
+messages to shared subscriptions and every collector should know every device's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from device_agent.telemetry import (
+    TelemetryError,
+    decode_event,
+    decode_stats,
+    decode_status,
+    parse_topic,
+)
+from toolchain.errors import ToolchainError
+from toolchain.fleet.alerts import Evaluator
+from toolchain.fleet.registry import BaselineCache, BundleDirectory, RegistryError, register_bundle
+from toolchain.fleet.storage import StorageError, Store, dumps, open_store, pack_profile
+
+log = logging.getLogger("edgefleet.fleet.collector")
+
+BATCH_MAX = 500
+BATCH_WAIT_S = 0.05
+RECEIVE_MAXIMUM = 1000  # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send us
+SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our subscriptions and queued windows this long
+KEEPALIVE_S = 30
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+QUARANTINE_HEAD_BYTES = 512
+EVAL_EVERY_S = 1.0  # evaluations run at most this often per batch loop, after the acks
+
+
+class CollectorConfigError(ToolchainError):
+    """The collector's configuration is invalid (the CLI exits 78, EX_CONFIG)."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker is: host, port and whether to use TLS."""
+
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse ``mqtt://host[:1883]`` or ``mqtts://host[:8883]``."""
+    u = urlparse(url or "")
+    if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not u.hostname:
+        raise CollectorConfigError(
+            f"broker URL {url[:80]!r} is invalid; use mqtt://HOST:PORT or mqtts://HOST:PORT"
+        )
+    tls = u.scheme in ("mqtts", "ssl")
+    try:
+        port = u.port or (8883 if tls else 1883)
+    except ValueError:
+        raise CollectorConfigError(f"broker URL {url[:80]!r} has an invalid port") from None
+    return BrokerAddress(u.hostname, port, tls)
+
+
+@dataclass
+class Incoming:
+    """A message taken from the broker and not yet acknowledged."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+    received_at: float
+
+
+@dataclass
+class Counters:
+    """What the collector has done since it started."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    pending: int = 0
+    status: int = 0
+    events: int = 0
+    quarantined: int = 0
+    batches: int = 0
+    evaluations: int = 0
+    alerts: int = 0
+    db_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BatchResult:
+    """What one committed batch changed."""
+
+    stored: int = 0
+    touched: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)  # -> (predictions, model)
+    unknown_models: set[str] = field(default_factory=set)
+
+
+class Ingestor:
+    """Validate and store batches of raw messages in one transaction each (no MQTT here)."""
+
+    def __init__(
+        self,
+        store: Store,
+        baselines: BaselineCache,
+        counters: Counters | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.baselines = baselines
+        self.counters = counters or Counters()
+        self.clock = clock
+        g = store.greatest
+        self._sql_window = (
+            "INSERT INTO windows (fleet, device_id, seq, window_start, window_end, received_at, model_sha256,"
+            " spec_hash, count, dropped_windows, violations_json, ints, floats, pending_json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id, seq) DO NOTHING"
+        )
+        self._sql_seen = (
+            "INSERT INTO devices (fleet, device_id, first_seen, last_seen, model_sha256, model_name, model_version,"
+            " agent_version, dropped_windows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id)"
+            f" DO UPDATE SET last_seen = {g('devices.last_seen', 'excluded.last_seen')},"
+            " model_sha256 = excluded.model_sha256, model_name = excluded.model_name,"
+            " model_version = excluded.model_version, agent_version = excluded.agent_version,"
+            f" dropped_windows = {g('devices.dropped_windows', 'excluded.dropped_windows')}"
+        )
+        self._sql_status = (
+            "INSERT INTO devices (fleet, device_id, state, status_ts, first_seen, last_seen, model_sha256, model_name,"
+            " model_version, agent_version, target, deployment_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (fleet, device_id) DO UPDATE SET state = excluded.state, status_ts = excluded.status_ts,"
+            f" last_seen = {g('devices.last_seen', 'excluded.last_seen')},"
+            " model_sha256 = COALESCE(excluded.model_sha256, devices.model_sha256),"
+            " model_name = COALESCE(excluded.model_name, devices.model_name),"
+            " model_version = COALESCE(excluded.model_version, devices.model_version),"
+            " agent_version = excluded.agent_version, target = COALESCE(excluded.target, devices.target),"
+            " deployment_json = COALESCE(excluded.deployment_json, devices.deployment_json)"
+        )
+        self._sql_event = (
+            "INSERT INTO events (fleet, device_id, event, ts, message, detail_json, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id, event, ts) DO NOTHING"
+        )
+        self._sql_quarantine = "INSERT INTO quarantine (received_at, topic, reason, payload_head, payload_bytes) VALUES (?, ?, ?, ?, ?)"
+
+    def process(self, batch: list[Incoming]) -> BatchResult:
+        """Decode, validate and store a batch in one transaction; raise on a database error."""
+        windows: list[tuple[Any, ...]] = []
+        seen: dict[tuple[str, str], tuple[Any, ...]] = {}
+        statuses: list[tuple[Any, ...]] = []
+        events: list[tuple[Any, ...]] = []
+        bad: list[tuple[Any, ...]] = []
+        res = BatchResult()
+        for m in batch:
+            try:
+                self._one(m, windows, seen, statuses, events, res)
+            except (TelemetryError, ValueError) as e:
+                reason = str(e)[:500]
+                head = m.payload[:QUARANTINE_HEAD_BYTES].decode("utf-8", "replace")
+                bad.append((m.received_at, m.topic[:300], reason, head, len(m.payload)))
+                log.warning(
+                    "quarantined message on %r (%d bytes): %s; payload starts %r",
+                    m.topic[:120],
+                    len(m.payload),
+                    reason,
+                    m.payload[:80],
+                )
+        with self.store.transaction():
+            before = self._changes()
+            self.store.executemany(self._sql_window, windows)
+            stored = self._changes() - before if before is not None else len(windows)
+            # Devices in a stable order so concurrent collectors lock rows in the same order.
+            self.store.executemany(self._sql_seen, [seen[k] for k in sorted(seen)])
+            self.store.executemany(self._sql_status, statuses)
+            self.store.executemany(self._sql_event, events)
+            self.store.executemany(self._sql_quarantine, bad)
+        c = self.counters
+        c.received += len(batch)
+        c.stored += stored
+        c.duplicates += len(windows) - stored
+        c.status += len(statuses)
+        c.events += len(events)
+        c.quarantined += len(bad)
+        c.batches += 1
+        res.stored = stored
+        return res
+
+    def _changes(self) -> int | None:
+        if self.store.dialect == "sqlite":
+            return int(self.store.conn.total_changes)
+        return None
+
+    def _one(
+        self,
+        m: Incoming,
+        windows: list[tuple[Any, ...]],
+        seen: dict[tuple[str, str], tuple[Any, ...]],
+        statuses: list[tuple[Any, ...]],
+        events: list[tuple[Any, ...]],
+        res: BatchResult,
+    ) -> None:
+        fleet, device, kind = parse_topic(m.topic)
+        now = m.received_at
+        if kind == "stats":
+            msg = decode_stats(m.payload, topic_device=device, topic_fleet=fleet)
+            sha = msg.model.sha256
+            base = self.baselines.get(sha)
+            ints = floats = pending = None
+            if msg.heartbeat:
+                pass
+            elif base is not None:
+                prof = msg.profile(base.profile.spec)
+                ints, floats = pack_profile(prof)
+            else:
+                pending = dumps({"inputs": msg.inputs, "outputs": msg.outputs, "latency_ms": msg.latency_ms})
+                res.unknown_models.add(sha)
+                self.counters.pending += 1
+            if base is not None and msg.heartbeat and msg.spec_hash != base.profile.spec.spec_hash():
+                raise TelemetryError(
+                    f"heartbeat spec_hash {msg.spec_hash[:12]} does not match the registered baseline"
+                )
+            windows.append(
+                (
+                    fleet,
+                    device,
+                    msg.seq,
+                    msg.window_start,
+                    msg.window_end,
+                    now,
+                    sha,
+                    msg.spec_hash,
+                    msg.count,
+                    msg.dropped_windows,
+                    dumps(msg.schema_violations),
+                    ints,
+                    floats,
+                    pending,
+                )
+            )
+            key = (fleet, device)
+            prev = seen.get(key)
+            dropped = max(msg.dropped_windows, prev[8] if prev else 0)
+            seen[key] = (
+                fleet,
+                device,
+                now,
+                now,
+                sha,
+                msg.model.name,
+                msg.model.version,
+                msg.agent_version,
+                dropped,
+            )
+            if ints is not None:
+                res.touched[key] = (res.touched.get(key, (0, sha))[0] + msg.count, sha)
+        elif kind == "status":
+            st = decode_status(m.payload, topic_device=device, topic_fleet=fleet)
+            model = st.model
+            statuses.append(
+                (
+                    fleet,
+                    device,
+                    st.state,
+                    st.ts,
+                    now,
+                    now,
+                    model.sha256 if model else None,
+                    model.name if model else None,
+                    model.version if model else None,
+                    st.agent_version,
+                    st.target,
+                    dumps(st.deployment) if st.deployment is not None else None,
+                )
+            )
+            if model is not None and self.baselines.get(model.sha256) is None:
+                res.unknown_models.add(model.sha256)
+        elif kind == "events":
+            ev = decode_event(m.payload, topic_device=device, topic_fleet=fleet)
+            events.append((fleet, device, ev.event, ev.ts, ev.message, dumps(ev.detail), now))
+        else:
+            raise TelemetryError(f"the collector does not accept messages on {kind!r} topics")
+
+
+class Collector:
+    """The collector daemon as an object: ``start()`` runs it in background threads, ``stop()`` ends it.
+
+    ``fleet`` limits the subscription to one fleet (default: every fleet). ``shared_group`` splits
+    stats and events between the collectors of one group (MQTT 5 shared subscription). With
+    ``bundle_dir``, models named in status messages or windows are registered automatically when their
+    bundle is found there.
+    """
+
+    def __init__(
+        self,
+        db_url: str,
+        broker_url: str,
+        *,
+        fleet: str | None = None,
+        shared_group: str | None = None,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_insecure: bool = False,
+        bundle_dir: str | None = None,
+        evaluate: bool = True,
+        batch_max: int = BATCH_MAX,
+        batch_wait_s: float = BATCH_WAIT_S,
+    ) -> None:
+        self.db_url = db_url
+        self.broker = parse_broker_url(broker_url)
+        if fleet is not None and fleet != "+":
+            from device_agent.telemetry import check_id
+
+            try:
+                check_id(fleet, "fleet")
+            except TelemetryError as e:
+                raise CollectorConfigError(str(e)) from None
+        self.fleet = fleet or "+"
+        if shared_group is not None and (not shared_group or any(c in shared_group for c in "/+#")):
+            raise CollectorConfigError(
+                f"shared group {shared_group!r} must be a non-empty name without '/', '+', '#'"
+            )
+        self.shared_group = shared_group
+        host = socket.gethostname().lower().replace(".", "-")[:40]
+        self.client_id = client_id or f"edgefleet-collector-{host}" + (
+            f"-{shared_group}" if shared_group else ""
+        )
+        self.username, self.password = username, password
+        self.tls = (tls_ca, tls_cert, tls_key, tls_insecure)
+        for p in (tls_ca, tls_cert, tls_key):
+            if p and not Path(p).is_file():
+                raise CollectorConfigError(f"TLS file {p!r} does not exist")
+        self.bundles = None
+        if bundle_dir:
+            try:
+                self.bundles = BundleDirectory(bundle_dir)
+            except RegistryError as e:
+                raise CollectorConfigError(str(e)) from None
+        self.evaluate_enabled = evaluate
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s
+        self.counters = Counters()
+        self._q: queue.Queue[Incoming] = queue.Queue()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._generation = 0
+        self._worker: threading.Thread | None = None
+        self._client: Any = None
+        self._store: Store | None = None
+        self._pending_eval: dict[tuple[str, str], tuple[int, str]] = {}
+        self._fatal: BaseException | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    # MQTT
+
+    def topics(self) -> list[str]:
+        """The subscriptions this collector makes."""
+        share = f"$share/{self.shared_group}/" if self.shared_group else ""
+        f = self.fleet
+        return [f"{share}edgefleet/{f}/+/stats", f"{share}edgefleet/{f}/+/events", f"edgefleet/{f}/+/status"]
+
+    def _make_client(self) -> Any:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        )
+        if self.username:
+            client.username_pw_set(self.username, self.password)
+        ca, cert, key, insecure = self.tls
+        if self.broker.tls or ca:
+            client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED)
+            if insecure:
+                client.tls_insecure_set(True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.reconnect_delay_set(1, 30)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        self._connect_props = props
+        return client
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker refused the connection: %s", reason)
+            return
+        self._generation += 1
+        client.subscribe([(t, 1) for t in self.topics()])
+        self._connected.set()
+        log.info(
+            "connected to %s:%d as %s (session present: %s)",
+            self.broker.host,
+            self.broker.port,
+            self.client_id,
+            getattr(flags, "session_present", "?"),
+        )
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        bad = [r for r in reasons if getattr(r, "is_failure", False)]
+        if bad:
+            log.error("broker refused subscription(s): %s", bad)
+        else:
+            self._subscribed.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+        self._subscribed.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self._q.put(Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._generation, time.time()))
+
+    def publish_alert(self, topic: str, payload: bytes) -> None:
+        """AlertSink: publish an alert with QoS 1 on the collector's connection."""
+        if self._client is not None:
+            self._client.publish(topic, payload, qos=1)
+
+    # ---------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def start(self) -> Collector:
+        """Open and migrate the database, connect to the broker, and start ingesting in the background."""
+        try:
+            self._store = open_store(self.db_url)
+        except StorageError as e:
+            raise CollectorConfigError(str(e)) from None
+        self._client = self._make_client()
+        try:
+            self._client.connect_async(
+                self.broker.host,
+                self.broker.port,
+                keepalive=KEEPALIVE_S,
+                clean_start=False,
+                properties=self._connect_props,
+            )
+        except (OSError, ValueError) as e:
+            raise CollectorConfigError(
+                f"cannot connect to broker {self.broker.host}:{self.broker.port}: {e}"
+            ) from None
+        self._worker = threading.Thread(target=self._run, name="edgefleet-collector", daemon=True)
+        self._worker.start()
+        self._client.loop_start()
+        return self
+
+    def wait_ready(self, timeout_s: float = 10.0) -> bool:
+        """Block until connected and subscribed (True) or the timeout passed (False)."""
+        return self._subscribed.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the current batch, acknowledge it, disconnect and close the database."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout_s)
+        if self._client is not None:
+            try:
+                self._client.disconnect()
+            finally:
+                self._client.loop_stop()
+        if self._store is not None:
+            self._store.close()
+
+    def run_forever(self) -> None:
+        """Start and block until ``stop()`` is called (from a signal handler) or the worker fails."""
+        self.start()
+        try:
+            while not self._stop.wait(0.5):
+                if self._worker is not None and not self._worker.is_alive():
+                    break
+        finally:
+            self.stop()
+        if self._fatal is not None:
+            raise self._fatal
+
+    def request_stop(self) -> None:
+        """Ask a running collector to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------------------------------------
+    # Worker
+
+    def _take(self) -> list[Incoming]:
+        try:
+            first = self._q.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.batch_max:
+            left = deadline - time.monotonic()
+            try:
+                batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        assert self._store is not None
+        store = self._store
+        baselines = BaselineCache(store)
+        ingestor = Ingestor(store, baselines, self.counters)
+        evaluator = Evaluator(store, baselines, sink=self)
+        last_eval = 0.0
+        while not self._stop.is_set() or not self._q.empty():
+            batch = self._take()
+            if not batch:
+                if self._stop.is_set():
+                    break
+                if self._pending_eval and time.monotonic() - last_eval > EVAL_EVERY_S:
+                    self._evaluate(evaluator, baselines)
+                    last_eval = time.monotonic()
+                continue
+            attempt = 0
+            while True:
+                try:
+                    res = ingestor.process(batch)
+                    break
+                except Exception as e:  # noqa: BLE001 - a database outage must not lose the batch
+                    self.counters.db_errors += 1
+                    delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                    log.error(
+                        "storing a batch of %d failed (%s); retrying in %.1f s",
+                        len(batch),
+                        str(e)[:200],
+                        delay,
+                    )
+                    attempt += 1
+                    if self._stop.wait(delay):
+                        return  # unacknowledged: the broker redelivers them to the next collector
+            gen = self._generation
+            for m in batch:
+                if m.qos > 0 and m.generation == gen:
+                    self._client.ack(m.mid, m.qos)
+            for model in res.unknown_models:
+                self._auto_register(store, baselines, model)
+            if self.evaluate_enabled:
+                for key, (n, sha) in res.touched.items():
+                    prev_n, prev_sha = self._pending_eval.get(key, (0, sha))
+                    self._pending_eval[key] = (prev_n + n if prev_sha == sha else n, sha)
+                if time.monotonic() - last_eval > EVAL_EVERY_S:
+                    self._evaluate(evaluator, baselines)
+                    last_eval = time.monotonic()
+
+    def _evaluate(self, evaluator: Evaluator, baselines: BaselineCache) -> None:
+        for key, (n, sha) in list(self._pending_eval.items()):
+            base = baselines.get(sha)
+            if base is None or n < base.config.min_count:
+                continue
+            # The in-memory count only says when to look; the database decides what is evaluated
+            # (the collectors of a shared group each store part of a device's windows).
+            self._pending_eval.pop(key, None)
+            try:
+                ev = evaluator.evaluate(*key)
+            except Exception as e:  # noqa: BLE001 - evaluation is best effort; ingestion goes on
+                log.error("evaluating %s/%s failed: %s", key[0], key[1], e)
+                continue
+            if ev is not None:
+                self.counters.evaluations += 1
+                self.counters.alerts += int(ev.changed)
+
+    def _auto_register(self, store: Store, baselines: BaselineCache, sha: str) -> None:
+        if self.bundles is None:
+            return
+        path = self.bundles.find(sha)
+        if path is None:
+            return
+        try:
+            info = register_bundle(store, path)
+            baselines.forget(sha)
+            log.info("registered bundle %s (%s v%s) from %s", sha[:12], info["name"], info["version"], path)
+        except (RegistryError, StorageError) as e:
+            log.error("auto-registration of %s failed: %s", path, e)
+        except Exception as e:  # noqa: BLE001 - a bad bundle in the directory must not stop the collector
+            log.error("auto-registration of %s failed: %s", path, e)
+
+
+def json_counters(c: Counters) -> str:
+    return json.dumps(c.as_dict())

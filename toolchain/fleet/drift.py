@@ -1,0 +1,406 @@
+"""Drift, skew and decay metrics computed from merged profiles (pure numpy; no I/O, no clock).
+
+Every metric compares a *current* profile (one window, or many merged) against the model's baseline
+profile; both share bin edges (the baseline's), so nothing needs raw data.
+
+Per input feature (histograms include the underflow and overflow bins):
+
+- **PSI** (population stability index) ``sum_i (c_i - b_i) * ln(c_i / b_i)`` over bin shares ``b``
+  (baseline) and ``c`` (current). Empty bins would make it infinite, so shares are smoothed with
+  ``SMOOTHING`` = 0.5 pseudo-counts per bin (the Jeffreys / Krichevsky-Trofimov estimator):
+  ``share_i = (n_i + 0.5) / (n + 0.5 * bins)``. Bands 0.1 (warn) and 0.2 (alert): Siddiqi,
+  "Credit Risk Scorecards" (Wiley 2006), which gives < 0.1 stable, 0.1-0.25 some change and
+  > 0.25 a shift; we alert at 0.2, the tighter end used by most monitoring tools.
+- **Jensen-Shannon distance**, base 2 (in [0, 1]): ``sqrt(JSD)`` with
+  ``JSD = 1/2 KL(b || m) + 1/2 KL(c || m)``, ``m = (b + c) / 2`` on unsmoothed shares
+  (``0 log 0 = 0``). A *distance*, not the divergence TFDV reports; 0.1 is Evidently's default
+  drift threshold for it (Evidently docs, "data drift" presets).
+- **KS statistic** ``max_k |B_k - C_k|`` over the cumulative shares at every bin edge. From binned
+  data it is a lower bound of the sample KS statistic (exact when no bin is split by the other
+  sample), so it is reported but does not vote.
+- **Mean shift** ``(mean_c - mean_b) / std_b`` in baseline standard deviations (``None`` when the
+  baseline feature is constant).
+
+Outputs: the predicted-class distribution is compared with PSI (same smoothing), and the mean top-1
+confidence minus the baseline's is a label-free sign of decay (a drop means the model is less sure).
+
+Skew: the schema-violation rate (inputs the agent refused, over refused + predicted) and the
+out-of-range rate (share of feature values in the underflow/overflow bins or non-finite).
+
+A feature is in alert when PSI >= psi_alert or JS >= js_alert, in warn when PSI >= psi_warn or
+JS >= js_warn. The JS distance of a finite window has a floor from sampling noise alone (about 0.08
+for 500 samples in 15 bins), so at the usual window sizes JS 0.1 is a warn band and alerts need 0.2.
+
+Device verdict (the aggregation rule; see docs/fleet.md): with F input features, the inputs are in
+alert when at least ``feature_share_alert`` (10 %) of them are in alert, in warn when at least
+``feature_share_warn`` (50 %) are in warn or above. A few of 64 features crossing a band is expected
+by chance in a 500-sample window, so a single feature never decides a device
+(``benchmarks/drift_bench.py`` measures the rule). The device state is the worst of inputs, outputs (class PSI), decay
+(confidence drop) and skew; nothing is judged below ``min_count`` predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+from device_agent.stats import FeatureSetProfile, Profile
+from toolchain.errors import ToolchainError
+
+SMOOTHING = 0.5
+STATES = ("insufficient", "ok", "warn", "alert")
+SEVERITY = {"insufficient": -1, "ok": 0, "warn": 1, "alert": 2}
+
+
+class DriftError(ToolchainError):
+    """A drift configuration or comparison is invalid."""
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Thresholds for one model; every field can be overridden per model at registration."""
+
+    psi_warn: float = 0.1
+    psi_alert: float = 0.2
+    js_warn: float = 0.1
+    js_alert: float = 0.2
+    min_count: int = 200
+    feature_share_warn: float = 0.5
+    feature_share_alert: float = 0.1
+    class_psi_warn: float = 0.1
+    class_psi_alert: float = 0.2
+    confidence_drop_warn: float = 0.05
+    confidence_drop_alert: float = 0.1
+    out_of_range_warn: float = 0.01
+    out_of_range_alert: float = 0.05
+    violation_warn: float = 0.01
+    violation_alert: float = 0.05
+    raise_after: int = 2
+    clear_after: int = 3
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise DriftError(f"drift setting {f.name}={v!r} must be a finite number >= 0")
+        pairs = [
+            ("psi_warn", "psi_alert"),
+            ("js_warn", "js_alert"),
+            ("class_psi_warn", "class_psi_alert"),
+            ("confidence_drop_warn", "confidence_drop_alert"),
+            ("out_of_range_warn", "out_of_range_alert"),
+            ("violation_warn", "violation_alert"),
+        ]
+        for w, a in pairs:
+            if getattr(self, w) > getattr(self, a):
+                raise DriftError(
+                    f"drift setting {w}={getattr(self, w)} is above {a}={getattr(self, a)}; lower it"
+                )
+        for k in ("raise_after", "clear_after", "min_count"):
+            if int(getattr(self, k)) < 1 or int(getattr(self, k)) != getattr(self, k):
+                raise DriftError(f"drift setting {k}={getattr(self, k)!r} must be an integer >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> DriftConfig:
+        """Build a config from overrides, refusing unknown names."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DriftError(f"unknown drift setting(s) {unknown}. Known: {', '.join(sorted(known))}")
+        out = cls()
+        return replace(
+            out,
+            **{k: (int(v) if k in ("raise_after", "clear_after", "min_count") else v) for k, v in d.items()},
+        )
+
+    def with_overrides(self, pairs: list[str]) -> DriftConfig:
+        """Apply ``name=value`` strings (from ``--set``)."""
+        upd: dict[str, Any] = self.to_dict()
+        for p in pairs:
+            name, sep, value = p.partition("=")
+            if not sep:
+                raise DriftError(f"setting {p!r} must look like name=value, e.g. psi_alert=0.25")
+            try:
+                upd[name.strip()] = float(value)
+            except ValueError:
+                raise DriftError(f"setting {p!r}: {value!r} is not a number") from None
+        return DriftConfig.from_dict(upd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics on histograms. Arrays are (F, W) counts with a validity mask (features have different
+# numbers of bins); every function returns one value per row.
+
+
+def _shares(counts: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+    c = np.where(mask, counts.astype(np.float64) + alpha, 0.0)
+    total = c.sum(axis=1, keepdims=True)
+    return np.divide(c, total, out=np.zeros_like(c), where=total > 0)
+
+
+def psi(
+    base: np.ndarray, cur: np.ndarray, mask: np.ndarray | None = None, alpha: float = SMOOTHING
+) -> np.ndarray:
+    """Population stability index per row of bin counts (smoothed with ``alpha`` per bin)."""
+    base, cur = np.atleast_2d(base), np.atleast_2d(cur)
+    mask = np.ones(base.shape, dtype=bool) if mask is None else np.atleast_2d(mask)
+    b, c = _shares(base, mask, alpha), _shares(cur, mask, alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(mask & (b > 0) & (c > 0), (c - b) * np.log(c / np.where(b > 0, b, 1.0)), 0.0)
+    return terms.sum(axis=1)
+
+
+def js_distance(base: np.ndarray, cur: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Jensen-Shannon distance (base 2, in [0, 1]) per row of bin counts (no smoothing)."""
+    base, cur = np.atleast_2d(base), np.atleast_2d(cur)
+    mask = np.ones(base.shape, dtype=bool) if mask is None else np.atleast_2d(mask)
+    b, c = _shares(base, mask, 0.0), _shares(cur, mask, 0.0)
+    m = (b + c) / 2.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kb = np.where(b > 0, b * np.log2(b / np.where(m > 0, m, 1.0)), 0.0).sum(axis=1)
+        kc = np.where(c > 0, c * np.log2(c / np.where(m > 0, m, 1.0)), 0.0).sum(axis=1)
+    jsd = np.clip(0.5 * kb + 0.5 * kc, 0.0, 1.0)
+    return np.sqrt(jsd)
+
+
+def ks_binned(base: np.ndarray, cur: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Kolmogorov-Smirnov statistic from binned CDFs: max |B_k - C_k| over bin boundaries."""
+    base, cur = np.atleast_2d(base), np.atleast_2d(cur)
+    mask = np.ones(base.shape, dtype=bool) if mask is None else np.atleast_2d(mask)
+    b, c = _shares(base, mask, 0.0), _shares(cur, mask, 0.0)
+    return np.abs(np.cumsum(b, axis=1) - np.cumsum(c, axis=1)).max(axis=1)
+
+
+def mean_shift_std(base: FeatureSetProfile, cur: FeatureSetProfile) -> np.ndarray:
+    """(current mean - baseline mean) / baseline std per feature; NaN where the baseline std is 0."""
+    std = base.std()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(std > 0, (cur.mean - base.mean) / np.where(std > 0, std, 1.0), np.nan)
+    return np.where(cur.count > 0, out, np.nan)
+
+
+def _bin_mask(fp: FeatureSetProfile) -> np.ndarray:
+    width = fp.counts.shape[1]
+    return np.arange(width)[None, :] < (fp.nedges[:, None] + 1)
+
+
+def out_of_range_rate(cur: FeatureSetProfile) -> float:
+    """Share of all feature values that fell in the under/overflow bins or were non-finite."""
+    idx = np.arange(cur.n_features)
+    outside = cur.counts[:, 0].sum() + cur.counts[idx, cur.nedges].sum() + cur.nan_count.sum()
+    total = cur.count.sum() + cur.nan_count.sum()
+    return float(outside / total) if total else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparison
+
+
+@dataclass
+class FeatureDrift:
+    """Drift metrics of one input feature."""
+
+    name: str
+    count: int
+    psi: float
+    js: float
+    ks: float
+    mean_shift: float | None
+    state: str
+
+
+@dataclass
+class DriftResult:
+    """The comparison of one current profile against its baseline."""
+
+    count: int
+    state: str
+    reasons: list[str]
+    features: list[FeatureDrift]
+    input_state: str
+    alert_share: float
+    warn_share: float
+    class_psi: float | None
+    output_state: str
+    confidence_mean_baseline: float | None
+    confidence_mean: float | None
+    confidence_shift: float | None
+    decay_state: str
+    schema_violation_rate: float
+    out_of_range_rate: float
+    skew_state: str
+    class_share: list[float] = field(default_factory=list)
+
+    @property
+    def max_psi(self) -> float:
+        return max((f.psi for f in self.features), default=0.0)
+
+    def worst_features(self, n: int = 5) -> list[FeatureDrift]:
+        """Return the n features with the highest PSI."""
+        return sorted(self.features, key=lambda f: -f.psi)[:n]
+
+    def to_dict(self, features: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        d["max_psi"] = self.max_psi
+        if not features:
+            d.pop("features")
+        return _clean(d)
+
+
+def _clean(o: Any) -> Any:
+    if isinstance(o, float):
+        return round(o, 6) if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_clean(v) for v in o]
+    return o
+
+
+def _band(value: float | None, warn: float, alert: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "ok"
+    if value >= alert:
+        return "alert"
+    if value >= warn:
+        return "warn"
+    return "ok"
+
+
+def worst(*states: str) -> str:
+    """Return the most severe of the given states."""
+    return max(states, key=lambda s: SEVERITY[s])
+
+
+def compare(baseline: Profile, current: Profile, config: DriftConfig | None = None) -> DriftResult:
+    """Compare a current profile with its baseline: per-feature metrics, outputs, decay, skew, verdict."""
+    cfg = config or DriftConfig()
+    if baseline.spec.spec_hash() != current.spec.spec_hash():
+        raise DriftError("current profile and baseline have different specs; was the model re-registered?")
+    b_in, c_in = baseline.inputs, current.inputs
+    mask = _bin_mask(b_in)
+    f_psi = psi(b_in.counts, c_in.counts, mask)
+    f_js = js_distance(b_in.counts, c_in.counts, mask)
+    f_ks = ks_binned(b_in.counts, c_in.counts, mask)
+    f_ms = mean_shift_std(b_in, c_in)
+    n = current.count
+    enough = n >= cfg.min_count
+    feats: list[FeatureDrift] = []
+    n_alert = n_warn = 0
+    for j, name in enumerate(b_in.names):
+        st = worst(_band(f_psi[j], cfg.psi_warn, cfg.psi_alert), _band(f_js[j], cfg.js_warn, cfg.js_alert))
+        if int(c_in.count[j]) < cfg.min_count:
+            st = "insufficient"
+        n_alert += st == "alert"
+        n_warn += st in ("warn", "alert")
+        ms = float(f_ms[j])
+        feats.append(
+            FeatureDrift(
+                name,
+                int(c_in.count[j]),
+                float(f_psi[j]),
+                float(f_js[j]),
+                float(f_ks[j]),
+                ms if math.isfinite(ms) else None,
+                st,
+            )
+        )
+    nf = max(len(feats), 1)
+    alert_share, warn_share = n_alert / nf, n_warn / nf
+    reasons: list[str] = []
+    if alert_share >= cfg.feature_share_alert:
+        input_state = "alert"
+    elif warn_share >= cfg.feature_share_warn:
+        input_state = "warn"
+    else:
+        input_state = "ok"
+    if input_state != "ok":
+        reasons.append(f"{n_alert} of {nf} features in alert, {n_warn} in warn or above")
+
+    class_psi = conf_mean = conf_base = conf_shift = None
+    class_share: list[float] = []
+    output_state = decay_state = "ok"
+    if n > 0:
+        class_psi = float(psi(baseline.class_counts, current.class_counts)[0])
+        class_share = [float(v) for v in current.class_counts / n]
+        output_state = _band(class_psi, cfg.class_psi_warn, cfg.class_psi_alert)
+        if output_state != "ok":
+            reasons.append(f"predicted-class PSI {class_psi:.3f}")
+        if current.confidence.count[0] > 0 and baseline.confidence.count[0] > 0:
+            conf_mean = float(current.confidence.mean[0])
+            conf_base = float(baseline.confidence.mean[0])
+            conf_shift = conf_mean - conf_base
+            decay_state = _band(-conf_shift, cfg.confidence_drop_warn, cfg.confidence_drop_alert)
+            if decay_state != "ok":
+                reasons.append(f"top-1 confidence {conf_mean:.3f} vs baseline {conf_base:.3f}")
+    violations = sum(current.schema_violations.values())
+    viol_rate = violations / (violations + n) if violations + n else 0.0
+    oor = out_of_range_rate(c_in)
+    skew_state = worst(
+        _band(viol_rate, cfg.violation_warn, cfg.violation_alert),
+        _band(oor, cfg.out_of_range_warn, cfg.out_of_range_alert),
+    )
+    if skew_state != "ok":
+        reasons.append(f"schema violations {viol_rate:.1%}, out of range {oor:.1%}")
+    if enough:
+        state = worst(input_state, output_state, decay_state, skew_state)
+    else:
+        state = "insufficient"
+        reasons = [f"{n} predictions, fewer than min_count={cfg.min_count}"]
+    return DriftResult(
+        count=n,
+        state=state,
+        reasons=reasons,
+        features=feats,
+        input_state=input_state if enough else "insufficient",
+        alert_share=alert_share,
+        warn_share=warn_share,
+        class_psi=class_psi,
+        output_state=output_state if enough else "insufficient",
+        confidence_mean_baseline=conf_base,
+        confidence_mean=conf_mean,
+        confidence_shift=conf_shift,
+        decay_state=decay_state if enough else "insufficient",
+        schema_violation_rate=viol_rate,
+        out_of_range_rate=oor,
+        skew_state=skew_state if enough else "insufficient",
+        class_share=class_share,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Hysteresis
+
+
+@dataclass(frozen=True)
+class AlertState:
+    """Hysteresis state of one device: the reported state and the streak towards a new one."""
+
+    state: str = "ok"
+    candidate: str = "ok"
+    streak: int = 0
+
+
+def step(prev: AlertState, verdict: str, raise_after: int, clear_after: int) -> tuple[AlertState, bool]:
+    """Advance the hysteresis with one evaluation's verdict; return the new state and whether it changed.
+
+    A more severe verdict must be seen ``raise_after`` evaluations in a row before the state rises;
+    a less severe one ``clear_after`` times in a row before it falls. ``insufficient`` changes nothing.
+    """
+    if verdict == "insufficient":
+        return prev, False
+    if verdict == prev.state:
+        return AlertState(prev.state, prev.state, 0), False
+    streak = prev.streak + 1 if verdict == prev.candidate else 1
+    need = raise_after if SEVERITY[verdict] > SEVERITY[prev.state] else clear_after
+    if streak >= need:
+        return AlertState(verdict, verdict, 0), True
+    return AlertState(prev.state, verdict, streak), False

@@ -1,0 +1,142 @@
+"""Versioned schema migrations for the fleet database (SQLite and PostgreSQL share them).
+
+Each migration is ``(version, name, statements)``; statements use placeholders the dialect fills in:
+``{ID}`` an auto-incrementing primary key, ``{BLOB}`` bytes, ``{REAL}`` a double, ``{BIGINT}``.
+Append new migrations with the next version number; never edit one that has shipped, because the
+``schema_migrations`` table records which versions a database already holds.
+"""
+
+from __future__ import annotations
+
+DIALECT_TYPES = {
+    "sqlite": {
+        "ID": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "BLOB": "BLOB",
+        "REAL": "REAL",
+        "BIGINT": "INTEGER",
+    },
+    "postgresql": {
+        "ID": "BIGSERIAL PRIMARY KEY",
+        "BLOB": "BYTEA",
+        "REAL": "DOUBLE PRECISION",
+        "BIGINT": "BIGINT",
+    },
+}
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "baselines, devices, windows, events, quarantine, alerts, drift state",
+        [
+            """CREATE TABLE baselines (
+                model_sha256 TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                target TEXT NOT NULL,
+                spec_hash TEXT NOT NULL,
+                baseline_json TEXT NOT NULL,
+                config_json TEXT NOT NULL,
+                source TEXT NOT NULL,
+                registered_at {REAL} NOT NULL
+            )""",
+            """CREATE TABLE devices (
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                state TEXT NOT NULL DEFAULT 'unknown',
+                status_ts {REAL},
+                first_seen {REAL} NOT NULL,
+                last_seen {REAL} NOT NULL,
+                model_sha256 TEXT,
+                model_name TEXT,
+                model_version INTEGER,
+                agent_version TEXT,
+                target TEXT,
+                deployment_json TEXT,
+                dropped_windows {BIGINT} NOT NULL DEFAULT 0,
+                PRIMARY KEY (fleet, device_id)
+            )""",
+            """CREATE TABLE windows (
+                id {ID},
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                seq {BIGINT} NOT NULL,
+                window_start {REAL} NOT NULL,
+                window_end {REAL} NOT NULL,
+                received_at {REAL} NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                spec_hash TEXT NOT NULL,
+                count {BIGINT} NOT NULL,
+                dropped_windows {BIGINT} NOT NULL,
+                violations_json TEXT NOT NULL,
+                ints {BLOB},
+                floats {BLOB},
+                pending_json TEXT,
+                UNIQUE (fleet, device_id, seq)
+            )""",
+            "CREATE INDEX windows_device_end ON windows (fleet, device_id, window_end)",
+            "CREATE INDEX windows_model_end ON windows (model_sha256, window_end)",
+            """CREATE TABLE events (
+                id {ID},
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                event TEXT NOT NULL,
+                ts {REAL} NOT NULL,
+                message TEXT NOT NULL,
+                detail_json TEXT NOT NULL,
+                received_at {REAL} NOT NULL,
+                UNIQUE (fleet, device_id, event, ts)
+            )""",
+            """CREATE TABLE quarantine (
+                id {ID},
+                received_at {REAL} NOT NULL,
+                topic TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                payload_head TEXT NOT NULL,
+                payload_bytes {BIGINT} NOT NULL
+            )""",
+            """CREATE TABLE alerts (
+                id {ID},
+                ts {REAL} NOT NULL,
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                state TEXT NOT NULL,
+                previous TEXT NOT NULL,
+                message TEXT NOT NULL,
+                detail_json TEXT NOT NULL
+            )""",
+            """CREATE TABLE drift_state (
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                state TEXT NOT NULL,
+                candidate TEXT NOT NULL,
+                streak INTEGER NOT NULL,
+                last_window_id {BIGINT} NOT NULL,
+                verdict TEXT NOT NULL,
+                updated_at {REAL} NOT NULL,
+                PRIMARY KEY (fleet, device_id)
+            )""",
+            """CREATE TABLE evaluations (
+                id {ID},
+                ts {REAL} NOT NULL,
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                window_from {REAL} NOT NULL,
+                window_to {REAL} NOT NULL,
+                count {BIGINT} NOT NULL,
+                verdict TEXT NOT NULL,
+                state TEXT NOT NULL,
+                max_psi {REAL} NOT NULL,
+                detail_json TEXT NOT NULL
+            )""",
+            "CREATE INDEX evaluations_device_ts ON evaluations (fleet, device_id, ts)",
+        ],
+    ),
+]
+
+
+def render(statement: str, dialect: str) -> str:
+    """Fill a migration statement's type placeholders for a dialect."""
+    return statement.format(**DIALECT_TYPES[dialect])

@@ -1,0 +1,389 @@
+"""Read side of the fleet database: device status, the drift table, drift over time.
+
+All functions take an open ``Store`` or a database URL and return JSON-ready dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from device_agent.stats import Profile
+from toolchain.errors import ToolchainError
+from toolchain.fleet.drift import SEVERITY, DriftResult, compare
+from toolchain.fleet.registry import Baseline, load_baseline
+from toolchain.fleet.storage import Store, merge_packed, open_store
+
+OFFLINE_AFTER_S = 600.0  # a device silent this long shows as "stale" even if its last status said online
+DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class QueryError(ToolchainError):
+    """A query argument is invalid (time, device, feature)."""
+
+
+@contextmanager
+def _opened(db: str | Store) -> Iterator[Store]:
+    if isinstance(db, Store):
+        yield db
+        return
+    store = open_store(db)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def parse_time(value: str | float | None, now: float | None = None) -> float | None:
+    """Parse ``--since``/``--until``: a duration back from now (``30m``, ``2h``, ``7d``), ISO-8601, or ``all``."""
+    if value is None or value == "" or value == "all":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    now = time.time() if now is None else now
+    m = DURATION_RE.match(value.strip())
+    if m:
+        return now - float(m.group(1)) * UNITS_S[m.group(2)]
+    from datetime import datetime, timezone
+
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise QueryError(
+            f"time {value!r} is not understood; use a duration such as 30m, 2h, 7d, an ISO time such as"
+            " 2026-11-27T10:00:00Z, or 'all'"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+# --------------------------------------------------------------------------------------------------
+# Status
+
+
+def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any]]:
+    """Return one dict per device: state, last seen, model, windows received, dropped, drift state."""
+    now = time.time() if now is None else now
+    with _opened(db) as store:
+        counts = {
+            (f, d): (int(n), int(c or 0))
+            for f, d, n, c in store.query(
+                "SELECT fleet, device_id, COUNT(*), SUM(count) FROM windows GROUP BY fleet, device_id"
+            )
+        }
+        drift = {
+            (f, d): (s, v)
+            for f, d, s, v in store.query("SELECT fleet, device_id, state, verdict FROM drift_state")
+        }
+        rows = []
+        for (
+            fleet,
+            device,
+            state,
+            status_ts,
+            first_seen,
+            last_seen,
+            sha,
+            name,
+            version,
+            agent,
+            target,
+            dep,
+            dropped,
+        ) in store.query(
+            "SELECT fleet, device_id, state, status_ts, first_seen, last_seen, model_sha256, model_name,"
+            " model_version, agent_version, target, deployment_json, dropped_windows FROM devices"
+            " ORDER BY fleet, device_id"
+        ):
+            deployment = json.loads(dep) if dep else None
+            shown = state
+            if state == "online" and now - float(last_seen) > OFFLINE_AFTER_S:
+                shown = "stale"
+            n, preds = counts.get((fleet, device), (0, 0))
+            dstate, verdict = drift.get((fleet, device), ("unknown", "unknown"))
+            rows.append(
+                {
+                    "fleet": fleet,
+                    "device_id": device,
+                    "state": shown,
+                    "last_seen": float(last_seen),
+                    "model": {"sha256": sha, "name": name, "version": version} if sha else None,
+                    "agent_version": agent,
+                    "target": target,
+                    "windows": n,
+                    "predictions": preds,
+                    "dropped_windows": int(dropped),
+                    "drift_state": dstate,
+                    "last_verdict": verdict,
+                    "deployment": deployment,
+                    "deployment_state": (deployment or {}).get("state")
+                    if isinstance(deployment, dict)
+                    else None,
+                }
+            )
+        return rows
+
+
+def quarantine_summary(db: str | Store) -> dict[str, Any]:
+    """Return the number of quarantined messages and the latest few with their reasons."""
+    with _opened(db) as store:
+        n = int(store.query("SELECT COUNT(*) FROM quarantine")[0][0])
+        latest = [
+            {"received_at": float(t), "topic": tp, "reason": r, "payload_bytes": int(b)}
+            for t, tp, r, b in store.query(
+                "SELECT received_at, topic, reason, payload_bytes FROM quarantine ORDER BY id DESC LIMIT 10"
+            )
+        ]
+        return {"count": n, "latest": latest}
+
+
+def recent_alerts(db: str | Store, limit: int = 50) -> list[dict[str, Any]]:
+    """Return the latest alert transitions, newest first."""
+    with _opened(db) as store:
+        return [
+            {"ts": float(ts), "fleet": f, "device_id": d, "state": s, "previous": p, "message": m}
+            for ts, f, d, s, p, m in store.query(
+                "SELECT ts, fleet, device_id, state, previous, message FROM alerts ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+        ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Drift
+
+
+@dataclass
+class Group:
+    """Windows of one (fleet, device, model) or of one model fleet-wide, merged."""
+
+    fleet: str
+    device_id: str
+    model_sha256: str
+    windows: int
+    first: float
+    last: float
+    profile: Profile
+
+
+def _windows(
+    store: Store,
+    since: float | None,
+    until: float | None,
+    device: str | None = None,
+    fleet: str | None = None,
+) -> list[tuple[Any, ...]]:
+    sql = (
+        "SELECT fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json"
+        " FROM windows WHERE ints IS NOT NULL"
+    )
+    args: list[Any] = []
+    if since is not None:
+        sql += " AND window_end >= ?"
+        args.append(since)
+    if until is not None:
+        sql += " AND window_start <= ?"
+        args.append(until)
+    if device is not None:
+        sql += " AND device_id = ?"
+        args.append(device)
+    if fleet is not None:
+        sql += " AND fleet = ?"
+        args.append(fleet)
+    return store.query(sql, args)
+
+
+def _counts(store: Store, since: float | None, until: float | None) -> list[int]:
+    sql = "SELECT count FROM windows WHERE ints IS NOT NULL"
+    args: list[Any] = []
+    if since is not None:
+        sql += " AND window_end >= ?"
+        args.append(since)
+    if until is not None:
+        sql += " AND window_start <= ?"
+        args.append(until)
+    return [int(r[0]) for r in store.query(sql, args)]
+
+
+def _baselines(store: Store, shas: set[str]) -> dict[str, Baseline]:
+    out = {}
+    for sha in shas:
+        b = load_baseline(store, sha)
+        if b is not None:
+            out[sha] = b
+    return out
+
+
+def merge_groups(
+    store: Store,
+    since: float | None = None,
+    until: float | None = None,
+    device: str | None = None,
+    fleet: str | None = None,
+) -> tuple[list[Group], list[Group], dict[str, Baseline]]:
+    """Merge stored windows per device and fleet-wide per model; return (devices, fleets, baselines)."""
+    rows = _windows(store, since, until, device, fleet)
+    bases = _baselines(store, {r[2] for r in rows})
+    per_dev: dict[tuple[str, str, str], list[tuple[Any, ...]]] = defaultdict(list)
+    per_model: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
+    for r in rows:
+        if r[2] in bases:
+            per_dev[(r[0], r[1], r[2])].append(r)
+            per_model[(r[0], r[2])].append(r)
+
+    def group(fleet_: str, dev: str, sha: str, rs: list[tuple[Any, ...]]) -> Group:
+        prof = merge_packed(
+            bases[sha].layout, [(bytes(r[5]), bytes(r[6])) for r in rs], [json.loads(r[7]) for r in rs]
+        )
+        return Group(
+            fleet_, dev, sha, len(rs), min(float(r[3]) for r in rs), max(float(r[4]) for r in rs), prof
+        )
+
+    devices = [group(f, d, s, rs) for (f, d, s), rs in sorted(per_dev.items())]
+    fleets = [group(f, "*", s, rs) for (f, s), rs in sorted(per_model.items())]
+    return devices, fleets, bases
+
+
+def _row(g: Group, base: Baseline, result: DriftResult, feature: str | None) -> dict[str, Any]:
+    d = result.to_dict(features=True)
+    feats = d.pop("features")
+    if feature is not None:
+        feats = [f for f in feats if f["name"] == feature]
+    feats.sort(key=lambda f: -(f["psi"] or 0))
+    worst_feat = feats[0] if feats else None
+    return {
+        "scope": "fleet" if g.device_id == "*" else "device",
+        "fleet": g.fleet,
+        "device_id": g.device_id,
+        "model": {"sha256": g.model_sha256, "name": base.name, "version": base.version},
+        "windows": g.windows,
+        "first": g.first,
+        "last": g.last,
+        **d,
+        "worst_feature": worst_feat["name"] if worst_feat else None,
+        "features": feats,
+    }
+
+
+def drift_table(
+    db: str | Store,
+    device: str | None = None,
+    feature: str | None = None,
+    since: str | float | None = None,
+    until: str | float | None = None,
+    fleet: str | None = None,
+    include_fleet: bool = True,
+) -> list[dict[str, Any]]:
+    """Return drift rows per device (and fleet-wide per model), worst first.
+
+    Each row carries the verdict, the device-level metrics (class PSI, confidence shift, skew rates,
+    share of features in alert) and ``features``: every feature's PSI, JS, KS and mean shift,
+    highest PSI first (only ``feature`` when given).
+    """
+    t0, t1 = parse_time(since), parse_time(until)
+    with _opened(db) as store:
+        devices, fleets, bases = merge_groups(store, t0, t1, device, fleet)
+        if (
+            feature is not None
+            and bases
+            and not any(feature in b.profile.inputs.names for b in bases.values())
+        ):
+            names = next(iter(bases.values())).profile.inputs.names
+            raise QueryError(
+                f"unknown feature {feature!r}. Known: {', '.join(names[:8])}"
+                + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            )
+        if device is not None and not devices:
+            known = [
+                r[0] for r in store.query("SELECT DISTINCT device_id FROM windows ORDER BY device_id LIMIT 8")
+            ]
+            if device not in known and not store.query(
+                "SELECT 1 FROM devices WHERE device_id = ?", (device,)
+            ):
+                raise QueryError(
+                    f"no device {device!r} in this database. Some known: {', '.join(known) or 'none'}"
+                )
+        rows = []
+        for g in devices + (fleets if include_fleet and device is None else []):
+            base = bases[g.model_sha256]
+            rows.append(_row(g, base, compare(base.profile, g.profile, base.config), feature))
+    rows.sort(key=lambda r: (-SEVERITY[r["state"]], -(r["max_psi"] or 0.0), r["device_id"]))
+    return rows
+
+
+def drift_series(
+    db: str | Store,
+    since: str | float | None = None,
+    until: str | float | None = None,
+    buckets: int = 12,
+    top_features: int = 5,
+) -> dict[str, Any]:
+    """Return drift over time: per device max PSI, and PSI of the fleet's worst features, per time bucket.
+
+    Windows are merged per bucket of equal length between the first and the last window; a bucket
+    with fewer predictions than the model's ``min_count`` has no value (``None``).
+    """
+    t0, t1 = parse_time(since), parse_time(until)
+    with _opened(db) as store:
+        rows = _windows(store, t0, t1)
+        if not rows:
+            return {"edges": [], "devices": {}, "features": {}}
+        bases = _baselines(store, {r[2] for r in rows})
+        rows = [r for r in rows if r[2] in bases]
+        if not rows:
+            return {"edges": [], "devices": {}, "features": {}}
+        # As many buckets as the data allows: on average each device bucket should reach min_count.
+        min_count = min(b.config.min_count for b in bases.values())
+        n_dev = len({(r[0], r[1]) for r in rows})
+        per_dev = sum(int(merge_count) for merge_count in _counts(store, t0, t1)) / max(n_dev, 1)
+        buckets = int(min(buckets, max(2, per_dev // min_count)))
+        lo = min(float(r[4]) for r in rows)
+        hi = max(float(r[4]) for r in rows)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, buckets + 1)
+        idx = {
+            id(r): min(int(np.searchsorted(edges, float(r[4]), side="right")) - 1, buckets - 1) for r in rows
+        }
+        by_dev: dict[tuple[str, str, str], list[list[tuple[Any, ...]]]] = defaultdict(
+            lambda: [[] for _ in range(buckets)]
+        )
+        by_model: dict[str, list[list[tuple[Any, ...]]]] = defaultdict(lambda: [[] for _ in range(buckets)])
+        for r in rows:
+            by_dev[(r[0], r[1], r[2])][idx[id(r)]].append(r)
+            by_model[r[2]][idx[id(r)]].append(r)
+
+        def compare_bucket(sha: str, rs: list[tuple[Any, ...]]) -> DriftResult | None:
+            if not rs:
+                return None
+            b = bases[sha]
+            prof = merge_packed(
+                b.layout, [(bytes(r[5]), bytes(r[6])) for r in rs], [json.loads(r[7]) for r in rs]
+            )
+            if prof.count < b.config.min_count:
+                return None
+            return compare(b.profile, prof, b.config)
+
+        devices: dict[str, list[float | None]] = {}
+        for (fleet, dev, sha), bk in sorted(by_dev.items()):
+            res = [compare_bucket(sha, rs) for rs in bk]
+            devices[f"{fleet}/{dev}"] = [r.max_psi if r else None for r in res]
+        features: dict[str, list[float | None]] = {}
+        for sha, bk in by_model.items():
+            res = [compare_bucket(sha, rs) for rs in bk]
+            last = next((r for r in reversed(res) if r is not None), None)
+            if last is None:
+                continue
+            for f in last.worst_features(top_features):
+                j = [x.name for x in last.features].index(f.name)
+                label = f.name if len(by_model) == 1 else f"{bases[sha].name}:{f.name}"
+                features[label] = [r.features[j].psi if r else None for r in res]
+        return {"edges": [float(e) for e in edges], "devices": devices, "features": features}
