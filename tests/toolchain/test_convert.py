@@ -115,7 +115,10 @@ def artifacts(
     keras_model: Any, digits: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Artifact]:
     out = tmp_path_factory.mktemp("convert")
-    return {t: convert_for_target(keras_model, load_target(t), digits["x"], out / t, progress=False) for t in TARGETS}
+    return {
+        t: convert_for_target(keras_model, load_target(t), digits["x"], out / t, progress=False)
+        for t in TARGETS
+    }
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +190,9 @@ def test_artifact_agrees_with_the_float_model(name: str, verified: dict[str, dic
     assert r["samples"] == N_VERIFY
     assert r["float_ops"] == []
     assert r["top1_agreement"] >= MIN_AGREEMENT
-    assert r["sqnr_db"] > 15.0  # int8 of a softmax output is typically 25-50 dB; float noise would be far lower
+    assert (
+        r["sqnr_db"] > 15.0
+    )  # int8 of a softmax output is typically 25-50 dB; float noise would be far lower
     for v in r["per_runtime"].values():
         assert v["top1_agreement"] >= MIN_AGREEMENT
 
@@ -230,7 +235,7 @@ def test_latency_is_measured_per_runtime_and_thread_count(name: str, artifacts: 
 
     art, target = artifacts[name], load_target(name)
     assert set(art.latency) == set(art.runtimes)
-    for rt, lat in art.latency.items():
+    for lat in art.latency.values():
         assert lat["threads_1"]["threads"] == 1
         assert lat["threads_N"]["threads"] == target.threads
         for m in (lat["threads_1"], lat["threads_N"]):
@@ -239,7 +244,9 @@ def test_latency_is_measured_per_runtime_and_thread_count(name: str, artifacts: 
 
 
 @pytest.mark.slow
-def test_measure_latency_on_a_bare_file(artifacts: dict[str, Artifact], digits: dict[str, np.ndarray]) -> None:
+def test_measure_latency_on_a_bare_file(
+    artifacts: dict[str, Artifact], digits: dict[str, np.ndarray]
+) -> None:
     from toolchain.steps.convert import measure_latency
 
     m = measure_latency(artifacts["raspberry-pi"].path, "litert", digits["x"][0], threads=2, repeats=15)
@@ -253,7 +260,9 @@ def test_calibration_sample_shape_must_fit_the_model(keras_model: Any, tmp_path:
 
 
 @pytest.mark.slow
-def test_a_folder_that_is_not_a_savedmodel_is_a_clear_error(digits: dict[str, np.ndarray], tmp_path: Path) -> None:
+def test_a_folder_that_is_not_a_savedmodel_is_a_clear_error(
+    digits: dict[str, np.ndarray], tmp_path: Path
+) -> None:
     with pytest.raises(ConversionError, match="is not a SavedModel directory"):
         convert_for_target(tmp_path, load_target("raspberry-pi"), digits["x"], tmp_path / "out")
 
@@ -265,7 +274,11 @@ def test_a_folder_that_is_not_a_savedmodel_is_a_clear_error(digits: dict[str, np
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", [ModelFormat.TFLITE, ModelFormat.ONNX])
 def test_float_reference_matches_keras(
-    fmt: ModelFormat, keras_model: Any, digits: dict[str, np.ndarray], float_scores: np.ndarray, tmp_path: Path
+    fmt: ModelFormat,
+    keras_model: Any,
+    digits: dict[str, np.ndarray],
+    float_scores: np.ndarray,
+    tmp_path: Path,
 ) -> None:
     path = convert_float(keras_model, fmt, tmp_path / f"float.{fmt.value}")
     inputs, outputs = read_io_specs(path, fmt)
@@ -293,8 +306,8 @@ m = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 16.0),
 m.compile("adam", "sparse_categorical_crossentropy")
 m.fit(x, y, epochs=3, batch_size=32, verbose=0)
 m.export(sys.argv[2], verbose=False)
-np.save(sys.argv[3], m.predict(np.load(sys.argv[4])["x"][:%d], verbose=0))
-""" % N_VERIFY
+np.save(sys.argv[3], m.predict(np.load(sys.argv[4])["x"][:N_VERIFY], verbose=0))
+""".replace("N_VERIFY", str(N_VERIFY))
 
 
 @pytest.fixture(scope="session")
@@ -304,7 +317,15 @@ def keras3_savedmodel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, n
     env = dict(os.environ)
     env.pop("TF_USE_LEGACY_KERAS", None)  # a plain Keras 3 process, as the user has
     proc = subprocess.run(
-        [sys.executable, "-c", KERAS3_EXPORT, str(DATA / "digits.npz"), str(sm), str(scores), str(DATA / "digits_test.npz")],
+        [
+            sys.executable,
+            "-c",
+            KERAS3_EXPORT,
+            str(DATA / "digits.npz"),
+            str(sm),
+            str(scores),
+            str(DATA / "digits_test.npz"),
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -157,7 +157,7 @@ def calibration_batches(calib: np.ndarray, batch: int, progress: bool, desc: str
 
 def _load(spec: str) -> Callable[..., Any]:
     module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), func)
 
 
 def backend_for(fmt: ModelFormat, float_model: bool = False) -> Callable[..., Any]:
@@ -210,7 +210,9 @@ def convert_for_target(
     try:
         artifact.checks = inspect_artifact(artifact, target)
     except VerificationError:
-        remove_quietly(path)  # never leave an artifact that breaks the promise where a bundle could pick it up
+        remove_quietly(
+            path
+        )  # never leave an artifact that breaks the promise where a bundle could pick it up
         raise
     sample = calib[:1]
     artifact.latency = measure_runtimes(path, runtimes, sample, target.threads)
@@ -237,8 +239,8 @@ def usable_runtimes(target: Target) -> list[str]:
     missing = [r for r in names if not is_installed(r)]
     if missing:
         raise ConversionError(
-            f"target {target.name!r} is verified in {', '.join(names)} but {', '.join(missing)} is not installed"
-            " here; pip install 'edgefleet[host]'"
+            f"target {target.name!r} is verified in {', '.join(names)} but {', '.join(missing)}"
+            " is not installed here; pip install 'edgefleet[host]'"
         )
     return names
 
@@ -352,7 +354,7 @@ def measure_latency(
 def predict_artifact(
     artifact_or_bundle_path: Artifact | Path | str, runtime: str | None, x: np.ndarray
 ) -> np.ndarray:
-    """Return float scores (n, K) of an artifact or a bundle in one runtime (see ``toolchain.steps.verify``)."""
+    """Return float scores (n, K) of an artifact or a bundle in one runtime (``toolchain.steps.verify``)."""
     from toolchain.steps.verify import predict_artifact as _predict
 
     return _predict(artifact_or_bundle_path, runtime, x)

@@ -41,7 +41,8 @@ def export_float(model: Any, out_path: Path) -> tuple[Path, tuple[int, ...]]:
     sample_shape = tuple(shape[1:])
     if any(d is None for d in sample_shape):
         raise ConversionError(
-            f"the model's input shape {shape} has unknown dimensions besides the batch; give it a fixed input shape"
+            f"the model's input shape {shape} has unknown dimensions besides the batch;"
+            " give it a fixed input shape"
         )
     spec = (tf.TensorSpec([None, *sample_shape], tf.float32, name=INPUT_NAME),)
     try:
@@ -62,7 +63,7 @@ def _reader(calib: np.ndarray, input_name: str, progress: bool, desc: str) -> An
 
     from toolchain.steps.convert import CALIBRATION_BATCH
 
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
+    class Reader(CalibrationDataReader):
         """Feeds the calibration batches to ONNX Runtime's calibrator."""
 
         def __init__(self) -> None:
@@ -95,7 +96,8 @@ def convert(
         if tuple(calib.shape[1:]) != sample_shape:
             want = "x".join(str(d) for d in sample_shape)
             raise ConversionError(
-                f"calibration data has sample shape {tuple(calib.shape[1:])}; the model takes ({want}) (--data)"
+                f"calibration data has sample shape {tuple(calib.shape[1:])};"
+                f" the model takes ({want}) (--data)"
             )
         if qat:
             stripped = Path(tmp) / "qat_float.onnx"

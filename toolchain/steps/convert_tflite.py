@@ -37,8 +37,8 @@ def model_signature(model: Any) -> tuple[Any, tuple[int | None, ...], Any]:
         p = Path(model)
         if not (p / "saved_model.pb").is_file():
             raise ConversionError(
-                f"{str(p)!r} is not a SavedModel directory (no saved_model.pb); pass a tf_keras model or a folder"
-                " written by model.export()"
+                f"{str(p)!r} is not a SavedModel directory (no saved_model.pb);"
+                " pass a tf_keras model or a folder written by model.export()"
             )
         try:
             loaded = tf.saved_model.load(str(p))
@@ -54,8 +54,8 @@ def model_signature(model: Any) -> tuple[Any, tuple[int | None, ...], Any]:
         outputs = sig.structured_outputs
         if len(kwargs) != 1 or len(outputs) != 1:
             raise ConversionError(
-                f"SavedModel {str(p)!r} has {len(kwargs)} inputs and {len(outputs)} outputs; only single-input,"
-                " single-output models are supported"
+                f"SavedModel {str(p)!r} has {len(kwargs)} inputs and {len(outputs)} outputs;"
+                " only single-input, single-output models are supported"
             )
         (in_key, in_spec), out_key = next(iter(kwargs.items())), next(iter(outputs))
         shape = tuple(in_spec.shape.as_list())
@@ -89,7 +89,8 @@ def concrete_function(model: Any, batch: int | None) -> tuple[Any, Any, tuple[in
     sample_shape = tuple(shape[1:])
     if any(d is None for d in sample_shape):
         raise ConversionError(
-            f"the model's input shape {shape} has unknown dimensions besides the batch; give it a fixed input shape"
+            f"the model's input shape {shape} has unknown dimensions besides the batch;"
+            " give it a fixed input shape"
         )
     fn = tf.function(call).get_concrete_function(
         tf.TensorSpec([batch, *sample_shape], tf.float32, name="input")

@@ -77,7 +77,8 @@ def inspect_artifact(artifact: Artifact, target: Target) -> dict[str, Any]:
         and (not shape or shape[0] != 1 or -1 in shape)
     ):
         raise VerificationError(
-            f"{name} for target {target.name!r} has input shape {list(shape)}; the Edge TPU needs a static batch-1 shape"
+            f"{name} for target {target.name!r} has input shape {list(shape)};"
+            " the Edge TPU needs a static batch-1 shape"
         )
     checks["input_shape"] = list(shape)
     checks["static_shape"] = -1 not in shape
@@ -187,7 +188,8 @@ def _inspect_onnx(artifact: Artifact, target: Target) -> dict[str, Any]:
     wrong = sorted((set(weight_dtypes) | set(act_dtypes)) - {"int8", "int32"})  # int32: biases
     if wrong:
         raise VerificationError(
-            f"{artifact.path.name} for target {target.name!r} quantizes to {', '.join(wrong)}; the profile promises int8"
+            f"{artifact.path.name} for target {target.name!r} quantizes to {', '.join(wrong)};"
+            " the profile promises int8"
         )
     if not weight_dtypes and not float_ops:
         raise VerificationError(
@@ -225,7 +227,8 @@ def verify_artifact(
         scores = predict_artifact(artifact, rt, x)
         if scores.shape != ref.shape:
             raise VerificationError(
-                f"{artifact.path.name} in {rt} returns scores of shape {scores.shape}; the float model gives {ref.shape}"
+                f"{artifact.path.name} in {rt} returns scores of shape {scores.shape};"
+                f" the float model gives {ref.shape}"
             )
         per_runtime[rt] = {
             "top1_agreement": top1_agreement(scores, ref),
