@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -659,36 +660,51 @@ def compile(tflite_path: Path, out_dir: Path, constraints: EdgeTPU) -> CompileRe
             ),
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    produced = out_dir / f"{tflite_path.stem}_edgetpu.tflite"
+    produced_log = out_dir / f"{tflite_path.stem}_edgetpu.log"
+    for stale in (produced, produced_log, out_dir / "model_edgetpu.tflite", out_dir / "model_edgetpu.log"):
+        stale.unlink(missing_ok=True)  # never mistake an earlier run's output for this one's
     cmd = [exe, "--out_dir", str(out_dir), "--show_operations", str(tflite_path)]
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, errors="replace", timeout=COMPILER_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as e:
-        partial = "".join(
-            (s.decode("utf-8", "replace") if isinstance(s, bytes) else s) for s in (e.stdout, e.stderr) if s
-        )
-        return CompileResult(
-            status="failed",
-            message=(
-                f"{constraints.compiler} did not finish within {COMPILER_TIMEOUT_S:g} s on "
-                f"{tflite_path.name}; the bundle keeps the int8 CPU model (try a smaller model)"
-            ),
-            log_tail=_tail(partial),
+        # Own session: the compiler forks a worker, and a timeout must stop both.
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
         )
     except OSError as e:
         return CompileResult(
             status="failed",
             message=f"cannot run {exe} ({e.strerror}); check that it is an executable edgetpu_compiler",
         )
-    output = proc.stdout + ("\n" + proc.stderr if proc.stderr else "")
-    summary = parse_compiler_summary(proc.stdout)
-    produced = out_dir / f"{tflite_path.stem}_edgetpu.tflite"
-    produced_log = out_dir / f"{tflite_path.stem}_edgetpu.log"
-    if proc.returncode != 0 or not produced.is_file():
+    try:
+        stdout, stderr = proc.communicate(timeout=COMPILER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stdout, stderr = proc.communicate()
+        for partial_file in (produced, produced_log):
+            partial_file.unlink(missing_ok=True)
+        return CompileResult(
+            status="failed",
+            message=(
+                f"{constraints.compiler} did not finish within {COMPILER_TIMEOUT_S:g} s on "
+                f"{tflite_path.name}; the bundle keeps the int8 CPU model (try a smaller model)"
+            ),
+            log_tail=_tail((stdout or "") + (stderr or "")),
+        )
+    proc_stdout, proc_stderr, returncode = stdout or "", stderr or "", proc.returncode
+    output = proc_stdout + ("\n" + proc_stderr if proc_stderr else "")
+    summary = parse_compiler_summary(proc_stdout)
+    if returncode != 0 or not produced.is_file():
         lines = [ln for ln in output.strip().splitlines() if ln.strip()]
         last = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else "no output")
-        why = f"exit code {proc.returncode}" if proc.returncode != 0 else f"no {produced.name} was written"
+        why = f"exit code {returncode}" if returncode != 0 else f"no {produced.name} was written"
         return CompileResult(
             status="failed",
             message=f"{constraints.compiler} failed on {tflite_path.name} ({why}): {last.strip()}",
@@ -699,13 +715,13 @@ def compile(tflite_path: Path, out_dir: Path, constraints: EdgeTPU) -> CompileRe
     if produced != compiled:
         os.replace(produced, compiled)
     log_path: Path | None = None
-    log_text = proc.stdout
+    log_text = proc_stdout
     if produced_log.is_file():
         log_path = out_dir / "model_edgetpu.log"
         if produced_log != log_path:
             os.replace(produced_log, log_path)
         log_text = log_path.read_text(encoding="utf-8", errors="replace")
-    rows = parse_compiler_log(log_text) or parse_compiler_log(proc.stdout)
+    rows = parse_compiler_log(log_text) or parse_compiler_log(proc_stdout)
     mapped = sum(r.count for r in rows if r.reason == MAPPED) if rows else summary.get("ops_mapped")
     total = sum(r.count for r in rows) if rows else summary.get("ops_total")
     if mapped is not None and total:

@@ -454,8 +454,12 @@ def test_compiler_rejection_is_failed_with_the_error_line(
 ) -> None:
     monkeypatch.setenv("FAKE_ETPU_MODE", "reject")
     model = write(tmp_path, chain((OP.QUANTIZE, 3)))
+    stale = tmp_path / "out" / "model_edgetpu.tflite"  # left by an earlier, successful build
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
     result = edgetpu.compile(model, tmp_path / "out", coral)
     assert result.status == "failed" and result.compiled_path is None
+    assert not stale.exists()
     assert "exit code 1" in result.message
     assert "Didn't find op for builtin opcode 'QUANTIZE' version '3'" in result.message
     assert "Model could not be parsed" in result.log_tail
