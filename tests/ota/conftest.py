@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +48,84 @@ def make_version(
                          labels=labels)
 
     return make
+
+
+# --------------------------------------------------------------------------------------------------
+# A real sshd on 127.0.0.1 (Debian's openssh-server) with a generated host key and authorized_keys.
+
+
+class Sshd:
+    """An sshd on 127.0.0.1 that accepts one generated client key for the current user."""
+
+    def __init__(self, root: Path) -> None:
+        import pwd
+
+        from tests.conftest import free_port
+
+        self.root = root
+        self.port = free_port()
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self.client_key = root / "id_ed25519"
+        self.known_hosts = root / "known_hosts"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ssh_options(self) -> list[str]:
+        """``ssh -o`` options a client needs for this server (key, known hosts file)."""
+        return [f"IdentityFile={self.client_key}", "IdentitiesOnly=yes", f"UserKnownHostsFile={self.known_hosts}",
+                "StrictHostKeyChecking=accept-new", "ConnectTimeout=10"]
+
+    def url(self, path: Path) -> str:
+        return f"ssh://{self.user}@127.0.0.1:{self.port}{path}"
+
+    def start(self) -> None:
+        from tests.conftest import wait_port
+
+        keygen = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
+        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / "host_ed25519")], check=True)
+        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)], check=True)
+        (self.root / "authorized_keys").write_text((self.root / "id_ed25519.pub").read_text())
+        os.chmod(self.root / "authorized_keys", 0o600)
+        conf = self.root / "sshd_config"
+        conf.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.root / 'host_ed25519'}\n"
+            f"PidFile {self.root / 'sshd.pid'}\nAuthorizedKeysFile {self.root / 'authorized_keys'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+            "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nLogLevel ERROR\n"
+            f"Subsystem sftp {SFTP_SERVER}\n"  # scp speaks SFTP since OpenSSH 9.0, as Debian's default config allows
+        )
+        try:
+            Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory (when run as root)
+        except PermissionError:
+            pass
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.root / "sshd.log", "wb"))
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A real sshd for the session (skipped by hand, failed under ./run test when missing)."""
+    from tests.conftest import missing_service
+
+    if not os.path.exists(SSHD) or not os.path.exists(SFTP_SERVER) or not shutil.which("ssh") or not shutil.which("scp"):
+        missing_service("sshd and ssh/scp (apt-get install openssh-server openssh-client)")
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
