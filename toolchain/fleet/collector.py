@@ -126,6 +126,10 @@ class BatchResult:
     unknown_models: set[str] = field(default_factory=set)
 
 
+class DatabaseDown(Exception):
+    """A database read failed while validating a message: retry the batch, do not quarantine it."""
+
+
 class Ingestor:
     """Validate and store batches of raw messages in one transaction each (no MQTT here)."""
 
@@ -182,21 +186,25 @@ class Ingestor:
         for m in batch:
             try:
                 self._one(m, windows, seen, statuses, events, res)
+            except DatabaseDown:
+                raise
             except (TelemetryError, ValueError) as e:
                 reason = str(e)[:500]
-                head = m.payload[:QUARANTINE_HEAD_BYTES].decode("utf-8", "replace")
-                bad.append((m.received_at, m.topic[:300], reason, head, len(m.payload)))
-                log.warning(
-                    "quarantined message on %r (%d bytes): %s; payload starts %r",
-                    m.topic[:120],
-                    len(m.payload),
-                    reason,
-                    m.payload[:80],
-                )
+            except Exception as e:  # noqa: BLE001 - no single message may stop the collector
+                reason = f"unexpected {type(e).__name__}: {e}"[:500]
+            else:
+                continue
+            head = m.payload[:QUARANTINE_HEAD_BYTES].decode("utf-8", "replace")
+            bad.append((m.received_at, m.topic[:300], reason, head, len(m.payload)))
+            log.warning(
+                "quarantined message on %r (%d bytes): %s; payload starts %r",
+                m.topic[:120],
+                len(m.payload),
+                reason,
+                m.payload[:80],
+            )
         with self.store.transaction():
-            before = self._changes()
-            self.store.executemany(self._sql_window, windows)
-            stored = self._changes() - before if before is not None else len(windows)
+            stored = self.store.executemany(self._sql_window, windows)
             # Devices in a stable order so concurrent collectors lock rows in the same order.
             self.store.executemany(self._sql_seen, [seen[k] for k in sorted(seen)])
             self.store.executemany(self._sql_status, statuses)
@@ -213,10 +221,11 @@ class Ingestor:
         res.stored = stored
         return res
 
-    def _changes(self) -> int | None:
-        if self.store.dialect == "sqlite":
-            return int(self.store.conn.total_changes)
-        return None
+    def _baseline(self, sha: str) -> Any:
+        try:
+            return self.baselines.get(sha)
+        except Exception as e:  # noqa: BLE001 - any driver error means "database unavailable"
+            raise DatabaseDown(str(e)) from e
 
     def _one(
         self,
@@ -232,7 +241,7 @@ class Ingestor:
         if kind == "stats":
             msg = decode_stats(m.payload, topic_device=device, topic_fleet=fleet)
             sha = msg.model.sha256
-            base = self.baselines.get(sha)
+            base = self._baseline(sha)
             ints = floats = pending = None
             if msg.heartbeat:
                 pass
@@ -300,7 +309,7 @@ class Ingestor:
                     dumps(st.deployment) if st.deployment is not None else None,
                 )
             )
-            if model is not None and self.baselines.get(model.sha256) is None:
+            if model is not None and self._baseline(model.sha256) is None:
                 res.unknown_models.add(model.sha256)
         elif kind == "events":
             ev = decode_event(m.payload, topic_device=device, topic_fleet=fleet)
@@ -381,6 +390,7 @@ class Collector:
         self._store: Store | None = None
         self._pending_eval: dict[tuple[str, str], tuple[int, str]] = {}
         self._fatal: BaseException | None = None
+        self._stopped = False
 
     # ---------------------------------------------------------------------------------------------
     # MQTT
@@ -485,7 +495,10 @@ class Collector:
         return self._subscribed.wait(timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Finish the current batch, acknowledge it, disconnect and close the database."""
+        """Finish the current batch, acknowledge it, disconnect and close the database (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout_s)

@@ -108,15 +108,15 @@ class Store:
         """Run one statement with ``?`` placeholders; return the cursor."""
         return self.conn.execute(self._sql(sql), tuple(params))
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run one statement for many parameter rows."""
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run one statement for many parameter rows; return the number of rows changed."""
         if not rows:
-            return
+            return 0
         if self.dialect == "sqlite":
-            self.conn.executemany(sql, rows)
-        else:
-            with self.conn.cursor() as cur:
-                cur.executemany(self._sql(sql), rows)
+            return int(self.conn.executemany(sql, rows).rowcount)
+        with self.conn.cursor() as cur:
+            cur.executemany(self._sql(sql), rows)
+            return int(cur.rowcount)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a query and return every row."""

@@ -1,0 +1,112 @@
+"""Storage on real SQLite and PostgreSQL: migrations, idempotent ingestion, pending windows, quarantine."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from device_agent.telemetry import encode_event
+from toolchain.fleet.collector import Incoming, Ingestor
+from toolchain.fleet.migrations import MIGRATIONS
+from toolchain.fleet.queries import drift_table, status_rows
+from toolchain.fleet.registry import BaselineCache, register_bundle
+from toolchain.fleet.sim import stats_payload, status_payload
+from toolchain.fleet.storage import StorageError, open_store, parse_db_url
+
+
+def incoming(topic: str, payload: bytes, mid: int = 1) -> Incoming:
+    return Incoming(topic, payload, mid, 1, 0, time.time())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    if request.param == "sqlite":
+        return sqlite_url
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def test_parse_db_url_errors_name_the_fix() -> None:
+    assert parse_db_url("sqlite:///x.db") == ("sqlite", "x.db")
+    assert parse_db_url("postgresql://u@h/db")[0] == "postgresql"
+    with pytest.raises(StorageError, match=r"use sqlite:///PATH"):
+        parse_db_url("mysql://x")
+
+
+def test_migrations_are_versioned_and_idempotent(db_url: str) -> None:
+    with open_store(db_url) as s:
+        assert s.schema_version() == max(v for v, _, _ in MIGRATIONS)
+        assert s.migrate() == s.schema_version()  # a second run applies nothing
+        rows = s.query("SELECT version FROM schema_migrations")
+        assert sorted(r[0] for r in rows) == [v for v, _, _ in MIGRATIONS]
+        s.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)", (999, "future", 0.0))
+    with pytest.raises(StorageError, match="newer than this edgefleet"):
+        open_store(db_url)
+
+
+def test_sqlite_runs_in_wal_with_full_sync(sqlite_url: str) -> None:
+    with open_store(sqlite_url) as s:
+        assert s.query("PRAGMA journal_mode")[0][0] == "wal"
+        assert s.query("PRAGMA synchronous")[0][0] == 2  # FULL
+
+
+def test_ingestion_is_idempotent_and_devices_track_state(db_url, bundle, model_ref, make_window) -> None:
+    register_bundle(db_url, bundle[0])
+    with open_store(db_url) as s:
+        ing = Ingestor(s, BaselineCache(s))
+        windows = [stats_payload("dev-1", seq, model_ref, make_window(60, seed=seq), dropped=seq) for seq in range(5)]
+        ing.process([incoming(t, p) for t, p in windows])
+        # Redelivery of everything, plus duplicates inside one batch.
+        res = ing.process([incoming(t, p) for t, p in windows + windows[:2]])
+        assert res.stored == 0
+        assert s.query("SELECT COUNT(*) FROM windows")[0][0] == 5
+        t, p = status_payload("dev-1", model_ref, deployment={"state": "staged", "version": 2})
+        ing.process([incoming(t, p)])
+        t, p = status_payload("dev-1", model_ref, state="offline")
+        ev = encode_event(device_id="dev-1", fleet="lab", event="model_loaded", ts=time.time(), message="ok")
+        ing.process([incoming(t, p), incoming("edgefleet/lab/dev-1/events", ev),
+                     incoming("edgefleet/lab/dev-1/events", ev)])
+        assert s.query("SELECT COUNT(*) FROM events")[0][0] == 1
+        rows = status_rows(s)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["state"] == "offline" and r["windows"] == 5 and r["predictions"] == 300
+    assert r["dropped_windows"] == 4 and r["model"]["name"] == "digits"
+    assert r["deployment_state"] == "staged"  # kept from the earlier status; the later one had none
+
+
+def test_windows_before_registration_wait_then_get_judged(db_url, bundle, model_ref, make_window,
+                                                          digits_model) -> None:
+    with open_store(db_url) as s:
+        ing = Ingestor(s, BaselineCache(s))
+        good = [stats_payload("dev-2", seq, model_ref, make_window(100, seed=seq)) for seq in range(3)]
+        # A window whose histograms do not fit the baseline (one bin cut off the first feature).
+        t, raw = stats_payload("dev-2", 3, model_ref, make_window(100, seed=3))
+        doc = json.loads(raw)
+        doc["inputs"]["hist"][0] = doc["inputs"]["hist"][0][:-1]
+        bad = json.dumps(doc).encode()
+        res = ing.process([incoming(tt, p) for tt, p in good] + [incoming(t, bad)])
+        assert res.unknown_models == {model_ref.sha256}
+        assert s.query("SELECT COUNT(*) FROM windows WHERE pending_json IS NOT NULL")[0][0] == 4
+        assert drift_table(s) == []  # nothing to judge without a baseline
+        info = register_bundle(s, bundle[0])
+        assert (info["pending_packed"], info["pending_quarantined"]) == (3, 1)
+        assert s.query("SELECT COUNT(*) FROM windows WHERE pending_json IS NULL")[0][0] == 3
+        reason = s.query("SELECT reason FROM quarantine")[0][0]
+        assert "bins, the baseline has" in reason
+        rows = drift_table(s)
+    assert {r["scope"] for r in rows} == {"device", "fleet"}
+    assert all(r["count"] == 300 for r in rows)
+
+
+def test_register_keeps_settings_and_refuses_a_damaged_bundle(sqlite_url, bundle) -> None:
+    from toolchain.fleet.registry import RegistryError
+
+    info = register_bundle(sqlite_url, bundle[0], {"psi_alert": 0.3})
+    assert info["created"] and info["config"]["psi_alert"] == 0.3
+    again = register_bundle(sqlite_url, bundle[0])
+    assert not again["created"] and again["config"]["psi_alert"] == 0.3
+    (bundle[0] / "baseline.json").write_text("{}")
+    with pytest.raises(RegistryError, match="baseline.json. has 2 bytes, the manifest says"):
+        register_bundle(sqlite_url, bundle[0])
