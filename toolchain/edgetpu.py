@@ -41,7 +41,8 @@ NOT_SUPPORTED = "Operation not supported"
 LIMITATION = "Operation is otherwise supported, but not mapped due to some unspecified limitation"
 DATA_TYPE = "Operation is working on an unsupported data type"
 AFTER_UNMAPPED = "More than one subgraph is not supported"
-REASONS = (MAPPED, NOT_SUPPORTED, LIMITATION, DATA_TYPE, AFTER_UNMAPPED)
+VERSION_NOT_SUPPORTED = "Operation version not supported"
+REASONS = (MAPPED, NOT_SUPPORTED, LIMITATION, DATA_TYPE, AFTER_UNMAPPED, VERSION_NOT_SUPPORTED)
 
 STATUS_MAPPED = "mapped"
 STATUS_NOT_MAPPED = "not_mapped"
@@ -479,7 +480,7 @@ def _intrinsic_verdict(
         return NOT_SUPPORTED, f"{op.op} is not in Coral's supported-operations table"
     max_version = supported[op.op]
     if max_version and op.version > max_version:
-        return LIMITATION, (
+        return VERSION_NOT_SUPPORTED, (
             f"{op.op} version {op.version} > {max_version}, the newest edgetpu_compiler 16 accepts; "
             f"compiler 16 refuses the model (\"Didn't find op for builtin opcode '{op.op}' "
             f"version '{op.version}'\"): "
@@ -554,7 +555,7 @@ def analyze_model(model: TFLiteModel, constraints: EdgeTPU) -> EdgeTPUReport:
             f"the model has {model.subgraph_count} subgraphs; only the main one is analysed and the compiler "
             "maps only one"
         )
-    too_new = [v for v in verdicts if v.reason == LIMITATION and "Didn't find op" in v.detail]
+    too_new = [v for v in verdicts if v.reason == VERSION_NOT_SUPPORTED]
     if too_new:
         v = too_new[0]
         notes.append(
@@ -749,6 +750,7 @@ __all__ = [
     "MAPPED",
     "NOT_SUPPORTED",
     "REASONS",
+    "VERSION_NOT_SUPPORTED",
     "CompileResult",
     "CompileRow",
     "EdgeTPUError",

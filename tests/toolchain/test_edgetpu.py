@@ -31,6 +31,7 @@ from toolchain.edgetpu import (
     LIMITATION,
     MAPPED,
     NOT_SUPPORTED,
+    VERSION_NOT_SUPPORTED,
     EdgeTPUError,
     analyze,
     read_tflite,
@@ -167,9 +168,9 @@ def test_all_supported_chain_is_mapped(tmp_path: Path, coral: EdgeTPU) -> None:
     assert report.ops_mapped == report.ops_total == 3 and report.fully_mapped
 
 
-def test_op_version_above_compiler_max_is_a_limitation(tmp_path: Path, coral: EdgeTPU) -> None:
+def test_op_version_above_compiler_max_is_not_supported(tmp_path: Path, coral: EdgeTPU) -> None:
     report = analyze(write(tmp_path, chain((OP.RELU, 1), (OP.QUANTIZE, 3), (OP.RELU, 1))), coral)
-    assert reasons(report) == [MAPPED, LIMITATION, AFTER_UNMAPPED]
+    assert reasons(report) == [MAPPED, VERSION_NOT_SUPPORTED, AFTER_UNMAPPED]
     q = report.ops[1]
     assert q.op == "QUANTIZE" and q.version == 3
     assert "Didn't find op for builtin opcode 'QUANTIZE' version '3'" in q.detail
@@ -344,6 +345,7 @@ FAKE_COMPILER = textwrap.dedent(
         json.dump(args, fh)
     mode = os.environ.get("FAKE_ETPU_MODE", "ok")
     print("Edge TPU Compiler version 16.0.384591198")
+    print("Started a compilation timeout timer of 180 seconds.")
     if mode == "hang":
         sys.stdout.flush()
         time.sleep(60)
