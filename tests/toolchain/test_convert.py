@@ -267,6 +267,28 @@ def test_a_folder_that_is_not_a_savedmodel_is_a_clear_error(
         convert_for_target(tmp_path, load_target("raspberry-pi"), digits["x"], tmp_path / "out")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobile", "x86"])
+def test_qat_flag_on_a_plain_model_is_a_clear_error(
+    name: str, keras_model: Any, digits: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    with pytest.raises(
+        ConversionError, match="--quantize qat was asked for, but the model has no FakeQuant nodes"
+    ):
+        convert_for_target(keras_model, load_target(name), digits["x"], tmp_path, qat=True, progress=False)
+    assert not list(tmp_path.glob("model.*"))
+
+
+@pytest.mark.slow
+def test_a_damaged_savedmodel_is_a_clear_error(digits: dict[str, np.ndarray], tmp_path: Path) -> None:
+    sm = tmp_path / "sm"
+    sm.mkdir()
+    (sm / "saved_model.pb").write_bytes(b"\x08\x01 this is not a protobuf" * 10)
+    with pytest.raises(ConversionError) as e:
+        convert_for_target(sm, load_target("x86"), digits["x"], tmp_path / "out", progress=False)
+    assert str(e.value).startswith(f"cannot load SavedModel {str(sm)!r}") and "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # Float references
 

@@ -9,9 +9,10 @@ into float weights that sit on the learned int8 grid (their scales are not kept)
 FakeQuant as a *uint8* QuantizeLinear/DequantizeLinear pair. Shipping that as is would break the
 int8 promise (uint8 activations, float weights in the file), so the pairs are turned into Identity
 and the resulting float model, holding the QAT-trained weights, goes through the same static int8
-QDQ quantization as PTQ: symmetric per-channel weight quantization lands on the QAT grid again, and
-activation ranges are calibrated on the calibration data rather than taken from the QAT moving
-averages. See docs/conversion.md.
+QDQ quantization as PTQ. Per-channel convolution weights land exactly on the QAT grid again; per-tensor
+QAT weights (Dense) are re-rounded per channel by at most half a step; activation ranges are
+calibrated on the calibration data rather than taken from the QAT moving averages. See
+docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -155,8 +156,7 @@ def strip_qat_qdq(qdq_path: Path, out_path: Path) -> int:
     tf2onnx folds each weight FakeQuant of a tfmot QAT model into a float constant that already sits on
     the learned int8 grid, and exports each activation FakeQuant as a uint8 Q/DQ pair. What is left
     after removing the pairs is a float model with the QAT weights, which ``quantize_ptq`` turns
-    into int8 QDQ (symmetric per-channel weights reproduce the grid; activation ranges are
-    re-calibrated on the calibration data).
+    into int8 QDQ (activation ranges re-calibrated on the calibration data).
     """
     import onnx
 
@@ -170,8 +170,8 @@ def strip_qat_qdq(qdq_path: Path, out_path: Path) -> int:
             n_qdq += 1
     if n_qdq == 0:
         raise ConversionError(
-            "the QAT model exported to ONNX without quantization nodes; is it a tfmot"
-            " quantization-aware model (tfmot.quantization.keras.quantize_model)?"
+            "--quantize qat was asked for, but the model has no FakeQuant nodes; pass a tfmot"
+            " quantization-aware model (tfmot.quantization.keras.quantize_model)"
         )
     del m.graph.value_info[:]  # the pairs' uint8 types are stale now; shape inference redoes them
     used = {i for n in m.graph.node for i in n.input}

@@ -113,6 +113,11 @@ def convert(
         raise ConversionError(
             f"calibration data has sample shape {tuple(calib.shape[1:])}; the model takes ({want}) (--data)"
         )
+    if qat and not any(op.type.startswith("FakeQuant") for op in _graph_ops(fn)):
+        raise ConversionError(
+            "--quantize qat was asked for, but the model has no FakeQuant nodes; pass a tfmot"
+            " quantization-aware model (tfmot.quantization.keras.quantize_model)"
+        )
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], keep)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
 
@@ -138,6 +143,16 @@ def convert(
         ) from None
     out_path.write_bytes(flat)
     return out_path
+
+
+def _graph_ops(fn: Any) -> list[Any]:
+    """Return the ops of a concrete function's graph, including those of the functions it calls."""
+    ops = list(fn.graph.get_operations())
+    for f in getattr(
+        fn.graph, "_functions", {}
+    ).values():  # nested tf.functions (Keras layers, SavedModel signatures)
+        ops += list(f.graph.get_operations()) if hasattr(f, "graph") else []
+    return ops
 
 
 def convert_float(model: Any, out_path: Path) -> Path:
