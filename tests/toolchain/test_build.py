@@ -1,0 +1,206 @@
+"""The build pipeline end to end: real conversion, real runtimes, real bundles (marker slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.bundle import VerifyPolicy, load_manifest, verify_bundle
+from device_agent.inference import Predictor
+from device_agent.stats import baseline_from_dict
+from toolchain.build import BuildError, build_bundles
+from toolchain.steps.data import load_dataset
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS = REPO / "calibration_data" / "digits.npz"
+DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
+TARGETS = ["coral", "mobile", "raspberry-pi", "x86"]
+IO = {  # target -> (input dtype, output dtype, batch)
+    "mobile": ("float32", "float32", None),
+    "raspberry-pi": ("int8", "int8", None),
+    "coral": ("uint8", "uint8", 1),
+    "x86": ("float32", "float32", None),
+}
+
+
+@pytest.fixture(scope="module")
+def report(digits_bundles: Path) -> dict:
+    return json.loads((digits_bundles / "report.json").read_text())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_bundle_verifies_and_keeps_the_profile_promise(digits_bundles: Path, target: str) -> None:
+    m = verify_bundle(digits_bundles / target, VerifyPolicy(allow_unsigned=True, target=target))
+    assert m.schema == 1 and m.name == "digits_cnn" and m.version == 1
+    assert m.labels == [str(i) for i in range(10)]
+    listed = {f.path for f in m.files}
+    assert {m.model.path, "baseline.json", "labels.txt"} <= listed
+    in_dt, out_dt, batch = IO[target]
+    assert m.inputs[0].dtype.value == in_dt and m.outputs[0].dtype.value == out_dt
+    assert tuple(m.inputs[0].shape[1:]) == (8, 8, 1)
+    if batch is not None:
+        assert m.inputs[0].shape[0] == batch
+    if in_dt != "float32":
+        assert m.inputs[0].quantization is not None
+    assert m.model.format.value == ("onnx" if target == "x86" else "tflite")
+    assert m.preprocessing == {"type": "none"}  # the CNN rescales inside the model
+    assert m.metrics["accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_bundles_run_in_their_runtimes_with_the_reported_accuracy(
+    digits_bundles: Path, report: dict, target: str
+) -> None:
+    test = load_dataset(DIGITS_TEST)
+    m = load_manifest(digits_bundles / target)
+    for rt in [r.value for r in m.model.runtimes]:
+        scores = Predictor(digits_bundles / target, runtime=rt).predict(test.x)
+        acc = float(np.mean(scores.argmax(1) == test.y))
+        assert acc == pytest.approx(report["targets"][target]["per_runtime"][rt]["accuracy"], abs=1e-9)
+        assert acc > 0.8
+
+
+def test_baseline_is_the_device_profile_of_the_calibration_data(digits_bundles: Path) -> None:
+    doc = json.loads((digits_bundles / "mobile" / "baseline.json").read_text())
+    prof = baseline_from_dict(doc)
+    calib = load_dataset(DIGITS)
+    assert prof.count == calib.n  # every calibration sample's float output is counted
+    assert prof.spec.features.kind == "elements" and len(prof.spec.features.names) == 64
+    assert int(prof.inputs.count.max()) == calib.n
+    assert prof.spec.labels == [str(i) for i in range(10)]
+    # the same baseline ships in every target's bundle
+    for t in TARGETS:
+        assert json.loads((digits_bundles / t / "baseline.json").read_text())["spec_hash"] == doc["spec_hash"]
+
+
+def test_report_has_the_promised_fields(digits_bundles: Path, report: dict) -> None:
+    assert set(report["targets"]) == set(TARGETS)
+    for t, e in report["targets"].items():
+        assert e["status"] == "ok", e
+        for k in ("accuracy", "float_accuracy", "size_bytes", "float_size_bytes", "latency_ms_p50", "sparsity",
+                  "top1_agreement", "sqnr_db", "build_s"):
+            assert e[k] is not None, (t, k)
+        assert e["size_bytes"] < e["float_size_bytes"]
+        assert e["top1_agreement"] >= 0.9 and e["sqnr_db"] > 10
+        assert 0 <= e["sparsity"] < 0.2  # measured in the artifact, not requested (no pruning here)
+        assert e["latency_ms_p50"] > 0 and e["latency_ms_p50"] == e["latency"][e["preferred_runtime"]]["threads_N"]["p50_ms"]
+    x86 = report["targets"]["x86"]
+    assert set(x86["runtimes"]) == {"onnxruntime", "openvino"}
+    lat = x86["latency"]
+    assert x86["preferred_runtime"] == min(lat, key=lambda r: lat[r]["threads_N"]["p50_ms"])
+    et = report["targets"]["coral"]["edgetpu"]
+    assert et["ops_total"] >= 3 and et["ops_mapped"] == et["ops_total"] - len(et["unmapped"])
+    manifest = load_manifest(digits_bundles / "coral")
+    assert manifest.edgetpu is not None and manifest.edgetpu["ops_total"] == et["ops_total"]
+    if shutil.which("edgetpu_compiler") is None:
+        assert manifest.edgetpu["compiled"] is False and "not on PATH" in manifest.edgetpu["message"]
+        assert manifest.model.accelerated_path is None
+    else:
+        assert manifest.model.accelerated_path == "model_edgetpu.tflite"
+    html = (digits_bundles / "report.html").read_text()
+    assert html.count("<svg") == 3 and "<script" not in html
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "out"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_rerunning_the_same_build_is_allowed_and_a_different_model_is_refused(
+    digits_bundles: Path, digits_cnn_path: Path, tmp_path: Path
+) -> None:
+    out = _copy(digits_bundles, tmp_path)
+    rep = build_bundles(digits_cnn_path, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False,
+                        allow_accuracy_drop=True)
+    assert rep["targets"]["mobile"]["bundle_action"] == "rebuilt"
+    assert set(rep["targets"]) == set(TARGETS)  # the report keeps the other targets' entries
+    # Same name and version, different weights: refused, nothing touched.
+    other = tmp_path / "digits_cnn.keras"
+    import tf_keras
+
+    model = tf_keras.models.load_model(digits_cnn_path)
+    model.set_weights([w * 0.5 for w in model.get_weights()])
+    model.save(other)
+    before = (out / "mobile" / "manifest.json").read_bytes()
+    with pytest.raises(BuildError, match=r"differs in baseline.json, model.tflite.*--version 2"):
+        build_bundles(other, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False, allow_accuracy_drop=True)
+    assert (out / "mobile" / "manifest.json").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    rep = build_bundles(other, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False,
+                        allow_accuracy_drop=True, version=2)
+    assert rep["targets"]["mobile"]["bundle_action"] == "upgraded"
+    assert load_manifest(out / "mobile").version == 2
+
+
+def test_accuracy_budget_fails_the_target_unless_allowed(
+    digits_cnn_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import toolchain.steps.convert as convert
+
+    real = convert.predict_artifact
+
+    def degraded(artifact, runtime, x):  # type: ignore[no-untyped-def]
+        scores = real(artifact, runtime, x)
+        return np.roll(scores, 1, axis=1) if len(x) > 200 else scores  # break the eval-set predictions only
+
+    monkeypatch.setattr(convert, "predict_artifact", degraded)
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match=r"points below float .* budget is 1.00 points .*--allow-accuracy-drop") as ei:
+        build_bundles(digits_cnn_path, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False)
+    assert ei.value.report is not None and ei.value.report["targets"]["mobile"]["status"] == "failed"
+    assert not (out / "mobile").exists()
+    assert json.loads((out / "report.json").read_text())["targets"]["mobile"]["status"] == "failed"
+    rep = build_bundles(digits_cnn_path, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False,
+                        allow_accuracy_drop=True)
+    assert rep["targets"]["mobile"]["status"] == "ok"
+    assert rep["targets"]["mobile"]["accuracy_budget"].startswith("exceeded, allowed")
+    assert (out / "mobile" / "manifest.json").is_file()
+
+
+def test_held_out_split_when_no_eval_data(digits_cnn_path: Path, tmp_path: Path) -> None:
+    rep = build_bundles(digits_cnn_path, DIGITS, ["raspberry-pi"], tmp_path / "o", progress=False,
+                        allow_accuracy_drop=True)
+    n = load_dataset(DIGITS).n
+    assert rep["data"]["eval"]["samples"] + rep["data"]["calibration_samples"] == n
+    assert rep["data"]["eval"]["source"] == "held out from --data"
+
+
+def test_signed_build(digits_cnn_path: Path, tmp_path: Path) -> None:
+    signing = pytest.importorskip("toolchain.signing")
+    priv, pub = signing.create_keys(tmp_path / "keys")
+    from device_agent.keys import load_public_key_file
+
+    out = tmp_path / "o"
+    build_bundles(digits_cnn_path, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False,
+                  sign_key=priv, allow_accuracy_drop=True)
+    assert (out / "mobile" / "manifest.sig").is_file()
+    m = verify_bundle(out / "mobile", VerifyPolicy(trusted_keys=(load_public_key_file(pub),)))
+    assert m.name == "digits_cnn"
+
+
+def test_qat_build(digits_cnn_path: Path, tmp_path: Path) -> None:
+    rep = build_bundles(digits_cnn_path, DIGITS, ["mobile", "x86"], tmp_path / "o", eval_data=DIGITS_TEST,
+                        quantize="qat", progress=False, allow_accuracy_drop=True)
+    for t in ("mobile", "x86"):
+        e = rep["targets"][t]
+        assert e["status"] == "ok", e.get("error")
+        assert e["accuracy"] > 0.8 and e["top1_agreement"] > 0.9
+        assert load_manifest(tmp_path / "o" / t).metrics["quantize"] == "qat"
+
+
+def test_pruned_build_reaches_the_sparsity_in_the_artifact(digits_cnn_path: Path, tmp_path: Path) -> None:
+    rep = build_bundles(digits_cnn_path, DIGITS, ["mobile", "x86"], tmp_path / "o", eval_data=DIGITS_TEST,
+                        prune=0.5, progress=False, allow_accuracy_drop=True)
+    assert rep["prune"]["reached_in_keras"] >= 0.45
+    for t in ("mobile", "x86"):
+        e = rep["targets"][t]
+        assert e["status"] == "ok", e.get("error")
+        assert e["sparsity"] >= 0.4  # zeros counted in the shipped int8 weights
+        assert e["gzip_size_bytes"] < e["size_bytes"]
