@@ -116,7 +116,8 @@ def artifacts(
 ) -> dict[str, Artifact]:
     out = tmp_path_factory.mktemp("convert")
     return {
-        t: convert_for_target(keras_model, load_target(t), digits["x"], out / t, progress=False)
+        # progress=True for one target runs the tqdm path (quiet here: stderr is not a terminal)
+        t: convert_for_target(keras_model, load_target(t), digits["x"], out / t, progress=t == "mobile")
         for t in TARGETS
     }
 
