@@ -122,6 +122,11 @@ SCHEMA: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
     "api": {
         "listen": (False, (str,)),
     },
+    "update": {  # over-the-air updates; validated further by device_agent.updater.parse_update_section
+        "health_window_s": (False, (int, float)),
+        "max_bundle_bytes": (False, (int,)),
+        "staging_quota_bytes": (False, (int,)),
+    },
 }
 REQUIRED_SECTIONS = ("agent",)
 
@@ -247,7 +252,14 @@ def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) 
         outbox_max_rows=int(rows),
         outbox_max_bytes=int(nbytes),
         listen=listen,
+        extra={"update": _parse_update(sections.get("update"))},
     )
+
+
+def _parse_update(sec: dict[str, Any] | None) -> dict[str, Any]:
+    from device_agent.updater import parse_update_section
+
+    return parse_update_section(sec)
 
 
 def parse_listen(value: str) -> str | None:

@@ -69,9 +69,14 @@ class Daemon:
         except OutboxError as e:
             raise ConfigError(str(e)) from None
         self._windows: queue.Queue[Any] = queue.Queue()
+        # OTA updates (device_agent.updater): recover an interrupted update before loading any model, then
+        # serve the bundle store's active slot, or the configured bundle while the store holds none.
+        from device_agent.updater import updater_for_agent
+
+        self.updater = updater_for_agent(config, self.trusted_keys)
         try:
             self.agent = Agent(
-                config.bundle,
+                self.updater.serving_dir() or config.bundle,
                 trusted_keys=self.trusted_keys,
                 allow_unsigned=config.allow_unsigned,
                 runtime=config.runtime,
@@ -150,6 +155,9 @@ class Daemon:
             self.config.device_id,
         )
         self.publish_event("model_loaded", f"serving {m.ref.name} v{m.ref.version}", self._model_detail())
+        from device_agent.updater import attach_to_daemon
+
+        attach_to_daemon(self.updater, self)  # deploy commands, the incoming drop box, deployment status
         return self
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
@@ -163,6 +171,7 @@ class Daemon:
             return
         self._stopped = True
         self._stopping.set()
+        self.updater.stop(timeout_s=10.0)
         if self.api is not None:
             self.api.shutdown()
         self.agent.close_window()
@@ -298,10 +307,12 @@ class Daemon:
             path = fresh.bundle
             self.config = _replace_bundle(self.config, path)
         self._watched_fp = _fingerprint(path)
-        return self.switch_bundle(path)
+        return self.switch_bundle(self.updater.store_bundle() or path)  # an OTA-installed bundle wins
 
     def _watcher(self) -> None:
         while not self._stopping.wait(BUNDLE_POLL_S):
+            if self.updater.store_bundle() is not None:
+                continue  # an OTA-installed bundle is serving; the configured path is only the fallback
             fp = _fingerprint(self.config.bundle)
             if fp != self._watched_fp:
                 self._watched_fp = fp
@@ -402,6 +413,7 @@ class Daemon:
             "predictions_total": self.agent.predictions_total,
             "schema_violations_total": self.agent.violations_total,
             "reloads_failed": self.reloads_failed,
+            "deployment": self.updater.status(),
             "recent_events": list(self.recent_events),
         }
 

@@ -444,6 +444,8 @@ class MqttSettings:
     password: str | None = None
     tls: bool = False
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     client_id: str | None = None
 
 
@@ -506,7 +508,7 @@ def mqtt_fetch(settings: MqttSettings, src: MqttSource, size_bytes: int, dest: P
     if settings.username:
         client.username_pw_set(settings.username, settings.password)
     if settings.tls:
-        client.tls_set(ca_certs=settings.ca_file)
+        client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file)
     client.on_message = on_message
     client.on_connect = on_connect
     try:
@@ -573,12 +575,22 @@ def unpack_stream(stream: Path, src: MqttSource, out: Path, policy: VerifyPolicy
 
 def smoke_inference(bundle_dir: Path) -> None:
     """Load a bundle in its runtime and run one all-zero sample; raise UpdateError when that fails."""
-    import numpy as np
-
     from device_agent.inference import Predictor
 
     try:
         pred = Predictor(bundle_dir)
+    except AgentError as e:
+        raise UpdateError(f"smoke inference failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any runtime failure means the model cannot serve
+        raise UpdateError(f"smoke inference failed: {type(e).__name__}: {str(e)[:200]}") from None
+    smoke_predictor(pred)
+
+
+def smoke_predictor(pred: Any) -> None:
+    """Run one all-zero sample through a loaded ``Predictor``; raise UpdateError on failure or bad scores."""
+    import numpy as np
+
+    try:
         shape = tuple(1 if d < 0 else d for d in pred.sample_shape)
         scores = pred.predict(np.zeros((1, *shape), dtype=np.float32))
     except AgentError as e:
@@ -652,7 +664,11 @@ class Updater:
     # ------------------------------------------------------------------ persisted state
 
     def _load(self) -> dict[str, Any]:
-        doc = read_json(self.store.update_path)
+        try:
+            doc = read_json(self.store.update_path)
+        except StoreError as e:
+            log.error("update state unreadable, starting from idle: %s", e)
+            return {}
         if not isinstance(doc, dict) or doc.get("schema") != UPDATE_SCHEMA or doc.get("state") not in STATES:
             return {}
         return doc
@@ -690,9 +706,17 @@ class Updater:
 
     # ------------------------------------------------------------------ what is served
 
+    def store_bundle(self) -> Path | None:
+        """Return the store's active slot, or None (also when the pointer is unreadable: logged)."""
+        try:
+            return self.store.active_dir()
+        except StoreError as e:
+            log.error("bundle store pointer unreadable, serving the configured bundle: %s", e)
+            return None
+
     def serving_dir(self) -> Path | None:
         """Return the bundle to serve: the store's active slot, else the configured fallback bundle."""
-        return self.store.active_dir() or self.config.fallback_bundle
+        return self.store_bundle() or self.config.fallback_bundle
 
     def _serving_manifest(self) -> Manifest | None:
         d = self.serving_dir()
@@ -705,7 +729,7 @@ class Updater:
 
     # ------------------------------------------------------------------ recovery
 
-    def recover(self) -> None:
+    def recover(self, report: bool = True) -> None:
         """Make the store consistent after a crash or power loss; call before loading any model.
 
         An interrupted update before ``switching`` is dropped; one in ``switching`` or ``checking`` is
@@ -735,6 +759,13 @@ class Updater:
             self._persist(state="failed", failed_in=state, reported=False,
                           reason=f"agent restarted during '{state}'; the previous model kept serving")
         self.store.clear_staging()
+        if report:
+            self._report_pending()
+
+    def report_pending(self) -> None:
+        """Report a finished deployment whose event was not sent yet (after ``recover(report=False)``)."""
+        with self._lock:
+            self._doc = self._doc or self._load()
         self._report_pending()
 
     def _report_pending(self) -> None:
@@ -844,7 +875,10 @@ class Updater:
             except BundleError:
                 new = {"name": None, "version": None, "sha256": None}
         served = self._serving_manifest()
-        served_ref = self.store.active()
+        try:
+            served_ref = self.store.active()
+        except StoreError:
+            served_ref = None
         self._doc = {}
         self._persist(
             deployment_id=dep_id,
@@ -888,18 +922,20 @@ class Updater:
             if isinstance(src, LocalSource):
                 remove_tree(Path(src.path))
         self._persist(state="switching")
+        loaded = False
         try:
             self.store.set_active(ref)
             if not self.switch(slot_dir):
-                raise UpdateError("the agent refused to serve the new bundle")
+                raise UpdateError("the agent refused to serve the new bundle (see its reload_failed event)")
+            loaded = True
             self._persist(state="checking")
             self.smoke(slot_dir)
             self._health_window()
         except (UpdateError, BundleError, StoreError) as e:
-            self._fail(str(e), switched=True)
+            self._fail(str(e), switched=True, reload_previous=loaded)
             return False
         except Exception as e:  # noqa: BLE001 - anything going wrong after the switch means roll back
-            self._fail(f"{type(e).__name__}: {str(e)[:200]}", switched=True)
+            self._fail(f"{type(e).__name__}: {str(e)[:200]}", switched=True, reload_previous=loaded)
             return False
         self._persist(state="committed")
         self.store.clear_staging()
@@ -957,7 +993,7 @@ class Updater:
                 return
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
-    def _fail(self, reason: str, switched: bool) -> None:
+    def _fail(self, reason: str, switched: bool, reload_previous: bool = True) -> None:
         failed_in = self._doc.get("state")
         log.warning("deployment %s failed in %s: %s", self._doc.get("deployment_id"), failed_in, reason)
         if switched:
@@ -966,7 +1002,7 @@ class Updater:
             try:
                 self.store.set_active(ref)
                 back = self.serving_dir()
-                if back is not None and not self.switch(back):
+                if reload_previous and back is not None and not self.switch(back):
                     reason += "; and the previous bundle failed to load again (check the agent)"
             except Exception as e:  # noqa: BLE001
                 reason += f"; rollback error: {e}"
@@ -979,7 +1015,116 @@ class Updater:
         self._report_pending()
 
 
+# --------------------------------------------------------------------------------------------------
+# The agent daemon's side: the optional [update] config table and the wiring into device_agent.daemon
+
+UPDATE_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
+    "health_window_s": (int, float),
+    "max_bundle_bytes": (int,),
+    "staging_quota_bytes": (int,),
+}
+
+
+def parse_update_section(sec: Any) -> dict[str, Any]:
+    """Validate the agent config's optional ``[update]`` table; raise ConfigError naming the key and the fix."""
+    from device_agent.errors import ConfigError
+
+    if sec is None:
+        return {}
+    if not isinstance(sec, Mapping):
+        raise ConfigError("[update] must be a table")
+    extra = set(sec) - set(UPDATE_CONFIG_KEYS)
+    if extra:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(extra))} in [update]. Known: {', '.join(UPDATE_CONFIG_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, types in UPDATE_CONFIG_KEYS.items():
+        if key not in sec:
+            continue
+        v = sec[key]
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise ConfigError(f"[update] {key} must be a number, got {str(v)[:40]!r}")
+        if key == "health_window_s" and not 0 <= v <= 3600:
+            raise ConfigError(f"[update] health_window_s must be between 0 and 3600 seconds, got {v}")
+        if key != "health_window_s" and v < 1024:
+            raise ConfigError(f"[update] {key} must be at least 1024 bytes, got {v}")
+        out[key] = float(v) if key == "health_window_s" else int(v)
+    return out
+
+
+def _not_attached(bundle_dir: Path) -> bool:
+    raise UpdateError("the updater is not attached to a running agent yet")
+
+
+def updater_for_agent(config: Any, trusted_keys: tuple[bytes, ...]) -> Updater:
+    """Build the agent's updater from its ``AgentConfig`` and recover the store (before any model loads)."""
+    upd = (getattr(config, "extra", None) or {}).get("update", {})
+    mq = None
+    if config.mqtt is not None:
+        m = config.mqtt
+        mq = MqttSettings(
+            host=m.host, port=m.port, username=m.username, password=m.password(), tls=m.tls,
+            ca_file=str(m.ca_file) if m.ca_file else None, cert_file=str(m.cert_file) if m.cert_file else None,
+            key_file=str(m.key_file) if m.key_file else None,
+            client_id=f"{m.client_id or 'edgefleet-' + config.device_id}-ota"[:128],  # never the daemon's own id
+        )
+    ucfg = UpdaterConfig(
+        state_dir=Path(config.state_dir),
+        policy=VerifyPolicy(trusted_keys=tuple(trusted_keys), allow_unsigned=bool(config.allow_unsigned),
+                            target=config.target, max_bytes=upd.get("max_bundle_bytes")),
+        fallback_bundle=Path(config.bundle),
+        health_window_s=upd.get("health_window_s"),
+        staging_quota_bytes=upd.get("staging_quota_bytes"),
+        device_id=config.device_id,
+        mqtt=mq,
+    )
+    up = Updater(ucfg, switch=_not_attached)
+    up.recover(report=False)
+    return up
+
+
+def attach_to_daemon(up: Updater, daemon: Any) -> None:
+    """Wire the updater into a started ``device_agent.daemon.Daemon`` and start its worker.
+
+    Switching goes through ``daemon.switch_bundle`` (verify, smoke inference, atomic swap); events through
+    ``daemon.publish_event``; the deployment state goes into the retained status; deploy commands arrive
+    through the daemon's cmd handler. Health during the window: the agent still serves the new slot.
+    """
+
+    def smoke(bundle_dir: Path) -> None:
+        served = Path(daemon.agent.model.path)
+        if served != Path(bundle_dir):
+            raise UpdateError(f"the agent serves {str(served)!r}, not the new bundle, after the switch")
+        smoke_inference(bundle_dir)  # an independent load from the slot on disk, besides the agent's own
+
+    def health() -> bool:
+        active = up.store.active_dir()
+        return active is not None and Path(daemon.agent.model.path) == active
+
+    def on_state(status: dict[str, Any]) -> None:
+        daemon.status_deployment = status
+        if daemon.publisher is not None:
+            daemon.publisher.republish_status()
+
+    def on_command(topic: str, payload: bytes) -> None:
+        try:
+            up.handle_command(payload)
+        except CommandError as e:
+            daemon.publish_event("command_rejected", str(e)[:500], {"topic": topic[:200]})
+            raise  # the MQTT layer logs it with the payload cut short and counts it
+
+    up.switch = daemon.switch_bundle
+    up.smoke = smoke
+    up.health = health
+    up.emit = lambda event, message, detail: daemon.publish_event(event, message, detail)
+    up.on_state = on_state
+    daemon.status_deployment = None if up.status()["state"] == "idle" else up.status()
+    daemon.set_command_handler(on_command)
+    up.report_pending()
+    up.start()
+
+
 __all__ = [
+    "parse_update_section", "updater_for_agent", "attach_to_daemon", "smoke_predictor", 
     "COMMAND_SCHEMA", "STATES", "UpdateError", "CommandError", "DeployCommand", "HttpSource", "MqttSource",
     "LocalSource", "MqttSettings", "UpdaterConfig", "Updater", "decode_command", "bundle_topic", "bundle_stream",
     "check_manifest", "http_fetch", "mqtt_fetch", "smoke_inference",
