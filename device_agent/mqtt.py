@@ -6,8 +6,9 @@ itself (``client.loop``), so there is no hidden paho thread and no paho auto-rec
 again from the oldest row. A row is deleted only when its PUBACK arrives with a success reason code.
 Inference never waits on this thread.
 
-MQTT 5 is tried first; a broker that answers "unsupported protocol version" (amqtt, old brokers) is
-retried at once with MQTT 3.1.1, and the agent stays on 3.1.1 for that broker.
+MQTT 5 is tried first; a broker that answers "unsupported protocol version" or does not answer an
+MQTT 5 CONNECT within ``V5_CONNACK_TIMEOUT_S`` (amqtt never answers one that carries a will) is
+retried at once with MQTT 3.1.1, and the agent stays on 3.1.1 while that works.
 
 Status: a retained birth message "online" (model name, version, sha256, agent version) on every
 connect, and a retained Last Will "offline". Commands: ``edgefleet/<fleet>/<device_id>/cmd`` and
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 10.0  # TCP connect plus CONNACK
+V5_CONNACK_TIMEOUT_S = 3.0  # then retry at once with MQTT 3.1.1
 LOOP_TIMEOUT_S = 0.05
 MAX_INFLIGHT = 20
 EVENT_QUEUE_MAX = 100
@@ -174,7 +176,18 @@ class MqttPublisher:
             self._drop_client(backoff=True, error=err)
             return
         if not self.connected:
-            if now - self._connecting_since > CONNECT_TIMEOUT_S:
+            waited = now - self._connecting_since
+            if self.protocol == "5" and waited > min(V5_CONNACK_TIMEOUT_S, CONNECT_TIMEOUT_S):
+                # Some MQTT 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT with a will.
+                log.info(
+                    "no MQTT 5 CONNACK from %s after %.1f s; trying MQTT 3.1.1",
+                    self.settings.safe_url,
+                    waited,
+                )
+                self.protocol = "3.1.1"
+                self._drop_client(backoff=False)
+            elif waited > CONNECT_TIMEOUT_S:
+                self.protocol = "5"  # neither answered: start from MQTT 5 again next time
                 self._drop_client(
                     backoff=True, error=f"no CONNACK within {CONNECT_TIMEOUT_S:g} s (broker not answering)"
                 )

@@ -1,0 +1,207 @@
+"""Helpers for the agent's integration tests: configs, an MQTT collector, HTTP calls, daemons in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DEADLINE_S = 30.0
+
+
+def wait_for(pred: Callable[[], Any], timeout_s: float = DEADLINE_S, what: str = "condition") -> Any:
+    """Poll ``pred`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def write_config(
+    path: Path,
+    *,
+    bundle: Path,
+    state_dir: Path,
+    url: str | None = None,
+    device_id: str = "pi-001",
+    fleet: str = "lab",
+    window_s: float = 60,
+    window_max_samples: int = 1000,
+    outbox_max_rows: int = 1000,
+    listen: str = "127.0.0.1:0",
+    extra_agent: str = "",
+    extra_mqtt: str = "",
+) -> Path:
+    """Write an agent.toml for a test."""
+    text = (
+        f'[agent]\ndevice_id = "{device_id}"\nfleet = "{fleet}"\nbundle = "{bundle}"\nstate_dir = "{state_dir}"\n'
+        f"allow_unsigned = true\n{extra_agent}\n"
+        f"[telemetry]\nwindow_s = {window_s}\nwindow_max_samples = {window_max_samples}\n"
+        f'outbox_max_rows = {outbox_max_rows}\n\n[api]\nlisten = "{listen}"\n'
+    )
+    if url:
+        text += f'\n[mqtt]\nurl = "{url}"\nkeepalive_s = 5\n{extra_mqtt}\n'
+    path.write_text(text)
+    return path
+
+
+class Collector:
+    """Subscribe to ``edgefleet/#`` on a broker and keep every message (topic, payload, retain)."""
+
+    def __init__(self, port: int, protocol: str = "5", persistent: bool = False) -> None:
+        """``persistent``: an MQTT 3.1.1 session that survives a broker restart (see ``persist``)."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        cid = f"collector-{os.getpid()}-{id(self)}"
+        if persistent:
+            self.client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False, protocol=mqtt.MQTTv311
+            )
+        else:
+            proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+            self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
+        self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe("edgefleet/#", qos=1), self._ready.set())
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.port = port
+        self.client.connect("127.0.0.1", port, 10)
+        self.client.loop_start()
+        if not self._ready.wait(10):
+            raise AssertionError("collector did not connect")
+        time.sleep(0.2)  # let the SUBACK land
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def of_kind(self, kind: str) -> list[tuple[str, bytes, bool]]:
+        with self._lock:
+            return [m for m in self.messages if m[0].endswith("/" + kind)]
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [json.loads(p) for _, p, _ in self.of_kind("stats")]
+
+    def seqs(self) -> list[int]:
+        return [d["seq"] for d in self.stats()]
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(p) for _, p, _ in self.of_kind("events")]
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [json.loads(p) for _, p, _ in self.of_kind("status")]
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def reconfigure(mosquitto: Any, extra: str, drop: str = "") -> None:
+    """Restart the test's Mosquitto with ``extra`` config lines (and without the line ``drop``)."""
+    mosquitto.stop()
+    text = mosquitto.conf.read_text()
+    if drop:
+        text = text.replace(drop, "")
+    # Started as root, Mosquitto drops to its own user, which cannot read or write a root-only temp dir.
+    user = "user root\n" if os.geteuid() == 0 and "user root" not in text else ""
+    mosquitto.conf.write_text(text + user + extra)
+    mosquitto.start()
+
+
+def persist(mosquitto: Any) -> None:
+    """Restart the test's Mosquitto with persistence, so queued QoS 1 messages for a persistent
+    collector survive a broker stop/start (no race between the agent's and the collector's reconnect)."""
+    reconfigure(
+        mosquitto, f"persistence true\npersistence_location {mosquitto.workdir}/\n", drop="persistence false"
+    )
+
+
+def http(base: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    """Call the agent's API; return (status, parsed JSON or text)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            code, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        code, text = e.code, e.read().decode()
+    try:
+        return code, json.loads(text)
+    except ValueError:
+        return code, text
+
+
+# Patch reconnect/backoff constants before the CLI runs (module constants, as the design wants).
+FAST_PRELUDE = (
+    "import device_agent.mqtt as m, device_agent.daemon as d; m.RECONNECT_MIN_S = 0.1; m.RECONNECT_MAX_S = 0.5; "
+    "m.CONNECT_TIMEOUT_S = 2.0; d.BUNDLE_POLL_S = 0.2; from device_agent.cli import main; main()"
+)
+
+
+class AgentProcess:
+    """``edgefleet-agent run`` in a subprocess (fast reconnect constants); the API on a Unix socket-free port."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FAST_PRELUDE, "run", "--config", str(config)],
+            stdout=self._log,
+            stderr=self._log,
+            env=env,
+            cwd=str(REPO),
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def api_base(self) -> str:
+        def find() -> str | None:
+            for line in self.log().splitlines():
+                if "listening on " in line:
+                    return "http://" + line.rsplit("listening on ", 1)[1].strip()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            return None
+
+        return str(wait_for(find, what="the agent's API"))
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+    def wait(self, timeout_s: float = 30) -> int:
+        rc = self.proc.wait(timeout_s)
+        self._log.close()
+        return rc
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
