@@ -473,7 +473,7 @@ def _enum(cls: type[Enum], value: Any, where: str) -> Any:
     try:
         return cls(value)
     except ValueError:
-        known = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        known = ", ".join(m.value for m in cls)
         raise BundleError(f"{where} {value!r} is unknown. Known: {known}") from None
 
 

@@ -66,10 +66,9 @@ class Predictor:
         self.output_spec = m.outputs[0]
         self.sample_shape = tuple(self.input_spec.shape[1:])
         pre = m.preprocessing
-        self._scale = self._offset = None
+        self._affine: tuple[np.ndarray, np.ndarray] | None = None
         if pre.get("type") == "affine":
-            self._scale = np.asarray(pre["scale"], dtype=np.float32)
-            self._offset = np.asarray(pre["offset"], dtype=np.float32)
+            self._affine = (np.asarray(pre["scale"], dtype=np.float32), np.asarray(pre["offset"], dtype=np.float32))
 
     @property
     def labels(self) -> list[str]:
@@ -93,8 +92,8 @@ class Predictor:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return float scores (n, K) for float inputs (n, *sample_shape) or one sample."""
         arr = self.check_input(x)
-        if self._scale is not None:
-            arr = arr * self._scale + self._offset
+        if self._affine is not None:
+            arr = arr * self._affine[0] + self._affine[1]
         raw = self.model.run(quantize(arr, self.input_spec))
         out = dequantize(raw, self.output_spec)
         return out.reshape(out.shape[0], -1)

@@ -67,7 +67,7 @@ def load_runtime_model(
             f"runtime {runtime!r} is not installed; pip install 'edgefleet[device]' (LiteRT) or 'edgefleet[x86]'"
         )
     module = importlib.import_module(ADAPTERS[runtime][0])
-    return module.load(Path(path), threads=threads, accelerator_path=accelerator_path)  # type: ignore[no-any-return]
+    return module.load(Path(path), threads=threads, accelerator_path=accelerator_path)
 
 
 def choose_runtime(preferences: Sequence[str], override: str | None = None) -> str:

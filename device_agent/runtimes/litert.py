@@ -16,7 +16,7 @@ def _interpreter_module() -> Any:
     try:
         from ai_edge_litert import interpreter as mod
     except ImportError:  # older Raspberry Pi OS images only have tflite-runtime
-        from tflite_runtime import interpreter as mod  # type: ignore[no-redef]
+        from tflite_runtime import interpreter as mod
     return mod
 
 
