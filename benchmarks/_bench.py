@@ -125,7 +125,9 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
-def render_section(name: str, title: str, body: str, intro: str = "", info: dict[str, Any] | None = None) -> str:
+def render_section(
+    name: str, title: str, body: str, intro: str = "", info: dict[str, Any] | None = None
+) -> str:
     """Return a complete marked section (markers, heading, machine info, intro, body)."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
         raise ValueError(f"section name {name!r} must be lowercase letters, digits, '-' or '_'")

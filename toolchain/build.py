@@ -31,7 +31,7 @@ from device_agent.bundle import ModelFormat
 from device_agent.stats import baseline_to_dict, build_baseline
 from toolchain.errors import USER_ERRORS, ToolchainError
 from toolchain.report import REPORT_SCHEMA, merge_previous, write_report
-from toolchain.steps.data import Dataset, DataError, check_finite, check_fits, conform, load_dataset
+from toolchain.steps.data import DataError, Dataset, check_finite, check_fits, conform, load_dataset
 from toolchain.steps.evaluate import accuracy, artifact_sparsity, gzip_size
 from toolchain.steps.models import LoadedModel, load_model
 from toolchain.steps.package import (
@@ -65,7 +65,9 @@ class BuildError(ToolchainError):
 def _bar(total: int, desc: str, progress: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="target", disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
+    return tqdm(
+        total=total, desc=desc, unit="target", disable=not (progress and sys.stderr.isatty()), file=sys.stderr
+    )
 
 
 def _check_options(quantize: str, prune: float | None, version: int) -> None:
@@ -125,10 +127,16 @@ def build_bundles(
         list(targets) if all(resolved) else resolve_targets([str(t) for t in targets])  # type: ignore[arg-type]
     )
     if sign_key is not None and not Path(sign_key).is_file():
-        raise ToolchainError(f"--sign-key {str(sign_key)!r} does not exist; create one with 'edgefleet keys generate'")
+        raise ToolchainError(
+            f"--sign-key {str(sign_key)!r} does not exist; create one with 'edgefleet keys generate'"
+        )
     model_path = Path(model_path)
     out = Path(out_dir)
-    name = check_name(name) if name else bundle_name(model_path.stem if model_path.is_file() else model_path.name)
+    name = (
+        check_name(name)
+        if name
+        else bundle_name(model_path.stem if model_path.is_file() else model_path.name)
+    )
 
     lm = load_model(model_path)
     ds = data if isinstance(data, Dataset) else load_dataset(data, label)
@@ -152,7 +160,7 @@ def build_bundles(
             + f"; need at least {minimum} (pass more data with --data)"
         )
     if evald.n == 0:
-        raise DataError(f"no evaluation samples; pass --eval-data TEST or more --data")
+        raise DataError("no evaluation samples; pass --eval-data TEST or more --data")
 
     # Fail before any long work when a destination cannot take the bundle.
     for t in target_list:
@@ -216,7 +224,9 @@ def build_bundles(
             source_model = tf_model if tf_model is not None else lm.conversion_source(work)
 
         float_calib = _float_outputs(lm, deployed_float, calib.x)
-        deployed_eval = _float_outputs(lm, deployed_float, evald.x) if deployed_float is not None else float_eval
+        deployed_eval = (
+            _float_outputs(lm, deployed_float, evald.x) if deployed_float is not None else float_eval
+        )
         baseline = baseline_to_dict(
             build_baseline(calib.x, float_calib, labels, feature_names=ds.feature_names),
             source={"data": Path(ds.source).name, "samples": calib.n, "model": model_path.name},
@@ -262,7 +272,9 @@ def build_bundles(
     merged = merge_previous(out, report)
     write_report(out, merged)
     if failures:
-        head = failures[0] if len(failures) == 1 else f"{len(failures)} targets failed: " + "; ".join(failures)
+        head = (
+            failures[0] if len(failures) == 1 else f"{len(failures)} targets failed: " + "; ".join(failures)
+        )
         raise BuildError(head, merged)
     return merged
 
@@ -283,22 +295,37 @@ def _float_reference(source: Any, fmt: ModelFormat, work: Path, report: dict[str
 
     path = convert_float(source, fmt, work / f"float.{fmt.value}")
     ref = {"path": path, "size_bytes": path.stat().st_size, "gzip_size_bytes": gzip_size(path), "latency": {}}
-    report["float"][fmt.value] = {"size_bytes": ref["size_bytes"], "gzip_size_bytes": ref["gzip_size_bytes"], "latency": {}}
+    report["float"][fmt.value] = {
+        "size_bytes": ref["size_bytes"],
+        "gzip_size_bytes": ref["gzip_size_bytes"],
+        "latency": {},
+    }
     return ref
 
 
-def _float_latency(ref: dict[str, Any], runtimes: Sequence[str], sample: np.ndarray, threads: int, report_fmt: dict[str, Any]) -> dict[str, Any]:
+def _float_latency(
+    ref: dict[str, Any], runtimes: Sequence[str], sample: np.ndarray, threads: int, report_fmt: dict[str, Any]
+) -> dict[str, Any]:
     from toolchain.steps.convert import measure_latency
 
     out: dict[str, Any] = {}
     for rt in runtimes:
         key = f"{rt}@{threads}"
         if key not in ref["latency"]:
-            one = ref["latency"].get(f"{rt}@1") or measure_latency(ref["path"], rt, sample, 1, FLOAT_LATENCY_REPEATS)
+            one = ref["latency"].get(f"{rt}@1") or measure_latency(
+                ref["path"], rt, sample, 1, FLOAT_LATENCY_REPEATS
+            )
             ref["latency"][f"{rt}@1"] = one
-            many = one if threads == 1 else measure_latency(ref["path"], rt, sample, threads, FLOAT_LATENCY_REPEATS)
+            many = (
+                one
+                if threads == 1
+                else measure_latency(ref["path"], rt, sample, threads, FLOAT_LATENCY_REPEATS)
+            )
             ref["latency"][key] = many
-        out[rt] = {"threads_1": ref["latency"][f"{rt}@1"], "threads_N": dict(ref["latency"][key], threads=threads)}
+        out[rt] = {
+            "threads_1": ref["latency"][f"{rt}@1"],
+            "threads_N": dict(ref["latency"][key], threads=threads),
+        }
         report_fmt["latency"][rt] = out[rt]
     return out
 
@@ -389,7 +416,9 @@ def _build_target(
                 f" the {t.name} budget is {100 * t.limits.max_accuracy_drop:.2f} points"
             )
             if not allow_accuracy_drop:
-                raise ToolchainError(msg + " (pass --allow-accuracy-drop to ship it anyway, or try --quantize qat)")
+                raise ToolchainError(
+                    msg + " (pass --allow-accuracy-drop to ship it anyway, or try --quantize qat)"
+                )
             entry["accuracy_budget"] = "exceeded, allowed by --allow-accuracy-drop: " + msg
         else:
             entry["accuracy_budget"] = "ok"
@@ -450,7 +479,9 @@ def _build_target(
     return _finite(entry)
 
 
-def _edgetpu(tflite: Path, t: Target, tdir: Path, entry: dict[str, Any]) -> tuple[Path | None, dict[str, Any], dict[str, Path]]:
+def _edgetpu(
+    tflite: Path, t: Target, tdir: Path, entry: dict[str, Any]
+) -> tuple[Path | None, dict[str, Any], dict[str, Path]]:
     """Analyse the int8 model for the Edge TPU and compile it when the compiler is installed."""
     from toolchain import edgetpu
 
@@ -466,14 +497,17 @@ def _edgetpu(tflite: Path, t: Target, tdir: Path, entry: dict[str, Any]) -> tupl
         "unmapped": d["unmapped"],
         "compiled": compiled,
         "compiler_status": result.status,
-        "message": result.message if not compiled else
-        f"{result.message}; model_edgetpu.tflite runs on the Edge TPU, model.tflite is the CPU fallback",
+        "message": result.message
+        if not compiled
+        else f"{result.message}; model_edgetpu.tflite runs on the Edge TPU, model.tflite is the CPU fallback",
         "compiler_version": result.compiler_version,
     }
     if compiled and result.ops_total is not None:
         summary["compiler_ops_total"] = result.ops_total
         summary["compiler_ops_mapped"] = result.ops_mapped
-    entry["edgetpu"] = dict(summary, notes=d["notes"], on_chip_bytes_estimate=d["on_chip_bytes_estimate"], compiler=d["compiler"])
+    entry["edgetpu"] = dict(
+        summary, notes=d["notes"], on_chip_bytes_estimate=d["on_chip_bytes_estimate"], compiler=d["compiler"]
+    )
     extra: dict[str, Path] = {}
     if compiled and result.log_path is not None and Path(result.log_path).is_file():
         extra[EDGETPU_LOG_FILE] = Path(result.log_path)

@@ -37,8 +37,14 @@ def load_report(out_dir: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{str(f)!r} is not a readable report ({str(e)[:80]}); rebuild with 'edgefleet build'") from None
-    if not isinstance(doc, dict) or doc.get("schema") != REPORT_SCHEMA or not isinstance(doc.get("targets"), dict):
+        raise ReportError(
+            f"{str(f)!r} is not a readable report ({str(e)[:80]}); rebuild with 'edgefleet build'"
+        ) from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("schema") != REPORT_SCHEMA
+        or not isinstance(doc.get("targets"), dict)
+    ):
         raise ReportError(f"{str(f)!r} is not an edgefleet build report (schema {REPORT_SCHEMA}); rebuild it")
     return doc
 
@@ -127,7 +133,10 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Return an aligned plain-text table."""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+    widths = [
+        max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+        for i, h in enumerate(headers)
+    ]
     line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -142,7 +151,9 @@ def summary_table(report: dict[str, Any]) -> str:
             out.append(f"{name}: FAILED: {e['error']}")
         et = e.get("edgetpu")
         if et:
-            out.append(f"{name}: Edge TPU: {et.get('ops_mapped')}/{et.get('ops_total')} ops mappable; {et.get('message')}")
+            out.append(
+                f"{name}: Edge TPU: {et.get('ops_mapped')}/{et.get('ops_total')} ops mappable; {et.get('message')}"
+            )
         if e.get("accuracy_budget", "ok") != "ok":
             out.append(f"{name}: {e['accuracy_budget']}")
     return "\n".join(out)
@@ -152,7 +163,9 @@ def summary_table(report: dict[str, Any]) -> str:
 # HTML
 
 
-def _bar_chart(title: str, unit: str, rows: list[tuple[str, float | None, float | None]], scale: float = 1.0) -> str:
+def _bar_chart(
+    title: str, unit: str, rows: list[tuple[str, float | None, float | None]], scale: float = 1.0
+) -> str:
     """Return an inline SVG grouped horizontal bar chart: per row an int8 bar and a float bar."""
     bar_h, gap, label_w, plot_w, pad = 14, 10, 110, 380, 8
     height = pad * 2 + 24 + len(rows) * (2 * bar_h + gap) + 20
@@ -169,7 +182,9 @@ def _bar_chart(title: str, unit: str, rows: list[tuple[str, float | None, float 
         parts.append(f'<text x="{pad}" y="{y + bar_h + 4}" font-size="12">{html.escape(label)}</text>')
         for v, color, kind in ((a, INT8_COLOR, "int8"), (b, FLOAT_COLOR, "float")):
             if v is None:
-                parts.append(f'<text x="{label_w}" y="{y + bar_h - 3}" font-size="11" fill="{FAIL_COLOR}">{kind}: n/a</text>')
+                parts.append(
+                    f'<text x="{label_w}" y="{y + bar_h - 3}" font-size="11" fill="{FAIL_COLOR}">{kind}: n/a</text>'
+                )
             else:
                 w = max(1.0, plot_w * (v * scale) / vmax)
                 parts.append(
@@ -198,13 +213,23 @@ def render_html(report: dict[str, Any]) -> str:
     rows = summary_rows(report)
     head = "".join(f"<th>{e(c[0])}</th>" for c in SUMMARY_COLUMNS)
     body = "".join(
-        "<tr" + (' class="failed"' if targets[r[0]].get("status") != "ok" else "") + ">"
-        + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+        "<tr"
+        + (' class="failed"' if targets[r[0]].get("status") != "ok" else "")
+        + ">"
+        + "".join(f"<td>{e(c)}</td>" for c in r)
+        + "</tr>"
         for r in rows
     )
     charts = [
-        _bar_chart("Model size", "KB", [(n, t.get("size_bytes"), t.get("float_size_bytes")) for n, t in ok.items()], 1 / 1024),
-        _bar_chart("Accuracy", "%", [(n, t.get("accuracy"), t.get("float_accuracy")) for n, t in ok.items()], 100.0),
+        _bar_chart(
+            "Model size",
+            "KB",
+            [(n, t.get("size_bytes"), t.get("float_size_bytes")) for n, t in ok.items()],
+            1 / 1024,
+        ),
+        _bar_chart(
+            "Accuracy", "%", [(n, t.get("accuracy"), t.get("float_accuracy")) for n, t in ok.items()], 100.0
+        ),
         _bar_chart(
             "Latency p50 (preferred runtime, target threads)",
             "ms",
@@ -233,7 +258,9 @@ def render_html(report: dict[str, Any]) -> str:
         )
         if un:
             edgetpu_html += (
-                "<table><tr><th>#</th><th>op</th><th>version</th><th>reason</th><th>detail</th></tr>" + un + "</table>"
+                "<table><tr><th>#</th><th>op</th><th>version</th><th>reason</th><th>detail</th></tr>"
+                + un
+                + "</table>"
             )
     rt_rows = ""
     for n, t in ok.items():
@@ -259,7 +286,7 @@ def render_html(report: dict[str, Any]) -> str:
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>edgefleet build report: {e(str(report.get('name')))} v{e(str(report.get('version')))}</title>
+<title>edgefleet build report: {e(str(report.get("name")))} v{e(str(report.get("version")))}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #1a202c; }}
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
@@ -268,17 +295,17 @@ th {{ background: #edf2f7; }} td:first-child, th:first-child {{ text-align: left
 tr.failed td {{ color: {FAIL_COLOR}; }}
 .charts svg {{ display: block; margin: 1em 0; }}
 </style></head><body>
-<h1>Build report: {e(str(report.get('name')))} version {e(str(report.get('version')))}</h1>
-<p>Built {e(str(report.get('created_at')))} from <code>{e(str(report.get('model', {}).get('path')))}</code>
-({e(str(report.get('model', {}).get('kind')))}); quantization {e(str(opts.get('quantize')))};
-calibration on {data.get('calibration_samples')} samples of <code>{e(str(data.get('path')))}</code>;
-evaluated on {data.get('eval', {}).get('samples')} samples ({e(str(data.get('eval', {}).get('source')))});
-float accuracy {_fmt(report.get('float', {}).get('accuracy'), 'pct')}; total build {report.get('build_s', '-')} s.</p>
+<h1>Build report: {e(str(report.get("name")))} version {e(str(report.get("version")))}</h1>
+<p>Built {e(str(report.get("created_at")))} from <code>{e(str(report.get("model", {}).get("path")))}</code>
+({e(str(report.get("model", {}).get("kind")))}); quantization {e(str(opts.get("quantize")))};
+calibration on {data.get("calibration_samples")} samples of <code>{e(str(data.get("path")))}</code>;
+evaluated on {data.get("eval", {}).get("samples")} samples ({e(str(data.get("eval", {}).get("source")))});
+float accuracy {_fmt(report.get("float", {}).get("accuracy"), "pct")}; total build {report.get("build_s", "-")} s.</p>
 {prune_html}
 <table><tr>{head}</tr>{body}</table>
-{('<ul>' + ''.join(notes) + '</ul>') if notes else ''}
+{("<ul>" + "".join(notes) + "</ul>") if notes else ""}
 <div class="charts">
-{''.join(charts)}
+{"".join(charts)}
 </div>
 <h2>Latency per runtime on the build host (ms, batch 1)</h2>
 <table><tr><th>target</th><th>runtime</th><th>accuracy</th><th>p50 1 thread</th><th>p50 (threads)</th><th>p95</th>

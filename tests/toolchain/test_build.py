@@ -83,13 +83,25 @@ def test_report_has_the_promised_fields(digits_bundles: Path, report: dict) -> N
     assert set(report["targets"]) == set(TARGETS)
     for t, e in report["targets"].items():
         assert e["status"] == "ok", e
-        for k in ("accuracy", "float_accuracy", "size_bytes", "float_size_bytes", "latency_ms_p50", "sparsity",
-                  "top1_agreement", "sqnr_db", "build_s"):
+        for k in (
+            "accuracy",
+            "float_accuracy",
+            "size_bytes",
+            "float_size_bytes",
+            "latency_ms_p50",
+            "sparsity",
+            "top1_agreement",
+            "sqnr_db",
+            "build_s",
+        ):
             assert e[k] is not None, (t, k)
         assert e["size_bytes"] < e["float_size_bytes"]
         assert e["top1_agreement"] >= 0.9 and e["sqnr_db"] > 10
         assert 0 <= e["sparsity"] < 0.2  # measured in the artifact, not requested (no pruning here)
-        assert e["latency_ms_p50"] > 0 and e["latency_ms_p50"] == e["latency"][e["preferred_runtime"]]["threads_N"]["p50_ms"]
+        assert (
+            e["latency_ms_p50"] > 0
+            and e["latency_ms_p50"] == e["latency"][e["preferred_runtime"]]["threads_N"]["p50_ms"]
+        )
     x86 = report["targets"]["x86"]
     assert set(x86["runtimes"]) == {"onnxruntime", "openvino"}
     lat = x86["latency"]
@@ -117,8 +129,15 @@ def test_rerunning_the_same_build_is_allowed_and_a_different_model_is_refused(
     digits_bundles: Path, digits_cnn_path: Path, tmp_path: Path
 ) -> None:
     out = _copy(digits_bundles, tmp_path)
-    rep = build_bundles(digits_cnn_path, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False,
-                        allow_accuracy_drop=True)
+    rep = build_bundles(
+        digits_cnn_path,
+        DIGITS,
+        ["mobile"],
+        out,
+        eval_data=DIGITS_TEST,
+        progress=False,
+        allow_accuracy_drop=True,
+    )
     assert rep["targets"]["mobile"]["bundle_action"] == "rebuilt"
     assert set(rep["targets"]) == set(TARGETS)  # the report keeps the other targets' entries
     # Same name and version, different weights: refused, nothing touched.
@@ -130,11 +149,21 @@ def test_rerunning_the_same_build_is_allowed_and_a_different_model_is_refused(
     model.save(other)
     before = (out / "mobile" / "manifest.json").read_bytes()
     with pytest.raises(BuildError, match=r"differs in baseline.json, model.tflite.*--version 2"):
-        build_bundles(other, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False, allow_accuracy_drop=True)
+        build_bundles(
+            other, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False, allow_accuracy_drop=True
+        )
     assert (out / "mobile" / "manifest.json").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
-    rep = build_bundles(other, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False,
-                        allow_accuracy_drop=True, version=2)
+    rep = build_bundles(
+        other,
+        DIGITS,
+        ["mobile"],
+        out,
+        eval_data=DIGITS_TEST,
+        progress=False,
+        allow_accuracy_drop=True,
+        version=2,
+    )
     assert rep["targets"]["mobile"]["bundle_action"] == "upgraded"
     assert load_manifest(out / "mobile").version == 2
 
@@ -152,21 +181,31 @@ def test_accuracy_budget_fails_the_target_unless_allowed(
 
     monkeypatch.setattr(convert, "predict_artifact", degraded)
     out = tmp_path / "out"
-    with pytest.raises(BuildError, match=r"points below float .* budget is 1.00 points .*--allow-accuracy-drop") as ei:
+    with pytest.raises(
+        BuildError, match=r"points below float .* budget is 1.00 points .*--allow-accuracy-drop"
+    ) as ei:
         build_bundles(digits_cnn_path, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False)
     assert ei.value.report is not None and ei.value.report["targets"]["mobile"]["status"] == "failed"
     assert not (out / "mobile").exists()
     assert json.loads((out / "report.json").read_text())["targets"]["mobile"]["status"] == "failed"
-    rep = build_bundles(digits_cnn_path, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False,
-                        allow_accuracy_drop=True)
+    rep = build_bundles(
+        digits_cnn_path,
+        DIGITS,
+        ["mobile"],
+        out,
+        eval_data=DIGITS_TEST,
+        progress=False,
+        allow_accuracy_drop=True,
+    )
     assert rep["targets"]["mobile"]["status"] == "ok"
     assert rep["targets"]["mobile"]["accuracy_budget"].startswith("exceeded, allowed")
     assert (out / "mobile" / "manifest.json").is_file()
 
 
 def test_held_out_split_when_no_eval_data(digits_cnn_path: Path, tmp_path: Path) -> None:
-    rep = build_bundles(digits_cnn_path, DIGITS, ["raspberry-pi"], tmp_path / "o", progress=False,
-                        allow_accuracy_drop=True)
+    rep = build_bundles(
+        digits_cnn_path, DIGITS, ["raspberry-pi"], tmp_path / "o", progress=False, allow_accuracy_drop=True
+    )
     n = load_dataset(DIGITS).n
     assert rep["data"]["eval"]["samples"] + rep["data"]["calibration_samples"] == n
     assert rep["data"]["eval"]["source"] == "held out from --data"
@@ -178,16 +217,32 @@ def test_signed_build(digits_cnn_path: Path, tmp_path: Path) -> None:
     from device_agent.keys import load_public_key_file
 
     out = tmp_path / "o"
-    build_bundles(digits_cnn_path, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False,
-                  sign_key=priv, allow_accuracy_drop=True)
+    build_bundles(
+        digits_cnn_path,
+        DIGITS,
+        ["mobile"],
+        out,
+        eval_data=DIGITS_TEST,
+        progress=False,
+        sign_key=priv,
+        allow_accuracy_drop=True,
+    )
     assert (out / "mobile" / "manifest.sig").is_file()
     m = verify_bundle(out / "mobile", VerifyPolicy(trusted_keys=(load_public_key_file(pub),)))
     assert m.name == "digits_cnn"
 
 
 def test_qat_build(digits_cnn_path: Path, tmp_path: Path) -> None:
-    rep = build_bundles(digits_cnn_path, DIGITS, ["mobile", "x86"], tmp_path / "o", eval_data=DIGITS_TEST,
-                        quantize="qat", progress=False, allow_accuracy_drop=True)
+    rep = build_bundles(
+        digits_cnn_path,
+        DIGITS,
+        ["mobile", "x86"],
+        tmp_path / "o",
+        eval_data=DIGITS_TEST,
+        quantize="qat",
+        progress=False,
+        allow_accuracy_drop=True,
+    )
     for t in ("mobile", "x86"):
         e = rep["targets"][t]
         assert e["status"] == "ok", e.get("error")
@@ -196,8 +251,16 @@ def test_qat_build(digits_cnn_path: Path, tmp_path: Path) -> None:
 
 
 def test_pruned_build_reaches_the_sparsity_in_the_artifact(digits_cnn_path: Path, tmp_path: Path) -> None:
-    rep = build_bundles(digits_cnn_path, DIGITS, ["mobile", "x86"], tmp_path / "o", eval_data=DIGITS_TEST,
-                        prune=0.5, progress=False, allow_accuracy_drop=True)
+    rep = build_bundles(
+        digits_cnn_path,
+        DIGITS,
+        ["mobile", "x86"],
+        tmp_path / "o",
+        eval_data=DIGITS_TEST,
+        prune=0.5,
+        progress=False,
+        allow_accuracy_drop=True,
+    )
     assert rep["prune"]["reached_in_keras"] >= 0.45
     for t in ("mobile", "x86"):
         e = rep["targets"][t]

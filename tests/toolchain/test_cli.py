@@ -45,7 +45,9 @@ def assert_bad_input(code: int, err: str, *fragments: str) -> None:
 
 
 def no_bundles(out: Path) -> bool:
-    return not out.exists() or not any((p / "manifest.json").exists() or p.name.startswith(".") for p in out.iterdir())
+    return not out.exists() or not any(
+        (p / "manifest.json").exists() or p.name.startswith(".") for p in out.iterdir()
+    )
 
 
 def build(model: Path, out: Path, *extra: object, data: object = DIGITS) -> tuple[int, str, str]:
@@ -94,7 +96,9 @@ def test_missing_label_column(digits_cnn_path: Path, tmp_path: Path, digits: dic
     p = tmp_path / "digits.csv"
     flat = digits["x"][:30].reshape(30, -1)
     header = ",".join(f"px{i}" for i in range(64)) + ",digit"
-    p.write_text(header + "\n" + "".join(",".join(map(str, r)) + f",{c}\n" for r, c in zip(flat, digits["y"][:30])))
+    p.write_text(
+        header + "\n" + "".join(",".join(map(str, r)) + f",{c}\n" for r, c in zip(flat, digits["y"][:30]))
+    )
     code, _, err = build(digits_cnn_path, tmp_path / "o", "--label", "class", data=p)
     assert_bad_input(code, err, "label column 'class' is not in", "digit")
     code, _, err = build(digits_cnn_path, tmp_path / "o", data=p)
@@ -109,13 +113,17 @@ def test_too_few_calibration_samples(digits_cnn_path: Path, tmp_path: Path, digi
     assert no_bundles(tmp_path / "o")
 
 
-def test_output_folder_holding_a_different_bundle(digits_bundles: Path, digits_cnn_path: Path, tmp_path: Path) -> None:
+def test_output_folder_holding_a_different_bundle(
+    digits_bundles: Path, digits_cnn_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "o"
     shutil.copytree(digits_bundles / "mobile", out / "mobile")
     before = {p.name: p.read_bytes() for p in (out / "mobile").iterdir()}
     code, _, err = build(digits_cnn_path, out, "--name", "other-model")
     assert_bad_input(code, err, "holds bundle 'digits_cnn'", "not 'other-model'", "another --out")
-    code, _, err = build(digits_cnn_path, out, "--eval-data", DIGITS_TEST, "--prune", "0.5", "--allow-accuracy-drop")
+    code, _, err = build(
+        digits_cnn_path, out, "--eval-data", DIGITS_TEST, "--prune", "0.5", "--allow-accuracy-drop"
+    )
     assert code == 1 and "holds a different 'digits_cnn' version 1" in err and "--version 2" in err
     assert "Traceback" not in err
     assert {p.name: p.read_bytes() for p in (out / "mobile").iterdir()} == before
@@ -153,12 +161,32 @@ def test_missing_required_flag_exits_2(digits_cnn_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def test_build_json_prints_only_the_report_on_stdout(digits_cnn_path: Path, tmp_path: Path, cli_env: dict) -> None:
+def test_build_json_prints_only_the_report_on_stdout(
+    digits_cnn_path: Path, tmp_path: Path, cli_env: dict
+) -> None:
     out = tmp_path / "o"
     res = subprocess.run(
-        [*EDGEFLEET, "build", str(digits_cnn_path), "--data", str(DIGITS), "--eval-data",
-         str(DIGITS_TEST), "--target", "raspberry-pi", "--out", str(out), "--json", "--allow-accuracy-drop"],
-        capture_output=True, text=True, env=cli_env, timeout=600, check=False, cwd=tmp_path,
+        [
+            *EDGEFLEET,
+            "build",
+            str(digits_cnn_path),
+            "--data",
+            str(DIGITS),
+            "--eval-data",
+            str(DIGITS_TEST),
+            "--target",
+            "raspberry-pi",
+            "--out",
+            str(out),
+            "--json",
+            "--allow-accuracy-drop",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=600,
+        check=False,
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads(res.stdout)  # the whole of stdout is one JSON document
@@ -173,13 +201,17 @@ def test_subprocess_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: 
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr.strip().splitlines()[-1].startswith("Error: unknown target 'rpi'")
     assert "Traceback" not in res.stderr
-    res = subprocess.run(base + ["--debug"] + args, capture_output=True, text=True, env=cli_env, timeout=120, cwd=tmp_path)
+    res = subprocess.run(
+        base + ["--debug"] + args, capture_output=True, text=True, env=cli_env, timeout=120, cwd=tmp_path
+    )
     assert res.returncode != 0 and "Traceback" in res.stderr and "TargetError" in res.stderr
 
 
 def test_train_then_build_then_evaluate_then_report(tmp_path: Path, digits_bundles: Path) -> None:
     model = tmp_path / "m.keras"
-    code, out, err = run("train", "--data", DIGITS, "--arch", "cnn", "--epochs", "2", "--out", model, "--json")
+    code, out, err = run(
+        "train", "--data", DIGITS, "--arch", "cnn", "--epochs", "2", "--out", model, "--json"
+    )
     assert code == 0, err
     doc = json.loads(out)
     assert doc["model"] == str(model) and model.is_file() and doc["classes"] == [str(i) for i in range(10)]
@@ -188,7 +220,9 @@ def test_train_then_build_then_evaluate_then_report(tmp_path: Path, digits_bundl
     assert code == 0, err
     ev = json.loads(out)
     report = json.loads((digits_bundles / "report.json").read_text())
-    assert ev["accuracy"] == pytest.approx(report["targets"]["x86"]["per_runtime"][ev["preferred_runtime"]]["accuracy"])
+    assert ev["accuracy"] == pytest.approx(
+        report["targets"]["x86"]["per_runtime"][ev["preferred_runtime"]]["accuracy"]
+    )
     assert set(ev["per_runtime"]) == {"onnxruntime", "openvino"}
     assert ev["latency_ms_p50"] > 0 and ev["samples"] == 359
 
@@ -213,7 +247,9 @@ def test_train_then_build_then_evaluate_then_report(tmp_path: Path, digits_bundl
 
 
 def test_build_table_on_the_terminal(digits_cnn_path: Path, tmp_path: Path) -> None:
-    code, out, err = build(digits_cnn_path, tmp_path / "o", "--eval-data", DIGITS_TEST, "--allow-accuracy-drop")
+    code, out, err = build(
+        digits_cnn_path, tmp_path / "o", "--eval-data", DIGITS_TEST, "--allow-accuracy-drop"
+    )
     assert code == 0, err
     first = out.splitlines()[0].split()
     assert first[:3] == ["target", "status", "accuracy"]

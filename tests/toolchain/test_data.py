@@ -23,7 +23,9 @@ def test_shipped_digits_load_as_images() -> None:
 def test_npz_with_string_labels_and_names(tmp_path: Path) -> None:
     p = tmp_path / "d.npz"
     x = np.arange(12, dtype=np.float64).reshape(6, 2)
-    np.savez(p, x=x, y=np.array(["cat", "dog", "cat", "emu", "dog", "cat"]), feature_names=np.array(["a", "b"]))
+    np.savez(
+        p, x=x, y=np.array(["cat", "dog", "cat", "emu", "dog", "cat"]), feature_names=np.array(["a", "b"])
+    )
     ds = load_dataset(p)
     assert ds.class_names == ["cat", "dog", "emu"]
     assert ds.y.tolist() == [0, 1, 0, 2, 1, 0]
@@ -118,7 +120,9 @@ def test_unknown_format_and_missing_path(tmp_path: Path) -> None:
 
 def _ds(n: int = 100, k: int = 4) -> Dataset:
     rng = np.random.default_rng(1)
-    return Dataset(rng.normal(size=(n, 3)).astype(np.float32), np.arange(n) % k, None, [str(i) for i in range(k)], "mem")
+    return Dataset(
+        rng.normal(size=(n, 3)).astype(np.float32), np.arange(n) % k, None, [str(i) for i in range(k)], "mem"
+    )
 
 
 def test_split_is_stratified_and_disjoint() -> None:

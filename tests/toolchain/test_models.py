@@ -91,7 +91,9 @@ def test_keras3_rebuilds_as_tf_keras_with_the_same_outputs(keras3_functional: Pa
     lm = load_model(keras3_functional)
     m2 = lm.as_tf_keras("pruning")
     assert isinstance(m2, tf_keras.Model)
-    np.testing.assert_allclose(np.asarray(m2(digits["x_test"][:32])), lm.predict(digits["x_test"][:32]), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(m2(digits["x_test"][:32])), lm.predict(digits["x_test"][:32]), atol=1e-4
+    )
 
 
 def test_keras3_subclassed_model_names_the_workaround(tmp_path: Path) -> None:
@@ -110,14 +112,18 @@ def test_keras3_subclassed_model_names_the_workaround(tmp_path: Path) -> None:
 
     m = Tiny()
     m(np.zeros((1, 4), np.float32))
-    with pytest.raises(ModelError, match=r"subclassed model .*re-save it with tf_keras .*--quantize ptq and no --prune"):
+    with pytest.raises(
+        ModelError, match=r"subclassed model .*re-save it with tf_keras .*--quantize ptq and no --prune"
+    ):
         rebuild_as_tf_keras(m, tmp_path / "tiny.keras", "pruning")
 
 
 def test_keras3_ptq_builds_every_target(keras3_functional: Path, tmp_path: Path) -> None:
     from toolchain.build import build_bundles
 
-    rep = build_bundles(keras3_functional, DIGITS, ["all"], tmp_path / "o", eval_data=DIGITS_TEST, progress=False)
+    rep = build_bundles(
+        keras3_functional, DIGITS, ["all"], tmp_path / "o", eval_data=DIGITS_TEST, progress=False
+    )
     for t, e in rep["targets"].items():
         assert e["status"] == "ok", (t, e.get("error"))
         assert e["top1_agreement"] >= 0.9
@@ -127,8 +133,16 @@ def test_keras3_ptq_builds_every_target(keras3_functional: Path, tmp_path: Path)
 def test_keras3_can_be_pruned_after_rebuild(keras3_functional: Path, tmp_path: Path) -> None:
     from toolchain.build import build_bundles
 
-    rep = build_bundles(keras3_functional, DIGITS, ["mobile"], tmp_path / "o", eval_data=DIGITS_TEST,
-                        prune=0.5, progress=False, allow_accuracy_drop=True)
+    rep = build_bundles(
+        keras3_functional,
+        DIGITS,
+        ["mobile"],
+        tmp_path / "o",
+        eval_data=DIGITS_TEST,
+        prune=0.5,
+        progress=False,
+        allow_accuracy_drop=True,
+    )
     assert rep["targets"]["mobile"]["status"] == "ok"
     assert rep["targets"]["mobile"]["sparsity"] >= 0.4
 

@@ -71,7 +71,9 @@ def test_same_build_again_is_allowed_different_content_refused(tmp_path: Path) -
     assert place_bundle(_stage(tmp_path, dest, b"same"), dest) == "rebuilt"
     before = (dest / "manifest.json").read_bytes()
     st = _stage(tmp_path, dest, b"different")
-    with pytest.raises(PackageError, match=r"different 'demo' version 1 for x86 \(differs in model.onnx\); pass --version 2"):
+    with pytest.raises(
+        PackageError, match=r"different 'demo' version 1 for x86 \(differs in model.onnx\); pass --version 2"
+    ):
         place_bundle(st, dest)
     assert (dest / "manifest.json").read_bytes() == before  # nothing already stored is lost
     assert (dest / "model.onnx").read_bytes() == b"same"

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.report import ReportError, load_report, merge_previous, render_html, summary_table, write_report
+from toolchain.report import (
+    ReportError,
+    load_report,
+    merge_previous,
+    render_html,
+    summary_table,
+    write_report,
+)
 
 
 def _entry(acc: float, size: int, p50: float, **kw: object) -> dict:
@@ -26,7 +33,12 @@ def _entry(acc: float, size: int, p50: float, **kw: object) -> dict:
         "float_latency_ms_p50": 2 * p50,
         "preferred_runtime": "litert",
         "build_s": 1.5,
-        "latency": {"litert": {"threads_1": {"p50_ms": p50, "p95_ms": p50}, "threads_N": {"p50_ms": p50, "p95_ms": p50, "threads": 4}}},
+        "latency": {
+            "litert": {
+                "threads_1": {"p50_ms": p50, "p95_ms": p50},
+                "threads_N": {"p50_ms": p50, "p95_ms": p50, "threads": 4},
+            }
+        },
     }
     d.update(kw)
     return d
@@ -45,10 +57,29 @@ def _report() -> dict:
         "targets": {
             "mobile": _entry(0.947, 20_480, 0.01),
             "coral": _entry(
-                0.94, 20_000, 0.02,
-                edgetpu={"ops_total": 5, "ops_mapped": 4, "unmapped": [{"index": 4, "op": "EXP", "version": 1, "reason": "Operation not supported", "detail": "<x>"}], "message": "compiler not found"},
+                0.94,
+                20_000,
+                0.02,
+                edgetpu={
+                    "ops_total": 5,
+                    "ops_mapped": 4,
+                    "unmapped": [
+                        {
+                            "index": 4,
+                            "op": "EXP",
+                            "version": 1,
+                            "reason": "Operation not supported",
+                            "detail": "<x>",
+                        }
+                    ],
+                    "message": "compiler not found",
+                },
             ),
-            "x86": {"status": "failed", "error": "accuracy 0.5 is 45 points below float", "float_accuracy": 0.95},
+            "x86": {
+                "status": "failed",
+                "error": "accuracy 0.5 is 45 points below float",
+                "float_accuracy": 0.95,
+            },
         },
     }
 
@@ -62,7 +93,10 @@ def test_html_is_self_contained_with_three_charts() -> None:
     assert "EXP" in page and "&lt;x&gt;" in page  # Edge TPU table, escaped
     assert "45 points below float" in page
     # Bars scale with values: mobile's size bar is the widest int8 size bar... and float bars are 4x.
-    widths = [float(w) for w in re.findall(r'<rect x="110" y="\d+" width="([\d.]+)" height="12" fill="#2b6cb0"', page)]
+    widths = [
+        float(w)
+        for w in re.findall(r'<rect x="110" y="\d+" width="([\d.]+)" height="12" fill="#2b6cb0"', page)
+    ]
     assert widths and max(widths) < 380
 
 
@@ -100,7 +134,10 @@ def test_merge_keeps_earlier_targets_whose_bundles_remain(tmp_path: Path) -> Non
     (tmp_path / "coral" / "manifest.json").write_text("{}")
     new = dict(_report(), targets={"mobile": _entry(0.9, 1, 0.1)})
     merged = merge_previous(tmp_path, new)
-    assert set(merged["targets"]) == {"coral", "mobile"}  # mobile rebuilt, coral kept, x86 (failed, no bundle) dropped
+    assert set(merged["targets"]) == {
+        "coral",
+        "mobile",
+    }  # mobile rebuilt, coral kept, x86 (failed, no bundle) dropped
     assert merged["targets"]["mobile"]["accuracy"] == 0.9
     assert merged["targets"]["coral"]["from_earlier_build"] == "2026-11-27T12:00:00Z"
     other = dict(new, name="other")

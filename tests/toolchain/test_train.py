@@ -21,7 +21,9 @@ def _csv(tmp_path: Path) -> Path:
     vib = rng.normal(0.5, 0.2, n)
     label = np.where(temp + 40 * vib > 80, "hot", "ok")
     p = tmp_path / "machines.csv"
-    p.write_text("temp_c,vibration,state\n" + "".join(f"{a:.3f},{b:.4f},{c}\n" for a, b, c in zip(temp, vib, label)))
+    p.write_text(
+        "temp_c,vibration,state\n" + "".join(f"{a:.3f},{b:.4f},{c}\n" for a, b, c in zip(temp, vib, label))
+    )
     return p
 
 
@@ -42,7 +44,9 @@ def test_early_stopping_stops_before_the_epoch_limit(tmp_path: Path) -> None:
     y = rng.integers(0, 2, 120)  # pure noise: validation accuracy stops improving
     from toolchain.steps.data import Dataset
 
-    res = train_model(Dataset(x, y, None, ["a", "b"], "noise"), "mlp", 60, tmp_path / "n.h5", patience=2, progress=False)
+    res = train_model(
+        Dataset(x, y, None, ["a", "b"], "noise"), "mlp", 60, tmp_path / "n.h5", patience=2, progress=False
+    )
     assert res.epochs_run < 60
 
 

@@ -48,13 +48,28 @@ def emit_json(doc: Any) -> None:
 
 
 @click.command("train")
-@click.option("--data", "data_path", required=True, help="Training data: .npz (x, y), .csv (with --label) or an image folder.")
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    help="Training data: .npz (x, y), .csv (with --label) or an image folder.",
+)
 @click.option("--label", default=None, help="Label column (CSV) or label array name (.npz, default y).")
-@click.option("--arch", type=click.Choice(["mlp", "cnn", "mobilenetv2"]), required=True, help="Built-in architecture.")
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="Most epochs (early stopping may end sooner).")
+@click.option(
+    "--arch", type=click.Choice(["mlp", "cnn", "mobilenetv2"]), required=True, help="Built-in architecture."
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Most epochs (early stopping may end sooner).",
+)
 @click.option("--out", "out_path", required=True, help="Where to save the model (.keras or .h5).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def train_cmd(data_path: str, label: str | None, arch: str, epochs: int, out_path: str, as_json: bool) -> None:
+def train_cmd(
+    data_path: str, label: str | None, arch: str, epochs: int, out_path: str, as_json: bool
+) -> None:
     """Train a built-in architecture on your data (validation split, early stopping)."""
     from toolchain.steps.data import load_dataset
     from toolchain.steps.train import train_model
@@ -87,9 +102,22 @@ def train_cmd(data_path: str, label: str | None, arch: str, epochs: int, out_pat
 
 @click.command("build")
 @click.argument("model")
-@click.option("--data", "data_path", required=True, help="Calibration/training data (.npz, .csv with --label, image folder).")
-@click.option("--target", "targets", multiple=True, required=True, help="Target profile (repeatable) or 'all'.")
-@click.option("--quantize", type=click.Choice(["ptq", "qat"]), default="ptq", show_default=True, help="Post-training or quantization-aware.")
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    help="Calibration/training data (.npz, .csv with --label, image folder).",
+)
+@click.option(
+    "--target", "targets", multiple=True, required=True, help="Target profile (repeatable) or 'all'."
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["ptq", "qat"]),
+    default="ptq",
+    show_default=True,
+    help="Post-training or quantization-aware.",
+)
 @click.option(
     "--prune",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -98,9 +126,22 @@ def train_cmd(data_path: str, label: str | None, arch: str, epochs: int, out_pat
 )
 @click.option("--eval-data", default=None, help="Labelled test data (default: hold out 20% of --data).")
 @click.option("--label", default=None, help="Label column (CSV) or label array name (.npz).")
-@click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Bundle version (only ever increases).")
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Bundle version (only ever increases).",
+)
 @click.option("--name", default=None, help="Bundle name (default: the model file's name).")
-@click.option("--out", "out_dir", default=DEFAULT_OUT, show_default=True, help="Output folder: one bundle per target in OUT/<target>/.")
+@click.option(
+    "--out",
+    "out_dir",
+    default=DEFAULT_OUT,
+    show_default=True,
+    help="Output folder: one bundle per target in OUT/<target>/.",
+)
 @click.option("--sign-key", default=None, help="Sign each bundle with this Ed25519 private key (PEM).")
 @click.option("--allow-accuracy-drop", is_flag=True, help="Ship targets that exceed their accuracy budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (nothing else on stdout).")
@@ -160,11 +201,20 @@ def build_cmd(
 
 @click.command("evaluate")
 @click.argument("bundle")
-@click.option("--data", "data_path", required=True, help="Labelled test data (.npz, .csv with --label, image folder).")
+@click.option(
+    "--data", "data_path", required=True, help="Labelled test data (.npz, .csv with --label, image folder)."
+)
 @click.option("--label", default=None, help="Label column (CSV) or label array name (.npz).")
-@click.option("--runtime", "runtimes", multiple=True, help="Measure only this runtime (repeatable; default: all the bundle lists).")
+@click.option(
+    "--runtime",
+    "runtimes",
+    multiple=True,
+    help="Measure only this runtime (repeatable; default: all the bundle lists).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON on stdout.")
-def evaluate_cmd(bundle: str, data_path: str, label: str | None, runtimes: tuple[str, ...], as_json: bool) -> None:
+def evaluate_cmd(
+    bundle: str, data_path: str, label: str | None, runtimes: tuple[str, ...], as_json: bool
+) -> None:
     """Re-measure a BUNDLE on labelled data: accuracy and latency in each runtime."""
     from toolchain.report import text_table
     from toolchain.steps.data import load_dataset
@@ -250,7 +300,9 @@ def targets_list(as_json: bool) -> None:
         ]
         for t in found.values()
     ]
-    click.echo(text_table(["name", "format", "I/O", "runtimes", "threads", "max drop (pts)", "description"], rows))
+    click.echo(
+        text_table(["name", "format", "I/O", "runtimes", "threads", "max drop (pts)", "description"], rows)
+    )
 
 
 @targets_cmd.command("show")
@@ -274,6 +326,10 @@ def targets_show(name: str, as_json: bool) -> None:
         click.echo(f"{k:13} {v}")
     if d["edgetpu"]:
         e = d["edgetpu"]
-        click.echo(f"{'edgetpu':13} compiler={e['compiler']}, static_batch={e['static_batch']}, max_on_chip_bytes={e['max_on_chip_bytes']}")
+        click.echo(
+            f"{'edgetpu':13} compiler={e['compiler']}, static_batch={e['static_batch']}, max_on_chip_bytes={e['max_on_chip_bytes']}"
+        )
         ops = e["supported_ops"]
-        click.echo(f"{'':13} supported ops: " + ", ".join(f"{k}" + (f"<=v{v}" if v else "") for k, v in ops.items()))
+        click.echo(
+            f"{'':13} supported ops: " + ", ".join(f"{k}" + (f"<=v{v}" if v else "") for k, v in ops.items())
+        )

@@ -16,7 +16,7 @@ import numpy as np
 from device_agent.bundle import ModelFormat, VerifyPolicy, verify_bundle
 from device_agent.runtimes import is_installed
 from toolchain.errors import ToolchainError
-from toolchain.steps.data import Dataset, DataError, conform
+from toolchain.steps.data import DataError, Dataset, conform
 
 # Repeats per latency measurement in `edgefleet evaluate` (the build uses the converter's default).
 EVAL_LATENCY_REPEATS = 100
@@ -146,7 +146,11 @@ def evaluate_bundle(
         pred = Predictor(root, manifest=manifest, runtime=rt, threads=1)
         scores = pred.predict(data.x)
         one = measure_latency(model_path, rt, data.x[:1], 1, repeats)
-        many = one if manifest.threads == 1 else measure_latency(model_path, rt, data.x[:1], manifest.threads, repeats)
+        many = (
+            one
+            if manifest.threads == 1
+            else measure_latency(model_path, rt, data.x[:1], manifest.threads, repeats)
+        )
         per_runtime[rt] = {
             "accuracy": accuracy(scores, data.y),
             "latency": {"threads_1": one, "threads_N": dict(many, threads=manifest.threads)},

@@ -111,17 +111,23 @@ def keras_file_version(path: Path) -> str:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             if "config.json" not in names:
-                raise ModelError(f"{str(path)!r} is a zip file but not a .keras model (no config.json); re-save the model")
+                raise ModelError(
+                    f"{str(path)!r} is a zip file but not a .keras model (no config.json); re-save the model"
+                )
             meta = json.loads(z.read("metadata.json")) if "metadata.json" in names else {}
             bad = z.testzip()
             if bad is not None:
-                raise ModelError(f"model file {str(path)!r} is corrupt ({bad} fails its CRC); re-save or re-download it")
+                raise ModelError(
+                    f"model file {str(path)!r} is corrupt ({bad} fails its CRC); re-save or re-download it"
+                )
     except zipfile.BadZipFile:
         raise ModelError(
             f"model file {str(path)!r} is not a valid .keras archive (truncated or corrupt?); re-save or re-download it"
         ) from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"cannot read model file {str(path)!r} ({_first_line(e)}); re-save or re-download it") from None
+        raise ModelError(
+            f"cannot read model file {str(path)!r} ({_first_line(e)}); re-save or re-download it"
+        ) from None
     return str(meta.get("keras_version", ""))
 
 
@@ -132,7 +138,9 @@ def load_model(path: str | Path) -> LoadedModel:
         raise ModelError(f"model {str(p)!r} does not exist; pass a .keras or .h5 file or a SavedModel folder")
     if p.is_dir():
         if not (p / "saved_model.pb").is_file():
-            raise ModelError(f"folder {str(p)!r} is not a SavedModel (no saved_model.pb); pass a .keras/.h5 file or a SavedModel")
+            raise ModelError(
+                f"folder {str(p)!r} is not a SavedModel (no saved_model.pb); pass a .keras/.h5 file or a SavedModel"
+            )
         return _load_savedmodel(p)
     suffix = p.suffix.lower()
     if suffix == ".keras":
@@ -146,9 +154,13 @@ def load_model(path: str | Path) -> LoadedModel:
 
             with h5py.File(p, "r") as f:
                 if "model_config" not in f.attrs:
-                    raise ModelError(f"{str(p)!r} is an HDF5 file without a model config (weights only?); save the whole model")
+                    raise ModelError(
+                        f"{str(p)!r} is an HDF5 file without a model config (weights only?); save the whole model"
+                    )
         except OSError:
-            raise ModelError(f"model file {str(p)!r} is not a valid HDF5 file (truncated or corrupt?); re-save it") from None
+            raise ModelError(
+                f"model file {str(p)!r} is not a valid HDF5 file (truncated or corrupt?); re-save it"
+            ) from None
         return _load_tf_keras(p)
     raise ModelError(f"model {str(p)!r} has an unknown format; use .keras, .h5 or a SavedModel folder")
 
@@ -156,7 +168,9 @@ def load_model(path: str | Path) -> LoadedModel:
 def _model_io(model: Any, where: Path) -> tuple[tuple[int, ...], int]:
     inputs = model.inputs if hasattr(model, "inputs") else None
     if not inputs or len(inputs) != 1 or len(model.outputs) != 1:
-        raise ModelError(f"model {str(where)!r} must have exactly one input and one output (multi-tensor models are not supported)")
+        raise ModelError(
+            f"model {str(where)!r} must have exactly one input and one output (multi-tensor models are not supported)"
+        )
     in_shape = tuple(inputs[0].shape)[1:]
     if any(d is None for d in in_shape):
         raise ModelError(
@@ -172,7 +186,9 @@ def _load_tf_keras(p: Path) -> LoadedModel:
     try:
         model = keras.models.load_model(str(p), compile=False)
     except Exception as e:  # noqa: BLE001 - tf_keras raises OSError, ValueError, KeyError... for bad files
-        raise ModelError(f"cannot load model {str(p)!r} ({_first_line(e)}); is the file complete and saved by Keras?") from None
+        raise ModelError(
+            f"cannot load model {str(p)!r} ({_first_line(e)}); is the file complete and saved by Keras?"
+        ) from None
     shape, n_out = _model_io(model, p)
     return LoadedModel(p, "tf_keras", model, shape, n_out)
 
@@ -184,11 +200,15 @@ def _load_keras3(p: Path) -> LoadedModel:
     except ImportError:
         raise ModelError(f"{str(p)!r} was saved by Keras 3; pip install keras>=3 to read it") from None
     if not str(keras3.__version__).startswith("3"):
-        raise ModelError(f"{str(p)!r} was saved by Keras 3 but 'keras' here is {keras3.__version__}; install keras>=3")
+        raise ModelError(
+            f"{str(p)!r} was saved by Keras 3 but 'keras' here is {keras3.__version__}; install keras>=3"
+        )
     try:
         model = keras3.saving.load_model(str(p), compile=False)
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load Keras 3 model {str(p)!r} ({_first_line(e)}); is the file complete?") from None
+        raise ModelError(
+            f"cannot load Keras 3 model {str(p)!r} ({_first_line(e)}); is the file complete?"
+        ) from None
     shape, n_out = _model_io(model, p)
     return LoadedModel(p, "keras3", model, shape, n_out)
 
@@ -208,14 +228,18 @@ def _load_savedmodel(p: Path) -> LoadedModel:
         obj = tf.saved_model.load(str(p))
         serve = obj.signatures["serving_default"]
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load SavedModel {str(p)!r} ({_first_line(e)}); is the folder complete?") from None
+        raise ModelError(
+            f"cannot load SavedModel {str(p)!r} ({_first_line(e)}); is the folder complete?"
+        ) from None
     specs = serve.structured_input_signature[1]
     if len(specs) != 1 or len(serve.structured_outputs) != 1:
         raise ModelError(f"SavedModel {str(p)!r} must have one input and one output in 'serving_default'")
     spec = next(iter(specs.values()))
     shape = tuple(spec.shape)[1:]
     if any(d is None for d in shape):
-        raise ModelError(f"SavedModel {str(p)!r} has a dynamic input shape {tuple(spec.shape)}; export it with a fixed shape")
+        raise ModelError(
+            f"SavedModel {str(p)!r} has a dynamic input shape {tuple(spec.shape)}; export it with a fixed shape"
+        )
     out = next(iter(serve.structured_outputs.values()))
     n_out = int(np.prod([d for d in tuple(out.shape)[1:] if d is not None]))
     lm = LoadedModel(p, "savedmodel", obj, tuple(int(d) for d in shape), n_out)
@@ -228,7 +252,15 @@ def _load_savedmodel(p: Path) -> LoadedModel:
 
 
 # Config keys every tf_keras layer accepts through **kwargs.
-_BASE_LAYER_KEYS = {"name", "trainable", "dtype", "input_shape", "batch_input_shape", "batch_size", "input_dim"}
+_BASE_LAYER_KEYS = {
+    "name",
+    "trainable",
+    "dtype",
+    "input_shape",
+    "batch_input_shape",
+    "batch_size",
+    "input_dim",
+}
 
 
 def _workaround(path: Path, purpose: str, why: str) -> ModelError:
@@ -238,7 +270,9 @@ def _workaround(path: Path, purpose: str, why: str) -> ModelError:
     )
 
 
-def _clean_layer_config(class_name: str, cfg: dict[str, Any], keras2: Any, path: Path, purpose: str) -> dict[str, Any]:
+def _clean_layer_config(
+    class_name: str, cfg: dict[str, Any], keras2: Any, path: Path, purpose: str
+) -> dict[str, Any]:
     cls = getattr(keras2.layers, class_name, None)
     if cls is None or not inspect.isclass(cls):
         raise _workaround(path, purpose, f"layer type {class_name!r} has no tf_keras equivalent")
@@ -259,7 +293,9 @@ def _clean_layer_config(class_name: str, cfg: dict[str, Any], keras2: Any, path:
         if k in params or k in _BASE_LAYER_KEYS:
             out[k] = v
         elif v not in (None, False, 0, "", [], {}):
-            raise _workaround(path, purpose, f"layer {cfg.get('name')!r} ({class_name}) uses option {k}={str(v)[:40]!r}")
+            raise _workaround(
+                path, purpose, f"layer {cfg.get('name')!r} ({class_name}) uses option {k}={str(v)[:40]!r}"
+            )
     return out
 
 
@@ -288,7 +324,10 @@ def rebuild_as_tf_keras(model3: Any, path: Path, purpose: str) -> Any:
             layers = []
             for lc in cfg["layers"]:
                 layers.append(
-                    {"class_name": lc["class_name"], "config": _clean_layer_config(lc["class_name"], lc["config"], keras2, path, purpose)}
+                    {
+                        "class_name": lc["class_name"],
+                        "config": _clean_layer_config(lc["class_name"], lc["config"], keras2, path, purpose),
+                    }
                 )
             model2 = keras2.Sequential.from_config({"name": cfg.get("name", "sequential"), "layers": layers})
         else:
@@ -298,7 +337,9 @@ def rebuild_as_tf_keras(model3: Any, path: Path, purpose: str) -> Any:
                 for node in lc.get("inbound_nodes", []):
                     hist = _history(node.get("args", [])) if isinstance(node, Mapping) else []
                     if isinstance(node, Mapping) and node.get("kwargs"):
-                        raise _workaround(path, purpose, f"layer {lc['name']!r} is called with keyword arguments")
+                        raise _workaround(
+                            path, purpose, f"layer {lc['name']!r} is called with keyword arguments"
+                        )
                     nodes.append(hist)
                 layers.append(
                     {
@@ -315,8 +356,12 @@ def rebuild_as_tf_keras(model3: Any, path: Path, purpose: str) -> Any:
                 return spec
 
             model2 = keras2.Model.from_config(
-                {"name": cfg.get("name", "model"), "layers": layers, "input_layers": io(cfg["input_layers"]),
-                 "output_layers": io(cfg["output_layers"])}
+                {
+                    "name": cfg.get("name", "model"),
+                    "layers": layers,
+                    "input_layers": io(cfg["input_layers"]),
+                    "output_layers": io(cfg["output_layers"]),
+                }
             )
     except ModelError:
         raise
@@ -329,7 +374,9 @@ def rebuild_as_tf_keras(model3: Any, path: Path, purpose: str) -> Any:
             continue
         w = src.get_weights()
         if len(w) != len(layer.get_weights()):
-            raise _workaround(path, purpose, f"layer {layer.name!r} has a different number of weights in tf_keras")
+            raise _workaround(
+                path, purpose, f"layer {layer.name!r} has a different number of weights in tf_keras"
+            )
         if w:
             layer.set_weights(w)
     # Check the rebuild computes the same function.
@@ -372,7 +419,9 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
         out = L.Dense(n_classes, activation="softmax", name="scores")(h)
         return keras.Model(inp, out, name="mlp")
     if len(shape) != 3:
-        raise ModelError(f"--arch {arch} needs images of shape (height, width, channels); the data has samples of shape {shape}")
+        raise ModelError(
+            f"--arch {arch} needs images of shape (height, width, channels); the data has samples of shape {shape}"
+        )
     scale = float(np.max(np.abs(x))) or 1.0
     if arch == "cnn":
         h = L.Rescaling(1.0 / scale, name="rescale")(inp)
@@ -396,7 +445,12 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
         side_shape = shape
     # input_tensor keeps every MobileNetV2 layer in this one flat graph (tfmot refuses nested models).
     base = keras.applications.MobileNetV2(
-        input_shape=side_shape, input_tensor=h, alpha=MOBILENET_ALPHA, include_top=False, weights=None, pooling="avg"
+        input_shape=side_shape,
+        input_tensor=h,
+        alpha=MOBILENET_ALPHA,
+        include_top=False,
+        weights=None,
+        pooling="avg",
     )
     h = base.output
     out = L.Dense(n_classes, activation="softmax", name="scores")(h)

@@ -63,7 +63,9 @@ def bundle_name(text: str) -> str:
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid bundle name, else raise PackageError."""
     if not NAME_RE.match(name):
-        raise PackageError(f"bundle name {name!r} is invalid; use 1-64 lowercase letters, digits, '.', '_' or '-' (--name)")
+        raise PackageError(
+            f"bundle name {name!r} is invalid; use 1-64 lowercase letters, digits, '.', '_' or '-' (--name)"
+        )
     return name
 
 
@@ -104,7 +106,9 @@ def check_destination(dest: Path, name: str, version: int, target: str) -> str:
     try:
         old = load_manifest(dest)
     except BundleError as e:
-        raise PackageError(f"output {str(dest)!r} holds an unreadable bundle ({e}); choose another --out") from None
+        raise PackageError(
+            f"output {str(dest)!r} holds an unreadable bundle ({e}); choose another --out"
+        ) from None
     if old.name != name or old.target != target:
         raise PackageError(
             f"output {str(dest)!r} holds bundle {old.name!r} for target {old.target!r}, not {name!r} for {target!r};"
@@ -207,7 +211,11 @@ def place_bundle(staging: Path, dest: Path) -> str:
     if mode == "same-version":
         old = load_manifest(dest)
         if _content(old) != _content(new):
-            changed = sorted(p for p in set(_content(old)) | set(_content(new)) if _content(old).get(p) != _content(new).get(p))
+            changed = sorted(
+                p
+                for p in set(_content(old)) | set(_content(new))
+                if _content(old).get(p) != _content(new).get(p)
+            )
             raise PackageError(
                 f"output {str(dest)!r} holds a different {new.name!r} version {new.version} for {new.target}"
                 f" (differs in {', '.join(changed)}); pass --version {new.version + 1} or another --out"

@@ -104,7 +104,9 @@ def prune_model(
     if not 0 < sparsity < 1:
         raise PruneError(f"--prune {sparsity} must be between 0 and 1 (0.5 = half the weights)")
     if any(hasattr(layer, "layers") and layer.layers for layer in model.layers):
-        raise PruneError("pruning does not support nested models; flatten the model into one Functional graph")
+        raise PruneError(
+            "pruning does not support nested models; flatten the model into one Functional graph"
+        )
     steps_per_epoch = max(1, math.ceil(data.n * 0.9 / batch_size))
     frequency = max(1, steps_per_epoch // PRUNE_UPDATES_PER_EPOCH)
     schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=frequency)
@@ -122,7 +124,9 @@ def prune_model(
     except ValueError as e:
         raise PruneError(f"tfmot cannot prune this model ({str(e).splitlines()[0][:150]})") from None
     if not pruned_names:
-        raise PruneError(f"the model has no prunable layers ({', '.join(PRUNABLE)}); --prune has nothing to do")
+        raise PruneError(
+            f"the model has no prunable layers ({', '.join(PRUNABLE)}); --prune has nothing to do"
+        )
     fit(
         wrapped,
         data,

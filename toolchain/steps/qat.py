@@ -97,7 +97,9 @@ def quantize_aware_model(model: Any, pruned: bool = False) -> Any:
     except QATError:
         raise
     except (ValueError, TypeError, RuntimeError) as e:
-        raise QATError(f"tfmot cannot make this model quantization-aware ({str(e).splitlines()[0][:160]})") from None
+        raise QATError(
+            f"tfmot cannot make this model quantization-aware ({str(e).splitlines()[0][:160]})"
+        ) from None
 
 
 def qat_finetune(

@@ -57,7 +57,9 @@ def epoch_bar_callback(keras: Any, total: int, desc: str, progress: bool) -> Any
 
     class _Bar(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
         def on_train_begin(self, logs: Any = None) -> None:
-            self.bar = tqdm(total=total, desc=desc, unit="epoch", disable=not progress_enabled(progress), file=sys.stderr)
+            self.bar = tqdm(
+                total=total, desc=desc, unit="epoch", disable=not progress_enabled(progress), file=sys.stderr
+            )
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             logs = logs or {}
@@ -98,7 +100,9 @@ def fit(
     callbacks = [epoch_bar_callback(keras, epochs, desc, progress), *(extra_callbacks or [])]
     if patience and val is not None and val.n:
         callbacks.append(
-            keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True)
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", patience=patience, restore_best_weights=True
+            )
         )
     rng = np.random.default_rng(seed)
     order = rng.permutation(train.n)
@@ -131,7 +135,9 @@ def train_model(
     if epochs < 1:
         raise TrainError(f"--epochs must be at least 1, got {epochs}")
     if data.n < MIN_TRAIN_SAMPLES:
-        raise TrainError(f"training data {data.source!r} has {data.n} samples; need at least {MIN_TRAIN_SAMPLES}")
+        raise TrainError(
+            f"training data {data.source!r} has {data.n} samples; need at least {MIN_TRAIN_SAMPLES}"
+        )
     if data.n_classes < 2:
         raise TrainError(f"training data {data.source!r} has {data.n_classes} class; need at least 2")
     out_path = Path(out_path)
