@@ -74,6 +74,7 @@ class MqttDest:
     password: str | None
     fleet: str
     device_id: str | None
+    ca_file: str | None = None
 
 
 Dest = LocalDest | SshDest | MqttDest
@@ -284,8 +285,8 @@ def mqtt_connect(dest: MqttDest, client_id: str | None = None) -> Any:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"edgefleet-host-{uuid.uuid4().hex[:8]}")
     if dest.username:
         client.username_pw_set(dest.username, dest.password)
-    if dest.tls:
-        client.tls_set()
+    if dest.tls or dest.ca_file:
+        client.tls_set(ca_certs=dest.ca_file)
     connected = threading.Event()
     client.on_connect = lambda c, u, f, rc, p=None: connected.set() if not rc.is_failure else None
     try:

@@ -344,3 +344,11 @@ def report_cmd(db_url: str, out_path: str, since: str) -> None:
         )
     path = write_report(db_url, out_path, since=since)
     click.echo(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# deploy (defined with the OTA commands in toolchain/cli/flash.py)
+
+from toolchain.cli.flash import fleet_deploy_cmd  # noqa: E402
+
+fleet_cmd.add_command(fleet_deploy_cmd, "deploy")
