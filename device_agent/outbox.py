@@ -49,6 +49,11 @@ class Outbox:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutboxError(
+                f"cannot create {str(self.path.parent)!r} ({e.strerror}); check [agent] state_dir"
+            ) from None
+        try:
             self._db = sqlite3.connect(
                 str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
