@@ -65,6 +65,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     """edgefleet: build int8 model bundles for edge targets, deploy them, and watch the fleet."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug or os.environ.get("EDGEFLEET_DEBUG") == "1"
+    if ctx.obj["debug"]:
+        os.environ["EDGEFLEET_DEBUG"] = "1"
     logging.basicConfig(
         level=logging.DEBUG if ctx.obj["debug"] else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -141,7 +141,12 @@ def calibration_batches(calib: np.ndarray, batch: int, progress: bool, desc: str
     """Yield calibration batches with a tqdm bar (quiet when ``progress`` is False or not a TTY)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(calib), desc=desc, unit="sample", disable=None if progress else True, leave=False)
+    from toolchain.tfenv import terminal_stderr
+
+    bar = tqdm(
+        total=len(calib), desc=desc, unit="sample", disable=None if progress else True, leave=False,
+        file=terminal_stderr(),
+    )
     try:
         for i in range(0, len(calib), batch):
             chunk = calib[i : i + batch]

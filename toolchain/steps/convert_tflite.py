@@ -21,7 +21,7 @@ from toolchain.steps.convert import (
     remove_quietly,
 )
 from toolchain.targets import Target
-from toolchain.tfenv import import_tf
+from toolchain.tfenv import import_tf, native_quiet
 
 SERVING_SIGNATURES = ("serve", "serving_default")
 
@@ -134,7 +134,8 @@ def convert(
     converter.inference_output_type = getattr(tf, _TF_TYPES[target.quantization.output_dtype])
     kind = "QAT" if qat else "post-training"
     try:
-        flat = converter.convert()
+        with native_quiet():
+            flat = converter.convert()
     except Exception as e:  # the converter raises ConverterError, ValueError, RuntimeError...
         remove_quietly(out_path)
         raise ConversionError(
@@ -161,7 +162,8 @@ def convert_float(model: Any, out_path: Path) -> Path:
     fn, keep, _ = concrete_function(model, None)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], keep)
     try:
-        flat = converter.convert()
+        with native_quiet():
+            flat = converter.convert()
     except Exception as e:
         remove_quietly(out_path)
         raise ConversionError(f"float TFLite conversion failed: {first_line(e)}") from None
