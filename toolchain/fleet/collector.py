@@ -42,6 +42,7 @@ from device_agent.telemetry import (
 )
 from toolchain.errors import ToolchainError
 from toolchain.fleet.alerts import Evaluator
+from toolchain.fleet.fastpath import Refused, decode_window
 from toolchain.fleet.registry import BaselineCache, BundleDirectory, RegistryError, register_bundle
 from toolchain.fleet.storage import StorageError, Store, dumps, open_store, pack_profile
 
@@ -190,11 +191,13 @@ class Ingestor:
                 raise
             except (TelemetryError, ValueError) as e:
                 reason = str(e)[:500]
+                head = m.payload[:QUARANTINE_HEAD_BYTES].decode("utf-8", "replace")
             except Exception as e:  # noqa: BLE001 - no single message may stop the collector
+                # A bug of ours, not a bad message: keep the whole payload so it can be replayed.
                 reason = f"unexpected {type(e).__name__}: {e}"[:500]
+                head = m.payload.decode("utf-8", "replace")
             else:
                 continue
-            head = m.payload[:QUARANTINE_HEAD_BYTES].decode("utf-8", "replace")
             bad.append((m.received_at, m.topic[:300], reason, head, len(m.payload)))
             log.warning(
                 "quarantined message on %r (%d bytes): %s; payload starts %r",
@@ -227,6 +230,10 @@ class Ingestor:
         except Exception as e:  # noqa: BLE001 - any driver error means "database unavailable"
             raise DatabaseDown(str(e)) from e
 
+    def _layout_of(self, sha: str) -> tuple[Any, str] | None:
+        base = self._baseline(sha)
+        return (base.layout, base.spec_hash) if base is not None else None
+
     def _one(
         self,
         m: Incoming,
@@ -239,6 +246,23 @@ class Ingestor:
         fleet, device, kind = parse_topic(m.topic)
         now = m.received_at
         if kind == "stats":
+            try:
+                fw = decode_window(m.payload, fleet, device, self._layout_of)
+            except Refused:
+                fw = None
+            if fw is not None:
+                windows.append((fleet, device, fw.seq, fw.window_start, fw.window_end, now, fw.model_sha256,
+                                fw.spec_hash, fw.count, fw.dropped_windows, dumps(fw.schema_violations), fw.ints,
+                                fw.floats, None))
+                key = (fleet, device)
+                prev = seen.get(key)
+                dropped = max(fw.dropped_windows, prev[8] if prev else 0)
+                seen[key] = (fleet, device, now, now, fw.model_sha256, fw.model_name, fw.model_version,
+                             fw.agent_version, dropped)
+                if fw.ints is not None:
+                    res.touched[key] = (res.touched.get(key, (0, fw.model_sha256))[0] + fw.count, fw.model_sha256)
+                return
+            # The contract decoders judge anything the fast path refused (and word the reason).
             msg = decode_stats(m.payload, topic_device=device, topic_fleet=fleet)
             sha = msg.model.sha256
             base = self._baseline(sha)

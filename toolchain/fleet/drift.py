@@ -241,6 +241,7 @@ class DriftResult:
 
     @property
     def max_psi(self) -> float:
+        """Return the highest feature PSI (0 without features)."""
         return max((f.psi for f in self.features), default=0.0)
 
     def worst_features(self, n: int = 5) -> list[FeatureDrift]:
@@ -248,11 +249,20 @@ class DriftResult:
         return sorted(self.features, key=lambda f: -f.psi)[:n]
 
     def to_dict(self, features: bool = True) -> dict[str, Any]:
-        d = asdict(self)
-        d["max_psi"] = self.max_psi
-        if not features:
-            d.pop("features")
-        return _clean(d)
+        """Return a JSON-ready dict (floats rounded to 6 digits, non-finite as null)."""
+        d = {k: _clean(v) for k, v in self.__dict__.items() if k != "features"}
+        d["max_psi"] = _clean(self.max_psi)
+        if features:
+            d["features"] = [
+                {"name": f.name, "count": f.count, "psi": _r(f.psi), "js": _r(f.js), "ks": _r(f.ks),
+                 "mean_shift": _r(f.mean_shift), "state": f.state}
+                for f in self.features
+            ]
+        return d
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(v, 6)
 
 
 def _clean(o: Any) -> Any:
@@ -293,26 +303,18 @@ def compare(baseline: Profile, current: Profile, config: DriftConfig | None = No
     f_ms = mean_shift_std(b_in, c_in)
     n = current.count
     enough = n >= cfg.min_count
-    feats: list[FeatureDrift] = []
-    n_alert = n_warn = 0
-    for j, name in enumerate(b_in.names):
-        st = worst(_band(f_psi[j], cfg.psi_warn, cfg.psi_alert), _band(f_js[j], cfg.js_warn, cfg.js_alert))
-        if int(c_in.count[j]) < cfg.min_count:
-            st = "insufficient"
-        n_alert += st == "alert"
-        n_warn += st in ("warn", "alert")
-        ms = float(f_ms[j])
-        feats.append(
-            FeatureDrift(
-                name,
-                int(c_in.count[j]),
-                float(f_psi[j]),
-                float(f_js[j]),
-                float(f_ks[j]),
-                ms if math.isfinite(ms) else None,
-                st,
-            )
-        )
+    # Feature states as codes: -1 insufficient, 0 ok, 1 warn, 2 alert (vectorised over features).
+    code = np.where((f_psi >= cfg.psi_alert) | (f_js >= cfg.js_alert), 2,
+                    np.where((f_psi >= cfg.psi_warn) | (f_js >= cfg.js_warn), 1, 0))
+    code = np.where(c_in.count < cfg.min_count, -1, code)
+    names_by_code = {-1: "insufficient", 0: "ok", 1: "warn", 2: "alert"}
+    feats = [
+        FeatureDrift(name, cnt, p, j_, k, None if ms != ms else ms, names_by_code[c])
+        for name, cnt, p, j_, k, ms, c in zip(b_in.names, c_in.count.tolist(), f_psi.tolist(), f_js.tolist(),
+                                              f_ks.tolist(), f_ms.tolist(), code.tolist())
+    ]
+    n_alert = int((code == 2).sum())
+    n_warn = int((code >= 1).sum())
     nf = max(len(feats), 1)
     alert_share, warn_share = n_alert / nf, n_warn / nf
     reasons: list[str] = []

@@ -46,6 +46,10 @@ class Baseline:
     profile: Profile
     layout: Layout
     config: DriftConfig
+    spec_hash: str = ""
+
+    def __post_init__(self) -> None:
+        self.spec_hash = self.profile.spec.spec_hash()
 
 
 def read_bundle_baseline(bundle_dir: str | os.PathLike[str]) -> tuple[str, Any, Profile, dict[str, Any]]:

@@ -227,7 +227,8 @@ class Layout:
     """Where each part of a profile sits in the packed int64 and float64 vectors of a spec."""
 
     spec: ProfileSpec
-    parts: tuple[tuple[str, int, int], ...]  # (fsp name, features, histogram width)
+    template: Profile  # an empty profile of the spec (validated once; merges copy its edges)
+    parts: tuple[tuple[str, int, int], ...]  # (feature set, features, histogram width)
     n_ints: int
     n_floats: int
     n_classes: int
@@ -244,7 +245,21 @@ class Layout:
             n_ints += f * w + 2 * f
             n_floats += 4 * f
         k = len(spec.labels)
-        return cls(spec, tuple(parts), n_ints + k, n_floats, k)
+        return cls(spec, proto, tuple(parts), n_ints + k, n_floats, k)
+
+    def empty(self) -> Profile:
+        """Return a new empty profile of this spec without re-validating its edges."""
+        t = self.template
+        return Profile(spec=self.spec, inputs=_empty_like(t.inputs), class_counts=np.zeros_like(t.class_counts),
+                       confidence=_empty_like(t.confidence), latency_ms=_empty_like(t.latency_ms),
+                       schema_violations={})
+
+
+def _empty_like(fp: FeatureSetProfile) -> FeatureSetProfile:
+    f = fp.n_features
+    return FeatureSetProfile(names=fp.names, edges=fp.edges, nedges=fp.nedges, counts=np.zeros_like(fp.counts),
+                             count=np.zeros(f, dtype=np.int64), nan_count=np.zeros(f, dtype=np.int64),
+                             min=np.full(f, np.inf), max=np.full(f, -np.inf), mean=np.zeros(f), m2=np.zeros(f))
 
 
 def pack_profile(profile: Profile) -> tuple[bytes, bytes]:
@@ -267,7 +282,7 @@ def merge_packed(
     The k-way form of Chan et al.'s update: ``mean = sum(n_i mean_i) / N`` and
     ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``.
     """
-    prof = layout.spec.new_profile()
+    prof = layout.empty()
     if blobs:
         ints = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<i8").reshape(len(blobs), layout.n_ints)
         flts = np.frombuffer(b"".join(b[1] for b in blobs), dtype="<f8").reshape(len(blobs), layout.n_floats)

@@ -1,0 +1,294 @@
+"""Collector throughput through a real Mosquitto, side by side with a bare paho subscriber, and drift query time.
+
+One run: a simulated fleet of ``--devices`` devices (default 1,000) sends ``--windows`` stats windows
+each (64 digits features, about 5 KB per message) with QoS 1 from ``--publishers`` publisher
+processes. Three consumers take the same messages in turn, each in its own process, subscribed before
+the publishers start:
+
+1. a bare paho subscriber (MQTT 5, QoS 1) that only decodes the JSON and counts: the ceiling;
+2. the collector into SQLite (validation, packing, batch commit, ack after commit, drift evaluation);
+3. the collector into PostgreSQL (a server this script starts, as the tests do).
+
+Rate = messages / (last receipt - first receipt) in the consumer. Then the fleet-wide drift query
+(``drift_table``) over every device x 64 features is timed on both databases.
+
+    python -m benchmarks.collector_bench [--devices 1000] [--windows 10] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._bench import machine_info, markdown_table, progress_print, write_section  # noqa: E402
+
+FLEET = "bench"
+WINDOW_S = 60.0
+PROFILES = 25
+SAMPLES_PER_WINDOW = 60
+CONSUMER_TIMEOUT_S = 600.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Roles run in child processes
+
+
+def publisher(broker_port: int, payload_file: str, part: int, parts: int, start_at: float) -> None:
+    """Publish every ``parts``-th message of the file (QoS 1) and wait for all PUBACKs."""
+    from toolchain.fleet.sim import Publisher
+
+    with open(payload_file, "rb") as fh:
+        msgs = pickle.load(fh)[part::parts]
+    pub = Publisher(f"mqtt://127.0.0.1:{broker_port}", max_inflight=1000)
+    while time.time() < start_at:
+        time.sleep(0.005)
+    pub.publish_all(msgs)
+    pub.wait_acked(CONSUMER_TIMEOUT_S)
+    pub.close()
+
+
+def bare_subscriber(broker_port: int, total: int, ready_file: str, result_file: str) -> None:
+    """Count QoS 1 stats messages after decoding their JSON; write timing to ``result_file``."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    state = {"n": 0, "first": None, "last": None}
+    done = threading.Event()
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        json.loads(msg.payload)
+        now = time.perf_counter()
+        if state["first"] is None:
+            state["first"] = now
+        state["n"] += 1
+        state["last"] = now
+        if state["n"] >= total:
+            done.set()
+
+    def on_subscribe(*a: Any) -> None:
+        Path(ready_file).write_text("ready")
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    c.on_subscribe = on_subscribe
+    c.on_connect = lambda cl, u, f, r, p: cl.subscribe(f"edgefleet/{FLEET}/+/stats", qos=1)
+    c.connect("127.0.0.1", broker_port)
+    c.loop_start()
+    done.wait(CONSUMER_TIMEOUT_S)
+    c.loop_stop()
+    Path(result_file).write_text(json.dumps({"n": state["n"], "seconds": (state["last"] or 0) - (state["first"] or 0)}))
+
+
+def collector(db_url: str, broker_port: int, total: int, ready_file: str, result_file: str) -> None:
+    """Run the collector until it stored ``total`` windows; write timing to ``result_file``."""
+    from toolchain.fleet.collector import Collector
+
+    c = Collector(db_url, f"mqtt://127.0.0.1:{broker_port}", client_id="bench-collector", fleet=FLEET).start()
+    if not c.wait_ready(30):
+        raise SystemExit("collector did not subscribe")
+    Path(ready_file).write_text("ready")
+    first = None
+    deadline = time.monotonic() + CONSUMER_TIMEOUT_S
+    while c.counters.stored < total and time.monotonic() < deadline:
+        if first is None and c.counters.received > 0:
+            first = time.perf_counter() - 0.002  # polling granularity
+        time.sleep(0.002)
+    last = time.perf_counter()
+    counters = c.counters.as_dict()
+    c.stop()
+    Path(result_file).write_text(json.dumps({"n": counters["stored"], "seconds": last - (first or last),
+                                             "counters": counters}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def make_payloads(devices: int, windows: int, path: Path, bundle_root: Path) -> tuple[Path, str, float]:
+    """Encode every window once; return (bundle dir, model sha256, t0 of the first window)."""
+    import numpy as np
+
+    from device_agent.telemetry import ModelRef
+    from toolchain.fleet.sim import digits_baseline, load_digits, stats_payload, window_profile, write_bundle
+
+    base, model = digits_baseline()
+    bundle, sha = write_bundle(bundle_root, base)
+    ref = ModelRef("digits", 1, sha)
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    profiles = []
+    for _ in range(PROFILES):
+        x = d["x_test"][rng.choice(len(d["x_test"]), SAMPLES_PER_WINDOW)]
+        profiles.append(window_profile(base.spec, x, model.predict(x)))
+    t0 = time.time() - windows * WINDOW_S - 60
+    msgs = [stats_payload(f"dev-{i:05d}", seq, ref, profiles[(i + seq) % PROFILES], fleet=FLEET, t0=t0,
+                          window_s=WINDOW_S)
+            for seq in range(windows) for i in range(devices)]
+    with open(path, "wb") as fh:
+        pickle.dump(msgs, fh)
+    return bundle, sha, t0
+
+
+def start_mosquitto(work: Path) -> tuple[subprocess.Popen, int]:
+    from tests.conftest import free_port, mosquitto_binary, wait_port
+
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    # No queue limit: a slow consumer must not lose messages in a throughput test.
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_queued_messages 0\nmax_inflight_messages 0\n")
+    binary = mosquitto_binary()
+    if binary is None:
+        raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def run_phase(name: str, target: Any, args: tuple[Any, ...], port: int, payload_file: Path, publishers: int,
+              total: int, work: Path) -> dict[str, Any]:
+    ready = work / f"{name}.ready"
+    result = work / f"{name}.json"
+    ctx = mp.get_context("spawn")
+    consumer = ctx.Process(target=target, args=(*args, total, str(ready), str(result)))
+    consumer.start()
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if time.monotonic() > deadline or not consumer.is_alive():
+            raise SystemExit(f"{name}: consumer did not get ready")
+        time.sleep(0.05)
+    start_at = time.time() + 1.0
+    pubs = [ctx.Process(target=publisher, args=(port, str(payload_file), k, publishers, start_at))
+            for k in range(publishers)]
+    for p in pubs:
+        p.start()
+    consumer.join(CONSUMER_TIMEOUT_S + 60)
+    for p in pubs:
+        p.join(120)
+    res = json.loads(result.read_text())
+    res["rate"] = res["n"] / res["seconds"] if res["seconds"] > 0 else float("nan")
+    progress_print(f"{name}: {res['n']} messages in {res['seconds']:.2f} s = {res['rate']:,.0f}/s")
+    return res
+
+
+def time_drift_query(db_url: str, since: float | None) -> tuple[float, int]:
+    from toolchain.fleet.queries import drift_table
+
+    t = time.perf_counter()
+    rows = drift_table(db_url, since=since)
+    return time.perf_counter() - t, sum(r["scope"] == "device" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--windows", type=int, default=10, help="windows per device (default 10)")
+    ap.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
+    ap.add_argument("--skip-postgres", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+
+    from toolchain.fleet.registry import register_bundle
+
+    work = Path(tempfile.mkdtemp(prefix="collector-bench-"))
+    total = args.devices * args.windows
+    payload_file = work / "payloads.pkl"
+    progress_print(f"encoding {total} windows ...")
+    bundle, sha, t0 = make_payloads(args.devices, args.windows, payload_file, work / "bundle")
+    sizes = [len(p) for _, p in pickle.loads(payload_file.read_bytes())[:200]]
+    mean_kb = sum(sizes) / len(sizes) / 1024
+    broker, port = start_mosquitto(work)
+    pg = None
+    results: dict[str, dict[str, Any]] = {}
+    queries: dict[str, tuple[float, int, float, int]] = {}
+    try:
+        results["bare"] = run_phase("bare", bare_subscriber, (port,), port, payload_file, args.publishers, total,
+                                    work)
+        sqlite_url = f"sqlite:///{work / 'fleet.db'}"
+        register_bundle(sqlite_url, bundle)
+        results["sqlite"] = run_phase("sqlite", collector, (sqlite_url, port), port, payload_file, args.publishers,
+                                      total, work)
+        dbs = {"sqlite": sqlite_url}
+        if not args.skip_postgres:
+            from tests.conftest import Postgres
+
+            pg = Postgres()
+            pg.start()
+            import psycopg
+
+            with psycopg.connect(pg.url, autocommit=True) as conn:
+                conn.execute("CREATE DATABASE bench")
+            pg_url = pg.url.rsplit("/", 1)[0] + "/bench"
+            register_bundle(pg_url, bundle)
+            results["postgresql"] = run_phase("postgresql", collector, (pg_url, port), port, payload_file,
+                                              args.publishers, total, work)
+            dbs["postgresql"] = pg_url
+        last_window = t0 + (args.windows - 1) * WINDOW_S
+        for name, url in dbs.items():
+            time_drift_query(url, None)  # warm the page cache once
+            all_s, n_dev = time_drift_query(url, None)
+            one_s, n_dev1 = time_drift_query(url, last_window)
+            queries[name] = (all_s, n_dev, one_s, n_dev1)
+            progress_print(f"drift query {name}: all windows {all_s:.2f} s, latest window {one_s:.2f} s")
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        if pg is not None:
+            pg.stop()
+
+    bare = results["bare"]["rate"]
+    rows = [["bare paho subscriber (decode JSON, count)", results["bare"]["n"], results["bare"]["seconds"], bare,
+             "100%", "-"]]
+    goals = []
+    for name in ("sqlite", "postgresql"):
+        if name not in results:
+            continue
+        r = results[name]
+        share = r["rate"] / bare
+        c = r["counters"]
+        rows.append([f"collector -> {'SQLite (WAL, synchronous=FULL)' if name == 'sqlite' else 'PostgreSQL 15'}",
+                     r["n"], r["seconds"], r["rate"], f"{share:.0%}",
+                     f"{c['batches']} batches, {c['evaluations']} evaluations"])
+        goals.append((f"{name}: >= 70 % of bare", share >= 0.70, f"{share:.0%}"))
+        if name == "sqlite":
+            goals.append(("sqlite: >= 1,700 windows/s", r["rate"] >= 1700, f"{r['rate']:,.0f}/s"))
+    body = markdown_table(["consumer", "messages", "seconds", "messages/s", "of bare", "notes"], rows)
+    qrows = []
+    for name, (all_s, n_dev, one_s, n_dev1) in queries.items():
+        qrows.append([name, f"{n_dev} devices x 64 features, {args.windows} windows each", all_s])
+        qrows.append([name, f"{n_dev1} devices x 64 features, latest window each", one_s])
+        goals.append((f"{name}: drift query (latest window) <= 1 s", one_s <= 1.0, f"{one_s:.2f} s"))
+    body += "\nFleet-wide drift query (`drift_table`: merge per device and per model, every metric, sorted):\n\n"
+    body += markdown_table(["database", "scope", "seconds"], qrows)
+    body += "\n" + markdown_table(["goal", "met", "measured"], [[g, "yes" if ok else "NO", m] for g, ok, m in goals])
+    info = machine_info(("numpy", "paho-mqtt", "psycopg"))
+    intro = (
+        f"`python -m benchmarks.collector_bench --devices {args.devices} --windows {args.windows}` — {total:,} "
+        f"stats windows of {mean_kb:.1f} KB (64 features, {SAMPLES_PER_WINDOW} predictions each) from "
+        f"{args.publishers} publisher processes (QoS 1) through Mosquitto on 127.0.0.1, on the same 2 cores as "
+        "the consumer. Each consumer is its own process and subscribed before publishing starts; the broker "
+        "queue is unlimited, so a slower consumer drains a backlog instead of losing messages. The collector "
+        "validates every message against the registered baseline, packs it, commits in batches, acknowledges "
+        "after the commit, and runs drift evaluations (every 200 predictions per device)."
+    )
+    print(intro + "\n\n" + body)
+    if not args.no_write:
+        write_section("collector", "Collector throughput and drift query (collector_bench.py)", body, intro=intro,
+                      info=info)
+    return 0 if all(ok for _, ok, _ in goals) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
