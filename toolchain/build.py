@@ -266,6 +266,9 @@ def build_bundles(
                 failures.append(f"{t.name}: {entry['error']}")
             bar.update(1)
         bar.close()
+        for fmt, ref in float_refs.items():
+            # "runtime@threads" -> latency of the float reference, as measured beside the artifacts
+            report["float"][fmt.value]["latency"] = dict(sorted(ref["latency"].items()))
     finally:
         discard(work)
     report["build_s"] = round(time.perf_counter() - t_start, 2)
@@ -424,7 +427,8 @@ def _build_target(
             entry["accuracy_budget"] = "ok"
         if artifact.size_bytes > t.limits.max_model_bytes:
             raise ToolchainError(
-                f"model is {artifact.size_bytes} bytes, over the {t.name} limit of {t.limits.max_model_bytes};"
+                f"model is {artifact.size_bytes} bytes, over the {t.name} limit of "
+                f"{t.limits.max_model_bytes};"
                 " prune it (--prune) or use a smaller architecture"
             )
         metrics = {

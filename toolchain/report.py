@@ -50,7 +50,7 @@ def load_report(out_dir: str | Path) -> dict[str, Any]:
 
 
 def merge_previous(out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """Keep entries of an earlier report in ``out_dir`` for other targets of the same model whose bundles remain.
+    """Keep earlier entries in ``out_dir`` for other targets of the same model whose bundles remain.
 
     Building ``--target mobile`` and later ``--target x86`` into one folder gives one report of both.
     """
@@ -137,9 +137,9 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
         for i, h in enumerate(headers)
     ]
-    line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))
+    line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True))
     sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join([line, sep, *body])
 
 
@@ -152,7 +152,8 @@ def summary_table(report: dict[str, Any]) -> str:
         et = e.get("edgetpu")
         if et:
             out.append(
-                f"{name}: Edge TPU: {et.get('ops_mapped')}/{et.get('ops_total')} ops mappable; {et.get('message')}"
+                f"{name}: Edge TPU: {et.get('ops_mapped')}/{et.get('ops_total')} ops mappable; "
+                f"{et.get('message')}"
             )
         if e.get("accuracy_budget", "ok") != "ok":
             out.append(f"{name}: {e['accuracy_budget']}")
@@ -174,7 +175,8 @@ def _bar_chart(
     vmax = max(vals) if vals else 1.0
     vmax = vmax or 1.0
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(title)}">',
         f'<text x="{pad}" y="{pad + 12}" font-size="14" font-weight="bold">{html.escape(title)}</text>',
     ]
     y = pad + 26
@@ -183,7 +185,8 @@ def _bar_chart(
         for v, color, kind in ((a, INT8_COLOR, "int8"), (b, FLOAT_COLOR, "float")):
             if v is None:
                 parts.append(
-                    f'<text x="{label_w}" y="{y + bar_h - 3}" font-size="11" fill="{FAIL_COLOR}">{kind}: n/a</text>'
+                    f'<text x="{label_w}" y="{y + bar_h - 3}" font-size="11" fill="{FAIL_COLOR}">{kind}: '
+                    "n/a</text>"
                 )
             else:
                 w = max(1.0, plot_w * (v * scale) / vmax)
@@ -192,7 +195,8 @@ def _bar_chart(
                     f"<title>{html.escape(label)} {kind}: {v * scale:.4g} {unit}</title></rect>"
                 )
                 parts.append(
-                    f'<text x="{label_w + w + 4:.1f}" y="{y + bar_h - 3}" font-size="11">{v * scale:.4g} {unit}</text>'
+                    f'<text x="{label_w + w + 4:.1f}" y="{y + bar_h - 3}" font-size="11">{v * scale:.4g} '
+                    f"{unit}</text>"
                 )
             y += bar_h
         y += gap
@@ -253,7 +257,8 @@ def render_html(report: dict[str, Any]) -> str:
             for u in et.get("unmapped", [])
         )
         edgetpu_html += (
-            f"<h2>Edge TPU ({e(n)})</h2><p>{et.get('ops_mapped')} of {et.get('ops_total')} ops map to the Edge TPU."
+            f"<h2>Edge TPU ({e(n)})</h2><p>{et.get('ops_mapped')} of {et.get('ops_total')} ops map to the "
+            "Edge TPU."
             f" {e(str(et.get('message', '')))}</p>"
         )
         if un:
@@ -270,7 +275,8 @@ def render_html(report: dict[str, Any]) -> str:
             rt_rows += (
                 f"<tr><td>{e(n)}</td><td>{e(rt)}</td><td>{_fmt(acc, 'pct')}</td>"
                 f"<td>{_fmt(lat.get('threads_1', {}).get('p50_ms'), 'ms')}</td>"
-                f"<td>{_fmt(lat.get('threads_N', {}).get('p50_ms'), 'ms')} ({lat.get('threads_N', {}).get('threads', '-')})</td>"
+                f"<td>{_fmt(lat.get('threads_N', {}).get('p50_ms'), 'ms')} "
+                f"({lat.get('threads_N', {}).get('threads', '-')})</td>"
                 f"<td>{_fmt(lat.get('threads_N', {}).get('p95_ms'), 'ms')}</td>"
                 f"<td>{_fmt(fl.get('threads_1', {}).get('p50_ms'), 'ms')}</td>"
                 f"<td>{_fmt(fl.get('threads_N', {}).get('p50_ms'), 'ms')}</td></tr>"
@@ -279,7 +285,8 @@ def render_html(report: dict[str, Any]) -> str:
     data = report.get("data", {})
     prune = report.get("prune")
     prune_html = (
-        f"<p>Pruning: requested {_fmt(prune.get('requested'), 'pct')}, reached {_fmt(prune.get('reached_in_keras'), 'pct')}"
+        f"<p>Pruning: requested {_fmt(prune.get('requested'), 'pct')}, reached "
+        f"{_fmt(prune.get('reached_in_keras'), 'pct')}"
         " in the Keras kernels (the table shows the sparsity of each shipped artifact).</p>"
         if prune
         else ""
@@ -300,7 +307,8 @@ tr.failed td {{ color: {FAIL_COLOR}; }}
 ({e(str(report.get("model", {}).get("kind")))}); quantization {e(str(opts.get("quantize")))};
 calibration on {data.get("calibration_samples")} samples of <code>{e(str(data.get("path")))}</code>;
 evaluated on {data.get("eval", {}).get("samples")} samples ({e(str(data.get("eval", {}).get("source")))});
-float accuracy {_fmt(report.get("float", {}).get("accuracy"), "pct")}; total build {report.get("build_s", "-")} s.</p>
+float accuracy {_fmt(report.get("float", {}).get("accuracy"), "pct")};
+total build {report.get("build_s", "-")} s.</p>
 {prune_html}
 <table><tr>{head}</tr>{body}</table>
 {("<ul>" + "".join(notes) + "</ul>") if notes else ""}
@@ -308,7 +316,8 @@ float accuracy {_fmt(report.get("float", {}).get("accuracy"), "pct")}; total bui
 {"".join(charts)}
 </div>
 <h2>Latency per runtime on the build host (ms, batch 1)</h2>
-<table><tr><th>target</th><th>runtime</th><th>accuracy</th><th>p50 1 thread</th><th>p50 (threads)</th><th>p95</th>
+<table><tr><th>target</th><th>runtime</th><th>accuracy</th><th>p50 1 thread</th><th>p50 (threads)</th>
+<th>p95</th>
 <th>float p50 1 thread</th><th>float p50</th></tr>{rt_rows}</table>
 {edgetpu_html}
 </body></html>

@@ -97,7 +97,9 @@ def test_missing_label_column(digits_cnn_path: Path, tmp_path: Path, digits: dic
     flat = digits["x"][:30].reshape(30, -1)
     header = ",".join(f"px{i}" for i in range(64)) + ",digit"
     p.write_text(
-        header + "\n" + "".join(",".join(map(str, r)) + f",{c}\n" for r, c in zip(flat, digits["y"][:30]))
+        header
+        + "\n"
+        + "".join(",".join(map(str, r)) + f",{c}\n" for r, c in zip(flat, digits["y"][:30], strict=True))
     )
     code, _, err = build(digits_cnn_path, tmp_path / "o", "--label", "class", data=p)
     assert_bad_input(code, err, "label column 'class' is not in", "digit")

@@ -1,4 +1,4 @@
-"""Model loading (tf_keras .keras/.h5/SavedModel, Keras 3 .keras), Keras 3 -> tf_keras rebuild, built-in archs."""
+"""Model loading (tf_keras .keras/.h5/SavedModel, Keras 3 .keras), Keras 3 rebuild, built-in archs."""
 
 from __future__ import annotations
 

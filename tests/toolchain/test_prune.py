@@ -1,4 +1,4 @@
-"""Pruning reaches the requested sparsity in a short fine-tune; QAT keeps it when pruning-preserving (slow)."""
+"""Pruning reaches the requested sparsity in a short fine-tune; prune-preserving QAT keeps it (slow)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ def _csv(tmp_path: Path) -> Path:
     label = np.where(temp + 40 * vib > 80, "hot", "ok")
     p = tmp_path / "machines.csv"
     p.write_text(
-        "temp_c,vibration,state\n" + "".join(f"{a:.3f},{b:.4f},{c}\n" for a, b, c in zip(temp, vib, label))
+        "temp_c,vibration,state\n"
+        + "".join(f"{a:.3f},{b:.4f},{c}\n" for a, b, c in zip(temp, vib, label, strict=True))
     )
     return p
 

@@ -327,7 +327,8 @@ def targets_show(name: str, as_json: bool) -> None:
     if d["edgetpu"]:
         e = d["edgetpu"]
         click.echo(
-            f"{'edgetpu':13} compiler={e['compiler']}, static_batch={e['static_batch']}, max_on_chip_bytes={e['max_on_chip_bytes']}"
+            f"{'edgetpu':13} compiler={e['compiler']}, static_batch={e['static_batch']}, "
+            f"max_on_chip_bytes={e['max_on_chip_bytes']}"
         )
         ops = e["supported_ops"]
         click.echo(

@@ -90,14 +90,15 @@ class Dataset:
 
 
 def load_dataset(path: str | Path, label: str | None = None) -> Dataset:
-    """Load ``.npz`` (x, y), ``.csv`` (header + ``label`` column) or an image folder (one sub-folder per class)."""
+    """Load ``.npz`` (x, y), ``.csv`` (header + ``label`` column) or an image folder of class sub-folders."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data {str(p)!r} does not exist; pass an .npz file, a .csv file or an image folder")
     if p.is_dir():
         if label is not None:
             raise DataError(
-                f"--label {label!r} applies to CSV data; {str(p)!r} is an image folder (labels are folder names)"
+                f"--label {label!r} applies to CSV data; {str(p)!r} is an image folder (labels are folder "
+                "names)"
             )
         ds = _load_image_folder(p)
     elif p.suffix.lower() == ".npz":
@@ -106,7 +107,8 @@ def load_dataset(path: str | Path, label: str | None = None) -> Dataset:
         ds = _load_csv(p, label)
     else:
         raise DataError(
-            f"data {str(p)!r} has an unknown format; use .npz (x, y), .csv with --label COLUMN, or an image folder"
+            f"data {str(p)!r} has an unknown format; use .npz (x, y), .csv with --label COLUMN, or an image "
+            "folder"
         )
     check_finite(ds.x, str(p))
     if ds.n == 0:
@@ -166,7 +168,8 @@ def _load_npz(p: Path, label: str | None) -> Dataset:
         ) from None
     if "x" not in arrays or ykey not in arrays:
         raise DataError(
-            f"{str(p)!r} must hold arrays 'x' and {ykey!r}; it holds {sorted(arrays)} (use --label NAME for another label array)"
+            f"{str(p)!r} must hold arrays 'x' and {ykey!r}; it holds {sorted(arrays)} (use --label NAME for "
+            "another label array)"
         )
     x, y_raw = arrays["x"], arrays[ykey]
     if x.dtype.kind not in "fiub":
@@ -197,7 +200,8 @@ def _load_npz(p: Path, label: str | None) -> Dataset:
         feature_names = [str(v) for v in arrays["feature_names"].tolist()]
         if len(feature_names) != int(np.prod(x.shape[1:])):
             raise DataError(
-                f"{str(p)!r}: {len(feature_names)} feature_names for samples of {int(np.prod(x.shape[1:]))} values"
+                f"{str(p)!r}: {len(feature_names)} feature_names for samples of {int(np.prod(x.shape[1:]))} "
+                "values"
             )
     return Dataset(x.astype(np.float32), y, feature_names, names, str(p), "array")
 

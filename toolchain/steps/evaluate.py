@@ -138,7 +138,8 @@ def evaluate_bundle(
     usable = [r for r in wanted if is_installed(r)]
     if not usable:
         raise EvaluateError(
-            f"none of the bundle's runtimes ({', '.join(wanted)}) is installed here; pip install 'edgefleet[host]'"
+            f"none of the bundle's runtimes ({', '.join(wanted)}) is installed here; pip install "
+            "'edgefleet[host]'"
         )
     model_path = root / manifest.model.path
     per_runtime: dict[str, Any] = {}

@@ -122,7 +122,8 @@ def keras_file_version(path: Path) -> str:
                 )
     except zipfile.BadZipFile:
         raise ModelError(
-            f"model file {str(path)!r} is not a valid .keras archive (truncated or corrupt?); re-save or re-download it"
+            f"model file {str(path)!r} is not a valid .keras archive (truncated or corrupt?); re-save or "
+            "re-download it"
         ) from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(
@@ -139,7 +140,8 @@ def load_model(path: str | Path) -> LoadedModel:
     if p.is_dir():
         if not (p / "saved_model.pb").is_file():
             raise ModelError(
-                f"folder {str(p)!r} is not a SavedModel (no saved_model.pb); pass a .keras/.h5 file or a SavedModel"
+                f"folder {str(p)!r} is not a SavedModel (no saved_model.pb); pass a .keras/.h5 file or a "
+                "SavedModel"
             )
         return _load_savedmodel(p)
     suffix = p.suffix.lower()
@@ -155,7 +157,8 @@ def load_model(path: str | Path) -> LoadedModel:
             with h5py.File(p, "r") as f:
                 if "model_config" not in f.attrs:
                     raise ModelError(
-                        f"{str(p)!r} is an HDF5 file without a model config (weights only?); save the whole model"
+                        f"{str(p)!r} is an HDF5 file without a model config (weights only?); save the whole "
+                        "model"
                     )
         except OSError:
             raise ModelError(
@@ -169,12 +172,14 @@ def _model_io(model: Any, where: Path) -> tuple[tuple[int, ...], int]:
     inputs = model.inputs if hasattr(model, "inputs") else None
     if not inputs or len(inputs) != 1 or len(model.outputs) != 1:
         raise ModelError(
-            f"model {str(where)!r} must have exactly one input and one output (multi-tensor models are not supported)"
+            f"model {str(where)!r} must have exactly one input and one output (multi-tensor models are not "
+            "supported)"
         )
     in_shape = tuple(inputs[0].shape)[1:]
     if any(d is None for d in in_shape):
         raise ModelError(
-            f"model {str(where)!r} has a dynamic input shape {tuple(inputs[0].shape)}; give the Input layer a fixed shape"
+            f"model {str(where)!r} has a dynamic input shape {tuple(inputs[0].shape)}; give the Input layer "
+            "a fixed shape"
         )
     out_shape = tuple(model.outputs[0].shape)[1:]
     n_out = int(np.prod([d for d in out_shape if d is not None])) if out_shape else 1
@@ -238,7 +243,8 @@ def _load_savedmodel(p: Path) -> LoadedModel:
     shape = tuple(spec.shape)[1:]
     if any(d is None for d in shape):
         raise ModelError(
-            f"SavedModel {str(p)!r} has a dynamic input shape {tuple(spec.shape)}; export it with a fixed shape"
+            f"SavedModel {str(p)!r} has a dynamic input shape {tuple(spec.shape)}; export it with a fixed "
+            "shape"
         )
     out = next(iter(serve.structured_outputs.values()))
     n_out = int(np.prod([d for d in tuple(out.shape)[1:] if d is not None]))
@@ -420,7 +426,8 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
         return keras.Model(inp, out, name="mlp")
     if len(shape) != 3:
         raise ModelError(
-            f"--arch {arch} needs images of shape (height, width, channels); the data has samples of shape {shape}"
+            f"--arch {arch} needs images of shape (height, width, channels); the data has samples of shape "
+            f"{shape}"
         )
     scale = float(np.max(np.abs(x))) or 1.0
     if arch == "cnn":

@@ -100,7 +100,8 @@ def check_destination(dest: Path, name: str, version: int, target: str) -> str:
     if not (dest / MANIFEST_FILE).exists():
         if any(dest.iterdir()):
             raise PackageError(
-                f"output folder {str(dest)!r} is not empty and holds no bundle; choose another --out or empty it"
+                f"output folder {str(dest)!r} is not empty and holds no bundle; choose another --out or "
+                "empty it"
             )
         return "new"
     try:
@@ -111,7 +112,8 @@ def check_destination(dest: Path, name: str, version: int, target: str) -> str:
         ) from None
     if old.name != name or old.target != target:
         raise PackageError(
-            f"output {str(dest)!r} holds bundle {old.name!r} for target {old.target!r}, not {name!r} for {target!r};"
+            f"output {str(dest)!r} holds bundle {old.name!r} for target {old.target!r}, not {name!r} for "
+            f"{target!r};"
             " choose another --out"
         )
     if old.version > version:
