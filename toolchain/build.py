@@ -515,7 +515,8 @@ def _edgetpu(
     extra: dict[str, Path] = {}
     if compiled and result.log_path is not None and Path(result.log_path).is_file():
         extra[EDGETPU_LOG_FILE] = Path(result.log_path)
-    return (Path(result.compiled_path) if compiled else None), _finite(summary), extra
+    accelerated = Path(result.compiled_path) if compiled and result.compiled_path is not None else None
+    return accelerated, _finite(summary), extra
 
 
 def _finite(obj: Any) -> Any:

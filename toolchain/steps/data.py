@@ -144,10 +144,10 @@ def _class_names_for(y_raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
                 "labels must be integers or strings (class names); regression targets are not supported"
             )
         return _class_names_for(y_raw.astype(np.int64))
-    strs = np.array([str(v) for v in y_raw.tolist()])
-    uniq = sorted(set(strs.tolist()), key=_natural_key)
-    index = {v: i for i, v in enumerate(uniq)}
-    return np.array([index[v] for v in strs.tolist()], dtype=np.int64), uniq
+    strs = [str(v) for v in y_raw.tolist()]
+    names = sorted(set(strs), key=_natural_key)
+    index = {v: i for i, v in enumerate(names)}
+    return np.array([index[v] for v in strs], dtype=np.int64), names
 
 
 def _natural_key(s: str) -> tuple[int, float, str]:
@@ -311,11 +311,11 @@ def _load_image_folder(p: Path) -> Dataset:
     # Grayscale folders stay one channel; anything else becomes RGB. Sizes follow the most common one.
     gray = all(m in ("L", "1", "I;16", "I", "F") for m in modes)
     size = Counter(im.size for im in opened).most_common(1)[0][0]
-    for im in opened:
-        im = im.convert("L" if gray else "RGB")
-        if im.size != size:
-            im = im.resize(size, Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32)
+    for img in opened:
+        conv = img.convert("L" if gray else "RGB")
+        if conv.size != size:
+            conv = conv.resize(size, Image.Resampling.BILINEAR)
+        arr = np.asarray(conv, dtype=np.float32)
         images.append(arr[..., None] if gray else arr)
     x = np.stack(images)
     y = np.array([ci for _, ci in files], dtype=np.int64)

@@ -69,13 +69,13 @@ def _tflite_sparsity(path: Path) -> float | None:
             arr = np.asarray(interp.get_tensor(t.index))
         except ValueError:
             continue
-        zp = np.asarray(t.zero_point, dtype=np.int64) if t.zero_point else np.zeros(1, dtype=np.int64)
+        zp: np.ndarray = np.asarray(t.zero_point, dtype=np.int64) if t.zero_point else np.zeros(1, np.int64)
         if arr.dtype.kind in "iu" and zp.size > 1:
             shape = [1] * arr.ndim
             shape[t.quantized_dimension] = zp.size
             zp = zp.reshape(shape)
         elif arr.dtype.kind == "f":
-            zp = np.zeros(1)
+            zp = np.zeros(1, np.int64)
         zeros += int((arr == zp).sum())
         total += arr.size
     return zeros / total if total else None

@@ -55,7 +55,7 @@ def epoch_bar_callback(keras: Any, total: int, desc: str, progress: bool) -> Any
     """Return a Keras callback that advances a tqdm bar per epoch (quiet when not a TTY)."""
     from tqdm import tqdm
 
-    class _Bar(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
+    class _Bar(keras.callbacks.Callback):
         def on_train_begin(self, logs: Any = None) -> None:
             self.bar = tqdm(
                 total=total, desc=desc, unit="epoch", disable=not progress_enabled(progress), file=sys.stderr
