@@ -142,3 +142,18 @@ def test_merge_keeps_earlier_targets_whose_bundles_remain(tmp_path: Path) -> Non
     assert merged["targets"]["coral"]["from_earlier_build"] == "2026-11-27T12:00:00Z"
     other = dict(new, name="other")
     assert set(merge_previous(tmp_path, other)["targets"]) == {"mobile"}
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_real_report_renders_in_chromium(digits_bundles: Path, chromium: str, tmp_path: Path) -> None:
+    from conftest import render_page  # tests/ is on sys.path (rootdir conftest)
+
+    page = tmp_path / "report.html"
+    page.write_text((digits_bundles / "report.html").read_text())  # a copy with no neighbours: self-contained
+    png = tmp_path / "report.png"
+    dom = render_page(chromium, page, png)
+    assert png.stat().st_size > 10_000
+    assert dom.count("<svg") == 3 and "digits_cnn" in dom
+    for target in ("coral", "mobile", "raspberry-pi", "x86"):
+        assert f"<td>{target}</td>" in dom
