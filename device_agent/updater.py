@@ -353,7 +353,7 @@ def http_fetch(
     cap = size_bytes if size_bytes is not None else max_bytes
     dest.parent.mkdir(parents=True, exist_ok=True)
     last_error = "no attempt made"
-    for attempt in range(tries):
+    for _attempt in range(tries):
         have = dest.stat().st_size if dest.exists() else 0
         if size_bytes is not None and have == size_bytes:
             return True
@@ -1040,14 +1040,15 @@ def parse_update_section(sec: Any) -> dict[str, Any]:
     for key, types in UPDATE_CONFIG_KEYS.items():
         if key not in sec:
             continue
-        v = sec[key]
-        if isinstance(v, bool) or not isinstance(v, types):
-            raise ConfigError(f"[update] {key} must be a number, got {str(v)[:40]!r}")
+        raw = sec[key]
+        if isinstance(raw, bool) or not isinstance(raw, types):
+            raise ConfigError(f"[update] {key} must be a number, got {str(raw)[:40]!r}")
+        v = float(raw)  # type: ignore[arg-type]  # an int or float, checked just above
         if key == "health_window_s" and not 0 <= v <= 3600:
-            raise ConfigError(f"[update] health_window_s must be between 0 and 3600 seconds, got {v}")
+            raise ConfigError(f"[update] health_window_s must be between 0 and 3600 seconds, got {raw}")
         if key != "health_window_s" and v < 1024:
-            raise ConfigError(f"[update] {key} must be at least 1024 bytes, got {v}")
-        out[key] = float(v) if key == "health_window_s" else int(v)
+            raise ConfigError(f"[update] {key} must be at least 1024 bytes, got {raw}")
+        out[key] = v if key == "health_window_s" else int(v)
     return out
 
 
@@ -1124,7 +1125,7 @@ def attach_to_daemon(up: Updater, daemon: Any) -> None:
 
 
 __all__ = [
-    "parse_update_section", "updater_for_agent", "attach_to_daemon", "smoke_predictor", 
+    "parse_update_section", "updater_for_agent", "attach_to_daemon", "smoke_predictor",
     "COMMAND_SCHEMA", "STATES", "UpdateError", "CommandError", "DeployCommand", "HttpSource", "MqttSource",
     "LocalSource", "MqttSettings", "UpdaterConfig", "Updater", "decode_command", "bundle_topic", "bundle_stream",
     "check_manifest", "http_fetch", "mqtt_fetch", "smoke_inference",

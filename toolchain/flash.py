@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from device_agent.bundle import MANIFEST_FILE, SIGNATURE_FILE, Manifest, VerifyPolicy, manifest_sha256, verify_bundle
+from device_agent.bundle import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    Manifest,
+    VerifyPolicy,
+    manifest_sha256,
+    verify_bundle,
+)
 from device_agent.store import PARTIAL_SUFFIX, copy_file_synced, fsync_dir
 from device_agent.telemetry import TelemetryError, check_id, decode_event, fleet_topic, topic
 from device_agent.updater import DeployCommand, HttpSource, MqttSource, bundle_stream, bundle_topic

@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.bundle import MANIFEST_FILE, SIGNATURE_FILE, VerifyPolicy, file_entry, load_manifest, manifest_sha256
+from device_agent.bundle import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    VerifyPolicy,
+    file_entry,
+    load_manifest,
+    manifest_sha256,
+)
 from device_agent.keys import load_trusted_keys
 from device_agent.store import BundleStore
 from device_agent.updater import DeployCommand, HttpSource, LocalSource, Updater

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -52,7 +53,7 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
     m = verify_bundle(b, VerifyPolicy(trusted_keys=keys, allow_unsigned=not keys, target=target))
     signed = (b / SIGNATURE_FILE).is_file()
     signature = "verified" if keys else ("present, not checked (pass --key)" if signed else "none")
-    result = {
+    result: dict[str, Any] = {
         "ok": True, "name": m.name, "version": m.version, "target": m.target, "sha256": manifest_sha256(b),
         "files": len(m.files), "size_bytes": sum(f.size_bytes for f in m.files), "signature": signature,
     }
@@ -154,8 +155,8 @@ def fleet_deploy_cmd(bundle: str, broker_url: str, devices: tuple[str, ...], fle
     import sys
     from urllib.parse import urlsplit
 
-    from toolchain.fleet.deploy import DeployError, deploy
     from toolchain.flash import MqttDest
+    from toolchain.fleet.deploy import DeployError, deploy
 
     parts = urlsplit(broker_url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
