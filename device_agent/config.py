@@ -126,6 +126,7 @@ SCHEMA: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
         "health_window_s": (False, (int, float)),
         "max_bundle_bytes": (False, (int,)),
         "staging_quota_bytes": (False, (int,)),
+        "ca_file": (False, (str,)),
     },
 }
 REQUIRED_SECTIONS = ("agent",)
@@ -252,13 +253,15 @@ def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) 
         outbox_max_rows=int(rows),
         outbox_max_bytes=int(nbytes),
         listen=listen,
-        extra={"update": _parse_update(sections.get("update"))},
+        extra={"update": _parse_update(sections.get("update"), rel)},
     )
 
 
-def _parse_update(sec: dict[str, Any] | None) -> dict[str, Any]:
+def _parse_update(sec: dict[str, Any] | None, rel: Any) -> dict[str, Any]:
     from device_agent.updater import parse_update_section
 
+    if sec is not None and isinstance(sec.get("ca_file"), str):
+        sec = dict(sec, ca_file=str(rel(sec["ca_file"])))
     return parse_update_section(sec)
 
 

@@ -377,7 +377,13 @@ def http_fetch(
                 ) from None
             raise UpdateError(f"download of {url[:200]} failed: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            last_error = str(getattr(e, "reason", e))[:120]
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise UpdateError(
+                    f"download of {url[:200]} refused: the server's TLS certificate does not verify"
+                    f" ({reason.verify_message}); set [update] ca_file for a private CA"
+                ) from None
+            last_error = str(reason)[:120]
             time.sleep(DOWNLOAD_RETRY_S)
             continue
         with resp:
@@ -1022,6 +1028,7 @@ UPDATE_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "health_window_s": (int, float),
     "max_bundle_bytes": (int,),
     "staging_quota_bytes": (int,),
+    "ca_file": (str,),
 }
 
 
@@ -1043,6 +1050,12 @@ def parse_update_section(sec: Any) -> dict[str, Any]:
         raw = sec[key]
         if isinstance(raw, bool) or not isinstance(raw, types):
             raise ConfigError(f"[update] {key} must be a number, got {str(raw)[:40]!r}")
+        if key == "ca_file":
+            if not Path(raw).is_file():
+                raise ConfigError(f"[update] ca_file {raw!r} does not exist; give the CA certificate (PEM) of your"
+                                  " bundle server")
+            out[key] = str(raw)
+            continue
         v = float(raw)  # type: ignore[arg-type]  # an int or float, checked just above
         if key == "health_window_s" and not 0 <= v <= 3600:
             raise ConfigError(f"[update] health_window_s must be between 0 and 3600 seconds, got {raw}")
@@ -1077,6 +1090,7 @@ def updater_for_agent(config: Any, trusted_keys: tuple[bytes, ...]) -> Updater:
         staging_quota_bytes=upd.get("staging_quota_bytes"),
         device_id=config.device_id,
         mqtt=mq,
+        ssl_context=ssl.create_default_context(cafile=upd["ca_file"]) if upd.get("ca_file") else None,
     )
     up = Updater(ucfg, switch=_not_attached)
     up.recover(report=False)

@@ -316,3 +316,23 @@ def test_edgefleet_serve_serves_bundle_files_with_ranges(make_version, tmp_path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_agent_config_update_table(tmp_path: Path, make_version, ota_keys) -> None:
+    from device_agent.config import load_config
+    from device_agent.errors import ConfigError
+
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    base = (f'[agent]\ndevice_id = "pi-1"\nfleet = "lab"\nbundle = "{make_version(1)}"\nstate_dir = "state"\n'
+            f'trusted_keys = ["{ota_keys["pub"]}"]\n')
+    p = tmp_path / "agent.toml"
+    p.write_text(base + '[update]\nhealth_window_s = 3\nmax_bundle_bytes = 50000000\nca_file = "ca.pem"\n')
+    cfg = load_config(p)
+    assert cfg.extra["update"] == {"health_window_s": 3.0, "max_bundle_bytes": 50_000_000,
+                                   "ca_file": str(tmp_path / "ca.pem")}
+    p.write_text(base + '[update]\nca_file = "missing.pem"\n')
+    with pytest.raises(ConfigError, match="ca_file"):
+        load_config(p)
+    p.write_text(base + "[update]\nhealth_windows = 3\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(p)

@@ -549,3 +549,66 @@ def test_signature_file_is_kept_in_the_slot(device, make_version) -> None:
     assert up.deploy(LocalSource(str(make_version(2))))
     d = up.store.active_dir()
     assert d is not None and (d / SIGNATURE_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ HTTPS
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[Callable[[Path], tuple[str, Path]]]:
+    """An ``edgefleet serve`` server behind TLS with a self-signed certificate for 127.0.0.1."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    servers: list[BundleHTTPServer] = []
+
+    def start(bundle: Path) -> tuple[str, Path]:
+        srv = BundleHTTPServer(bundle)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert_pem, key_pem)
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        srv.start_background()
+        servers.append(srv)
+        return srv.url().replace("http://", "https://"), cert_pem
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_https_download_with_a_private_ca(tmp_path, v1, make_version, policy, tls_server, digits) -> None:
+    import ssl
+
+    v2 = make_version(2)
+    url, ca = tls_server(v2)
+    serving = Serving(policy)
+    up = make_updater(tmp_path / "untrusting", serving, policy, fallback=v1)
+    assert up.deploy(command(v2, url, "d-tls-1")) is False
+    assert_still_v1(up, serving, digits, "TLS certificate does not verify")
+    serving = Serving(policy)
+    up = make_updater(tmp_path / "trusting", serving, policy, fallback=v1,
+                      ssl_context=ssl.create_default_context(cafile=str(ca)))
+    assert up.deploy(command(v2, url, "d-tls-2")) is True
+    assert serving.version == 2
