@@ -210,7 +210,7 @@ class Agent:
                 self.violations_total += 1
                 raise InputError("shape", f"input is not a rectangular array of numbers ({e})") from None
             t0 = time.perf_counter()
-            scores = m.predictor.predict(arr)
+            scores = m.predictor.predict_checked(arr)
             latency_ms = (time.perf_counter() - t0) * 1000.0
             self._window.record(arr, scores, latency_ms)
             self.predictions_total += scores.shape[0]

@@ -91,7 +91,10 @@ class Predictor:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return float scores (n, K) for float inputs (n, *sample_shape) or one sample."""
-        arr = self.check_input(x)
+        return self.predict_checked(self.check_input(x))
+
+    def predict_checked(self, arr: np.ndarray) -> np.ndarray:
+        """Return float scores (n, K) for a batch that ``check_input`` returned (skips a second check)."""
         if self._affine is not None:
             arr = arr * self._affine[0] + self._affine[1]
         raw = self.model.run(quantize(arr, self.input_spec))

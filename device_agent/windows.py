@@ -41,9 +41,11 @@ class Window:
         self.start_ts = start_ts
         self.start_mono = start_mono
         self.profile = spec.new_profile()
-        self._feats: list[np.ndarray] = []
-        self._scores: list[np.ndarray] = []
-        self._lat: list[np.ndarray] = []
+        self._elements = spec.features.kind == "elements"
+        # Preallocated buffers: recording a sample is a few slice copies, no allocation.
+        self._feats = np.empty((FLUSH_ROWS, len(spec.features.names)), dtype=np.float64)
+        self._scores = np.empty((FLUSH_ROWS, len(spec.labels)), dtype=np.float64)
+        self._lat = np.empty(FLUSH_ROWS, dtype=np.float64)
         self._buffered = 0
         self._flushed = 0
 
@@ -58,12 +60,23 @@ class Window:
         The batch latency is split evenly over its samples so latency counts match predictions.
         """
         n = int(scores.shape[0])
-        feats = self.spec.features.extract(x)
-        self._feats.append(np.array(feats, dtype=np.float64, copy=True))
-        self._scores.append(np.array(scores, dtype=np.float64, copy=True))
-        self._lat.append(np.full(n, latency_ms / max(n, 1)))
-        self._buffered += n
-        if self._buffered >= FLUSH_ROWS:
+        if n > FLUSH_ROWS - self._buffered:
+            self.flush()
+            if n > FLUSH_ROWS:  # a large batch goes straight into the profile
+                self.profile.inputs.update(self.spec.features.extract(x))
+                self.profile.update_outputs(scores)
+                self.profile.update_latency(np.full(n, latency_ms / n))
+                self._flushed += n
+                return
+        i = self._buffered
+        if self._elements:
+            self._feats[i : i + n] = x.reshape(n, -1)
+        else:
+            self._feats[i : i + n] = self.spec.features.extract(x)
+        self._scores[i : i + n] = scores
+        self._lat[i : i + n] = latency_ms / n
+        self._buffered = i + n
+        if self._buffered == FLUSH_ROWS:
             self.flush()
 
     def add_violation(self, kind: str, n: int = 1) -> None:
@@ -72,13 +85,13 @@ class Window:
 
     def flush(self) -> None:
         """Fold buffered samples into the profile."""
-        if not self._buffered:
+        n = self._buffered
+        if not n:
             return
-        self.profile.inputs.update(np.concatenate(self._feats))
-        self.profile.update_outputs(np.concatenate(self._scores))
-        self.profile.update_latency(np.concatenate(self._lat))
-        self._flushed += self._buffered
-        self._feats, self._scores, self._lat = [], [], []
+        self.profile.inputs.update(self._feats[:n])
+        self.profile.update_outputs(self._scores[:n])
+        self.profile.update_latency(self._lat[:n])
+        self._flushed += n
         self._buffered = 0
 
     def close(self, end_ts: float) -> ClosedWindow:

@@ -156,3 +156,29 @@ def test_signed_bundles_need_a_trusted_key(tmp_path: Path) -> None:
         Agent(b, trusted_keys=[other])
     with pytest.raises(BundleError, match="allow_unsigned is false"):
         Agent(cached_onnx_bundle(), allow_unsigned=False)
+
+
+def test_window_buffering_equals_one_pass_profile(data: dict[str, np.ndarray]) -> None:
+    """Samples one by one, small batches and a batch larger than the buffer give the exact same profile."""
+    from device_agent.windows import FLUSH_ROWS, Window
+
+    agent = Agent(cached_onnx_bundle())
+    m = agent.model
+    x = data["x_test"][: FLUSH_ROWS + 350]
+    scores = m.predictor.predict(x)
+    w = Window(m.spec, m.ref, 0.0, 0.0)
+    for i in range(300):
+        w.record(x[i : i + 1], scores[i : i + 1], 1.0)
+    w.record(x[300:310], scores[300:310], 10.0)
+    w.record(x[310:], scores[310:], float(len(x) - 310))  # larger than the buffer
+    got = w.close(1.0).profile
+    ref = m.spec.new_profile()
+    ref.update_inputs(x)
+    ref.update_outputs(scores)
+    ref.update_latency(np.ones(len(x)))
+    assert got.count == len(x)
+    assert np.array_equal(got.inputs.counts, ref.inputs.counts)
+    assert np.allclose(got.inputs.mean, ref.inputs.mean) and np.allclose(got.inputs.m2, ref.inputs.m2)
+    assert got.class_counts.tolist() == ref.class_counts.tolist()
+    assert np.array_equal(got.confidence.counts, ref.confidence.counts)
+    assert np.array_equal(got.latency_ms.counts, ref.latency_ms.counts)

@@ -1,0 +1,430 @@
+"""Benchmark the device agent against a bare interpreter loop on the same model, in one run.
+
+For the digits CNN and a MobileNetV2 (alpha 0.35, digits upsampled to 96x96), each built for the
+raspberry-pi target (full-int8 .tflite, LiteRT) by the build pipeline:
+
+* predictions per second, one sample per call: a bare ``ai_edge_litert`` interpreter loop
+  (pre-quantized input, set_tensor/invoke/get_tensor), the Python API (``Daemon.agent.predict``
+  with statistics windows and telemetry on: outbox + MQTT to a local Mosquitto), and the HTTP API
+  (keep-alive connection, one sample per request);
+* statistics cost per sample (window update, batched folding into the profile) vs inference time;
+* bytes per window (full window and heartbeat);
+* the daemon's resident memory (``edgefleet-agent run`` with LiteRT, after 300 HTTP predictions);
+* start time to first prediction (process start to the first 200 from /v1/predict, and to the
+  first ``Agent.predict`` result in a fresh Python process).
+
+Measurements run in a child process that never imports TensorFlow (the build runs first).
+
+    .venv/bin/python -m benchmarks.agent_bench           # both models (several minutes on 2 cores)
+    .venv/bin/python -m benchmarks.agent_bench --quick   # the digits CNN only
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._bench import markdown_table, progress_print, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "calibration_data" / "digits.npz"
+DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
+CNN_EPOCHS = 8
+MOBILENET_EPOCHS = 1  # throughput does not depend on accuracy; one epoch keeps the run short
+MOBILENET_UPSAMPLE = 12  # 8x8 -> 96x96
+MEASURE_S = 3.0
+HTTP_REQUESTS = 300
+WINDOW_S = 1.0
+GOAL_API_RATIO = 0.9
+GOAL_RSS_MB = 80.0
+GOAL_FIRST_S = 1.5
+GOAL_STATS_PCT = 5.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Build (TensorFlow, parent process)
+
+
+def upsampled(src: Path, dst: Path, k: int) -> Path:
+    d = np.load(src)
+    x = np.kron(d["x"], np.ones((1, k, k, 1), dtype=np.float32)).astype(np.float32)
+    np.savez(dst, x=x, y=d["y"], class_names=d["class_names"])
+    return dst
+
+
+def build(arch: str, data: Path, test: Path, epochs: int, work: Path) -> Path:
+    from toolchain.build import build_bundles
+    from toolchain.steps.data import load_dataset
+    from toolchain.steps.train import train_model
+
+    model = work / f"{arch}.keras"
+    train_model(load_dataset(data), arch, epochs, model, progress=False)
+    out = work / f"{arch}-bundles"
+    build_bundles(
+        model, data, ["raspberry-pi"], out, eval_data=test, allow_accuracy_drop=True, progress=False
+    )
+    return out / "raspberry-pi"
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements (child process, no TensorFlow)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
+    if not binary:
+        return None, None
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    user = "user root\n" if os.geteuid() == 0 else ""
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"mqtt://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None, None
+
+
+def write_config(
+    path: Path, bundle: Path, state: Path, url: str | None, listen: str, window_s: float
+) -> Path:
+    text = (
+        f'[agent]\ndevice_id = "bench"\nfleet = "bench"\nbundle = "{bundle}"\nstate_dir = "{state}"\n'
+        f"allow_unsigned = true\nthreads = 1\n[telemetry]\nwindow_s = {window_s}\nwindow_max_samples = 100000\n"
+        f'[api]\nlisten = "{listen}"\n'
+    )
+    if url:
+        text += f'[mqtt]\nurl = "{url}"\n'
+    path.write_text(text)
+    return path
+
+
+def rate(fn: Any, xs: np.ndarray, seconds: float = MEASURE_S) -> float:
+    """Calls per second of ``fn(sample)`` cycling over ``xs`` for about ``seconds``."""
+    for i in range(min(50, len(xs))):  # warm up
+        fn(xs[i])
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        for x in xs:
+            fn(x)
+            n += 1
+        if time.perf_counter() - t0 >= seconds:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def measure(bundle: Path, data: Path) -> dict[str, Any]:
+    import logging
+
+    logging.disable(logging.WARNING)
+    from ai_edge_litert.interpreter import Interpreter
+
+    from device_agent.bundle import load_manifest
+    from device_agent.config import load_config
+    from device_agent.daemon import Daemon
+    from device_agent.inference import quantize
+    from device_agent.telemetry import encode_stats
+    from device_agent.windows import Window
+
+    work = Path(tempfile.mkdtemp(prefix="agent-bench-"))
+    manifest = load_manifest(bundle)
+    xs = np.load(data)["x"][:200].astype(np.float32)
+    res: dict[str, Any] = {"bundle": manifest.name, "input_shape": list(xs.shape[1:])}
+
+    # bare interpreter loop, pre-quantized inputs
+    it = Interpreter(model_path=str(bundle / manifest.model.path), num_threads=1)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    xq = quantize(xs, manifest.inputs[0])[:, None]
+
+    def bare(x: np.ndarray) -> Any:
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        return it.get_tensor(out["index"])
+
+    res["bare_per_s"] = rate(bare, xq)
+    res["inference_us"] = 1e6 / res["bare_per_s"]
+
+    mosq, url = start_mosquitto(work)
+    res["telemetry"] = "outbox + MQTT (Mosquitto)" if url else "outbox only (no Mosquitto here)"
+    try:
+        cfg = write_config(work / "agent.toml", bundle, work / "state", url, "127.0.0.1:0", WINDOW_S)
+        d = Daemon(load_config(cfg), watch_bundle=False).start()
+        try:
+            res["api_per_s"] = rate(d.agent.predict, xs)
+            host, port = d.api.address.split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            bodies = [json.dumps({"inputs": x.tolist()}).encode() for x in xs[:50]]
+
+            def post(body: bytes) -> None:
+                conn.request("POST", "/v1/predict", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                assert r.status == 200
+
+            res["http_per_s"] = rate(post, np.array(bodies, dtype=object), seconds=MEASURE_S)
+            conn.close()
+            time.sleep(WINDOW_S * 1.5)
+            res["windows_written"] = d.windows_written
+            res["outbox_rows_left"] = d.outbox.depth()[0]
+        finally:
+            d.stop()
+    finally:
+        if mosq:
+            mosq.terminate()
+            mosq.wait(10)
+
+    # statistics cost per sample: what Agent.predict adds for the window, one sample per call
+    model = d.agent.model
+    scores = model.predictor.predict(xs[:1])
+    n = 2000
+    w = Window(model.spec, model.ref, time.time(), time.monotonic())
+    t0 = time.perf_counter()
+    for i in range(n):
+        w.record(xs[i % len(xs)][None], scores, 0.5)
+    w.flush()
+    res["stats_us"] = (time.perf_counter() - t0) / n * 1e6
+    res["stats_pct"] = 100 * res["stats_us"] / res["inference_us"]
+    closed = w.close(time.time())
+    full = encode_stats(
+        device_id="bench",
+        fleet="bench",
+        seq=1,
+        window_start=closed.window_start,
+        window_end=closed.window_end,
+        model=closed.model,
+        profile=closed.profile,
+    )
+    empty = Window(model.spec, model.ref, time.time(), time.monotonic()).close(time.time())
+    hb = encode_stats(
+        device_id="bench",
+        fleet="bench",
+        seq=2,
+        window_start=empty.window_start,
+        window_end=empty.window_end,
+        model=empty.model,
+        profile=empty.profile,
+    )
+    res["window_bytes"] = len(full)
+    res["heartbeat_bytes"] = len(hb)
+    res["n_features"] = len(model.spec.features.names)
+    res.update(daemon_process(bundle, xs, work))
+    res.update(first_python_prediction(bundle, data))
+    shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def daemon_process(bundle: Path, xs: np.ndarray, work: Path) -> dict[str, Any]:
+    """Start ``edgefleet-agent run``; time to the first 200 from /v1/predict; RSS after HTTP_REQUESTS."""
+    port = free_port()
+    cfg = write_config(work / "proc.toml", bundle, work / "proc-state", None, f"127.0.0.1:{port}", 60)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    body = json.dumps({"inputs": xs[0].tolist()}).encode()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "device_agent.cli", "--log-level", "error", "run", "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = None
+    try:
+        while time.perf_counter() - t0 < 60:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("POST", "/v1/predict", body, {"Content-Type": "application/json"})
+                if conn.getresponse().status == 200:
+                    first = time.perf_counter() - t0
+                    break
+            except OSError:
+                time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for i in range(HTTP_REQUESTS):
+            conn.request("POST", "/v1/predict", json.dumps({"inputs": xs[i % len(xs)].tolist()}).encode())
+            conn.getresponse().read()
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+        hwm = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"first_http_s": first, "rss_mb": rss, "rss_peak_mb": hwm}
+
+
+def first_python_prediction(bundle: Path, data: Path) -> dict[str, Any]:
+    code = (
+        "import numpy as np; from device_agent import Agent; "
+        f"x = np.load({str(data)!r})['x'][:1]; Agent({str(bundle)!r}).predict(x); print('ok')"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return {"first_python_s": time.perf_counter() - t0 if r.stdout.strip() == "ok" else None}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def run(quick: bool, as_json: bool) -> None:
+    work = Path(tempfile.mkdtemp(prefix="agent-bench-build-"))
+    models = [("digits CNN (8x8)", "cnn", DIGITS, DIGITS_TEST, CNN_EPOCHS)]
+    if not quick:
+        models.append(
+            (
+                "MobileNetV2 0.35 (96x96)",
+                "mobilenetv2",
+                upsampled(DIGITS, work / "d96.npz", MOBILENET_UPSAMPLE),
+                upsampled(DIGITS_TEST, work / "d96_test.npz", MOBILENET_UPSAMPLE),
+                MOBILENET_EPOCHS,
+            )
+        )
+    results: list[tuple[str, dict[str, Any]]] = []
+    notes: list[str] = []
+    for label, arch, data, test, epochs in models:
+        progress_print(f"== {label}: training and building the raspberry-pi bundle ...")
+        try:
+            bundle = build(arch, data, test, epochs, work)
+        except Exception as e:  # record what is missing instead of dying
+            notes.append(f"{label}: not measured, the build failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        progress_print(f"== {label}: measuring (child process without TensorFlow) ...")
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        r = subprocess.run(
+            [sys.executable, "-m", "benchmarks.agent_bench", "--measure", str(bundle), str(test)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(REPO),
+            timeout=1800,
+        )
+        if r.returncode != 0:
+            notes.append(f"{label}: measurement failed: {r.stderr.strip().splitlines()[-1:]}")
+            continue
+        results.append((label, json.loads(r.stdout.strip().splitlines()[-1])))
+    shutil.rmtree(work, ignore_errors=True)
+    if as_json:
+        print(json.dumps({"results": dict(results), "notes": notes}))
+    report(results, notes)
+
+
+def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
+    rows, goals = [], []
+    for label, r in results:
+        ratio = r["api_per_s"] / r["bare_per_s"]
+        rows.append(
+            [
+                label,
+                r["bare_per_s"],
+                r["api_per_s"],
+                f"{ratio:.2f}x",
+                r["http_per_s"],
+                r["inference_us"],
+                r["stats_us"],
+                f"{r['stats_pct']:.1f}%",
+                r["window_bytes"],
+                r["heartbeat_bytes"],
+                r["rss_mb"],
+                r["first_http_s"],
+                r["first_python_s"],
+            ]
+        )
+        goals.append(
+            f"{label}: Python API {ratio:.2f}x the bare loop (goal >= {GOAL_API_RATIO}x): "
+            f"{'met' if ratio >= GOAL_API_RATIO else 'MISSED'}"
+        )
+        goals.append(
+            f"{label}: daemon RSS {r['rss_mb']:.1f} MB (goal <= {GOAL_RSS_MB:.0f} MB with LiteRT): "
+            f"{'met' if r['rss_mb'] <= GOAL_RSS_MB else 'MISSED'}"
+        )
+        if r["first_http_s"] is not None:
+            goals.append(
+                f"{label}: first prediction {r['first_http_s']:.2f} s after start (goal <= {GOAL_FIRST_S} s):"
+                f" {'met' if r['first_http_s'] <= GOAL_FIRST_S else 'MISSED'}"
+            )
+        if "MobileNet" in label:
+            goals.append(
+                f"{label}: statistics cost {r['stats_pct']:.1f}% of inference (goal <= {GOAL_STATS_PCT}%): "
+                f"{'met' if r['stats_pct'] <= GOAL_STATS_PCT else 'MISSED'}"
+            )
+    table = markdown_table(
+        [
+            "model",
+            "bare loop /s",
+            "Python API /s",
+            "API/bare",
+            "HTTP API /s",
+            "inference us",
+            "stats us/sample",
+            "stats/inference",
+            "window bytes",
+            "heartbeat bytes",
+            "daemon RSS MB",
+            "first HTTP prediction s",
+            "first Python prediction s",
+        ],
+        rows,
+    )
+    tele = ", ".join(sorted({r["telemetry"] for _, r in results})) or "-"
+    intro = (
+        "`benchmarks/agent_bench.py`. Raspberry-pi bundles (full-int8 .tflite) built by the pipeline, run in LiteRT "
+        "with 1 thread, one sample per call. *Bare loop*: `ai_edge_litert` set_tensor/invoke/get_tensor on "
+        "pre-quantized inputs. *Python API*: `Daemon.agent.predict` (input checks, quantization, dequantization, "
+        f"statistics windows of {WINDOW_S:g} s, telemetry: {tele}). *HTTP API*: POST /v1/predict over one "
+        "keep-alive connection. *Stats*: what a prediction adds to the window (feature extraction, buffering, "
+        "batched histogram folding). *Window bytes*: a closed window's stats payload; *heartbeat*: an empty one. "
+        "*RSS*: `edgefleet-agent run` after 300 HTTP predictions. *First prediction*: from process start to the "
+        "first answer (HTTP: daemon; Python: `Agent(bundle).predict` in a fresh interpreter)."
+    )
+    body = (
+        table
+        + "\n"
+        + "\n".join(f"- {g}" for g in goals)
+        + ("\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+    )
+    print(table)
+    print("\n".join(goals + notes))
+    write_section("agent", "Device agent", body=body, intro=intro)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="digits CNN only")
+    ap.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    ap.add_argument("--measure", nargs=2, metavar=("BUNDLE", "DATA"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure[0]), Path(args.measure[1]))))
+        return
+    run(args.quick, args.json)
+
+
+if __name__ == "__main__":
+    main()
