@@ -666,6 +666,7 @@ class Updater:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._doc: dict[str, Any] = {}
+        self._startup_events: list[tuple[str, str, dict[str, Any]]] = []
 
     # ------------------------------------------------------------------ persisted state
 
@@ -773,6 +774,31 @@ class Updater:
         with self._lock:
             self._doc = self._doc or self._load()
         self._report_pending()
+        for event, message, detail in self._startup_events:
+            try:
+                self.emit(event, message, detail)
+            except Exception:  # noqa: BLE001
+                log.exception("could not emit %s", event)
+        self._startup_events.clear()
+
+    def check_active_slot(self) -> bool:
+        """Verify the active slot at start-up; when it is damaged, fall back to the configured bundle.
+
+        A committed slot can still rot on a worn SD card. Serving the configured bundle keeps the device
+        useful; the event ``store_fallback`` says why. Returns False when it fell back.
+        """
+        active = self.store_bundle()
+        if active is None:
+            return True
+        try:
+            verify_bundle(active, replace(self.config.policy, min_version_exclusive=None))
+            return True
+        except (BundleError, OSError) as e:
+            reason = f"the active bundle in {str(active)!r} is damaged ({e}); serving the configured bundle"
+            log.error("%s", reason)
+            self.store.set_active(None)
+            self._startup_events.append(("store_fallback", reason[:900], {"path": str(active)}))
+            return False
 
     def _report_pending(self) -> None:
         d = self._doc
@@ -1094,6 +1120,7 @@ def updater_for_agent(config: Any, trusted_keys: tuple[bytes, ...]) -> Updater:
     )
     up = Updater(ucfg, switch=_not_attached)
     up.recover(report=False)
+    up.check_active_slot()
     return up
 
 

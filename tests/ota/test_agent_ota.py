@@ -230,6 +230,29 @@ def test_local_flash_is_activated_by_the_running_agent(agents, make_version, ota
     assert again.model_version() == 2
 
 
+@pytest.mark.timeout(120)
+def test_damaged_active_slot_falls_back_to_the_configured_bundle(agents, make_version, ota_keys, tmp_path) -> None:
+    state = tmp_path / "state"
+    cfg = write_agent_config(tmp_path / "agent.toml", bundle=make_version(1), state_dir=state, pub=ota_keys["pub"])
+    agent = agents(cfg)
+    assert agent.model_version() == 1
+    code, out = run_cli("flash", str(make_version(2)), "--to", str(state), "--wait", "60")
+    assert code == 0, out
+    agent.stop()
+    slot = BundleStore(state).active_dir()
+    assert slot is not None
+    model = slot / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0xFF  # the SD card rotted
+    model.write_bytes(bytes(data))
+    again = agents(cfg, "after-rot")
+    assert again.model_version() == 1
+    assert BundleStore(state).active() is None
+    assert any(e["event"] == "store_fallback" for e in again.health()["recent_events"])
+    code, out = run_cli("flash", str(make_version(2)), "--to", str(state), "--wait", "60")
+    assert code == 0 and "now serves digits v2" in out, out  # and it can be repaired by flashing again
+
+
 # ------------------------------------------------------------------------------------------------ SIGKILL in every state
 
 
