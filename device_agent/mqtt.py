@@ -294,8 +294,18 @@ class MqttPublisher:
     ) -> None:
         if client is not self._client:
             return
-        was = self.connected
-        self._drop_client(backoff=True, error=f"disconnected: {reason_code}" if was else None)
+        if self.connected:
+            self._drop_client(backoff=True, error=f"disconnected: {reason_code}")
+        elif self.protocol == "5":
+            # Closed before CONNACK: TLS refused (no client certificate), or a broker that hangs up on MQTT 5.
+            self._set_error(f"connection closed before CONNACK ({reason_code}); see the broker's log")
+            self.protocol = "3.1.1"
+            self._drop_client(backoff=False)
+        else:
+            self.protocol = "5"
+            self._drop_client(
+                backoff=True, error=f"connection closed before CONNACK ({reason_code}); see the broker's log"
+            )
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         if client is not self._client:

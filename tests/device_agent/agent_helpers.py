@@ -205,3 +205,57 @@ class AgentProcess:
 def copy_bundle(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def make_tls(d: Path) -> dict[str, Path]:
+    """Write a throwaway CA, a server certificate for 127.0.0.1 and a client certificate (PEM)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(
+        subject: str, key: Any, issuer: str, issuer_key: Any, ca: bool, san: Any = None
+    ) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san is not None:
+            b = b.add_extension(san, critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    def write(stem: str, c: x509.Certificate, key: Any) -> None:
+        (d / f"{stem}.crt").write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        (d / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+
+    d.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = cert("edgefleet-test-ca", ca_key, "edgefleet-test-ca", ca_key, True)
+    write("ca", ca, ca_key)
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    )
+    write("server", cert("127.0.0.1", srv_key, "edgefleet-test-ca", ca_key, False, san), srv_key)
+    cli_key = ec.generate_private_key(ec.SECP256R1())
+    write("client", cert("pi-001", cli_key, "edgefleet-test-ca", ca_key, False), cli_key)
+    return {k: d / f"{k}" for k in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}

@@ -18,7 +18,15 @@ from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.telemetry import decode_stats, decode_status
 from tests.device_agent.agent_bundles import cached_onnx_bundle, digits
-from tests.device_agent.agent_helpers import Collector, http, persist, reconfigure, wait_for, write_config
+from tests.device_agent.agent_helpers import (
+    Collector,
+    http,
+    make_tls,
+    persist,
+    reconfigure,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -38,6 +46,7 @@ def x_test() -> np.ndarray:
 
 
 def start_daemon(tmp_path: Path, url: str | None, **kw: object) -> Daemon:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = write_config(
         tmp_path / "agent.toml", bundle=cached_onnx_bundle(), state_dir=tmp_path / "state", url=url, **kw
     )  # type: ignore[arg-type]
@@ -134,7 +143,7 @@ def test_outbox_full_drops_oldest_and_reports_count(tmp_path: Path, mosquitto, x
 
 @pytest.mark.timeout(60)
 def test_wrong_password_inference_keeps_working_and_health_shows_error(
-    tmp_path: Path, mosquitto, x_test
+    tmp_path: Path, mosquitto, x_test, caplog: pytest.LogCaptureFixture
 ) -> None:
     if not Path("/usr/bin/mosquitto_passwd").exists():
         pytest.skip("mosquitto_passwd not installed")
@@ -156,6 +165,10 @@ def test_wrong_password_inference_keeps_working_and_health_shows_error(
             lambda: (h := http(base(d), "/v1/health")[1])["mqtt"]["last_error"] and h, what="error"
         )
         assert health["mqtt"]["connected"] is False
+        err = health["mqtt"]["last_error"]
+        assert any(
+            err in r.getMessage() for r in caplog.records if r.name == "device_agent.mqtt"
+        )  # and in the log
         assert (
             "authoriz" in health["mqtt"]["last_error"].lower()
             or "password" in health["mqtt"]["last_error"].lower()
@@ -249,3 +262,40 @@ def test_embedded_amqtt_broker_mqtt311_fallback(tmp_path: Path, x_test: np.ndarr
         finally:
             d.stop()
             col.close()
+
+
+@pytest.mark.timeout(60)
+def test_mutual_tls_with_ca_client_certificate_and_key(tmp_path: Path, mosquitto, x_test: np.ndarray) -> None:
+    tls = make_tls(tmp_path / "tls")
+    reconfigure(
+        mosquitto,
+        f"cafile {tls['ca.crt']}\ncertfile {tls['server.crt']}\nkeyfile {tls['server.key']}\n"
+        "require_certificate true\n",
+    )
+    url = f"mqtts://127.0.0.1:{mosquitto.port}"
+    d = start_daemon(
+        tmp_path,
+        url,
+        window_max_samples=2,
+        extra_mqtt=f'ca_file = "{tls["ca.crt"]}"\ncert_file = "{tls["client.crt"]}"\nkey_file = "{tls["client.key"]}"',
+    )
+    try:
+        d.agent.predict(x_test[:2])
+        wait_for(
+            lambda: d.publisher.connected and d.outbox.depth()[0] == 0 and d.windows_written == 1,
+            what="a window acknowledged over TLS",
+        )
+        assert d.publisher.acked >= 1
+    finally:
+        d.stop()
+    # without the client certificate the broker refuses the handshake; health says why
+    d = start_daemon(
+        tmp_path / "nocert", url, window_max_samples=2, extra_mqtt=f'ca_file = "{tls["ca.crt"]}"'
+    )
+    try:
+        health = wait_for(
+            lambda: (h := http(base(d), "/v1/health")[1])["mqtt"]["last_error"] and h, what="error"
+        )
+        assert health["mqtt"]["connected"] is False
+    finally:
+        d.stop()
