@@ -270,7 +270,7 @@ class ApiServer:
 
     def metrics_text(self) -> str:
         m = self.agent.model
-        gauges = (
+        gauges: dict[str, float] = (
             self._gauges()
             if self._gauges is not None
             else {

@@ -1,4 +1,4 @@
-"""Helpers for the agent's integration tests: configs, an MQTT collector, HTTP calls, daemons in subprocesses."""
+"""Helpers for the agent's integration tests: configs, an MQTT collector, HTTP, daemons in subprocesses."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def write_config(
 ) -> Path:
     """Write an agent.toml for a test."""
     text = (
-        f'[agent]\ndevice_id = "{device_id}"\nfleet = "{fleet}"\nbundle = "{bundle}"\nstate_dir = "{state_dir}"\n'
+        f'[agent]\ndevice_id = "{device_id}"\nfleet = "{fleet}"\nbundle = "{bundle}"\n'
+        f'state_dir = "{state_dir}"\n'
         f"allow_unsigned = true\n{extra_agent}\n"
         f"[telemetry]\nwindow_s = {window_s}\nwindow_max_samples = {window_max_samples}\n"
         f'outbox_max_rows = {outbox_max_rows}\n\n[api]\nlisten = "{listen}"\n'
@@ -153,13 +154,14 @@ def http(base: str, path: str, body: Any = None, raw: bytes | None = None) -> tu
 
 # Patch reconnect/backoff constants before the CLI runs (module constants, as the design wants).
 FAST_PRELUDE = (
-    "import device_agent.mqtt as m, device_agent.daemon as d; m.RECONNECT_MIN_S = 0.1; m.RECONNECT_MAX_S = 0.5; "
+    "import device_agent.mqtt as m, device_agent.daemon as d; "
+    "m.RECONNECT_MIN_S = 0.1; m.RECONNECT_MAX_S = 0.5; "
     "m.CONNECT_TIMEOUT_S = 2.0; d.BUNDLE_POLL_S = 0.2; from device_agent.cli import main; main()"
 )
 
 
 class AgentProcess:
-    """``edgefleet-agent run`` in a subprocess (fast reconnect constants); the API on a Unix socket-free port."""
+    """``edgefleet-agent run`` in a subprocess with fast reconnect constants; its log in a file."""
 
     def __init__(self, config: Path, log_path: Path) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -1,4 +1,4 @@
-"""The Python API: float in, labels out; schema violations; windows that merge with the baseline; switching."""
+"""The Python API: float in, labels out; violations; windows that merge with the baseline; switching."""
 
 from __future__ import annotations
 

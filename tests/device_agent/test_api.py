@@ -1,4 +1,4 @@
-"""The local HTTP API on a real socket: predict, 400s counted as schema violations, health, metrics, Unix socket."""
+"""The local HTTP API on real sockets: predict, 400s counted as violations, health, metrics, Unix socket."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``edgefleet-agent``: predict (npy/npz/csv, --label, --json, --output), check (0/78), run (78), exit codes."""
+"""``edgefleet-agent``: predict (npy/npz/csv, --label, --json, --output), check (0/78), run (78)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The daemon as a process: kill -9 before PUBACK loses nothing, SIGTERM flushes and says offline, Last Will."""
+"""The daemon as a process: kill -9 before PUBACK loses nothing, SIGTERM flushes + says offline, Last Will."""
 
 from __future__ import annotations
 

@@ -277,7 +277,10 @@ def test_mutual_tls_with_ca_client_certificate_and_key(tmp_path: Path, mosquitto
         tmp_path,
         url,
         window_max_samples=2,
-        extra_mqtt=f'ca_file = "{tls["ca.crt"]}"\ncert_file = "{tls["client.crt"]}"\nkey_file = "{tls["client.key"]}"',
+        extra_mqtt=(
+            f'ca_file = "{tls["ca.crt"]}"\ncert_file = "{tls["client.crt"]}"\n'
+            f'key_file = "{tls["client.key"]}"'
+        ),
     )
     try:
         d.agent.predict(x_test[:2])

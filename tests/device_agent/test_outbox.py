@@ -70,9 +70,10 @@ def test_byte_bound(tmp_path: Path) -> None:
 def test_rows_survive_a_killed_process(tmp_path: Path) -> None:
     """A row committed by add() is on disk even when the process dies right after (os._exit)."""
     code = (
-        "import sys, os; sys.path.insert(0, %r); from device_agent.outbox import Outbox; "
-        "ob = Outbox(%r); [ob.add('t', lambda s, d: b'w%%d' %% s) for _ in range(3)]; ob.ack(1); os._exit(9)"
-    ) % (str(REPO), str(tmp_path / "o.db"))
+        f"import sys, os; sys.path.insert(0, {str(REPO)!r}); from device_agent.outbox import Outbox; "
+        f"ob = Outbox({str(tmp_path / 'o.db')!r}); "
+        "[ob.add('t', lambda s, d: b'w' + str(s).encode()) for _ in range(3)]; ob.ack(1); os._exit(9)"
+    )
     rc = subprocess.run([sys.executable, "-c", code]).returncode
     assert rc == 9
     ob = Outbox(tmp_path / "o.db")
