@@ -33,7 +33,7 @@ from toolchain.errors import USER_ERRORS, ToolchainError
 from toolchain.report import REPORT_SCHEMA, merge_previous, write_report
 from toolchain.steps.data import DataError, Dataset, check_finite, check_fits, conform, load_dataset
 from toolchain.steps.evaluate import accuracy, artifact_sparsity, gzip_size
-from toolchain.steps.models import LoadedModel, load_model
+from toolchain.steps.models import LoadedModel, apply_preprocessing, fold_input_normalization, load_model
 from toolchain.steps.package import (
     EDGETPU_LOG_FILE,
     assemble_bundle,
@@ -202,30 +202,43 @@ def build_bundles(
         float_acc = accuracy(float_eval, evald.y)
         report["float"]["accuracy"] = float_acc
 
-        # ---- pruning / QAT on a tf_keras model
+        # ---- a tf_keras model for pruning/QAT (Keras 3 rebuilt) and for folding the input normalisation
         tf_model: Any = None
         source_model: Any = None
         if prune is not None or quantize == "qat":
             purpose = "pruning" if prune is not None else "QAT"
             tf_model = lm.as_tf_keras(purpose)
+        elif lm.kind == "tf_keras":
+            tf_model = lm.model
+        preprocessing: dict[str, Any] | None = None
+        if tf_model is not None:
+            tf_model, preprocessing = fold_input_normalization(tf_model)
+        if preprocessing is not None:
+            report["preprocessing"] = preprocessing
+        # Float reference for size/latency: the model as given, or, when its input normalisation was
+        # folded into the manifest, the folded float model (same weights, standardised input).
+        reference_model = tf_model if preprocessing is not None else None
+        # What the converted model takes: raw values, or standardised ones when normalisation was folded out.
+        calib_m = _model_input(calib, preprocessing)
+        eval_m = _model_input(evald, preprocessing)
         if prune is not None:
             from toolchain.steps.prune import prune_model
 
-            pr = prune_model(tf_model, calib, prune, progress=progress)
+            pr = prune_model(tf_model, calib_m, prune, progress=progress)
             tf_model = pr.model
             report["prune"] = pr.to_dict()
-            report["float"]["pruned_accuracy"] = accuracy(_float_outputs(lm, tf_model, evald.x), evald.y)
+            report["float"]["pruned_accuracy"] = accuracy(_float_outputs(lm, tf_model, eval_m.x), evald.y)
         deployed_float = tf_model  # the float model that gets quantized (pruned or the original)
         if quantize == "qat":
             from toolchain.steps.qat import qat_finetune
 
-            source_model = qat_finetune(tf_model, calib, pruned=prune is not None, progress=progress)
+            source_model = qat_finetune(tf_model, calib_m, pruned=prune is not None, progress=progress)
         else:
             source_model = tf_model if tf_model is not None else lm.conversion_source(work)
 
-        float_calib = _float_outputs(lm, deployed_float, calib.x)
+        float_calib = _float_outputs(lm, deployed_float, calib_m.x)
         deployed_eval = (
-            _float_outputs(lm, deployed_float, evald.x) if deployed_float is not None else float_eval
+            _float_outputs(lm, deployed_float, eval_m.x) if deployed_float is not None else float_eval
         )
         baseline = baseline_to_dict(
             build_baseline(calib.x, float_calib, labels, feature_names=ds.feature_names),
@@ -234,7 +247,10 @@ def build_bundles(
 
         # ---- float references per format
         float_refs: dict[ModelFormat, dict[str, Any]] = {}
-        original_source = lm.model if lm.kind == "tf_keras" else lm.conversion_source(work)
+        if reference_model is not None:
+            original_source = reference_model
+        else:
+            original_source = lm.model if lm.kind == "tf_keras" else lm.conversion_source(work)
         for fmt in sorted({t.format for t in target_list}, key=lambda f: f.value):
             float_refs[fmt] = _float_reference(original_source, fmt, work, report)
 
@@ -245,8 +261,9 @@ def build_bundles(
                 t,
                 source_model=source_model,
                 qat=quantize == "qat",
-                calib=calib,
-                evald=evald,
+                calib=calib_m,
+                evald=eval_m,
+                preprocessing=preprocessing,
                 float_eval=float_eval,
                 deployed_eval=deployed_eval,
                 float_acc=float_acc,
@@ -280,6 +297,15 @@ def build_bundles(
         )
         raise BuildError(head, merged)
     return merged
+
+
+def _model_input(ds: Dataset, preprocessing: dict[str, Any] | None) -> Dataset:
+    """Return ``ds`` as the converted model sees it (the manifest's preprocessing applied)."""
+    if preprocessing is None:
+        return ds
+    return Dataset(
+        apply_preprocessing(ds.x, preprocessing), ds.y, ds.feature_names, ds.class_names, ds.source, ds.kind
+    )
 
 
 def _labels(ds: Dataset, n_outputs: int) -> list[str]:
@@ -340,6 +366,7 @@ def _build_target(
     qat: bool,
     calib: Dataset,
     evald: Dataset,
+    preprocessing: dict[str, Any] | None,
     float_eval: np.ndarray,
     deployed_eval: np.ndarray,
     float_acc: float,
@@ -463,7 +490,7 @@ def _build_target(
             baseline=baseline,
             threads=t.threads,
             metrics=_finite(metrics),
-            preprocessing={"type": "none"},
+            preprocessing=preprocessing or {"type": "none"},
             accelerated_file=accelerated,
             edgetpu=edgetpu_manifest,
             extra_files=extra,

@@ -267,3 +267,33 @@ def test_pruned_build_reaches_the_sparsity_in_the_artifact(digits_cnn_path: Path
         assert e["status"] == "ok", e.get("error")
         assert e["sparsity"] >= 0.4  # zeros counted in the shipped int8 weights
         assert e["gzip_size_bytes"] < e["size_bytes"]
+
+
+def test_tabular_mlp_normalisation_moves_into_the_manifest(tmp_path: Path) -> None:
+    """Raw features of very different ranges survive int8: the Normalization layer becomes preprocessing."""
+    from toolchain.steps.train import train_model
+
+    rng = np.random.default_rng(0)
+    n = 400
+    temp = rng.normal(60, 15, n)
+    vib = rng.normal(0.5, 0.2, n)  # 100x smaller range than temp: per-tensor int8 input would erase it
+    state = np.where(temp + 40 * vib > 80, "hot", "ok")
+    csv = tmp_path / "machines.csv"
+    rows = "".join(f"{a:.3f},{b:.4f},{c}\n" for a, b, c in zip(temp, vib, state, strict=True))
+    csv.write_text("temp_c,vibration,state\n" + rows)
+    ds = load_dataset(csv, label="state")
+    train_model(ds, "mlp", 30, tmp_path / "mlp.keras", progress=False)
+    out = tmp_path / "o"
+    rep = build_bundles(tmp_path / "mlp.keras", csv, ["all"], out, label="state", progress=False)
+    assert rep["preprocessing"]["type"] == "affine"
+    for t, e in rep["targets"].items():
+        assert e["status"] == "ok", (t, e.get("error"))
+        assert e["accuracy"] >= e["float_accuracy"] - 0.01
+        m = load_manifest(out / t)
+        assert m.preprocessing["type"] == "affine" and len(m.preprocessing["scale"]) == 2
+        # The device feeds raw values; the Predictor applies the declared preprocessing.
+        scores = Predictor(out / t).predict(ds.x)
+        assert float(np.mean(scores.argmax(1) == ds.y)) > 0.9
+    base = json.loads((out / "x86" / "baseline.json").read_text())
+    assert base["spec"]["features"]["names"] == ["temp_c", "vibration"]
+    assert baseline_from_dict(base).inputs.max[0] > 50  # the baseline profiles raw values

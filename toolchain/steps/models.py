@@ -480,3 +480,71 @@ def save_model(model: Any, out_path: Path) -> Path:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Input normalisation -> manifest preprocessing
+
+
+def fold_input_normalization(model: Any) -> tuple[Any, dict[str, Any] | None]:
+    """Move a ``Normalization`` layer fed directly by the model input into an affine preprocessing step.
+
+    int8 models quantize their input per tensor: raw tabular features of very different ranges (a
+    temperature around 60 and a vibration around 0.5) then share one scale and the small ones lose
+    all resolution. Standardising in float *before* quantization keeps them: the layer is replaced
+    by an identity, its ``(x - mean) / sqrt(var)`` becomes the manifest's
+    ``{"type": "affine", "scale": 1/sqrt(var), "offset": -mean/sqrt(var)}`` (per feature, last axis),
+    and the device still receives raw values. Returns ``(model, None)`` when there is nothing to fold.
+    """
+    keras = import_keras()
+    if not hasattr(model, "layers") or len(model.inputs) != 1:
+        return model, None
+    inp = model.inputs[0]
+    norm = None
+    for layer in model.layers:
+        if type(layer).__name__ != "Normalization":
+            continue
+        try:
+            fed_by_input = layer.input is inp or layer.input.name == inp.name
+        except (AttributeError, ValueError):  # layer used several times
+            fed_by_input = False
+        if fed_by_input:
+            norm = layer
+            break
+    if norm is None:
+        return model, None
+    mean = np.asarray(norm.mean, dtype=np.float64).reshape(-1)
+    var = np.asarray(norm.variance, dtype=np.float64).reshape(-1)
+    feat = int(inp.shape[-1])
+    if mean.size not in (1, feat) or var.size != mean.size:
+        return model, None
+    std = np.maximum(np.sqrt(var), 1e-7)  # as tf_keras: max(sqrt(variance), epsilon)
+    scale = 1.0 / std
+    offset = -mean / std
+
+    def clone(layer: Any) -> Any:
+        if layer is norm:
+            return keras.layers.Activation("linear", name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    core = keras.models.clone_model(model, clone_function=clone)
+    by_name = {layer.name: layer for layer in model.layers}
+    for layer in core.layers:
+        src = by_name.get(layer.name)
+        if src is not None and src is not norm and src.get_weights():
+            layer.set_weights(src.get_weights())
+    pre = {
+        "type": "affine",
+        "scale": [float(v) for v in scale] if scale.size > 1 else float(scale[0]),
+        "offset": [float(v) for v in offset] if offset.size > 1 else float(offset[0]),
+    }
+    return core, pre
+
+
+def apply_preprocessing(x: np.ndarray, pre: dict[str, Any] | None) -> np.ndarray:
+    """Apply a manifest preprocessing step to raw inputs, exactly as device_agent.inference does."""
+    if not pre or pre.get("type") == "none":
+        return x
+    scale = np.asarray(pre["scale"], dtype=np.float32)
+    offset = np.asarray(pre["offset"], dtype=np.float32)
+    return (np.asarray(x, dtype=np.float32) * scale + offset).astype(np.float32)
