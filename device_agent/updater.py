@@ -100,6 +100,7 @@ DOWNLOAD_CHUNK_BYTES = 64 * 1024
 HEALTH_WINDOW_S = 10.0
 HEALTH_POLL_S = 0.5
 INCOMING_POLL_S = 1.0
+QUEUE_MAX = 8  # deploy commands waiting behind the running one; more are refused (command_rejected)
 DISK_MARGIN_BYTES = 1 << 20
 
 STATES = ("idle", "downloading", "verifying", "writing", "switching", "checking", "committed", "failed")
@@ -661,7 +662,7 @@ class Updater:
         self.health = health
         self.emit = emit
         self.on_state = on_state
-        self._queue: queue.Queue[DeployCommand | LocalSource | None] = queue.Queue()
+        self._queue: queue.Queue[DeployCommand | LocalSource | None] = queue.Queue(QUEUE_MAX)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -837,11 +838,16 @@ class Updater:
         cmd = decode_command(payload)
         if not cmd.applies_to(self.config.device_id):
             return None
-        self._queue.put(cmd)
+        try:
+            self._queue.put_nowait(cmd)
+        except queue.Full:
+            raise CommandError(
+                f"deploy command {cmd.deployment_id!r} dropped: {QUEUE_MAX} deployments are already waiting"
+            ) from None
         return cmd
 
     def submit(self, item: DeployCommand | LocalSource) -> None:
-        """Queue a deployment for the worker thread."""
+        """Queue a deployment for the worker thread (blocks while the queue is full)."""
         self._queue.put(item)
 
     def start(self) -> None:
@@ -854,7 +860,10 @@ class Updater:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the worker thread after the deployment in progress."""
         self._stop.set()
-        self._queue.put(None)
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass  # the worker checks the stop flag before taking the next item
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None

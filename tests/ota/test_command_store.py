@@ -336,3 +336,17 @@ def test_agent_config_update_table(tmp_path: Path, make_version, ota_keys) -> No
     p.write_text(base + "[update]\nhealth_windows = 3\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(p)
+
+
+def test_command_queue_is_bounded(tmp_path, make_version, ota_keys) -> None:
+    import device_agent.updater as U
+
+    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
+    up = make_updater(tmp_path / "state", Serving(pol), pol, fallback=make_version(1), device_id="pi-001")
+    for i in range(U.QUEUE_MAX):
+        assert up.handle_command(enc(_mutate("deployment_id", f"d-{i}"))) is not None
+    with pytest.raises(CommandError, match="already waiting"):
+        up.handle_command(enc(_mutate("deployment_id", "d-overflow")))
+    d = _mutate("deployment_id", "d-filtered")
+    d["devices"] = ["someone-else"]
+    assert up.handle_command(enc(d)) is None  # not for this device: ignored, not queued

@@ -118,3 +118,30 @@ def test_fleet_discovery_skips_other_targets_and_offline_devices(fleet, mosquitt
     agents["cam-2"].stop()
     code, out = deploy(str(make_version(3)), "--broker", mosquitto.url, "--fleet", "lab", "--timeout", "30")
     assert code == 1 and "no online device" in out, out
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(180)
+def test_fleet_status_shows_each_devices_deployment_state(fleet, mosquitto, make_version, tmp_path) -> None:
+    from toolchain.fleet.collector import Collector
+
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    collector = Collector(db, mosquitto.url, fleet="lab", evaluate=False)
+    collector.start()
+    try:
+        agents = fleet({"cam-1": "x86", "tpu-1": "coral"})
+        code, out = deploy(str(make_version(2)), "--broker", mosquitto.url, "--fleet", "lab", "--device", "cam-1",
+                           "--device", "tpu-1", "--canary", "0", "--max-failures", "1", "--timeout", "60")
+        assert code == 1, out  # tpu-1 refuses an x86 bundle
+
+        def states() -> dict[str, str] | None:
+            r = CliRunner().invoke(main, ["fleet", "status", "--db", db, "--json"])
+            if r.exit_code != 0:
+                return None
+            got = {d["device_id"]: d["deployment_state"] for d in json.loads(r.output)["devices"]}
+            return got if got == {"cam-1": "committed", "tpu-1": "failed"} else None
+
+        wait_for(states, 60, "fleet status to show committed/failed deployments")
+        assert agents["cam-1"].model_version() == 2 and agents["tpu-1"].model_version() == 1
+    finally:
+        collector.stop()
