@@ -95,6 +95,21 @@ def _sign(staging: Path, sign_key: Path) -> None:
     sign_bundle(staging, Path(sign_key))
 
 
+def _check_sign_key(key: Path) -> None:
+    """Fail before any work when the signing key is missing or unreadable."""
+    if not key.is_file():
+        raise ToolchainError(
+            f"--sign-key {str(key)!r} does not exist; create a pair with 'edgefleet keys create --out DIR'"
+        )
+    try:
+        from toolchain.signing import load_private_key
+    except ImportError:
+        raise ToolchainError(
+            "--sign-key needs toolchain.signing, which this installation lacks; update edgefleet"
+        ) from None
+    load_private_key(key)
+
+
 def _float_outputs(lm: LoadedModel, tf_model: Any | None, x: np.ndarray) -> np.ndarray:
     if tf_model is None:
         return lm.predict(x)
@@ -126,10 +141,8 @@ def build_bundles(
     target_list: list[Target] = (
         list(targets) if all(resolved) else resolve_targets([str(t) for t in targets])  # type: ignore[arg-type]
     )
-    if sign_key is not None and not Path(sign_key).is_file():
-        raise ToolchainError(
-            f"--sign-key {str(sign_key)!r} does not exist; create one with 'edgefleet keys generate'"
-        )
+    if sign_key is not None:
+        _check_sign_key(Path(sign_key))
     model_path = Path(model_path)
     out = Path(out_dir)
     name = (

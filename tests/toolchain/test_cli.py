@@ -257,3 +257,13 @@ def test_build_table_on_the_terminal(digits_cnn_path: Path, tmp_path: Path) -> N
     assert first[:3] == ["target", "status", "accuracy"]
     assert any(line.startswith("mobile") and " ok " in line for line in out.splitlines())
     assert load_manifest(tmp_path / "o" / "mobile").target == "mobile"
+
+
+def test_bad_sign_key_fails_before_any_work(digits_cnn_path: Path, tmp_path: Path) -> None:
+    code, _, err = build(digits_cnn_path, tmp_path / "o", "--sign-key", tmp_path / "missing.key")
+    assert_bad_input(code, err, "missing.key", "edgefleet keys create")
+    junk = tmp_path / "junk.key"
+    junk.write_text("not a key")
+    code, _, err = build(digits_cnn_path, tmp_path / "o", "--sign-key", junk)
+    assert code == 1 and "junk.key" in err and "Traceback" not in err
+    assert no_bundles(tmp_path / "o")
