@@ -46,7 +46,8 @@ DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 CNN_EPOCHS = 8
 MOBILENET_EPOCHS = 1  # throughput does not depend on accuracy; one epoch keeps the run short
 MOBILENET_UPSAMPLE = 12  # 8x8 -> 96x96
-MEASURE_S = 3.0
+MEASURE_S = 3.0  # per case, split over ROUNDS interleaved rounds
+ROUNDS = 6
 HTTP_REQUESTS = 300
 WINDOW_S = 1.0
 GOAL_API_RATIO = 0.9
@@ -117,7 +118,8 @@ def write_config(
 ) -> Path:
     text = (
         f'[agent]\ndevice_id = "bench"\nfleet = "bench"\nbundle = "{bundle}"\nstate_dir = "{state}"\n'
-        f"allow_unsigned = true\nthreads = 1\n[telemetry]\nwindow_s = {window_s}\nwindow_max_samples = 100000\n"
+        f"allow_unsigned = true\nthreads = 1\n[telemetry]\nwindow_s = {window_s}\n"
+        "window_max_samples = 100000\n"
         f'[api]\nlisten = "{listen}"\n'
     )
     if url:
@@ -126,10 +128,8 @@ def write_config(
     return path
 
 
-def rate(fn: Any, xs: np.ndarray, seconds: float = MEASURE_S) -> float:
+def rate(fn: Any, xs: Any, seconds: float) -> float:
     """Calls per second of ``fn(sample)`` cycling over ``xs`` for about ``seconds``."""
-    for i in range(min(50, len(xs))):  # warm up
-        fn(xs[i])
     n = 0
     t0 = time.perf_counter()
     while True:
@@ -139,6 +139,21 @@ def rate(fn: Any, xs: np.ndarray, seconds: float = MEASURE_S) -> float:
         if time.perf_counter() - t0 >= seconds:
             break
     return n / (time.perf_counter() - t0)
+
+
+def best_rates(cases: dict[str, tuple[Any, Any]], rounds: int = ROUNDS) -> dict[str, float]:
+    """Measure the cases in turn, ``rounds`` times, and keep each one's best rate.
+
+    Interleaving and best-of-N keep the comparison fair on a machine shared with other work.
+    """
+    for fn, xs in cases.values():  # warm up
+        for x in list(xs)[:20]:
+            fn(x)
+    best = dict.fromkeys(cases, 0.0)
+    for _ in range(rounds):
+        for name, (fn, xs) in cases.items():
+            best[name] = max(best[name], rate(fn, xs, MEASURE_S / rounds))
+    return best
 
 
 def measure(bundle: Path, data: Path) -> dict[str, Any]:
@@ -170,16 +185,15 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
         it.invoke()
         return it.get_tensor(out["index"])
 
-    res["bare_per_s"] = rate(bare, xq)
-    res["inference_us"] = 1e6 / res["bare_per_s"]
-
     mosq, url = start_mosquitto(work)
     res["telemetry"] = "outbox + MQTT (Mosquitto)" if url else "outbox only (no Mosquitto here)"
     try:
         cfg = write_config(work / "agent.toml", bundle, work / "state", url, "127.0.0.1:0", WINDOW_S)
         d = Daemon(load_config(cfg), watch_bundle=False).start()
         try:
-            res["api_per_s"] = rate(d.agent.predict, xs)
+            rates = best_rates({"bare": (bare, xq), "api": (d.agent.predict, xs)})
+            res["bare_per_s"], res["api_per_s"] = rates["bare"], rates["api"]
+            res["inference_us"] = 1e6 / res["bare_per_s"]
             host, port = d.api.address.split(":")
             conn = http.client.HTTPConnection(host, int(port), timeout=30)
             bodies = [json.dumps({"inputs": x.tolist()}).encode() for x in xs[:50]]
@@ -190,7 +204,7 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
                 r.read()
                 assert r.status == 200
 
-            res["http_per_s"] = rate(post, np.array(bodies, dtype=object), seconds=MEASURE_S)
+            res["http_per_s"] = best_rates({"http": (post, bodies)}, rounds=2)["http"]
             conn.close()
             time.sleep(WINDOW_S * 1.5)
             res["windows_written"] = d.windows_written
@@ -205,13 +219,16 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
     # statistics cost per sample: what Agent.predict adds for the window, one sample per call
     model = d.agent.model
     scores = model.predictor.predict(xs[:1])
-    n = 2000
-    w = Window(model.spec, model.ref, time.time(), time.monotonic())
-    t0 = time.perf_counter()
-    for i in range(n):
-        w.record(xs[i % len(xs)][None], scores, 0.5)
-    w.flush()
-    res["stats_us"] = (time.perf_counter() - t0) / n * 1e6
+    n = 1000
+    per_sample = []
+    for _ in range(ROUNDS):
+        w = Window(model.spec, model.ref, time.time(), time.monotonic())
+        t0 = time.perf_counter()
+        for i in range(n):
+            w.record(xs[i % len(xs)][None], scores, 0.5)
+        w.flush()
+        per_sample.append((time.perf_counter() - t0) / n * 1e6)
+    res["stats_us"] = min(per_sample)
     res["stats_pct"] = 100 * res["stats_us"] / res["inference_us"]
     closed = w.close(time.time())
     full = encode_stats(
@@ -394,21 +411,19 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
     )
     tele = ", ".join(sorted({r["telemetry"] for _, r in results})) or "-"
     intro = (
-        "`benchmarks/agent_bench.py`. Raspberry-pi bundles (full-int8 .tflite) built by the pipeline, run in LiteRT "
-        "with 1 thread, one sample per call. *Bare loop*: `ai_edge_litert` set_tensor/invoke/get_tensor on "
-        "pre-quantized inputs. *Python API*: `Daemon.agent.predict` (input checks, quantization, dequantization, "
-        f"statistics windows of {WINDOW_S:g} s, telemetry: {tele}). *HTTP API*: POST /v1/predict over one "
-        "keep-alive connection. *Stats*: what a prediction adds to the window (feature extraction, buffering, "
-        "batched histogram folding). *Window bytes*: a closed window's stats payload; *heartbeat*: an empty one. "
-        "*RSS*: `edgefleet-agent run` after 300 HTTP predictions. *First prediction*: from process start to the "
-        "first answer (HTTP: daemon; Python: `Agent(bundle).predict` in a fresh interpreter)."
+        "`benchmarks/agent_bench.py`. Raspberry-pi bundles (full-int8 .tflite) built by the pipeline, run in "
+        "LiteRT with 1 thread, one sample per call. *Bare loop*: `ai_edge_litert` "
+        "set_tensor/invoke/get_tensor on pre-quantized inputs. *Python API*: `Daemon.agent.predict` (input "
+        "checks, quantization, dequantization, statistics windows of "
+        f"{WINDOW_S:g} s, telemetry: {tele}). Bare loop and Python API are measured in turn, "
+        f"{ROUNDS} rounds each in one process, best round kept (the machine is shared). *HTTP API*: "
+        "POST /v1/predict with JSON over one keep-alive connection. *Stats*: what one prediction adds to "
+        "the window (feature extraction, buffering, batched histogram folding). *Window bytes*: a closed "
+        "window's stats payload; *heartbeat*: an empty one. *RSS*: `edgefleet-agent run` after 300 HTTP "
+        "predictions. *First prediction*: from process start to the first answer (HTTP: the daemon; "
+        "Python: `Agent(bundle).predict` in a fresh interpreter)."
     )
-    body = (
-        table
-        + "\n"
-        + "\n".join(f"- {g}" for g in goals)
-        + ("\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
-    )
+    body = table + "\n" + "\n".join(f"- {g}" for g in goals + notes)
     print(table)
     print("\n".join(goals + notes))
     write_section("agent", "Device agent", body=body, intro=intro)

@@ -1,9 +1,10 @@
 """Statistics windows: a Profile per window, fed in small batches so profiling stays cheap.
 
-A window buffers per-sample features, scores and latencies and folds them into its
-``device_agent.stats.Profile`` every ``FLUSH_ROWS`` samples (numpy costs per call, not per row), and
-once more when it closes. Windows are made from the bundle's baseline spec (``spec.new_profile()``),
-so they merge and compare with the baseline exactly. Not thread-safe: the Agent holds a lock.
+A window buffers per-sample features (or raw images, for per-channel summaries), scores and
+latencies and folds them into its ``device_agent.stats.Profile`` in batches (numpy costs per call,
+not per row), and once more when it closes. Windows are made from the bundle's baseline spec
+(``spec.new_profile()``), so they merge and compare with the baseline exactly.
+Not thread-safe: the Agent holds a lock.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from device_agent.stats import Profile, ProfileSpec
 from device_agent.telemetry import ModelRef
 
 FLUSH_ROWS = 256
+# Inputs profiled as per-channel summaries (large images) are buffered raw and summarised in one
+# batch at flush time (numpy's per-call overhead dominates for one image); this caps that buffer.
+RAW_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -42,10 +46,18 @@ class Window:
         self.start_mono = start_mono
         self.profile = spec.new_profile()
         self._elements = spec.features.kind == "elements"
+        shape = tuple(spec.features.input_shape)
+        sample_bytes = 4 * int(np.prod(shape)) if shape else 4
+        self._rows = (
+            FLUSH_ROWS if self._elements else max(1, min(FLUSH_ROWS, RAW_BUFFER_BYTES // sample_bytes))
+        )
         # Preallocated buffers: recording a sample is a few slice copies, no allocation.
-        self._feats = np.empty((FLUSH_ROWS, len(spec.features.names)), dtype=np.float64)
-        self._scores = np.empty((FLUSH_ROWS, len(spec.labels)), dtype=np.float64)
-        self._lat = np.empty(FLUSH_ROWS, dtype=np.float64)
+        if self._elements:
+            self._feats = np.empty((self._rows, len(spec.features.names)), dtype=np.float64)
+        else:
+            self._raw = np.empty((self._rows, *shape), dtype=np.float32)
+        self._scores = np.empty((self._rows, len(spec.labels)), dtype=np.float64)
+        self._lat = np.empty(self._rows, dtype=np.float64)
         self._buffered = 0
         self._flushed = 0
 
@@ -60,9 +72,9 @@ class Window:
         The batch latency is split evenly over its samples so latency counts match predictions.
         """
         n = int(scores.shape[0])
-        if n > FLUSH_ROWS - self._buffered:
+        if n > self._rows - self._buffered:
             self.flush()
-            if n > FLUSH_ROWS:  # a large batch goes straight into the profile
+            if n > self._rows:  # a large batch goes straight into the profile
                 self.profile.inputs.update(self.spec.features.extract(x))
                 self.profile.update_outputs(scores)
                 self.profile.update_latency(np.full(n, latency_ms / n))
@@ -72,11 +84,11 @@ class Window:
         if self._elements:
             self._feats[i : i + n] = x.reshape(n, -1)
         else:
-            self._feats[i : i + n] = self.spec.features.extract(x)
+            self._raw[i : i + n] = x
         self._scores[i : i + n] = scores
         self._lat[i : i + n] = latency_ms / n
         self._buffered = i + n
-        if self._buffered == FLUSH_ROWS:
+        if self._buffered == self._rows:
             self.flush()
 
     def add_violation(self, kind: str, n: int = 1) -> None:
@@ -88,7 +100,10 @@ class Window:
         n = self._buffered
         if not n:
             return
-        self.profile.inputs.update(self._feats[:n])
+        if self._elements:
+            self.profile.inputs.update(self._feats[:n])
+        else:
+            self.profile.update_inputs(self._raw[:n])
         self.profile.update_outputs(self._scores[:n])
         self.profile.update_latency(self._lat[:n])
         self._flushed += n

@@ -182,3 +182,29 @@ def test_window_buffering_equals_one_pass_profile(data: dict[str, np.ndarray]) -
     assert got.class_counts.tolist() == ref.class_counts.tolist()
     assert np.array_equal(got.confidence.counts, ref.confidence.counts)
     assert np.array_equal(got.latency_ms.counts, ref.latency_ms.counts)
+
+
+def test_image_window_buffers_raw_inputs_and_equals_one_pass_profile() -> None:
+    """Large images are summarised per channel; batching the summaries changes nothing."""
+    from device_agent.stats import build_baseline
+    from device_agent.telemetry import ModelRef
+    from device_agent.windows import Window
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((120, 96, 96, 3)) * 255).astype(np.float32)
+    probs = rng.dirichlet(np.ones(4), 120)
+    spec = build_baseline(x, probs, ["a", "b", "c", "d"]).spec
+    assert spec.features.kind == "image_summary"
+    w = Window(spec, ModelRef("m", 1, "0" * 64), 0.0, 0.0)
+    assert 1 <= w._rows < 100  # the raw buffer is capped in bytes: several flushes below
+    for i in range(100):
+        w.record(x[i : i + 1], probs[i : i + 1], 1.0)
+    w.record(x[100:], probs[100:], 20.0)
+    got = w.close(1.0).profile
+    ref = spec.new_profile()
+    ref.update_inputs(x)
+    ref.update_outputs(probs)
+    assert got.count == 120
+    assert np.array_equal(got.inputs.counts, ref.inputs.counts)
+    assert np.allclose(got.inputs.mean, ref.inputs.mean) and np.allclose(got.inputs.m2, ref.inputs.m2)
+    assert got.class_counts.tolist() == ref.class_counts.tolist()
