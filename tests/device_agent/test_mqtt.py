@@ -78,6 +78,7 @@ def test_windows_arrive_with_consecutive_seq_and_decode(
         assert status.state == "online" and status.model == d.agent.model.ref
         assert col.of_kind("status")[0][0] == "edgefleet/lab/pi-001/status"
         wait_for(lambda: d.outbox.depth()[0] == 0, what="outbox drained after PUBACKs")
+        assert d.publisher.health()["protocol"] == "MQTT 5"  # Mosquitto speaks it
     finally:
         d.stop()
         col.close()
