@@ -1086,7 +1086,7 @@ def parse_update_section(sec: Any) -> dict[str, Any]:
         if isinstance(raw, bool) or not isinstance(raw, types):
             raise ConfigError(f"[update] {key} must be a number, got {str(raw)[:40]!r}")
         if key == "ca_file":
-            if not Path(raw).is_file():
+            if not Path(str(raw)).is_file():
                 raise ConfigError(f"[update] ca_file {raw!r} does not exist; give the CA certificate (PEM) of your"
                                   " bundle server")
             out[key] = str(raw)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +71,6 @@ def test_running_agent_takes_a_pipeline_bundle_over_mqtt_chunks(
         shape = load_manifest(v2).inputs[0].shape[1:]
         out = agent.predict(x.reshape(len(x), *shape).tolist())
         assert out["model"]["version"] == 5
-        assert np.mean([int(lbl) == y for lbl, y in zip(out["labels"], digits["y_test"][:20])]) > 0.7
+        assert np.mean([int(lbl) == y for lbl, y in zip(out["labels"], digits["y_test"][:20], strict=True)]) > 0.7
     finally:
         agent.stop()
