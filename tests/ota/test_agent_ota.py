@@ -157,14 +157,14 @@ def test_ota_with_chunks_over_mqtt(mosquitto, watch, agents, make_version, ota_k
     assert code == 0 and "now serves digits v2" in out, out + agent.log()[-2000:]
     assert agent.model_version() == 2
     assert agent.predict(x_rows(digits))["model"]["sha256"] == manifest_sha256(v2)
-    # the host removed its retained chunks: a fresh subscriber gets nothing under the bundle topic
+    # the host removed its retained chunks: a fresh subscriber gets nothing under the bundle topic.
+    # Retained messages are sent when the subscription is made, so they would arrive before a probe
+    # message published afterwards on a topic the same client subscribed to.
     late = Watch(mosquitto.port)
     try:
         late.client.subscribe(bundle_topic("lab", manifest_sha256(v2)) + "/+", qos=1)
-        wait_for(lambda: True)
-        import time
-
-        time.sleep(0.5)  # retained messages arrive right after SUBACK; give them a moment
+        late.publish("edgefleet/lab/probe/cmd", b"probe")
+        wait_for(lambda: any(t == "edgefleet/lab/probe/cmd" for t, _, _ in late.messages), what="the probe")
         with late.lock:
             assert not [t for t, p, r in late.messages if "/bundles/" in t and p]
     finally:

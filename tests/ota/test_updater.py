@@ -520,10 +520,10 @@ def test_worker_picks_up_a_drop_in_incoming(device, make_version) -> None:
     inc = up.store.incoming_dir
     partial = inc / "digits-v2.partial"
     shutil.copytree(v2, partial)
+    assert up.poll_incoming() is False  # a .partial drop (still being copied) is never picked up
+    assert serving.version == 1 and partial.exists()
     up.start()
     try:
-        time.sleep(0.01)
-        assert serving.version == 1  # a .partial drop is never picked up
         os.rename(partial, inc / "digits-v2")
         deadline = time.monotonic() + 30
         while serving.version != 2 and time.monotonic() < deadline:
