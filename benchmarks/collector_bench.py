@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import pickle
 import subprocess
 import sys
@@ -88,7 +87,9 @@ def bare_subscriber(broker_port: int, total: int, ready_file: str, result_file: 
     c.loop_start()
     done.wait(CONSUMER_TIMEOUT_S)
     c.loop_stop()
-    Path(result_file).write_text(json.dumps({"n": state["n"], "seconds": (state["last"] or 0) - (state["first"] or 0)}))
+    Path(result_file).write_text(
+        json.dumps({"n": state["n"], "seconds": (state["last"] or 0) - (state["first"] or 0)})
+    )
 
 
 def collector(db_url: str, broker_port: int, total: int, ready_file: str, result_file: str) -> None:
@@ -108,8 +109,9 @@ def collector(db_url: str, broker_port: int, total: int, ready_file: str, result
     last = time.perf_counter()
     counters = c.counters.as_dict()
     c.stop()
-    Path(result_file).write_text(json.dumps({"n": counters["stored"], "seconds": last - (first or last),
-                                             "counters": counters}))
+    Path(result_file).write_text(
+        json.dumps({"n": counters["stored"], "seconds": last - (first or last), "counters": counters})
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,9 +135,13 @@ def make_payloads(devices: int, windows: int, path: Path, bundle_root: Path) -> 
         x = d["x_test"][rng.choice(len(d["x_test"]), SAMPLES_PER_WINDOW)]
         profiles.append(window_profile(base.spec, x, model.predict(x)))
     t0 = time.time() - windows * WINDOW_S - 60
-    msgs = [stats_payload(f"dev-{i:05d}", seq, ref, profiles[(i + seq) % PROFILES], fleet=FLEET, t0=t0,
-                          window_s=WINDOW_S)
-            for seq in range(windows) for i in range(devices)]
+    msgs = [
+        stats_payload(
+            f"dev-{i:05d}", seq, ref, profiles[(i + seq) % PROFILES], fleet=FLEET, t0=t0, window_s=WINDOW_S
+        )
+        for seq in range(windows)
+        for i in range(devices)
+    ]
     with open(path, "wb") as fh:
         pickle.dump(msgs, fh)
     return bundle, sha, t0
@@ -147,8 +153,10 @@ def start_mosquitto(work: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     conf = work / "mosquitto.conf"
     # No queue limit: a slow consumer must not lose messages in a throughput test.
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 0\nmax_inflight_messages 0\n")
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 0\nmax_inflight_messages 0\n"
+    )
     binary = mosquitto_binary()
     if binary is None:
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
@@ -157,8 +165,16 @@ def start_mosquitto(work: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def run_phase(name: str, target: Any, args: tuple[Any, ...], port: int, payload_file: Path, publishers: int,
-              total: int, work: Path) -> dict[str, Any]:
+def run_phase(
+    name: str,
+    target: Any,
+    args: tuple[Any, ...],
+    port: int,
+    payload_file: Path,
+    publishers: int,
+    total: int,
+    work: Path,
+) -> dict[str, Any]:
     ready = work / f"{name}.ready"
     result = work / f"{name}.json"
     ctx = mp.get_context("spawn")
@@ -170,8 +186,10 @@ def run_phase(name: str, target: Any, args: tuple[Any, ...], port: int, payload_
             raise SystemExit(f"{name}: consumer did not get ready")
         time.sleep(0.05)
     start_at = time.time() + 1.0
-    pubs = [ctx.Process(target=publisher, args=(port, str(payload_file), k, publishers, start_at))
-            for k in range(publishers)]
+    pubs = [
+        ctx.Process(target=publisher, args=(port, str(payload_file), k, publishers, start_at))
+        for k in range(publishers)
+    ]
     for p in pubs:
         p.start()
     consumer.join(CONSUMER_TIMEOUT_S + 60)
@@ -214,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     queries: dict[str, tuple[float, int, float, int]] = {}
     try:
-        results["bare"] = run_phase("bare", bare_subscriber, (port,), port, payload_file, args.publishers, total,
-                                    work)
+        results["bare"] = run_phase(
+            "bare", bare_subscriber, (port,), port, payload_file, args.publishers, total, work
+        )
         sqlite_url = f"sqlite:///{work / 'fleet.db'}"
         register_bundle(sqlite_url, bundle)
-        results["sqlite"] = run_phase("sqlite", collector, (sqlite_url, port), port, payload_file, args.publishers,
-                                      total, work)
+        results["sqlite"] = run_phase(
+            "sqlite", collector, (sqlite_url, port), port, payload_file, args.publishers, total, work
+        )
         dbs = {"sqlite": sqlite_url}
         if not args.skip_postgres:
             from tests.conftest import Postgres
@@ -232,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                 conn.execute("CREATE DATABASE bench")
             pg_url = pg.url.rsplit("/", 1)[0] + "/bench"
             register_bundle(pg_url, bundle)
-            results["postgresql"] = run_phase("postgresql", collector, (pg_url, port), port, payload_file,
-                                              args.publishers, total, work)
+            results["postgresql"] = run_phase(
+                "postgresql", collector, (pg_url, port), port, payload_file, args.publishers, total, work
+            )
             dbs["postgresql"] = pg_url
         last_window = t0 + (args.windows - 1) * WINDOW_S
         for name, url in dbs.items():
@@ -249,8 +270,16 @@ def main(argv: list[str] | None = None) -> int:
             pg.stop()
 
     bare = results["bare"]["rate"]
-    rows = [["bare paho subscriber (decode JSON, count)", results["bare"]["n"], results["bare"]["seconds"], bare,
-             "100%", "-"]]
+    rows = [
+        [
+            "bare paho subscriber (decode JSON, count)",
+            results["bare"]["n"],
+            results["bare"]["seconds"],
+            bare,
+            "100%",
+            "-",
+        ]
+    ]
     goals = []
     for name in ("sqlite", "postgresql"):
         if name not in results:
@@ -258,9 +287,16 @@ def main(argv: list[str] | None = None) -> int:
         r = results[name]
         share = r["rate"] / bare
         c = r["counters"]
-        rows.append([f"collector -> {'SQLite (WAL, synchronous=FULL)' if name == 'sqlite' else 'PostgreSQL 15'}",
-                     r["n"], r["seconds"], r["rate"], f"{share:.0%}",
-                     f"{c['batches']} batches, {c['evaluations']} evaluations"])
+        rows.append(
+            [
+                f"collector -> {'SQLite (WAL, synchronous=FULL)' if name == 'sqlite' else 'PostgreSQL 15'}",
+                r["n"],
+                r["seconds"],
+                r["rate"],
+                f"{share:.0%}",
+                f"{c['batches']} batches, {c['evaluations']} evaluations",
+            ]
+        )
         goals.append((f"{name}: >= 70 % of bare", share >= 0.70, f"{share:.0%}"))
         if name == "sqlite":
             goals.append(("sqlite: >= 1,700 windows/s", r["rate"] >= 1700, f"{r['rate']:,.0f}/s"))
@@ -270,9 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         qrows.append([name, f"{n_dev} devices x 64 features, {args.windows} windows each", all_s])
         qrows.append([name, f"{n_dev1} devices x 64 features, latest window each", one_s])
         goals.append((f"{name}: drift query (latest window) <= 1 s", one_s <= 1.0, f"{one_s:.2f} s"))
-    body += "\nFleet-wide drift query (`drift_table`: merge per device and per model, every metric, sorted):\n\n"
+    body += (
+        "\nFleet-wide drift query (`drift_table`: merge per device and per model, every metric, sorted):\n\n"
+    )
     body += markdown_table(["database", "scope", "seconds"], qrows)
-    body += "\n" + markdown_table(["goal", "met", "measured"], [[g, "yes" if ok else "NO", m] for g, ok, m in goals])
+    body += "\n" + markdown_table(
+        ["goal", "met", "measured"], [[g, "yes" if ok else "NO", m] for g, ok, m in goals]
+    )
     info = machine_info(("numpy", "paho-mqtt", "psycopg"))
     intro = (
         f"`python -m benchmarks.collector_bench --devices {args.devices} --windows {args.windows}` — {total:,} "
@@ -285,8 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(intro + "\n\n" + body)
     if not args.no_write:
-        write_section("collector", "Collector throughput and drift query (collector_bench.py)", body, intro=intro,
-                      info=info)
+        write_section(
+            "collector",
+            "Collector throughput and drift query (collector_bench.py)",
+            body,
+            intro=intro,
+            info=info,
+        )
     return 0 if all(ok for _, ok, _ in goals) else 1
 
 

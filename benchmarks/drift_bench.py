@@ -46,8 +46,15 @@ def build_x86_bundle(work: Path) -> Path:
     model = work / "digits_cnn.keras"
     train_model(load_dataset(DATA / "digits.npz"), "cnn", 8, model, progress=False)
     out = work / "bundles"
-    build_bundles(model, DATA / "digits.npz", ["x86"], out, eval_data=DATA / "digits_test.npz",
-                  allow_accuracy_drop=True, progress=False)
+    build_bundles(
+        model,
+        DATA / "digits.npz",
+        ["x86"],
+        out,
+        eval_data=DATA / "digits_test.npz",
+        allow_accuracy_drop=True,
+        progress=False,
+    )
     return out / "x86"
 
 
@@ -58,7 +65,9 @@ def shifts(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndar
         "contrast x0.5": lambda x: x * 0.5,
         "noise sd 2": lambda x: np.clip(x + rng.normal(0.0, 2.0, x.shape), 0.0, 16.0),
         "inversion 16-x": lambda x: 16.0 - x,
-        "contrast x0.6 + noise sd 2 (demo)": lambda x: np.clip(x * 0.6 + rng.normal(0.0, 2.0, x.shape), 0.0, 16.0),
+        "contrast x0.6 + noise sd 2 (demo)": lambda x: np.clip(
+            x * 0.6 + rng.normal(0.0, 2.0, x.shape), 0.0, 16.0
+        ),
         "class prior (0-2 six times as likely)": lambda x: x,
     }
 
@@ -71,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print the table, do not touch BENCHMARKS.md")
     args = ap.parse_args(argv)
 
+    import json
+
     from device_agent.inference import Predictor
     from device_agent.stats import baseline_from_dict
     from toolchain.fleet.drift import DriftConfig, compare
-
-    import json
 
     tmp = tempfile.TemporaryDirectory(prefix="drift-bench-")
     bundle = args.bundle
@@ -127,20 +136,51 @@ def main(argv: list[str] | None = None) -> int:
         goal = "no alert >= 99 %" if is_null else "alert >= 95 %"
         met = (1 - alert >= 0.99) if is_null else (alert >= 0.95)
         goals_met &= met
-        rows.append([name, n, f"{alert:.1%}", *[f"{b:.0%}" for b in by], float(np.median(share)),
-                     float(np.median(max_psi)), float(np.median(class_psi)), float(np.median(conf)),
-                     float(np.median(oor)), goal, "yes" if met else "NO"])
+        rows.append(
+            [
+                name,
+                n,
+                f"{alert:.1%}",
+                *[f"{b:.0%}" for b in by],
+                float(np.median(share)),
+                float(np.median(max_psi)),
+                float(np.median(class_psi)),
+                float(np.median(conf)),
+                float(np.median(oor)),
+                goal,
+                "yes" if met else "NO",
+            ]
+        )
         naive_rows.append([name, f"{naive_psi / n:.1%}", f"{naive_js / n:.1%}", f"{alert:.1%}"])
-        progress_print(f"{name}: alert {alert:.1%} (inputs {by[0]:.0%}, class {by[1]:.0%}, decay {by[2]:.0%},"
-                       f" skew {by[3]:.0%})")
+        progress_print(
+            f"{name}: alert {alert:.1%} (inputs {by[0]:.0%}, class {by[1]:.0%}, decay {by[2]:.0%},"
+            f" skew {by[3]:.0%})"
+        )
     eval_s = time.perf_counter() - t1
-    headers = ["case", "windows", "device alert", "inputs", "class PSI", "decay", "skew",
-               "median share of features in alert", "median max PSI", "median class PSI",
-               "median confidence shift", "median out-of-range", "goal", "met"]
+    headers = [
+        "case",
+        "windows",
+        "device alert",
+        "inputs",
+        "class PSI",
+        "decay",
+        "skew",
+        "median share of features in alert",
+        "median max PSI",
+        "median class PSI",
+        "median confidence shift",
+        "median out-of-range",
+        "goal",
+        "met",
+    ]
     body = markdown_table(headers, rows)
-    body += ("\nWhy the device rule aggregates (same windows): share of windows where *any single* feature"
-             " crosses a band, versus the device verdict.\n\n")
-    body += markdown_table(["case", "any feature PSI >= 0.2", "any feature JS >= 0.1", "device alert"], naive_rows)
+    body += (
+        "\nWhy the device rule aggregates (same windows): share of windows where *any single* feature"
+        " crosses a band, versus the device verdict.\n\n"
+    )
+    body += markdown_table(
+        ["case", "any feature PSI >= 0.2", "any feature JS >= 0.1", "device alert"], naive_rows
+    )
     intro = (
         f"`python -m benchmarks.drift_bench` — bundle `{pred.manifest.name}` v{pred.manifest.version} "
         f"({pred.manifest.target}, runtime {pred.runtime}, held-out top-1 {acc:.1%}); windows of {WINDOW} "

@@ -43,12 +43,15 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_window(digits_model: tuple[Profile, Any], digits_data: dict[str, np.ndarray]
-                ) -> Callable[..., Profile]:
+def make_window(
+    digits_model: tuple[Profile, Any], digits_data: dict[str, np.ndarray]
+) -> Callable[..., Profile]:
     """Return ``make(n, seed, transform=None)``: a window profile of n held-out digits."""
     base, model = digits_model
 
-    def make(n: int = 100, seed: int = 0, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Profile:
+    def make(
+        n: int = 100, seed: int = 0, transform: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> Profile:
         rng = np.random.default_rng(seed)
         x = digits_data["x_test"][rng.choice(len(digits_data["x_test"]), n)]
         if transform is not None:

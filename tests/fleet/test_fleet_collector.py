@@ -22,8 +22,9 @@ from .conftest import wait_for
 pytestmark = pytest.mark.broker
 
 
-def test_duplicates_are_stored_once(mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory,
-                                    count_rows) -> None:
+def test_duplicates_are_stored_once(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory, count_rows
+) -> None:
     register_bundle(sqlite_url, bundle[0])
     c = collector_factory(sqlite_url, mosquitto.url, client_id="dup-test")
     pub = Publisher(mosquitto.url)
@@ -40,8 +41,9 @@ def test_duplicates_are_stored_once(mosquitto, sqlite_url, bundle, model_ref, ma
         assert sorted(r[0] for r in s.query("SELECT seq FROM windows")) == list(range(20))
 
 
-def test_malformed_payloads_are_quarantined_and_collection_goes_on(mosquitto, sqlite_url, bundle, model_ref,
-                                                                   make_window, collector_factory) -> None:
+def test_malformed_payloads_are_quarantined_and_collection_goes_on(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory
+) -> None:
     register_bundle(sqlite_url, bundle[0])
     c = collector_factory(sqlite_url, mosquitto.url, client_id="bad-test")
     _, good = stats_payload("dev-1", 0, model_ref, make_window(50))
@@ -84,15 +86,19 @@ def test_malformed_payloads_are_quarantined_and_collection_goes_on(mosquitto, sq
     assert c._worker is not None and c._worker.is_alive()
 
 
-def test_status_and_events_reach_the_devices_table(mosquitto, sqlite_url, model_ref, collector_factory) -> None:
+def test_status_and_events_reach_the_devices_table(
+    mosquitto, sqlite_url, model_ref, collector_factory
+) -> None:
     from toolchain.fleet.queries import status_rows
 
     collector_factory(sqlite_url, mosquitto.url, client_id="status-test")
     pub = Publisher(mosquitto.url)
     t, p = status_payload("dev-7", model_ref, deployment={"state": "downloading", "version": 2})
     pub.publish(t, p, retain=True)
-    pub.publish("edgefleet/lab/dev-7/events",
-                encode_event(device_id="dev-7", fleet="lab", event="model_loaded", ts=1.8e9, message="v1"))
+    pub.publish(
+        "edgefleet/lab/dev-7/events",
+        encode_event(device_id="dev-7", fleet="lab", event="model_loaded", ts=1.8e9, message="v1"),
+    )
     assert pub.wait_acked(30)
     rows = wait_for(lambda: status_rows(sqlite_url), 30, "the device row")
     assert rows[0]["state"] == "online" and rows[0]["deployment_state"] == "downloading"
@@ -106,8 +112,9 @@ def test_status_and_events_reach_the_devices_table(mosquitto, sqlite_url, model_
 
 
 @pytest.mark.timeout(120)
-def test_alerts_are_published_with_hysteresis(mosquitto, sqlite_url, bundle, model_ref, make_window,
-                                              collector_factory) -> None:
+def test_alerts_are_published_with_hysteresis(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory
+) -> None:
     import paho.mqtt.client as mqtt
 
     register_bundle(sqlite_url, bundle[0], {"raise_after": 2, "clear_after": 2, "min_count": 200})
@@ -136,11 +143,17 @@ def test_alerts_are_published_with_hysteresis(mosquitto, sqlite_url, bundle, mod
     with open_store(sqlite_url) as s:
         assert [r[0] for r in s.query("SELECT state FROM alerts ORDER BY id")] == ["alert", "ok"]
         assert [r[0] for r in s.query("SELECT verdict FROM evaluations ORDER BY id")] == [
-            "alert", "alert", "alert", "ok", "ok"]
+            "alert",
+            "alert",
+            "alert",
+            "ok",
+            "ok",
+        ]
 
 
-def test_bundle_dir_registers_models_automatically(mosquitto, sqlite_url, bundle, model_ref, make_window,
-                                                   collector_factory) -> None:
+def test_bundle_dir_registers_models_automatically(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory
+) -> None:
     collector_factory(sqlite_url, mosquitto.url, client_id="auto-test", bundle_dir=str(bundle[0].parent))
     pub = Publisher(mosquitto.url)
     pub.publish(*stats_payload("dev-3", 0, model_ref, make_window(50)))
@@ -157,17 +170,36 @@ def test_bundle_dir_registers_models_automatically(mosquitto, sqlite_url, bundle
         assert s.query("SELECT model_sha256 FROM baselines") == [(model_ref.sha256,)]
 
 
-def _start_cli_collector(env: dict[str, str], broker: str, db: str, log: Path, client_id: str) -> subprocess.Popen:
+def _start_cli_collector(
+    env: dict[str, str], broker: str, db: str, log: Path, client_id: str
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", "from toolchain.cli import main; main()", "fleet", "collect", "--broker", broker,
-         "--db", db, "--client-id", client_id, "--no-alerts"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+        [
+            sys.executable,
+            "-c",
+            "from toolchain.cli import main; main()",
+            "fleet",
+            "collect",
+            "--broker",
+            broker,
+            "--db",
+            db,
+            "--client-id",
+            client_id,
+            "--no-alerts",
+            "--batch-size",
+            "20",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "ab"),
     )
 
 
 @pytest.mark.timeout(240)
-def test_sigkill_and_restart_loses_no_acknowledged_window(mosquitto, sqlite_url, bundle, model_ref, make_window,
-                                                          cli_env, tmp_path, count_rows) -> None:
+def test_sigkill_and_restart_loses_no_acknowledged_window(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, cli_env, tmp_path, count_rows
+) -> None:
     register_bundle(sqlite_url, bundle[0])
     log = tmp_path / "collector.log"
     proc = _start_cli_collector(cli_env, mosquitto.url, sqlite_url, log, "kill-test")
@@ -203,9 +235,9 @@ def test_sigkill_and_restart_loses_no_acknowledged_window(mosquitto, sqlite_url,
 
 @pytest.mark.postgres
 @pytest.mark.timeout(180)
-def test_two_collectors_in_a_shared_group_store_every_window_once(mosquitto, postgres_url, bundle, model_ref,
-                                                                  make_window, collector_factory,
-                                                                  count_rows) -> None:
+def test_two_collectors_in_a_shared_group_store_every_window_once(
+    mosquitto, postgres_url, bundle, model_ref, make_window, collector_factory, count_rows
+) -> None:
     register_bundle(postgres_url, bundle[0])
     a = collector_factory(postgres_url, mosquitto.url, shared_group="ingest", client_id="col-a")
     b = collector_factory(postgres_url, mosquitto.url, shared_group="ingest", client_id="col-b")

@@ -33,7 +33,9 @@ def test_psi_hand_computed_with_half_count_smoothing() -> None:
     b = [10.5 / 101.5, 30.5 / 101.5, 60.5 / 101.5]
     c = [20.5 / 101.5, 20.5 / 101.5, 60.5 / 101.5]
     want = (c[0] - b[0]) * math.log(c[0] / b[0]) + (c[1] - b[1]) * math.log(c[1] / b[1]) + 0.0
-    assert want == pytest.approx(0.0985222 * math.log(20.5 / 10.5) - 0.0985222 * math.log(20.5 / 30.5), rel=1e-5)
+    assert want == pytest.approx(
+        0.0985222 * math.log(20.5 / 10.5) - 0.0985222 * math.log(20.5 / 30.5), rel=1e-5
+    )
     assert psi(base, cur)[0] == pytest.approx(want, rel=1e-12)
     assert psi(base, base)[0] == 0.0
     # An empty current bin stays finite thanks to the smoothing.
@@ -86,7 +88,9 @@ def test_out_of_range_rate_counts_under_overflow_and_nan() -> None:
 
 
 def _tiny_spec() -> ProfileSpec:
-    return ProfileSpec(FeatureSpec("elements", (2,), ("a", "b")), [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]], ["x", "y"])
+    return ProfileSpec(
+        FeatureSpec("elements", (2,), ("a", "b")), [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]], ["x", "y"]
+    )
 
 
 def test_compare_outputs_decay_and_skew_hand_computed() -> None:
@@ -158,10 +162,16 @@ def test_hysteresis_raises_after_k_and_clears_after_m() -> None:
         s, changed = step(s, verdict, raise_after=2, clear_after=3)
         changes.append((s.state, changed))
     assert changes == [
-        ("ok", False), ("ok", False),  # one noisy window does not raise
-        ("ok", False), ("alert", True),  # two in a row do
-        ("alert", False), ("alert", False), ("alert", False),  # an alert resets the clearing streak
-        ("alert", False), ("alert", False), ("ok", True),  # three ok in a row clear it
+        ("ok", False),
+        ("ok", False),  # one noisy window does not raise
+        ("ok", False),
+        ("alert", True),  # two in a row do
+        ("alert", False),
+        ("alert", False),
+        ("alert", False),  # an alert resets the clearing streak
+        ("alert", False),
+        ("alert", False),
+        ("ok", True),  # three ok in a row clear it
     ]
     same, changed = step(s, "insufficient", 2, 3)
     assert same == s and not changed
@@ -178,8 +188,9 @@ def test_merge_packed_equals_profile_merge(make_window, digits_model) -> None:
     expect = windows[0]
     for w in windows[1:]:
         expect = expect.merge(w)
-    got = merge_packed(Layout.of(base.spec), [pack_profile(w) for w in windows],
-                       [w.schema_violations for w in windows])
+    got = merge_packed(
+        Layout.of(base.spec), [pack_profile(w) for w in windows], [w.schema_violations for w in windows]
+    )
     for name in ("inputs", "confidence", "latency_ms"):
         a, b = getattr(got, name), getattr(expect, name)
         assert np.array_equal(a.counts, b.counts) and np.array_equal(a.count, b.count)

@@ -40,7 +40,9 @@ def test_migrations_are_versioned_and_idempotent(db_url: str) -> None:
         assert s.migrate() == s.schema_version()  # a second run applies nothing
         rows = s.query("SELECT version FROM schema_migrations")
         assert sorted(r[0] for r in rows) == [v for v, _, _ in MIGRATIONS]
-        s.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)", (999, "future", 0.0))
+        s.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)", (999, "future", 0.0)
+        )
     with pytest.raises(StorageError, match="newer than this edgefleet"):
         open_store(db_url)
 
@@ -55,7 +57,9 @@ def test_ingestion_is_idempotent_and_devices_track_state(db_url, bundle, model_r
     register_bundle(db_url, bundle[0])
     with open_store(db_url) as s:
         ing = Ingestor(s, BaselineCache(s))
-        windows = [stats_payload("dev-1", seq, model_ref, make_window(60, seed=seq), dropped=seq) for seq in range(5)]
+        windows = [
+            stats_payload("dev-1", seq, model_ref, make_window(60, seed=seq), dropped=seq) for seq in range(5)
+        ]
         ing.process([incoming(t, p) for t, p in windows])
         # Redelivery of everything, plus duplicates inside one batch.
         res = ing.process([incoming(t, p) for t, p in windows + windows[:2]])
@@ -65,8 +69,13 @@ def test_ingestion_is_idempotent_and_devices_track_state(db_url, bundle, model_r
         ing.process([incoming(t, p)])
         t, p = status_payload("dev-1", model_ref, state="offline")
         ev = encode_event(device_id="dev-1", fleet="lab", event="model_loaded", ts=time.time(), message="ok")
-        ing.process([incoming(t, p), incoming("edgefleet/lab/dev-1/events", ev),
-                     incoming("edgefleet/lab/dev-1/events", ev)])
+        ing.process(
+            [
+                incoming(t, p),
+                incoming("edgefleet/lab/dev-1/events", ev),
+                incoming("edgefleet/lab/dev-1/events", ev),
+            ]
+        )
         assert s.query("SELECT COUNT(*) FROM events")[0][0] == 1
         rows = status_rows(s)
     assert len(rows) == 1
@@ -76,8 +85,9 @@ def test_ingestion_is_idempotent_and_devices_track_state(db_url, bundle, model_r
     assert r["deployment_state"] == "staged"  # kept from the earlier status; the later one had none
 
 
-def test_windows_before_registration_wait_then_get_judged(db_url, bundle, model_ref, make_window,
-                                                          digits_model) -> None:
+def test_windows_before_registration_wait_then_get_judged(
+    db_url, bundle, model_ref, make_window, digits_model
+) -> None:
     with open_store(db_url) as s:
         ing = Ingestor(s, BaselineCache(s))
         good = [stats_payload("dev-2", seq, model_ref, make_window(100, seed=seq)) for seq in range(3)]

@@ -70,6 +70,13 @@ def fleet_cmd() -> None:
     help="Register baselines automatically from bundles found in this folder.",
 )
 @click.option("--no-alerts", is_flag=True, help="Store only; do not evaluate drift or publish alerts.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=500,
+    show_default=True,
+    help="Most messages stored per transaction (acknowledged after its commit).",
+)
 def collect_cmd(
     broker_url: str,
     db_url: str,
@@ -84,6 +91,7 @@ def collect_cmd(
     tls_insecure: bool,
     bundle_dir: str | None,
     no_alerts: bool,
+    batch_size: int,
 ) -> None:
     """Run the collector daemon: MQTT stats/status/events into the database, drift alerts out."""
     from toolchain.fleet.collector import Collector, CollectorConfigError
@@ -107,6 +115,7 @@ def collect_cmd(
             tls_insecure=tls_insecure,
             bundle_dir=bundle_dir,
             evaluate=not no_alerts,
+            batch_max=batch_size,
         )
     except CollectorConfigError as e:
         click.echo(f"Error: {e}", err=True)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from device_agent.telemetry import SCHEMA, fleet_topic, utc_iso
-from toolchain.fleet.drift import AlertState, compare, step
+from toolchain.fleet.drift import AlertState, compare_many, step
 from toolchain.fleet.registry import BaselineCache
-from toolchain.fleet.storage import Store, dumps, merge_packed
+from toolchain.fleet.storage import Store, dumps, merge_packed_groups
 
 log = logging.getLogger("edgefleet.fleet.alerts")
 
@@ -73,127 +73,150 @@ class Evaluator:
         self.sink = sink
         self.clock = clock
 
-    def pending_count(self, fleet: str, device_id: str) -> int:
-        """Predictions stored for a device since its last evaluation (current model only)."""
-        st = self.store.query(
-            "SELECT model_sha256, last_window_id FROM drift_state WHERE fleet = ? AND device_id = ?",
-            (fleet, device_id),
-        )
-        model = self._model(fleet, device_id)
-        if model is None:
-            return 0
-        last = int(st[0][1]) if st and st[0][0] == model else 0
-        rows = self.store.query(
-            "SELECT COALESCE(SUM(count), 0) FROM windows WHERE fleet = ? AND device_id = ?"
-            " AND model_sha256 = ? AND id > ? AND ints IS NOT NULL",
-            (fleet, device_id, model, last),
-        )
-        return int(rows[0][0])
-
-    def _model(self, fleet: str, device_id: str) -> str | None:
-        rows = self.store.query(
-            "SELECT model_sha256 FROM windows WHERE fleet = ? AND device_id = ? AND ints IS NOT NULL"
-            " ORDER BY id DESC LIMIT 1",
-            (fleet, device_id),
-        )
-        return rows[0][0] if rows else None
-
     def evaluate(self, fleet: str, device_id: str) -> Evaluation | None:
         """Evaluate a device if at least ``min_count`` new predictions are stored; else return None."""
-        model = self._model(fleet, device_id)
-        if model is None:
-            return None
-        base = self.baselines.get(model)
-        if base is None:
-            return None
-        cfg = base.config
-        with self.store.transaction():
-            if self.store.dialect == "postgresql":
-                # Two collectors of one shared group may evaluate the same device: serialise them.
-                self.store.execute(
-                    "SELECT pg_advisory_xact_lock(?)",
-                    (zlib.crc32(f"{fleet}/{device_id}".encode()) & 0x7FFFFFFF,),
+        return self.evaluate_many([(fleet, device_id)]).get((fleet, device_id))
+
+    def evaluate_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Evaluation]:
+        """Evaluate many devices in one transaction (metrics vectorised per model); return those evaluated.
+
+        A device is evaluated when the windows stored since its previous evaluation (of the model of
+        its newest window) hold at least the model's ``min_count`` predictions.
+        """
+        keys = sorted(set(keys))
+        if not keys:
+            return {}
+        store = self.store
+        now = self.clock()
+        todo: dict[str, list[tuple[tuple[str, str], AlertState, list[tuple[Any, ...]]]]] = {}
+        out: dict[tuple[str, str], Evaluation] = {}
+        alerts: list[dict[str, Any]] = []
+        with store.transaction():
+            for fleet, device in keys:
+                if store.dialect == "postgresql":
+                    # Two collectors of one shared group may evaluate the same device: serialise them.
+                    store.execute(
+                        "SELECT pg_advisory_xact_lock(?)",
+                        (zlib.crc32(f"{fleet}/{device}".encode()) & 0x7FFFFFFF,),
+                    )
+                st = store.query(
+                    "SELECT model_sha256, state, candidate, streak, last_window_id FROM drift_state"
+                    " WHERE fleet = ? AND device_id = ?",
+                    (fleet, device),
                 )
-            st = self.store.query(
-                "SELECT model_sha256, state, candidate, streak, last_window_id FROM drift_state"
-                " WHERE fleet = ? AND device_id = ?",
-                (fleet, device_id),
-            )
-            if st and st[0][0] == model:
-                prev = AlertState(st[0][1], st[0][2], int(st[0][3]))
-                last_id = int(st[0][4])
-            else:
-                prev, last_id = AlertState(), 0
-            rows = self.store.query(
-                "SELECT id, count, ints, floats, violations_json, window_start, window_end FROM windows"
-                " WHERE fleet = ? AND device_id = ? AND model_sha256 = ? AND id > ? AND ints IS NOT NULL ORDER BY id",
-                (fleet, device_id, model, last_id),
-            )
-            total = sum(int(r[1]) for r in rows)
-            if total < cfg.min_count:
-                return None
-            current = merge_packed(
-                base.layout, [(bytes(r[2]), bytes(r[3])) for r in rows], [json.loads(r[4]) for r in rows]
-            )
-            result = compare(base.profile, current, cfg)
-            new, changed = step(prev, result.state, cfg.raise_after, cfg.clear_after)
-            now = self.clock()
-            new_last = max(int(r[0]) for r in rows)
-            self.store.execute(
+                last_id = int(st[0][4]) if st else 0
+                rows = store.query(
+                    "SELECT id, count, ints, floats, violations_json, window_start, window_end, model_sha256"
+                    " FROM windows WHERE fleet = ? AND device_id = ? AND id > ? AND ints IS NOT NULL ORDER BY id",
+                    (fleet, device, last_id),
+                )
+                if not rows:
+                    continue
+                model = rows[-1][7]
+                if st and st[0][0] == model:
+                    prev = AlertState(st[0][1], st[0][2], int(st[0][3]))
+                else:
+                    prev = AlertState()
+                rows = [r for r in rows if r[7] == model]
+                base = self.baselines.get(model)
+                if base is None or sum(int(r[1]) for r in rows) < base.config.min_count:
+                    continue
+                todo.setdefault(model, []).append(((fleet, device), prev, rows))
+            state_rows, eval_rows, alert_rows = [], [], []
+            for model, items in todo.items():
+                base = self.baselines.get(model)
+                assert base is not None
+                cfg = base.config
+                blobs, groups, viol = [], [], []
+                for gi, (_, _, rows) in enumerate(items):
+                    for r in rows:
+                        blobs.append((bytes(r[2]), bytes(r[3])))
+                        groups.append(gi)
+                        viol.append(json.loads(r[4]))
+                profs = merge_packed_groups(base.layout, blobs, groups, len(items), viol)
+                results = compare_many(base.profile, profs, cfg)
+                for ((fleet, device), prev, rows), result in zip(items, results):
+                    new, changed = step(prev, result.state, cfg.raise_after, cfg.clear_after)
+                    total = sum(int(r[1]) for r in rows)
+                    state_rows.append(
+                        (
+                            fleet,
+                            device,
+                            model,
+                            new.state,
+                            new.candidate,
+                            new.streak,
+                            max(int(r[0]) for r in rows),
+                            result.state,
+                            now,
+                        )
+                    )
+                    eval_rows.append(
+                        (
+                            now,
+                            fleet,
+                            device,
+                            model,
+                            min(float(r[5]) for r in rows),
+                            max(float(r[6]) for r in rows),
+                            total,
+                            result.state,
+                            new.state,
+                            float(result.max_psi),
+                            dumps(result.to_dict(features=False)),
+                        )
+                    )
+                    alert = None
+                    if changed:
+                        alert = {
+                            "schema": SCHEMA,
+                            "type": "alert",
+                            "fleet": fleet,
+                            "device_id": device,
+                            "model": {"sha256": model, "name": base.name, "version": base.version},
+                            "state": new.state,
+                            "previous": prev.state,
+                            "ts": utc_iso(now),
+                            "reasons": result.reasons,
+                            "features": [
+                                {"name": f.name, "psi": round(f.psi, 4), "js": round(f.js, 4)}
+                                for f in result.worst_features(5)
+                            ],
+                        }
+                        message = f"device {device} ({fleet}) drift state {prev.state} -> {new.state}: " + (
+                            "; ".join(result.reasons) or "back within thresholds"
+                        )
+                        alert_rows.append(
+                            (now, fleet, device, model, new.state, prev.state, message, dumps(alert))
+                        )
+                        alerts.append({**alert, "_message": message})
+                    out[(fleet, device)] = Evaluation(
+                        fleet, device, result.state, new.state, changed, total, alert
+                    )
+            store.executemany(
                 "INSERT INTO drift_state (fleet, device_id, model_sha256, state, candidate, streak, last_window_id,"
                 " verdict, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id) DO UPDATE SET"
                 " model_sha256 = excluded.model_sha256, state = excluded.state, candidate = excluded.candidate,"
                 " streak = excluded.streak, last_window_id = excluded.last_window_id, verdict = excluded.verdict,"
                 " updated_at = excluded.updated_at",
-                (fleet, device_id, model, new.state, new.candidate, new.streak, new_last, result.state, now),
+                state_rows,
             )
-            self.store.execute(
+            store.executemany(
                 "INSERT INTO evaluations (ts, fleet, device_id, model_sha256, window_from, window_to, count, verdict,"
                 " state, max_psi, detail_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    now,
-                    fleet,
-                    device_id,
-                    model,
-                    min(float(r[5]) for r in rows),
-                    max(float(r[6]) for r in rows),
-                    total,
-                    result.state,
-                    new.state,
-                    float(result.max_psi),
-                    dumps(result.to_dict(features=False)),
-                ),
+                eval_rows,
             )
-            alert = None
-            if changed:
-                alert = {
-                    "schema": SCHEMA,
-                    "type": "alert",
-                    "fleet": fleet,
-                    "device_id": device_id,
-                    "model": {"sha256": model, "name": base.name, "version": base.version},
-                    "state": new.state,
-                    "previous": prev.state,
-                    "ts": utc_iso(now),
-                    "reasons": result.reasons,
-                    "features": [
-                        {"name": f.name, "psi": round(f.psi, 4), "js": round(f.js, 4)}
-                        for f in result.worst_features(5)
-                    ],
-                }
-                message = f"device {device_id} ({fleet}) drift state {prev.state} -> {new.state}: " + (
-                    "; ".join(result.reasons) or "back within thresholds"
-                )
-                self.store.execute(
-                    "INSERT INTO alerts (ts, fleet, device_id, model_sha256, state, previous, message, detail_json)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (now, fleet, device_id, model, new.state, prev.state, message, dumps(alert)),
-                )
-        if alert is not None:
+            store.executemany(
+                "INSERT INTO alerts (ts, fleet, device_id, model_sha256, state, previous, message, detail_json)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                alert_rows,
+            )
+        for a in alerts:
+            message = a.pop("_message")
             log.warning("%s", message)
             if self.sink is not None:
                 try:
-                    self.sink.publish_alert(fleet_topic(fleet, "alerts"), json.dumps(alert).encode())
+                    self.sink.publish_alert(fleet_topic(a["fleet"], "alerts"), json.dumps(a).encode())
                 except Exception as e:  # noqa: BLE001 - the alert is stored; a publish failure must not stop ingestion
-                    log.error("could not publish alert for %s: %s", device_id, e)
-        return Evaluation(fleet, device_id, result.state, new.state, changed, total, alert)
+                    log.error("could not publish alert for %s: %s", a["device_id"], e)
+        return out

@@ -251,16 +251,43 @@ class Ingestor:
             except Refused:
                 fw = None
             if fw is not None:
-                windows.append((fleet, device, fw.seq, fw.window_start, fw.window_end, now, fw.model_sha256,
-                                fw.spec_hash, fw.count, fw.dropped_windows, dumps(fw.schema_violations), fw.ints,
-                                fw.floats, None))
+                windows.append(
+                    (
+                        fleet,
+                        device,
+                        fw.seq,
+                        fw.window_start,
+                        fw.window_end,
+                        now,
+                        fw.model_sha256,
+                        fw.spec_hash,
+                        fw.count,
+                        fw.dropped_windows,
+                        dumps(fw.schema_violations),
+                        fw.ints,
+                        fw.floats,
+                        None,
+                    )
+                )
                 key = (fleet, device)
                 prev = seen.get(key)
                 dropped = max(fw.dropped_windows, prev[8] if prev else 0)
-                seen[key] = (fleet, device, now, now, fw.model_sha256, fw.model_name, fw.model_version,
-                             fw.agent_version, dropped)
+                seen[key] = (
+                    fleet,
+                    device,
+                    now,
+                    now,
+                    fw.model_sha256,
+                    fw.model_name,
+                    fw.model_version,
+                    fw.agent_version,
+                    dropped,
+                )
                 if fw.ints is not None:
-                    res.touched[key] = (res.touched.get(key, (0, fw.model_sha256))[0] + fw.count, fw.model_sha256)
+                    res.touched[key] = (
+                        res.touched.get(key, (0, fw.model_sha256))[0] + fw.count,
+                        fw.model_sha256,
+                    )
                 return
             # The contract decoders judge anything the fast path refused (and word the reason).
             msg = decode_stats(m.payload, topic_device=device, topic_fleet=fleet)
@@ -622,21 +649,23 @@ class Collector:
                     last_eval = time.monotonic()
 
     def _evaluate(self, evaluator: Evaluator, baselines: BaselineCache) -> None:
+        due = []
         for key, (n, sha) in list(self._pending_eval.items()):
             base = baselines.get(sha)
-            if base is None or n < base.config.min_count:
-                continue
-            # The in-memory count only says when to look; the database decides what is evaluated
-            # (the collectors of a shared group each store part of a device's windows).
-            self._pending_eval.pop(key, None)
-            try:
-                ev = evaluator.evaluate(*key)
-            except Exception as e:  # noqa: BLE001 - evaluation is best effort; ingestion goes on
-                log.error("evaluating %s/%s failed: %s", key[0], key[1], e)
-                continue
-            if ev is not None:
-                self.counters.evaluations += 1
-                self.counters.alerts += int(ev.changed)
+            if base is not None and n >= base.config.min_count:
+                # The in-memory count only says when to look; the database decides what is evaluated
+                # (the collectors of a shared group each store part of a device's windows).
+                self._pending_eval.pop(key, None)
+                due.append(key)
+        if not due:
+            return
+        try:
+            done = evaluator.evaluate_many(due)
+        except Exception as e:  # noqa: BLE001 - evaluation is best effort; ingestion goes on
+            log.error("evaluating %d device(s) failed: %s", len(due), e)
+            return
+        self.counters.evaluations += len(done)
+        self.counters.alerts += sum(ev.changed for ev in done.values())
 
     def _auto_register(self, store: Store, baselines: BaselineCache, sha: str) -> None:
         if self.bundles is None:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -217,14 +217,60 @@ class FeatureDrift:
     state: str
 
 
-@dataclass
 class DriftResult:
-    """The comparison of one current profile against its baseline."""
+    """The comparison of one current profile against its baseline.
+
+    Per-feature metrics are kept as arrays (``features`` builds the list of FeatureDrift on first use),
+    so a fleet-wide query over thousands of devices stays cheap.
+    """
+
+    SCALARS = (
+        "count",
+        "state",
+        "reasons",
+        "input_state",
+        "alert_share",
+        "warn_share",
+        "class_psi",
+        "output_state",
+        "confidence_mean_baseline",
+        "confidence_mean",
+        "confidence_shift",
+        "decay_state",
+        "schema_violation_rate",
+        "out_of_range_rate",
+        "skew_state",
+        "class_share",
+    )
+
+    def __init__(
+        self,
+        *,
+        names: list[str],
+        f_count: np.ndarray,
+        f_psi: np.ndarray,
+        f_js: np.ndarray,
+        f_ks: np.ndarray,
+        f_ms: np.ndarray,
+        f_code: np.ndarray,
+        **scalars: Any,
+    ) -> None:
+        self.names = names
+        self.f_count, self.f_psi, self.f_js, self.f_ks, self.f_ms, self.f_code = (
+            f_count,
+            f_psi,
+            f_js,
+            f_ks,
+            f_ms,
+            f_code,
+        )
+        for k in self.SCALARS:
+            setattr(self, k, scalars[k])
+        self._features: list[FeatureDrift] | None = None
 
     count: int
     state: str
     reasons: list[str]
-    features: list[FeatureDrift]
     input_state: str
     alert_share: float
     warn_share: float
@@ -237,39 +283,64 @@ class DriftResult:
     schema_violation_rate: float
     out_of_range_rate: float
     skew_state: str
-    class_share: list[float] = field(default_factory=list)
+    class_share: list[float]
+
+    @property
+    def features(self) -> list[FeatureDrift]:
+        """Every input feature's metrics, in feature order."""
+        if self._features is None:
+            self._features = [
+                FeatureDrift(n, c, p, j, k, None if m != m else m, _CODE_NAMES[s])
+                for n, c, p, j, k, m, s in zip(
+                    self.names,
+                    self.f_count.tolist(),
+                    self.f_psi.tolist(),
+                    self.f_js.tolist(),
+                    self.f_ks.tolist(),
+                    self.f_ms.tolist(),
+                    self.f_code.tolist(),
+                )
+            ]
+        return self._features
 
     @property
     def max_psi(self) -> float:
         """Return the highest feature PSI (0 without features)."""
-        return max((f.psi for f in self.features), default=0.0)
+        return float(self.f_psi.max()) if self.f_psi.size else 0.0
 
     def worst_features(self, n: int = 5) -> list[FeatureDrift]:
         """Return the n features with the highest PSI."""
-        return sorted(self.features, key=lambda f: -f.psi)[:n]
+        order = np.argsort(-self.f_psi, kind="stable")[:n]
+        feats = self.features
+        return [feats[i] for i in order]
 
     def to_dict(self, features: bool = True) -> dict[str, Any]:
         """Return a JSON-ready dict (floats rounded to 6 digits, non-finite as null)."""
-        d = {k: _clean(v) for k, v in self.__dict__.items() if k != "features"}
+        d = {k: _clean(getattr(self, k)) for k in self.SCALARS}
         d["max_psi"] = _clean(self.max_psi)
         if features:
+            cols = [np.round(a, 6).tolist() for a in (self.f_psi, self.f_js, self.f_ks, self.f_ms)]
             d["features"] = [
-                {"name": f.name, "count": f.count, "psi": _r(f.psi), "js": _r(f.js), "ks": _r(f.ks),
-                 "mean_shift": _r(f.mean_shift), "state": f.state}
-                for f in self.features
+                {
+                    "name": n,
+                    "count": c,
+                    "psi": p,
+                    "js": j,
+                    "ks": k,
+                    "mean_shift": None if m != m else m,
+                    "state": _CODE_NAMES[s],
+                }
+                for n, c, p, j, k, m, s in zip(self.names, self.f_count.tolist(), *cols, self.f_code.tolist())
             ]
         return d
 
 
-def _r(v: float | None) -> float | None:
-    return None if v is None or not math.isfinite(v) else round(v, 6)
+_CODE_NAMES = {-1: "insufficient", 0: "ok", 1: "warn", 2: "alert"}
 
 
 def _clean(o: Any) -> Any:
     if isinstance(o, float):
         return round(o, 6) if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
     if isinstance(o, list):
         return [_clean(v) for v in o]
     return o
@@ -292,90 +363,131 @@ def worst(*states: str) -> str:
 
 def compare(baseline: Profile, current: Profile, config: DriftConfig | None = None) -> DriftResult:
     """Compare a current profile with its baseline: per-feature metrics, outputs, decay, skew, verdict."""
-    cfg = config or DriftConfig()
-    if baseline.spec.spec_hash() != current.spec.spec_hash():
-        raise DriftError("current profile and baseline have different specs; was the model re-registered?")
-    b_in, c_in = baseline.inputs, current.inputs
-    mask = _bin_mask(b_in)
-    f_psi = psi(b_in.counts, c_in.counts, mask)
-    f_js = js_distance(b_in.counts, c_in.counts, mask)
-    f_ks = ks_binned(b_in.counts, c_in.counts, mask)
-    f_ms = mean_shift_std(b_in, c_in)
-    n = current.count
-    enough = n >= cfg.min_count
-    # Feature states as codes: -1 insufficient, 0 ok, 1 warn, 2 alert (vectorised over features).
-    code = np.where((f_psi >= cfg.psi_alert) | (f_js >= cfg.js_alert), 2,
-                    np.where((f_psi >= cfg.psi_warn) | (f_js >= cfg.js_warn), 1, 0))
-    code = np.where(c_in.count < cfg.min_count, -1, code)
-    names_by_code = {-1: "insufficient", 0: "ok", 1: "warn", 2: "alert"}
-    feats = [
-        FeatureDrift(name, cnt, p, j_, k, None if ms != ms else ms, names_by_code[c])
-        for name, cnt, p, j_, k, ms, c in zip(b_in.names, c_in.count.tolist(), f_psi.tolist(), f_js.tolist(),
-                                              f_ks.tolist(), f_ms.tolist(), code.tolist())
-    ]
-    n_alert = int((code == 2).sum())
-    n_warn = int((code >= 1).sum())
-    nf = max(len(feats), 1)
-    alert_share, warn_share = n_alert / nf, n_warn / nf
-    reasons: list[str] = []
-    if alert_share >= cfg.feature_share_alert:
-        input_state = "alert"
-    elif warn_share >= cfg.feature_share_warn:
-        input_state = "warn"
-    else:
-        input_state = "ok"
-    if input_state != "ok":
-        reasons.append(f"{n_alert} of {nf} features in alert, {n_warn} in warn or above")
+    return compare_many(baseline, [current], config)[0]
 
-    class_psi = conf_mean = conf_base = conf_shift = None
-    class_share: list[float] = []
-    output_state = decay_state = "ok"
-    if n > 0:
-        class_psi = float(psi(baseline.class_counts, current.class_counts)[0])
-        class_share = [float(v) for v in current.class_counts / n]
-        output_state = _band(class_psi, cfg.class_psi_warn, cfg.class_psi_alert)
-        if output_state != "ok":
-            reasons.append(f"predicted-class PSI {class_psi:.3f}")
-        if current.confidence.count[0] > 0 and baseline.confidence.count[0] > 0:
-            conf_mean = float(current.confidence.mean[0])
-            conf_base = float(baseline.confidence.mean[0])
-            conf_shift = conf_mean - conf_base
-            decay_state = _band(-conf_shift, cfg.confidence_drop_warn, cfg.confidence_drop_alert)
-            if decay_state != "ok":
-                reasons.append(f"top-1 confidence {conf_mean:.3f} vs baseline {conf_base:.3f}")
-    violations = sum(current.schema_violations.values())
-    viol_rate = violations / (violations + n) if violations + n else 0.0
-    oor = out_of_range_rate(c_in)
-    skew_state = worst(
-        _band(viol_rate, cfg.violation_warn, cfg.violation_alert),
-        _band(oor, cfg.out_of_range_warn, cfg.out_of_range_alert),
+
+def compare_many(
+    baseline: Profile, currents: list[Profile], config: DriftConfig | None = None
+) -> list[DriftResult]:
+    """Compare many current profiles (devices, time buckets) with one baseline, vectorised over them."""
+    cfg = config or DriftConfig()
+    if not currents:
+        return []
+    for c in currents:
+        if c.spec is not baseline.spec and c.spec.spec_hash() != baseline.spec.spec_hash():
+            raise DriftError(
+                "current profile and baseline have different specs; was the model re-registered?"
+            )
+    b_in = baseline.inputs
+    n_dev, n_feat = len(currents), b_in.n_features
+    width = b_in.counts.shape[1]
+    mask = np.broadcast_to(_bin_mask(b_in), (n_dev, n_feat, width)).reshape(-1, width)
+    base = np.broadcast_to(b_in.counts, (n_dev, n_feat, width)).reshape(-1, width)
+    cur = np.stack([c.inputs.counts for c in currents]).reshape(-1, width)
+    f_psi = psi(base, cur, mask).reshape(n_dev, n_feat)
+    f_js = js_distance(base, cur, mask).reshape(n_dev, n_feat)
+    f_ks = ks_binned(base, cur, mask).reshape(n_dev, n_feat)
+    c_count = np.stack([c.inputs.count for c in currents])
+    c_mean = np.stack([c.inputs.mean for c in currents])
+    std = b_in.std()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f_ms = np.where(
+            (std > 0)[None, :] & (c_count > 0),
+            (c_mean - b_in.mean[None, :]) / np.where(std > 0, std, 1.0),
+            np.nan,
+        )
+    code = np.where(
+        (f_psi >= cfg.psi_alert) | (f_js >= cfg.js_alert),
+        2,
+        np.where((f_psi >= cfg.psi_warn) | (f_js >= cfg.js_warn), 1, 0),
     )
-    if skew_state != "ok":
-        reasons.append(f"schema violations {viol_rate:.1%}, out of range {oor:.1%}")
-    if enough:
-        state = worst(input_state, output_state, decay_state, skew_state)
-    else:
-        state = "insufficient"
-        reasons = [f"{n} predictions, fewer than min_count={cfg.min_count}"]
-    return DriftResult(
-        count=n,
-        state=state,
-        reasons=reasons,
-        features=feats,
-        input_state=input_state if enough else "insufficient",
-        alert_share=alert_share,
-        warn_share=warn_share,
-        class_psi=class_psi,
-        output_state=output_state if enough else "insufficient",
-        confidence_mean_baseline=conf_base,
-        confidence_mean=conf_mean,
-        confidence_shift=conf_shift,
-        decay_state=decay_state if enough else "insufficient",
-        schema_violation_rate=viol_rate,
-        out_of_range_rate=oor,
-        skew_state=skew_state if enough else "insufficient",
-        class_share=class_share,
-    )
+    code = np.where(c_count < cfg.min_count, -1, code)
+    n_alert = (code == 2).sum(axis=1)
+    n_warn = (code >= 1).sum(axis=1)
+    # Outputs and skew, one value per current profile.
+    k = baseline.class_counts.size
+    cc = np.stack([c.class_counts for c in currents])
+    c_psi = psi(np.broadcast_to(baseline.class_counts, (n_dev, k)), cc)
+    idx = np.arange(n_feat)
+    c3 = cur.reshape(n_dev, n_feat, width)
+    nan = np.stack([c.inputs.nan_count for c in currents])
+    outside = c3[:, :, 0].sum(axis=1) + c3[:, idx, b_in.nedges].sum(axis=1) + nan.sum(axis=1)
+    total = c_count.sum(axis=1) + nan.sum(axis=1)
+    oor_all = np.where(total > 0, outside / np.maximum(total, 1), 0.0)
+    nf = max(n_feat, 1)
+    base_conf = float(baseline.confidence.mean[0]) if baseline.confidence.count[0] > 0 else None
+    results = []
+    for i, current in enumerate(currents):
+        n = current.count
+        enough = n >= cfg.min_count
+        alert_share, warn_share = int(n_alert[i]) / nf, int(n_warn[i]) / nf
+        reasons: list[str] = []
+        if alert_share >= cfg.feature_share_alert:
+            input_state = "alert"
+        elif warn_share >= cfg.feature_share_warn:
+            input_state = "warn"
+        else:
+            input_state = "ok"
+        if input_state != "ok":
+            reasons.append(f"{int(n_alert[i])} of {nf} features in alert, {int(n_warn[i])} in warn or above")
+        class_psi = conf_mean = conf_shift = None
+        class_share: list[float] = []
+        output_state = decay_state = "ok"
+        if n > 0:
+            class_psi = float(c_psi[i])
+            class_share = (cc[i] / n).tolist()
+            output_state = _band(class_psi, cfg.class_psi_warn, cfg.class_psi_alert)
+            if output_state != "ok":
+                reasons.append(f"predicted-class PSI {class_psi:.3f}")
+            if current.confidence.count[0] > 0 and base_conf is not None:
+                conf_mean = float(current.confidence.mean[0])
+                conf_shift = conf_mean - base_conf
+                decay_state = _band(-conf_shift, cfg.confidence_drop_warn, cfg.confidence_drop_alert)
+                if decay_state != "ok":
+                    reasons.append(f"top-1 confidence {conf_mean:.3f} vs baseline {base_conf:.3f}")
+        violations = sum(current.schema_violations.values())
+        viol_rate = violations / (violations + n) if violations + n else 0.0
+        oor = float(oor_all[i])
+        skew_state = worst(
+            _band(viol_rate, cfg.violation_warn, cfg.violation_alert),
+            _band(oor, cfg.out_of_range_warn, cfg.out_of_range_alert),
+        )
+        if skew_state != "ok":
+            reasons.append(f"schema violations {viol_rate:.1%}, out of range {oor:.1%}")
+        if enough:
+            state = worst(input_state, output_state, decay_state, skew_state)
+        else:
+            state = "insufficient"
+            reasons = [f"{n} predictions, fewer than min_count={cfg.min_count}"]
+        ins = "insufficient"
+        results.append(
+            DriftResult(
+                names=b_in.names,
+                f_count=c_count[i],
+                f_psi=f_psi[i],
+                f_js=f_js[i],
+                f_ks=f_ks[i],
+                f_ms=f_ms[i],
+                f_code=code[i],
+                count=n,
+                state=state,
+                reasons=reasons,
+                input_state=input_state if enough else ins,
+                alert_share=alert_share,
+                warn_share=warn_share,
+                class_psi=class_psi,
+                output_state=output_state if enough else ins,
+                confidence_mean_baseline=base_conf,
+                confidence_mean=conf_mean,
+                confidence_shift=conf_shift,
+                decay_state=decay_state if enough else ins,
+                schema_violation_rate=viol_rate,
+                out_of_range_rate=oor,
+                skew_state=skew_state if enough else ins,
+                class_share=class_share,
+            )
+        )
+    return results
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ checks the two paths agree on accepted windows and on many corruptions of them.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,51 +110,107 @@ def _ints(vals: list[Any]) -> np.ndarray:
     return a.astype(np.int64)
 
 
-_SHAPES: dict[bytes, tuple[list[int], np.ndarray, int]] = {}
+@dataclass(frozen=True)
+class _Plan:
+    """Where the three feature sets' values go in the packed vectors (cached per layout)."""
+
+    sizes: tuple[int, ...]  # features per set
+    want: list[int]  # histogram length of every feature of every set, in order
+    seg_starts: np.ndarray  # start of each histogram in the flattened histograms
+    pos_hist: np.ndarray  # positions of the flattened histograms in the ints vector
+    pos_count: np.ndarray
+    pos_nan: np.ndarray
+    pos_class: np.ndarray
+    pos_floats: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # min, max, mean, m2
+    n_ints: int
+    n_floats: int
 
 
-def _shape(nedges: np.ndarray) -> tuple[list[int], np.ndarray, int]:
-    """Return (histogram lengths, bin mask, width) for a feature set's edge counts (cached)."""
-    key = nedges.tobytes()
-    got = _SHAPES.get(key)
-    if got is None:
-        width = int(nedges.max()) + 1
-        got = ((nedges + 1).tolist(), np.arange(width)[None, :] < (nedges[:, None] + 1), width)
-        _SHAPES[key] = got
-    return got
+_PLANS: dict[int, tuple[Layout, _Plan]] = {}
 
 
-def _fsp(d: Any, n_features: int, nedges: np.ndarray, ints: list[np.ndarray], floats: list[np.ndarray]) -> None:
-    """Validate one feature-set state and append its packed parts (layout of storage.pack_profile)."""
-    if type(d) is not dict or d.keys() != FSP_KEYS:
-        raise Refused("fsp keys")
-    for k in ("count", "nan", "min", "max", "mean", "m2", "hist"):
-        if type(d[k]) is not list or len(d[k]) != n_features:
-            raise Refused("fsp length")
-    hist = d["hist"]
-    want, mask, width = _shape(nedges)
-    if [len(h) if type(h) is list else -1 for h in hist] != want:
+def _plan(layout: Layout) -> _Plan:
+    got = _PLANS.get(id(layout))
+    if got is not None and got[0] is layout:
+        return got[1]
+    sizes, want, pos_hist, pos_count, pos_nan = [], [], [], [], []
+    pos_f: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    io = fo = 0
+    for name, f, w in layout.parts:
+        fp = getattr(layout.template, name)
+        lengths = (fp.nedges + 1).tolist()
+        sizes.append(f)
+        want += lengths
+        for j, n in enumerate(lengths):
+            pos_hist += range(io + j * w, io + j * w + n)
+        io += f * w
+        pos_count += range(io, io + f)
+        io += f
+        pos_nan += range(io, io + f)
+        io += f
+        for k in range(4):
+            pos_f[k].extend(range(fo + k * f, fo + (k + 1) * f))
+        fo += 4 * f
+    plan = _Plan(
+        tuple(sizes),
+        want,
+        np.r_[0, np.cumsum(want)[:-1]].astype(np.int64),
+        np.array(pos_hist),
+        np.array(pos_count),
+        np.array(pos_nan),
+        np.arange(io, io + layout.n_classes),
+        tuple(np.array(p) for p in pos_f),  # type: ignore[arg-type]
+        layout.n_ints,
+        layout.n_floats,
+    )
+    _PLANS[id(layout)] = (layout, plan)
+    return plan
+
+
+def _pack_sets(states: tuple[Any, Any, Any], cc: Any, layout: Layout) -> tuple[bytes, bytes]:
+    """Validate the three feature-set states and class counts together; return the packed blobs."""
+    plan = _plan(layout)
+    lists: dict[str, list[Any]] = {k: [] for k in ("count", "nan", "min", "max", "mean", "m2", "hist")}
+    for d, f in zip(states, plan.sizes):
+        if type(d) is not dict or d.keys() != FSP_KEYS:
+            raise Refused("fsp keys")
+        for k, acc in lists.items():
+            v = d[k]
+            if type(v) is not list or len(v) != f:
+                raise Refused("fsp length")
+            acc += v
+    hist = lists["hist"]
+    if [len(h) if type(h) is list else -1 for h in hist] != plan.want:
         raise Refused("hist length")
-    flat_a = _ints(list(chain.from_iterable(hist)))
-    count = _ints(d["count"])
-    nan = _ints(d["nan"])
-    if (flat_a < 0).any() or (count < 0).any() or (nan < 0).any():
+    flat = _ints(list(chain.from_iterable(hist)))
+    count = _ints(lists["count"])
+    nan = _ints(lists["nan"])
+    if type(cc) is not list or len(cc) != layout.n_classes:
+        raise Refused("class counts")
+    classes = _ints(cc) if cc else np.zeros(0, dtype=np.int64)
+    if flat.min() < 0 or count.min() < 0 or nan.min() < 0 or (classes.size and classes.min() < 0):
         raise Refused("negative")
-    counts = np.zeros((n_features, width), dtype=np.int64)
-    if flat_a.size != int(mask.sum()):
-        raise Refused("hist length")
-    counts[mask] = flat_a
-    if not np.array_equal(counts.sum(axis=1), count):
+    if not np.array_equal(np.add.reduceat(flat, plan.seg_starts), count):
         raise Refused("hist sum")
-    m2 = _floats(d["m2"], 0.0)
-    if (m2 < 0).any():
+    m2 = _floats(lists["m2"], 0.0)
+    if m2.min() < 0:
         raise Refused("m2")
-    ints += [counts.ravel(), count, nan]
-    floats += [_floats(d["min"], np.inf), _floats(d["max"], -np.inf), _floats(d["mean"], 0.0), m2]
+    ints = np.zeros(plan.n_ints, dtype="<i8")
+    ints[plan.pos_hist] = flat
+    ints[plan.pos_count] = count
+    ints[plan.pos_nan] = nan
+    ints[plan.pos_class] = classes
+    floats = np.empty(plan.n_floats, dtype="<f8")
+    floats[plan.pos_floats[0]] = _floats(lists["min"], np.inf)
+    floats[plan.pos_floats[1]] = _floats(lists["max"], -np.inf)
+    floats[plan.pos_floats[2]] = _floats(lists["mean"], 0.0)
+    floats[plan.pos_floats[3]] = m2
+    return ints.tobytes(), floats.tobytes()
 
 
-def decode_window(raw: bytes, topic_fleet: str, topic_device: str,
-                  lookup: Callable[[str], tuple[Layout, str] | None]) -> FastWindow:
+def decode_window(
+    raw: bytes, topic_fleet: str, topic_device: str, lookup: Callable[[str], tuple[Layout, str] | None]
+) -> FastWindow:
     """Decode and validate a stats payload; raise Refused when unsure.
 
     ``lookup(model_sha256)`` returns the registered baseline's (layout, spec hash), or None when the
@@ -220,18 +275,24 @@ def decode_window(raw: bytes, topic_fleet: str, topic_device: str,
         out = d["outputs"]
         if type(out) is not dict or out.keys() != {"class_counts", "confidence"}:
             raise Refused("outputs")
-        ints: list[np.ndarray] = []
-        floats: list[np.ndarray] = []
-        for (name, f, _w), state in zip(layout.parts, (d["inputs"], out["confidence"], d["latency_ms"])):
-            fp = getattr(layout.template, name)
-            _fsp(state, f, fp.nedges, ints, floats)
         cc = out["class_counts"]
-        if type(cc) is not list or len(cc) != layout.n_classes or not all(type(v) is int and v >= 0 for v in cc):
-            raise Refused("class counts")
+        ints_b, floats_b = _pack_sets((d["inputs"], out["confidence"], d["latency_ms"]), cc, layout)
         if sum(cc) != count:
             raise Refused("count")
-        ints.append(np.array(cc, dtype=np.int64))
-        ints_b = np.concatenate(ints).astype("<i8").tobytes()
-        floats_b = np.concatenate(floats).astype("<f8").tobytes()
-    return FastWindow(device, fleet, seq, start, end, m["sha256"], m["name"], version, sh, count, dropped, agent,
-                      dict(sv), ints_b, floats_b)
+    return FastWindow(
+        device,
+        fleet,
+        seq,
+        start,
+        end,
+        m["sha256"],
+        m["name"],
+        version,
+        sh,
+        count,
+        dropped,
+        agent,
+        dict(sv),
+        ints_b,
+        floats_b,
+    )

@@ -18,9 +18,9 @@ import numpy as np
 
 from device_agent.stats import Profile
 from toolchain.errors import ToolchainError
-from toolchain.fleet.drift import SEVERITY, DriftResult, compare
+from toolchain.fleet.drift import SEVERITY, DriftResult, compare, compare_many
 from toolchain.fleet.registry import Baseline, load_baseline
-from toolchain.fleet.storage import Store, merge_packed, open_store
+from toolchain.fleet.storage import Store, merge_packed, merge_packed_groups, open_store
 
 OFFLINE_AFTER_S = 600.0  # a device silent this long shows as "stale" even if its last status said online
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -234,24 +234,45 @@ def merge_groups(
     """Merge stored windows per device and fleet-wide per model; return (devices, fleets, baselines)."""
     rows = _windows(store, since, until, device, fleet)
     bases = _baselines(store, {r[2] for r in rows})
-    per_dev: dict[tuple[str, str, str], list[tuple[Any, ...]]] = defaultdict(list)
-    per_model: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
+    devices: list[Group] = []
+    fleets: list[Group] = []
+    by_model: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for r in rows:
         if r[2] in bases:
-            per_dev[(r[0], r[1], r[2])].append(r)
-            per_model[(r[0], r[2])].append(r)
-
-    def group(fleet_: str, dev: str, sha: str, rs: list[tuple[Any, ...]]) -> Group:
-        prof = merge_packed(
-            bases[sha].layout, [(bytes(r[5]), bytes(r[6])) for r in rs], [json.loads(r[7]) for r in rs]
-        )
-        return Group(
-            fleet_, dev, sha, len(rs), min(float(r[3]) for r in rs), max(float(r[4]) for r in rs), prof
-        )
-
-    devices = [group(f, d, s, rs) for (f, d, s), rs in sorted(per_dev.items())]
-    fleets = [group(f, "*", s, rs) for (f, s), rs in sorted(per_model.items())]
+            by_model[r[2]].append(r)
+    for sha, rs in sorted(by_model.items()):
+        layout = bases[sha].layout
+        blobs = [(bytes(r[5]), bytes(r[6])) for r in rs]
+        viol = [json.loads(r[7]) for r in rs]
+        for keyf, out in ((lambda r: (r[0], r[1]), devices), (lambda r: (r[0], "*"), fleets)):
+            keys = sorted({keyf(r) for r in rs})
+            index = {k: i for i, k in enumerate(keys)}
+            gids = [index[keyf(r)] for r in rs]
+            profs = merge_packed_groups(layout, blobs, gids, len(keys), viol)
+            first = [float("inf")] * len(keys)
+            last = [float("-inf")] * len(keys)
+            nwin = [0] * len(keys)
+            for r, gi in zip(rs, gids):
+                first[gi] = min(first[gi], float(r[3]))
+                last[gi] = max(last[gi], float(r[4]))
+                nwin[gi] += 1
+            out.extend(
+                Group(k[0], k[1], sha, nwin[i], first[i], last[i], profs[i]) for i, k in enumerate(keys)
+            )
     return devices, fleets, bases
+
+
+def compare_groups(groups: list[Group], bases: dict[str, Baseline]) -> list[DriftResult]:
+    """Compare every group with its model's baseline (vectorised per model); results in group order."""
+    out: list[DriftResult | None] = [None] * len(groups)
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        by_model[g.model_sha256].append(i)
+    for sha, idx in by_model.items():
+        b = bases[sha]
+        for i, r in zip(idx, compare_many(b.profile, [groups[i].profile for i in idx], b.config)):
+            out[i] = r
+    return [r for r in out if r is not None]
 
 
 def _row(g: Group, base: Baseline, result: DriftResult, feature: str | None) -> dict[str, Any]:
@@ -313,10 +334,10 @@ def drift_table(
                 raise QueryError(
                     f"no device {device!r} in this database. Some known: {', '.join(known) or 'none'}"
                 )
-        rows = []
-        for g in devices + (fleets if include_fleet and device is None else []):
-            base = bases[g.model_sha256]
-            rows.append(_row(g, base, compare(base.profile, g.profile, base.config), feature))
+        groups = devices + (fleets if include_fleet and device is None else [])
+        rows = [
+            _row(g, bases[g.model_sha256], r, feature) for g, r in zip(groups, compare_groups(groups, bases))
+        ]
     rows.sort(key=lambda r: (-SEVERITY[r["state"]], -(r["max_psi"] or 0.0), r["device_id"]))
     return rows
 

@@ -250,16 +250,30 @@ class Layout:
     def empty(self) -> Profile:
         """Return a new empty profile of this spec without re-validating its edges."""
         t = self.template
-        return Profile(spec=self.spec, inputs=_empty_like(t.inputs), class_counts=np.zeros_like(t.class_counts),
-                       confidence=_empty_like(t.confidence), latency_ms=_empty_like(t.latency_ms),
-                       schema_violations={})
+        return Profile(
+            spec=self.spec,
+            inputs=_empty_like(t.inputs),
+            class_counts=np.zeros_like(t.class_counts),
+            confidence=_empty_like(t.confidence),
+            latency_ms=_empty_like(t.latency_ms),
+            schema_violations={},
+        )
 
 
 def _empty_like(fp: FeatureSetProfile) -> FeatureSetProfile:
     f = fp.n_features
-    return FeatureSetProfile(names=fp.names, edges=fp.edges, nedges=fp.nedges, counts=np.zeros_like(fp.counts),
-                             count=np.zeros(f, dtype=np.int64), nan_count=np.zeros(f, dtype=np.int64),
-                             min=np.full(f, np.inf), max=np.full(f, -np.inf), mean=np.zeros(f), m2=np.zeros(f))
+    return FeatureSetProfile(
+        names=fp.names,
+        edges=fp.edges,
+        nedges=fp.nedges,
+        counts=np.zeros_like(fp.counts),
+        count=np.zeros(f, dtype=np.int64),
+        nan_count=np.zeros(f, dtype=np.int64),
+        min=np.full(f, np.inf),
+        max=np.full(f, -np.inf),
+        mean=np.zeros(f),
+        m2=np.zeros(f),
+    )
 
 
 def pack_profile(profile: Profile) -> tuple[bytes, bytes]:
@@ -277,45 +291,82 @@ def pack_profile(profile: Profile) -> tuple[bytes, bytes]:
 def merge_packed(
     layout: Layout, blobs: Sequence[tuple[bytes, bytes]], violations: Sequence[dict[str, int]] = ()
 ) -> Profile:
-    """Merge many packed windows into one Profile (exact sums; k-way Chan update for mean and M2).
+    """Merge many packed windows into one Profile (see ``merge_packed_groups``)."""
+    return merge_packed_groups(layout, blobs, [0] * len(blobs), 1, violations)[0]
 
-    The k-way form of Chan et al.'s update: ``mean = sum(n_i mean_i) / N`` and
-    ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``.
+
+def merge_packed_groups(
+    layout: Layout,
+    blobs: Sequence[tuple[bytes, bytes]],
+    groups: Sequence[int],
+    n_groups: int,
+    violations: Sequence[dict[str, int]] = (),
+) -> list[Profile]:
+    """Merge packed windows by group (``groups[i]`` in ``0..n_groups-1``) into one Profile per group.
+
+    Counts and histograms add exactly. Mean and M2 use the k-way form of Chan et al.'s update:
+    ``mean = sum(n_i mean_i) / N`` and ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``.
     """
-    prof = layout.empty()
+    profs = [layout.empty() for _ in range(n_groups)]
     if blobs:
-        ints = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<i8").reshape(len(blobs), layout.n_ints)
-        flts = np.frombuffer(b"".join(b[1] for b in blobs), dtype="<f8").reshape(len(blobs), layout.n_floats)
+        g0 = np.asarray(groups, dtype=np.int64)
+        order = np.argsort(g0, kind="stable")
+        g = g0[order]
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        if len(starts) != n_groups or g[0] != 0 or g[-1] != n_groups - 1:
+            raise ValueError("every group needs at least one window")
+        ints = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<i8").reshape(len(blobs), layout.n_ints)[
+            order
+        ]
+        flts = np.frombuffer(b"".join(b[1] for b in blobs), dtype="<f8").reshape(len(blobs), layout.n_floats)[
+            order
+        ]
+
+        ends = np.r_[starts[1:], len(g)]
+        spans = list(zip(starts.tolist(), ends.tolist()))
+
+        # A Python loop of slice sums beats ufunc.reduceat along axis 0 by ~10x here.
+        singletons = len(spans) == len(g)
+
+        def seg(fn: Any, a: np.ndarray) -> np.ndarray:
+            if singletons:  # one window per group (e.g. the latest window of each device): nothing to merge
+                return a
+            return np.stack([fn(a[i:j], axis=0) for i, j in spans])
+
+        def gsum(a: np.ndarray) -> np.ndarray:
+            return seg(np.sum, a)
+
+        isum = gsum(ints)
         io = fo = 0
         for name, f, w in layout.parts:
-            fp: FeatureSetProfile = getattr(prof, name)
-            counts = ints[:, io : io + f * w].sum(axis=0).reshape(f, w)
+            counts = isum[:, io : io + f * w].reshape(n_groups, f, w)
             io += f * w
-            n_i = ints[:, io : io + f]
+            n_i = ints[:, io : io + f].astype(np.float64)
+            n = isum[:, io : io + f]
             io += f
-            nan = ints[:, io : io + f].sum(axis=0)
+            nan = isum[:, io : io + f]
             io += f
             mins, maxs, means, m2s = (flts[:, fo + k * f : fo + (k + 1) * f] for k in range(4))
             fo += 4 * f
-            n = n_i.sum(axis=0)
-            nf = n_i.astype(np.float64)
+            gmin = seg(np.min, mins)
+            gmax = seg(np.max, maxs)
             with np.errstate(invalid="ignore", divide="ignore"):
-                mean = np.where(n > 0, (nf * means).sum(axis=0) / np.maximum(n, 1), 0.0)
-                m2 = m2s.sum(axis=0) + (nf * (means - mean[None, :]) ** 2).sum(axis=0)
-            fp.counts = counts.astype(np.int64)
-            fp.count = n.astype(np.int64)
-            fp.nan_count = nan.astype(np.int64)
-            fp.min = mins.min(axis=0)
-            fp.max = maxs.max(axis=0)
-            fp.mean = mean
-            fp.m2 = np.where(n > 0, m2, 0.0)
-        prof.class_counts = ints[:, io : io + layout.n_classes].sum(axis=0).astype(np.int64)
-    viol: dict[str, int] = {}
-    for v in violations:
-        for k, c in v.items():
-            viol[k] = viol.get(k, 0) + int(c)
-    prof.schema_violations = viol
-    return prof
+                mean = np.where(n > 0, gsum(n_i * means) / np.maximum(n, 1), 0.0)
+                m2 = gsum(m2s) + gsum(n_i * (means - mean[g]) ** 2)
+            m2 = np.where(n > 0, m2, 0.0)
+            for k, p in enumerate(profs):
+                fp: FeatureSetProfile = getattr(p, name)
+                fp.counts, fp.count, fp.nan_count = counts[k], n[k], nan[k]
+                fp.min, fp.max, fp.mean, fp.m2 = gmin[k], gmax[k], mean[k], m2[k]
+        cls = isum[:, io : io + layout.n_classes]
+        for k, p in enumerate(profs):
+            p.class_counts = cls[k]
+    for gi, v in zip(groups, violations):
+        if v:
+            tgt = profs[gi].schema_violations
+            for key, c in v.items():
+                tgt[key] = tgt.get(key, 0) + int(c)
+    return profs
 
 
 def dumps(obj: Any) -> str:
