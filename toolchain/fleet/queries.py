@@ -363,11 +363,11 @@ def drift_series(
         rows = [r for r in rows if r[2] in bases]
         if not rows:
             return {"edges": [], "devices": {}, "features": {}}
-        # As many buckets as the data allows: on average each device bucket should reach min_count.
+        # As many buckets as the data allows: on average a device's bucket holds twice min_count.
         min_count = min(b.config.min_count for b in bases.values())
         n_dev = len({(r[0], r[1]) for r in rows})
         per_dev = sum(int(merge_count) for merge_count in _counts(store, t0, t1)) / max(n_dev, 1)
-        buckets = int(min(buckets, max(2, per_dev // min_count)))
+        buckets = int(min(buckets, max(2, per_dev // (2 * min_count))))
         lo = min(float(r[4]) for r in rows)
         hi = max(float(r[4]) for r in rows)
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, buckets + 1)

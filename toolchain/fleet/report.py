@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.telemetry import utc_iso
-from toolchain.fleet.queries import drift_series, drift_table, quarantine_summary, recent_alerts, status_rows
+from toolchain.fleet.queries import (
+    drift_series,
+    drift_table,
+    merge_groups,
+    quarantine_summary,
+    recent_alerts,
+    status_rows,
+)
 from toolchain.fleet.registry import load_baseline
 from toolchain.fleet.storage import Store, open_store
 
@@ -75,7 +82,7 @@ def svg_lines(
         return x, pad_t + ph * (1 - v / ymax)
 
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'<svg class="chart" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
         f'<text x="{pad_l}" y="18" class="t">{_e(title)}</text>',
         f'<line x1="{pad_l}" y1="{pad_t + ph}" x2="{pad_l + pw}" y2="{pad_t + ph}" stroke="#444"/>',
@@ -156,7 +163,7 @@ def svg_histogram(
     pw, ph = width - pad_l - pad_r, height - pad_t - pad_b
     bw = pw / nb
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="hist" width="{width}" height="{height}" '
+        f'<svg class="hist" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="histogram {_e(name)}">',
         f'<text x="{pad_l}" y="16" class="t">{_e(name)} (PSI {psi:.3f})</text>',
         f'<line x1="{pad_l}" y1="{pad_t + ph}" x2="{pad_l + pw}" y2="{pad_t + ph}" stroke="#444"/>',
@@ -188,22 +195,23 @@ def svg_fleet_map(devices: list[dict[str, Any]], width: int = 720) -> str:
     rows = max((len(devices) + per_row - 1) // per_row, 1)
     height = 30 + rows * (tile + gap) + 24
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="map" width="{width}" height="{height}" '
+        f'<svg class="map" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="fleet map">',
         '<text x="10" y="18" class="t">Fleet map: one tile per device (colour: drift state; hollow: offline)</text>',
     ]
     for i, d in enumerate(devices):
         x = 10 + (i % per_row) * (tile + gap)
         y = 28 + (i // per_row) * (tile + gap)
-        colour = COLOURS.get(d["drift_state"], COLOURS["unknown"])
+        state = d.get("map_state") or d["drift_state"]
+        colour = COLOURS.get(state, COLOURS["unknown"])
         online = d["state"] == "online"
         fill = colour if online else "#ffffff"
         model = d["model"]["name"] + " v" + str(d["model"]["version"]) if d.get("model") else "no model"
         out.append(
-            f'<rect class="device" data-device="{_e(d["device_id"])}" data-state="{_e(d["drift_state"])}" '
+            f'<rect class="device" data-device="{_e(d["device_id"])}" data-state="{_e(state)}" '
             f'x="{x}" y="{y}" width="{tile}" height="{tile}" rx="4" fill="{fill}" stroke="{colour}" '
             f'stroke-width="3"><title>{_e(d["fleet"])}/{_e(d["device_id"])}: {_e(d["state"])}, drift '
-            f"{_e(d['drift_state'])}, {_e(model)}</title></rect>"
+            f"{_e(state)}, {_e(model)}</title></rect>"
         )
     ly = height - 10
     for k, (state, colour) in enumerate(COLOURS.items()):
@@ -235,32 +243,31 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
         series = drift_series(store, since=since)
         alerts = recent_alerts(store, 30)
         quarantine = quarantine_summary(store)
+        # The map shows the alerting state (with hysteresis) when the collector evaluated the device,
+        # otherwise the verdict of the drift table over the report's time range.
+        verdicts = {(r["fleet"], r["device_id"]): r["state"] for r in table if r["scope"] == "device"}
+        for d in devices:
+            d["map_state"] = (d["drift_state"] if d["drift_state"] != "unknown"
+                              else verdicts.get((d["fleet"], d["device_id"]), "unknown"))
         hist_html = []
-        fleet_rows = [r for r in table if r["scope"] == "fleet"]
-        for fr in fleet_rows[:2]:
-            base = load_baseline(store, fr["model"]["sha256"])
+        # Histograms of the worst device's worst features (the fleet-wide merge dilutes one bad device).
+        worst_rows = [r for r in table if r["scope"] == "device"][:1] or [r for r in table if r["scope"] == "fleet"][:1]
+        for wr in worst_rows:
+            base = load_baseline(store, wr["model"]["sha256"])
             if base is None:
                 continue
-            from toolchain.fleet.queries import merge_groups
-
-            _, fleets, _ = merge_groups(
-                store, None if since is None else _since(since), None, None, fr["fleet"]
-            )
-            g = next((f for f in fleets if f.model_sha256 == fr["model"]["sha256"]), None)
+            devs, fleets, _ = merge_groups(store, _since(since), None, None, wr["fleet"])
+            g = next((x for x in devs + fleets if x.device_id == wr["device_id"]
+                      and x.model_sha256 == wr["model"]["sha256"]), None)
             if g is None:
                 continue
             names = base.profile.inputs.names
-            for f in fr["features"][:HIST_FEATURES]:
+            for f in wr["features"][:HIST_FEATURES]:
                 j = names.index(f["name"])
-                hist_html.append(
-                    svg_histogram(
-                        f"{fr['model']['name']}: {f['name']}",
-                        base.profile.inputs.edge_list(j),
-                        [int(v) for v in base.profile.inputs.hist(j)],
-                        [int(v) for v in g.profile.inputs.hist(j)],
-                        f["psi"] or 0.0,
-                    )
-                )
+                hist_html.append(svg_histogram(
+                    f"{wr['device_id']}: {f['name']}", base.profile.inputs.edge_list(j),
+                    [int(v) for v in base.profile.inputs.hist(j)], [int(v) for v in g.profile.inputs.hist(j)],
+                    f["psi"] or 0.0))
     finally:
         if isinstance(db, str):
             store.close()
@@ -271,7 +278,7 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
             :MAX_SERIES
         ]
     )
-    n_alert = sum(d["drift_state"] == "alert" for d in devices)
+    n_alert = sum(d["map_state"] == "alert" for d in devices)
     n_online = sum(d["state"] == "online" for d in devices)
     parts = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
@@ -292,7 +299,7 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
             "PSI",
             thresholds=(0.1, 0.2),
         ),
-        "<h2>Baseline vs current: worst features</h2>",
+        "<h2>Baseline vs current: worst features of the worst device</h2>",
         '<div class="hists">' + ("".join(hist_html) or "<p>No drift data yet.</p>") + "</div>",
         "<h2>Drift table (worst first)</h2>",
         _drift_table_html(table),
@@ -305,7 +312,7 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
     return "\n".join(parts)
 
 
-def _since(since: str | float) -> float | None:
+def _since(since: str | float | None) -> float | None:
     from toolchain.fleet.queries import parse_time
 
     return parse_time(since)
@@ -342,7 +349,7 @@ def _devices_html(devices: list[dict[str, Any]], now: float) -> str:
             f"<tr><td>{_e(d['fleet'])}/{_e(d['device_id'])}</td><td>{_e(d['state'])}</td>"
             f"<td>{_e(utc_iso(d['last_seen']))}</td><td>{_e(model)}</td><td>{_e(d['agent_version'] or '-')}</td>"
             f"<td>{d['windows']}</td><td>{d['dropped_windows']}</td>"
-            f'<td class="state-{_e(d["drift_state"])}">{_e(d["drift_state"])}</td>'
+            f'<td class="state-{_e(d["map_state"])}">{_e(d["map_state"])}</td>'
             f"<td>{_e(d['deployment_state'] or '-')}</td></tr>"
         )
     out.append("</table>")
