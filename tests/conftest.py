@@ -71,8 +71,11 @@ class Mosquitto:
         self.port = free_port()
         self.workdir = workdir
         self.conf = workdir / "mosquitto.conf"
+        # As root, Mosquitto drops to user "mosquitto", which cannot read files in root's private temp
+        # dirs (password files, certificates); keep it as the test's own user instead.
+        as_root = "user root\n" if os.geteuid() == 0 else ""
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{as_root}"
             f"log_dest file {workdir / 'mosquitto.log'}\n{extra_conf}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
