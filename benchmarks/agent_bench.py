@@ -165,7 +165,7 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
     from device_agent.bundle import load_manifest
     from device_agent.config import load_config
     from device_agent.daemon import Daemon
-    from device_agent.inference import quantize
+    from device_agent.inference import dequantize, quantize
     from device_agent.telemetry import encode_stats
     from device_agent.windows import Window
 
@@ -229,6 +229,18 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
         w.flush()
         per_sample.append((time.perf_counter() - t0) / n * 1e6)
     res["stats_us"] = min(per_sample)
+    # the adapter's float <-> int8 work per call: input check, quantization, dequantization
+    pred = model.predictor
+    raw = pred.model.run(quantize(pred.check_input(xs[:1]), pred.input_spec))
+    conv = []
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        for i in range(n):
+            arr = pred.check_input(xs[i % len(xs)])
+            quantize(arr, pred.input_spec)
+            dequantize(raw, pred.output_spec)
+        conv.append((time.perf_counter() - t0) / n * 1e6)
+    res["convert_us"] = min(conv)
     res["stats_pct"] = 100 * res["stats_us"] / res["inference_us"]
     closed = w.close(time.time())
     full = encode_stats(
@@ -316,7 +328,7 @@ def run(quick: bool, as_json: bool) -> None:
     if not quick:
         models.append(
             (
-                "MobileNetV2 0.35 (96x96)",
+                "MobileNetV2 0.35 (96x96x1)",
                 "mobilenetv2",
                 upsampled(DIGITS, work / "d96.npz", MOBILENET_UPSAMPLE),
                 upsampled(DIGITS_TEST, work / "d96_test.npz", MOBILENET_UPSAMPLE),
@@ -356,12 +368,15 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
     rows, goals = [], []
     for label, r in results:
         ratio = r["api_per_s"] / r["bare_per_s"]
+        overhead_us = 1e6 / r["api_per_s"] - 1e6 / r["bare_per_s"]
         rows.append(
             [
                 label,
                 r["bare_per_s"],
                 r["api_per_s"],
                 f"{ratio:.2f}x",
+                overhead_us,
+                r["convert_us"],
                 r["http_per_s"],
                 r["inference_us"],
                 r["stats_us"],
@@ -397,6 +412,8 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
             "bare loop /s",
             "Python API /s",
             "API/bare",
+            "API overhead us/call",
+            "check+quantize us",
             "HTTP API /s",
             "inference us",
             "stats us/sample",
@@ -418,7 +435,9 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
         f"{WINDOW_S:g} s, telemetry: {tele}). Bare loop and Python API are measured in turn, "
         f"{ROUNDS} rounds each in one process, best round kept (the machine is shared). *HTTP API*: "
         "POST /v1/predict with JSON over one keep-alive connection. *Stats*: what one prediction adds to "
-        "the window (feature extraction, buffering, batched histogram folding). *Window bytes*: a closed "
+        "the window (feature extraction, buffering, batched histogram folding). *API overhead*: 1/API rate - "
+        "1/bare rate; *check+quantize*: the part of it spent in the input check and the int8 "
+        "quantization/dequantization (device_agent.inference). *Window bytes*: a closed "
         "window's stats payload; *heartbeat*: an empty one. *RSS*: `edgefleet-agent run` after 300 HTTP "
         "predictions. *First prediction*: from process start to the first answer (HTTP: the daemon; "
         "Python: `Agent(bundle).predict` in a fresh interpreter)."
