@@ -18,6 +18,8 @@ from toolchain.steps.prune import copy_model
 from toolchain.tfenv import import_keras
 
 QAT_EPOCHS = 3
+# Layers tfmot's registry does not list but quantize_apply's layout transforms handle (Conv + BN folding).
+FOLDED_BY_TRANSFORMS = ("BatchNormalization",)
 QAT_LEARNING_RATE = 1e-4
 BATCH_SIZE = 32
 
@@ -78,7 +80,9 @@ def quantize_aware_model(model: Any, pruned: bool = False) -> Any:
         clone = layer
         if type(layer).__name__ == "InputLayer":
             return clone
-        if registry.supports(layer):
+        # BatchNormalization is not in the registry on its own, but quantize_apply folds it into the
+        # convolution before it (its layout transforms); a BN it cannot fold fails there, with its name.
+        if registry.supports(layer) or type(layer).__name__ in FOLDED_BY_TRANSFORMS:
             return qk.quantize_annotate_layer(clone)
         if layer.trainable_weights:
             raise QATError(
