@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -28,11 +27,16 @@ def filled_db(sqlite_url, bundle, model_ref, make_window) -> str:
         msgs = []
         t0 = time.time() - 3000
         for d, dev in enumerate(["cam-1", "cam-2", "cam-3"]):
-            msgs.append(status_payload(dev, model_ref, deployment={"state": "active", "version": 1} if d else None))
+            msgs.append(
+                status_payload(dev, model_ref, deployment={"state": "active", "version": 1} if d else None)
+            )
             for seq in range(8):
                 shift = (lambda x: x * 0.5) if dev == "cam-3" and seq >= 4 else None
-                msgs.append(stats_payload(dev, seq, model_ref, make_window(150, seed=10 * d + seq, transform=shift),
-                                          t0=t0))
+                msgs.append(
+                    stats_payload(
+                        dev, seq, model_ref, make_window(150, seed=10 * d + seq, transform=shift), t0=t0
+                    )
+                )
         ing.process([Incoming(t, p, i, 1, 0, time.time()) for i, (t, p) in enumerate(msgs)])
         ing.process([Incoming("edgefleet/lab/cam-1/stats", b"{broken", 99, 1, 0, time.time())])
     return sqlite_url
@@ -63,8 +67,9 @@ def test_drift_table_worst_first_and_feature_view(filled_db) -> None:
     by_dev = {r["device_id"]: r for r in rows if r["scope"] == "device"}
     assert by_dev["cam-3"]["state"] == "alert" and by_dev["cam-1"]["state"] == "ok"
     assert len(by_dev["cam-1"]["features"]) == 64
-    code, out, _ = run("fleet", "drift", "--db", filled_db, "--device", "cam-3", "--feature", "px_3_3_0",
-                       "--since", "2h")
+    code, out, _ = run(
+        "fleet", "drift", "--db", filled_db, "--device", "cam-3", "--feature", "px_3_3_0", "--since", "2h"
+    )
     assert code == 0 and "px_3_3_0" in out and "cam-3" in out and "cam-1" not in out
     code, _, err = run("fleet", "drift", "--db", filled_db, "--feature", "px_9_9_0")
     assert code == 1 and "unknown feature 'px_9_9_0'" in err
@@ -85,18 +90,24 @@ def test_bad_flags_and_config_exit_codes(sqlite_url, tmp_path) -> None:
 
 
 def test_register_with_settings(sqlite_url, bundle) -> None:
-    code, out, _ = run("fleet", "register", str(bundle[0]), "--db", sqlite_url, "--set", "psi_alert=0.3", "--json")
+    code, out, _ = run(
+        "fleet", "register", str(bundle[0]), "--db", sqlite_url, "--set", "psi_alert=0.3", "--json"
+    )
     assert code == 0 and json.loads(out)["config"]["psi_alert"] == 0.3
     code, _, err = run("fleet", "register", str(bundle[0]), "--db", sqlite_url, "--set", "psi_alrt=0.3")
     assert code == 1 and "unknown drift setting" in err
 
 
 def test_fleet_commands_do_not_import_tensorflow(cli_env) -> None:
-    code = ("import sys; from click.testing import CliRunner; from toolchain.cli import main;"
-            "r = CliRunner().invoke(main, ['fleet', '--help']); assert r.exit_code == 0, r.output;"
-            "import toolchain.fleet.collector, toolchain.fleet.report, toolchain.fleet.queries;"
-            "print('tensorflow' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, check=True)
+    code = (
+        "import sys; from click.testing import CliRunner; from toolchain.cli import main;"
+        "r = CliRunner().invoke(main, ['fleet', '--help']); assert r.exit_code == 0, r.output;"
+        "import toolchain.fleet.collector, toolchain.fleet.report, toolchain.fleet.queries;"
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"
 
 

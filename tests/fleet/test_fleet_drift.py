@@ -106,7 +106,7 @@ def test_compare_outputs_decay_and_skew_hand_computed() -> None:
     r = compare(base, cur, cfg)
     b = [50.5 / 101, 50.5 / 101]
     c = [100.5 / 101, 0.5 / 101]
-    want_class_psi = sum((ci - bi) * math.log(ci / bi) for bi, ci in zip(b, c))
+    want_class_psi = sum((ci - bi) * math.log(ci / bi) for bi, ci in zip(b, c, strict=True))
     assert r.class_psi == pytest.approx(want_class_psi)
     assert r.confidence_shift == pytest.approx(0.6 - 0.9)
     assert r.decay_state == "alert" and r.output_state == "alert"

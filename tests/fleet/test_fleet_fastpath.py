@@ -67,6 +67,7 @@ def _mutations(doc: dict, rng: random.Random) -> list[tuple[str, dict | bytes]]:
 
     paths = [("inputs",), ("outputs", "confidence"), ("latency_ms",)]
     for path in paths:
+
         def get(d, path=path):
             for k in path:
                 d = d[k]
@@ -90,7 +91,10 @@ def _mutations(doc: dict, rng: random.Random) -> list[tuple[str, dict | bytes]]:
         mut(f"{path} extra key", lambda d, g=get: g(d).__setitem__("p99", []))
         mut(f"{path} missing key", lambda d, g=get: g(d).pop("m2"))
     mut("class counts short", lambda d: d["outputs"]["class_counts"].pop())
-    mut("class counts sum", lambda d: d["outputs"]["class_counts"].__setitem__(0, d["outputs"]["class_counts"][0] + 1))
+    mut(
+        "class counts sum",
+        lambda d: d["outputs"]["class_counts"].__setitem__(0, d["outputs"]["class_counts"][0] + 1),
+    )
     mut("count", lambda d: d.__setitem__("count", d["count"] + 1))
     mut("seq negative", lambda d: d.__setitem__("seq", -1))
     mut("seq float", lambda d: d.__setitem__("seq", 1.0))

@@ -45,7 +45,9 @@ def test_class_prior_shift_and_confidence_decay_on_the_real_model(real, digits) 
     prior = compare(base, window(pred, base, x[rng.choice(len(x), 500, p=w / w.sum())]))
     assert prior.output_state == "alert" and prior.class_psi is not None and prior.class_psi > 0.2
     faded = compare(base, window(pred, base, x[rng.choice(len(x), 500)] * 0.5))
-    assert faded.decay_state == "alert" and faded.confidence_shift is not None and faded.confidence_shift < -0.1
+    assert (
+        faded.decay_state == "alert" and faded.confidence_shift is not None and faded.confidence_shift < -0.1
+    )
 
 
 def test_register_a_built_bundle_and_judge_its_windows(real, digits, sqlite_url) -> None:
@@ -60,7 +62,9 @@ def test_register_a_built_bundle_and_judge_its_windows(real, digits, sqlite_url)
     assert info["model_sha256"] == manifest_sha256(bundle) and info["features"] == 64
     ref = ModelRef(pred.manifest.name, pred.manifest.version, info["model_sha256"])
     x = digits["x_test"].astype(np.float64)
-    msgs = [stats_payload("pi-1", s, ref, window(pred, base, x[s * 100:(s + 1) * 100] * 0.5)) for s in range(3)]
+    msgs = [
+        stats_payload("pi-1", s, ref, window(pred, base, x[s * 100 : (s + 1) * 100] * 0.5)) for s in range(3)
+    ]
     with open_store(sqlite_url) as s:
         Ingestor(s, BaselineCache(s)).process([Incoming(t, p, i, 1, 0, 0.0) for i, (t, p) in enumerate(msgs)])
     rows = drift_table(sqlite_url, device="pi-1", since="all")

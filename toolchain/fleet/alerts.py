@@ -135,7 +135,7 @@ class Evaluator:
                         viol.append(json.loads(r[4]))
                 profs = merge_packed_groups(base.layout, blobs, groups, len(items), viol)
                 results = compare_many(base.profile, profs, cfg)
-                for ((fleet, device), prev, rows), result in zip(items, results):
+                for ((fleet, device), prev, rows), result in zip(items, results, strict=True):
                     new, changed = step(prev, result.state, cfg.raise_after, cfg.clear_after)
                     total = sum(int(r[1]) for r in rows)
                     state_rows.append(

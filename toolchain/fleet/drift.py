@@ -299,6 +299,7 @@ class DriftResult:
                     self.f_ks.tolist(),
                     self.f_ms.tolist(),
                     self.f_code.tolist(),
+                    strict=True,
                 )
             ]
         return self._features
@@ -330,7 +331,9 @@ class DriftResult:
                     "mean_shift": None if m != m else m,
                     "state": _CODE_NAMES[s],
                 }
-                for n, c, p, j, k, m, s in zip(self.names, self.f_count.tolist(), *cols, self.f_code.tolist())
+                for n, c, p, j, k, m, s in zip(
+                    self.names, self.f_count.tolist(), *cols, self.f_code.tolist(), strict=True
+                )
             ]
         return d
 

@@ -171,7 +171,7 @@ def _pack_sets(states: tuple[Any, Any, Any], cc: Any, layout: Layout) -> tuple[b
     """Validate the three feature-set states and class counts together; return the packed blobs."""
     plan = _plan(layout)
     lists: dict[str, list[Any]] = {k: [] for k in ("count", "nan", "min", "max", "mean", "m2", "hist")}
-    for d, f in zip(states, plan.sizes):
+    for d, f in zip(states, plan.sizes, strict=True):
         if type(d) is not dict or d.keys() != FSP_KEYS:
             raise Refused("fsp keys")
         for k, acc in lists.items():

@@ -252,7 +252,7 @@ def merge_groups(
             first = [float("inf")] * len(keys)
             last = [float("-inf")] * len(keys)
             nwin = [0] * len(keys)
-            for r, gi in zip(rs, gids):
+            for r, gi in zip(rs, gids, strict=True):
                 first[gi] = min(first[gi], float(r[3]))
                 last[gi] = max(last[gi], float(r[4]))
                 nwin[gi] += 1
@@ -270,7 +270,9 @@ def compare_groups(groups: list[Group], bases: dict[str, Baseline]) -> list[Drif
         by_model[g.model_sha256].append(i)
     for sha, idx in by_model.items():
         b = bases[sha]
-        for i, r in zip(idx, compare_many(b.profile, [groups[i].profile for i in idx], b.config)):
+        for i, r in zip(
+            idx, compare_many(b.profile, [groups[i].profile for i in idx], b.config), strict=True
+        ):
             out[i] = r
     return [r for r in out if r is not None]
 
@@ -336,7 +338,8 @@ def drift_table(
                 )
         groups = devices + (fleets if include_fleet and device is None else [])
         rows = [
-            _row(g, bases[g.model_sha256], r, feature) for g, r in zip(groups, compare_groups(groups, bases))
+            _row(g, bases[g.model_sha256], r, feature)
+            for g, r in zip(groups, compare_groups(groups, bases), strict=True)
         ]
     rows.sort(key=lambda r: (-SEVERITY[r["state"]], -(r["max_psi"] or 0.0), r["device_id"]))
     return rows

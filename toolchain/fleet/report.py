@@ -247,27 +247,43 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
         # otherwise the verdict of the drift table over the report's time range.
         verdicts = {(r["fleet"], r["device_id"]): r["state"] for r in table if r["scope"] == "device"}
         for d in devices:
-            d["map_state"] = (d["drift_state"] if d["drift_state"] != "unknown"
-                              else verdicts.get((d["fleet"], d["device_id"]), "unknown"))
+            d["map_state"] = (
+                d["drift_state"]
+                if d["drift_state"] != "unknown"
+                else verdicts.get((d["fleet"], d["device_id"]), "unknown")
+            )
         hist_html = []
         # Histograms of the worst device's worst features (the fleet-wide merge dilutes one bad device).
-        worst_rows = [r for r in table if r["scope"] == "device"][:1] or [r for r in table if r["scope"] == "fleet"][:1]
+        worst_rows = [r for r in table if r["scope"] == "device"][:1] or [
+            r for r in table if r["scope"] == "fleet"
+        ][:1]
         for wr in worst_rows:
             base = load_baseline(store, wr["model"]["sha256"])
             if base is None:
                 continue
             devs, fleets, _ = merge_groups(store, _since(since), None, None, wr["fleet"])
-            g = next((x for x in devs + fleets if x.device_id == wr["device_id"]
-                      and x.model_sha256 == wr["model"]["sha256"]), None)
+            g = next(
+                (
+                    x
+                    for x in devs + fleets
+                    if x.device_id == wr["device_id"] and x.model_sha256 == wr["model"]["sha256"]
+                ),
+                None,
+            )
             if g is None:
                 continue
             names = base.profile.inputs.names
             for f in wr["features"][:HIST_FEATURES]:
                 j = names.index(f["name"])
-                hist_html.append(svg_histogram(
-                    f"{wr['device_id']}: {f['name']}", base.profile.inputs.edge_list(j),
-                    [int(v) for v in base.profile.inputs.hist(j)], [int(v) for v in g.profile.inputs.hist(j)],
-                    f["psi"] or 0.0))
+                hist_html.append(
+                    svg_histogram(
+                        f"{wr['device_id']}: {f['name']}",
+                        base.profile.inputs.edge_list(j),
+                        [int(v) for v in base.profile.inputs.hist(j)],
+                        [int(v) for v in g.profile.inputs.hist(j)],
+                        f["psi"] or 0.0,
+                    )
+                )
     finally:
         if isinstance(db, str):
             store.close()

@@ -323,7 +323,7 @@ def merge_packed_groups(
         ]
 
         ends = np.r_[starts[1:], len(g)]
-        spans = list(zip(starts.tolist(), ends.tolist()))
+        spans = list(zip(starts.tolist(), ends.tolist(), strict=True))
 
         # A Python loop of slice sums beats ufunc.reduceat along axis 0 by ~10x here.
         singletons = len(spans) == len(g)
@@ -361,7 +361,7 @@ def merge_packed_groups(
         cls = isum[:, io : io + layout.n_classes]
         for k, p in enumerate(profs):
             p.class_counts = cls[k]
-    for gi, v in zip(groups, violations):
+    for gi, v in zip(groups, violations, strict=False):  # violations may be omitted
         if v:
             tgt = profs[gi].schema_violations
             for key, c in v.items():
