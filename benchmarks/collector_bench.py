@@ -1,4 +1,4 @@
-"""Collector throughput through a real Mosquitto, side by side with a bare paho subscriber, and drift query time.
+"""Collector throughput through a real Mosquitto beside a bare paho subscriber, and drift query time.
 
 One run: a simulated fleet of ``--devices`` devices (default 1,000) sends ``--windows`` stats windows
 each (64 digits features, about 5 KB per message) with QoS 1 from ``--publishers`` publisher
@@ -315,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     info = machine_info(("numpy", "paho-mqtt", "psycopg"))
     intro = (
-        f"`python -m benchmarks.collector_bench --devices {args.devices} --windows {args.windows}` — {total:,} "
+        f"`python -m benchmarks.collector_bench --devices {args.devices} --windows {args.windows}` —"
+        f" {total:,} "
         f"stats windows of {mean_kb:.1f} KB (64 features, {SAMPLES_PER_WINDOW} predictions each) from "
-        f"{args.publishers} publisher processes (QoS 1) through Mosquitto on 127.0.0.1, on the same 2 cores as "
+        f"{args.publishers} publisher processes (QoS 1) through Mosquitto on 127.0.0.1, on the same 2 cores"
+        " as "
         "the consumer. Each consumer is its own process and subscribed before publishing starts; the broker "
         "queue is unlimited, so a slower consumer drains a backlog instead of losing messages. The collector "
         "validates every message against the registered baseline, packs it, commits in batches, acknowledges "

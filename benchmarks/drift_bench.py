@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`python -m benchmarks.drift_bench` — bundle `{pred.manifest.name}` v{pred.manifest.version} "
         f"({pred.manifest.target}, runtime {pred.runtime}, held-out top-1 {acc:.1%}); windows of {WINDOW} "
         f"samples drawn with replacement from the 359 held-out digits (seed {args.seed}); default thresholds "
-        f"(PSI 0.1/0.2, JS 0.1/0.2, feature share 10 % for alert, class PSI 0.1/0.2, confidence drop 0.05/0.1, "
+        f"(PSI 0.1/0.2, JS 0.1/0.2, feature share 10 % for alert, class PSI 0.1/0.2, confidence drop"
+        " 0.05/0.1, "
         f"out-of-range 1 %/5 %). Columns *inputs* .. *skew*: share of windows where that part alone is in "
         f"alert. Evaluation took {eval_s:.1f} s"
         + (f" after {build_s:.0f} s to train and build." if args.bundle is None else ".")

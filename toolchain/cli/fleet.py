@@ -170,7 +170,8 @@ def register_cmd(bundle: str, db_url: str, settings: tuple[str, ...], as_json: b
     )
     if info["pending_packed"] or info["pending_quarantined"]:
         click.echo(
-            f"  {info['pending_packed']} waiting window(s) now judged, {info['pending_quarantined']} quarantined"
+            f"  {info['pending_packed']} waiting window(s) now judged, {info['pending_quarantined']}"
+            " quarantined"
         )
 
 

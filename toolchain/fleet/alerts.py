@@ -107,7 +107,8 @@ class Evaluator:
                 last_id = int(st[0][4]) if st else 0
                 rows = store.query(
                     "SELECT id, count, ints, floats, violations_json, window_start, window_end, model_sha256"
-                    " FROM windows WHERE fleet = ? AND device_id = ? AND id > ? AND ints IS NOT NULL ORDER BY id",
+                    " FROM windows WHERE fleet = ? AND device_id = ? AND id > ? AND ints IS NOT NULL ORDER"
+                    " BY id",
                     (fleet, device, last_id),
                 )
                 if not rows:
@@ -194,20 +195,26 @@ class Evaluator:
                         fleet, device, result.state, new.state, changed, total, alert
                     )
             store.executemany(
-                "INSERT INTO drift_state (fleet, device_id, model_sha256, state, candidate, streak, last_window_id,"
-                " verdict, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id) DO UPDATE SET"
-                " model_sha256 = excluded.model_sha256, state = excluded.state, candidate = excluded.candidate,"
-                " streak = excluded.streak, last_window_id = excluded.last_window_id, verdict = excluded.verdict,"
+                "INSERT INTO drift_state (fleet, device_id, model_sha256, state, candidate, streak,"
+                " last_window_id,"
+                " verdict, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id) DO"
+                " UPDATE SET"
+                " model_sha256 = excluded.model_sha256, state = excluded.state, candidate ="
+                " excluded.candidate,"
+                " streak = excluded.streak, last_window_id = excluded.last_window_id, verdict ="
+                " excluded.verdict,"
                 " updated_at = excluded.updated_at",
                 state_rows,
             )
             store.executemany(
-                "INSERT INTO evaluations (ts, fleet, device_id, model_sha256, window_from, window_to, count, verdict,"
+                "INSERT INTO evaluations (ts, fleet, device_id, model_sha256, window_from, window_to,"
+                " count, verdict,"
                 " state, max_psi, detail_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 eval_rows,
             )
             store.executemany(
-                "INSERT INTO alerts (ts, fleet, device_id, model_sha256, state, previous, message, detail_json)"
+                "INSERT INTO alerts (ts, fleet, device_id, model_sha256, state, previous, message,"
+                " detail_json)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 alert_rows,
             )

@@ -149,20 +149,26 @@ class Ingestor:
         self._sql_window = (
             "INSERT INTO windows (fleet, device_id, seq, window_start, window_end, received_at, model_sha256,"
             " spec_hash, count, dropped_windows, violations_json, ints, floats, pending_json)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id, seq) DO NOTHING"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id, seq) DO"
+            " NOTHING"
         )
         self._sql_seen = (
-            "INSERT INTO devices (fleet, device_id, first_seen, last_seen, model_sha256, model_name, model_version,"
-            " agent_version, dropped_windows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id)"
+            "INSERT INTO devices (fleet, device_id, first_seen, last_seen, model_sha256, model_name,"
+            " model_version,"
+            " agent_version, dropped_windows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet,"
+            " device_id)"
             f" DO UPDATE SET last_seen = {g('devices.last_seen', 'excluded.last_seen')},"
             " model_sha256 = excluded.model_sha256, model_name = excluded.model_name,"
             " model_version = excluded.model_version, agent_version = excluded.agent_version,"
             f" dropped_windows = {g('devices.dropped_windows', 'excluded.dropped_windows')}"
         )
         self._sql_status = (
-            "INSERT INTO devices (fleet, device_id, state, status_ts, first_seen, last_seen, model_sha256, model_name,"
-            " model_version, agent_version, target, deployment_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (fleet, device_id) DO UPDATE SET state = excluded.state, status_ts = excluded.status_ts,"
+            "INSERT INTO devices (fleet, device_id, state, status_ts, first_seen, last_seen, model_sha256,"
+            " model_name,"
+            " model_version, agent_version, target, deployment_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?)"
+            " ON CONFLICT (fleet, device_id) DO UPDATE SET state = excluded.state, status_ts ="
+            " excluded.status_ts,"
             f" last_seen = {g('devices.last_seen', 'excluded.last_seen')},"
             " model_sha256 = COALESCE(excluded.model_sha256, devices.model_sha256),"
             " model_name = COALESCE(excluded.model_name, devices.model_name),"
@@ -174,7 +180,10 @@ class Ingestor:
             "INSERT INTO events (fleet, device_id, event, ts, message, detail_json, received_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id, event, ts) DO NOTHING"
         )
-        self._sql_quarantine = "INSERT INTO quarantine (received_at, topic, reason, payload_head, payload_bytes) VALUES (?, ?, ?, ?, ?)"
+        self._sql_quarantine = (
+            "INSERT INTO quarantine (received_at, topic, reason, payload_head, payload_bytes)"
+            " VALUES (?, ?, ?, ?, ?)"
+        )
 
     def process(self, batch: list[Incoming]) -> BatchResult:
         """Decode, validate and store a batch in one transaction; raise on a database error."""

@@ -35,8 +35,8 @@ Device verdict (the aggregation rule; see docs/fleet.md): with F input features,
 alert when at least ``feature_share_alert`` (10 %) of them are in alert, in warn when at least
 ``feature_share_warn`` (50 %) are in warn or above. A few of 64 features crossing a band is expected
 by chance in a 500-sample window, so a single feature never decides a device
-(``benchmarks/drift_bench.py`` measures the rule). The device state is the worst of inputs, outputs (class PSI), decay
-(confidence drop) and skew; nothing is judged below ``min_count`` predictions.
+(``benchmarks/drift_bench.py`` measures the rule). The device state is the worst of inputs, outputs
+(class PSI), decay (confidence drop) and skew; nothing is judged below ``min_count`` predictions.
 """
 
 from __future__ import annotations

@@ -133,7 +133,11 @@ def _plan(layout: Layout) -> _Plan:
     got = _PLANS.get(id(layout))
     if got is not None and got[0] is layout:
         return got[1]
-    sizes, want, pos_hist, pos_count, pos_nan = [], [], [], [], []
+    sizes: list[int] = []
+    want: list[int] = []
+    pos_hist: list[int] = []
+    pos_count: list[int] = []
+    pos_nan: list[int] = []
     pos_f: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     io = fo = 0
     for name, f, w in layout.parts:

@@ -44,7 +44,7 @@ def _opened(db: str | Store) -> Iterator[Store]:
 
 
 def parse_time(value: str | float | None, now: float | None = None) -> float | None:
-    """Parse ``--since``/``--until``: a duration back from now (``30m``, ``2h``, ``7d``), ISO-8601, or ``all``."""
+    """Parse ``--since``/``--until``: a duration back (``30m``, ``2h``, ``7d``), ISO-8601, or ``all``."""
     if value is None or value == "" or value == "all":
         return None
     if isinstance(value, (int, float)):
@@ -90,8 +90,8 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
             fleet,
             device,
             state,
-            status_ts,
-            first_seen,
+            _status_ts,
+            _first_seen,
             last_seen,
             sha,
             name,

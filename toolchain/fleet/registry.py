@@ -86,8 +86,10 @@ def register_bundle(
         cfg = DriftConfig.from_dict({**base_cfg.to_dict(), **(settings or {})})
         with store.transaction():
             store.execute(
-                "INSERT INTO baselines (model_sha256, name, version, target, spec_hash, baseline_json, config_json,"
-                " source, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_sha256) DO UPDATE"
+                "INSERT INTO baselines (model_sha256, name, version, target, spec_hash, baseline_json,"
+                " config_json,"
+                " source, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_sha256) DO"
+                " UPDATE"
                 " SET config_json = excluded.config_json",
                 (
                     sha,

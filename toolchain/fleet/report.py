@@ -87,7 +87,8 @@ def svg_lines(
         f'<text x="{pad_l}" y="18" class="t">{_e(title)}</text>',
         f'<line x1="{pad_l}" y1="{pad_t + ph}" x2="{pad_l + pw}" y2="{pad_t + ph}" stroke="#444"/>',
         f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + ph}" stroke="#444"/>',
-        f'<text x="12" y="{pad_t + ph / 2}" class="a" transform="rotate(-90 12 {pad_t + ph / 2})">{_e(y_label)}</text>',
+        f'<text x="12" y="{pad_t + ph / 2}" class="a" transform="rotate(-90 12 {pad_t + ph / 2})">'
+        f"{_e(y_label)}</text>",
     ]
     for k in range(5):
         v = ymax * k / 4
@@ -111,16 +112,16 @@ def svg_lines(
         colour = SERIES[s_i % len(SERIES)]
         seg: list[str] = []
         segs: list[list[str]] = []
-        for i, v in enumerate(vs):
-            if v is None:
+        for i, val in enumerate(vs):
+            if val is None:
                 if seg:
                     segs.append(seg)
                 seg = []
                 continue
-            x, y = xy(i, v)
+            x, y = xy(i, val)
             seg.append(f"{x:.1f},{y:.1f}")
             out.append(
-                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"><title>{_e(name)}: {v:.3f}'
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"><title>{_e(name)}: {val:.3f}'
                 "</title></circle>"
             )
         if seg:
@@ -197,7 +198,8 @@ def svg_fleet_map(devices: list[dict[str, Any]], width: int = 720) -> str:
     out = [
         f'<svg class="map" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="fleet map">',
-        '<text x="10" y="18" class="t">Fleet map: one tile per device (colour: drift state; hollow: offline)</text>',
+        '<text x="10" y="18" class="t">Fleet map: one tile per device (colour: drift state; hollow:'
+        " offline)</text>",
     ]
     for i, d in enumerate(devices):
         x = 10 + (i % per_row) * (tile + gap)
@@ -301,7 +303,8 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
         "<title>edgefleet fleet report</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>edgefleet fleet report</h1>",
-        f'<p class="summary"><span>generated {_e(utc_iso(now))}</span><span id="n-devices">{len(devices)} devices'
+        f'<p class="summary"><span>generated {_e(utc_iso(now))}</span><span id="n-devices">{len(devices)}'
+        " devices"
         f'</span><span>{n_online} online</span><span id="n-alert">{n_alert} in alert</span>'
         f"<span>{quarantine['count']} quarantined messages</span></p>",
         "<h2>Fleet map</h2>",
@@ -347,7 +350,8 @@ def _drift_table_html(rows: list[dict[str, Any]]) -> str:
             f'<td class="state-{_e(r["state"])}">{_e(r["state"])}</td><td>{_fmt(r["max_psi"])}</td>'
             f"<td>{_e(r['worst_feature'])}</td><td>{_fmt(r['alert_share'] * 100, 0)} %</td>"
             f"<td>{_fmt(r['class_psi'])}</td><td>{_fmt(r['confidence_shift'])}</td>"
-            f"<td>{_fmt(r['out_of_range_rate'] * 100, 1)} %</td><td>{_fmt(r['schema_violation_rate'] * 100, 1)} %</td>"
+            f"<td>{_fmt(r['out_of_range_rate'] * 100, 1)} %</td>"
+            f"<td>{_fmt(r['schema_violation_rate'] * 100, 1)} %</td>"
             "</tr>"
         )
     out.append("</table>")
@@ -363,7 +367,8 @@ def _devices_html(devices: list[dict[str, Any]], now: float) -> str:
         model = f"{d['model']['name']} v{d['model']['version']}" if d["model"] else "-"
         out.append(
             f"<tr><td>{_e(d['fleet'])}/{_e(d['device_id'])}</td><td>{_e(d['state'])}</td>"
-            f"<td>{_e(utc_iso(d['last_seen']))}</td><td>{_e(model)}</td><td>{_e(d['agent_version'] or '-')}</td>"
+            f"<td>{_e(utc_iso(d['last_seen']))}</td><td>{_e(model)}</td>"
+            f"<td>{_e(d['agent_version'] or '-')}</td>"
             f"<td>{d['windows']}</td><td>{d['dropped_windows']}</td>"
             f'<td class="state-{_e(d["map_state"])}">{_e(d["map_state"])}</td>'
             f"<td>{_e(d['deployment_state'] or '-')}</td></tr>"

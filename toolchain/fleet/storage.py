@@ -181,7 +181,8 @@ class Store:
             newer = sorted(v for v in applied if v > known)
             if newer:
                 raise StorageError(
-                    f"database {_redact(self.url)!r} has schema version {newer[-1]}, newer than this edgefleet"
+                    f"database {_redact(self.url)!r} has schema version {newer[-1]}, newer than this"
+                    " edgefleet"
                     f" ({known}); upgrade edgefleet"
                 )
             for version, name, statements in sorted(MIGRATIONS):
