@@ -98,6 +98,7 @@ def test_register_with_settings(sqlite_url, bundle) -> None:
     assert code == 1 and "unknown drift setting" in err
 
 
+@pytest.mark.timeout(120)
 def test_fleet_commands_do_not_import_tensorflow(cli_env) -> None:
     code = (
         "import sys; from click.testing import CliRunner; from toolchain.cli import main;"

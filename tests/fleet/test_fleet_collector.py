@@ -19,7 +19,7 @@ from toolchain.fleet.storage import open_store
 
 from .conftest import wait_for
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
 
 def test_duplicates_are_stored_once(
@@ -255,3 +255,29 @@ def test_two_collectors_in_a_shared_group_store_every_window_once(
     assert a.counters.stored + b.counters.stored == total
     assert a.counters.duplicates + b.counters.duplicates == 0
     assert a.counters.stored > 0 and b.counters.stored > 0
+
+
+def test_embedded_mqtt311_broker_works_without_shared_groups(
+    sqlite_url, bundle, model_ref, make_window, collector_factory, count_rows
+) -> None:
+    """The demo's embedded broker (amqtt) speaks only MQTT 3.1.1: the collector falls back to it."""
+    pytest.importorskip("amqtt")
+    from device_agent.broker import EmbeddedBroker
+    from toolchain.fleet.collector import Collector, CollectorConfigError
+
+    broker = EmbeddedBroker().start()
+    try:
+        register_bundle(sqlite_url, bundle[0])
+        c = collector_factory(sqlite_url, broker.url, client_id="amqtt-test")
+        assert c.protocol == "3.1.1"
+        pub = Publisher(broker.url, protocol="3.1.1")
+        pub.publish_all(
+            stats_payload("dev-1", seq, model_ref, make_window(30, seed=seq)) for seq in range(10)
+        )
+        assert pub.wait_acked(30)
+        pub.close()
+        wait_for(lambda: count_rows(sqlite_url, "windows") == 10, 60, "10 windows through amqtt")
+        with pytest.raises(CollectorConfigError, match="needs MQTT 5"):
+            Collector(sqlite_url, broker.url, shared_group="g", client_id="amqtt-shared").start()
+    finally:
+        broker.stop()

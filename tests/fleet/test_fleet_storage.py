@@ -20,7 +20,9 @@ def incoming(topic: str, payload: bytes, mid: int = 1) -> Incoming:
     return Incoming(topic, payload, mid, 1, 0, time.time())
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.timeout(120)])]
+)
 def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
     if request.param == "sqlite":
         return sqlite_url

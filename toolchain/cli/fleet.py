@@ -71,6 +71,13 @@ def fleet_cmd() -> None:
 )
 @click.option("--no-alerts", is_flag=True, help="Store only; do not evaluate drift or publish alerts.")
 @click.option(
+    "--mqtt-version",
+    type=click.Choice(["auto", "5", "3.1.1"]),
+    default="auto",
+    show_default=True,
+    help="MQTT protocol; auto asks the broker (shared groups need 5).",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(1, 10_000),
     default=500,
@@ -91,6 +98,7 @@ def collect_cmd(
     tls_insecure: bool,
     bundle_dir: str | None,
     no_alerts: bool,
+    mqtt_version: str,
     batch_size: int,
 ) -> None:
     """Run the collector daemon: MQTT stats/status/events into the database, drift alerts out."""
@@ -116,6 +124,7 @@ def collect_cmd(
             bundle_dir=bundle_dir,
             evaluate=not no_alerts,
             batch_max=batch_size,
+            protocol=mqtt_version,
         )
     except CollectorConfigError as e:
         click.echo(f"Error: {e}", err=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +26,20 @@ from toolchain.fleet.registry import BaselineCache
 from toolchain.fleet.storage import Store, dumps, merge_packed_groups
 
 log = logging.getLogger("edgefleet.fleet.alerts")
+
+
+EVAL_LOCK = 4_711_043  # PostgreSQL advisory lock held while evaluating
+IN_CHUNK = 400  # devices per IN (...) list
+
+
+def _chunks(keys: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """Group sorted (fleet, device) keys by fleet, in chunks of at most IN_CHUNK devices."""
+    out: list[tuple[str, list[str]]] = []
+    for fleet, device in keys:
+        if not out or out[-1][0] != fleet or len(out[-1][1]) >= IN_CHUNK:
+            out.append((fleet, []))
+        out[-1][1].append(device)
+    return out
 
 
 class AlertSink(Protocol):
@@ -92,37 +105,40 @@ class Evaluator:
         out: dict[tuple[str, str], Evaluation] = {}
         alerts: list[dict[str, Any]] = []
         with store.transaction():
-            for fleet, device in keys:
-                if store.dialect == "postgresql":
-                    # Two collectors of one shared group may evaluate the same device: serialise them.
-                    store.execute(
-                        "SELECT pg_advisory_xact_lock(?)",
-                        (zlib.crc32(f"{fleet}/{device}".encode()) & 0x7FFFFFFF,),
-                    )
-                st = store.query(
-                    "SELECT model_sha256, state, candidate, streak, last_window_id FROM drift_state"
-                    " WHERE fleet = ? AND device_id = ?",
-                    (fleet, device),
-                )
-                last_id = int(st[0][4]) if st else 0
-                rows = store.query(
-                    "SELECT id, count, ints, floats, violations_json, window_start, window_end, model_sha256"
-                    " FROM windows WHERE fleet = ? AND device_id = ? AND id > ? AND ints IS NOT NULL ORDER"
-                    " BY id",
-                    (fleet, device, last_id),
-                )
+            if store.dialect == "postgresql":
+                # The collectors of a shared group may evaluate the same devices: one at a time.
+                store.execute("SELECT pg_advisory_xact_lock(?)", (EVAL_LOCK,))
+            states: dict[tuple[str, str], tuple[Any, ...]] = {}
+            found: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+            for fleet, devices in _chunks(keys):
+                marks = ", ".join("?" for _ in devices)
+                for row in store.query(
+                    "SELECT device_id, model_sha256, state, candidate, streak, last_window_id"
+                    f" FROM drift_state WHERE fleet = ? AND device_id IN ({marks})",
+                    (fleet, *devices),
+                ):
+                    states[(fleet, row[0])] = tuple(row[1:])
+                last = {d: int(states[(fleet, d)][4]) if (fleet, d) in states else 0 for d in devices}
+                for row in store.query(
+                    "SELECT id, count, ints, floats, violations_json, window_start, window_end, model_sha256,"
+                    f" device_id FROM windows WHERE fleet = ? AND device_id IN ({marks}) AND id > ?"
+                    " AND ints IS NOT NULL ORDER BY id",
+                    (fleet, *devices, min(last.values())),
+                ):
+                    if int(row[0]) > last[row[8]]:
+                        found.setdefault((fleet, row[8]), []).append(tuple(row[:8]))
+            for key in keys:
+                rows = found.get(key)
                 if not rows:
                     continue
+                st = states.get(key)
                 model = rows[-1][7]
-                if st and st[0][0] == model:
-                    prev = AlertState(st[0][1], st[0][2], int(st[0][3]))
-                else:
-                    prev = AlertState()
+                prev = AlertState(st[1], st[2], int(st[3])) if st and st[0] == model else AlertState()
                 rows = [r for r in rows if r[7] == model]
                 base = self.baselines.get(model)
                 if base is None or sum(int(r[1]) for r in rows) < base.config.min_count:
                     continue
-                todo.setdefault(model, []).append(((fleet, device), prev, rows))
+                todo.setdefault(model, []).append((key, prev, rows))
             state_rows, eval_rows, alert_rows = [], [], []
             for model, items in todo.items():
                 base = self.baselines.get(model)

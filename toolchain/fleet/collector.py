@@ -54,6 +54,7 @@ RECEIVE_MAXIMUM = 1000  # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our subscriptions and queued windows this long
 KEEPALIVE_S = 30
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+PROBE_TIMEOUT_S = 5.0  # how long to wait for a CONNACK when finding out the broker's MQTT version
 QUARANTINE_HEAD_BYTES = 512
 EVAL_EVERY_S = 1.0  # evaluations run at most this often per batch loop, after the acks
 
@@ -403,6 +404,7 @@ class Collector:
         tls_insecure: bool = False,
         bundle_dir: str | None = None,
         evaluate: bool = True,
+        protocol: str = "auto",
         batch_max: int = BATCH_MAX,
         batch_wait_s: float = BATCH_WAIT_S,
     ) -> None:
@@ -437,6 +439,10 @@ class Collector:
             except RegistryError as e:
                 raise CollectorConfigError(str(e)) from None
         self.evaluate_enabled = evaluate
+        if protocol not in ("auto", "5", "3.1.1"):
+            raise CollectorConfigError(f"MQTT protocol {protocol!r} is unknown; use auto, 5 or 3.1.1")
+        self.protocol = protocol
+        self._connect_kw: dict[str, Any] = {}
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
         self.counters = Counters()
@@ -461,14 +467,7 @@ class Collector:
         f = self.fleet
         return [f"{share}edgefleet/{f}/+/stats", f"{share}edgefleet/{f}/+/events", f"edgefleet/{f}/+/status"]
 
-    def _make_client(self) -> Any:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
-        )
+    def _configure(self, client: Any) -> None:
         if self.username:
             client.username_pw_set(self.username, self.password)
         ca, cert, key, insecure = self.tls
@@ -476,15 +475,86 @@ class Collector:
             client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED)
             if insecure:
                 client.tls_insecure_set(True)
+
+    def probe_protocol(self, timeout_s: float = PROBE_TIMEOUT_S) -> str:
+        """Return "5" or "3.1.1": what the broker speaks (MQTT 5 when it cannot be told).
+
+        A throwaway clean connection under another client id: amqtt, for one, answers an MQTT 5
+        CONNECT with "unsupported protocol version".
+        """
+        import paho.mqtt.client as mqtt
+
+        for version, proto in (("5", mqtt.MQTTv5), ("3.1.1", mqtt.MQTTv311)):
+            got: dict[str, Any] = {}
+            done = threading.Event()
+
+            def on_connect(
+                c: Any,
+                u: Any,
+                f: Any,
+                rc: Any,
+                p: Any,
+                got: dict[str, Any] = got,
+                done: threading.Event = done,
+            ) -> None:
+                got["rc"] = rc
+                done.set()
+
+            c = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.client_id}-probe"[:60], protocol=proto
+            )
+            self._configure(c)
+            c.on_connect = on_connect
+            try:
+                c.connect(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
+            except OSError:
+                return "5"  # broker not reachable now: the daemon retries with MQTT 5
+            c.loop_start()
+            done.wait(timeout_s)
+            c.loop_stop()
+            try:
+                c.disconnect()
+            except Exception:  # noqa: BLE001 - a probe connection that is already gone
+                pass
+            rc = got.get("rc")
+            if rc is not None and not rc.is_failure:
+                return version
+            if rc is None or "protocol" not in str(rc).lower():
+                return "5"
+        return "5"
+
+    def _make_client(self) -> Any:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        if self.protocol == "5":
+            client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                protocol=mqtt.MQTTv5,
+                manual_ack=True,
+            )
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
+            self._connect_kw = {"clean_start": False, "properties": props}
+        else:
+            # MQTT 3.1.1: a persistent session (clean_session=False) keeps the same guarantees.
+            client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=False,
+                manual_ack=True,
+            )
+            self._connect_kw = {}
+        self._configure(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(1, 30)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
-        self._connect_props = props
         return client
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -532,14 +602,18 @@ class Collector:
             self._store = open_store(self.db_url)
         except StorageError as e:
             raise CollectorConfigError(str(e)) from None
+        if self.protocol == "auto":
+            self.protocol = self.probe_protocol()
+            log.info("broker %s:%d speaks MQTT %s", self.broker.host, self.broker.port, self.protocol)
+        if self.protocol != "5" and self.shared_group:
+            raise CollectorConfigError(
+                f"the broker at {self.broker.host}:{self.broker.port} speaks only MQTT {self.protocol};"
+                " --shared-group needs MQTT 5 (use Mosquitto 2 or another MQTT 5 broker)"
+            )
         self._client = self._make_client()
         try:
             self._client.connect_async(
-                self.broker.host,
-                self.broker.port,
-                keepalive=KEEPALIVE_S,
-                clean_start=False,
-                properties=self._connect_props,
+                self.broker.host, self.broker.port, keepalive=KEEPALIVE_S, **self._connect_kw
             )
         except (OSError, ValueError) as e:
             raise CollectorConfigError(

@@ -176,13 +176,16 @@ def status_payload(
 class Publisher:
     """A paho MQTT 5 publisher that can wait until the broker acknowledged every QoS 1 message."""
 
-    def __init__(self, broker_url: str, client_id: str = "", max_inflight: int = 200) -> None:
+    def __init__(
+        self, broker_url: str, client_id: str = "", max_inflight: int = 200, protocol: str = "5"
+    ) -> None:
         import paho.mqtt.client as mqtt
 
         from toolchain.fleet.collector import parse_broker_url
 
         addr = parse_broker_url(broker_url)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
         self._acked = 0

@@ -120,6 +120,9 @@ class Store:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a query and return every row."""
+        if self.dialect == "postgresql":
+            # Binary results: packed windows arrive as bytes instead of hex text to parse.
+            return list(self.conn.execute(self._sql(sql), tuple(params), binary=True).fetchall())
         return list(self.execute(sql, params).fetchall())
 
     @contextmanager
