@@ -59,6 +59,10 @@ QUARANTINE_HEAD_BYTES = 512
 EVAL_EVERY_S = 1.0  # evaluations run at most this often per batch loop, after the acks
 
 
+class CollectorFailure(ToolchainError):
+    """The collector stopped because its worker failed (the CLI exits 1; a supervisor restarts it)."""
+
+
 class CollectorConfigError(ToolchainError):
     """The collector's configuration is invalid (the CLI exits 78, EX_CONFIG)."""
 
@@ -685,17 +689,25 @@ class Collector:
         return batch
 
     def _run(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as e:  # noqa: BLE001 - report it; run_forever turns it into an exit code
+            log.exception("the collector's worker failed")
+            self._fatal = CollectorFailure(f"the collector's worker failed: {type(e).__name__}: {e}")
+            self._stop.set()
+
+    def _run_loop(self) -> None:
         assert self._store is not None
         store = self._store
         baselines = BaselineCache(store)
         ingestor = Ingestor(store, baselines, self.counters)
         evaluator = Evaluator(store, baselines, sink=self)
         last_eval = 0.0
-        while not self._stop.is_set() or not self._q.empty():
+        # On stop: the batch in hand is finished and acknowledged; whatever is still queued stays
+        # unacknowledged and is redelivered by the broker to this client id.
+        while not self._stop.is_set():
             batch = self._take()
             if not batch:
-                if self._stop.is_set():
-                    break
                 if self._pending_eval and time.monotonic() - last_eval > EVAL_EVERY_S:
                     self._evaluate(evaluator, baselines)
                     last_eval = time.monotonic()
@@ -732,6 +744,12 @@ class Collector:
                     last_eval = time.monotonic()
 
     def _evaluate(self, evaluator: Evaluator, baselines: BaselineCache) -> None:
+        try:
+            self._evaluate_due(evaluator, baselines)
+        except Exception as e:  # noqa: BLE001 - evaluation is best effort; ingestion goes on
+            log.error("drift evaluation failed: %s", e)
+
+    def _evaluate_due(self, evaluator: Evaluator, baselines: BaselineCache) -> None:
         due = []
         for key, (n, sha) in list(self._pending_eval.items()):
             base = baselines.get(sha)
