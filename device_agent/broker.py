@@ -48,8 +48,11 @@ class EmbeddedBroker:
             raise BrokerError(
                 "the embedded broker needs amqtt; pip install 'edgefleet[host]' or amqtt"
             ) from None
+        # amqtt logs every client that connects and drops (port probes, reconnects) as an ERROR with a
+        # traceback; an embedded demo broker should stay quiet unless debugging.
+        quiet = logging.DEBUG if logging.getLogger().isEnabledFor(logging.DEBUG) else logging.CRITICAL
         for name in ("amqtt", "transitions"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(quiet)
         self._ready.clear()
         self._thread = threading.Thread(target=self._run, name="amqtt-broker", daemon=True)
         self._thread.start()
@@ -70,6 +73,11 @@ class EmbeddedBroker:
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
+        # Client connections that die mid-handshake surface as "unhandled exception in
+        # client_connected_cb"; they concern that one client only.
+        loop.set_exception_handler(
+            lambda _loop, ctx: logging.getLogger(__name__).debug("embedded broker: %s", ctx.get("message"))
+        )
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},

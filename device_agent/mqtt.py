@@ -325,6 +325,11 @@ class MqttPublisher:
             self.acked += 1
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if msg.topic not in self.cmd_topics:
+            # Some brokers (amqtt) hand a subscriber retained messages of other topics; never treat
+            # those as commands.
+            log.debug("ignoring a message on %s, which is not a command topic", msg.topic)
+            return
         handler = self.command_handler
         self.commands += 1
         if handler is None:
