@@ -30,6 +30,7 @@ PASSES = 3  # how many times each device walks the 359 held-out digits
 CONTRAST = 0.5
 NOISE_STD = 2.0
 ARRIVAL_TIMEOUT_S = 60.0
+EVALUATION_WAIT_S = 5.0
 
 
 class DemoError(ToolchainError):
@@ -44,7 +45,9 @@ def shift_digits(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.clip(shifted, 0.0, 16.0).astype(np.float32)
 
 
-def _agent_config(path: Path, device: str, bundle: Path, state_dir: Path, broker_url: str) -> Path:
+def _agent_config(
+    path: Path, device: str, bundle: Path, state_dir: Path, broker_url: str, pub_key: Path
+) -> Path:
     path.write_text(
         "\n".join(
             [
@@ -53,7 +56,8 @@ def _agent_config(path: Path, device: str, bundle: Path, state_dir: Path, broker
                 f'fleet = "{DEMO_FLEET}"',
                 f'bundle = "{bundle}"',
                 f'state_dir = "{state_dir}"',
-                "allow_unsigned = true",
+                f'trusted_keys = ["{pub_key}"]',
+                "allow_unsigned = false",
                 "",
                 "[mqtt]",
                 f'url = "{broker_url}"',
@@ -78,6 +82,17 @@ def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _stored(rows: list[dict[str, Any]], n: int) -> bool:
+    seen = {r["device_id"]: r["windows"] for r in rows}
+    return all(seen.get(d, 0) >= n for d in DEVICES)
+
+
+def _wait_soft(predicate: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.1)
 
 
 def run_demo(
@@ -111,8 +126,14 @@ def run_demo(
     else:
         echo(f"    reusing {model_path}")
 
-    # 2. Build every target ---------------------------------------------------------------------------
-    echo("==> 2/5 build: int8 bundles for every target, verified in LiteRT / ONNX Runtime / OpenVINO")
+    # 2. Build every target, signed ------------------------------------------------------------------
+    echo("==> 2/5 build: signed int8 bundles for every target, verified in LiteRT / ONNX Runtime / OpenVINO")
+    from toolchain.signing import create_keys
+
+    keys = out / "keys"
+    priv, pub = keys / "fleet.key", keys / "fleet.pub"
+    if not (priv.exists() and pub.exists()):
+        priv, pub = create_keys(keys, "fleet", force=True)
     bundles = out / "bundles"
     version = 1
     if (bundles / DEMO_TARGET / "manifest.json").exists():
@@ -122,16 +143,29 @@ def run_demo(
     if bundles.exists():
         shutil.rmtree(bundles)
     report = build_bundles(
-        model_path, DIGITS_TRAIN, ["all"], bundles, eval_data=DIGITS_TEST, version=version, progress=progress
+        model_path,
+        DIGITS_TRAIN,
+        ["all"],
+        bundles,
+        eval_data=DIGITS_TEST,
+        version=version,
+        sign_key=priv,
+        progress=progress,
     )
     echo(summary_table(report))
-    summary["build"] = {"report_html": str(bundles / "report.html"), "report_json": str(bundles / "report.json")}
+    summary["build"] = {
+        "report_html": str(bundles / "report.html"),
+        "report_json": str(bundles / "report.json"),
+    }
 
     # 3. Deploy: broker, collector, two agents ----------------------------------------------------------
-    echo(f"==> 3/5 deploy: embedded MQTT broker, fleet collector (SQLite), {len(DEVICES)} agents on {DEMO_TARGET}")
+    echo(
+        f"==> 3/5 deploy: embedded MQTT broker, fleet collector (SQLite), {len(DEVICES)} agents on {DEMO_TARGET}"
+    )
     from device_agent.broker import EmbeddedBroker
     from device_agent.daemon import Daemon
     from toolchain.fleet import Collector, drift_table, register_bundle, status_rows, write_report
+    from toolchain.fleet.queries import recent_alerts
 
     db_path = out / "fleet.db"
     for suffix in ("", "-wal", "-shm"):
@@ -151,28 +185,44 @@ def run_demo(
                 if state.exists():
                     shutil.rmtree(state)
                 state.mkdir(parents=True)
-                cfg = _agent_config(state / "agent.toml", device, bundles / DEMO_TARGET, state / "state", broker.url)
+                cfg = _agent_config(
+                    state / "agent.toml", device, bundles / DEMO_TARGET, state / "state", broker.url, pub
+                )
                 daemons[device] = Daemon.from_file(cfg, watch_bundle=False).start()
 
             # 4. Monitor: feed data through the agents' Python API ------------------------------------
             echo(f"==> 4/5 monitor: {PASSES} passes over {len(test.x)} held-out digits per device")
             correct = {d: 0 for d in DEVICES}
-            total = 0
-            for _ in range(PASSES):
-                for i in range(len(test.x)):
+            order = np.concatenate([np.arange(len(test.x))] * PASSES)
+            total = len(order)
+            windows = 0
+            for start in range(0, total, WINDOW_SAMPLES):
+                for i in order[start : start + WINDOW_SAMPLES]:
                     for device, xs in inputs.items():
                         pred = daemons[device].agent.predict(xs[i])
                         correct[device] += int(pred.labels[0] == test.class_names[int(test.y[i])])
-                    total += 1
-            for d in daemons.values():
-                d.agent.close_window()
-            expected = {d: (total + WINDOW_SAMPLES - 1) // WINDOW_SAMPLES for d in DEVICES}
-
-            def arrived() -> bool:
+                for d in daemons.values():
+                    if d.agent.window_count:
+                        d.agent.close_window()
+                windows += 1
+                # Pace the windows like minutes on a real fleet: let the collector store and evaluate
+                # each one, so alerts go through their hysteresis as they would in production.
+                evaluated = collector.counters.evaluations
+                _wait(
+                    lambda n=windows: _stored(status_rows(db_url), n), ARRIVAL_TIMEOUT_S, f"window {windows}"
+                )
+                _wait_soft(
+                    lambda e=evaluated: collector.counters.evaluations >= e + len(DEVICES), EVALUATION_WAIT_S
+                )
                 rows = {r["device_id"]: r for r in status_rows(db_url)}
-                return all(rows.get(d, {}).get("windows", 0) >= n for d, n in expected.items())
-
-            _wait(arrived, ARRIVAL_TIMEOUT_S, "every window to reach the collector")
+                done = min(start + WINDOW_SAMPLES, total)
+                echo(
+                    f"    {done:5d}/{total} samples: "
+                    + "; ".join(
+                        f"{d} {rows[d]['windows']} windows stored, drift {rows[d]['drift_state']}"
+                        for d in DEVICES
+                    )
+                )
         finally:
             for d in daemons.values():
                 d.stop()
@@ -199,16 +249,30 @@ def run_demo(
         )
     echo(
         text_table(
-            ["device", "data", "accuracy", "drift", "max PSI", "worst feature", "class PSI", "confidence shift"],
+            [
+                "device",
+                "data",
+                "accuracy",
+                "drift",
+                "max PSI",
+                "worst feature",
+                "class PSI",
+                "confidence shift",
+            ],
             table_rows,
         )
     )
+    alerts = [a for a in recent_alerts(db_url) if a["device_id"] in DEVICES]
+    for a in reversed(alerts):
+        echo(
+            f"    alert on edgefleet/{a['fleet']}/alerts: {a['device_id']} {a['previous']} -> {a['state']}: {a['message']}"
+        )
     report_path = out / "fleet-report.html"
     write_report(db_url, report_path)
     states = {r["device_id"]: r["state"] for r in rows}
     summary.update(
         {
-            "fleet": {"db": db_url, "report_html": str(report_path), "states": states},
+            "fleet": {"db": db_url, "report_html": str(report_path), "states": states, "alerts": alerts},
             "accuracy": {d: correct[d] / total for d in DEVICES},
             "elapsed_s": round(time.perf_counter() - t0, 1),
         }

@@ -48,7 +48,12 @@ def make_bundle(root: Path, version: int = 1, target: str = "raspberry-pi") -> P
 
 def keypair() -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
 
     k = Ed25519PrivateKey.generate()
     priv = k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())

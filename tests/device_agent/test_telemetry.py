@@ -45,8 +45,15 @@ def window(baseline, n: int = 50):
 
 
 def payload(baseline, **kw) -> bytes:
-    args = dict(device_id="pi-1", fleet="demo", seq=7, window_start=1_800_000_000.0, window_end=1_800_000_060.0,
-                model=MODEL, profile=window(baseline))
+    args = dict(
+        device_id="pi-1",
+        fleet="demo",
+        seq=7,
+        window_start=1_800_000_000.0,
+        window_end=1_800_000_060.0,
+        model=MODEL,
+        profile=window(baseline),
+    )
     args.update(kw)
     return encode_stats(**args)
 
@@ -54,7 +61,12 @@ def payload(baseline, **kw) -> bytes:
 def test_topics() -> None:
     assert topic("demo", "pi-1", "stats") == "edgefleet/demo/pi-1/stats"
     assert parse_topic("edgefleet/demo/pi-1/status") == ("demo", "pi-1", "status")
-    for bad in ("edgefleet/demo/pi-1", "/edgefleet/demo/pi-1/stats", "edgefleet/Demo/pi-1/stats", "x/a/b/stats"):
+    for bad in (
+        "edgefleet/demo/pi-1",
+        "/edgefleet/demo/pi-1/stats",
+        "edgefleet/Demo/pi-1/stats",
+        "x/a/b/stats",
+    ):
         with pytest.raises(TelemetryError):
             parse_topic(bad)
 
@@ -126,11 +138,30 @@ def test_decoders_only_raise_telemetry_errors(blob: bytes) -> None:
 
 
 def test_status_and_event_round_trip() -> None:
-    s = decode_status(encode_status(device_id="pi-1", fleet="demo", state="online", ts=1.8e9, model=MODEL,
-                                    agent_version="0.1.0", target="raspberry-pi"), "pi-1", "demo")
+    s = decode_status(
+        encode_status(
+            device_id="pi-1",
+            fleet="demo",
+            state="online",
+            ts=1.8e9,
+            model=MODEL,
+            agent_version="0.1.0",
+            target="raspberry-pi",
+        ),
+        "pi-1",
+        "demo",
+    )
     assert s.state == "online" and s.model == MODEL and s.target == "raspberry-pi"
-    e = decode_event(encode_event(device_id="pi-1", fleet="demo", event="deploy_failed", ts=1.8e9,
-                                  message="hash mismatch", detail={"version": 3}))
+    e = decode_event(
+        encode_event(
+            device_id="pi-1",
+            fleet="demo",
+            event="deploy_failed",
+            ts=1.8e9,
+            message="hash mismatch",
+            detail={"version": 3},
+        )
+    )
     assert e.event == "deploy_failed" and e.detail == {"version": 3}
     with pytest.raises(TelemetryError, match="spoofed"):
         decode_event(encode_event(device_id="pi-1", fleet="demo", event="error", ts=1.8e9), "pi-9", "demo")

@@ -9,12 +9,25 @@ import click
 
 
 @click.command("demo")
-@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the model, bundles, fleet database and reports.")
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1, 500),
-              help="Training epochs (early stopping usually ends sooner).")
+@click.option(
+    "--out",
+    "out_dir",
+    default="demo-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the model, bundles, fleet database and reports.",
+)
+@click.option(
+    "--epochs",
+    default=30,
+    show_default=True,
+    type=click.IntRange(1, 500),
+    help="Training epochs (early stopping usually ends sooner).",
+)
 @click.option("--fresh", is_flag=True, help="Delete the output folder first (retrain from scratch).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (progress on stderr).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (progress on stderr)."
+)
 def demo_cmd(out_dir: str, epochs: int, fresh: bool, as_json: bool) -> None:
     """Train a digits CNN, build every target, run two agents and a collector, and flag drift.
 
