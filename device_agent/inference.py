@@ -7,6 +7,7 @@ scores back; the adapter applies the manifest's declared preprocessing and each 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,42 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Convert a tensor's raw values to float32 with its affine quantization."""
     if spec.quantization is None or np.dtype(spec.dtype.value).kind == "f":
         return q.astype(np.float32, copy=False)
-    return ((q.astype(np.float32) - spec.quantization.zero_point) * spec.quantization.scale).astype(np.float32)
+    return ((q.astype(np.float32) - spec.quantization.zero_point) * spec.quantization.scale).astype(
+        np.float32
+    )
+
+
+class TensorCodec:
+    """Quantize/dequantize one tensor with its parameters resolved once (the per-call path stays small)."""
+
+    def __init__(self, spec: TensorSpec) -> None:
+        self.dtype = np.dtype(spec.dtype.value)
+        q = spec.quantization
+        self.affine = q is not None and self.dtype.kind != "f"
+        self.scale = np.float32(q.scale if q else 1.0)
+        self.zero_point = np.float32(q.zero_point if q else 0)
+        if self.affine:
+            info = np.iinfo(self.dtype)
+            self.lo, self.hi = np.float32(info.min), np.float32(info.max)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Float32 values -> the tensor's dtype (same result as ``quantize``)."""
+        if not self.affine:
+            return x.astype(self.dtype, copy=False)
+        q = np.divide(x, self.scale, dtype=np.float32)
+        np.rint(q, out=q)
+        q += self.zero_point
+        np.clip(q, self.lo, self.hi, out=q)
+        return q.astype(self.dtype)
+
+    def decode(self, q: np.ndarray) -> np.ndarray:
+        """The tensor's raw values -> float32 (same result as ``dequantize``)."""
+        if not self.affine:
+            return q.astype(np.float32, copy=False)
+        out = q.astype(np.float32)
+        out -= self.zero_point
+        out *= self.scale
+        return out
 
 
 class Predictor:
@@ -59,16 +95,23 @@ class Predictor:
         accel = None
         if use_accelerator and m.model.accelerated_path and self.runtime == "litert":
             accel = self.bundle_dir / m.model.accelerated_path
+        # The profile's thread count is for the device it names; never oversubscribe the cores we have.
+        self.threads = threads or max(1, min(m.threads, os.cpu_count() or 1))
         self.model: RuntimeModel = load_runtime_model(
-            self.bundle_dir / m.model.path, self.runtime, threads=threads or m.threads, accelerator_path=accel
+            self.bundle_dir / m.model.path, self.runtime, threads=self.threads, accelerator_path=accel
         )
         self.input_spec = m.inputs[0]
         self.output_spec = m.outputs[0]
+        self._in_codec = TensorCodec(self.input_spec)
+        self._out_codec = TensorCodec(self.output_spec)
         self.sample_shape = tuple(self.input_spec.shape[1:])
         pre = m.preprocessing
         self._affine: tuple[np.ndarray, np.ndarray] | None = None
         if pre.get("type") == "affine":
-            self._affine = (np.asarray(pre["scale"], dtype=np.float32), np.asarray(pre["offset"], dtype=np.float32))
+            self._affine = (
+                np.asarray(pre["scale"], dtype=np.float32),
+                np.asarray(pre["offset"], dtype=np.float32),
+            )
 
     @property
     def labels(self) -> list[str]:
@@ -77,16 +120,27 @@ class Predictor:
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """Return ``x`` as a float32 batch (n, *sample_shape) or raise InputError."""
         arr = np.asarray(x)
+        if arr.dtype == np.float32 and arr.shape[1:] == self.sample_shape and arr.shape[0] >= 1:
+            if not np.isfinite(arr).all():
+                raise InputError(
+                    "nan", "input holds NaN or infinite values; the model was trained on finite values only"
+                )
+            return arr
         if arr.dtype.kind not in "fiub":
             raise InputError("dtype", f"input dtype {arr.dtype} is not numeric; send numbers")
         if tuple(arr.shape) == self.sample_shape:
             arr = arr[None, ...]
         if tuple(arr.shape[1:]) != self.sample_shape or arr.shape[0] < 1:
             want = "x".join(str(d) for d in self.sample_shape)
-            raise InputError("shape", f"input shape {tuple(arr.shape)} does not fit the model: want (n, {want}) or ({want})")
+            raise InputError(
+                "shape",
+                f"input shape {tuple(arr.shape)} does not fit the model: want (n, {want}) or ({want})",
+            )
         arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
-            raise InputError("nan", "input holds NaN or infinite values; the model was trained on finite values only")
+            raise InputError(
+                "nan", "input holds NaN or infinite values; the model was trained on finite values only"
+            )
         return arr
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -97,6 +151,6 @@ class Predictor:
         """Return float scores (n, K) for a batch that ``check_input`` returned (skips a second check)."""
         if self._affine is not None:
             arr = arr * self._affine[0] + self._affine[1]
-        raw = self.model.run(quantize(arr, self.input_spec))
-        out = dequantize(raw, self.output_spec)
+        raw = self.model.run(self._in_codec.encode(arr))
+        out = self._out_codec.decode(raw)
         return out.reshape(out.shape[0], -1)
