@@ -333,22 +333,23 @@ class FeatureSpec:
 
     def extract(self, x: np.ndarray) -> np.ndarray:
         """Map a batch (n, *input_shape) to features (n, F) float64."""
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)
         if tuple(x.shape[1:]) != self.input_shape:
             raise StatsError(f"input shape {tuple(x.shape[1:])} != profiled shape {self.input_shape}")
         n = x.shape[0]
         if self.kind == "elements":
-            return x.reshape(n, -1)
+            return x.reshape(n, -1).astype(np.float64, copy=False)
         if self.kind == "image_summary":
-            if len(self.input_shape) >= 3:
-                per_c = x.reshape(n, -1, self.input_shape[-1])
-            else:
-                per_c = x.reshape(n, -1, 1)
+            # Stay in the input's float32 (no float64 copy of every pixel); accumulate in float64.
+            x = x.astype(np.float32, copy=False)
+            channels = self.input_shape[-1] if len(self.input_shape) >= 3 else 1
+            per_c = x.reshape(n, -1, channels)
             with np.errstate(invalid="ignore"):
-                feats = np.stack(
-                    [per_c.mean(axis=1), per_c.std(axis=1), per_c.min(axis=1), per_c.max(axis=1)], axis=2
-                )
-            return feats.reshape(n, -1)
+                mean = per_c.mean(axis=1, dtype=np.float64)
+                sq = np.square(per_c).mean(axis=1, dtype=np.float64)
+                std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+                feats = np.stack([mean, std, per_c.min(axis=1), per_c.max(axis=1)], axis=2)
+            return feats.reshape(n, -1).astype(np.float64, copy=False)
         raise StatsError(f"unknown feature kind {self.kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
