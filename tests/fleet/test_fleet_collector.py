@@ -281,3 +281,29 @@ def test_embedded_mqtt311_broker_works_without_shared_groups(
             Collector(sqlite_url, broker.url, shared_group="g", client_id="amqtt-shared").start()
     finally:
         broker.stop()
+
+
+@pytest.mark.timeout(120)
+def test_database_outage_delays_but_loses_nothing(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory, count_rows, monkeypatch
+) -> None:
+    """While another process holds the database's write lock, batches fail, stay unacknowledged and are retried."""
+    import sqlite3
+
+    import toolchain.fleet.storage as storage
+
+    register_bundle(sqlite_url, bundle[0])
+    monkeypatch.setattr(storage, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    c = collector_factory(sqlite_url, mosquitto.url, client_id="outage-test", evaluate=False)
+    blocker = sqlite3.connect(sqlite_url[len("sqlite:///") :], isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    pub = Publisher(mosquitto.url)
+    pub.publish_all(stats_payload("dev-1", seq, model_ref, make_window(30, seed=seq)) for seq in range(20))
+    assert pub.wait_acked(30)
+    wait_for(lambda: c.counters.db_errors >= 2, 30, "failed commits while the database is locked")
+    assert c.counters.stored == 0
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    wait_for(lambda: count_rows(sqlite_url, "windows") == 20, 60, "every window after the outage")
+    pub.close()
+    assert c.counters.quarantined == 0
