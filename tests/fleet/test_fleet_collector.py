@@ -287,7 +287,7 @@ def test_embedded_mqtt311_broker_works_without_shared_groups(
 def test_database_outage_delays_but_loses_nothing(
     mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory, count_rows, monkeypatch
 ) -> None:
-    """While another process holds the database's write lock, batches fail, stay unacknowledged and are retried."""
+    """While another process holds the write lock, batches fail, stay unacknowledged and are retried."""
     import sqlite3
 
     import toolchain.fleet.storage as storage
