@@ -20,7 +20,6 @@ messages to shared subscriptions and every collector should know every device's 
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import socket
@@ -782,7 +781,3 @@ class Collector:
             log.error("auto-registration of %s failed: %s", path, e)
         except Exception as e:  # noqa: BLE001 - a bad bundle in the directory must not stop the collector
             log.error("auto-registration of %s failed: %s", path, e)
-
-
-def json_counters(c: Counters) -> str:
-    return json.dumps(c.as_dict())
