@@ -171,8 +171,12 @@ class FeatureSetProfile:
         with np.errstate(invalid="ignore", divide="ignore"):
             bmean = np.where(has, np.nansum(xf, axis=0) / np.maximum(nb, 1), 0.0)
             bm2 = np.nansum((xf - bmean[None, :]) ** 2, axis=0)
-            self.min = np.where(has, np.fmin(self.min, np.nanmin(np.where(finite, xf, np.inf), axis=0)), self.min)
-            self.max = np.where(has, np.fmax(self.max, np.nanmax(np.where(finite, xf, -np.inf), axis=0)), self.max)
+            self.min = np.where(
+                has, np.fmin(self.min, np.nanmin(np.where(finite, xf, np.inf), axis=0)), self.min
+            )
+            self.max = np.where(
+                has, np.fmax(self.max, np.nanmax(np.where(finite, xf, -np.inf), axis=0)), self.max
+            )
         self.mean, self.m2 = _chan(self.count, self.mean, self.m2, nb, bmean, bm2)
         self.count = self.count + nb
 
@@ -197,6 +201,8 @@ class FeatureSetProfile:
         """Raise StatsError unless both profiles share names and edges."""
         if self.names != other.names:
             raise StatsError("profiles have different feature names; they come from different baselines")
+        if self.edges is other.edges:
+            return
         if self.edges.shape != other.edges.shape or not np.array_equal(self.edges, other.edges):
             raise StatsError("profiles have different bin edges; they come from different baselines")
 
@@ -248,7 +254,9 @@ class FeatureSetProfile:
                 )
             counts[j, :want] = _ints(h, "hist")
             if counts[j].sum() != count[j]:
-                raise StatsError(f"histogram of feature {self.names[j]!r} sums to {counts[j].sum()}, count is {count[j]}")
+                raise StatsError(
+                    f"histogram of feature {self.names[j]!r} sums to {counts[j].sum()}, count is {count[j]}"
+                )
         self.counts = counts
         self.count = count
         self.nan_count = nan
@@ -261,24 +269,44 @@ class FeatureSetProfile:
 
 
 def _ints(vals: Any, name: str) -> np.ndarray:
-    out = []
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise StatsError(f"profile field {name!r} must hold non-negative integers, got {str(v)[:20]!r}")
-        out.append(v)
-    return np.array(out, dtype=np.int64)
+    if not isinstance(vals, list) or not all(type(v) is int for v in vals):
+        bad = next((v for v in vals if type(v) is not int), vals) if isinstance(vals, list) else vals
+        raise StatsError(f"profile field {name!r} must hold non-negative integers, got {str(bad)[:20]!r}")
+    try:
+        arr = np.array(vals, dtype=np.int64)
+    except OverflowError:
+        raise StatsError(f"profile field {name!r} holds an integer too large for a count") from None
+    if arr.size and arr.min() < 0:
+        raise StatsError(f"profile field {name!r} must hold non-negative integers, got {int(arr.min())}")
+    return arr
+
+
+_NUMBER_TYPES = (int, float)
 
 
 def _floats(vals: Any, name: str, none_value: float) -> np.ndarray:
-    out = []
-    for v in vals:
-        if v is None:
-            out.append(none_value)
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise StatsError(f"profile field {name!r} must hold finite numbers or null, got {str(v)[:20]!r}")
-        else:
-            out.append(float(v))
-    return np.array(out, dtype=np.float64)
+    if not isinstance(vals, list) or not all(v is None or type(v) in _NUMBER_TYPES for v in vals):
+        raise StatsError(f"profile field {name!r} must hold finite numbers or null")
+    arr = np.array([none_value if v is None else v for v in vals], dtype=np.float64)
+    nulls = np.array([v is None for v in vals], dtype=bool)
+    if not np.isfinite(arr[~nulls]).all():
+        raise StatsError(f"profile field {name!r} must hold finite numbers or null")
+    return arr
+
+
+def _copy_fsp(p: FeatureSetProfile) -> FeatureSetProfile:
+    return FeatureSetProfile(
+        names=p.names,  # shared, never mutated
+        edges=p.edges,  # shared, never mutated
+        nedges=p.nedges,
+        counts=p.counts.copy(),
+        count=p.count.copy(),
+        nan_count=p.nan_count.copy(),
+        min=p.min.copy(),
+        max=p.max.copy(),
+        mean=p.mean.copy(),
+        m2=p.m2.copy(),
+    )
 
 
 def _chan(
@@ -379,7 +407,24 @@ class ProfileSpec:
     latency_edges_ms: list[float] = field(default_factory=lambda: list(LATENCY_EDGES_MS))
 
     def new_profile(self) -> Profile:
-        """Return an empty profile with this spec's edges."""
+        """Return an empty profile with this spec's edges (validated once, then copied).
+
+        Treat a spec as immutable once used: its template and hash are cached.
+        """
+        tpl = self.__dict__.get("_template")
+        if tpl is None:
+            tpl = self._build_profile()
+            self.__dict__["_template"] = tpl
+        return Profile(
+            spec=self,
+            inputs=_copy_fsp(tpl.inputs),
+            class_counts=tpl.class_counts.copy(),
+            confidence=_copy_fsp(tpl.confidence),
+            latency_ms=_copy_fsp(tpl.latency_ms),
+            schema_violations={},
+        )
+
+    def _build_profile(self) -> Profile:
         return Profile(
             spec=self,
             inputs=FeatureSetProfile.empty(self.features.names, self.input_edges),
@@ -417,8 +462,11 @@ class ProfileSpec:
 
     def spec_hash(self) -> str:
         """Return a sha256 of the canonical spec; windows carry it so the collector can match baselines."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+            cached = self.__dict__["_hash"] = hashlib.sha256(blob).hexdigest()
+        return str(cached)
 
 
 @dataclass
@@ -512,7 +560,13 @@ class Profile:
         if not isinstance(sv, Mapping):
             raise StatsError("schema_violations must be an object")
         for k, v in sv.items():
-            if not isinstance(k, str) or len(k) > 64 or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if (
+                not isinstance(k, str)
+                or len(k) > 64
+                or isinstance(v, bool)
+                or not isinstance(v, int)
+                or v < 0
+            ):
                 raise StatsError("schema_violations must map short names to non-negative integers")
         prof.schema_violations = {str(k): int(v) for k, v in sv.items()}
         return prof
@@ -547,7 +601,9 @@ def build_baseline(
     """Profile a reference data set: freeze edges from ``x`` (n, *shape), then add ``x`` and ``probs``."""
     features = FeatureSpec.for_input(x.shape[1:], feature_names)
     feats = features.extract(x)
-    spec = ProfileSpec(features=features, input_edges=make_edges(feats, bins), labels=[str(v) for v in labels])
+    spec = ProfileSpec(
+        features=features, input_edges=make_edges(feats, bins), labels=[str(v) for v in labels]
+    )
     prof = spec.new_profile()
     prof.inputs.update(feats)
     prof.update_outputs(probs)
