@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,15 @@ def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def _stored(rows: list[dict[str, Any]], n: int) -> bool:
-    seen = {r["device_id"]: r["windows"] for r in rows}
+def _stored(db_url: str, n: int) -> bool:
+    from toolchain.fleet import status_rows
+
+    seen = {r["device_id"]: r["windows"] for r in status_rows(db_url)}
     return all(seen.get(d, 0) >= n for d in DEVICES)
+
+
+def _evaluated(collector: Any, n: int) -> bool:
+    return bool(collector.counters.evaluations >= n)
 
 
 def _wait_soft(predicate: Callable[[], bool], timeout_s: float) -> None:
@@ -202,18 +209,14 @@ def run_demo(
                         pred = daemons[device].agent.predict(xs[i])
                         correct[device] += int(pred.labels[0] == test.class_names[int(test.y[i])])
                 for d in daemons.values():
-                    if d.agent.window_count:
+                    if d.agent.window_count():
                         d.agent.close_window()
                 windows += 1
                 # Pace the windows like minutes on a real fleet: let the collector store and evaluate
                 # each one, so alerts go through their hysteresis as they would in production.
                 evaluated = collector.counters.evaluations
-                _wait(
-                    lambda n=windows: _stored(status_rows(db_url), n), ARRIVAL_TIMEOUT_S, f"window {windows}"
-                )
-                _wait_soft(
-                    lambda e=evaluated: collector.counters.evaluations >= e + len(DEVICES), EVALUATION_WAIT_S
-                )
+                _wait(partial(_stored, db_url, windows), ARRIVAL_TIMEOUT_S, f"window {windows}")
+                _wait_soft(partial(_evaluated, collector, evaluated + len(DEVICES)), EVALUATION_WAIT_S)
                 rows = {r["device_id"]: r for r in status_rows(db_url)}
                 done = min(start + WINDOW_SAMPLES, total)
                 echo(
@@ -230,11 +233,11 @@ def run_demo(
 
     # 5. Report ---------------------------------------------------------------------------------------
     echo("==> 5/5 report: drift per device")
-    rows = [r for r in drift_table(db_url) if r.get("device_id") in DEVICES]
+    drift_rows = [r for r in drift_table(db_url) if r.get("device_id") in DEVICES]
     from toolchain.report import text_table
 
     table_rows = []
-    for r in rows:
+    for r in drift_rows:
         table_rows.append(
             [
                 r["device_id"],
@@ -269,7 +272,7 @@ def run_demo(
         )
     report_path = out / "fleet-report.html"
     write_report(db_url, report_path)
-    states = {r["device_id"]: r["state"] for r in rows}
+    states = {r["device_id"]: r["state"] for r in drift_rows}
     summary.update(
         {
             "fleet": {"db": db_url, "report_html": str(report_path), "states": states, "alerts": alerts},

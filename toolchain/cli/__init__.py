@@ -7,6 +7,7 @@ Sub-commands live in one module each and are registered in ``COMMANDS``; heavy l
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
