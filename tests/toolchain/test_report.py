@@ -147,7 +147,7 @@ def test_merge_keeps_earlier_targets_whose_bundles_remain(tmp_path: Path) -> Non
 @pytest.mark.slow
 @pytest.mark.browser
 def test_real_report_renders_in_chromium(digits_bundles: Path, chromium: str, tmp_path: Path) -> None:
-    from conftest import render_page  # tests/ is on sys.path (rootdir conftest)
+    from tests.conftest import render_page
 
     page = tmp_path / "report.html"
     page.write_text((digits_bundles / "report.html").read_text())  # a copy with no neighbours: self-contained
