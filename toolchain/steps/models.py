@@ -35,6 +35,7 @@ ARCHITECTURES = ("mlp", "cnn", "mobilenetv2")
 # MobileNetV2 needs at least 32x32 inputs; smaller images are resized inside the model.
 MOBILENET_MIN_SIDE = 32
 MOBILENET_ALPHA = 0.35
+MOBILENET_BN_MOMENTUM = 0.9
 PREDICT_BATCH = 256
 
 
@@ -459,6 +460,12 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
         weights=None,
         pooling="avg",
     )
+    # Keras builds MobileNetV2's BatchNormalization with momentum 0.999: on a small data set (tens of
+    # steps per epoch) the moving statistics barely move, inference-mode accuracy stays at chance for
+    # many epochs and early stopping ends training there. 0.9 tracks the weights within an epoch.
+    for layer in base.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            layer.momentum = MOBILENET_BN_MOMENTUM
     h = base.output
     out = L.Dense(n_classes, activation="softmax", name="scores")(h)
     return keras.Model(inp, out, name="mobilenetv2")
