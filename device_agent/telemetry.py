@@ -146,10 +146,10 @@ def load_json(raw: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
         raise TelemetryError(f"payload nests deeper than {MAX_DEPTH} levels") from None
     except ValueError as e:
         raise TelemetryError(f"payload is not valid JSON ({str(e)[:80]})") from None
+    if isinstance(doc, (dict, list)) and _depth(doc, MAX_DEPTH) > MAX_DEPTH:
+        raise TelemetryError(f"payload nests deeper than {MAX_DEPTH} levels")
     if not isinstance(doc, dict):
         raise TelemetryError("payload must be a JSON object")
-    if _depth(doc, MAX_DEPTH) > MAX_DEPTH:
-        raise TelemetryError(f"payload nests deeper than {MAX_DEPTH} levels")
     if type(doc.get("schema")) is not int or doc["schema"] != SCHEMA:
         raise TelemetryError(
             f"payload schema {str(doc.get('schema'))[:20]!r} is not supported (want {SCHEMA})"
