@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._bench import markdown_table, progress_print, write_section  # noqa: E402
+from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "calibration_data" / "digits.npz"
@@ -39,6 +39,37 @@ GOAL_PTQ_DROP_PTS = 0.5
 GOAL_QAT_DROP_PTS = 0.3
 GOAL_PRUNED_GZIP_RATIO = 0.2
 GOAL_CNN_BUILD_S = 90.0
+# Why a goal can be missed: appended to the section when that kind of goal is missed in the run.
+WHY = {
+    "latency": (
+        "x86 latency: the bundle must be int8, and the build picks the faster int8 runtime (ONNX Runtime or "
+        "OpenVINO). On this host the int8 QDQ model is slower than the plain float ONNX model in the same "
+        "runtime: for models this small the QuantizeLinear/DequantizeLinear work and int8 kernel set-up "
+        "outweigh the cheaper arithmetic (ECOSYSTEM.md measured the same for MobileNetV2 at 96x96). The "
+        "goal needs a host where int8 kernels win (VNNI/AMX-tuned ONNX Runtime builds, OpenVINO on newer "
+        "Xeons) or a larger model."
+    ),
+    "gzip": (
+        "Pruned size: 50 % zeros compress well, but the other 50 % are int8 values close to random, which gzip "
+        "cannot shrink; per-channel scales (float32) and zero points, int32 biases and the graph add a fixed "
+        "part. That leaves about 0.20-0.23x of the float TFLite file (the ONNX QDQ file carries more graph); "
+        "QAT's smoother weights compress slightly better."
+    ),
+    "accuracy": (
+        "Accuracy is measured on 359 test images, so one image is 0.28 points: a miss by one or two images "
+        "is within the test set's resolution."
+    ),
+    "prune_accuracy": (
+        "Pruning MobileNetV2 (trained from scratch on 1,438 upsampled digits) by 50 % with the default 4-epoch "
+        "fine-tune (toolchain.steps.prune.PRUNE_EPOCHS) loses several points; a longer fine-tune recovers "
+        "more. Such builds fail the accuracy budget unless --allow-accuracy-drop (this script passes it)."
+    ),
+    "onnx_pqat": (
+        "QAT + pruning on x86 fails in the ONNX route: tf2onnx exports the pruning-preserving QAT model's "
+        "variables as extra graph inputs, which the ONNX Runtime quantization step refuses "
+        "(toolchain/steps/convert_onnx.py, the conversion back end)."
+    ),
+}
 
 
 def upsampled(src: Path, dst: Path) -> Path:
@@ -88,7 +119,7 @@ def float_latencies(model_path: Path, sample: np.ndarray, work: Path) -> dict[st
     return out
 
 
-def run(quick: bool, keep: Path | None, cache: Path | None = None) -> None:
+def run(quick: bool, keep: Path | None, cache: Path | None = None, md: Path = BENCHMARKS_MD) -> None:
     from toolchain.build import BuildError, build_bundles
     from toolchain.errors import ToolchainError
 
@@ -96,6 +127,7 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None) -> None:
     rows: list[list[Any]] = []
     goals: list[str] = []
     notes: list[str] = []
+    why: set[str] = set()
     models: list[tuple[str, str, Path, Path, int]] = [("digits CNN", "cnn", DIGITS, DIGITS_TEST, CNN_EPOCHS)]
     if not quick:
         models.append(
@@ -157,6 +189,8 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None) -> None:
                 for target, e in rep["targets"].items():
                     if e.get("status") != "ok":
                         rows.append([label, tag, target, "FAILED: " + str(e.get("error"))[:80]] + [None] * 9)
+                        if target == "x86" and "inputs" in str(e.get("error")):
+                            why.add("onnx_pqat")
                         continue
                     drop_pts = 100 * (e["float_accuracy"] - e["accuracy"])
                     lat = "; ".join(
@@ -183,14 +217,20 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None) -> None:
                         ]
                     )
                     goal = GOAL_PTQ_DROP_PTS if quantize == "ptq" else GOAL_QAT_DROP_PTS
+                    if prune and drop_pts > 2:
+                        why.add("prune_accuracy")
                     if not prune:
                         ok = drop_pts <= goal
+                        if not ok:
+                            why.add("accuracy")
                         goals.append(
                             f"{'met' if ok else 'MISSED'}: {label} {target} {quantize.upper()} accuracy drop "
                             f"{drop_pts:+.2f} points (goal <= {goal} points; float {100 * float_acc:.2f}%)"
                         )
                     elif gz_ratio is not None:
                         ok = gz_ratio <= GOAL_PRUNED_GZIP_RATIO
+                        if not ok:
+                            why.add("gzip")
                         goals.append(
                             f"{'met' if ok else 'MISSED'}: {label} {target} {quantize.upper()} 50% pruned + "
                             "int8 + gzip = "
@@ -205,6 +245,8 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None) -> None:
                         # The x86 candidates run the float ONNX model; LiteRT (float .tflite) is shown too.
                         fastest = min(("onnxruntime", "openvino"), key=lambda r: plain[r][threads])
                         ok = ours <= plain[fastest][threads]
+                        if not ok:
+                            why.add("latency")
                         goals.append(
                             f"{'met' if ok else 'MISSED'}: {label} x86 {tag}: preferred {pref} int8 p50 "
                             f"{ours:.3f} ms vs"
@@ -240,6 +282,12 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None) -> None:
     ]
     body = markdown_table(headers, rows)
     body += "\n**Goals (issue 2)**\n\n" + "\n".join(f"- {g}" for g in goals) + "\n"
+    if why:
+        body += (
+            "\n**Where it falls short, and why**\n\n"
+            + "\n".join(f"- {WHY[k]}" for k in WHY if k in why)
+            + "\n"
+        )
     body += "\n**Notes**\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     intro = (
         "`benchmarks/build_bench.py`: `edgefleet build --target all` for each model and configuration, "
@@ -254,7 +302,7 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None) -> None:
         "ratios are "
         "against the float TFLite file. `sparsity` is the share of zero weights in the shipped artifact."
     )
-    write_section("build", "Build pipeline: int8 bundles vs float", body, intro=intro)
+    write_section("build", "Build pipeline: int8 bundles vs float", body, intro=intro, path=md)
     print(body)
 
 
@@ -262,12 +310,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="digits CNN only")
     ap.add_argument("--keep", type=Path, default=None, help="copy the bundles and reports here")
+    ap.add_argument("--md", type=Path, default=BENCHMARKS_MD, help="markdown file to write the section into")
     ap.add_argument(
         "--cache", type=Path, default=None, help="reuse (or save) the trained models in this folder"
     )
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    run(args.quick, args.keep, args.cache)
+    run(args.quick, args.keep, args.cache, args.md)
 
 
 if __name__ == "__main__":
