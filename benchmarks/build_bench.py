@@ -168,11 +168,11 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None, md: Path = BE
                         allow_accuracy_drop=True,
                         progress=sys.stderr.isatty(),
                     )
-                except BuildError as e:
-                    rep = e.report or {"targets": {}}
-                except ToolchainError as e:  # the whole configuration failed (e.g. QAT cannot wrap a layer)
-                    rows.append([label, tag, "all", "FAILED: " + str(e)[:120]] + [None] * 9)
-                    notes.append(f"{label} {tag}: failed: {e}")
+                except BuildError as err:
+                    rep = err.report or {"targets": {}}
+                except ToolchainError as err:  # the whole configuration failed (e.g. QAT cannot wrap a layer)
+                    rows.append([label, tag, "all", "FAILED: " + str(err)[:120]] + [None] * 9)
+                    notes.append(f"{label} {tag}: failed: {err}")
                     continue
                 total_s = time.perf_counter() - t0
                 if arch == "cnn" and quantize == "ptq" and not prune:
