@@ -250,6 +250,24 @@ def test_qat_build(digits_cnn_path: Path, tmp_path: Path) -> None:
         assert load_manifest(tmp_path / "o" / t).metrics["quantize"] == "qat"
 
 
+def test_pruned_qat_build_for_x86(digits_cnn_path: Path, tmp_path: Path) -> None:
+    """Prune-preserving QAT exported through tf2onnx (its dead scale inputs once broke quantization)."""
+    rep = build_bundles(
+        digits_cnn_path,
+        DIGITS,
+        ["x86"],
+        tmp_path / "o",
+        eval_data=DIGITS_TEST,
+        quantize="qat",
+        prune=0.5,
+        progress=False,
+        allow_accuracy_drop=True,
+    )
+    e = rep["targets"]["x86"]
+    assert e["status"] == "ok", e.get("error")
+    assert e["sparsity"] >= 0.45 and e["top1_agreement"] > 0.9
+
+
 def test_pruned_build_reaches_the_sparsity_in_the_artifact(digits_cnn_path: Path, tmp_path: Path) -> None:
     rep = build_bundles(
         digits_cnn_path,

@@ -142,7 +142,9 @@ def _input_name(path: Path) -> str:
 
     m = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
-    names = [i.name for i in m.graph.input if i.name not in inits]
+    used = {i for n in m.graph.node for i in n.input}
+    # Older exports list weights among the graph inputs too; only a consumed, non-constant input counts.
+    names = [i.name for i in m.graph.input if i.name not in inits and i.name in used]
     if len(names) != 1:
         raise ConversionError(
             f"the ONNX model has {len(names)} inputs; only single-input models are supported"
@@ -178,6 +180,10 @@ def strip_qat_qdq(qdq_path: Path, out_path: Path) -> int:
     live = [i for i in m.graph.initializer if i.name in used]
     del m.graph.initializer[:]
     m.graph.initializer.extend(live)
+    # Graph inputs that only fed the removed pairs' scale/zero-point are dead now.
+    inputs = [i for i in m.graph.input if i.name in used]
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
     onnx.save(m, str(out_path))
     return n_qdq
 
