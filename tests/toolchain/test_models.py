@@ -122,11 +122,18 @@ def test_keras3_ptq_builds_every_target(keras3_functional: Path, tmp_path: Path)
     from toolchain.build import build_bundles
 
     rep = build_bundles(
-        keras3_functional, DIGITS, ["all"], tmp_path / "o", eval_data=DIGITS_TEST, progress=False
+        keras3_functional,
+        DIGITS,
+        ["all"],
+        tmp_path / "o",
+        eval_data=DIGITS_TEST,
+        progress=False,
+        allow_accuracy_drop=True,  # a briefly trained model: assert the drop below instead of the budget
     )
     for t, e in rep["targets"].items():
         assert e["status"] == "ok", (t, e.get("error"))
         assert e["top1_agreement"] >= 0.9
+        assert e["accuracy"] >= e["float_accuracy"] - 0.03
     assert rep["model"]["kind"] == "keras3"
 
 
