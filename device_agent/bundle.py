@@ -212,7 +212,9 @@ class Manifest:
         if m["path"] not in paths:
             raise BundleError(f"model.path {m['path']!r} is not listed in manifest.files")
         if m["accelerated_path"] is not None and m["accelerated_path"] not in paths:
-            raise BundleError(f"model.accelerated_path {m['accelerated_path']!r} is not listed in manifest.files")
+            raise BundleError(
+                f"model.accelerated_path {m['accelerated_path']!r} is not listed in manifest.files"
+            )
         if not isinstance(m["runtimes"], list) or not m["runtimes"]:
             raise BundleError("model.runtimes must be a non-empty list")
         model = ModelEntry(
@@ -225,7 +227,9 @@ class Manifest:
             raise BundleError(f"baseline {d['baseline']!r} is not listed in manifest.files")
         for k in ("inputs", "outputs"):
             if not isinstance(d[k], list) or len(d[k]) != 1:
-                raise BundleError(f"manifest.{k} must list exactly one tensor (multi-tensor models are not supported)")
+                raise BundleError(
+                    f"manifest.{k} must list exactly one tensor (multi-tensor models are not supported)"
+                )
         labels = d["labels"]
         if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
             raise BundleError("manifest.labels must be a list of strings")
@@ -308,9 +312,13 @@ def read_manifest_bytes(bundle_dir: Path) -> bytes:
     """Read manifest.json with a size cap, refusing symlinks."""
     p = Path(bundle_dir) / MANIFEST_FILE
     if not Path(bundle_dir).is_dir():
-        raise BundleError(f"bundle {str(bundle_dir)!r} is not a directory; pass the folder that holds manifest.json")
+        raise BundleError(
+            f"bundle {str(bundle_dir)!r} is not a directory; pass the folder that holds manifest.json"
+        )
     if p.is_symlink() or not p.is_file():
-        raise BundleError(f"no manifest.json in {str(bundle_dir)!r}; is this a bundle built by 'edgefleet build'?")
+        raise BundleError(
+            f"no manifest.json in {str(bundle_dir)!r}; is this a bundle built by 'edgefleet build'?"
+        )
     if p.stat().st_size > MANIFEST_MAX_BYTES:
         raise BundleError(f"manifest.json in {str(bundle_dir)!r} is larger than {MANIFEST_MAX_BYTES} bytes")
     return p.read_bytes()
@@ -360,7 +368,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], policy: VerifyPolicy | Non
             )
         verify_signature(raw, sig_path.read_bytes()[:4096], policy.trusted_keys)
     elif not policy.allow_unsigned:
-        raise BundleError("no trusted key is configured and allow_unsigned is false; set [agent] trusted_keys")
+        raise BundleError(
+            "no trusted key is configured and allow_unsigned is false; set [agent] trusted_keys"
+        )
     manifest = parse_manifest(raw)
     if policy.target is not None and manifest.target != policy.target:
         raise BundleError(f"bundle is built for target {manifest.target!r}, this device is {policy.target!r}")
@@ -392,7 +402,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], policy: VerifyPolicy | Non
             raise BundleError(f"bundle file {f.path!r} has {size} bytes, the manifest says {f.size_bytes}")
         digest = sha256_file(p)
         if digest != f.sha256:
-            raise BundleError(f"bundle file {f.path!r} has sha256 {digest[:12]}..., the manifest says {f.sha256[:12]}...")
+            raise BundleError(
+                f"bundle file {f.path!r} has sha256 {digest[:12]}..., the manifest says {f.sha256[:12]}..."
+            )
     return manifest
 
 
@@ -427,7 +439,11 @@ def sign_manifest(manifest_bytes: bytes, private_raw: bytes) -> bytes:
 
     key = Ed25519PrivateKey.from_private_bytes(private_raw)
     pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    doc = {"alg": "ed25519", "key_id": key_id(pub), "signature": base64.b64encode(key.sign(manifest_bytes)).decode()}
+    doc = {
+        "alg": "ed25519",
+        "key_id": key_id(pub),
+        "signature": base64.b64encode(key.sign(manifest_bytes)).decode(),
+    }
     return (json.dumps(doc) + "\n").encode()
 
 
@@ -442,7 +458,9 @@ def verify_signature(manifest_bytes: bytes, sig_doc: bytes, trusted_keys: Sequen
             raise ValueError("alg")
         sig = base64.b64decode(doc["signature"], validate=True)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise BundleError("manifest.sig is malformed; re-sign the bundle with 'edgefleet build --sign-key'") from None
+        raise BundleError(
+            "manifest.sig is malformed; re-sign the bundle with 'edgefleet build --sign-key'"
+        ) from None
     for pub in trusted_keys:
         try:
             Ed25519PublicKey.from_public_bytes(pub).verify(sig, manifest_bytes)

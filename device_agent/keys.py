@@ -42,7 +42,9 @@ def parse_public_key(data: bytes, where: str = "public key") -> bytes:
             " 'edgefleet keys create'"
         ) from None
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{where} is a {type(key).__name__}, not an Ed25519 key; create one with 'edgefleet keys create'")
+        raise KeyFileError(
+            f"{where} is a {type(key).__name__}, not an Ed25519 key; create one with 'edgefleet keys create'"
+        )
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
@@ -51,7 +53,9 @@ def load_public_key_file(path: str | os.PathLike[str]) -> bytes:
     p = Path(path)
     try:
         if p.stat().st_size > PUBLIC_KEY_MAX_BYTES:
-            raise KeyFileError(f"trusted key file {str(p)!r} is larger than {PUBLIC_KEY_MAX_BYTES} bytes; is it a key?")
+            raise KeyFileError(
+                f"trusted key file {str(p)!r} is larger than {PUBLIC_KEY_MAX_BYTES} bytes; is it a key?"
+            )
         data = p.read_bytes()
     except FileNotFoundError:
         raise KeyFileError(
@@ -74,4 +78,10 @@ def load_trusted_keys(paths: Iterable[str | os.PathLike[str]]) -> tuple[bytes, .
     return tuple(out)
 
 
-__all__ = ["KeyFileError", "parse_public_key", "load_public_key_file", "load_trusted_keys", "PUBLIC_KEY_MAX_BYTES"]
+__all__ = [
+    "KeyFileError",
+    "parse_public_key",
+    "load_public_key_file",
+    "load_trusted_keys",
+    "PUBLIC_KEY_MAX_BYTES",
+]

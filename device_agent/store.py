@@ -245,13 +245,26 @@ class BundleStore:
         if not self.incoming_dir.is_dir():
             return []
         found = [
-            p for p in self.incoming_dir.iterdir()
-            if p.is_dir() and not p.is_symlink() and not p.name.endswith(PARTIAL_SUFFIX) and not p.name.startswith(".")
+            p
+            for p in self.incoming_dir.iterdir()
+            if p.is_dir()
+            and not p.is_symlink()
+            and not p.name.endswith(PARTIAL_SUFFIX)
+            and not p.name.startswith(".")
         ]
         return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
 __all__ = [
-    "STORE_SCHEMA", "SLOTS", "StoreError", "ActiveRef", "BundleStore", "atomic_write_bytes", "atomic_write_json",
-    "read_json", "fsync_dir", "remove_tree", "copy_file_synced",
+    "STORE_SCHEMA",
+    "SLOTS",
+    "StoreError",
+    "ActiveRef",
+    "BundleStore",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "read_json",
+    "fsync_dir",
+    "remove_tree",
+    "copy_file_synced",
 ]

@@ -141,8 +141,12 @@ class MqttSource:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": "mqtt", "topic": self.topic, "chunks": self.chunks, "chunk_bytes": self.chunk_bytes,
-            "manifest_bytes": self.manifest_bytes, "signature_bytes": self.signature_bytes,
+            "kind": "mqtt",
+            "topic": self.topic,
+            "chunks": self.chunks,
+            "chunk_bytes": self.chunk_bytes,
+            "manifest_bytes": self.manifest_bytes,
+            "signature_bytes": self.signature_bytes,
         }
 
 
@@ -176,7 +180,12 @@ class DeployCommand:
             "schema": COMMAND_SCHEMA,
             "type": "deploy",
             "deployment_id": self.deployment_id,
-            "bundle": {"name": self.name, "version": self.version, "sha256": self.sha256, "size_bytes": self.size_bytes},
+            "bundle": {
+                "name": self.name,
+                "version": self.version,
+                "sha256": self.sha256,
+                "size_bytes": self.size_bytes,
+            },
             "source": self.source.to_dict(),
             "devices": list(self.devices) if self.devices is not None else None,
         }
@@ -232,8 +241,10 @@ def decode_command(raw: bytes) -> DeployCommand:
     size = _int(b["size_bytes"], "bundle.size_bytes", 1)
     s = d["source"]
     if not isinstance(s, Mapping) or s.get("kind") not in ("http", "mqtt"):
-        raise CommandError(f"source.kind {str(s.get('kind') if isinstance(s, Mapping) else s)[:20]!r} is unknown."
-                           " Known: http, mqtt")
+        raise CommandError(
+            f"source.kind {str(s.get('kind') if isinstance(s, Mapping) else s)[:20]!r} is unknown."
+            " Known: http, mqtt"
+        )
     source: Source
     if s["kind"] == "http":
         _need(s, {"kind", "url"}, set(), "source")
@@ -245,19 +256,30 @@ def decode_command(raw: bytes) -> DeployCommand:
             raise CommandError(f"source.url {url[:100]!r} must be an http:// or https:// URL")
         source = HttpSource(url if url.endswith("/") else url + "/")
     else:
-        _need(s, {"kind", "topic", "chunks", "chunk_bytes", "manifest_bytes", "signature_bytes"}, set(), "source")
+        _need(
+            s,
+            {"kind", "topic", "chunks", "chunk_bytes", "manifest_bytes", "signature_bytes"},
+            set(),
+            "source",
+        )
         topic = s["topic"]
         if not isinstance(topic, str) or not 0 < len(topic) <= 200 or any(c in topic for c in "#+\x00"):
-            raise CommandError("source.topic must be a plain MQTT topic (no wildcards) of at most 200 characters")
+            raise CommandError(
+                "source.topic must be a plain MQTT topic (no wildcards) of at most 200 characters"
+            )
         chunk_bytes = _int(s["chunk_bytes"], "source.chunk_bytes", 1, MQTT_CHUNK_MAX_BYTES)
         manifest_bytes = _int(s["manifest_bytes"], "source.manifest_bytes", 1, MANIFEST_MAX_BYTES)
         signature_bytes = _int(s["signature_bytes"], "source.signature_bytes", 0, SIGNATURE_MAX_BYTES)
         chunks = _int(s["chunks"], "source.chunks", 1, MQTT_BUNDLE_MAX_BYTES)
         total = manifest_bytes + signature_bytes + size
         if total > MQTT_BUNDLE_MAX_BYTES:
-            raise CommandError(f"bundle of {total} bytes is too large for chunks over MQTT; serve it over HTTP(S)")
+            raise CommandError(
+                f"bundle of {total} bytes is too large for chunks over MQTT; serve it over HTTP(S)"
+            )
         if chunks != -(-total // chunk_bytes):
-            raise CommandError(f"source.chunks {chunks} does not cover {total} bytes in chunks of {chunk_bytes}")
+            raise CommandError(
+                f"source.chunks {chunks} does not cover {total} bytes in chunks of {chunk_bytes}"
+            )
         source = MqttSource(topic, chunks, chunk_bytes, manifest_bytes, signature_bytes)
     devices = d.get("devices")
     devs: tuple[str, ...] | None = None
@@ -293,18 +315,26 @@ def bundle_stream(bundle_dir: Path) -> tuple[list[Path], int, int]:
 # Manifest pre-check: reject before downloading model bytes
 
 
-def check_manifest(raw: bytes, sig: bytes | None, policy: VerifyPolicy, cmd: DeployCommand | None) -> Manifest:
+def check_manifest(
+    raw: bytes, sig: bytes | None, policy: VerifyPolicy, cmd: DeployCommand | None
+) -> Manifest:
     """Check a fetched manifest against the command and the device policy before fetching any file."""
     if cmd is not None:
         got = hashlib.sha256(raw).hexdigest()
         if got != cmd.sha256:
-            raise UpdateError(f"manifest.json has sha256 {got[:12]}..., the command names {cmd.sha256[:12]}...")
+            raise UpdateError(
+                f"manifest.json has sha256 {got[:12]}..., the command names {cmd.sha256[:12]}..."
+            )
     if policy.trusted_keys:
         if sig is None:
-            raise UpdateError("bundle is unsigned but this device trusts signing keys; sign it with --sign-key")
+            raise UpdateError(
+                "bundle is unsigned but this device trusts signing keys; sign it with --sign-key"
+            )
         verify_signature(raw, sig, policy.trusted_keys)
     elif not policy.allow_unsigned:
-        raise UpdateError("no trusted key is configured and allow_unsigned is false; set [agent] trusted_keys")
+        raise UpdateError(
+            "no trusted key is configured and allow_unsigned is false; set [agent] trusted_keys"
+        )
     m = parse_manifest(raw)
     if policy.target is not None and m.target != policy.target:
         raise UpdateError(f"bundle is built for target {m.target!r}, this device is {policy.target!r}")
@@ -421,10 +451,15 @@ def http_fetch(
                     fh.flush()
             except OSError as e:
                 if _disk_full(e):
-                    raise UpdateError(f"disk full in staging while downloading {url[:200]} ({e.strerror})") from None
+                    raise UpdateError(
+                        f"disk full in staging while downloading {url[:200]} ({e.strerror})"
+                    ) from None
                 if isinstance(e, (socket.timeout, TimeoutError)) or isinstance(e, ConnectionError):
-                    last_error = f"stalled for more than {stall:g} s" if isinstance(e, (socket.timeout, TimeoutError)) \
+                    last_error = (
+                        f"stalled for more than {stall:g} s"
+                        if isinstance(e, (socket.timeout, TimeoutError))
                         else str(e)[:120]
+                    )
                     continue
                 raise UpdateError(f"cannot write {str(dest)!r} ({e.strerror})") from None
             except http.client.HTTPException as e:
@@ -456,7 +491,9 @@ class MqttSettings:
     client_id: str | None = None
 
 
-def mqtt_fetch(settings: MqttSettings, src: MqttSource, size_bytes: int, dest: Path, stall_s: float | None = None) -> Path:
+def mqtt_fetch(
+    settings: MqttSettings, src: MqttSource, size_bytes: int, dest: Path, stall_s: float | None = None
+) -> Path:
     """Collect a bundle's retained chunks into ``dest/stream.bin`` and return that file.
 
     Each chunk must have its declared size (all but the last exactly ``chunk_bytes``); the stream ends
@@ -482,7 +519,7 @@ def mqtt_fetch(settings: MqttSettings, src: MqttSource, size_bytes: int, dest: P
         try:
             if not msg.topic.startswith(prefix):
                 return
-            idx_s = msg.topic[len(prefix):]
+            idx_s = msg.topic[len(prefix) :]
             if not idx_s.isdigit() or int(idx_s) > last:
                 raise UpdateError(f"chunk topic {msg.topic[:120]!r} is outside 0..{last}")
             idx = int(idx_s)
@@ -500,7 +537,9 @@ def mqtt_fetch(settings: MqttSettings, src: MqttSource, size_bytes: int, dest: P
         except OSError as e:
             with lock:
                 problems.append(
-                    f"disk full in staging ({e.strerror})" if _disk_full(e) else f"cannot write chunk ({e.strerror})"
+                    f"disk full in staging ({e.strerror})"
+                    if _disk_full(e)
+                    else f"cannot write chunk ({e.strerror})"
                 )
                 progress.notify_all()
         except UpdateError as e:
@@ -550,7 +589,9 @@ def mqtt_fetch(settings: MqttSettings, src: MqttSource, size_bytes: int, dest: P
     return stream
 
 
-def unpack_stream(stream: Path, src: MqttSource, out: Path, policy: VerifyPolicy, cmd: DeployCommand) -> Manifest:
+def unpack_stream(
+    stream: Path, src: MqttSource, out: Path, policy: VerifyPolicy, cmd: DeployCommand
+) -> Manifest:
     """Split a chunk stream into a bundle folder (manifest checked before any file is written)."""
     with open(stream, "rb") as fh:
         raw = fh.read(src.manifest_bytes)
@@ -607,7 +648,9 @@ def smoke_predictor(pred: Any) -> None:
     if not np.isfinite(scores).all():
         raise UpdateError("smoke inference returned NaN or infinite scores")
     if scores.shape[1] != len(pred.labels):
-        raise UpdateError(f"smoke inference returned {scores.shape[1]} scores but the bundle has {len(pred.labels)} labels")
+        raise UpdateError(
+            f"smoke inference returned {scores.shape[1]} scores but the bundle has {len(pred.labels)} labels"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -756,16 +799,24 @@ class Updater:
             target = d.get("target_slot")
             if target and (ref is None or ref.slot != target):
                 remove_tree(self.store.slot_path(target))
-            self._persist(state="failed", failed_in=state, reported=False,
-                          reason=f"agent restarted during '{state}' before the new model passed its health window;"
-                                 " rolled back to the previous model")
+            self._persist(
+                state="failed",
+                failed_in=state,
+                reported=False,
+                reason=f"agent restarted during '{state}' before the new model passed its health window;"
+                " rolled back to the previous model",
+            )
         elif state in ("downloading", "verifying", "writing"):
             target = d.get("target_slot")
             active = self.store.active()
             if target and (active is None or active.slot != target):
                 remove_tree(self.store.slot_path(target))
-            self._persist(state="failed", failed_in=state, reported=False,
-                          reason=f"agent restarted during '{state}'; the previous model kept serving")
+            self._persist(
+                state="failed",
+                failed_in=state,
+                reported=False,
+                reason=f"agent restarted during '{state}'; the previous model kept serving",
+            )
         self.store.clear_staging()
         if report:
             self._report_pending()
@@ -900,7 +951,10 @@ class Updater:
             self._doc = self._doc or self._load()
         if isinstance(item, DeployCommand):
             last = self._doc
-            if last.get("deployment_id") == item.deployment_id and last.get("state") in ("committed", "failed"):
+            if last.get("deployment_id") == item.deployment_id and last.get("state") in (
+                "committed",
+                "failed",
+            ):
                 self._report(last["state"] == "committed")  # a retry: answer again, do not redo
                 return last["state"] == "committed"
             dep_id = item.deployment_id
@@ -908,7 +962,9 @@ class Updater:
             cmd: DeployCommand | None = item
             new = {"name": item.name, "version": item.version, "sha256": item.sha256}
         else:
-            dep_id = "local-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{Path(item.path).name[:24]}"
+            dep_id = (
+                "local-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{Path(item.path).name[:24]}"
+            )
             src, cmd = item, None
             try:
                 m0 = load_manifest(item.path)
@@ -934,7 +990,12 @@ class Updater:
             reported=False,
             started_at=time.time(),
         )
-        if cmd is not None and served is not None and served_ref is not None and served_ref.sha256 == cmd.sha256:
+        if (
+            cmd is not None
+            and served is not None
+            and served_ref is not None
+            and served_ref.sha256 == cmd.sha256
+        ):
             self._persist(state="committed", reason="already active")
             self._report_pending()
             return True
@@ -946,7 +1007,11 @@ class Updater:
             manifest = verify_bundle(bundle_dir, policy)
             if cmd is not None and manifest_sha256(bundle_dir) != cmd.sha256:
                 raise UpdateError("the verified manifest is not the one the command names")
-            self._doc["new"] = {"name": manifest.name, "version": manifest.version, "sha256": manifest_sha256(bundle_dir)}
+            self._doc["new"] = {
+                "name": manifest.name,
+                "version": manifest.version,
+                "sha256": manifest_sha256(bundle_dir),
+            }
             slot = self.store.inactive_slot()
             self._persist(state="writing", target_slot=slot)
             slot_dir = self.store.write_slot(slot, bundle_dir, manifest)
@@ -988,23 +1053,37 @@ class Updater:
             path = Path(src.path)
             raw = (path / MANIFEST_FILE).read_bytes()[: MANIFEST_MAX_BYTES + 1]
             sig_p = path / SIGNATURE_FILE
-            check_manifest(raw, sig_p.read_bytes()[:SIGNATURE_MAX_BYTES] if sig_p.is_file() else None, policy, None)
+            check_manifest(
+                raw, sig_p.read_bytes()[:SIGNATURE_MAX_BYTES] if sig_p.is_file() else None, policy, None
+            )
             return path
         assert cmd is not None
         self._check_space(cmd.size_bytes)
         if isinstance(src, HttpSource):
             man = staging / MANIFEST_FILE
-            http_fetch(src.url + MANIFEST_FILE, man, None, MANIFEST_MAX_BYTES, ssl_context=self.config.ssl_context)
+            http_fetch(
+                src.url + MANIFEST_FILE, man, None, MANIFEST_MAX_BYTES, ssl_context=self.config.ssl_context
+            )
             sig_p = staging / SIGNATURE_FILE
-            has_sig = http_fetch(src.url + SIGNATURE_FILE, sig_p, None, SIGNATURE_MAX_BYTES,
-                                 ssl_context=self.config.ssl_context, missing_ok=True)
+            has_sig = http_fetch(
+                src.url + SIGNATURE_FILE,
+                sig_p,
+                None,
+                SIGNATURE_MAX_BYTES,
+                ssl_context=self.config.ssl_context,
+                missing_ok=True,
+            )
             m = check_manifest(man.read_bytes(), sig_p.read_bytes() if has_sig else None, policy, cmd)
             for f in m.files:
                 url = src.url + urllib.parse.quote(f.path)
-                http_fetch(url, staging / f.path, f.size_bytes, f.size_bytes, ssl_context=self.config.ssl_context)
+                http_fetch(
+                    url, staging / f.path, f.size_bytes, f.size_bytes, ssl_context=self.config.ssl_context
+                )
             return staging
         if self.config.mqtt is None:
-            raise UpdateError("this agent has no broker settings to fetch chunks over MQTT; use an HTTP(S) source")
+            raise UpdateError(
+                "this agent has no broker settings to fetch chunks over MQTT; use an HTTP(S) source"
+            )
         stream = mqtt_fetch(self.config.mqtt, src, cmd.size_bytes, staging / ".chunks")
         out = staging / "bundle"
         out.mkdir(exist_ok=True)
@@ -1077,7 +1156,9 @@ def parse_update_section(sec: Any) -> dict[str, Any]:
         raise ConfigError("[update] must be a table")
     extra = set(sec) - set(UPDATE_CONFIG_KEYS)
     if extra:
-        raise ConfigError(f"unknown key(s) {', '.join(sorted(extra))} in [update]. Known: {', '.join(UPDATE_CONFIG_KEYS)}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(sorted(extra))} in [update]. Known: {', '.join(UPDATE_CONFIG_KEYS)}"
+        )
     out: dict[str, Any] = {}
     for key, types in UPDATE_CONFIG_KEYS.items():
         if key not in sec:
@@ -1087,8 +1168,10 @@ def parse_update_section(sec: Any) -> dict[str, Any]:
             raise ConfigError(f"[update] {key} must be a number, got {str(raw)[:40]!r}")
         if key == "ca_file":
             if not Path(str(raw)).is_file():
-                raise ConfigError(f"[update] ca_file {raw!r} does not exist; give the CA certificate (PEM) of your"
-                                  " bundle server")
+                raise ConfigError(
+                    f"[update] ca_file {raw!r} does not exist; give the CA certificate (PEM) of your"
+                    " bundle server"
+                )
             out[key] = str(raw)
             continue
         v = float(raw)  # type: ignore[arg-type]  # an int or float, checked just above
@@ -1111,15 +1194,26 @@ def updater_for_agent(config: Any, trusted_keys: tuple[bytes, ...]) -> Updater:
     if config.mqtt is not None:
         m = config.mqtt
         mq = MqttSettings(
-            host=m.host, port=m.port, username=m.username, password=m.password(), tls=m.tls,
-            ca_file=str(m.ca_file) if m.ca_file else None, cert_file=str(m.cert_file) if m.cert_file else None,
+            host=m.host,
+            port=m.port,
+            username=m.username,
+            password=m.password(),
+            tls=m.tls,
+            ca_file=str(m.ca_file) if m.ca_file else None,
+            cert_file=str(m.cert_file) if m.cert_file else None,
             key_file=str(m.key_file) if m.key_file else None,
-            client_id=f"{m.client_id or 'edgefleet-' + config.device_id}-ota"[:128],  # never the daemon's own id
+            client_id=f"{m.client_id or 'edgefleet-' + config.device_id}-ota"[
+                :128
+            ],  # never the daemon's own id
         )
     ucfg = UpdaterConfig(
         state_dir=Path(config.state_dir),
-        policy=VerifyPolicy(trusted_keys=tuple(trusted_keys), allow_unsigned=bool(config.allow_unsigned),
-                            target=config.target, max_bytes=upd.get("max_bundle_bytes")),
+        policy=VerifyPolicy(
+            trusted_keys=tuple(trusted_keys),
+            allow_unsigned=bool(config.allow_unsigned),
+            target=config.target,
+            max_bytes=upd.get("max_bundle_bytes"),
+        ),
         fallback_bundle=Path(config.bundle),
         health_window_s=upd.get("health_window_s"),
         staging_quota_bytes=upd.get("staging_quota_bytes"),
@@ -1175,8 +1269,26 @@ def attach_to_daemon(up: Updater, daemon: Any) -> None:
 
 
 __all__ = [
-    "parse_update_section", "updater_for_agent", "attach_to_daemon", "smoke_predictor",
-    "COMMAND_SCHEMA", "STATES", "UpdateError", "CommandError", "DeployCommand", "HttpSource", "MqttSource",
-    "LocalSource", "MqttSettings", "UpdaterConfig", "Updater", "decode_command", "bundle_topic", "bundle_stream",
-    "check_manifest", "http_fetch", "mqtt_fetch", "smoke_inference",
+    "parse_update_section",
+    "updater_for_agent",
+    "attach_to_daemon",
+    "smoke_predictor",
+    "COMMAND_SCHEMA",
+    "STATES",
+    "UpdateError",
+    "CommandError",
+    "DeployCommand",
+    "HttpSource",
+    "MqttSource",
+    "LocalSource",
+    "MqttSettings",
+    "UpdaterConfig",
+    "Updater",
+    "decode_command",
+    "bundle_topic",
+    "bundle_stream",
+    "check_manifest",
+    "http_fetch",
+    "mqtt_fetch",
+    "smoke_inference",
 ]

@@ -60,7 +60,9 @@ def wait_port(port: int, timeout_s: float = SERVICE_START_TIMEOUT_S) -> None:
 
 
 def mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or (("/usr/sbin/mosquitto") if os.path.exists("/usr/sbin/mosquitto") else None)
+    return shutil.which("mosquitto") or (
+        ("/usr/sbin/mosquitto") if os.path.exists("/usr/sbin/mosquitto") else None
+    )
 
 
 class Mosquitto:
@@ -86,7 +88,9 @@ class Mosquitto:
 
     def start(self) -> None:
         assert self.binary
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -142,7 +146,9 @@ class Postgres:
     def start(self) -> None:
         initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
         assert initdb and pg_ctl
-        self._run([initdb, "-D", str(self.data), "-U", "edgefleet", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        self._run(
+            [initdb, "-D", str(self.data), "-U", "edgefleet", "--auth=trust", "-E", "UTF8", "--no-sync"]
+        )
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run([pg_ctl, "-D", str(self.data), "-o", opts, "-l", str(self.dir / "pg.log"), "-w", "start"])
         wait_port(self.port)
@@ -205,13 +211,25 @@ def render_page(chromium_path: str, html: Path, png: Path, width: int = 1280, he
     """Render a local HTML file headless; return the DOM Chromium built (after scripts ran)."""
     profile = tempfile.mkdtemp(prefix="edgefleet-chromium-")
     flags = [
-        chromium_path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", f"--window-size={width},{height}",
+        chromium_path,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
     ]
     try:
-        subprocess.run([*flags, f"--screenshot={png}", html.as_uri()], check=True, capture_output=True, timeout=120)
-        dom = subprocess.run([*flags, "--dump-dom", html.as_uri()], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [*flags, f"--screenshot={png}", html.as_uri()], check=True, capture_output=True, timeout=120
+        )
+        dom = subprocess.run(
+            [*flags, "--dump-dom", html.as_uri()], check=True, capture_output=True, timeout=120
+        )
         return dom.stdout.decode("utf-8", "replace")
     finally:
         shutil.rmtree(profile, ignore_errors=True)

@@ -97,12 +97,16 @@ def parse_destination(dest: str) -> Dest:
             port = parts.port
         except ValueError:
             raise FlashError(f"--to {dest!r} has an invalid port") from None
-        return SshDest(unquote(parts.username) if parts.username else None, parts.hostname, port, unquote(parts.path))
+        return SshDest(
+            unquote(parts.username) if parts.username else None, parts.hostname, port, unquote(parts.path)
+        )
     if dest.startswith(("mqtt://", "mqtts://")):
         parts = urlsplit(dest)
         segs = [s for s in parts.path.split("/") if s]
         if not parts.hostname or len(segs) not in (1, 2):
-            raise FlashError(f"--to {dest!r}: use mqtt://broker[:port]/<fleet>/<device_id> (or /<fleet> for all)")
+            raise FlashError(
+                f"--to {dest!r}: use mqtt://broker[:port]/<fleet>/<device_id> (or /<fleet> for all)"
+            )
         try:
             fleet = check_id(segs[0], "fleet")
             device = check_id(segs[1], "device_id") if len(segs) == 2 else None
@@ -111,10 +115,19 @@ def parse_destination(dest: str) -> Dest:
             raise FlashError(f"--to {dest!r}: {e}") from None
         except ValueError:
             raise FlashError(f"--to {dest!r} has an invalid port") from None
-        return MqttDest(parts.hostname, port, parts.scheme == "mqtts", parts.username and unquote(parts.username),
-                        parts.password and unquote(parts.password), fleet, device)
+        return MqttDest(
+            parts.hostname,
+            port,
+            parts.scheme == "mqtts",
+            parts.username and unquote(parts.username),
+            parts.password and unquote(parts.password),
+            fleet,
+            device,
+        )
     if "://" in dest:
-        raise FlashError(f"--to {dest!r}: unknown scheme. Use a path, ssh://user@host/path or mqtt://broker/fleet/device")
+        raise FlashError(
+            f"--to {dest!r}: unknown scheme. Use a path, ssh://user@host/path or mqtt://broker/fleet/device"
+        )
     return LocalDest(Path(dest))
 
 
@@ -173,7 +186,9 @@ def flash_local(bundle: Path, m: Manifest, state_dir: Path) -> Path:
         os.rename(partial, final)
         fsync_dir(incoming)
     except OSError as e:
-        raise FlashError(f"cannot write into {str(incoming)!r} ({e.strerror}); check permissions and free space") from None
+        raise FlashError(
+            f"cannot write into {str(incoming)!r} ({e.strerror}); check permissions and free space"
+        ) from None
     return final
 
 
@@ -184,7 +199,11 @@ def wait_local(state_dir: Path, sha256: str, drop: Path, timeout_s: float) -> di
     while time.monotonic() < deadline:
         if not drop.exists():
             doc = _read_json(update)
-            if doc and doc.get("state") in ("committed", "failed") and (doc.get("new") or {}).get("sha256") == sha256:
+            if (
+                doc
+                and doc.get("state") in ("committed", "failed")
+                and (doc.get("new") or {}).get("sha256") == sha256
+            ):
                 return doc
         time.sleep(WAIT_POLL_S)
     raise FlashError(
@@ -236,8 +255,14 @@ def flash_ssh(bundle: Path, m: Manifest, dest: SshDest, ssh_options: Sequence[st
     partial, final = f"{incoming}/{name}{PARTIAL_SUFFIX}", f"{incoming}/{name}"
     ssh = _ssh_base(dest, ssh_options)
     q = shlex.quote
-    _run(ssh + [f"test -d {q(dest.path)} || {{ echo 'no such directory: {dest.path}' >&2; exit 3; }};"
-                f" mkdir -p {q(incoming)} && rm -rf {q(partial)} {q(final)}"], f"ssh {dest.login}")
+    _run(
+        ssh
+        + [
+            f"test -d {q(dest.path)} || {{ echo 'no such directory: {dest.path}' >&2; exit 3; }};"
+            f" mkdir -p {q(incoming)} && rm -rf {q(partial)} {q(final)}"
+        ],
+        f"ssh {dest.login}",
+    )
     with tempfile.TemporaryDirectory(prefix="edgefleet-flash-") as tmp:
         clean = Path(tmp) / name
         copy_clean(bundle, m, clean)
@@ -261,24 +286,37 @@ def _remote_has(ssh: list[str], prog: str) -> bool:
     return r.returncode == 0
 
 
-def wait_ssh(dest: SshDest, sha256: str, remote_drop: str, timeout_s: float, ssh_options: Sequence[str] = ()) -> dict:
+def wait_ssh(
+    dest: SshDest, sha256: str, remote_drop: str, timeout_s: float, ssh_options: Sequence[str] = ()
+) -> dict:
     """Wait until the remote agent consumed the drop; return its update state."""
     ssh = _ssh_base(dest, ssh_options)
     update = dest.path.rstrip("/") + "/bundles/update.json"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        out = _run(ssh + [f"test -e {shlex.quote(remote_drop)} && echo PENDING || cat {shlex.quote(update)} 2>/dev/null"
-                          " || true"], f"ssh {dest.login}")
+        out = _run(
+            ssh
+            + [
+                f"test -e {shlex.quote(remote_drop)} && echo PENDING || cat {shlex.quote(update)} 2>/dev/null"
+                " || true"
+            ],
+            f"ssh {dest.login}",
+        )
         if not out.startswith("PENDING"):
             try:
                 doc = json.loads(out)
             except ValueError:
                 doc = None
-            if isinstance(doc, dict) and doc.get("state") in ("committed", "failed") \
-                    and (doc.get("new") or {}).get("sha256") == sha256:
+            if (
+                isinstance(doc, dict)
+                and doc.get("state") in ("committed", "failed")
+                and (doc.get("new") or {}).get("sha256") == sha256
+            ):
                 return doc
         time.sleep(max(WAIT_POLL_S, 1.0))
-    raise FlashError(f"the agent on {dest.host} did not install the bundle within {timeout_s:g} s; is it running?")
+    raise FlashError(
+        f"the agent on {dest.host} did not install the bundle within {timeout_s:g} s; is it running?"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +327,9 @@ def mqtt_connect(dest: MqttDest, client_id: str | None = None) -> Any:
     """Connect a paho client to the broker (loop started); raise FlashError when unreachable."""
     import paho.mqtt.client as mqtt
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"edgefleet-host-{uuid.uuid4().hex[:8]}")
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"edgefleet-host-{uuid.uuid4().hex[:8]}"
+    )
     if dest.username:
         client.username_pw_set(dest.username, dest.password)
     if dest.tls or dest.ca_file:
@@ -299,11 +339,15 @@ def mqtt_connect(dest: MqttDest, client_id: str | None = None) -> Any:
     try:
         client.connect(dest.host, dest.port, keepalive=30)
     except OSError as e:
-        raise FlashError(f"cannot reach MQTT broker {dest.host}:{dest.port} ({e}); check the mqtt:// URL") from None
+        raise FlashError(
+            f"cannot reach MQTT broker {dest.host}:{dest.port} ({e}); check the mqtt:// URL"
+        ) from None
     client.loop_start()
     if not connected.wait(MQTT_CONNECT_TIMEOUT_S):
         client.loop_stop()
-        raise FlashError(f"MQTT broker {dest.host}:{dest.port} did not accept the connection; check credentials")
+        raise FlashError(
+            f"MQTT broker {dest.host}:{dest.port} did not accept the connection; check credentials"
+        )
     return client
 
 
@@ -340,12 +384,24 @@ def clear_chunks(client: Any, src: MqttSource) -> None:
         info.wait_for_publish(30)
 
 
-def make_command(bundle: Path, m: Manifest, source: HttpSource | MqttSource, devices: Sequence[str] | None = None,
-                 deployment_id: str | None = None) -> DeployCommand:
+def make_command(
+    bundle: Path,
+    m: Manifest,
+    source: HttpSource | MqttSource,
+    devices: Sequence[str] | None = None,
+    deployment_id: str | None = None,
+) -> DeployCommand:
     """Build the deploy command for a bundle."""
     dep = deployment_id or f"d-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-    return DeployCommand(dep, m.name, m.version, manifest_sha256(bundle), sum(f.size_bytes for f in m.files),
-                         source, tuple(devices) if devices is not None else None)
+    return DeployCommand(
+        dep,
+        m.name,
+        m.version,
+        manifest_sha256(bundle),
+        sum(f.size_bytes for f in m.files),
+        source,
+        tuple(devices) if devices is not None else None,
+    )
 
 
 class EventWatch:
@@ -368,14 +424,21 @@ class EventWatch:
             ev = decode_event(bytes(msg.payload))
         except TelemetryError:
             return
-        if ev.event not in ("deployed", "deploy_failed") or ev.detail.get("deployment_id") != self.deployment_id:
+        if (
+            ev.event not in ("deployed", "deploy_failed")
+            or ev.detail.get("deployment_id") != self.deployment_id
+        ):
             return
         with self.cond:
             self.results[ev.device_id] = (ev.event, dict(ev.detail, message=ev.message))
             self.cond.notify_all()
 
-    def wait(self, devices: Sequence[str], timeout_s: float,
-             stop: Callable[[dict[str, tuple[str, dict[str, Any]]]], bool] | None = None) -> dict:
+    def wait(
+        self,
+        devices: Sequence[str],
+        timeout_s: float,
+        stop: Callable[[dict[str, tuple[str, dict[str, Any]]]], bool] | None = None,
+    ) -> dict:
         """Wait until every device answered, ``stop(results)`` is true, or the timeout."""
         deadline = time.monotonic() + timeout_s
         with self.cond:
@@ -390,7 +453,11 @@ class EventWatch:
 
 
 def flash_mqtt(
-    bundle: Path, m: Manifest, dest: MqttDest, url: str | None = None, wait_s: float | None = None,
+    bundle: Path,
+    m: Manifest,
+    dest: MqttDest,
+    url: str | None = None,
+    wait_s: float | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[str, Any]:
     """Publish a deploy command (with retained chunks unless ``url``); wait for the result when asked."""

@@ -35,7 +35,9 @@ def bundle_map(root: str | os.PathLike[str]) -> dict[str, Path]:
         return {"": r}
     found = {p.name: p for p in sorted(r.iterdir()) if p.is_dir() and (p / MANIFEST_FILE).is_file()}
     if not found:
-        raise ServeError(f"no bundle (folder with manifest.json) in {str(r)!r}; build one with 'edgefleet build'")
+        raise ServeError(
+            f"no bundle (folder with manifest.json) in {str(r)!r}; build one with 'edgefleet build'"
+        )
     return found
 
 
@@ -61,7 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
             if prefix:
                 if not path.startswith(prefix + "/"):
                     continue
-                rel = path[len(prefix) + 1:]
+                rel = path[len(prefix) + 1 :]
             else:
                 rel = path
             if rel in _allowed_files(bundle):
@@ -88,7 +90,9 @@ class _Handler(BaseHTTPRequestHandler):
         if rng:
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if not m:
-                self.send_error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "only 'bytes=N-[M]' ranges are served")
+                self.send_error(
+                    HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "only 'bytes=N-[M]' ranges are served"
+                )
                 return
             start = int(m.group(1))
             if m.group(2):
@@ -129,13 +133,17 @@ class BundleHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, root: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
+    def __init__(
+        self, root: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 0, verbose: bool = False
+    ):
         self.bundles = bundle_map(root)
         self.verbose = verbose
         try:
             super().__init__((host, port), _Handler)
         except OSError as e:
-            raise ServeError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+            raise ServeError(
+                f"cannot listen on {host}:{port} ({e.strerror}); choose another --port"
+            ) from None
 
     @property
     def port(self) -> int:

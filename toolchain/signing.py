@@ -25,7 +25,9 @@ class SigningError(ToolchainError):
     """A key cannot be created or read, or a bundle cannot be signed."""
 
 
-def create_keys(out_dir: str | os.PathLike[str], name: str = DEFAULT_KEY_NAME, force: bool = False) -> tuple[Path, Path]:
+def create_keys(
+    out_dir: str | os.PathLike[str], name: str = DEFAULT_KEY_NAME, force: bool = False
+) -> tuple[Path, Path]:
     """Create an Ed25519 key pair ``NAME.key`` (0600) and ``NAME.pub`` in ``out_dir``; return both paths."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import (
@@ -42,7 +44,9 @@ def create_keys(out_dir: str | os.PathLike[str], name: str = DEFAULT_KEY_NAME, f
     if not force:
         for p in (priv_path, pub_path):
             if p.exists():
-                raise SigningError(f"{str(p)!r} already exists; choose another --out or --name, or pass --force")
+                raise SigningError(
+                    f"{str(p)!r} already exists; choose another --out or --name, or pass --force"
+                )
     try:
         out.mkdir(parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
@@ -55,7 +59,9 @@ def create_keys(out_dir: str | os.PathLike[str], name: str = DEFAULT_KEY_NAME, f
         os.chmod(priv_path, 0o600)
         pub_path.write_bytes(pub_pem)
     except OSError as e:
-        raise SigningError(f"cannot write keys to {str(out)!r} ({e.strerror}); choose a writable --out") from None
+        raise SigningError(
+            f"cannot write keys to {str(out)!r} ({e.strerror}); choose a writable --out"
+        ) from None
     return priv_path, pub_path
 
 
@@ -72,10 +78,14 @@ def load_private_key(path: str | os.PathLike[str]) -> bytes:
     p = Path(path)
     try:
         if p.stat().st_size > PRIVATE_KEY_MAX_BYTES:
-            raise SigningError(f"signing key {str(p)!r} is larger than {PRIVATE_KEY_MAX_BYTES} bytes; is it a key?")
+            raise SigningError(
+                f"signing key {str(p)!r} is larger than {PRIVATE_KEY_MAX_BYTES} bytes; is it a key?"
+            )
         data = p.read_bytes()
     except FileNotFoundError:
-        raise SigningError(f"signing key {str(p)!r} does not exist; create one with 'edgefleet keys create --out DIR'") from None
+        raise SigningError(
+            f"signing key {str(p)!r} does not exist; create one with 'edgefleet keys create --out DIR'"
+        ) from None
     except OSError as e:
         raise SigningError(f"cannot read signing key {str(p)!r} ({e.strerror})") from None
     if b"PRIVATE KEY" not in data:
@@ -85,11 +95,15 @@ def load_private_key(path: str | os.PathLike[str]) -> bytes:
     try:
         key = load_pem_private_key(data, password=None)
     except TypeError:
-        raise SigningError(f"signing key {str(p)!r} is encrypted; edgefleet reads unencrypted PKCS8 keys") from None
+        raise SigningError(
+            f"signing key {str(p)!r} is encrypted; edgefleet reads unencrypted PKCS8 keys"
+        ) from None
     except ValueError:
         raise SigningError(f"signing key {str(p)!r} is not a valid PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise SigningError(f"signing key {str(p)!r} is a {type(key).__name__}, not Ed25519; use 'edgefleet keys create'")
+        raise SigningError(
+            f"signing key {str(p)!r} is a {type(key).__name__}, not Ed25519; use 'edgefleet keys create'"
+        )
     return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
@@ -106,7 +120,11 @@ def public_from_private(private_raw: bytes) -> bytes:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    return Ed25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return (
+        Ed25519PrivateKey.from_private_bytes(private_raw)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
 
 
 def sign_bundle(bundle_dir: Path, key_path: Path) -> None:

@@ -132,15 +132,27 @@ def _enum(cls: Any, value: Any, where: str) -> Any:
     try:
         return cls(value)
     except ValueError:
-        raise TargetError(f"{where}: {value!r} is unknown. Known: {', '.join(m.value for m in cls)}") from None
+        raise TargetError(
+            f"{where}: {value!r} is unknown. Known: {', '.join(m.value for m in cls)}"
+        ) from None
 
 
 def parse_target(doc: Mapping[str, Any], path: Path | None = None) -> Target:
     """Validate one profile document strictly (unknown keys are errors)."""
     where = str(path) if path else "target"
-    _keys(doc, {"name", "format", "runtimes", "quantization", "limits"}, {"description", "threads", "edgetpu"}, where)
+    _keys(
+        doc,
+        {"name", "format", "runtimes", "quantization", "limits"},
+        {"description", "threads", "edgetpu"},
+        where,
+    )
     name = doc["name"]
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_" for c in name) or name != name.lower():
+    if (
+        not isinstance(name, str)
+        or not name
+        or not all(c.isalnum() or c in "-_" for c in name)
+        or name != name.lower()
+    ):
         raise TargetError(f"{where}: name {name!r} must be lowercase letters, digits, '-' or '_'")
     if path is not None and path.stem != name:
         raise TargetError(f"{where}: name {name!r} must equal the file name {path.stem!r}")
@@ -167,27 +179,41 @@ def parse_target(doc: Mapping[str, Any], path: Path | None = None) -> Target:
     )
     if quant.input_dtype not in io_dtypes or quant.output_dtype not in io_dtypes:
         raise TargetError(f"{where}: [quantization] I/O dtypes must be float32, int8 or uint8")
-    if fmt == ModelFormat.ONNX and (quant.input_dtype != DType.FLOAT32 or quant.output_dtype != DType.FLOAT32):
-        raise TargetError(f"{where}: ONNX QDQ targets keep float32 I/O; set input_dtype/output_dtype = 'float32'")
+    if fmt == ModelFormat.ONNX and (
+        quant.input_dtype != DType.FLOAT32 or quant.output_dtype != DType.FLOAT32
+    ):
+        raise TargetError(
+            f"{where}: ONNX QDQ targets keep float32 I/O; set input_dtype/output_dtype = 'float32'"
+        )
     lim = doc["limits"]
     _keys(lim, {"max_model_bytes", "max_accuracy_drop"}, set(), f"{where}: [limits]")
     if not isinstance(lim["max_model_bytes"], int) or lim["max_model_bytes"] <= 0:
         raise TargetError(f"{where}: [limits] max_model_bytes must be a positive integer")
     drop = lim["max_accuracy_drop"]
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 1:
-        raise TargetError(f"{where}: [limits] max_accuracy_drop must be in [0, 1] (0.01 = 1 point), got {drop!r}")
+        raise TargetError(
+            f"{where}: [limits] max_accuracy_drop must be in [0, 1] (0.01 = 1 point), got {drop!r}"
+        )
     limits = Limits(int(lim["max_model_bytes"]), float(drop))
     etpu = None
     if "edgetpu" in doc:
         e = doc["edgetpu"]
         _keys(e, {"compiler", "supported_ops"}, {"static_batch", "max_on_chip_bytes"}, f"{where}: [edgetpu]")
         if fmt != ModelFormat.TFLITE or not quant.full_integer:
-            raise TargetError(f"{where}: [edgetpu] needs format 'tflite' with integer input and output dtypes")
+            raise TargetError(
+                f"{where}: [edgetpu] needs format 'tflite' with integer input and output dtypes"
+            )
         ops = e["supported_ops"]
         if isinstance(ops, list):
             ops = {str(o): 0 for o in ops}
-        if not isinstance(ops, Mapping) or not ops or not all(isinstance(v, int) and v >= 0 for v in ops.values()):
-            raise TargetError(f"{where}: [edgetpu] supported_ops must be a list of op names or a table op = max_version")
+        if (
+            not isinstance(ops, Mapping)
+            or not ops
+            or not all(isinstance(v, int) and v >= 0 for v in ops.values())
+        ):
+            raise TargetError(
+                f"{where}: [edgetpu] supported_ops must be a list of op names or a table op = max_version"
+            )
         etpu = EdgeTPU(
             compiler=str(e["compiler"]),
             static_batch=bool(e.get("static_batch", True)),

@@ -37,7 +37,9 @@ class LiteRTModel:
                 )
                 self.accelerated = True
             except (ValueError, OSError, RuntimeError) as e:
-                log.warning("Edge TPU delegate %s not usable (%s); running the CPU int8 model", EDGETPU_LIBRARY, e)
+                log.warning(
+                    "Edge TPU delegate %s not usable (%s); running the CPU int8 model", EDGETPU_LIBRARY, e
+                )
         if interp is None:
             interp = mod.Interpreter(model_path=str(path), num_threads=threads)
         self._interp = interp

@@ -21,7 +21,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
-PRELUDE = r'''
+PRELUDE = r"""
 import os, sys, time
 import device_agent.updater as U, device_agent.store as S, device_agent.mqtt as M
 U.INCOMING_POLL_S = 0.2
@@ -62,7 +62,7 @@ elif pause == "pointer-moved":
     S.BundleStore.set_active = set_active
 from device_agent.cli import main
 main()
-'''
+"""
 
 
 def wait_for(pred: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
@@ -76,14 +76,26 @@ def wait_for(pred: Callable[[], Any], timeout_s: float = 30.0, what: str = "cond
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def write_agent_config(path: Path, *, bundle: Path, state_dir: Path, pub: Path | None, mqtt_url: str | None = None,
-                       device_id: str = "pi-001", fleet: str = "lab", target: str = "x86",
-                       health_window_s: float = 1.0, extra_update: str = "") -> Path:
+def write_agent_config(
+    path: Path,
+    *,
+    bundle: Path,
+    state_dir: Path,
+    pub: Path | None,
+    mqtt_url: str | None = None,
+    device_id: str = "pi-001",
+    fleet: str = "lab",
+    target: str = "x86",
+    health_window_s: float = 1.0,
+    extra_update: str = "",
+) -> Path:
     """Write an agent.toml that trusts ``pub`` (or allows unsigned bundles without it)."""
     keys = f'trusted_keys = ["{pub}"]\n' if pub else "allow_unsigned = true\n"
-    text = (f'[agent]\ndevice_id = "{device_id}"\nfleet = "{fleet}"\nbundle = "{bundle}"\nstate_dir = "{state_dir}"\n'
-            f'target = "{target}"\n{keys}\n[api]\nlisten = "127.0.0.1:0"\n\n'
-            f"[update]\nhealth_window_s = {health_window_s}\n{extra_update}\n")
+    text = (
+        f'[agent]\ndevice_id = "{device_id}"\nfleet = "{fleet}"\nbundle = "{bundle}"\nstate_dir = "{state_dir}"\n'
+        f'target = "{target}"\n{keys}\n[api]\nlisten = "127.0.0.1:0"\n\n'
+        f"[update]\nhealth_window_s = {health_window_s}\n{extra_update}\n"
+    )
     if mqtt_url:
         text += f'\n[mqtt]\nurl = "{mqtt_url}"\nkeepalive_s = 5\n'
     path.write_text(text)
@@ -102,8 +114,13 @@ class Agent:
             env["EDGEFLEET_TEST_PAUSED"] = str(self.marker)
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-c", PRELUDE, "run", "--config", str(config)],
-                                     stdout=self._log, stderr=self._log, env=env, cwd=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PRELUDE, "run", "--config", str(config)],
+            stdout=self._log,
+            stderr=self._log,
+            env=env,
+            cwd=str(REPO),
+        )
         self._base: str | None = None
 
     def log(self) -> str:
@@ -112,6 +129,7 @@ class Agent:
     @property
     def base(self) -> str:
         if self._base is None:
+
             def find() -> str | None:
                 for line in self.log().splitlines():
                     if "listening on " in line:

@@ -45,7 +45,10 @@ def onnx_softmax_model(w: np.ndarray, b: np.ndarray) -> bytes:
         "digits_softmax",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w.shape[0]])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", w.shape[1]])],
-        initializer=[numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(b.astype(np.float32), "b")],
+        initializer=[
+            numpy_helper.from_array(w.astype(np.float32), "w"),
+            numpy_helper.from_array(b.astype(np.float32), "b"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -53,7 +56,9 @@ def onnx_softmax_model(w: np.ndarray, b: np.ndarray) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def fit_softmax(x: np.ndarray, y: np.ndarray, steps: int = 150, lr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def fit_softmax(
+    x: np.ndarray, y: np.ndarray, steps: int = 150, lr: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Fit a softmax regression with plain gradient descent (numpy; a second or so)."""
     xs = x.reshape(len(x), -1).astype(np.float32) / 16.0
     n, d = xs.shape
@@ -112,7 +117,12 @@ def write_bundle(
 
 
 def repackage(
-    src: Path, dst: Path, *, version: int, key: Path | None = None, target: str | None = None,
+    src: Path,
+    dst: Path,
+    *,
+    version: int,
+    key: Path | None = None,
+    target: str | None = None,
     labels: list[str] | None = None,
 ) -> Path:
     """Copy a bundle under a new version (and optionally target/labels), then sign it with ``key``."""

@@ -41,11 +41,19 @@ def make_version(
     root = tmp_path_factory.mktemp("versions")
     counter = [0]
 
-    def make(version: int, key: str | None = "key", target: str | None = None, labels: list[str] | None = None) -> Path:
+    def make(
+        version: int, key: str | None = "key", target: str | None = None, labels: list[str] | None = None
+    ) -> Path:
         counter[0] += 1
         dst = root / f"v{version}-{counter[0]}"
-        return repackage(base_bundle, dst, version=version, key=ota_keys[key] if key else None, target=target,
-                         labels=labels)
+        return repackage(
+            base_bundle,
+            dst,
+            version=version,
+            key=ota_keys[key] if key else None,
+            target=target,
+            labels=labels,
+        )
 
     return make
 
@@ -72,8 +80,13 @@ class Sshd:
     @property
     def ssh_options(self) -> list[str]:
         """``ssh -o`` options a client needs for this server (key, known hosts file)."""
-        return [f"IdentityFile={self.client_key}", "IdentitiesOnly=yes", f"UserKnownHostsFile={self.known_hosts}",
-                "StrictHostKeyChecking=accept-new", "ConnectTimeout=10"]
+        return [
+            f"IdentityFile={self.client_key}",
+            "IdentitiesOnly=yes",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "StrictHostKeyChecking=accept-new",
+            "ConnectTimeout=10",
+        ]
 
     def url(self, path: Path) -> str:
         return f"ssh://{self.user}@127.0.0.1:{self.port}{path}"
@@ -82,7 +95,9 @@ class Sshd:
         from tests.conftest import wait_port
 
         keygen = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / "host_ed25519")], check=True)
+        subprocess.run(
+            [keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / "host_ed25519")], check=True
+        )
         subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)], check=True)
         (self.root / "authorized_keys").write_text((self.root / "id_ed25519.pub").read_text())
         os.chmod(self.root / "authorized_keys", 0o600)
@@ -98,8 +113,11 @@ class Sshd:
             Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory (when run as root)
         except PermissionError:
             pass
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.root / "sshd.log", "wb"))
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "sshd.log", "wb"),
+        )
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -121,7 +139,12 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     """A real sshd for the session (skipped by hand, failed under ./run test when missing)."""
     from tests.conftest import missing_service
 
-    if not os.path.exists(SSHD) or not os.path.exists(SFTP_SERVER) or not shutil.which("ssh") or not shutil.which("scp"):
+    if (
+        not os.path.exists(SSHD)
+        or not os.path.exists(SFTP_SERVER)
+        or not shutil.which("ssh")
+        or not shutil.which("scp")
+    ):
         missing_service("sshd and ssh/scp (apt-get install openssh-server openssh-client)")
     server = Sshd(tmp_path_factory.mktemp("sshd"))
     server.start()

@@ -28,8 +28,10 @@ class Serving:
         self.lock = threading.Lock()
 
     def load(self, bundle_dir: Path) -> None:
-        verify_bundle(bundle_dir, VerifyPolicy(trusted_keys=self.policy.trusted_keys if self.policy else (),
-                                               allow_unsigned=True))
+        verify_bundle(
+            bundle_dir,
+            VerifyPolicy(trusted_keys=self.policy.trusted_keys if self.policy else (), allow_unsigned=True),
+        )
         pred = Predictor(bundle_dir)
         with self.lock:
             self.predictor, self.bundle_dir, self.sha256 = pred, bundle_dir, manifest_sha256(bundle_dir)
@@ -56,15 +58,24 @@ class Serving:
         return self.predictor.manifest.version if self.predictor else None
 
 
-def make_updater(state_dir: Path, serving: Serving, policy: VerifyPolicy, fallback: Path | None = None,
-                 **config: Any) -> Updater:
+def make_updater(
+    state_dir: Path, serving: Serving, policy: VerifyPolicy, fallback: Path | None = None, **config: Any
+) -> Updater:
     """Build an Updater wired to ``serving`` and load what it says to serve."""
     health = config.pop("health", lambda: True)
     smoke = config.pop("smoke", None)
-    cfg = UpdaterConfig(state_dir=state_dir, policy=policy, fallback_bundle=fallback,
-                        health_window_s=config.pop("health_window_s", 0.2), health_poll_s=0.05, **config)
+    cfg = UpdaterConfig(
+        state_dir=state_dir,
+        policy=policy,
+        fallback_bundle=fallback,
+        health_window_s=config.pop("health_window_s", 0.2),
+        health_poll_s=0.05,
+        **config,
+    )
     extra = {"smoke": smoke} if smoke is not None else {}
-    up = Updater(cfg, switch=serving.switch, emit=serving.emit, on_state=serving.on_state, health=health, **extra)
+    up = Updater(
+        cfg, switch=serving.switch, emit=serving.emit, on_state=serving.on_state, health=health, **extra
+    )
     up.recover()
     d = up.serving_dir()
     if d is not None:

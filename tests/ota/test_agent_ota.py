@@ -119,15 +119,30 @@ def test_ota_over_mosquitto_from_edgefleet_serve(
     mosquitto, watch, agents, server, make_version, ota_keys, tmp_path, digits
 ) -> None:
     v1 = make_version(1)
-    cfg = write_agent_config(tmp_path / "agent.toml", bundle=v1, state_dir=tmp_path / "state", pub=ota_keys["pub"],
-                             mqtt_url=mosquitto.url)
+    cfg = write_agent_config(
+        tmp_path / "agent.toml",
+        bundle=v1,
+        state_dir=tmp_path / "state",
+        pub=ota_keys["pub"],
+        mqtt_url=mosquitto.url,
+    )
     agent = agents(cfg)
     assert agent.model_version() == 1
     wait_for(lambda: watch.last_status("pi-001"), what="the agent's birth status")
     v2 = make_version(2)
     url = server(v2)
-    code, out = run_cli("flash", str(v2), "--to", f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001", "--url", url,
-                        "--key", str(ota_keys["pub"]), "--wait", "90")
+    code, out = run_cli(
+        "flash",
+        str(v2),
+        "--to",
+        f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
+        "--url",
+        url,
+        "--key",
+        str(ota_keys["pub"]),
+        "--wait",
+        "90",
+    )
     assert code == 0 and "now serves digits v2" in out, out + agent.log()[-2000:]
     health = agent.health()
     assert health["model"]["version"] == 2 and health["model"]["sha256"] == manifest_sha256(v2)
@@ -138,22 +153,39 @@ def test_ota_over_mosquitto_from_edgefleet_serve(
 
     def status_shows_v2() -> bool:
         st = watch.last_status("pi-001")
-        return bool(st and st["model"]["version"] == 2 and (st["deployment"] or {}).get("state") == "committed")
+        return bool(
+            st and st["model"]["version"] == 2 and (st["deployment"] or {}).get("state") == "committed"
+        )
 
     wait_for(status_shows_v2, what="the retained status to show v2 and the committed deployment")
 
 
 @pytest.mark.broker
 @pytest.mark.timeout(180)
-def test_ota_with_chunks_over_mqtt(mosquitto, watch, agents, make_version, ota_keys, tmp_path, digits) -> None:
-    cfg = write_agent_config(tmp_path / "agent.toml", bundle=make_version(1), state_dir=tmp_path / "state",
-                             pub=ota_keys["pub"], mqtt_url=mosquitto.url)
+def test_ota_with_chunks_over_mqtt(
+    mosquitto, watch, agents, make_version, ota_keys, tmp_path, digits
+) -> None:
+    cfg = write_agent_config(
+        tmp_path / "agent.toml",
+        bundle=make_version(1),
+        state_dir=tmp_path / "state",
+        pub=ota_keys["pub"],
+        mqtt_url=mosquitto.url,
+    )
     agent = agents(cfg)
     assert agent.model_version() == 1
     wait_for(lambda: watch.last_status("pi-001"), what="the agent's birth status")
     v2 = make_version(2)
-    code, out = run_cli("flash", str(v2), "--to", f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
-                        "--chunk-bytes", "1024", "--wait", "90")
+    code, out = run_cli(
+        "flash",
+        str(v2),
+        "--to",
+        f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
+        "--chunk-bytes",
+        "1024",
+        "--wait",
+        "90",
+    )
     assert code == 0 and "now serves digits v2" in out, out + agent.log()[-2000:]
     assert agent.model_version() == 2
     assert agent.predict(x_rows(digits))["model"]["sha256"] == manifest_sha256(v2)
@@ -176,19 +208,37 @@ def test_ota_with_chunks_over_mqtt(mosquitto, watch, agents, make_version, ota_k
 def test_bad_commands_and_bundles_over_the_air_never_stop_the_agent(
     mosquitto, watch, agents, server, make_version, ota_keys, tmp_path, digits
 ) -> None:
-    cfg = write_agent_config(tmp_path / "agent.toml", bundle=make_version(1), state_dir=tmp_path / "state",
-                             pub=ota_keys["pub"], mqtt_url=mosquitto.url)
+    cfg = write_agent_config(
+        tmp_path / "agent.toml",
+        bundle=make_version(1),
+        state_dir=tmp_path / "state",
+        pub=ota_keys["pub"],
+        mqtt_url=mosquitto.url,
+    )
     agent = agents(cfg)
     assert agent.model_version() == 1
     wait_for(lambda: watch.last_status("pi-001"), what="birth status")
-    for junk in (b"not json", b'{"schema": 1, "type": "deploy"}', b'{"schema": 1, "type": "reboot"}', b"\xff" * 10):
+    for junk in (
+        b"not json",
+        b'{"schema": 1, "type": "deploy"}',
+        b'{"schema": 1, "type": "reboot"}',
+        b"\xff" * 10,
+    ):
         watch.publish("edgefleet/lab/pi-001/cmd", junk)
     wait_for(lambda: len(watch.events("command_rejected")) >= 4, what="4 command_rejected events")
     assert agent.model_version() == 1
     # a bundle signed by another key, over the air: refused with the reason, v1 keeps serving
     bad = make_version(2, key="other_key")
-    code, out = run_cli("flash", str(bad), "--to", f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001", "--url",
-                        server(bad), "--wait", "90")
+    code, out = run_cli(
+        "flash",
+        str(bad),
+        "--to",
+        f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
+        "--url",
+        server(bad),
+        "--wait",
+        "90",
+    )
     assert code == 1 and "does not verify with any trusted key" in out, out
     assert agent.model_version() == 1
     ev = watch.events("deploy_failed")[-1]
@@ -204,8 +254,11 @@ def test_bad_commands_and_bundles_over_the_air_never_stop_the_agent(
     watch.publish("edgefleet/lab/cmd", other.encode())
     mine = DeployCommand("d-mine", "digits", 2, m_sha, size, HttpSource(server(good)), ("pi-001",))
     watch.publish("edgefleet/lab/cmd", mine.encode())
-    wait_for(lambda: [e for e in watch.events("deployed") if e["detail"]["deployment_id"] == "d-mine"], 90,
-             "the fleet-wide deployment")
+    wait_for(
+        lambda: [e for e in watch.events("deployed") if e["detail"]["deployment_id"] == "d-mine"],
+        90,
+        "the fleet-wide deployment",
+    )
     assert not [e for e in watch.events() if e["detail"].get("deployment_id") == "d-other"]
     assert agent.model_version() == 2
 
@@ -214,9 +267,13 @@ def test_bad_commands_and_bundles_over_the_air_never_stop_the_agent(
 
 
 @pytest.mark.timeout(120)
-def test_local_flash_is_activated_by_the_running_agent(agents, make_version, ota_keys, tmp_path, digits) -> None:
+def test_local_flash_is_activated_by_the_running_agent(
+    agents, make_version, ota_keys, tmp_path, digits
+) -> None:
     state = tmp_path / "state"
-    cfg = write_agent_config(tmp_path / "agent.toml", bundle=make_version(1), state_dir=state, pub=ota_keys["pub"])
+    cfg = write_agent_config(
+        tmp_path / "agent.toml", bundle=make_version(1), state_dir=state, pub=ota_keys["pub"]
+    )
     agent = agents(cfg)
     assert agent.model_version() == 1
     v2 = make_version(2)
@@ -231,9 +288,13 @@ def test_local_flash_is_activated_by_the_running_agent(agents, make_version, ota
 
 
 @pytest.mark.timeout(120)
-def test_damaged_active_slot_falls_back_to_the_configured_bundle(agents, make_version, ota_keys, tmp_path) -> None:
+def test_damaged_active_slot_falls_back_to_the_configured_bundle(
+    agents, make_version, ota_keys, tmp_path
+) -> None:
     state = tmp_path / "state"
-    cfg = write_agent_config(tmp_path / "agent.toml", bundle=make_version(1), state_dir=state, pub=ota_keys["pub"])
+    cfg = write_agent_config(
+        tmp_path / "agent.toml", bundle=make_version(1), state_dir=state, pub=ota_keys["pub"]
+    )
     agent = agents(cfg)
     assert agent.model_version() == 1
     code, out = run_cli("flash", str(make_version(2)), "--to", str(state), "--wait", "60")
@@ -277,12 +338,15 @@ def test_sigkill_in_every_update_state_leaves_old_or_new_model_serving(
 ) -> None:
     v1, v2 = make_version(1), make_version(2)
     state = tmp_path / "state"
-    cfg = write_agent_config(tmp_path / "agent.toml", bundle=v1, state_dir=state, pub=ota_keys["pub"],
-                             mqtt_url=mosquitto.url)
+    cfg = write_agent_config(
+        tmp_path / "agent.toml", bundle=v1, state_dir=state, pub=ota_keys["pub"], mqtt_url=mosquitto.url
+    )
     agent = agents(cfg, "paused", pause_at=pause_at)
     assert agent.model_version() == 1
     wait_for(lambda: watch.last_status("pi-001"), what="birth status")
-    code, out = run_cli("flash", str(v2), "--to", f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001", "--url", server(v2))
+    code, out = run_cli(
+        "flash", str(v2), "--to", f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001", "--url", server(v2)
+    )
     assert code == 0, out
     agent.wait_paused()
     agent.sigkill()
@@ -305,6 +369,14 @@ def test_sigkill_in_every_update_state_leaves_old_or_new_model_serving(
         reason = watch.events("deploy_failed")[-1]["detail"]["reason"]
         assert "restarted" in reason
         # the device is not stuck: the same bundle deploys fine afterwards
-        code, out = run_cli("flash", str(v2), "--to", f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001", "--url",
-                            server(v2), "--wait", "120")
+        code, out = run_cli(
+            "flash",
+            str(v2),
+            "--to",
+            f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
+            "--url",
+            server(v2),
+            "--wait",
+            "120",
+        )
         assert code == 0 and "now serves digits v2" in out, out + restarted.log()[-2000:]

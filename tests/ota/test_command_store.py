@@ -34,7 +34,9 @@ SHA = "a" * 64
 
 def good() -> dict:
     return {
-        "schema": 1, "type": "deploy", "deployment_id": "d-1",
+        "schema": 1,
+        "type": "deploy",
+        "deployment_id": "d-1",
         "bundle": {"name": "digits", "version": 2, "sha256": SHA, "size_bytes": 1000},
         "source": {"kind": "http", "url": "http://10.0.0.5:8765/digits"},
     }
@@ -49,8 +51,15 @@ def test_decode_a_good_command_round_trips() -> None:
     assert cmd.source == HttpSource("http://10.0.0.5:8765/digits/")  # base URL normalized
     assert decode_command(cmd.encode()) == cmd
     assert cmd.applies_to("anything")
-    mq = DeployCommand("d-2", "digits", 3, SHA, 5000, MqttSource("edgefleet/lab/bundles/" + SHA, 2, 4096, 800, 120),
-                       ("pi-1",))
+    mq = DeployCommand(
+        "d-2",
+        "digits",
+        3,
+        SHA,
+        5000,
+        MqttSource("edgefleet/lab/bundles/" + SHA, 2, 4096, 800, 120),
+        ("pi-1",),
+    )
     back = decode_command(mq.encode())
     assert back == mq and back.applies_to("pi-1") and not back.applies_to("pi-2")
 
@@ -68,23 +77,26 @@ def _mutate(path: str, value: object) -> dict:
     return d
 
 
-@pytest.mark.parametrize("path,value,msg", [
-    ("schema", 2, "schema"),
-    ("type", "reboot", "unknown"),
-    ("deployment_id", "../x", "deployment_id"),
-    ("deployment_id", KeyError, "missing"),
-    ("extra", 1, "unknown key"),
-    ("bundle.sha256", "A" * 64, "sha256"),
-    ("bundle.version", 0, "bundle.version"),
-    ("bundle.version", True, "bundle.version"),
-    ("bundle.size_bytes", -1, "size_bytes"),
-    ("bundle.extra", 1, "unknown key"),
-    ("source.url", "file:///etc/passwd", "http"),
-    ("source.url", "ftp://x/y", "http"),
-    ("source.kind", "smb", "unknown"),
-    ("devices", ["Bad Id"], "invalid"),
-    ("devices", "pi-1", "list"),
-])
+@pytest.mark.parametrize(
+    "path,value,msg",
+    [
+        ("schema", 2, "schema"),
+        ("type", "reboot", "unknown"),
+        ("deployment_id", "../x", "deployment_id"),
+        ("deployment_id", KeyError, "missing"),
+        ("extra", 1, "unknown key"),
+        ("bundle.sha256", "A" * 64, "sha256"),
+        ("bundle.version", 0, "bundle.version"),
+        ("bundle.version", True, "bundle.version"),
+        ("bundle.size_bytes", -1, "size_bytes"),
+        ("bundle.extra", 1, "unknown key"),
+        ("source.url", "file:///etc/passwd", "http"),
+        ("source.url", "ftp://x/y", "http"),
+        ("source.kind", "smb", "unknown"),
+        ("devices", ["Bad Id"], "invalid"),
+        ("devices", "pi-1", "list"),
+    ],
+)
 def test_decode_refuses_bad_commands(path: str, value: object, msg: str) -> None:
     with pytest.raises(CommandError, match=msg):
         decode_command(enc(_mutate(path, value)))
@@ -92,8 +104,14 @@ def test_decode_refuses_bad_commands(path: str, value: object, msg: str) -> None
 
 def test_decode_refuses_inconsistent_mqtt_sources() -> None:
     d = good()
-    d["source"] = {"kind": "mqtt", "topic": "edgefleet/lab/bundles/#", "chunks": 1, "chunk_bytes": 4096,
-                   "manifest_bytes": 10, "signature_bytes": 0}
+    d["source"] = {
+        "kind": "mqtt",
+        "topic": "edgefleet/lab/bundles/#",
+        "chunks": 1,
+        "chunk_bytes": 4096,
+        "manifest_bytes": 10,
+        "signature_bytes": 0,
+    }
     with pytest.raises(CommandError, match="wildcards"):
         decode_command(enc(d))
     d["source"]["topic"] = "edgefleet/lab/bundles/x"
@@ -120,11 +138,14 @@ def test_decode_refuses_oversized_and_deep_payloads() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=400) | st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20,
-).map(lambda v: json.dumps(v, default=str).encode()))
+@given(
+    st.binary(max_size=400)
+    | st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=20,
+    ).map(lambda v: json.dumps(v, default=str).encode())
+)
 def test_decoder_only_ever_raises_command_error(raw: bytes) -> None:
     try:
         decode_command(raw)
@@ -136,8 +157,15 @@ def test_update_config_section() -> None:
     from device_agent.errors import ConfigError
 
     assert parse_update_section({"health_window_s": 5, "max_bundle_bytes": 10_000}) == {
-        "health_window_s": 5.0, "max_bundle_bytes": 10_000}
-    for bad in ({"health_window_s": -1}, {"max_bundle_bytes": 10}, {"bogus": 1}, {"staging_quota_bytes": True}):
+        "health_window_s": 5.0,
+        "max_bundle_bytes": 10_000,
+    }
+    for bad in (
+        {"health_window_s": -1},
+        {"max_bundle_bytes": 10},
+        {"bogus": 1},
+        {"staging_quota_bytes": True},
+    ):
         with pytest.raises(ConfigError):
             parse_update_section(bad)
 
@@ -222,7 +250,7 @@ def _chunked(bundle: Path, chunk: int) -> tuple[MqttSource, list[bytes], DeployC
 
     files, mb, sb = bundle_stream(bundle)
     data = b"".join(f.read_bytes() for f in files)
-    parts = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    parts = [data[i : i + chunk] for i in range(0, len(data), chunk)]
     sha = manifest_sha256(bundle)
     src = MqttSource(f"edgefleet/lab/bundles/{sha}", len(parts), chunk, mb, sb)
     m = load_manifest(bundle)
@@ -235,8 +263,13 @@ def _chunked(bundle: Path, chunk: int) -> tuple[MqttSource, list[bytes], DeployC
 def test_chunks_arriving_in_any_order_install(mosquitto, tmp_path, make_version, ota_keys) -> None:
     pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
     serving = Serving(pol)
-    up = make_updater(tmp_path / "state", serving, pol, fallback=make_version(1),
-                      mqtt=MqttSettings("127.0.0.1", mosquitto.port))
+    up = make_updater(
+        tmp_path / "state",
+        serving,
+        pol,
+        fallback=make_version(1),
+        mqtt=MqttSettings("127.0.0.1", mosquitto.port),
+    )
     src, parts, cmd = _chunked(make_version(2), 2048)
     _publish(mosquitto.port, [(f"{src.topic}/{i}", parts[i]) for i in reversed(range(len(parts)))])
     assert up.deploy(cmd) is True
@@ -245,15 +278,24 @@ def test_chunks_arriving_in_any_order_install(mosquitto, tmp_path, make_version,
 
 @pytest.mark.broker
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("fault,reason", [("missing", "stalled"), ("short", "expected"), ("outside", "outside")])
-def test_bad_chunks_fail_cleanly(fault, reason, mosquitto, tmp_path, make_version, ota_keys, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "fault,reason", [("missing", "stalled"), ("short", "expected"), ("outside", "outside")]
+)
+def test_bad_chunks_fail_cleanly(
+    fault, reason, mosquitto, tmp_path, make_version, ota_keys, monkeypatch
+) -> None:
     import device_agent.updater as U
 
     monkeypatch.setattr(U, "DOWNLOAD_STALL_S", 1.0)
     pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
     serving = Serving(pol)
-    up = make_updater(tmp_path / "state", serving, pol, fallback=make_version(1),
-                      mqtt=MqttSettings("127.0.0.1", mosquitto.port))
+    up = make_updater(
+        tmp_path / "state",
+        serving,
+        pol,
+        fallback=make_version(1),
+        mqtt=MqttSettings("127.0.0.1", mosquitto.port),
+    )
     src, parts, cmd = _chunked(make_version(2), 2048)
     items = [(f"{src.topic}/{i}", p) for i, p in enumerate(parts)]
     if fault == "missing":
@@ -295,8 +337,23 @@ def test_edgefleet_serve_serves_bundle_files_with_ranges(make_version, tmp_path)
     b = make_version(2)
     (b / "secret.txt").write_text("not listed")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.Popen([sys.executable, "-c", "from toolchain.cli import main; main()", "serve", str(b),
-                             "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from toolchain.cli import main; main()",
+            "serve",
+            str(b),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -323,13 +380,18 @@ def test_agent_config_update_table(tmp_path: Path, make_version, ota_keys) -> No
     from device_agent.errors import ConfigError
 
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
-    base = (f'[agent]\ndevice_id = "pi-1"\nfleet = "lab"\nbundle = "{make_version(1)}"\nstate_dir = "state"\n'
-            f'trusted_keys = ["{ota_keys["pub"]}"]\n')
+    base = (
+        f'[agent]\ndevice_id = "pi-1"\nfleet = "lab"\nbundle = "{make_version(1)}"\nstate_dir = "state"\n'
+        f'trusted_keys = ["{ota_keys["pub"]}"]\n'
+    )
     p = tmp_path / "agent.toml"
     p.write_text(base + '[update]\nhealth_window_s = 3\nmax_bundle_bytes = 50000000\nca_file = "ca.pem"\n')
     cfg = load_config(p)
-    assert cfg.extra["update"] == {"health_window_s": 3.0, "max_bundle_bytes": 50_000_000,
-                                   "ca_file": str(tmp_path / "ca.pem")}
+    assert cfg.extra["update"] == {
+        "health_window_s": 3.0,
+        "max_bundle_bytes": 50_000_000,
+        "ca_file": str(tmp_path / "ca.pem"),
+    }
     p.write_text(base + '[update]\nca_file = "missing.pem"\n')
     with pytest.raises(ConfigError, match="ca_file"):
         load_config(p)

@@ -65,7 +65,9 @@ def test_sign_bundle_signs_the_exact_manifest_bytes(make_version, ota_keys) -> N
     doc = json.loads((b / SIGNATURE_FILE).read_text())
     assert doc["alg"] == "ed25519"
     raw = (b / "manifest.json").read_bytes()
-    (b / "manifest.json").write_bytes(raw.replace(b'"version": 2', b'"version":  2'))  # same JSON, other bytes
+    (b / "manifest.json").write_bytes(
+        raw.replace(b'"version": 2', b'"version":  2')
+    )  # same JSON, other bytes
     with pytest.raises(Exception, match="does not verify"):
         verify_bundle(b, VerifyPolicy(trusted_keys=keys))
 
@@ -95,11 +97,14 @@ def test_verify_cli(make_version, ota_keys) -> None:
 
 def test_parse_destination() -> None:
     assert parse_destination("/var/lib/edgefleet") == LocalDest(Path("/var/lib/edgefleet"))
-    assert parse_destination("ssh://pi@cam-1:2222/var/lib/edgefleet") == SshDest("pi", "cam-1", 2222,
-                                                                                  "/var/lib/edgefleet")
+    assert parse_destination("ssh://pi@cam-1:2222/var/lib/edgefleet") == SshDest(
+        "pi", "cam-1", 2222, "/var/lib/edgefleet"
+    )
     d = parse_destination("mqtt://broker:1884/plant-a/cam-7")
     assert d == MqttDest("broker", 1884, False, None, None, "plant-a", "cam-7")
-    assert parse_destination("mqtts://u:p@broker/plant-a") == MqttDest("broker", 8883, True, "u", "p", "plant-a", None)
+    assert parse_destination("mqtts://u:p@broker/plant-a") == MqttDest(
+        "broker", 8883, True, "u", "p", "plant-a", None
+    )
     for bad in ("ssh://host", "mqtt://broker", "mqtt://broker/Bad Fleet/x", "ftp://x/y", "mqtt://b/a/b/c"):
         with pytest.raises(FlashError):
             parse_destination(bad)
@@ -197,7 +202,10 @@ def test_flash_over_ssh_errors_are_one_line(sshd, make_version, tmp_path) -> Non
         opts += ["--ssh-option", o]
     code, out = run("flash", str(make_version(2)), "--to", sshd.url(tmp_path / "nope"), *opts)
     assert code == 1 and "no such directory" in out, out
-    bad_key = [o if not o.startswith("IdentityFile=") else f"IdentityFile={tmp_path / 'none'}" for o in sshd.ssh_options]
+    bad_key = [
+        o if not o.startswith("IdentityFile=") else f"IdentityFile={tmp_path / 'none'}"
+        for o in sshd.ssh_options
+    ]
     opts = []
     for o in bad_key:
         opts += ["--ssh-option", o]

@@ -34,8 +34,15 @@ def fleet(tmp_path: Path, make_version, ota_keys, mosquitto) -> Iterator[Callabl
         out = {}
         for dev, target in devices.items():
             v1 = make_version(1, target=target)  # each device starts from a v1 built for its own target
-            cfg = write_agent_config(tmp_path / f"{dev}.toml", bundle=v1, state_dir=tmp_path / dev,
-                                     pub=ota_keys["pub"], mqtt_url=mosquitto.url, device_id=dev, target=target)
+            cfg = write_agent_config(
+                tmp_path / f"{dev}.toml",
+                bundle=v1,
+                state_dir=tmp_path / dev,
+                pub=ota_keys["pub"],
+                mqtt_url=mosquitto.url,
+                device_id=dev,
+                target=target,
+            )
             a = Agent(cfg, tmp_path / f"{dev}.log")
             started.append(a)
             out[dev] = a
@@ -59,8 +66,20 @@ def deploy(*args: str) -> tuple[int, str]:
 def test_canary_then_rest_over_the_whole_fleet(fleet, mosquitto, make_version, ota_keys) -> None:
     agents = fleet({"cam-1": "x86", "cam-2": "x86", "cam-3": "x86"})
     v2 = make_version(2)
-    code, out = deploy(str(v2), "--broker", mosquitto.url, "--fleet", "lab", "--canary", "1", "--key",
-                       str(ota_keys["pub"]), "--timeout", "120", "--json")
+    code, out = deploy(
+        str(v2),
+        "--broker",
+        mosquitto.url,
+        "--fleet",
+        "lab",
+        "--canary",
+        "1",
+        "--key",
+        str(ota_keys["pub"]),
+        "--timeout",
+        "120",
+        "--json",
+    )
     assert code == 0, out
     doc = json.loads(out)
     assert doc["waves"] == [["cam-1"], ["cam-2", "cam-3"]]
@@ -75,8 +94,23 @@ def test_failing_canary_stops_the_rollout(fleet, mosquitto, make_version) -> Non
     # cam-0 is the canary and is (mis)configured as a coral device: it refuses the x86 bundle
     agents = fleet({"cam-0": "coral", "cam-1": "x86", "cam-2": "x86"})
     v2 = make_version(2)
-    code, out = deploy(str(v2), "--broker", mosquitto.url, "--fleet", "lab", "--device", "cam-0", "--device",
-                       "cam-1", "--device", "cam-2", "--canary", "1", "--timeout", "120")
+    code, out = deploy(
+        str(v2),
+        "--broker",
+        mosquitto.url,
+        "--fleet",
+        "lab",
+        "--device",
+        "cam-0",
+        "--device",
+        "cam-1",
+        "--device",
+        "cam-2",
+        "--canary",
+        "1",
+        "--timeout",
+        "120",
+    )
     assert code == 1, out
     assert "rollout STOPPED" in out
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
@@ -93,11 +127,32 @@ def test_failing_canary_stops_the_rollout(fleet, mosquitto, make_version) -> Non
 def test_failure_threshold_lets_the_rollout_continue(fleet, mosquitto, make_version) -> None:
     agents = fleet({"cam-0": "x86", "cam-1": "coral", "cam-2": "x86"})
     v2 = make_version(2)
-    code, out = deploy(str(v2), "--broker", mosquitto.url, "--fleet", "lab", "--device", "cam-0", "--device",
-                       "cam-1", "--device", "cam-2", "--canary", "1", "--wave-size", "1", "--max-failures", "1",
-                       "--timeout", "120", "--json")
+    code, out = deploy(
+        str(v2),
+        "--broker",
+        mosquitto.url,
+        "--fleet",
+        "lab",
+        "--device",
+        "cam-0",
+        "--device",
+        "cam-1",
+        "--device",
+        "cam-2",
+        "--canary",
+        "1",
+        "--wave-size",
+        "1",
+        "--max-failures",
+        "1",
+        "--timeout",
+        "120",
+        "--json",
+    )
     doc = json.loads(out)
-    assert code == 1 and not doc["stopped"] and doc["failures"] == 1, out  # within the threshold, but not clean
+    assert code == 1 and not doc["stopped"] and doc["failures"] == 1, (
+        out
+    )  # within the threshold, but not clean
     assert doc["devices"]["cam-1"]["state"] == "failed"
     assert agents["cam-0"].model_version() == 2 and agents["cam-2"].model_version() == 2
     assert agents["cam-1"].model_version() == 1
@@ -108,7 +163,9 @@ def test_failure_threshold_lets_the_rollout_continue(fleet, mosquitto, make_vers
 def test_fleet_discovery_skips_other_targets_and_offline_devices(fleet, mosquitto, make_version) -> None:
     agents = fleet({"cam-1": "x86", "cam-2": "x86", "tpu-1": "coral"})
     agents["cam-1"].stop()  # offline: its shutdown status says so
-    code, out = deploy(str(make_version(2)), "--broker", mosquitto.url, "--fleet", "lab", "--timeout", "60", "--json")
+    code, out = deploy(
+        str(make_version(2)), "--broker", mosquitto.url, "--fleet", "lab", "--timeout", "60", "--json"
+    )
     assert code == 0, out
     devs = json.loads(out)["devices"]
     assert devs["cam-2"]["state"] == "deployed"
@@ -130,8 +187,23 @@ def test_fleet_status_shows_each_devices_deployment_state(fleet, mosquitto, make
     collector.start()
     try:
         agents = fleet({"cam-1": "x86", "tpu-1": "coral"})
-        code, out = deploy(str(make_version(2)), "--broker", mosquitto.url, "--fleet", "lab", "--device", "cam-1",
-                           "--device", "tpu-1", "--canary", "0", "--max-failures", "1", "--timeout", "60")
+        code, out = deploy(
+            str(make_version(2)),
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "lab",
+            "--device",
+            "cam-1",
+            "--device",
+            "tpu-1",
+            "--canary",
+            "0",
+            "--max-failures",
+            "1",
+            "--timeout",
+            "60",
+        )
         assert code == 1, out  # tpu-1 refuses an x86 bundle
 
         def states() -> dict[str, str] | None:

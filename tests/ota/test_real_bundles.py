@@ -54,16 +54,33 @@ def test_running_agent_takes_a_pipeline_bundle_over_mqtt_chunks(
     src = digits_bundles / "raspberry-pi"
     v1 = repackage(src, tmp_path / "v1", version=1, key=ota_keys["key"])
     v2 = repackage(src, tmp_path / "v2", version=5, key=ota_keys["key"])
-    cfg = write_agent_config(tmp_path / "agent.toml", bundle=v1, state_dir=tmp_path / "state", pub=ota_keys["pub"],
-                             mqtt_url=mosquitto.url, target="raspberry-pi")
+    cfg = write_agent_config(
+        tmp_path / "agent.toml",
+        bundle=v1,
+        state_dir=tmp_path / "state",
+        pub=ota_keys["pub"],
+        mqtt_url=mosquitto.url,
+        target="raspberry-pi",
+    )
     agent = Agent(cfg, tmp_path / "agent.log")
     try:
         assert agent.model_version() == 1
         from tests.ota.agent_proc import wait_for
 
         wait_for(lambda: agent.health()["mqtt"]["connected"], 30, "MQTT connection")
-        r = CliRunner().invoke(main, ["flash", str(v2), "--to", f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
-                                      "--key", str(ota_keys["pub"]), "--wait", "120"])
+        r = CliRunner().invoke(
+            main,
+            [
+                "flash",
+                str(v2),
+                "--to",
+                f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
+                "--key",
+                str(ota_keys["pub"]),
+                "--wait",
+                "120",
+            ],
+        )
         assert r.exit_code == 0 and "now serves" in r.output, r.output + agent.log()[-2000:]
         h = agent.health()
         assert h["model"]["version"] == 5 and h["model"]["runtime"] == "litert"
@@ -71,6 +88,9 @@ def test_running_agent_takes_a_pipeline_bundle_over_mqtt_chunks(
         shape = load_manifest(v2).inputs[0].shape[1:]
         out = agent.predict(x.reshape(len(x), *shape).tolist())
         assert out["model"]["version"] == 5
-        assert np.mean([int(lbl) == y for lbl, y in zip(out["labels"], digits["y_test"][:20], strict=True)]) > 0.7
+        assert (
+            np.mean([int(lbl) == y for lbl, y in zip(out["labels"], digits["y_test"][:20], strict=True)])
+            > 0.7
+        )
     finally:
         agent.stop()

@@ -65,8 +65,14 @@ def served_server(root: Path) -> Iterator[BundleHTTPServer]:
 
 def command(bundle: Path, url: str, dep_id: str = "d-1") -> DeployCommand:
     m = load_manifest(bundle)
-    return DeployCommand(dep_id, m.name, m.version, manifest_sha256(bundle), sum(f.size_bytes for f in m.files),
-                         HttpSource(url))
+    return DeployCommand(
+        dep_id,
+        m.name,
+        m.version,
+        manifest_sha256(bundle),
+        sum(f.size_bytes for f in m.files),
+        HttpSource(url),
+    )
 
 
 def assert_still_v1(up: Updater, serving: Serving, digits: dict[str, np.ndarray], reason: str) -> None:
@@ -201,8 +207,9 @@ def test_bad_bundle_is_refused_and_old_model_keeps_serving(
         size = sum(f["size_bytes"] for f in doc["files"])
         cmd = DeployCommand("d-bad", doc["name"], doc["version"], m_sha, size, HttpSource("http://x/"))
         for srv in served_server(bad):
-            cmd = DeployCommand(cmd.deployment_id, cmd.name, cmd.version, cmd.sha256, cmd.size_bytes,
-                                HttpSource(srv.url()))
+            cmd = DeployCommand(
+                cmd.deployment_id, cmd.name, cmd.version, cmd.sha256, cmd.size_bytes, HttpSource(srv.url())
+            )
             assert up.deploy(cmd) is False
     else:
         assert up.deploy(LocalSource(str(bad))) is False
@@ -243,7 +250,9 @@ def test_extra_file_is_refused(device, make_version, digits) -> None:
     assert_still_v1(up, serving, digits, "does not list")
 
 
-def test_bundle_over_the_size_cap_is_refused_before_download(tmp_path, v1, make_version, ota_keys, digits) -> None:
+def test_bundle_over_the_size_cap_is_refused_before_download(
+    tmp_path, v1, make_version, ota_keys, digits
+) -> None:
     pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86", max_bytes=1000)
     serving = Serving(pol)
     up = make_updater(tmp_path / "state", serving, pol, fallback=v1)
@@ -452,8 +461,11 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[Path, int], None]]:
 
     def mount(where: Path, size_bytes: int) -> None:
         where.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(where)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             from tests.conftest import missing_service
 
@@ -476,7 +488,9 @@ def _with_padding(b: Path, key: Path, size: int) -> Path:
     return b
 
 
-def test_disk_full_in_staging_is_refused_up_front(device, make_version, ota_keys, small_tmpfs, digits) -> None:
+def test_disk_full_in_staging_is_refused_up_front(
+    device, make_version, ota_keys, small_tmpfs, digits
+) -> None:
     up, serving = device
     small_tmpfs(up.store.staging_dir, 256 * 1024)
     v2 = _with_padding(make_version(2), ota_keys["key"], 400 * 1024)
@@ -570,17 +584,26 @@ def tls_server(tmp_path: Path) -> Iterator[Callable[[Path], tuple[str, Path]]]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
     cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     servers: list[BundleHTTPServer] = []
 
     def start(bundle: Path) -> tuple[str, Path]:
@@ -608,7 +631,12 @@ def test_https_download_with_a_private_ca(tmp_path, v1, make_version, policy, tl
     assert up.deploy(command(v2, url, "d-tls-1")) is False
     assert_still_v1(up, serving, digits, "TLS certificate does not verify")
     serving = Serving(policy)
-    up = make_updater(tmp_path / "trusting", serving, policy, fallback=v1,
-                      ssl_context=ssl.create_default_context(cafile=str(ca)))
+    up = make_updater(
+        tmp_path / "trusting",
+        serving,
+        policy,
+        fallback=v1,
+        ssl_context=ssl.create_default_context(cafile=str(ca)),
+    )
     assert up.deploy(command(v2, url, "d-tls-2")) is True
     assert serving.version == 2

@@ -15,7 +15,9 @@ def keys_cmd() -> None:
 
 
 @keys_cmd.command("create")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for NAME.key and NAME.pub.")
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for NAME.key and NAME.pub."
+)
 @click.option("--name", default="fleet", show_default=True, help="File name stem of the pair.")
 @click.option("--force", is_flag=True, help="Overwrite an existing pair.")
 def keys_create_cmd(out: str, name: str, force: bool) -> None:
@@ -40,7 +42,9 @@ def _existing_bundle(path: str) -> Path:
 
 @click.command("verify")
 @click.argument("bundle")
-@click.option("--key", "key", type=click.Path(dir_okay=False), help="Public key (.pub) the signature must verify with.")
+@click.option(
+    "--key", "key", type=click.Path(dir_okay=False), help="Public key (.pub) the signature must verify with."
+)
 @click.option("--target", help="Also require this target.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) -> None:
@@ -54,29 +58,64 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
     signed = (b / SIGNATURE_FILE).is_file()
     signature = "verified" if keys else ("present, not checked (pass --key)" if signed else "none")
     result: dict[str, Any] = {
-        "ok": True, "name": m.name, "version": m.version, "target": m.target, "sha256": manifest_sha256(b),
-        "files": len(m.files), "size_bytes": sum(f.size_bytes for f in m.files), "signature": signature,
+        "ok": True,
+        "name": m.name,
+        "version": m.version,
+        "target": m.target,
+        "sha256": manifest_sha256(b),
+        "files": len(m.files),
+        "size_bytes": sum(f.size_bytes for f in m.files),
+        "signature": signature,
     }
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"OK: {m.name} v{m.version} for {m.target}, {len(m.files)} files, {result['size_bytes']} bytes,"
-                   f" signature {signature}, sha256 {result['sha256'][:16]}")
+        click.echo(
+            f"OK: {m.name} v{m.version} for {m.target}, {len(m.files)} files, {result['size_bytes']} bytes,"
+            f" signature {signature}, sha256 {result['sha256'][:16]}"
+        )
 
 
 @click.command("flash")
 @click.argument("bundle")
-@click.option("--to", "dest", required=True,
-              help="A local agent state_dir, ssh://user@host[:port]/state_dir, or mqtt://broker[:port]/FLEET[/DEVICE].")
-@click.option("--key", "key", type=click.Path(dir_okay=False), help="Check the signature with this .pub before sending.")
-@click.option("--wait", "wait_s", type=float, default=None,
-              help="Wait up to this many seconds for the agent's result (deployed / deploy_failed).")
-@click.option("--url", help="mqtt:// only: devices fetch the bundle from this HTTP(S) URL instead of MQTT chunks.")
-@click.option("--ssh-option", "ssh_options", multiple=True, help="ssh:// only: an extra 'ssh -o' option (repeatable).")
-@click.option("--chunk-bytes", type=click.IntRange(1024, 256 * 1024), default=64 * 1024, show_default=True,
-              help="mqtt:// only: size of each retained chunk.")
-def flash_cmd(bundle: str, dest: str, key: str | None, wait_s: float | None, url: str | None,
-              ssh_options: tuple[str, ...], chunk_bytes: int) -> None:
+@click.option(
+    "--to",
+    "dest",
+    required=True,
+    help="A local agent state_dir, ssh://user@host[:port]/state_dir, or mqtt://broker[:port]/FLEET[/DEVICE].",
+)
+@click.option(
+    "--key", "key", type=click.Path(dir_okay=False), help="Check the signature with this .pub before sending."
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=None,
+    help="Wait up to this many seconds for the agent's result (deployed / deploy_failed).",
+)
+@click.option(
+    "--url", help="mqtt:// only: devices fetch the bundle from this HTTP(S) URL instead of MQTT chunks."
+)
+@click.option(
+    "--ssh-option", "ssh_options", multiple=True, help="ssh:// only: an extra 'ssh -o' option (repeatable)."
+)
+@click.option(
+    "--chunk-bytes",
+    type=click.IntRange(1024, 256 * 1024),
+    default=64 * 1024,
+    show_default=True,
+    help="mqtt:// only: size of each retained chunk.",
+)
+def flash_cmd(
+    bundle: str,
+    dest: str,
+    key: str | None,
+    wait_s: float | None,
+    url: str | None,
+    ssh_options: tuple[str, ...],
+    chunk_bytes: int,
+) -> None:
     """Put a bundle onto a device: the agent installs it through its verified, atomic update path."""
     from toolchain import flash as F
 
@@ -99,10 +138,15 @@ def flash_cmd(bundle: str, dest: str, key: str | None, wait_s: float | None, url
             result = F.wait_ssh(d, sha, drop_s, wait_s, ssh_options)
     else:
         out = F.flash_mqtt(b, m, d, url=url, wait_s=wait_s, chunk_bytes=chunk_bytes)
-        click.echo(f"published deployment {out['deployment_id']} on {out['topic']} ({out['source']['kind']} source)")
+        click.echo(
+            f"published deployment {out['deployment_id']} on {out['topic']} ({out['source']['kind']} source)"
+        )
         if "result" in out:
             event, detail = out["result"]
-            result = {"state": "committed" if event == "deployed" else "failed", "reason": detail.get("reason")}
+            result = {
+                "state": "committed" if event == "deployed" else "failed",
+                "reason": detail.get("reason"),
+            }
     if result is not None:
         if result.get("state") == "committed":
             click.echo(f"deployed: the agent now serves {m.name} v{m.version}")
@@ -113,7 +157,9 @@ def flash_cmd(bundle: str, dest: str, key: str | None, wait_s: float | None, url
 @click.command("serve")
 @click.argument("bundle_dir")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one)."
+)
 @click.option("--verbose", is_flag=True, help="Log every request.")
 def serve_cmd(bundle_dir: str, host: str, port: int, verbose: bool) -> None:
     """Serve a bundle (or a folder of bundles) over HTTP with Range support, for over-the-air downloads."""
@@ -131,26 +177,72 @@ def serve_cmd(bundle_dir: str, host: str, port: int, verbose: bool) -> None:
 
 @click.command("deploy")
 @click.argument("bundle")
-@click.option("--broker", "broker_url", required=True, envvar="EDGEFLEET_BROKER",
-              help="MQTT broker: mqtt://HOST:PORT or mqtts://HOST:PORT (TLS).")
-@click.option("--device", "devices", multiple=True, help="Device id (repeatable); needs --fleet for the topic root.")
-@click.option("--fleet", "fleet", required=True, help="Fleet name; without --device: every online device of the fleet.")
-@click.option("--canary", type=click.IntRange(0, None), default=1, show_default=True,
-              help="Devices in the first wave; the rest follow only when they report deployed and healthy.")
-@click.option("--wave-size", type=click.IntRange(1, None), default=None, help="Devices per later wave (default: all).")
-@click.option("--max-failures", type=click.IntRange(0, None), default=0, show_default=True,
-              help="Stop the rollout when more devices than this fail.")
+@click.option(
+    "--broker",
+    "broker_url",
+    required=True,
+    envvar="EDGEFLEET_BROKER",
+    help="MQTT broker: mqtt://HOST:PORT or mqtts://HOST:PORT (TLS).",
+)
+@click.option(
+    "--device", "devices", multiple=True, help="Device id (repeatable); needs --fleet for the topic root."
+)
+@click.option(
+    "--fleet", "fleet", required=True, help="Fleet name; without --device: every online device of the fleet."
+)
+@click.option(
+    "--canary",
+    type=click.IntRange(0, None),
+    default=1,
+    show_default=True,
+    help="Devices in the first wave; the rest follow only when they report deployed and healthy.",
+)
+@click.option(
+    "--wave-size", type=click.IntRange(1, None), default=None, help="Devices per later wave (default: all)."
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(0, None),
+    default=0,
+    show_default=True,
+    help="Stop the rollout when more devices than this fail.",
+)
 @click.option("--url", help="Devices fetch the bundle from this HTTP(S) URL instead of retained MQTT chunks.")
-@click.option("--key", "key", type=click.Path(dir_okay=False), help="Check the signature with this .pub first.")
-@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
-              help="Seconds to wait for each wave's answers.")
+@click.option(
+    "--key", "key", type=click.Path(dir_okay=False), help="Check the signature with this .pub first."
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for each wave's answers.",
+)
 @click.option("--username", default=None, envvar="EDGEFLEET_MQTT_USERNAME", help="MQTT user name.")
-@click.option("--password", default=None, envvar="EDGEFLEET_MQTT_PASSWORD", help="MQTT password (or the env var).")
-@click.option("--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA certificate file (enables TLS).")
+@click.option(
+    "--password", default=None, envvar="EDGEFLEET_MQTT_PASSWORD", help="MQTT password (or the env var)."
+)
+@click.option(
+    "--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA certificate file (enables TLS)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rollout result as JSON.")
-def fleet_deploy_cmd(bundle: str, broker_url: str, devices: tuple[str, ...], fleet: str, canary: int,
-                     wave_size: int | None, max_failures: int, url: str | None, key: str | None, timeout_s: float,
-                     username: str | None, password: str | None, tls_ca: str | None, as_json: bool) -> None:
+def fleet_deploy_cmd(
+    bundle: str,
+    broker_url: str,
+    devices: tuple[str, ...],
+    fleet: str,
+    canary: int,
+    wave_size: int | None,
+    max_failures: int,
+    url: str | None,
+    key: str | None,
+    timeout_s: float,
+    username: str | None,
+    password: str | None,
+    tls_ca: str | None,
+    as_json: bool,
+) -> None:
     """Roll a bundle out in waves: canaries first, stop when failures pass --max-failures."""
     import sys
     from urllib.parse import urlsplit
@@ -167,9 +259,18 @@ def fleet_deploy_cmd(bundle: str, broker_url: str, devices: tuple[str, ...], fle
         raise DeployError(f"--broker {broker_url!r} has an invalid port") from None
     dest = MqttDest(parts.hostname, port, parts.scheme == "mqtts", username, password, fleet, None, tls_ca)
     b = _existing_bundle(bundle)
-    roll = deploy(b, dest, devices=list(devices) or None, canary=canary, wave_size=wave_size,
-                  max_failures=max_failures, url=url, public_key=Path(key) if key else None,
-                  wave_timeout_s=timeout_s, on_progress=None if as_json else (lambda s: click.echo(s, err=True)))
+    roll = deploy(
+        b,
+        dest,
+        devices=list(devices) or None,
+        canary=canary,
+        wave_size=wave_size,
+        max_failures=max_failures,
+        url=url,
+        public_key=Path(key) if key else None,
+        wave_timeout_s=timeout_s,
+        on_progress=None if as_json else (lambda s: click.echo(s, err=True)),
+    )
     if as_json:
         click.echo(json.dumps(roll.to_dict(), indent=2))
     else:

@@ -77,8 +77,14 @@ class Rollout:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "deployment_id": self.deployment_id, "name": self.name, "version": self.version, "sha256": self.sha256,
-            "waves": self.waves, "stopped": self.stopped, "stop_reason": self.stop_reason, "failures": self.failures,
+            "deployment_id": self.deployment_id,
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "waves": self.waves,
+            "stopped": self.stopped,
+            "stop_reason": self.stop_reason,
+            "failures": self.failures,
             "devices": {d: r.__dict__ for d, r in sorted(self.results.items())},
         }
 
@@ -95,7 +101,7 @@ def plan_waves(devices: Sequence[str], canary: int, wave_size: int | None = None
         waves.append(devs[:canary])
         devs = devs[canary:]
     step = wave_size or max(len(devs), 1)
-    waves += [devs[i:i + step] for i in range(0, len(devs), step)]
+    waves += [devs[i : i + step] for i in range(0, len(devs), step)]
     return [w for w in waves if w]
 
 
@@ -208,7 +214,9 @@ def deploy(
                     continue
                 ev, detail = got[d]
                 if ev == "deploy_failed":
-                    roll.results[d] = DeviceResult(d, i, "failed", str(detail.get("reason") or detail.get("message")))
+                    roll.results[d] = DeviceResult(
+                        d, i, "failed", str(detail.get("reason") or detail.get("message"))
+                    )
                     continue
 
                 def shows_new(_d: str = d) -> bool:
@@ -218,12 +226,15 @@ def deploy(
                 if statuses.wait_for(shows_new, STATUS_SETTLE_S):
                     roll.results[d] = DeviceResult(d, i, "deployed", "", m.version)
                 else:
-                    roll.results[d] = DeviceResult(d, i, "failed", "reported deployed but its status does not show"
-                                                   " the new model")
+                    roll.results[d] = DeviceResult(
+                        d, i, "failed", "reported deployed but its status does not show the new model"
+                    )
             if roll.failures > max_failures:
                 roll.stopped = True
-                roll.stop_reason = (f"{roll.failures} failure(s) in {kind} {i} exceed --max-failures {max_failures};"
-                                    " the remaining devices were not touched")
+                roll.stop_reason = (
+                    f"{roll.failures} failure(s) in {kind} {i} exceed --max-failures {max_failures};"
+                    " the remaining devices were not touched"
+                )
                 for later in waves[i:]:
                     for d in later:
                         roll.results[d] = DeviceResult(d, None, "not_reached", "rollout stopped")

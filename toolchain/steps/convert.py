@@ -144,7 +144,11 @@ def calibration_batches(calib: np.ndarray, batch: int, progress: bool, desc: str
     from toolchain.tfenv import terminal_stderr
 
     bar = tqdm(
-        total=len(calib), desc=desc, unit="sample", disable=None if progress else True, leave=False,
+        total=len(calib),
+        desc=desc,
+        unit="sample",
+        disable=None if progress else True,
+        leave=False,
         file=terminal_stderr(),
     )
     try:
