@@ -85,9 +85,12 @@ def test_feature_kind_depends_on_size() -> None:
     assert FeatureSpec.for_input((8, 8, 1)).kind == "elements"
     spec = FeatureSpec.for_input((32, 32, 3))
     assert spec.kind == "image_summary" and spec.names[:2] == ("c0_mean", "c0_std")
-    x = np.random.default_rng(0).random((5, 32, 32, 3))
+    x = np.random.default_rng(0).random((5, 32, 32, 3)) * 255
     f = spec.extract(x)
-    assert f.shape == (5, 12) and np.allclose(f[:, 0], x[..., 0].reshape(5, -1).mean(1))
+    assert f.shape == (5, 12)
+    per_c = x.reshape(5, -1, 3)
+    want = np.stack([per_c.mean(1), per_c.std(1), per_c.min(1), per_c.max(1)], axis=2).reshape(5, -1)
+    assert np.allclose(f, want, rtol=1e-5, atol=1e-3)  # float32 pixels, float64 summaries
 
 
 def test_baseline_round_trip_and_tamper_detection(digits: dict) -> None:
