@@ -180,6 +180,19 @@ def _str(v: Any, what: str, max_len: int = 256) -> str:
     return v
 
 
+def _origin(d: Mapping[str, Any], topic_device: str | None, topic_fleet: str | None) -> tuple[str, str]:
+    """Return the payload's (device_id, fleet), which must equal the topic's when it is known."""
+    device = check_id(d["device_id"], "device_id")
+    fleet = check_id(d["fleet"], "fleet")
+    if topic_device is not None and device != topic_device:
+        raise TelemetryError(
+            f"payload device_id {device!r} does not match the topic's {topic_device!r} (spoofed?)"
+        )
+    if topic_fleet is not None and fleet != topic_fleet:
+        raise TelemetryError(f"payload fleet {fleet!r} does not match the topic's {topic_fleet!r}")
+    return device, fleet
+
+
 # --------------------------------------------------------------------------------------------------
 # Model identity
 
@@ -344,14 +357,7 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
     if d.get("type") != "stats":
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'stats'")
     _keys(d, STATS_REQUIRED, set(), "stats")
-    device = check_id(d["device_id"], "device_id")
-    fleet = check_id(d["fleet"], "fleet")
-    if topic_device is not None and device != topic_device:
-        raise TelemetryError(
-            f"payload device_id {device!r} does not match the topic's {topic_device!r} (spoofed?)"
-        )
-    if topic_fleet is not None and fleet != topic_fleet:
-        raise TelemetryError(f"payload fleet {fleet!r} does not match the topic's {topic_fleet!r}")
+    device, fleet = _origin(d, topic_device, topic_fleet)
     start = parse_utc(d["window_start"], "window_start")
     end = parse_utc(d["window_end"], "window_end")
     if end < start:
@@ -459,14 +465,7 @@ def decode_status(
         {"target", "deployment"},
         "status",
     )
-    device = check_id(d["device_id"], "device_id")
-    fleet = check_id(d["fleet"], "fleet")
-    if topic_device is not None and device != topic_device:
-        raise TelemetryError(
-            f"payload device_id {device!r} does not match the topic's {topic_device!r} (spoofed?)"
-        )
-    if topic_fleet is not None and fleet != topic_fleet:
-        raise TelemetryError(f"payload fleet {fleet!r} does not match the topic's {topic_fleet!r}")
+    device, fleet = _origin(d, topic_device, topic_fleet)
     if d["state"] not in ("online", "offline"):
         raise TelemetryError(f"status state {str(d['state'])[:20]!r} must be 'online' or 'offline'")
     dep = d.get("deployment")
@@ -530,14 +529,7 @@ def decode_event(raw: bytes, topic_device: str | None = None, topic_fleet: str |
     if d.get("type") != "event":
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'event'")
     _keys(d, {"schema", "type", "device_id", "fleet", "event", "ts", "message", "detail"}, set(), "event")
-    device = check_id(d["device_id"], "device_id")
-    fleet = check_id(d["fleet"], "fleet")
-    if topic_device is not None and device != topic_device:
-        raise TelemetryError(
-            f"payload device_id {device!r} does not match the topic's {topic_device!r} (spoofed?)"
-        )
-    if topic_fleet is not None and fleet != topic_fleet:
-        raise TelemetryError(f"payload fleet {fleet!r} does not match the topic's {topic_fleet!r}")
+    device, fleet = _origin(d, topic_device, topic_fleet)
     ev = _str(d["event"], "event", 41)
     if not EVENT_NAMES_RE.match(ev):
         raise TelemetryError("event name must be lowercase snake_case")
