@@ -116,7 +116,7 @@ def run_demo(
     from toolchain.steps.data import load_dataset
     from toolchain.steps.train import train_model
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # agent configs resolve relative paths against their own folder
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

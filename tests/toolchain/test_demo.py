@@ -19,7 +19,9 @@ from device_agent.keys import load_trusted_keys
 def test_demo_flags_the_shifted_device_only(tmp_path: Path, cli_env: dict[str, str]) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "toolchain.cli", "demo", "--out", str(out), "--json", "--epochs", "15"],
+        # A relative --out, as `./run demo` uses: agent configs must not resolve it against their own folder.
+        [sys.executable, "-m", "toolchain.cli", "demo", "--out", "demo", "--json", "--epochs", "15"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         env=cli_env,
