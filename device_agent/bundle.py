@@ -349,24 +349,21 @@ class VerifyPolicy:
     max_bytes: int | None = None
 
 
-def verify_bundle(bundle_dir: str | os.PathLike[str], policy: VerifyPolicy | None = None) -> Manifest:
-    """Verify a bundle completely and return its manifest.
+def check_manifest_policy(
+    raw: bytes, sig: bytes | None, policy: VerifyPolicy, source: str = "bundle"
+) -> Manifest:
+    """Apply the device's policy to manifest bytes alone; return the parsed manifest.
 
-    Checks, in order: manifest size and schema, the signature (when keys are trusted), target,
-    anti-rollback version floor, total size cap, then every file: a regular file (no symlink) inside
-    the bundle with the listed size and sha256, and no file that the manifest does not list.
+    Checks the signature (when keys are trusted), schema, target, anti-rollback version floor and
+    total size cap: everything that can be decided before any model file is read or downloaded.
     """
-    policy = policy or VerifyPolicy(allow_unsigned=True)
-    root = Path(bundle_dir)
-    raw = read_manifest_bytes(root)
-    sig_path = root / SIGNATURE_FILE
     if policy.trusted_keys:
-        if sig_path.is_symlink() or not sig_path.is_file():
+        if sig is None:
             raise BundleError(
-                f"bundle {str(root)!r} is unsigned but this device trusts signing keys; sign it with"
+                f"{source} is unsigned but this device trusts signing keys; sign it with"
                 " 'edgefleet build --sign-key KEY'"
             )
-        verify_signature(raw, sig_path.read_bytes()[:4096], policy.trusted_keys)
+        verify_signature(raw, sig, policy.trusted_keys)
     elif not policy.allow_unsigned:
         raise BundleError(
             "no trusted key is configured and allow_unsigned is false; set [agent] trusted_keys"
@@ -382,6 +379,24 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], policy: VerifyPolicy | Non
     total = sum(f.size_bytes for f in manifest.files)
     if policy.max_bytes is not None and total > policy.max_bytes:
         raise BundleError(f"bundle holds {total} bytes, more than the cap of {policy.max_bytes}")
+    return manifest
+
+
+def verify_bundle(bundle_dir: str | os.PathLike[str], policy: VerifyPolicy | None = None) -> Manifest:
+    """Verify a bundle completely and return its manifest.
+
+    Checks, in order: manifest size and schema, the signature (when keys are trusted), target,
+    anti-rollback version floor, total size cap, then every file: a regular file (no symlink) inside
+    the bundle with the listed size and sha256, and no file that the manifest does not list.
+    """
+    policy = policy or VerifyPolicy(allow_unsigned=True)
+    root = Path(bundle_dir)
+    raw = read_manifest_bytes(root)
+    sig_path = root / SIGNATURE_FILE
+    sig = None
+    if not sig_path.is_symlink() and sig_path.is_file():
+        sig = sig_path.read_bytes()[:4096]
+    manifest = check_manifest_policy(raw, sig, policy, f"bundle {str(root)!r}")
     listed = {f.path for f in manifest.files}
     allowed = listed | {MANIFEST_FILE, SIGNATURE_FILE}
     for p in _walk(root):

@@ -65,11 +65,10 @@ from device_agent.bundle import (
     BundleError,
     Manifest,
     VerifyPolicy,
+    check_manifest_policy,
     load_manifest,
     manifest_sha256,
-    parse_manifest,
     verify_bundle,
-    verify_signature,
 )
 from device_agent.errors import AgentError
 from device_agent.store import (
@@ -325,27 +324,11 @@ def check_manifest(
             raise UpdateError(
                 f"manifest.json has sha256 {got[:12]}..., the command names {cmd.sha256[:12]}..."
             )
-    if policy.trusted_keys:
-        if sig is None:
-            raise UpdateError(
-                "bundle is unsigned but this device trusts signing keys; sign it with --sign-key"
-            )
-        verify_signature(raw, sig, policy.trusted_keys)
-    elif not policy.allow_unsigned:
-        raise UpdateError(
-            "no trusted key is configured and allow_unsigned is false; set [agent] trusted_keys"
-        )
-    m = parse_manifest(raw)
-    if policy.target is not None and m.target != policy.target:
-        raise UpdateError(f"bundle is built for target {m.target!r}, this device is {policy.target!r}")
-    if policy.min_version_exclusive is not None and m.version <= policy.min_version_exclusive:
-        raise UpdateError(
-            f"bundle version {m.version} is not newer than the active version {policy.min_version_exclusive};"
-            " to roll back, re-sign the old model under a higher --version"
-        )
+    try:
+        m = check_manifest_policy(raw, sig, policy, "bundle")
+    except BundleError as e:
+        raise UpdateError(str(e)) from None
     total = sum(f.size_bytes for f in m.files)
-    if policy.max_bytes is not None and total > policy.max_bytes:
-        raise UpdateError(f"bundle holds {total} bytes, more than the cap of {policy.max_bytes}")
     if cmd is not None and (m.name, m.version, total) != (cmd.name, cmd.version, cmd.size_bytes):
         raise UpdateError(
             f"manifest says {m.name} v{m.version} ({total} bytes), the command says"
