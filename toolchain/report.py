@@ -131,16 +131,13 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Return an aligned plain-text table."""
-    widths = [
-        max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
-        for i, h in enumerate(headers)
-    ]
-    line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join([line, sep, *body])
+def text_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """Return an aligned plain-text table; ``None`` cells show as ``-``."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def summary_table(report: dict[str, Any]) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from toolchain.report import text_table
+
 DB_HELP = "Fleet database: sqlite:///PATH (default sqlite:///fleet.db) or postgresql://user@host:port/db."
 EX_CONFIG = 78
 
@@ -188,15 +190,6 @@ def register_cmd(bundle: str, db_url: str, settings: tuple[str, ...], as_json: b
 # status / drift / report
 
 
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    """Format rows as an aligned plain-text table."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _ago(ts: float, now: float) -> str:
     s = max(now - ts, 0)
     if s < 120:
@@ -254,7 +247,7 @@ def status_cmd(db_url: str, as_json: bool) -> None:
         if show_dep:
             line.append(r["deployment_state"])
         out.append(line)
-    click.echo(table(headers, out) if rows else "no devices yet")
+    click.echo(text_table(headers, out) if rows else "no devices yet")
     if q["count"]:
         click.echo(f"\n{q['count']} message(s) quarantined; latest: {q['latest'][0]['reason']}")
 
@@ -338,7 +331,7 @@ def drift_cmd(
             ]
             for r in rows
         ]
-    click.echo(table(headers, out))
+    click.echo(text_table(headers, out))
 
 
 @fleet_cmd.command("report")
