@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-postgres", action="store_true")
     ap.add_argument("--group-size", type=int, default=2, help="collectors in the shared-group run (0: skip)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--skip-sqlite", action="store_true", help="only the bare subscriber and PostgreSQL (profiling)"
+    )
     args = ap.parse_args(argv)
 
     from toolchain.fleet.registry import register_bundle
@@ -272,23 +275,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         sqlite_url = f"sqlite:///{work / 'fleet.db'}"
         register_bundle(sqlite_url, bundle)
-        results["sqlite"] = run_phase(
-            "sqlite",
-            [(collector, (sqlite_url, port, None, 0))],
-            port,
-            payload_file,
-            args.publishers,
-            total,
-            work,
-        )
-        if args.group_size > 1:
+        if not args.skip_sqlite:
+            results["sqlite"] = run_phase(
+                "sqlite",
+                [(collector, (sqlite_url, port, None, 0))],
+                port,
+                payload_file,
+                args.publishers,
+                total,
+                work,
+            )
+        if args.group_size > 1 and not args.skip_sqlite:
             url2 = f"sqlite:///{work / 'fleet-group.db'}"
             register_bundle(url2, bundle)
             members = [(collector, (url2, port, "bench", k)) for k in range(args.group_size)]
             results["sqlite-group"] = run_phase(
                 "sqlite-group", members, port, payload_file, args.publishers, total, work
             )
-        dbs = {"sqlite": sqlite_url}
+        dbs = {} if args.skip_sqlite else {"sqlite": sqlite_url}
         if not args.skip_postgres:
             from tests.conftest import Postgres
 

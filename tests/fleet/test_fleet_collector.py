@@ -190,11 +190,26 @@ def _start_cli_collector(
             "--no-alerts",
             "--batch-size",
             "20",
+            "--decode-workers",
+            "1",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(log, "ab"),
     )
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 @pytest.mark.timeout(240)
@@ -208,15 +223,21 @@ def test_sigkill_and_restart_loses_no_acknowledged_window(
     # Wait until the collector has its (persistent) session: it stores a status message.
     pub.publish(*status_payload("dev-k", model_ref), retain=True)
     wait_for(lambda: count_rows(sqlite_url, "devices") == 1, 60, "the collector to subscribe")
-    total = 400
+    total = 1000
     profiles = [make_window(20, seed=i) for i in range(8)]
     msgs = [stats_payload(f"dev-{i % 10}", i // 10, model_ref, profiles[i % 8]) for i in range(total)]
     feeder = threading.Thread(target=pub.publish_all, args=(msgs,))
     feeder.start()
-    for kill_at in (60, 200):
+    for _ in range(2):
+        # Kill each instance once it has stored some windows of its own, mid-stream.
+        kill_at = count_rows(sqlite_url, "windows") + 60
         wait_for(lambda k=kill_at: count_rows(sqlite_url, "windows") >= k, 120, f"{kill_at} stored windows")
+        workers = _children(proc.pid)
+        assert workers, f"kill at {kill_at}: no decode worker; log: {log.read_text()[-1500:]}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
+        # Its decode workers notice the collector is gone and exit instead of lingering.
+        wait_for(lambda w=workers: not any(Path(f"/proc/{p}").exists() for p in w), 20, "orphaned workers")
         stored = count_rows(sqlite_url, "windows")
         assert stored < total, "the kill came too late to prove anything"
         proc = _start_cli_collector(cli_env, mosquitto.url, sqlite_url, log, "kill-test")
@@ -307,3 +328,38 @@ def test_database_outage_delays_but_loses_nothing(
     wait_for(lambda: count_rows(sqlite_url, "windows") == 20, 60, "every window after the outage")
     pub.close()
     assert c.counters.quarantined == 0
+
+
+def test_a_dead_decode_worker_loses_nothing(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory, count_rows
+) -> None:
+    """SIGKILL the decode worker process: the collector decodes in process from then on, loses nothing."""
+    register_bundle(sqlite_url, bundle[0])
+    c = collector_factory(sqlite_url, mosquitto.url, client_id="pool-test", decode_workers=1)
+    profiles = [make_window(20, seed=i) for i in range(4)]
+    msgs = [stats_payload(f"dev-{i % 5}", i // 5, model_ref, profiles[i % 4]) for i in range(200)]
+    pub = Publisher(mosquitto.url)
+    pub.publish_all(msgs[:100])
+    wait_for(lambda: count_rows(sqlite_url, "windows") == 100, 60, "the first 100 windows")
+    assert c.decode_pool is not None
+    pids = wait_for(c.decode_pool.pids, 10, "a decode worker")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    pub.publish_all(msgs[100:])
+    assert pub.wait_acked(30)
+    pub.close()
+    wait_for(lambda: count_rows(sqlite_url, "windows") == 200, 60, "all 200 windows")
+    assert c.decode_pool.failed and c.counters.quarantined == 0 and c.counters.stored == 200
+
+
+def test_collector_without_decode_workers_stores_the_same(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory, count_rows
+) -> None:
+    register_bundle(sqlite_url, bundle[0])
+    c = collector_factory(sqlite_url, mosquitto.url, client_id="nopool-test", decode_workers=0)
+    pub = Publisher(mosquitto.url)
+    pub.publish_all([stats_payload("dev-1", seq, model_ref, make_window(30, seed=seq)) for seq in range(30)])
+    assert pub.wait_acked(30)
+    pub.close()
+    wait_for(lambda: count_rows(sqlite_url, "windows") == 30, 30, "30 windows")
+    assert c.decode_pool is not None and c.decode_pool.pids() == [] and c.counters.stored == 30

@@ -154,3 +154,19 @@ def test_packed_layout_round_trips(setup, make_window) -> None:
     assert np.array_equal(back.inputs.counts, prof.inputs.counts)
     assert np.array_equal(back.class_counts, prof.class_counts)
     assert np.allclose(back.inputs.mean, prof.inputs.mean)
+
+
+def test_window_with_a_feature_that_saw_only_nan_packs_like_the_contract(setup, make_window) -> None:
+    """min/max/mean are null for a feature without values: the fast path fills them as the contract."""
+    base, _, ref, lookup = setup
+
+    def blank_first_pixel(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32).copy()
+        x.reshape(len(x), -1)[:, 0] = np.nan
+        return x
+
+    prof = make_window(20, seed=3, transform=blank_first_pixel)
+    _, raw = stats_payload("dev-1", 0, ref, prof)
+    assert json.loads(raw)["inputs"]["min"][0] is None
+    got = decode_window(raw, "lab", "dev-1", lookup)
+    assert (got.ints, got.floats) == contract(raw, base)

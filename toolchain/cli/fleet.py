@@ -86,6 +86,12 @@ def fleet_cmd() -> None:
     show_default=True,
     help="Most messages stored per transaction (acknowledged after its commit).",
 )
+@click.option(
+    "--decode-workers",
+    type=click.IntRange(0, 64),
+    default=None,
+    help="Processes that decode and validate windows beside the collector (default: 1 with 2+ cores; 0: none).",
+)
 def collect_cmd(
     broker_url: str,
     db_url: str,
@@ -102,6 +108,7 @@ def collect_cmd(
     no_alerts: bool,
     mqtt_version: str,
     batch_size: int,
+    decode_workers: int | None,
 ) -> None:
     """Run the collector daemon: MQTT stats/status/events into the database, drift alerts out."""
     from toolchain.fleet.collector import Collector, CollectorConfigError
@@ -127,6 +134,7 @@ def collect_cmd(
             evaluate=not no_alerts,
             batch_max=batch_size,
             protocol=mqtt_version,
+            decode_workers=decode_workers,
         )
     except CollectorConfigError as e:
         click.echo(f"Error: {e}", err=True)

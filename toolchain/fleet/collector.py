@@ -21,6 +21,7 @@ messages to shared subscriptions and every collector should know every device's 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import ssl
@@ -41,7 +42,8 @@ from device_agent.telemetry import (
 )
 from toolchain.errors import ToolchainError
 from toolchain.fleet.alerts import Evaluator
-from toolchain.fleet.fastpath import Refused, decode_window
+from toolchain.fleet.decodepool import DecodePool, default_workers
+from toolchain.fleet.fastpath import FastWindow, Refused, decode_window
 from toolchain.fleet.registry import BaselineCache, BundleDirectory, RegistryError, register_bundle
 from toolchain.fleet.storage import StorageError, Store, dumps, open_store, pack_profile
 
@@ -56,6 +58,7 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 PROBE_TIMEOUT_S = 5.0  # how long to wait for a CONNACK when finding out the broker's MQTT version
 QUARANTINE_HEAD_BYTES = 512
 EVAL_EVERY_S = 1.0  # evaluations run at most this often per batch loop, after the acks
+_DECODE_HERE = object()  # Ingestor.process: no pre-decoded result, run the fast path in this process
 
 
 class CollectorFailure(ToolchainError):
@@ -189,17 +192,23 @@ class Ingestor:
             " VALUES (?, ?, ?, ?, ?)"
         )
 
-    def process(self, batch: list[Incoming]) -> BatchResult:
-        """Decode, validate and store a batch in one transaction; raise on a database error."""
+    def process(self, batch: list[Incoming], decoded: list[FastWindow | None] | None = None) -> BatchResult:
+        """Decode, validate and store a batch in one transaction; raise on a database error.
+
+        ``decoded`` holds what a ``DecodePool`` worker made of each message: a FastWindow, or None
+        for "judge it here with the contract decoders" (a non-stats message, a refusal, a worker
+        without the baseline). Without it the fast path runs here.
+        """
         windows: list[tuple[Any, ...]] = []
         seen: dict[tuple[str, str], tuple[Any, ...]] = {}
         statuses: list[tuple[Any, ...]] = []
         events: list[tuple[Any, ...]] = []
         bad: list[tuple[Any, ...]] = []
         res = BatchResult()
-        for m in batch:
+        for i, m in enumerate(batch):
             try:
-                self._one(m, windows, seen, statuses, events, res)
+                pre = decoded[i] if decoded is not None else _DECODE_HERE
+                self._one(m, pre, windows, seen, statuses, events, res)
             except DatabaseDown:
                 raise
             except (TelemetryError, ValueError) as e:
@@ -250,6 +259,7 @@ class Ingestor:
     def _one(
         self,
         m: Incoming,
+        pre: FastWindow | None | object,
         windows: list[tuple[Any, ...]],
         seen: dict[tuple[str, str], tuple[Any, ...]],
         statuses: list[tuple[Any, ...]],
@@ -259,10 +269,14 @@ class Ingestor:
         fleet, device, kind = parse_topic(m.topic)
         now = m.received_at
         if kind == "stats":
-            try:
-                fw = decode_window(m.payload, fleet, device, self._layout_of)
-            except Refused:
-                fw = None
+            fw: FastWindow | None = None
+            if isinstance(pre, FastWindow):
+                fw = pre
+            elif pre is _DECODE_HERE:
+                try:
+                    fw = decode_window(m.payload, fleet, device, self._layout_of)
+                except Refused:
+                    fw = None
             if fw is not None:
                 windows.append(
                     (
@@ -410,6 +424,7 @@ class Collector:
         protocol: str = "auto",
         batch_max: int = BATCH_MAX,
         batch_wait_s: float = BATCH_WAIT_S,
+        decode_workers: int | None = None,
     ) -> None:
         self.db_url = db_url
         self.broker = parse_broker_url(broker_url)
@@ -448,6 +463,9 @@ class Collector:
         self._connect_kw: dict[str, Any] = {}
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
+        if decode_workers is not None and decode_workers < 0:
+            raise CollectorConfigError(f"decode workers must be 0 or more, not {decode_workers}")
+        self.decode_workers = default_workers(os.cpu_count()) if decode_workers is None else decode_workers
         self.counters = Counters()
         self._q: queue.Queue[Incoming] = queue.Queue()
         self._stop = threading.Event()
@@ -460,6 +478,8 @@ class Collector:
         self._pending_eval: dict[tuple[str, str], tuple[int, str]] = {}
         self._fatal: BaseException | None = None
         self._stopped = False
+        self._last_eval = 0.0
+        self.decode_pool: DecodePool | None = None
 
     # ---------------------------------------------------------------------------------------------
     # MQTT
@@ -672,9 +692,9 @@ class Collector:
     # ---------------------------------------------------------------------------------------------
     # Worker
 
-    def _take(self) -> list[Incoming]:
+    def _take(self, wait_s: float = 0.2) -> list[Incoming]:
         try:
-            first = self._q.get(timeout=0.2)
+            first = self._q.get(timeout=wait_s) if wait_s > 0 else self._q.get_nowait()
         except queue.Empty:
             return []
         batch = [first]
@@ -688,59 +708,85 @@ class Collector:
         return batch
 
     def _run(self) -> None:
+        pool = self.decode_pool = DecodePool(self.db_url, self.decode_workers)
         try:
-            self._run_loop()
+            pool.start()
+            self._run_loop(pool)
         except BaseException as e:  # noqa: BLE001 - report it; run_forever turns it into an exit code
             log.exception("the collector's worker failed")
             self._fatal = CollectorFailure(f"the collector's worker failed: {type(e).__name__}: {e}")
             self._stop.set()
+        finally:
+            pool.close()
 
-    def _run_loop(self) -> None:
+    def _run_loop(self, pool: DecodePool) -> None:
+        """Take batches; while one is stored and acknowledged here, the next is decoded in the pool.
+
+        On stop the batch in hand is finished and acknowledged; a batch still being decoded and
+        whatever is queued stay unacknowledged and are redelivered by the broker to this client id.
+        """
         assert self._store is not None
         store = self._store
         baselines = BaselineCache(store)
         ingestor = Ingestor(store, baselines, self.counters)
         evaluator = Evaluator(store, baselines, sink=self)
-        last_eval = 0.0
-        # On stop: the batch in hand is finished and acknowledged; whatever is still queued stays
-        # unacknowledged and is redelivered by the broker to this client id.
+        self._last_eval = 0.0
+        ahead: tuple[list[Incoming], Any] | None = None  # taken and being decoded, not yet stored
         while not self._stop.is_set():
-            batch = self._take()
-            if not batch:
-                if self._pending_eval and time.monotonic() - last_eval > EVAL_EVERY_S:
-                    self._evaluate(evaluator, baselines)
-                    last_eval = time.monotonic()
-                continue
-            attempt = 0
-            while True:
-                try:
-                    res = ingestor.process(batch)
-                    break
-                except Exception as e:  # noqa: BLE001 - a database outage must not lose the batch
-                    self.counters.db_errors += 1
-                    delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                    log.error(
-                        "storing a batch of %d failed (%s); retrying in %.1f s",
-                        len(batch),
-                        str(e)[:200],
-                        delay,
-                    )
-                    attempt += 1
-                    if self._stop.wait(delay):
-                        return  # unacknowledged: the broker redelivers them to the next collector
-            gen = self._generation
-            for m in batch:
-                if m.qos > 0 and m.generation == gen:
-                    self._client.ack(m.mid, m.qos)
-            for model in res.unknown_models:
-                self._auto_register(store, baselines, model)
-            if self.evaluate_enabled:
-                for key, (n, sha) in res.touched.items():
-                    prev_n, prev_sha = self._pending_eval.get(key, (0, sha))
-                    self._pending_eval[key] = (prev_n + n if prev_sha == sha else n, sha)
-                if time.monotonic() - last_eval > EVAL_EVERY_S:
-                    self._evaluate(evaluator, baselines)
-                    last_eval = time.monotonic()
+            # With a batch in the pool, only look for more without waiting, then store the batch.
+            batch = self._take(0.0 if ahead is not None else 0.2)
+            nxt = (batch, pool.submit([(m.topic, m.payload) for m in batch])) if batch else None
+            if ahead is not None:
+                if not self._store_batch(
+                    ingestor, store, baselines, evaluator, ahead[0], pool.result(ahead[1])
+                ):
+                    return
+            elif not batch and self._pending_eval and time.monotonic() - self._last_eval > EVAL_EVERY_S:
+                self._evaluate(evaluator, baselines)
+                self._last_eval = time.monotonic()
+            ahead = nxt
+
+    def _store_batch(
+        self,
+        ingestor: Ingestor,
+        store: Store,
+        baselines: BaselineCache,
+        evaluator: Evaluator,
+        batch: list[Incoming],
+        decoded: list[FastWindow | None] | None,
+    ) -> bool:
+        """Store, acknowledge, and evaluate when due; False when stopped while the database is down."""
+        attempt = 0
+        while True:
+            try:
+                res = ingestor.process(batch, decoded)
+                break
+            except Exception as e:  # noqa: BLE001 - a database outage must not lose the batch
+                self.counters.db_errors += 1
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                log.error(
+                    "storing a batch of %d failed (%s); retrying in %.1f s",
+                    len(batch),
+                    str(e)[:200],
+                    delay,
+                )
+                attempt += 1
+                if self._stop.wait(delay):
+                    return False  # unacknowledged: the broker redelivers them to the next collector
+        gen = self._generation
+        for m in batch:
+            if m.qos > 0 and m.generation == gen:
+                self._client.ack(m.mid, m.qos)
+        for model in res.unknown_models:
+            self._auto_register(store, baselines, model)
+        if self.evaluate_enabled:
+            for key, (n, sha) in res.touched.items():
+                prev_n, prev_sha = self._pending_eval.get(key, (0, sha))
+                self._pending_eval[key] = (prev_n + n if prev_sha == sha else n, sha)
+            if time.monotonic() - self._last_eval > EVAL_EVERY_S:
+                self._evaluate(evaluator, baselines)
+                self._last_eval = time.monotonic()
+        return True
 
     def _evaluate(self, evaluator: Evaluator, baselines: BaselineCache) -> None:
         try:

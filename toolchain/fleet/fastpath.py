@@ -6,6 +6,8 @@ message; the collector's goal is more than a thousand windows a second on two sh
 module checks the same rules with C-level JSON parsing, list comparisons and numpy, and returns the
 packed arrays the database stores directly.
 
+The JSON parser is orjson when it is installed (the ``host`` extra installs it), else ``json``.
+
 Rules (those of the contract): size limit; UTF-8 JSON without NaN/Infinity; an object with
 ``schema`` 1 and ``type`` "stats"; exactly the known keys; ids valid and equal to the topic's;
 ISO-8601 UTC times, end not before start; integers where integers belong (no booleans, no floats);
@@ -21,6 +23,7 @@ checks the two paths agree on accepted windows and on many corruptions of them.
 
 from __future__ import annotations
 
+import array
 import json
 import re
 from collections.abc import Callable
@@ -67,6 +70,18 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+def _stdlib_loads(raw: bytes) -> Any:
+    return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+
+
+try:  # orjson parses a 5 KB window about 3.5 times faster than json; same strictness for our use
+    import orjson  # (no NaN/Infinity, UTF-8 only, a depth limit; ints beyond 64 bit become floats,
+except ImportError:  # which the integer checks then refuse and the contract decoder judges)
+    _loads: Callable[[bytes], Any] = _stdlib_loads
+else:
+    _loads = orjson.loads
+
+
 def _is_int(v: Any) -> bool:
     return type(v) is int
 
@@ -90,40 +105,50 @@ def _time(v: Any) -> float:
 
 
 def _floats(vals: list[Any], fill: float) -> np.ndarray:
-    # Booleans were ruled out for the whole payload; strings or nested lists give a non-numeric dtype.
-    a = np.array([fill if v is None else v for v in vals] if None in vals else vals)
-    if a.dtype.kind not in "if" or a.ndim != 1:
-        raise Refused("float")
-    a = a.astype(np.float64)
-    if not np.isfinite(a[np.array([v is not None for v in vals])] if None in vals else a).all():
+    """Numbers (ints or floats, finite) as float64; None becomes ``fill``; anything else is refused."""
+    present = None
+    try:
+        try:
+            a = np.frombuffer(array.array("d", vals))
+        except TypeError:  # None (a feature without values) or a string, list, dict
+            present = np.array([v is not None for v in vals])
+            a = np.frombuffer(array.array("d", [fill if v is None else v for v in vals]))
+    except (TypeError, OverflowError):  # garbage, or an int beyond the float range
+        raise Refused("float") from None
+    if not np.isfinite(a if present is None else a[present]).all():
         raise Refused("float")
     return a
 
 
 def _ints(vals: list[Any]) -> np.ndarray:
+    """Python ints as int64; a float, None, string, list or an int beyond 64 bit is refused.
+
+    ``array.array("q")`` converts each item strictly (no float truncation) and about twice as fast
+    as ``np.array`` with its dtype inference. Booleans were ruled out for the whole payload.
+    """
     try:
-        a = np.array(vals)
-    except (ValueError, OverflowError):
+        return np.frombuffer(array.array("q", vals), dtype=np.int64)
+    except (TypeError, OverflowError):
         raise Refused("ints") from None
-    if a.dtype.kind != "i" or a.ndim != 1:
-        raise Refused("ints")
-    return a.astype(np.int64)
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """Where the three feature sets' values go in the packed vectors (cached per layout)."""
+    """How a window's values map onto the packed vectors of a layout (cached per layout).
+
+    The decoder concatenates the integer lists of a window as ``count + nan + histograms + class
+    counts`` (features of the three sets in order) and the float lists as ``min + max + mean + m2``;
+    ``int_gather`` and ``float_gather`` pick every packed position's value from those in one numpy
+    take. Histogram padding points at one extra zero appended to the integers.
+    """
 
     sizes: tuple[int, ...]  # features per set
     want: list[int]  # histogram length of every feature of every set, in order
     seg_starts: np.ndarray  # start of each histogram in the flattened histograms
-    pos_hist: np.ndarray  # positions of the flattened histograms in the ints vector
-    pos_count: np.ndarray
-    pos_nan: np.ndarray
-    pos_class: np.ndarray
-    pos_floats: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # min, max, mean, m2
-    n_ints: int
-    n_floats: int
+    n_features: int
+    n_hist: int
+    int_gather: np.ndarray
+    float_gather: np.ndarray
 
 
 _PLANS: dict[int, tuple[Layout, _Plan]] = {}
@@ -135,40 +160,43 @@ def _plan(layout: Layout) -> _Plan:
         return got[1]
     sizes: list[int] = []
     want: list[int] = []
-    pos_hist: list[int] = []
-    pos_count: list[int] = []
-    pos_nan: list[int] = []
-    pos_f: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
-    io = fo = 0
-    for name, f, w in layout.parts:
-        fp = getattr(layout.template, name)
-        lengths = (fp.nedges + 1).tolist()
+    for name, f, _w in layout.parts:
         sizes.append(f)
-        want += lengths
+        want += (getattr(layout.template, name).nedges + 1).tolist()
+    nf, nh = sum(sizes), sum(want)
+    # Source offsets in the concatenated integers: count, nan, flat histograms, classes, one zero.
+    src_count, src_nan, src_hist, src_class, zero = 0, nf, 2 * nf, 2 * nf + nh, 2 * nf + nh + layout.n_classes
+    ig = np.full(layout.n_ints, zero, dtype=np.int64)
+    fg = np.empty(layout.n_floats, dtype=np.int64)
+    io = fo = feat = h = 0
+    for (_name, f, w), lengths in zip(layout.parts, _split(want, sizes), strict=True):
         for j, n in enumerate(lengths):
-            pos_hist += range(io + j * w, io + j * w + n)
+            ig[io + j * w : io + j * w + n] = np.arange(src_hist + h, src_hist + h + n)
+            h += n
         io += f * w
-        pos_count += range(io, io + f)
+        ig[io : io + f] = np.arange(src_count + feat, src_count + feat + f)
         io += f
-        pos_nan += range(io, io + f)
+        ig[io : io + f] = np.arange(src_nan + feat, src_nan + feat + f)
         io += f
-        for k in range(4):
-            pos_f[k].extend(range(fo + k * f, fo + (k + 1) * f))
+        for k in range(4):  # min, max, mean, m2 of this set's features
+            fg[fo + k * f : fo + (k + 1) * f] = np.arange(k * nf + feat, k * nf + feat + f)
         fo += 4 * f
-    plan = _Plan(
-        tuple(sizes),
-        want,
-        np.r_[0, np.cumsum(want)[:-1]].astype(np.int64),
-        np.array(pos_hist),
-        np.array(pos_count),
-        np.array(pos_nan),
-        np.arange(io, io + layout.n_classes),
-        tuple(np.array(p) for p in pos_f),  # type: ignore[arg-type]
-        layout.n_ints,
-        layout.n_floats,
-    )
+        feat += f
+    ig[io : io + layout.n_classes] = np.arange(src_class, src_class + layout.n_classes)
+    plan = _Plan(tuple(sizes), want, np.r_[0, np.cumsum(want)[:-1]].astype(np.int64), nf, nh, ig, fg)
     _PLANS[id(layout)] = (layout, plan)
     return plan
+
+
+def _split(values: list[int], sizes: list[int]) -> list[list[int]]:
+    out, i = [], 0
+    for n in sizes:
+        out.append(values[i : i + n])
+        i += n
+    return out
+
+
+_FILLS = (np.inf, -np.inf, 0.0, 0.0)  # what min, max, mean, m2 of a feature without values are
 
 
 def _pack_sets(states: tuple[Any, Any, Any], cc: Any, layout: Layout) -> tuple[bytes, bytes]:
@@ -184,31 +212,40 @@ def _pack_sets(states: tuple[Any, Any, Any], cc: Any, layout: Layout) -> tuple[b
                 raise Refused("fsp length")
             acc += v
     hist = lists["hist"]
-    if [len(h) if type(h) is list else -1 for h in hist] != plan.want:
+    try:  # a non-list of the right length (a string, a dict) then fails the integer conversion
+        lengths = list(map(len, hist))
+    except TypeError:
+        raise Refused("hist length") from None
+    if lengths != plan.want:
         raise Refused("hist length")
-    flat = _ints(list(chain.from_iterable(hist)))
-    count = _ints(lists["count"])
-    nan = _ints(lists["nan"])
     if type(cc) is not list or len(cc) != layout.n_classes:
         raise Refused("class counts")
-    classes = _ints(cc) if cc else np.zeros(0, dtype=np.int64)
-    if flat.min() < 0 or count.min() < 0 or nan.min() < 0 or (classes.size and classes.min() < 0):
+    # One conversion for every integer of the window: a float, string, None or nested list anywhere
+    # gives a non-integer dtype (booleans were ruled out for the whole payload).
+    ints_in = _ints([*lists["count"], *lists["nan"], *chain.from_iterable(hist), *cc, 0])
+    if ints_in.size and ints_in.min() < 0:
         raise Refused("negative")
-    if not np.array_equal(np.add.reduceat(flat, plan.seg_starts), count):
+    nf = plan.n_features
+    flat = ints_in[2 * nf : 2 * nf + plan.n_hist]
+    if not np.array_equal(np.add.reduceat(flat, plan.seg_starts), ints_in[:nf]):
         raise Refused("hist sum")
-    m2 = _floats(lists["m2"], 0.0)
-    if m2.min() < 0:
+    try:
+        floats_in = np.frombuffer(
+            array.array("d", [*lists["min"], *lists["max"], *lists["mean"], *lists["m2"]])
+        )
+    except TypeError:  # None for a feature without values (each list has its fill), or garbage
+        floats_in = np.concatenate(
+            [_floats(lists[k], fill) for k, fill in zip(("min", "max", "mean", "m2"), _FILLS, strict=True)]
+        )
+    except OverflowError:
+        raise Refused("float") from None
+    else:
+        if not np.isfinite(floats_in).all():
+            raise Refused("float")
+    if floats_in[3 * nf :].min() < 0:
         raise Refused("m2")
-    ints = np.zeros(plan.n_ints, dtype="<i8")
-    ints[plan.pos_hist] = flat
-    ints[plan.pos_count] = count
-    ints[plan.pos_nan] = nan
-    ints[plan.pos_class] = classes
-    floats = np.empty(plan.n_floats, dtype="<f8")
-    floats[plan.pos_floats[0]] = _floats(lists["min"], np.inf)
-    floats[plan.pos_floats[1]] = _floats(lists["max"], -np.inf)
-    floats[plan.pos_floats[2]] = _floats(lists["mean"], 0.0)
-    floats[plan.pos_floats[3]] = m2
+    ints = ints_in[plan.int_gather].astype("<i8", copy=False)
+    floats = floats_in[plan.float_gather].astype("<f8", copy=False)
     return ints.tobytes(), floats.tobytes()
 
 
@@ -225,7 +262,7 @@ def decode_window(
     if b"true" in raw or b"false" in raw:
         raise Refused("booleans")  # a valid window holds none; numpy would take them for 0 and 1
     try:
-        d = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        d = _loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise Refused("json") from None
     if type(d) is not dict or d.keys() != STATS_REQUIRED:
