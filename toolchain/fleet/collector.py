@@ -27,7 +27,9 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,10 +44,10 @@ from device_agent.telemetry import (
 )
 from toolchain.errors import ToolchainError
 from toolchain.fleet.alerts import Evaluator
-from toolchain.fleet.decodepool import DecodePool, default_workers
 from toolchain.fleet.fastpath import FastWindow, Refused, decode_window
 from toolchain.fleet.registry import BaselineCache, BundleDirectory, RegistryError, register_bundle
 from toolchain.fleet.storage import StorageError, Store, dumps, open_store, pack_profile
+from toolchain.fleet.workers import DecodePool, EvalWorker, default_workers
 
 log = logging.getLogger("edgefleet.fleet.collector")
 
@@ -57,7 +59,9 @@ KEEPALIVE_S = 30
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 PROBE_TIMEOUT_S = 5.0  # how long to wait for a CONNACK when finding out the broker's MQTT version
 QUARANTINE_HEAD_BYTES = 512
-EVAL_EVERY_S = 1.0  # evaluations run at most this often per batch loop, after the acks
+EVAL_EVERY_S = 1.0  # a round of evaluations starts at most this often
+EVAL_CHUNK = 200  # devices per evaluation (short transactions; the next chunk follows at once)
+STOP_EVAL_WAIT_S = 10.0  # on stop, wait this long for a running evaluation to publish its alerts
 _DECODE_HERE = object()  # Ingestor.process: no pre-decoded result, run the fast path in this process
 
 
@@ -424,7 +428,7 @@ class Collector:
         protocol: str = "auto",
         batch_max: int = BATCH_MAX,
         batch_wait_s: float = BATCH_WAIT_S,
-        decode_workers: int | None = None,
+        worker_processes: int | None = None,
     ) -> None:
         self.db_url = db_url
         self.broker = parse_broker_url(broker_url)
@@ -463,9 +467,11 @@ class Collector:
         self._connect_kw: dict[str, Any] = {}
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
-        if decode_workers is not None and decode_workers < 0:
-            raise CollectorConfigError(f"decode workers must be 0 or more, not {decode_workers}")
-        self.decode_workers = default_workers(os.cpu_count()) if decode_workers is None else decode_workers
+        if worker_processes is not None and worker_processes < 0:
+            raise CollectorConfigError(f"worker processes must be 0 or more, not {worker_processes}")
+        self.worker_processes = (
+            default_workers(os.cpu_count()) if worker_processes is None else worker_processes
+        )
         self.counters = Counters()
         self._q: queue.Queue[Incoming] = queue.Queue()
         self._stop = threading.Event()
@@ -479,7 +485,11 @@ class Collector:
         self._fatal: BaseException | None = None
         self._stopped = False
         self._last_eval = 0.0
+        self._eval_more = False
+        self._due_left = 0
+        self._eval_job: tuple[list[tuple[tuple[str, str], tuple[int, str]]], Future[Any]] | None = None
         self.decode_pool: DecodePool | None = None
+        self.eval_worker: EvalWorker | None = None
 
     # ---------------------------------------------------------------------------------------------
     # MQTT
@@ -708,9 +718,14 @@ class Collector:
         return batch
 
     def _run(self) -> None:
-        pool = self.decode_pool = DecodePool(self.db_url, self.decode_workers)
+        pool = self.decode_pool = DecodePool(self.db_url, self.worker_processes)
+        evalw = None
+        if self.worker_processes > 0 and self.evaluate_enabled:
+            evalw = self.eval_worker = EvalWorker(self.db_url)
         try:
             pool.start()
+            if evalw is not None:
+                evalw.start()
             self._run_loop(pool)
         except BaseException as e:  # noqa: BLE001 - report it; run_forever turns it into an exit code
             log.exception("the collector's worker failed")
@@ -718,12 +733,15 @@ class Collector:
             self._stop.set()
         finally:
             pool.close()
+            if evalw is not None:
+                evalw.close()
 
     def _run_loop(self, pool: DecodePool) -> None:
         """Take batches; while one is stored and acknowledged here, the next is decoded in the pool.
 
         On stop the batch in hand is finished and acknowledged; a batch still being decoded and
         whatever is queued stay unacknowledged and are redelivered by the broker to this client id.
+        A running evaluation is waited for, so its alerts are published before the collector leaves.
         """
         assert self._store is not None
         store = self._store
@@ -731,31 +749,33 @@ class Collector:
         ingestor = Ingestor(store, baselines, self.counters)
         evaluator = Evaluator(store, baselines, sink=self)
         self._last_eval = 0.0
-        ahead: tuple[list[Incoming], Any] | None = None  # taken and being decoded, not yet stored
+        # Batches taken and being decoded in the pool, oldest first; one more than the pool has workers.
+        ahead: deque[tuple[list[Incoming], Any]] = deque()
+        depth = max(1, pool.workers)
         while not self._stop.is_set():
-            # With a batch in the pool, only look for more without waiting, then store the batch.
-            batch = self._take(0.0 if ahead is not None else 0.2)
-            nxt = (batch, pool.submit([(m.topic, m.payload) for m in batch])) if batch else None
-            if ahead is not None:
-                if not self._store_batch(
-                    ingestor, store, baselines, evaluator, ahead[0], pool.result(ahead[1])
-                ):
-                    return
-            elif not batch and self._pending_eval and time.monotonic() - self._last_eval > EVAL_EVERY_S:
-                self._evaluate(evaluator, baselines)
-                self._last_eval = time.monotonic()
-            ahead = nxt
+            # With batches in the pool, only look for more without waiting; store the oldest when the
+            # pipeline is full or nothing new came.
+            batch = self._take(0.0 if ahead else 0.2)
+            if batch:
+                ahead.append((batch, pool.submit([(m.topic, m.payload) for m in batch])))
+            if ahead and (len(ahead) > depth or not batch or pool.failed):
+                taken, fut = ahead.popleft()
+                if not self._store_batch(ingestor, store, baselines, taken, pool.result(fut)):
+                    break
+            self._maybe_evaluate(evaluator, baselines)
+        if self._eval_job is not None:
+            wait([self._eval_job[1]], timeout=STOP_EVAL_WAIT_S)
+            self._maybe_evaluate(evaluator, baselines, collect_only=True)
 
     def _store_batch(
         self,
         ingestor: Ingestor,
         store: Store,
         baselines: BaselineCache,
-        evaluator: Evaluator,
         batch: list[Incoming],
         decoded: list[FastWindow | None] | None,
     ) -> bool:
-        """Store, acknowledge, and evaluate when due; False when stopped while the database is down."""
+        """Store and acknowledge a batch; False when stopped while the database is down."""
         attempt = 0
         while True:
             try:
@@ -781,37 +801,93 @@ class Collector:
             self._auto_register(store, baselines, model)
         if self.evaluate_enabled:
             for key, (n, sha) in res.touched.items():
-                prev_n, prev_sha = self._pending_eval.get(key, (0, sha))
-                self._pending_eval[key] = (prev_n + n if prev_sha == sha else n, sha)
-            if time.monotonic() - self._last_eval > EVAL_EVERY_S:
-                self._evaluate(evaluator, baselines)
-                self._last_eval = time.monotonic()
+                self._add_pending(key, n, sha)
         return True
 
-    def _evaluate(self, evaluator: Evaluator, baselines: BaselineCache) -> None:
-        try:
-            self._evaluate_due(evaluator, baselines)
-        except Exception as e:  # noqa: BLE001 - evaluation is best effort; ingestion goes on
-            log.error("drift evaluation failed: %s", e)
+    def _add_pending(self, key: tuple[str, str], n: int, sha: str) -> None:
+        prev_n, prev_sha = self._pending_eval.get(key, (0, sha))
+        self._pending_eval[key] = (prev_n + n if prev_sha == sha else n, sha)
 
-    def _evaluate_due(self, evaluator: Evaluator, baselines: BaselineCache) -> None:
-        due = []
-        for key, (n, sha) in list(self._pending_eval.items()):
-            base = baselines.get(sha)
-            if base is not None and n >= base.config.min_count:
-                # The in-memory count only says when to look; the database decides what is evaluated
-                # (the collectors of a shared group each store part of a device's windows).
-                self._pending_eval.pop(key, None)
-                due.append(key)
+    def _maybe_evaluate(
+        self, evaluator: Evaluator, baselines: BaselineCache, *, collect_only: bool = False
+    ) -> None:
+        """Collect a finished evaluation; start the next one when devices are due.
+
+        Due devices are evaluated at most every EVAL_EVERY_S, in chunks of EVAL_CHUNK devices (the
+        next chunk follows as soon as one finishes), in the evaluation worker when there is one,
+        else here.
+        """
+        if not self.evaluate_enabled:
+            return
+        job = self._eval_job
+        if job is not None:
+            due, fut = job
+            if not fut.done():
+                return
+            self._eval_job = None
+            assert self.eval_worker is not None
+            out = self.eval_worker.outcome(fut)
+            if out is None:  # the worker failed or the database was down: evaluate them again
+                for key, (n, sha) in due:
+                    self._add_pending(key, n, sha)
+            else:
+                for level, name, message in out.records:
+                    logging.getLogger(name).log(level, "%s", message)
+                for topic, payload in out.alerts:
+                    try:
+                        self.publish_alert(topic, payload)
+                    except Exception as e:  # noqa: BLE001 - the alert is stored; publishing is best effort
+                        log.error("could not publish an alert on %s: %s", topic, e)
+                self.counters.evaluations += out.evaluated
+                self.counters.alerts += out.changed
+        if collect_only or not self._pending_eval:
+            return
+        if not self._eval_more and time.monotonic() - self._last_eval <= EVAL_EVERY_S:
+            return
+        due = self._take_due(baselines)
         if not due:
             return
+        self._last_eval = time.monotonic()
+        worker = self.eval_worker
+        job_fut: Future[Any] | None = worker.submit([key for key, _ in due]) if worker is not None else None
+        if job_fut is not None:
+            self._eval_job = (due, job_fut)
+            return
         try:
-            done = evaluator.evaluate_many(due)
+            done = evaluator.evaluate_many([key for key, _ in due])
         except Exception as e:  # noqa: BLE001 - evaluation is best effort; ingestion goes on
             log.error("evaluating %d device(s) failed: %s", len(due), e)
             return
         self.counters.evaluations += len(done)
         self.counters.alerts += sum(ev.changed for ev in done.values())
+
+    def _take_due(self, baselines: BaselineCache) -> list[tuple[tuple[str, str], tuple[int, str]]]:
+        """Remove and return up to EVAL_CHUNK devices with at least min_count new predictions."""
+        due: list[tuple[tuple[str, str], tuple[int, str]]] = []
+        left = 0
+        for key, (n, sha) in list(self._pending_eval.items()):
+            try:
+                base = baselines.get(sha)
+            except Exception as e:  # noqa: BLE001 - database down: try again at the next round
+                log.error("reading baseline %s failed: %s", sha[:12], e)
+                break
+            if base is not None and n >= base.config.min_count:
+                if len(due) >= EVAL_CHUNK:
+                    left += 1
+                    continue
+                # The in-memory count only says when to look; the database decides what is evaluated
+                # (the collectors of a shared group each store part of a device's windows).
+                self._pending_eval.pop(key, None)
+                due.append((key, (n, sha)))
+        self._eval_more = left > 0
+        self._due_left = left
+        return due
+
+    @property
+    def evaluation_backlog(self) -> int:
+        """Devices due for evaluation that are not evaluated yet (running or waiting; 0 when idle)."""
+        job = self._eval_job
+        return self._due_left + (len(job[0]) if job is not None else 0)
 
     def _auto_register(self, store: Store, baselines: BaselineCache, sha: str) -> None:
         if self.bundles is None:
@@ -822,6 +898,8 @@ class Collector:
         try:
             info = register_bundle(store, path)
             baselines.forget(sha)
+            if self.eval_worker is not None:
+                self.eval_worker.forget(sha)
             log.info("registered bundle %s (%s v%s) from %s", sha[:12], info["name"], info["version"], path)
         except (RegistryError, StorageError) as e:
             log.error("auto-registration of %s failed: %s", path, e)

@@ -29,7 +29,7 @@ import numpy as np
 
 from device_agent.stats import FeatureSetProfile, Profile, ProfileSpec
 from toolchain.errors import ToolchainError
-from toolchain.fleet.migrations import MIGRATIONS, render
+from toolchain.fleet.migrations import MIGRATIONS, Only, render
 
 DEFAULT_DB_URL = "sqlite:///fleet.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -192,6 +192,10 @@ class Store:
                 if version in applied:
                     continue
                 for st in statements:
+                    if isinstance(st, Only):
+                        if st.dialect != self.dialect or (st.guard and not self.query(st.guard)):
+                            continue
+                        st = st.sql
                     self.execute(render(st, self.dialect))
                 self.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
