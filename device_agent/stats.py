@@ -327,6 +327,24 @@ def _chan(
 # Feature extraction: what a "feature" is for a given model input.
 
 
+def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dot product of each row of ``a`` with ``b`` (a row of the same length, or a vector)."""
+    if _vecdot is not None:
+        return np.asarray(_vecdot(a, b))
+    return np.einsum("ij,ij->i", a, np.broadcast_to(b, a.shape))  # numpy < 2 (older Raspberry Pi OS)
+
+
+_vecdot = getattr(np, "vecdot", None)
+_ONES: dict[int, np.ndarray] = {}
+
+
+def _ones(n: int) -> np.ndarray:
+    got = _ONES.get(n)
+    if got is None:
+        got = _ONES[n] = np.ones(n, dtype=np.float32)
+    return got
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """How raw model inputs become profiled features.
@@ -368,18 +386,25 @@ class FeatureSpec:
         if self.kind == "elements":
             return x.reshape(n, -1).astype(np.float64, copy=False)
         if self.kind == "image_summary":
-            # Stay in the input's float32: no float64 copy of every pixel, and the sum of squares is one
-            # einsum pass without a temporary. float32 accumulation is ample for summary bins.
+            # Stay in the input's float32 (no float64 copy of every pixel) and reduce each image's
+            # channel over a contiguous row: sums and sums of squares as per-row dot products (BLAS
+            # sdot through np.vecdot, about 3x faster than mean/einsum here), min and max as SIMD
+            # reductions. Every row is reduced on its own, so a sample gets the same features alone
+            # or in any batch. float32 accumulation is ample for summary bins.
             x = x.astype(np.float32, copy=False)
             channels = self.input_shape[-1] if len(self.input_shape) >= 3 else 1
-            # Channel-first and contiguous, so every reduction runs over a contiguous last axis.
-            per_c = np.ascontiguousarray(x.reshape(n, -1, channels).transpose(0, 2, 1))  # (n, C, P)
-            size = per_c.shape[2]
+            if channels == 1:
+                rows = np.ascontiguousarray(x.reshape(n, -1))  # (n, P): one row per image
+            else:  # channel-first and contiguous: one row per (image, channel)
+                rows = np.ascontiguousarray(x.reshape(n, -1, channels).transpose(0, 2, 1)).reshape(
+                    n * channels, -1
+                )
+            size = rows.shape[1]
             with np.errstate(invalid="ignore", over="ignore"):
-                mean = per_c.mean(axis=2).astype(np.float64)
-                sq = np.einsum("ncp,ncp->nc", per_c, per_c).astype(np.float64) / size
+                mean = _rowdot(rows, _ones(size)).astype(np.float64) / size
+                sq = _rowdot(rows, rows).astype(np.float64) / size
                 std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
-                feats = np.stack([mean, std, per_c.min(axis=2), per_c.max(axis=2)], axis=2)
+                feats = np.stack([mean, std, rows.min(axis=1), rows.max(axis=1)], axis=1)
             return feats.reshape(n, -1).astype(np.float64, copy=False)
         raise StatsError(f"unknown feature kind {self.kind!r}")
 

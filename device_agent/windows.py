@@ -17,9 +17,10 @@ from device_agent.stats import Profile, ProfileSpec
 from device_agent.telemetry import ModelRef
 
 FLUSH_ROWS = 256
-# Inputs profiled as per-channel summaries (large images) are buffered raw and summarised in one
-# batch at flush time (numpy's per-call overhead dominates for one image); this caps that buffer.
-RAW_BUFFER_BYTES = 4 * 1024 * 1024
+# Inputs profiled as per-channel summaries (large images) are buffered raw and summarised a chunk
+# at a time (numpy's per-call overhead dominates for one image); a chunk this size stays in the
+# core's L2 cache beside the model, where a larger one would push the model's weights out.
+RAW_CHUNK_BYTES = 512 * 1024
 
 
 @dataclass
@@ -48,14 +49,15 @@ class Window:
         self._elements = spec.features.kind == "elements"
         shape = tuple(spec.features.input_shape)
         sample_bytes = 4 * int(np.prod(shape)) if shape else 4
-        self._rows = (
-            FLUSH_ROWS if self._elements else max(1, min(FLUSH_ROWS, RAW_BUFFER_BYTES // sample_bytes))
-        )
-        # Preallocated buffers: recording a sample is a few slice copies, no allocation.
-        if self._elements:
-            self._feats = np.empty((self._rows, len(spec.features.names)), dtype=np.float64)
-        else:
-            self._raw = np.empty((self._rows, *shape), dtype=np.float32)
+        # Preallocated buffers: recording a sample is a few slice copies, no allocation. Features,
+        # scores and latencies are folded into the profile every FLUSH_ROWS samples; raw images
+        # (image_summary) are turned into features every ``_chunk`` samples.
+        self._rows = FLUSH_ROWS
+        self._feats = np.empty((self._rows, len(spec.features.names)), dtype=np.float64)
+        if not self._elements:
+            self._chunk = max(1, min(FLUSH_ROWS, RAW_CHUNK_BYTES // sample_bytes))
+            self._raw = np.empty((self._chunk, *shape), dtype=np.float32)
+            self._raw_n = 0
         self._scores = np.empty((self._rows, len(spec.labels)), dtype=np.float64)
         self._lat = np.empty(self._rows, dtype=np.float64)
         self._buffered = 0
@@ -83,13 +85,29 @@ class Window:
         i = self._buffered
         if self._elements:
             self._feats[i : i + n] = x.reshape(n, -1)
+        elif n > self._chunk - self._raw_n:
+            self._summarise()
+            if n > self._chunk:
+                self._feats[i : i + n] = self.spec.features.extract(x)
+            else:
+                self._raw[:n] = x
+                self._raw_n = n
         else:
-            self._raw[i : i + n] = x
+            self._raw[self._raw_n : self._raw_n + n] = x
+            self._raw_n += n
         self._scores[i : i + n] = scores
         self._lat[i : i + n] = latency_ms / n
         self._buffered = i + n
         if self._buffered == self._rows:
             self.flush()
+
+    def _summarise(self) -> None:
+        """Turn the buffered raw images into features (the last ``_raw_n`` buffered samples)."""
+        k = self._raw_n
+        if k:
+            end = self._buffered
+            self._feats[end - k : end] = self.spec.features.extract(self._raw[:k])
+            self._raw_n = 0
 
     def add_violation(self, kind: str, n: int = 1) -> None:
         """Count a refused input of ``kind`` (shape, dtype, nan, json, ...)."""
@@ -97,13 +115,12 @@ class Window:
 
     def flush(self) -> None:
         """Fold buffered samples into the profile."""
+        if not self._elements:
+            self._summarise()
         n = self._buffered
         if not n:
             return
-        if self._elements:
-            self.profile.inputs.update(self._feats[:n])
-        else:
-            self.profile.update_inputs(self._raw[:n])
+        self.profile.inputs.update(self._feats[:n])
         self.profile.update_outputs(self._scores[:n])
         self.profile.update_latency(self._lat[:n])
         self._flushed += n

@@ -70,7 +70,7 @@ class LiteRTModel:
     def _invoke(self, x: np.ndarray) -> np.ndarray:
         self._interp.set_tensor(self._in_index, x)
         self._interp.invoke()
-        return self._interp.get_tensor(self._out_index).copy()
+        return self._interp.get_tensor(self._out_index)  # a copy already (tensor() would be a view)
 
     def ops(self) -> list[dict[str, Any]]:
         """Return the interpreter's op list (name, inputs, outputs) for inspection."""

@@ -191,20 +191,24 @@ def test_image_window_buffers_raw_inputs_and_equals_one_pass_profile() -> None:
     from device_agent.windows import Window
 
     rng = np.random.default_rng(0)
-    x = (rng.random((120, 96, 96, 3)) * 255).astype(np.float32)
-    probs = rng.dirichlet(np.ones(4), 120)
+    x = (rng.random((300, 96, 96, 3)) * 255).astype(np.float32)
+    probs = rng.dirichlet(np.ones(4), 300)
     spec = build_baseline(x, probs, ["a", "b", "c", "d"]).spec
     assert spec.features.kind == "image_summary"
     w = Window(spec, ModelRef("m", 1, "0" * 64), 0.0, 0.0)
-    assert 1 <= w._rows < 100  # the raw buffer is capped in bytes: several flushes below
-    for i in range(100):
+    # Raw images are summarised in chunks capped in bytes, features folded every _rows samples:
+    # single samples, a batch larger than a chunk, and a fold in the middle all happen below.
+    assert 1 <= w._chunk < 10 and w._rows < 300
+    for i in range(250):
         w.record(x[i : i + 1], probs[i : i + 1], 1.0)
-    w.record(x[100:], probs[100:], 20.0)
+    w.record(x[250:270], probs[250:270], 20.0)
+    for i in range(270, 300):
+        w.record(x[i : i + 1], probs[i : i + 1], 1.0)
     got = w.close(1.0).profile
     ref = spec.new_profile()
     ref.update_inputs(x)
     ref.update_outputs(probs)
-    assert got.count == 120
+    assert got.count == 300
     assert np.array_equal(got.inputs.counts, ref.inputs.counts)
     assert np.allclose(got.inputs.mean, ref.inputs.mean) and np.allclose(got.inputs.m2, ref.inputs.m2)
     assert got.class_counts.tolist() == ref.class_counts.tolist()

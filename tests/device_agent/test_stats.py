@@ -114,3 +114,21 @@ def test_load_state_refuses_wrong_histogram_length() -> None:
     q = FeatureSetProfile.empty(["a"], [[0.0, 1.0, 2.0]])
     with pytest.raises(StatsError, match="bins"):
         q.load_state(state)
+
+
+@pytest.mark.parametrize("shape", [(40, 40, 1), (24, 24, 3)])
+def test_image_summary_of_a_sample_is_the_same_alone_or_in_a_batch(shape) -> None:
+    """Every image (and channel) is reduced on its own row: batching never changes a feature."""
+    from device_agent.stats import FeatureSpec
+
+    rng = np.random.default_rng(1)
+    x = (rng.random((9, *shape)) * 255).astype(np.float32)
+    spec = FeatureSpec.for_input(shape)
+    assert spec.kind == "image_summary"
+    batch = spec.extract(x)
+    for i in range(len(x)):
+        assert np.array_equal(spec.extract(x[i : i + 1])[0], batch[i])
+    c = shape[-1]
+    per = x.reshape(9, -1, c).astype(np.float64)
+    want = np.stack([per.mean(1), per.std(1), per.min(1), per.max(1)], axis=2).reshape(9, -1)
+    assert np.allclose(batch, want, rtol=1e-5, atol=1e-4)
