@@ -200,7 +200,9 @@ class Agent:
         with self._lock:
             m = self._model
             try:
-                arr = m.predictor.check_input(np.asarray(x) if not isinstance(x, np.ndarray) else x)
+                arr, value_range = m.predictor.check_input_range(
+                    np.asarray(x) if not isinstance(x, np.ndarray) else x
+                )
             except InputError as e:
                 self._window.add_violation(e.kind)
                 self.violations_total += 1
@@ -212,7 +214,7 @@ class Agent:
             t0 = time.perf_counter()
             scores = m.predictor.predict_checked(arr)
             latency_ms = (time.perf_counter() - t0) * 1000.0
-            self._window.record(arr, scores, latency_ms)
+            self._window.record(arr, scores, latency_ms, value_range)
             self.predictions_total += scores.shape[0]
             if self.window_max_samples is not None and self._window.count >= self.window_max_samples:
                 closed = self._rotate()

@@ -154,16 +154,35 @@ class FeatureSetProfile:
         if x.shape[0] == 0:
             return
         finite = np.isfinite(x)
-        self.nan_count += (~finite).sum(axis=0)
-        xf = np.where(finite, x, np.nan)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            self.nan_count += (~finite).sum(axis=0)
+        xf = x if all_finite else np.where(finite, x, np.nan)
         # Bin index: number of edges <= x (0 = underflow, nedges = overflow); the right edge belongs
         # to the last bin. NaN compares False everywhere and is masked out below.
-        idx = (xf[:, :, None] >= self.edges[None, :, :]).sum(axis=2)
+        # One (F, n) comparison per edge column, accumulated: about 4x faster than reducing an
+        # (n, F, E) comparison over its short last axis. Padding edges are +inf (never <= x).
+        xt = np.ascontiguousarray(xf.T)
+        acc = np.zeros(xt.shape, dtype=np.int32)
+        for e in range(self.edges.shape[1]):
+            acc += xt >= self.edges[:, e : e + 1]
+        idx = acc.T
         last = self.edges[np.arange(self.n_features), self.nedges - 1]
         idx = np.where((idx == self.nedges[None, :]) & (xf == last[None, :]), idx - 1, idx)
         width = self.counts.shape[1]
-        flat = (np.arange(self.n_features)[None, :] * width + idx)[finite]
+        flat = np.arange(self.n_features)[None, :] * width + idx
+        flat = flat.ravel() if all_finite else flat[finite]
         self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
+        if all_finite:  # the common case: plain reductions, the same values as the NaN-aware ones
+            n = x.shape[0]
+            bmean = x.sum(axis=0) / n
+            bm2 = ((x - bmean[None, :]) ** 2).sum(axis=0)
+            self.min = np.fmin(self.min, x.min(axis=0))
+            self.max = np.fmax(self.max, x.max(axis=0))
+            nb = np.full(self.n_features, n, dtype=np.int64)
+            self.mean, self.m2 = _chan(self.count, self.mean, self.m2, nb, bmean, bm2)
+            self.count = self.count + nb
+            return
         nb = finite.sum(axis=0)
         has = nb > 0
         if not has.any():
@@ -407,6 +426,26 @@ class FeatureSpec:
                 feats = np.stack([mean, std, rows.min(axis=1), rows.max(axis=1)], axis=1)
             return feats.reshape(n, -1).astype(np.float64, copy=False)
         raise StatsError(f"unknown feature kind {self.kind!r}")
+
+    def summarise_one(
+        self, x: np.ndarray, out: np.ndarray, value_range: tuple[float, float] | None = None
+    ) -> None:
+        """Write one sample's ``image_summary`` features into ``out`` (F,): the values ``extract``
+        gives, without its per-call overhead (four reductions on scalars instead of about fifteen
+        numpy calls, while the image is still in the cache from inference). ``value_range`` is the
+        sample's (min, max) when the caller has it already (the input check computes it)."""
+        if len(self.input_shape) >= 3 and self.input_shape[-1] != 1 or _vecdot is None:
+            out[:] = self.extract(x)[0]
+            return
+        v = x.reshape(-1)
+        if v.dtype != np.float32:
+            v = v.astype(np.float32)
+        size = v.shape[0]
+        mean = float(_vecdot(v, _ones(size))) / size
+        sq = float(_vecdot(v, v)) / size
+        out[0] = mean
+        out[1] = math.sqrt(max(sq - mean * mean, 0.0))
+        out[2], out[3] = value_range if value_range is not None else (float(v.min()), float(v.max()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "input_shape": list(self.input_shape), "names": list(self.names)}

@@ -1,10 +1,12 @@
-"""Statistics windows: a Profile per window, fed in small batches so profiling stays cheap.
+"""Statistics windows: a Profile per window, fed in batches so profiling stays cheap.
 
-A window buffers per-sample features (or raw images, for per-channel summaries), scores and
-latencies and folds them into its ``device_agent.stats.Profile`` in batches (numpy costs per call,
-not per row), and once more when it closes. Windows are made from the bundle's baseline spec
-(``spec.new_profile()``), so they merge and compare with the baseline exactly.
-Not thread-safe: the Agent holds a lock.
+A window turns each prediction's inputs into profiled features as it records them (the elements
+themselves, or for large images a per-channel summary computed while the image is still in the
+cache from inference) and buffers those features with the scores and latencies. Every
+``FLUSH_ROWS`` samples, and when it closes, it folds the buffer into its
+``device_agent.stats.Profile`` (numpy costs per call, not per row). Windows are made from the
+bundle's baseline spec (``spec.new_profile()``), so they merge and compare with the baseline
+exactly. Not thread-safe: the Agent holds a lock.
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ from device_agent.stats import Profile, ProfileSpec
 from device_agent.telemetry import ModelRef
 
 FLUSH_ROWS = 256
-# Inputs profiled as per-channel summaries (large images) are buffered raw and summarised a chunk
-# at a time (numpy's per-call overhead dominates for one image); a chunk this size stays in the
-# core's L2 cache beside the model, where a larger one would push the model's weights out.
-RAW_CHUNK_BYTES = 512 * 1024
+# Per-channel image summaries are a few features per sample: buffer more of them between folds.
+SUMMARY_FLUSH_ROWS = 1024
 
 
 @dataclass
@@ -47,17 +47,9 @@ class Window:
         self.start_mono = start_mono
         self.profile = spec.new_profile()
         self._elements = spec.features.kind == "elements"
-        shape = tuple(spec.features.input_shape)
-        sample_bytes = 4 * int(np.prod(shape)) if shape else 4
-        # Preallocated buffers: recording a sample is a few slice copies, no allocation. Features,
-        # scores and latencies are folded into the profile every FLUSH_ROWS samples; raw images
-        # (image_summary) are turned into features every ``_chunk`` samples.
-        self._rows = FLUSH_ROWS
+        # Preallocated buffers: recording a sample is a few slice copies, no allocation.
+        self._rows = FLUSH_ROWS if self._elements else SUMMARY_FLUSH_ROWS
         self._feats = np.empty((self._rows, len(spec.features.names)), dtype=np.float64)
-        if not self._elements:
-            self._chunk = max(1, min(FLUSH_ROWS, RAW_CHUNK_BYTES // sample_bytes))
-            self._raw = np.empty((self._chunk, *shape), dtype=np.float32)
-            self._raw_n = 0
         self._scores = np.empty((self._rows, len(spec.labels)), dtype=np.float64)
         self._lat = np.empty(self._rows, dtype=np.float64)
         self._buffered = 0
@@ -68,10 +60,17 @@ class Window:
         """Predictions recorded so far (buffered ones included)."""
         return self._flushed + self._buffered
 
-    def record(self, x: np.ndarray, scores: np.ndarray, latency_ms: float) -> None:
+    def record(
+        self,
+        x: np.ndarray,
+        scores: np.ndarray,
+        latency_ms: float,
+        value_range: tuple[float, float] | None = None,
+    ) -> None:
         """Add a batch: model inputs (n, *shape) float, scores (n, K), and the batch's latency in ms.
 
         The batch latency is split evenly over its samples so latency counts match predictions.
+        ``value_range`` is the batch's (min, max) input value if the caller computed it already.
         """
         n = int(scores.shape[0])
         if n > self._rows - self._buffered:
@@ -85,29 +84,15 @@ class Window:
         i = self._buffered
         if self._elements:
             self._feats[i : i + n] = x.reshape(n, -1)
-        elif n > self._chunk - self._raw_n:
-            self._summarise()
-            if n > self._chunk:
-                self._feats[i : i + n] = self.spec.features.extract(x)
-            else:
-                self._raw[:n] = x
-                self._raw_n = n
+        elif n == 1:
+            self.spec.features.summarise_one(x, self._feats[i], value_range)
         else:
-            self._raw[self._raw_n : self._raw_n + n] = x
-            self._raw_n += n
+            self._feats[i : i + n] = self.spec.features.extract(x)
         self._scores[i : i + n] = scores
         self._lat[i : i + n] = latency_ms / n
         self._buffered = i + n
         if self._buffered == self._rows:
             self.flush()
-
-    def _summarise(self) -> None:
-        """Turn the buffered raw images into features (the last ``_raw_n`` buffered samples)."""
-        k = self._raw_n
-        if k:
-            end = self._buffered
-            self._feats[end - k : end] = self.spec.features.extract(self._raw[:k])
-            self._raw_n = 0
 
     def add_violation(self, kind: str, n: int = 1) -> None:
         """Count a refused input of ``kind`` (shape, dtype, nan, json, ...)."""
@@ -115,8 +100,6 @@ class Window:
 
     def flush(self) -> None:
         """Fold buffered samples into the profile."""
-        if not self._elements:
-            self._summarise()
         n = self._buffered
         if not n:
             return

@@ -188,7 +188,7 @@ def test_image_window_buffers_raw_inputs_and_equals_one_pass_profile() -> None:
     """Large images are summarised per channel; batching the summaries changes nothing."""
     from device_agent.stats import build_baseline
     from device_agent.telemetry import ModelRef
-    from device_agent.windows import Window
+    from device_agent.windows import FLUSH_ROWS, Window
 
     rng = np.random.default_rng(0)
     x = (rng.random((300, 96, 96, 3)) * 255).astype(np.float32)
@@ -196,9 +196,8 @@ def test_image_window_buffers_raw_inputs_and_equals_one_pass_profile() -> None:
     spec = build_baseline(x, probs, ["a", "b", "c", "d"]).spec
     assert spec.features.kind == "image_summary"
     w = Window(spec, ModelRef("m", 1, "0" * 64), 0.0, 0.0)
-    # Raw images are summarised in chunks capped in bytes, features folded every _rows samples:
-    # single samples, a batch larger than a chunk, and a fold in the middle all happen below.
-    assert 1 <= w._chunk < 10 and w._rows < 300
+    # Single samples, a batch, and a fold into the profile in the middle all happen below.
+    assert FLUSH_ROWS < 300
     for i in range(250):
         w.record(x[i : i + 1], probs[i : i + 1], 1.0)
     w.record(x[250:270], probs[250:270], 20.0)

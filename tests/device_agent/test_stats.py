@@ -128,6 +128,12 @@ def test_image_summary_of_a_sample_is_the_same_alone_or_in_a_batch(shape) -> Non
     batch = spec.extract(x)
     for i in range(len(x)):
         assert np.array_equal(spec.extract(x[i : i + 1])[0], batch[i])
+        one = np.empty(len(spec.names))
+        spec.summarise_one(x[i : i + 1], one)
+        assert np.array_equal(one, batch[i])
+        spec.summarise_one(x[i : i + 1], one, (float(x[i].min()), float(x[i].max())))
+        if shape[-1] == 1:  # the input check's (min, max) of the sample are its summary's
+            assert np.array_equal(one, batch[i])
     c = shape[-1]
     per = x.reshape(9, -1, c).astype(np.float64)
     want = np.stack([per.mean(1), per.std(1), per.min(1), per.max(1)], axis=2).reshape(9, -1)
