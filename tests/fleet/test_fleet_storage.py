@@ -133,3 +133,21 @@ def test_postgresql_packs_windows_with_lz4(postgres_url: str) -> None:
             " AND attname IN ('ints', 'floats') ORDER BY attname"
         )
     assert [(r[0], r[1]) for r in rows] == [("floats", "l"), ("ints", "l")]
+
+
+def test_baseline_cache_picks_up_changed_thresholds(db_url, bundle) -> None:
+    """`fleet register --set` on a running collector: new settings within REFRESH_S, same layout."""
+    info = register_bundle(db_url, bundle[0])
+    sha = info["model_sha256"]
+    with open_store(db_url) as s:
+        cache = BaselineCache(s)
+        first = cache.get(sha)
+        assert first is not None and first.config.psi_alert != 0.33
+        register_bundle(db_url, bundle[0], {"psi_alert": 0.33})
+        assert cache.get(sha) is first  # still within REFRESH_S: the cached settings
+        cache.REFRESH_S = 0.0
+        now = cache.get(sha)
+        assert now is not None and now.config.psi_alert == 0.33
+        assert now.layout is first.layout and now.profile is first.profile
+        s.close()  # a database that fails on the re-read: the cached settings stay in use
+        assert cache.get(sha) is now

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -202,28 +202,57 @@ def load_baseline(store: Store, sha: str) -> Baseline | None:
 
 
 class BaselineCache:
-    """Baselines by model sha256 for one Store, with a short negative cache for unknown models."""
+    """Baselines by model sha256 for one Store, with a short negative cache for unknown models.
+
+    A cached baseline's drift settings are re-read every ``REFRESH_S`` seconds, so thresholds changed
+    with ``edgefleet fleet register BUNDLE --set ...`` reach a running collector (and its evaluation
+    worker) within that time. The profile and packing layout of a model never change and are kept.
+    If the re-read fails, the cached settings stay in use until the next try.
+    """
+
+    REFRESH_S = 30.0
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._known: dict[str, Baseline] = {}
+        self._known: dict[str, tuple[Baseline, float]] = {}
         self._missing: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def get(self, sha: str) -> Baseline | None:
+        now = time.monotonic()
         with self._lock:
-            if sha in self._known:
-                return self._known[sha]
-            if time.monotonic() - self._missing.get(sha, -1e18) < NEGATIVE_CACHE_S:
+            got = self._known.get(sha)
+            if got is not None and now - got[1] < self.REFRESH_S:
+                return got[0]
+            if got is None and now - self._missing.get(sha, -1e18) < NEGATIVE_CACHE_S:
                 return None
+        if got is not None:
+            return self._refresh(sha, got[0], now)
         found = load_baseline(self.store, sha)
         with self._lock:
             if found is None:
-                self._missing[sha] = time.monotonic()
+                self._missing[sha] = now
             else:
-                self._known[sha] = found
+                self._known[sha] = (found, now)
                 self._missing.pop(sha, None)
         return found
+
+    def _refresh(self, sha: str, old: Baseline, now: float) -> Baseline:
+        base = old
+        try:
+            rows = self.store.query("SELECT config_json FROM baselines WHERE model_sha256 = ?", (sha,))
+            if rows:
+                cfg = DriftConfig.from_dict(json.loads(rows[0][0]))
+                if cfg != old.config:
+                    base = replace(old, config=cfg)
+                    log.info(
+                        "drift settings of %s (%s v%s) changed: %s", sha[:12], old.name, old.version, cfg
+                    )
+        except Exception as e:  # noqa: BLE001 - keep serving the cached settings; try again later
+            log.warning("re-reading the drift settings of %s failed: %s", sha[:12], e)
+        with self._lock:
+            self._known[sha] = (base, now)
+        return base
 
     def forget(self, sha: str) -> None:
         with self._lock:
