@@ -224,6 +224,7 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
             res["bare_batch_per_s"] = rates["bare_batch"] * BATCH
             res["api_batch_per_s"] = rates["api_batch"] * BATCH
             res["inference_us"] = 1e6 / res["bare_per_s"]
+            assert d.api is not None, "the benchmark config listens on 127.0.0.1"
             host, port = d.api.address.split(":")
             conn = http.client.HTTPConnection(host, int(port), timeout=30)
             bodies = [json.dumps({"inputs": x.tolist()}).encode() for x in xs[:50]]

@@ -66,7 +66,7 @@ def bare_subscriber(broker_port: int, total: int, ready_file: str, result_file: 
 
     import paho.mqtt.client as mqtt
 
-    state = {"n": 0, "first": None, "last": None}
+    state: dict[str, Any] = {"n": 0, "first": None, "last": None}
     done = threading.Event()
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:

@@ -29,6 +29,6 @@ def test_ruff(args: list[str]) -> None:
 @pytest.mark.timeout(600)
 def test_mypy() -> None:
     proc = subprocess.run(
-        [_tool("mypy"), "device_agent", "toolchain"], cwd=REPO, capture_output=True, text=True
+        [_tool("mypy"), "device_agent", "toolchain", "benchmarks"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
