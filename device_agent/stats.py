@@ -434,7 +434,7 @@ class FeatureSpec:
         gives, without its per-call overhead (four reductions on scalars instead of about fifteen
         numpy calls, while the image is still in the cache from inference). ``value_range`` is the
         sample's (min, max) when the caller has it already (the input check computes it)."""
-        if len(self.input_shape) >= 3 and self.input_shape[-1] != 1 or _vecdot is None:
+        if (len(self.input_shape) >= 3 and self.input_shape[-1] != 1) or _vecdot is None:
             out[:] = self.extract(x)[0]
             return
         v = x.reshape(-1)

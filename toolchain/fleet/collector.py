@@ -757,7 +757,7 @@ class Collector:
             # pipeline is full or nothing new came.
             batch = self._take(0.0 if ahead else 0.2)
             if batch:
-                ahead.append((batch, pool.submit([(m.topic, m.payload) for m in batch])))
+                ahead.append((batch, pool.submit(batch)))
             if ahead and (len(ahead) > depth or not batch or pool.failed):
                 taken, fut = ahead.popleft()
                 if not self._store_batch(ingestor, store, baselines, taken, pool.result(fut)):

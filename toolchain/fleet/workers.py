@@ -27,8 +27,10 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -43,16 +45,19 @@ _cache: Any = None  # the worker's BaselineCache
 PARENT_CHECK_S = 0.5
 
 
+def _worker_setup() -> None:
+    """What every worker process does first: leave SIGINT to the collector, exit with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the collector decides when workers stop
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
 def _init_worker(db_url: str) -> None:
     global _cache
-    import signal
-
     from toolchain.fleet.registry import BaselineCache
     from toolchain.fleet.storage import open_store
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the collector decides when workers stop
+    _worker_setup()
     _cache = BaselineCache(open_store(db_url, migrate=False))
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -86,48 +91,43 @@ def default_workers(cpus: int | None) -> int:
     return 1 if (cpus or 1) >= 2 else 0
 
 
-class DecodePool:
-    """``workers`` decode processes; ``submit`` returns a future of per-message results or None."""
+class _Workers:
+    """Spawned worker processes, and the switch to the collector's own process when they fail."""
 
-    def __init__(self, db_url: str, workers: int) -> None:
+    def __init__(self, db_url: str, workers: int, initializer: Callable[[str], None], failure: str) -> None:
         self.db_url = db_url
         self.workers = workers
+        self._initializer = initializer
+        self._failure = failure  # "the ... failed (%s); ... in the collector's process"
         self._pool: ProcessPoolExecutor | None = None
         self.failed = False
 
-    def start(self) -> DecodePool:
+    def start(self) -> Any:
         if self.workers > 0:
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=mp.get_context("spawn"),  # the collector has threads: never fork it
-                initializer=_init_worker,
+                initializer=self._initializer,
                 initargs=(self.db_url,),
             )
         return self
 
-    def submit(self, items: list[tuple[str, bytes]]) -> Future[list[FastWindow | None]] | None:
-        """Start decoding ``items`` in a worker; None when there is no working pool."""
+    @property
+    def usable(self) -> bool:
+        return self._pool is not None and not self.failed
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
         if self._pool is None or self.failed:
             return None
         try:
-            return self._pool.submit(decode_batch, items)
+            return self._pool.submit(fn, *args)
         except (BrokenProcessPool, RuntimeError) as e:
-            self._broken(e)
-            return None
-
-    def result(self, fut: Future[list[FastWindow | None]] | None) -> list[FastWindow | None] | None:
-        """The decoded batch, or None (decode in the collector's process) when the pool failed."""
-        if fut is None:
-            return None
-        try:
-            return fut.result()
-        except Exception as e:  # noqa: BLE001 - a dead worker: decode in process instead
             self._broken(e)
             return None
 
     def _broken(self, e: BaseException) -> None:
         if not self.failed:
-            log.error("the decode worker pool failed (%s); decoding in the collector's process", e)
+            log.error(self._failure, e)
         self.failed = True
 
     def pids(self) -> list[int]:
@@ -139,6 +139,35 @@ class DecodePool:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+class DecodePool(_Workers):
+    """``workers`` decode processes; ``submit`` returns a future of per-message results or None."""
+
+    def __init__(self, db_url: str, workers: int) -> None:
+        super().__init__(
+            db_url,
+            workers,
+            _init_worker,
+            "the decode worker pool failed (%s); decoding in the collector's process",
+        )
+
+    def submit(self, batch: Sequence[Any]) -> Future[list[FastWindow | None]] | None:
+        """Start decoding a batch of messages (``.topic``, ``.payload``) in a worker; None when there
+        is no working pool."""
+        if not self.usable:
+            return None
+        return self._submit(decode_batch, [(m.topic, m.payload) for m in batch])
+
+    def result(self, fut: Future[list[FastWindow | None]] | None) -> list[FastWindow | None] | None:
+        """The decoded batch, or None (decode in the collector's process) when the pool failed."""
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        except Exception as e:  # noqa: BLE001 - a dead worker: decode in process instead
+            self._broken(e)
+            return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,13 +202,11 @@ _alerts: _Alerts | None = None
 
 def _init_eval_worker(db_url: str) -> None:
     global _evaluator, _captured, _alerts
-    import signal
-
     from toolchain.fleet.alerts import Evaluator
     from toolchain.fleet.registry import BaselineCache
     from toolchain.fleet.storage import open_store
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_setup()
     store = open_store(db_url, migrate=False)
     _captured, _alerts = _Captured(), _Alerts()
     logger = logging.getLogger("edgefleet")
@@ -187,7 +214,6 @@ def _init_eval_worker(db_url: str) -> None:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     _evaluator = Evaluator(store, BaselineCache(store), sink=_alerts)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
 @dataclass
@@ -212,24 +238,17 @@ def evaluate_keys(keys: list[tuple[str, str]], forget: list[str]) -> EvalOutcome
     )
 
 
-class EvalWorker:
-    """One process that evaluates drift; ``submit`` starts an evaluation, ``poll`` collects it."""
+class EvalWorker(_Workers):
+    """One process that evaluates drift; ``submit`` starts an evaluation, ``outcome`` collects it."""
 
     def __init__(self, db_url: str) -> None:
-        self.db_url = db_url
-        self._pool: ProcessPoolExecutor | None = None
-        self.failed = False
-        self._forget: list[str] = []
-
-    def start(self) -> EvalWorker:
-        self._pool = ProcessPoolExecutor(
-            1, mp_context=mp.get_context("spawn"), initializer=_init_eval_worker, initargs=(self.db_url,)
+        super().__init__(
+            db_url,
+            1,
+            _init_eval_worker,
+            "the drift evaluation worker failed (%s); evaluating in the collector's process",
         )
-        return self
-
-    @property
-    def usable(self) -> bool:
-        return self._pool is not None and not self.failed
+        self._forget: list[str] = []
 
     def forget(self, sha: str) -> None:
         """A baseline was (re)registered: the worker drops its cached copy before the next evaluation."""
@@ -238,13 +257,8 @@ class EvalWorker:
     def submit(self, keys: list[tuple[str, str]]) -> Future[EvalOutcome] | None:
         if not self.usable:
             return None
-        assert self._pool is not None
         forget, self._forget = self._forget, []
-        try:
-            return self._pool.submit(evaluate_keys, keys, forget)
-        except (BrokenProcessPool, RuntimeError) as e:
-            self._broken(e)
-            return None
+        return self._submit(evaluate_keys, keys, forget)
 
     def outcome(self, fut: Future[EvalOutcome]) -> EvalOutcome | None:
         """The finished evaluation, or None when the worker failed (evaluate those devices again)."""
@@ -256,17 +270,3 @@ class EvalWorker:
         except Exception as e:  # noqa: BLE001 - an evaluation error (database down): report, retry later
             log.error("drift evaluation failed: %s", e)
             return None
-
-    def _broken(self, e: BaseException) -> None:
-        if not self.failed:
-            log.error("the drift evaluation worker failed (%s); evaluating in the collector's process", e)
-        self.failed = True
-
-    def pids(self) -> list[int]:
-        procs = getattr(self._pool, "_processes", None) or {}
-        return sorted(procs)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
