@@ -199,10 +199,14 @@ class Agent:
         closed = None
         with self._lock:
             m = self._model
+            pred = m.predictor
+            summary = None
             try:
-                arr, value_range = m.predictor.check_input_range(
-                    np.asarray(x) if not isinstance(x, np.ndarray) else x
-                )
+                arr = pred.check_shape(np.asarray(x) if not isinstance(x, np.ndarray) else x)
+                if arr.shape[0] == 1:
+                    summary = pred.load_one(arr)  # checks and quantizes in one pass
+                else:
+                    pred.check_finite(arr)
             except InputError as e:
                 self._window.add_violation(e.kind)
                 self.violations_total += 1
@@ -212,20 +216,27 @@ class Agent:
                 self.violations_total += 1
                 raise InputError("shape", f"input is not a rectangular array of numbers ({e})") from None
             t0 = time.perf_counter()
-            scores = m.predictor.predict_checked(arr)
-            latency_ms = (time.perf_counter() - t0) * 1000.0
-            self._window.record(arr, scores, latency_ms, value_range)
+            if summary is not None:
+                scores = pred.run_loaded()
+                latency_ms = (time.perf_counter() - t0) * 1000.0
+                top, score = self._window.record_one(arr, scores, latency_ms, summary)
+                tops, top_scores = [top], [score]
+            else:
+                scores = pred.predict_checked(arr)
+                latency_ms = (time.perf_counter() - t0) * 1000.0
+                self._window.record(arr, scores, latency_ms)
+                top_idx = scores.argmax(axis=1)
+                tops, top_scores = top_idx.tolist(), scores[np.arange(len(top_idx)), top_idx].tolist()
             self.predictions_total += scores.shape[0]
             if self.window_max_samples is not None and self._window.count >= self.window_max_samples:
                 closed = self._rotate()
         if closed is not None:
             self._emit(closed)
-        top = scores.argmax(axis=1)
         labels = m.manifest.labels
         return Prediction(
             outputs=scores,
-            labels=[labels[i] if i < len(labels) else str(i) for i in top],
-            scores=[float(scores[r, i]) for r, i in enumerate(top)],
+            labels=[labels[i] if i < len(labels) else str(i) for i in tops],
+            scores=top_scores,
             model=m.ref,
         )
 

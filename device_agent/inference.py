@@ -13,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from device_agent import kernels
 from device_agent.bundle import Manifest, TensorSpec, load_manifest
 from device_agent.errors import AgentError
+from device_agent.kernels import Summary
 from device_agent.runtimes import RuntimeModel, choose_runtime, load_runtime_model
+
+NOT_FINITE = "input holds NaN or infinite values; the model was trained on finite values only"
 
 
 class InputError(AgentError):
@@ -59,9 +63,20 @@ class TensorCodec:
         self.affine = q is not None and self.dtype.kind != "f"
         self.scale = np.float32(q.scale if q else 1.0)
         self.zero_point = np.float32(q.zero_point if q else 0)
+        self._lut: np.ndarray | None = None
+        self.lut_ok = False  # an 8-bit affine tensor: table decoding and the native quantizer apply
         if self.affine:
             info = np.iinfo(self.dtype)
             self.lo, self.hi = np.float32(info.min), np.float32(info.max)
+            self.qmin, self.qmax = int(info.min), int(info.max)
+            if self.dtype.itemsize == 1:
+                self.lut_ok = True
+                # Every 8-bit code's float value, computed as ``decode`` computes it: decoding is
+                # then one table lookup instead of three passes.
+                codes = np.arange(256, dtype=np.uint8).view(self.dtype).astype(np.float32)
+                codes -= self.zero_point
+                codes *= self.scale
+                self._lut = codes
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """Float32 values -> the tensor's dtype (same result as ``quantize``)."""
@@ -77,6 +92,8 @@ class TensorCodec:
         """The tensor's raw values -> float32 (same result as ``dequantize``)."""
         if not self.affine:
             return q.astype(np.float32, copy=False)
+        if self._lut is not None and q.dtype == self.dtype:
+            return self._lut.take(q.view(np.uint8))
         out = q.astype(np.float32)
         out -= self.zero_point
         out *= self.scale
@@ -111,6 +128,12 @@ class Predictor:
         self._in_codec = TensorCodec(self.input_spec)
         self._out_codec = TensorCodec(self.output_spec)
         self.sample_shape = tuple(self.input_spec.shape[1:])
+        # One sample's buffers for the single-sample path (callers serialize: interpreters are not
+        # thread-safe either): the float32 scratch and the quantized input handed to the runtime.
+        size = int(np.prod(self.sample_shape)) if self.sample_shape else 1
+        self._one_tmp = np.empty(size, dtype=np.float32)
+        self._one_in = np.empty((1, *self.sample_shape), dtype=self._in_codec.dtype)
+        self._one_flat = self._one_in.reshape(-1)
         pre = m.preprocessing
         self._affine: tuple[np.ndarray, np.ndarray] | None = None
         if pre.get("type") == "affine":
@@ -128,31 +151,37 @@ class Predictor:
         return self.check_input_range(x)[0]
 
     def check_input_range(self, x: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-        """``check_input``, also returning the batch's (min, max), which the finite check computes.
+        """``check_input``, also returning the batch's (min, max), which the finite check computes."""
+        arr = self.check_shape(x)
+        return arr, self.check_finite(arr)
 
-        Min and max propagate NaN and show infinities, so the two reductions are the finite check,
-        and a window's image summary of a single sample reuses them.
-        """
+    def check_shape(self, x: np.ndarray) -> np.ndarray:
+        """Return ``x`` as a float32 batch (n, *sample_shape) or raise InputError (shape, dtype)."""
         arr = np.asarray(x)
-        if not (arr.dtype == np.float32 and arr.shape[1:] == self.sample_shape and arr.shape[0] >= 1):
-            if arr.dtype.kind not in "fiub":
-                raise InputError("dtype", f"input dtype {arr.dtype} is not numeric; send numbers")
-            if tuple(arr.shape) == self.sample_shape:
-                arr = arr[None, ...]
-            if tuple(arr.shape[1:]) != self.sample_shape or arr.shape[0] < 1:
-                want = "x".join(str(d) for d in self.sample_shape)
-                raise InputError(
-                    "shape",
-                    f"input shape {tuple(arr.shape)} does not fit the model: want (n, {want}) or ({want})",
-                )
-            arr = arr.astype(np.float32, copy=False)
+        if arr.dtype == np.float32 and arr.shape[1:] == self.sample_shape and arr.shape[0] >= 1:
+            return arr
+        if arr.dtype.kind not in "fiub":
+            raise InputError("dtype", f"input dtype {arr.dtype} is not numeric; send numbers")
+        if tuple(arr.shape) == self.sample_shape:
+            arr = arr[None, ...]
+        if tuple(arr.shape[1:]) != self.sample_shape or arr.shape[0] < 1:
+            want = "x".join(str(d) for d in self.sample_shape)
+            raise InputError(
+                "shape",
+                f"input shape {tuple(arr.shape)} does not fit the model: want (n, {want}) or ({want})",
+            )
+        return arr.astype(np.float32, copy=False)
+
+    def check_finite(self, arr: np.ndarray) -> tuple[float, float]:
+        """Return the batch's (min, max) or raise InputError (``nan``) for NaN or infinities.
+
+        Min and max propagate NaN and show infinities: the two reductions are the finite check.
+        """
         flat = arr.reshape(-1)
         lo, hi = float(_minimum(flat)), float(_maximum(flat))
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise InputError(
-                "nan", "input holds NaN or infinite values; the model was trained on finite values only"
-            )
-        return arr, (lo, hi)
+            raise InputError("nan", NOT_FINITE)
+        return lo, hi
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return float scores (n, K) for float inputs (n, *sample_shape) or one sample."""
@@ -163,5 +192,35 @@ class Predictor:
         if self._affine is not None:
             arr = arr * self._affine[0] + self._affine[1]
         raw = self.model.run(self._in_codec.encode(arr))
+        return self._scores(raw)
+
+    def _scores(self, raw: np.ndarray) -> np.ndarray:
         out = self._out_codec.decode(raw)
-        return out.reshape(out.shape[0], -1)
+        return out if out.ndim == 2 else out.reshape(out.shape[0], -1)
+
+    # The single-sample path: ``load_one`` then ``run_loaded``. One pass over the sample (the
+    # native kernel) checks it, summarises it and writes the model's input; see device_agent.kernels.
+    def load_one(self, arr: np.ndarray) -> Summary:
+        """Check one float32 sample (1, *sample_shape) for NaN/infinity and write the model's input.
+
+        Returns the sample's (min, max, sum, sum of squares) over its raw values, which the
+        statistics window turns into image-summary features. Raises InputError (``nan``).
+        """
+        v = arr.reshape(-1)
+        c = self._in_codec
+        if c.lut_ok and self._affine is None:
+            summ = kernels.quantize(v, c.scale, c.zero_point, c.qmin, c.qmax, self._one_flat)
+            finite = math.isfinite(summ[0]) and math.isfinite(summ[1])
+        else:
+            summ = kernels.summary(v)
+            finite = math.isfinite(summ[0]) and math.isfinite(summ[1])
+            if finite:
+                x = arr if self._affine is None else arr * self._affine[0] + self._affine[1]
+                np.copyto(self._one_flat, c.encode(x).reshape(-1))
+        if not finite:
+            raise InputError("nan", NOT_FINITE)
+        return summ
+
+    def run_loaded(self) -> np.ndarray:
+        """Run the sample ``load_one`` wrote; return its float scores (1, K)."""
+        return self._scores(self.model.run(self._one_in))

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from device_agent import kernels
 from device_agent.errors import AgentError
+from device_agent.kernels import Summary
 
 SCHEMA = 1
 DEFAULT_BINS = 20
@@ -364,6 +366,17 @@ def _ones(n: int) -> np.ndarray:
     return got
 
 
+def summary_features(summary: Summary, size: int, out: np.ndarray) -> None:
+    """Write (mean, std, min, max) of a sample channel of ``size`` values from its (min, max, sum,
+    sum of squares) into ``out`` (4,); the one formula every summary path uses."""
+    lo, hi, s, ss = summary
+    mean = s / size
+    out[0] = mean
+    out[1] = math.sqrt(max(ss / size - mean * mean, 0.0))  # NaN stays NaN, as with np.maximum
+    out[2] = lo
+    out[3] = hi
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """How raw model inputs become profiled features.
@@ -406,10 +419,9 @@ class FeatureSpec:
             return x.reshape(n, -1).astype(np.float64, copy=False)
         if self.kind == "image_summary":
             # Stay in the input's float32 (no float64 copy of every pixel) and reduce each image's
-            # channel over a contiguous row: sums and sums of squares as per-row dot products (BLAS
-            # sdot through np.vecdot, about 3x faster than mean/einsum here), min and max as SIMD
-            # reductions. Every row is reduced on its own, so a sample gets the same features alone
-            # or in any batch. float32 accumulation is ample for summary bins.
+            # channel over a contiguous row. Every row is reduced on its own (the native kernel, or
+            # numpy's per-row dot products and SIMD min/max), so a sample gets the same features
+            # alone, in any batch, or through ``summarise_one``.
             x = x.astype(np.float32, copy=False)
             channels = self.input_shape[-1] if len(self.input_shape) >= 3 else 1
             if channels == 1:
@@ -419,6 +431,11 @@ class FeatureSpec:
                     n * channels, -1
                 )
             size = rows.shape[1]
+            if kernels.NATIVE:
+                feats = np.empty((rows.shape[0], 4), dtype=np.float64)
+                for r in range(rows.shape[0]):
+                    summary_features(kernels.summary(rows[r]), size, feats[r])
+                return feats.reshape(n, -1)
             with np.errstate(invalid="ignore", over="ignore"):
                 mean = _rowdot(rows, _ones(size)).astype(np.float64) / size
                 sq = _rowdot(rows, rows).astype(np.float64) / size
@@ -427,25 +444,19 @@ class FeatureSpec:
             return feats.reshape(n, -1).astype(np.float64, copy=False)
         raise StatsError(f"unknown feature kind {self.kind!r}")
 
-    def summarise_one(
-        self, x: np.ndarray, out: np.ndarray, value_range: tuple[float, float] | None = None
-    ) -> None:
+    def summarise_one(self, x: np.ndarray, out: np.ndarray, summary: Summary | None = None) -> None:
         """Write one sample's ``image_summary`` features into ``out`` (F,): the values ``extract``
-        gives, without its per-call overhead (four reductions on scalars instead of about fifteen
-        numpy calls, while the image is still in the cache from inference). ``value_range`` is the
-        sample's (min, max) when the caller has it already (the input check computes it)."""
-        if (len(self.input_shape) >= 3 and self.input_shape[-1] != 1) or _vecdot is None:
+        gives, without its per-call overhead. ``summary`` is the sample's (min, max, sum, sum of
+        squares) when the caller has it already (``Predictor.load_one`` computes it)."""
+        if len(self.input_shape) >= 3 and self.input_shape[-1] != 1:
             out[:] = self.extract(x)[0]
             return
         v = x.reshape(-1)
         if v.dtype != np.float32:
             v = v.astype(np.float32)
-        size = v.shape[0]
-        mean = float(_vecdot(v, _ones(size))) / size
-        sq = float(_vecdot(v, v)) / size
-        out[0] = mean
-        out[1] = math.sqrt(max(sq - mean * mean, 0.0))
-        out[2], out[3] = value_range if value_range is not None else (float(v.min()), float(v.max()))
+        if summary is None:
+            summary = kernels.summary(v)
+        summary_features(summary, v.shape[0], out)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "input_shape": list(self.input_shape), "names": list(self.names)}

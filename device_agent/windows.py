@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from device_agent import kernels
+from device_agent.kernels import Summary
 from device_agent.stats import Profile, ProfileSpec
 from device_agent.telemetry import ModelRef
 
@@ -54,6 +56,13 @@ class Window:
         self._lat = np.empty(self._rows, dtype=np.float64)
         self._buffered = 0
         self._flushed = 0
+        # One-channel image summaries of single samples wait as (min, max, sum, sum of squares)
+        # with their rows until the next fold turns them into features in one vectorized step.
+        shape = spec.features.input_shape
+        self._defer = not self._elements and not (len(shape) >= 3 and shape[-1] != 1)
+        self._size = int(np.prod(shape)) if shape else 1
+        self._pending: list[Summary] = []
+        self._pending_rows: list[int] = []
 
     @property
     def count(self) -> int:
@@ -65,12 +74,13 @@ class Window:
         x: np.ndarray,
         scores: np.ndarray,
         latency_ms: float,
-        value_range: tuple[float, float] | None = None,
+        summary: Summary | None = None,
     ) -> None:
         """Add a batch: model inputs (n, *shape) float, scores (n, K), and the batch's latency in ms.
 
         The batch latency is split evenly over its samples so latency counts match predictions.
-        ``value_range`` is the batch's (min, max) input value if the caller computed it already.
+        ``summary`` is one sample's (min, max, sum, sum of squares) if the caller computed it
+        already (``Predictor.load_one``).
         """
         n = int(scores.shape[0])
         if n > self._rows - self._buffered:
@@ -85,7 +95,7 @@ class Window:
         if self._elements:
             self._feats[i : i + n] = x.reshape(n, -1)
         elif n == 1:
-            self.spec.features.summarise_one(x, self._feats[i], value_range)
+            self.spec.features.summarise_one(x, self._feats[i], summary)
         else:
             self._feats[i : i + n] = self.spec.features.extract(x)
         self._scores[i : i + n] = scores
@@ -93,6 +103,29 @@ class Window:
         self._buffered = i + n
         if self._buffered == self._rows:
             self.flush()
+
+    def record_one(
+        self, x: np.ndarray, scores: np.ndarray, latency_ms: float, summary: Summary | None = None
+    ) -> tuple[int, float]:
+        """Add one sample: input (1, *shape) float32, float32 scores (1, K) and its latency in ms.
+
+        The per-prediction path of ``Agent.predict``: the scores and latency go into the buffers in
+        one native call, which also returns the top-1 (index, score) the caller reports. ``summary``
+        is the sample's (min, max, sum, sum of squares) (``Predictor.load_one``).
+        """
+        i = self._buffered
+        top = kernels.store_row(scores, self._scores, i, self._lat, latency_ms)
+        if self._elements:
+            self._feats[i] = x.reshape(-1)
+        elif summary is not None and self._defer:
+            self._pending.append(summary)
+            self._pending_rows.append(i)
+        else:
+            self.spec.features.summarise_one(x, self._feats[i], summary)
+        self._buffered = i + 1
+        if self._buffered == self._rows:
+            self.flush()
+        return top
 
     def add_violation(self, kind: str, n: int = 1) -> None:
         """Count a refused input of ``kind`` (shape, dtype, nan, json, ...)."""
@@ -103,6 +136,14 @@ class Window:
         n = self._buffered
         if not n:
             return
+        if self._pending:
+            # The vectorized form of stats.summary_features (the same IEEE operations).
+            summ = np.asarray(self._pending, dtype=np.float64)
+            mean = summ[:, 2] / self._size
+            std = np.sqrt(np.maximum(summ[:, 3] / self._size - mean * mean, 0.0))
+            self._feats[self._pending_rows] = np.stack([mean, std, summ[:, 0], summ[:, 1]], axis=1)
+            self._pending.clear()
+            self._pending_rows.clear()
         self.profile.inputs.update(self._feats[:n])
         self.profile.update_outputs(self._scores[:n])
         self.profile.update_latency(self._lat[:n])

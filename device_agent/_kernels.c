@@ -1,0 +1,250 @@
+/* The agent's per-sample hot path in one pass each: see device_agent/kernels.py, which documents
+ * these functions, checks their arguments and holds the numpy fallbacks they must agree with.
+ *
+ * Only the Python C API and the buffer protocol are used (no numpy headers), so building needs a C
+ * compiler and the Python headers and nothing else. Arithmetic is plain IEEE float/double: build
+ * without -ffast-math, or quantization stops matching numpy's divide + rint + clip.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Round half to even for |x| < 2^22 in the default rounding mode (numpy's rint), without libm. */
+static const float ROUND_MAGIC = 12582912.0f; /* 1.5 * 2^23 */
+
+
+/* min, max, sum and sum of squares of n floats (min = max = NaN when any value is NaN or infinite).
+ * GCC/Clang vector extensions (SSE on x86, NEON on ARM): two 4-lane accumulators of each, float
+ * partial sums over blocks of 64 values, added into doubles per block. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+#define BLOCK 64
+
+static inline v4f load4(const float *p) {
+    v4f x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline v4f vsel(v4i m, v4f a, v4f b) { /* m ? a : b, lane by lane */
+    return (v4f)(((v4i)a & m) | ((v4i)b & ~m));
+}
+
+static void summary_f32(const float *v, Py_ssize_t n, double out[4]) {
+    float first = n ? v[0] : 0.0f;
+    v4f mn0 = {first, first, first, first}, mn1 = mn0, mx0 = mn0, mx1 = mn0;
+    v4f bad0 = {0, 0, 0, 0}, bad1 = bad0;
+    double s = 0.0, ss = 0.0;
+    Py_ssize_t i = 0;
+    for (; i + BLOCK <= n; i += BLOCK) {
+        v4f s0 = {0, 0, 0, 0}, s1 = s0, q0 = s0, q1 = s0;
+        for (int j = 0; j < BLOCK; j += 8) {
+            v4f x0 = load4(v + i + j), x1 = load4(v + i + j + 4);
+            mn0 = vsel(x0 < mn0, x0, mn0);
+            mn1 = vsel(x1 < mn1, x1, mn1);
+            mx0 = vsel(x0 > mx0, x0, mx0);
+            mx1 = vsel(x1 > mx1, x1, mx1);
+            bad0 += x0 - x0; /* 0 for finite values, NaN for NaN and infinities */
+            bad1 += x1 - x1;
+            s0 += x0;
+            s1 += x1;
+            q0 += x0 * x0;
+            q1 += x1 * x1;
+        }
+        s0 += s1;
+        q0 += q1;
+        s += ((double)s0[0] + s0[1]) + ((double)s0[2] + s0[3]);
+        ss += ((double)q0[0] + q0[1]) + ((double)q0[2] + q0[3]);
+    }
+    float mn = first, mx = first, bad = 0.0f;
+    for (int k = 0; k < 4; k++) {
+        mn = mn0[k] < mn ? mn0[k] : mn;
+        mn = mn1[k] < mn ? mn1[k] : mn;
+        mx = mx0[k] > mx ? mx0[k] : mx;
+        mx = mx1[k] > mx ? mx1[k] : mx;
+        bad += bad0[k] + bad1[k];
+    }
+    for (; i < n; i++) {
+        float x = v[i];
+        mn = x < mn ? x : mn;
+        mx = x > mx ? x : mx;
+        bad += x - x;
+        s += x;
+        ss += (double)x * x;
+    }
+    int finite = bad == 0.0f;
+    out[0] = finite ? mn : NAN;
+    out[1] = finite ? mx : NAN;
+    out[2] = s;
+    out[3] = ss;
+}
+
+/* One value's code, written branch-free so that the loops below vectorize. Clamping to +-2^22
+ * first keeps the rounding trick valid (larger values are integral and clamp to lo/hi anyway); a
+ * NaN fails every comparison and ends as lo (the caller refuses such a sample). */
+#define QUANT(x)                                                  \
+    do {                                                          \
+        float t_ = (x) / scale;                                   \
+        t_ = t_ > -4194304.0f ? t_ : -4194304.0f;                 \
+        t_ = t_ < 4194304.0f ? t_ : 4194304.0f;                   \
+        t_ = (t_ + ROUND_MAGIC) - ROUND_MAGIC;                    \
+        t_ += zp;                                                 \
+        t_ = t_ > lo ? t_ : lo;                                   \
+        t_ = t_ < hi ? t_ : hi;                                   \
+        code = (int)t_;                                           \
+    } while (0)
+
+static void quantize_i8(const float *v, Py_ssize_t n, float scale, float zp, float lo, float hi, int8_t *q) {
+    int code;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        QUANT(v[i]);
+        q[i] = (int8_t)code;
+    }
+}
+
+static void quantize_u8(const float *v, Py_ssize_t n, float scale, float zp, float lo, float hi, uint8_t *q) {
+    int code;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        QUANT(v[i]);
+        q[i] = (uint8_t)code;
+    }
+}
+
+static int get_f32(PyObject *obj, Py_buffer *buf) {
+    if (PyObject_GetBuffer(obj, buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    if (buf->itemsize != 4 || buf->format == NULL || strcmp(buf->format, "f") != 0) {
+        PyBuffer_Release(buf);
+        PyErr_SetString(PyExc_TypeError, "expected a C-contiguous float32 buffer");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *summary_tuple(const double r[4]) {
+    return Py_BuildValue("(dddd)", r[0], r[1], r[2], r[3]);
+}
+
+/* summary(src: float32) -> (min, max, sum, sumsq) */
+static PyObject *k_summary(PyObject *self, PyObject *args) {
+    PyObject *src_obj;
+    Py_buffer src;
+    double r[4];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &src_obj) || get_f32(src_obj, &src) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    summary_f32((const float *)src.buf, src.len / 4, r);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    return summary_tuple(r);
+}
+
+/* quantize(src: float32, scale, zero_point, qmin, qmax, dst: 8-bit) -> (min, max, sum, sumsq)
+ * dst[i] = clip(rint(src[i] / scale) + zero_point, qmin, qmax), as numpy computes it in float32. */
+static PyObject *k_quantize(PyObject *self, PyObject *args) {
+    PyObject *src_obj;
+    Py_buffer src, dst;
+    float scale, zp;
+    int qmin, qmax;
+    double r[4];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Offiiw*", &src_obj, &scale, &zp, &qmin, &qmax, &dst))
+        return NULL;
+    if (get_f32(src_obj, &src) < 0) {
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    Py_ssize_t n = src.len / 4;
+    if (dst.len != n || qmin < -128 || qmax > 255 || qmin >= qmax) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "dst must hold one byte per value and qmin/qmax an 8-bit range");
+        return NULL;
+    }
+    const float *v = (const float *)src.buf;
+    const float lo = (float)qmin, hi = (float)qmax;
+    Py_BEGIN_ALLOW_THREADS
+    summary_f32(v, n, r);
+    if (qmin < 0)
+        quantize_i8(v, n, scale, zp, lo, hi, (int8_t *)dst.buf);
+    else
+        quantize_u8(v, n, scale, zp, lo, hi, (uint8_t *)dst.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return summary_tuple(r);
+}
+
+static int get_f64(PyObject *obj, Py_buffer *buf) {
+    if (PyObject_GetBuffer(obj, buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return -1;
+    if (buf->itemsize != 8 || buf->format == NULL || strcmp(buf->format, "d") != 0) {
+        PyBuffer_Release(buf);
+        PyErr_SetString(PyExc_TypeError, "expected a writable C-contiguous float64 buffer");
+        return -1;
+    }
+    return 0;
+}
+
+/* store_row(scores: float32 (K), rows: float64 (R, K), row, latencies: float64 (R), latency)
+ *   -> (argmax, max): one prediction's scores and latency into a statistics window's buffers. */
+static PyObject *k_store_row(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *rows_obj, *lat_obj;
+    Py_buffer src, rows, lat;
+    Py_ssize_t row;
+    double latency;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOnOd", &src_obj, &rows_obj, &row, &lat_obj, &latency))
+        return NULL;
+    if (get_f32(src_obj, &src) < 0)
+        return NULL;
+    if (get_f64(rows_obj, &rows) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    if (get_f64(lat_obj, &lat) < 0) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&rows);
+        return NULL;
+    }
+    Py_ssize_t k = src.len / 4, n_rows = lat.len / 8;
+    PyObject *result = NULL;
+    if (k < 1 || row < 0 || row >= n_rows || rows.len != n_rows * k * 8) {
+        PyErr_SetString(PyExc_ValueError, "store_row: scores, row and buffers do not fit together");
+    } else {
+        const float *v = (const float *)src.buf;
+        double *dst = (double *)rows.buf + row * k;
+        Py_ssize_t top = 0;
+        int nan_seen = v[0] != v[0];
+        for (Py_ssize_t i = 0; i < k; i++) {
+            dst[i] = v[i];
+            /* numpy's argmax: the first maximum, or the first NaN */
+            if (!nan_seen && (v[i] > v[top] || v[i] != v[i])) {
+                top = i;
+                nan_seen = v[i] != v[i];
+            }
+        }
+        ((double *)lat.buf)[row] = latency;
+        result = Py_BuildValue("(nd)", top, (double)v[top]);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&lat);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"summary", k_summary, METH_VARARGS, "summary(src) -> (min, max, sum, sumsq) of a float32 buffer"},
+    {"quantize", k_quantize, METH_VARARGS,
+     "quantize(src, scale, zero_point, qmin, qmax, dst) -> summary(src); writes 8-bit codes to dst"},
+    {"store_row", k_store_row, METH_VARARGS,
+     "store_row(scores, rows, row, latencies, latency) -> (argmax, max); copies scores into rows[row]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
