@@ -46,8 +46,9 @@ DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 CNN_EPOCHS = 8
 MOBILENET_EPOCHS = 1  # throughput does not depend on accuracy; one epoch keeps the run short
 MOBILENET_UPSAMPLE = 12  # 8x8 -> 96x96
-MEASURE_S = 3.0  # per case, split over ROUNDS interleaved rounds
-ROUNDS = 6
+MEASURE_S = 3.0  # per case, in turns of CHUNK calls interleaved with the other cases
+CHUNK = 25
+ROUNDS = 6  # best-of rounds for the statistics and conversion costs measured alone
 HTTP_REQUESTS = 300
 BATCH = 32
 WINDOW_S = 1.0
@@ -129,32 +130,33 @@ def write_config(
     return path
 
 
-def rate(fn: Any, xs: Any, seconds: float) -> float:
-    """Calls per second of ``fn(sample)`` cycling over ``xs`` for about ``seconds``."""
-    n = 0
-    t0 = time.perf_counter()
-    while True:
-        for x in xs:
-            fn(x)
-            n += 1
-        if time.perf_counter() - t0 >= seconds:
-            break
-    return n / (time.perf_counter() - t0)
+def paired_rates(cases: dict[str, tuple[Any, Any]], seconds: float = MEASURE_S) -> dict[str, float]:
+    """Calls per second of each ``fn(sample)``, the cases interleaved ``CHUNK`` calls at a time.
 
-
-def best_rates(cases: dict[str, tuple[Any, Any]], rounds: int = ROUNDS) -> dict[str, float]:
-    """Measure the cases in turn, ``rounds`` times, and keep each one's best rate.
-
-    Interleaving and best-of-N keep the comparison fair on a machine shared with other work.
+    Every case runs for about ``seconds`` in total, in short turns one after the other, so a change
+    of speed of this shared machine (which moves by 10-30 % within minutes) falls on all of them
+    alike: the ratios of one run compare like with like.
     """
+    names = list(cases)
+    spent = dict.fromkeys(names, 0.0)
+    calls = dict.fromkeys(names, 0)
+    pos = dict.fromkeys(names, 0)
     for fn, xs in cases.values():  # warm up
         for x in list(xs)[:20]:
             fn(x)
-    best = dict.fromkeys(cases, 0.0)
-    for _ in range(rounds):
-        for name, (fn, xs) in cases.items():
-            best[name] = max(best[name], rate(fn, xs, MEASURE_S / rounds))
-    return best
+    clock = time.perf_counter
+    end = clock() + seconds * len(names)
+    while clock() < end:
+        for name in names:
+            fn, xs = cases[name]
+            p, n = pos[name], len(xs)
+            t0 = clock()
+            for k in range(CHUNK):
+                fn(xs[(p + k) % n])
+            spent[name] += clock() - t0
+            calls[name] += CHUNK
+            pos[name] = (p + CHUNK) % n
+    return {name: calls[name] / spent[name] for name in names}
 
 
 def measure(bundle: Path, data: Path) -> dict[str, Any]:
@@ -210,7 +212,7 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
         cfg = write_config(work / "agent.toml", bundle, work / "state", url, "127.0.0.1:0", WINDOW_S)
         d = Daemon(load_config(cfg), watch_bundle=False).start()
         try:
-            rates = best_rates(
+            rates = paired_rates(
                 {
                     "bare": (bare, xq),
                     "bare_q": (bare_quantizing, xs[:, None]),
@@ -235,7 +237,7 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
                 r.read()
                 assert r.status == 200
 
-            res["http_per_s"] = best_rates({"http": (post, bodies)}, rounds=2)["http"]
+            res["http_per_s"] = paired_rates({"http": (post, bodies)}, seconds=2.0)["http"]
             conn.close()
             time.sleep(WINDOW_S * 1.5)
             res["windows_written"] = d.windows_written
@@ -247,31 +249,35 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
             mosq.terminate()
             mosq.wait(10)
 
-    # statistics cost per sample: what Agent.predict adds for the window, one sample per call (the
-    # input check's min/max, which the window's image summary reuses, counts as the check's)
+    # statistics cost per sample: what Agent.predict adds for the window, one sample per call
+    # (Window.record_one with the sample's summary, which the input check computes and counts as
+    # the check's; the deferred summary features and the folds into the profile included)
+    from device_agent import kernels
+
     model = d.agent.model
     pred = model.predictor
     scores = pred.predict(xs[:1])
-    ranges = [pred.check_input_range(xs[i][None])[1] for i in range(len(xs))]
+    summaries = [kernels.summary(xs[i].reshape(-1)) for i in range(len(xs))]
     n = 1000
     per_sample = []
     for _ in range(ROUNDS):
         w = Window(model.spec, model.ref, time.time(), time.monotonic())
         t0 = time.perf_counter()
         for i in range(n):
-            w.record(xs[i % len(xs)][None], scores, 0.5, ranges[i % len(xs)])
+            w.record_one(xs[i % len(xs)][None], scores, 0.5, summaries[i % len(xs)])
         w.flush()
         per_sample.append((time.perf_counter() - t0) / n * 1e6)
     res["stats_us"] = min(per_sample)
-    # the adapter's float <-> int8 work per call, as Agent.predict runs it: input check (with its
-    # min/max), quantization, dequantization
-    raw = pred.model.run(pred._in_codec.encode(pred.check_input(xs[:1])))
+    res["native_kernels"] = kernels.NATIVE
+    # the adapter's float <-> int8 work per call, as Agent.predict runs it: the input check (one
+    # pass: finite check, summary and quantization into the input buffer) and the dequantization
+    pred.load_one(pred.check_shape(xs[:1]))
+    raw = pred.run_loaded_raw()
     conv = []
     for _ in range(ROUNDS):
         t0 = time.perf_counter()
         for i in range(n):
-            arr, _ = pred.check_input_range(xs[i % len(xs)][None])
-            pred._in_codec.encode(arr)
+            pred.load_one(pred.check_shape(xs[i % len(xs)][None]))
             pred._out_codec.decode(raw)
         conv.append((time.perf_counter() - t0) / n * 1e6)
     res["convert_us"] = min(conv)
@@ -491,6 +497,12 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
         rows,
     )
     tele = ", ".join(sorted({r["telemetry"] for _, r in results})) or "-"
+    native = {r.get("native_kernels") for _, r in results}
+    kernels = (
+        "native kernels (device_agent._kernels)"
+        if native == {True}
+        else "numpy fallbacks (device_agent._kernels not built)"
+    )
     intro = (
         "`benchmarks/agent_bench.py`. Raspberry-pi bundles (full-int8 .tflite) built by the pipeline, run in "
         "LiteRT with 1 thread, one sample per call. *Bare loop*: `ai_edge_litert` "
@@ -499,12 +511,13 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
         f"{BATCH}*: the bare loop on an interpreter resized to {BATCH} and the API called with {BATCH} samples. "
         "*Python API*: `Daemon.agent.predict` (input "
         "checks, quantization, dequantization, statistics windows of "
-        f"{WINDOW_S:g} s, telemetry: {tele}). Bare loop and Python API are measured in turn, "
-        f"{ROUNDS} rounds each in one process, best round kept (the machine is shared). *HTTP API*: "
+        f"{WINDOW_S:g} s, telemetry: {tele}; {kernels}). The cases run in one process, interleaved "
+        f"{CHUNK} calls at a time for {MEASURE_S:g} s each, so the machine's changes of speed fall on all "
+        "of them alike. *HTTP API*: "
         "POST /v1/predict with JSON over one keep-alive connection. *Stats*: what one prediction adds to "
         "the window (feature extraction, buffering, batched histogram folding). *API overhead*: 1/API rate - "
         "1/bare rate; *check+quantize*: the part of it spent in the input check and the int8 "
-        "quantization/dequantization (device_agent.inference). *Window bytes*: a closed "
+        "quantization/dequantization (device_agent.inference, measured alone). *Window bytes*: a closed "
         "window's stats payload; *heartbeat*: an empty one. *RSS*: `edgefleet-agent run` after 300 HTTP "
         "predictions. *First prediction*: from process start to the first answer (HTTP: the daemon; "
         "Python: `Agent(bundle).predict` in a fresh interpreter)."

@@ -16,32 +16,43 @@ static const float ROUND_MAGIC = 12582912.0f; /* 1.5 * 2^23 */
 
 
 /* min, max, sum and sum of squares of n floats (min = max = NaN when any value is NaN or infinite).
- * GCC/Clang vector extensions (SSE on x86, NEON on ARM): two 4-lane accumulators of each, float
- * partial sums over blocks of 64 values, added into doubles per block. */
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
+ * GCC/Clang vector extensions (SSE/AVX2 on x86, NEON on ARM): two 8-lane accumulators of each,
+ * float partial sums over blocks of 64 values, added into doubles per block. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi" /* static helpers only: no ABI crosses the file */
+#endif
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 #define BLOCK 64
 
-static inline v4f load4(const float *p) {
-    v4f x;
+/* x86-64: an AVX2 copy of the loops next to the baseline SSE2 one, picked at load time (glibc
+ * ifunc). No FMA: contracting x * x + s would change the sums' last bits from one CPU to another. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__) && !defined(EDGEFLEET_NO_CLONES)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+static inline v8f load8(const float *p) {
+    v8f x;
     memcpy(&x, p, sizeof x);
     return x;
 }
 
-static inline v4f vsel(v4i m, v4f a, v4f b) { /* m ? a : b, lane by lane */
-    return (v4f)(((v4i)a & m) | ((v4i)b & ~m));
+static inline v8f vsel(v8i m, v8f a, v8f b) { /* m ? a : b, lane by lane */
+    return (v8f)(((v8i)a & m) | ((v8i)b & ~m));
 }
 
-static void summary_f32(const float *v, Py_ssize_t n, double out[4]) {
+HOT static void summary_f32(const float *v, Py_ssize_t n, double out[4]) {
     float first = n ? v[0] : 0.0f;
-    v4f mn0 = {first, first, first, first}, mn1 = mn0, mx0 = mn0, mx1 = mn0;
-    v4f bad0 = {0, 0, 0, 0}, bad1 = bad0;
+    v8f mn0 = {first, first, first, first, first, first, first, first}, mn1 = mn0, mx0 = mn0, mx1 = mn0;
+    v8f bad0 = {0}, bad1 = bad0;
     double s = 0.0, ss = 0.0;
     Py_ssize_t i = 0;
     for (; i + BLOCK <= n; i += BLOCK) {
-        v4f s0 = {0, 0, 0, 0}, s1 = s0, q0 = s0, q1 = s0;
-        for (int j = 0; j < BLOCK; j += 8) {
-            v4f x0 = load4(v + i + j), x1 = load4(v + i + j + 4);
+        v8f s0 = {0}, s1 = s0, q0 = s0, q1 = s0;
+        for (int j = 0; j < BLOCK; j += 16) {
+            v8f x0 = load8(v + i + j), x1 = load8(v + i + j + 8);
             mn0 = vsel(x0 < mn0, x0, mn0);
             mn1 = vsel(x1 < mn1, x1, mn1);
             mx0 = vsel(x0 > mx0, x0, mx0);
@@ -55,11 +66,16 @@ static void summary_f32(const float *v, Py_ssize_t n, double out[4]) {
         }
         s0 += s1;
         q0 += q1;
-        s += ((double)s0[0] + s0[1]) + ((double)s0[2] + s0[3]);
-        ss += ((double)q0[0] + q0[1]) + ((double)q0[2] + q0[3]);
+        double bs = 0.0, bq = 0.0;
+        for (int k = 0; k < 8; k++) {
+            bs += s0[k];
+            bq += q0[k];
+        }
+        s += bs;
+        ss += bq;
     }
     float mn = first, mx = first, bad = 0.0f;
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 8; k++) {
         mn = mn0[k] < mn ? mn0[k] : mn;
         mn = mn1[k] < mn ? mn1[k] : mn;
         mx = mx0[k] > mx ? mx0[k] : mx;
@@ -96,7 +112,7 @@ static void summary_f32(const float *v, Py_ssize_t n, double out[4]) {
         code = (int)t_;                                           \
     } while (0)
 
-static void quantize_i8(const float *v, Py_ssize_t n, float scale, float zp, float lo, float hi, int8_t *q) {
+HOT static void quantize_i8(const float *v, Py_ssize_t n, float scale, float zp, float lo, float hi, int8_t *q) {
     int code;
     for (Py_ssize_t i = 0; i < n; i++) {
         QUANT(v[i]);
@@ -104,7 +120,7 @@ static void quantize_i8(const float *v, Py_ssize_t n, float scale, float zp, flo
     }
 }
 
-static void quantize_u8(const float *v, Py_ssize_t n, float scale, float zp, float lo, float hi, uint8_t *q) {
+HOT static void quantize_u8(const float *v, Py_ssize_t n, float scale, float zp, float lo, float hi, uint8_t *q) {
     int code;
     for (Py_ssize_t i = 0; i < n; i++) {
         QUANT(v[i]);
@@ -189,6 +205,20 @@ static int get_f64(PyObject *obj, Py_buffer *buf) {
     return 0;
 }
 
+/* Copy K scores into a float64 row; return numpy's argmax (the first maximum, or the first NaN). */
+static Py_ssize_t store_scores(const float *v, Py_ssize_t k, double *dst) {
+    Py_ssize_t top = 0;
+    int nan_seen = v[0] != v[0];
+    for (Py_ssize_t i = 0; i < k; i++) {
+        dst[i] = v[i];
+        if (!nan_seen && (v[i] > v[top] || v[i] != v[i])) {
+            top = i;
+            nan_seen = v[i] != v[i];
+        }
+    }
+    return top;
+}
+
 /* store_row(scores: float32 (K), rows: float64 (R, K), row, latencies: float64 (R), latency)
  *   -> (argmax, max): one prediction's scores and latency into a statistics window's buffers. */
 static PyObject *k_store_row(PyObject *self, PyObject *args) {
@@ -216,17 +246,7 @@ static PyObject *k_store_row(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "store_row: scores, row and buffers do not fit together");
     } else {
         const float *v = (const float *)src.buf;
-        double *dst = (double *)rows.buf + row * k;
-        Py_ssize_t top = 0;
-        int nan_seen = v[0] != v[0];
-        for (Py_ssize_t i = 0; i < k; i++) {
-            dst[i] = v[i];
-            /* numpy's argmax: the first maximum, or the first NaN */
-            if (!nan_seen && (v[i] > v[top] || v[i] != v[i])) {
-                top = i;
-                nan_seen = v[i] != v[i];
-            }
-        }
+        Py_ssize_t top = store_scores(v, k, (double *)rows.buf + row * k);
         ((double *)lat.buf)[row] = latency;
         result = Py_BuildValue("(nd)", top, (double)v[top]);
     }
@@ -236,15 +256,66 @@ static PyObject *k_store_row(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* decode_row(raw: 8-bit codes (K), table: float32 (256), out: float32 (K), rows, row, latencies,
+ *   latency) -> (argmax, max): dequantize one prediction's output through the code table into
+ *   ``out`` and store it like store_row. */
+static PyObject *k_decode_row(PyObject *self, PyObject *args) {
+    PyObject *raw_obj, *lut_obj, *out_obj, *rows_obj, *lat_obj;
+    Py_buffer raw, lut, out, rows, lat;
+    Py_ssize_t row;
+    double latency;
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOnOd", &raw_obj, &lut_obj, &out_obj, &rows_obj, &row, &lat_obj, &latency))
+        return NULL;
+    if (PyObject_GetBuffer(raw_obj, &raw, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (get_f32(lut_obj, &lut) < 0)
+        goto release_raw;
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        goto release_lut;
+    if (get_f64(rows_obj, &rows) < 0)
+        goto release_out;
+    if (get_f64(lat_obj, &lat) < 0)
+        goto release_rows;
+    Py_ssize_t k = raw.len, n_rows = lat.len / 8;
+    if (raw.itemsize != 1 || lut.len != 256 * 4 || out.itemsize != 4 || out.format == NULL ||
+        strcmp(out.format, "f") != 0 || out.len != k * 4 || k < 1 || row < 0 || row >= n_rows ||
+        rows.len != n_rows * k * 8) {
+        PyErr_SetString(PyExc_ValueError, "decode_row: codes, table, output, row and buffers do not fit together");
+    } else {
+        const unsigned char *q = (const unsigned char *)raw.buf;
+        const float *table = (const float *)lut.buf;
+        float *v = (float *)out.buf;
+        for (Py_ssize_t i = 0; i < k; i++)
+            v[i] = table[q[i]];
+        Py_ssize_t top = store_scores(v, k, (double *)rows.buf + row * k);
+        ((double *)lat.buf)[row] = latency;
+        result = Py_BuildValue("(nd)", top, (double)v[top]);
+    }
+    PyBuffer_Release(&lat);
+release_rows:
+    PyBuffer_Release(&rows);
+release_out:
+    PyBuffer_Release(&out);
+release_lut:
+    PyBuffer_Release(&lut);
+release_raw:
+    PyBuffer_Release(&raw);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"summary", k_summary, METH_VARARGS, "summary(src) -> (min, max, sum, sumsq) of a float32 buffer"},
     {"quantize", k_quantize, METH_VARARGS,
      "quantize(src, scale, zero_point, qmin, qmax, dst) -> summary(src); writes 8-bit codes to dst"},
     {"store_row", k_store_row, METH_VARARGS,
      "store_row(scores, rows, row, latencies, latency) -> (argmax, max); copies scores into rows[row]"},
+    {"decode_row", k_decode_row, METH_VARARGS,
+     "decode_row(raw, table, out, rows, row, latencies, latency) -> (argmax, max); table-decodes raw into out"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

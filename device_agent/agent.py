@@ -217,9 +217,17 @@ class Agent:
                 raise InputError("shape", f"input is not a rectangular array of numbers ({e})") from None
             t0 = time.perf_counter()
             if summary is not None:
-                scores = pred.run_loaded()
-                latency_ms = (time.perf_counter() - t0) * 1000.0
-                top, score = self._window.record_one(arr, scores, latency_ms, summary)
+                table = pred.out_table
+                if table is not None:  # 8-bit output: decoded and stored by one native call
+                    scores = np.empty((1, len(m.manifest.labels)), dtype=np.float32)
+                    t0 = time.perf_counter()
+                    raw = pred.run_loaded_raw()
+                    latency_ms = (time.perf_counter() - t0) * 1000.0
+                    top, score = self._window.record_one(arr, scores, latency_ms, summary, (raw, table))
+                else:
+                    scores = pred.run_loaded()
+                    latency_ms = (time.perf_counter() - t0) * 1000.0
+                    top, score = self._window.record_one(arr, scores, latency_ms, summary)
                 tops, top_scores = [top], [score]
             else:
                 scores = pred.predict_checked(arr)

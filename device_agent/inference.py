@@ -63,7 +63,7 @@ class TensorCodec:
         self.affine = q is not None and self.dtype.kind != "f"
         self.scale = np.float32(q.scale if q else 1.0)
         self.zero_point = np.float32(q.zero_point if q else 0)
-        self._lut: np.ndarray | None = None
+        self.table: np.ndarray | None = None  # 8-bit codes -> float32 (see decode)
         self.lut_ok = False  # an 8-bit affine tensor: table decoding and the native quantizer apply
         if self.affine:
             info = np.iinfo(self.dtype)
@@ -76,7 +76,7 @@ class TensorCodec:
                 codes = np.arange(256, dtype=np.uint8).view(self.dtype).astype(np.float32)
                 codes -= self.zero_point
                 codes *= self.scale
-                self._lut = codes
+                self.table = codes
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """Float32 values -> the tensor's dtype (same result as ``quantize``)."""
@@ -92,8 +92,8 @@ class TensorCodec:
         """The tensor's raw values -> float32 (same result as ``dequantize``)."""
         if not self.affine:
             return q.astype(np.float32, copy=False)
-        if self._lut is not None and q.dtype == self.dtype:
-            return self._lut.take(q.view(np.uint8))
+        if self.table is not None and q.dtype == self.dtype:
+            return self.table.take(q.view(np.uint8))
         out = q.astype(np.float32)
         out -= self.zero_point
         out *= self.scale
@@ -224,3 +224,13 @@ class Predictor:
     def run_loaded(self) -> np.ndarray:
         """Run the sample ``load_one`` wrote; return its float scores (1, K)."""
         return self._scores(self.model.run(self._one_in))
+
+    def run_loaded_raw(self) -> np.ndarray:
+        """Run the sample ``load_one`` wrote; return the output tensor's raw values (8-bit codes
+        when ``out_table`` is set: decode them through it)."""
+        return self.model.run(self._one_in)
+
+    @property
+    def out_table(self) -> np.ndarray | None:
+        """The output's code table (float32 per 8-bit code) when the output is 8-bit quantized."""
+        return self._out_codec.table

@@ -69,7 +69,8 @@ def quantize_numpy(
     summ = summary_numpy(v)
     if not (np.isfinite(summ[0]) and np.isfinite(summ[1])):
         return summ
-    q = np.divide(v, scale, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a huge value divides to inf, which clips to qmax
+        q = np.divide(v, scale, dtype=np.float32)
     np.rint(q, out=q)
     q += zero_point
     _clip(q, np.float32(qmin), np.float32(qmax), out=q)
@@ -89,11 +90,28 @@ def store_row_numpy(
     return top, float(v[top])
 
 
+def decode_row_numpy(
+    raw: np.ndarray,
+    table: np.ndarray,
+    out: np.ndarray,
+    rows: np.ndarray,
+    row: int,
+    latencies: np.ndarray,
+    latency: float,
+) -> tuple[int, float]:
+    """Dequantize one prediction's 8-bit output codes through ``table`` (float32, indexed by the
+    code's unsigned byte) into ``out`` (float32), then ``store_row`` it."""
+    np.take(table, raw.reshape(-1).view(np.uint8), out=out.reshape(-1))
+    return store_row_numpy(out, rows, row, latencies, latency)
+
+
 if NATIVE:
     summary = _native.summary
     quantize = _native.quantize
     store_row = _native.store_row
+    decode_row = _native.decode_row
 else:
     summary = summary_numpy
     quantize = quantize_numpy
     store_row = store_row_numpy
+    decode_row = decode_row_numpy

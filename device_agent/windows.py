@@ -105,16 +105,26 @@ class Window:
             self.flush()
 
     def record_one(
-        self, x: np.ndarray, scores: np.ndarray, latency_ms: float, summary: Summary | None = None
+        self,
+        x: np.ndarray,
+        scores: np.ndarray,
+        latency_ms: float,
+        summary: Summary | None = None,
+        codes: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[int, float]:
         """Add one sample: input (1, *shape) float32, float32 scores (1, K) and its latency in ms.
 
         The per-prediction path of ``Agent.predict``: the scores and latency go into the buffers in
         one native call, which also returns the top-1 (index, score) the caller reports. ``summary``
-        is the sample's (min, max, sum, sum of squares) (``Predictor.load_one``).
+        is the sample's (min, max, sum, sum of squares) (``Predictor.load_one``). With ``codes``
+        (the output's raw 8-bit codes and their float32 table), that call first decodes them into
+        ``scores``.
         """
         i = self._buffered
-        top = kernels.store_row(scores, self._scores, i, self._lat, latency_ms)
+        if codes is not None:
+            top = kernels.decode_row(codes[0], codes[1], scores, self._scores, i, self._lat, latency_ms)
+        else:
+            top = kernels.store_row(scores, self._scores, i, self._lat, latency_ms)
         if self._elements:
             self._feats[i] = x.reshape(-1)
         elif summary is not None and self._defer:

@@ -1,0 +1,184 @@
+"""The agent's native kernels (device_agent/_kernels.c) against their numpy definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device_agent import kernels
+
+native = pytest.mark.skipif(
+    kernels._native is None, reason="device_agent._kernels not built (see test_native_kernels_are_built)"
+)
+
+
+def test_native_kernels_are_built() -> None:
+    """The install builds the C extension (a C compiler is part of the test set-up); without it the
+    agent still works on the numpy fallbacks, but slower."""
+    assert kernels._native is not None, "run 'pip install -e .' with a C compiler and the Python headers"
+
+
+def _reference_codes(x: np.ndarray, scale: np.float32, zp: np.float32, dtype: type) -> np.ndarray:
+    from device_agent.bundle import DType, Quantization, TensorSpec
+    from device_agent.inference import quantize
+
+    spec = TensorSpec(
+        name="x",
+        shape=(1, x.size),
+        dtype=DType(np.dtype(dtype).name),
+        quantization=Quantization(scale=float(scale), zero_point=int(zp)),
+    )
+    return quantize(x[None], spec)[0]
+
+
+@native
+@pytest.mark.parametrize("dtype,qmin,qmax", [(np.int8, -128, 127), (np.uint8, 0, 255)])
+def test_quantize_matches_the_reference_formula(dtype, qmin, qmax) -> None:
+    """Same codes as ``inference.quantize`` (divide, round half to even, zero point, clip), for
+    values in range, far out of range, exactly on .5 ties and beyond 2**22 / scale."""
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        scale = np.float32(rng.choice([0.0037, 0.0625, 0.5, 3.0]))
+        zp = np.float32(rng.integers(qmin, qmax + 1))
+        n = int(rng.integers(1, 5000))
+        x = (rng.normal(0, 1, n) * rng.choice([1, 60, 1e4]) * scale).astype(np.float32)
+        ties = rng.integers(0, n, max(1, n // 10))
+        x[ties] = ((rng.integers(-300, 300, ties.size) + 0.5) * scale).astype(np.float32)
+        x[rng.integers(0, n)] = np.float32(3e38)
+        out = np.empty(n, dtype=dtype)
+        summ = kernels._native.quantize(x, scale, zp, qmin, qmax, out)
+        with np.errstate(over="ignore"):  # 3e38 / scale overflows to inf, which clips to qmax
+            want = _reference_codes(x, scale, zp, dtype)
+            ref = kernels.quantize_numpy(x, scale, zp, qmin, qmax, np.empty(n, dtype=dtype))
+        assert np.array_equal(out, want), trial
+        assert summ[0] == x.min() and summ[1] == x.max()
+        assert summ[:2] == ref[:2]
+        assert summ[2] == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-6, abs=1e-3)
+
+
+@native
+def test_summary_matches_numpy_and_flags_non_finite_values() -> None:
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 63, 64, 65, 9216, 30001):
+        x = (rng.random(n) * 255 - 20).astype(np.float32)
+        lo, hi, s, ss = kernels._native.summary(x)
+        assert (lo, hi) == (float(x.min()), float(x.max()))
+        x64 = x.astype(np.float64)
+        assert s == pytest.approx(x64.sum(), rel=1e-6)
+        assert ss == pytest.approx((x64 * x64).sum(), rel=1e-6)
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[rng.integers(0, n)] = bad
+            got = kernels._native.summary(y)
+            assert np.isnan(got[0]) and np.isnan(got[1])
+            assert not np.isfinite(kernels.summary_numpy(y)[:2]).all()
+
+
+@native
+def test_store_and_decode_rows_match_the_numpy_fallbacks() -> None:
+    rng = np.random.default_rng(5)
+    table = ((np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32) + 128) / 256).astype(np.float32)
+    for _ in range(50):
+        raw = rng.integers(-128, 128, (1, 10)).astype(np.int8)
+        raw[0, rng.integers(0, 10)] = raw.max()  # ties: the first maximum wins, as in numpy
+        got_rows, ref_rows = np.zeros((4, 10)), np.zeros((4, 10))
+        got_lat, ref_lat = np.zeros(4), np.zeros(4)
+        got_out, ref_out = np.empty((1, 10), np.float32), np.empty((1, 10), np.float32)
+        got = kernels._native.decode_row(raw, table, got_out, got_rows, 2, got_lat, 1.5)
+        ref = kernels.decode_row_numpy(raw, table, ref_out, ref_rows, 2, ref_lat, 1.5)
+        assert got == ref
+        assert np.array_equal(got_out, ref_out) and np.array_equal(got_rows, ref_rows)
+        assert np.array_equal(got_lat, ref_lat)
+    scores = np.array([[0.1, np.nan, 0.9, np.nan]], np.float32)
+    rows, lat = np.zeros((1, 4)), np.zeros(1)
+    assert kernels._native.store_row(scores, rows, 0, lat, 1.0)[0] == int(scores.argmax()) == 1
+
+
+@native
+def test_kernels_refuse_buffers_that_do_not_fit() -> None:
+    k = kernels._native
+    x = np.zeros(16, np.float32)
+    with pytest.raises(TypeError, match="float32"):
+        k.summary(np.zeros(16))  # float64
+    with pytest.raises((TypeError, BufferError, ValueError)):
+        k.summary(np.zeros((4, 8), np.float32)[:, ::2])  # not contiguous
+    with pytest.raises(ValueError, match="one byte per value"):
+        k.quantize(x, 0.1, 0.0, -128, 127, np.zeros(15, np.int8))
+    with pytest.raises(ValueError, match="do not fit"):
+        k.store_row(np.zeros(3, np.float32), np.zeros((2, 4)), 0, np.zeros(2), 1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        k.store_row(np.zeros(4, np.float32), np.zeros((2, 4)), 2, np.zeros(2), 1.0)
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.zeros((2, 4))
+        ro.flags.writeable = False
+        k.store_row(np.zeros(4, np.float32), ro, 0, np.zeros(2), 1.0)
+
+
+@pytest.fixture(params=["native", "numpy"])
+def kernel_impl(request, monkeypatch) -> str:
+    if request.param == "native":
+        if kernels._native is None:
+            pytest.skip("device_agent._kernels not built")
+        return "native"
+    monkeypatch.setattr(kernels, "NATIVE", False)
+    monkeypatch.setattr(kernels, "summary", kernels.summary_numpy)
+    monkeypatch.setattr(kernels, "quantize", kernels.quantize_numpy)
+    monkeypatch.setattr(kernels, "store_row", kernels.store_row_numpy)
+    monkeypatch.setattr(kernels, "decode_row", kernels.decode_row_numpy)
+    return "numpy"
+
+
+def test_single_sample_window_equals_the_batch_window(kernel_impl) -> None:
+    """One image at a time (summaries deferred to the fold, scores stored by store_row) gives the
+    profile a batch gives, and ``record_one`` reports numpy's top-1."""
+    from device_agent.stats import build_baseline
+    from device_agent.telemetry import ModelRef
+    from device_agent.windows import Window
+
+    rng = np.random.default_rng(6)
+    x = (rng.random((700, 40, 40, 1)) * 255).astype(np.float32)
+    probs = rng.dirichlet(np.ones(5), 700).astype(np.float32)
+    spec = build_baseline(x[:200], probs[:200], list("abcde")).spec
+    one = Window(spec, ModelRef("m", 1, "0" * 64), 0.0, 0.0)
+    batch = Window(spec, ModelRef("m", 1, "0" * 64), 0.0, 0.0)
+    for i in range(700):
+        summ = kernels.summary(x[i].reshape(-1))
+        top = one.record_one(x[i : i + 1], probs[i : i + 1], 0.5, summ)
+        assert top == (int(probs[i].argmax()), float(probs[i].max()))
+    batch.record(x, probs, 0.5 * 700)
+    a, b = one.close(1.0).profile, batch.close(1.0).profile
+    assert a.count == b.count == 700
+    assert np.array_equal(a.inputs.counts, b.inputs.counts)
+    assert np.array_equal(a.inputs.min, b.inputs.min) and np.array_equal(a.inputs.max, b.inputs.max)
+    assert np.allclose(a.inputs.mean, b.inputs.mean) and np.allclose(a.inputs.m2, b.inputs.m2)
+    assert a.class_counts.tolist() == b.class_counts.tolist()
+    assert np.array_equal(a.confidence.counts, b.confidence.counts)
+    assert np.array_equal(a.latency_ms.counts, b.latency_ms.counts)
+
+
+def test_agent_single_samples_equal_the_batch_path_on_a_real_int8_bundle(kernel_impl) -> None:
+    """LiteRT, int8 in and out: one sample per call (one-pass quantization, table decoding, rows
+    stored natively) gives the batch path's scores bit for bit, and the same window."""
+    from device_agent.agent import Agent
+    from device_agent.inference import InputError
+    from tests.device_agent.agent_bundles import cached_tflite_bundle, digits
+
+    x = digits()["x_test"][:120]
+    single = Agent(cached_tflite_bundle(), runtime="litert")
+    batched = Agent(cached_tflite_bundle(), runtime="litert")
+    assert single.model.predictor.out_table is not None  # the int8 output takes the table path
+    want = batched.predict(x)
+    for i in range(len(x)):
+        got = single.predict(x[i])
+        assert np.array_equal(got.outputs, want.outputs[i : i + 1])
+        assert got.labels == want.labels[i : i + 1] and got.scores == [want.scores[i]]
+    bad = x[0].copy()
+    bad[3, 3, 0] = np.inf
+    with pytest.raises(InputError) as e:
+        single.predict(bad)
+    assert e.value.kind == "nan"
+    a, b = single.close_window().profile, batched.close_window().profile
+    assert a.count == b.count == len(x) and a.schema_violations == {"nan": 1}
+    assert np.array_equal(a.inputs.counts, b.inputs.counts)
+    assert a.class_counts.tolist() == b.class_counts.tolist()
+    assert np.array_equal(a.confidence.counts, b.confidence.counts)
