@@ -305,6 +305,160 @@ release_raw:
     return result;
 }
 
+/* A C-contiguous buffer of 8-byte items: kind 'd' (float64) or 'i' (int64), of n items. */
+static int get_8(PyObject *obj, Py_buffer *buf, char kind, Py_ssize_t n, int writable, const char *name) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, buf, flags) < 0)
+        return -1;
+    const char *f = buf->format ? buf->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    int ok = buf->itemsize == 8 && (kind == 'd' ? strcmp(f, "d") == 0
+                                                : (strcmp(f, "l") == 0 || strcmp(f, "q") == 0));
+    if (!ok || buf->len != n * 8) {
+        PyBuffer_Release(buf);
+        PyErr_Format(PyExc_ValueError, "profile_update: %s must be %s with %zd items", name,
+                     kind == 'd' ? "float64" : "int64", n);
+        return -1;
+    }
+    return 0;
+}
+
+/* Feature j of a batch (N, F) row-major: its histogram, NaN count and, over its finite values,
+ * count, sum, M2 about the batch mean, min and max (out[0..3] = sum, M2, min, max; returns the
+ * count). ``col`` and ``cnt`` are N-long scratch. Sums run over rows in order, as numpy's axis-0
+ * sums do, so they are numpy's bit for bit. A value's bin (the number of edges <= it) is counted
+ * with one branch-free pass per edge, which vectorizes. */
+HOT static int64_t profile_feature(const double *x, Py_ssize_t N, Py_ssize_t F, Py_ssize_t j, const double *e,
+                                   Py_ssize_t ne, int64_t *c, int64_t *nan_count, double *col, int64_t *cnt,
+                                   double out[4]) {
+    int64_t nb = 0, bad = 0;
+    double s = 0.0, bmin = INFINITY, bmax = -INFINITY;
+    for (Py_ssize_t r = 0; r < N; r++) {
+        double v = x[r * F + j];
+        col[r] = v;
+        cnt[r] = 0;
+        if (!isfinite(v)) {
+            bad++;
+            continue;
+        }
+        nb++;
+        s += v;
+        bmin = v < bmin ? v : bmin;
+        bmax = v > bmax ? v : bmax;
+    }
+    for (Py_ssize_t k = 0; k < ne; k++) {
+        const double ek = e[k];
+        for (Py_ssize_t r = 0; r < N; r++)
+            cnt[r] += col[r] >= ek;
+    }
+    const double last = e[ne - 1];
+    double bm2 = 0.0, bmean = nb ? s / (double)nb : 0.0;
+    for (Py_ssize_t r = 0; r < N; r++) {
+        double v = col[r];
+        if (!isfinite(v))
+            continue;
+        Py_ssize_t idx = (Py_ssize_t)cnt[r];
+        if (idx == ne && v == last) /* the last edge belongs to the last bin */
+            idx--;
+        c[idx]++;
+        double d = v - bmean;
+        bm2 += d * d;
+    }
+    *nan_count += bad;
+    out[0] = s;
+    out[1] = bm2;
+    out[2] = bmin;
+    out[3] = bmax;
+    return nb;
+}
+
+/* profile_update(x (n, F) float64, edges (F, E) float64, nedges (F,) int64, counts (F, E + 1) int64,
+ *                count, nan_count (F,) int64, min, max, mean, m2 (F,) float64)
+ * The numpy definition is device_agent.stats.FeatureSetProfile.update: a value's bin is the number
+ * of the feature's edges <= it (0 underflow, nedges overflow; the last edge belongs to the last
+ * bin); NaN and infinities only count in nan_count; the batch's mean and M2 (sums over rows in row
+ * order, as numpy's axis-0 sums) merge into mean/m2 with Chan's formula, in numpy's order of
+ * operations, so the results are the same to the bit. */
+static PyObject *k_profile_update(PyObject *self, PyObject *args) {
+    PyObject *o[10];
+    Py_buffer b[10];
+    int got = 0;
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
+        return NULL;
+    /* sizes come from nedges (F) and edges (F * E) */
+    if (PyObject_GetBuffer(o[2], &b[2], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return NULL;
+    Py_ssize_t F = b[2].len / 8;
+    PyBuffer_Release(&b[2]);
+    if (PyObject_GetBuffer(o[1], &b[1], PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    Py_ssize_t E = F > 0 ? b[1].len / 8 / F : 0;
+    PyBuffer_Release(&b[1]);
+    if (PyObject_GetBuffer(o[0], &b[0], PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    Py_ssize_t N = F > 0 ? b[0].len / 8 / F : 0;
+    PyBuffer_Release(&b[0]);
+    if (F < 1 || E < 2) {
+        PyErr_SetString(PyExc_ValueError, "profile_update: needs at least one feature and two edges");
+        return NULL;
+    }
+    static const char kinds[10] = {'d', 'd', 'i', 'i', 'i', 'i', 'd', 'd', 'd', 'd'};
+    static const char *names[10] = {"x", "edges", "nedges", "counts", "count", "nan_count",
+                                    "min", "max", "mean", "m2"};
+    Py_ssize_t sizes[10] = {N * F, F * E, F, F * (E + 1), F, F, F, F, F, F};
+    for (got = 0; got < 10; got++)
+        if (get_8(o[got], &b[got], kinds[got], sizes[got], got >= 3, names[got]) < 0)
+            goto done;
+    {
+        const double *x = (const double *)b[0].buf, *edges = (const double *)b[1].buf;
+        const int64_t *nedges = (const int64_t *)b[2].buf;
+        int64_t *counts = (int64_t *)b[3].buf, *count = (int64_t *)b[4].buf, *nan_count = (int64_t *)b[5].buf;
+        double *mn = (double *)b[6].buf, *mx = (double *)b[7].buf, *mean = (double *)b[8].buf,
+               *m2 = (double *)b[9].buf;
+        for (Py_ssize_t j = 0; j < F; j++) {
+            if (nedges[j] < 2 || nedges[j] > E) {
+                PyErr_SetString(PyExc_ValueError, "profile_update: nedges out of range");
+                goto done;
+            }
+        }
+        double *col = PyMem_Malloc((size_t)(N ? N : 1) * sizeof(double));
+        int64_t *cnt = PyMem_Malloc((size_t)(N ? N : 1) * sizeof(int64_t));
+        if (col == NULL || cnt == NULL) {
+            PyMem_Free(col);
+            PyMem_Free(cnt);
+            PyErr_NoMemory();
+            goto done;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < F; j++) {
+            double o4[4];
+            int64_t nb = profile_feature(x, N, F, j, edges + j * E, (Py_ssize_t)nedges[j], counts + j * (E + 1),
+                                         nan_count + j, col, cnt, o4);
+            if (nb == 0)
+                continue;
+            double na = (double)count[j], nbd = (double)nb, n = na + nbd;
+            double d = o4[0] / nbd - mean[j];
+            mean[j] = mean[j] + d * nbd / n;
+            m2[j] = m2[j] + o4[1] + d * d * na * nbd / n;
+            count[j] += nb;
+            mn[j] = fmin(mn[j], o4[2]);
+            mx[j] = fmax(mx[j], o4[3]);
+        }
+        Py_END_ALLOW_THREADS
+        PyMem_Free(col);
+        PyMem_Free(cnt);
+        result = Py_None;
+        Py_INCREF(result);
+    }
+done:
+    while (--got >= 0)
+        PyBuffer_Release(&b[got]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"summary", k_summary, METH_VARARGS, "summary(src) -> (min, max, sum, sumsq) of a float32 buffer"},
     {"quantize", k_quantize, METH_VARARGS,
@@ -313,6 +467,8 @@ static PyMethodDef methods[] = {
      "store_row(scores, rows, row, latencies, latency) -> (argmax, max); copies scores into rows[row]"},
     {"decode_row", k_decode_row, METH_VARARGS,
      "decode_row(raw, table, out, rows, row, latencies, latency) -> (argmax, max); table-decodes raw into out"},
+    {"profile_update", k_profile_update, METH_VARARGS,
+     "profile_update(x, edges, nedges, counts, count, nan_count, min, max, mean, m2): add a batch"},
     {NULL, NULL, 0, NULL},
 };
 

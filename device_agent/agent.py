@@ -22,6 +22,7 @@ import numpy as np
 from device_agent.bundle import BundleError, Manifest, VerifyPolicy, manifest_sha256, verify_bundle
 from device_agent.errors import AgentError
 from device_agent.inference import InputError, Predictor
+from device_agent.kernels import Summary
 from device_agent.stats import ProfileSpec, StatsError, baseline_from_dict
 from device_agent.telemetry import ModelRef
 from device_agent.windows import ClosedWindow, Window
@@ -200,13 +201,15 @@ class Agent:
         with self._lock:
             m = self._model
             pred = m.predictor
-            summary = None
+            summary: Summary | None = None
+            encoded: np.ndarray | None = None
             try:
                 arr = pred.check_shape(np.asarray(x) if not isinstance(x, np.ndarray) else x)
+                # Both refuse NaN/infinity in the pass that writes the model's input.
                 if arr.shape[0] == 1:
-                    summary = pred.load_one(arr)  # checks and quantizes in one pass
+                    summary = pred.load_one(arr)
                 else:
-                    pred.check_finite(arr)
+                    encoded = pred.encode_checked(arr)
             except InputError as e:
                 self._window.add_violation(e.kind)
                 self.violations_total += 1
@@ -215,26 +218,11 @@ class Agent:
                 self._window.add_violation("shape")
                 self.violations_total += 1
                 raise InputError("shape", f"input is not a rectangular array of numbers ({e})") from None
-            t0 = time.perf_counter()
             if summary is not None:
-                table = pred.out_table
-                if table is not None:  # 8-bit output: decoded and stored by one native call
-                    scores = np.empty((1, len(m.manifest.labels)), dtype=np.float32)
-                    t0 = time.perf_counter()
-                    raw = pred.run_loaded_raw()
-                    latency_ms = (time.perf_counter() - t0) * 1000.0
-                    top, score = self._window.record_one(arr, scores, latency_ms, summary, (raw, table))
-                else:
-                    scores = pred.run_loaded()
-                    latency_ms = (time.perf_counter() - t0) * 1000.0
-                    top, score = self._window.record_one(arr, scores, latency_ms, summary)
-                tops, top_scores = [top], [score]
+                scores, tops, top_scores = self._run_one(m, arr, summary)
             else:
-                scores = pred.predict_checked(arr)
-                latency_ms = (time.perf_counter() - t0) * 1000.0
-                self._window.record(arr, scores, latency_ms)
-                top_idx = scores.argmax(axis=1)
-                tops, top_scores = top_idx.tolist(), scores[np.arange(len(top_idx)), top_idx].tolist()
+                assert encoded is not None
+                scores, tops, top_scores = self._run_batch(m, arr, encoded)
             self.predictions_total += scores.shape[0]
             if self.window_max_samples is not None and self._window.count >= self.window_max_samples:
                 closed = self._rotate()
@@ -247,6 +235,36 @@ class Agent:
             scores=top_scores,
             model=m.ref,
         )
+
+    def _run_one(
+        self, m: LoadedModel, arr: np.ndarray, summary: Summary
+    ) -> tuple[np.ndarray, list[int], list[float]]:
+        """Run the sample ``load_one`` wrote and record it (the native per-sample path)."""
+        pred = m.predictor
+        table = pred.out_table
+        if table is not None:  # an 8-bit output: decoded and stored in the window by one call
+            scores = np.empty((1, len(m.manifest.labels)), dtype=np.float32)
+            t0 = time.perf_counter()
+            raw = pred.run_loaded_raw()
+            latency_ms = (time.perf_counter() - t0) * 1000.0
+            top, score = self._window.record_one(arr, scores, latency_ms, summary, (raw, table))
+        else:
+            t0 = time.perf_counter()
+            scores = pred.run_loaded()
+            latency_ms = (time.perf_counter() - t0) * 1000.0
+            top, score = self._window.record_one(arr, scores, latency_ms, summary)
+        return scores, [top], [score]
+
+    def _run_batch(
+        self, m: LoadedModel, arr: np.ndarray, encoded: np.ndarray
+    ) -> tuple[np.ndarray, list[int], list[float]]:
+        """Run a batch ``encode_checked`` returned and record it."""
+        t0 = time.perf_counter()
+        scores = m.predictor.run_encoded(encoded)
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        self._window.record(arr, scores, latency_ms)
+        top = scores.argmax(axis=1)
+        return scores, top.tolist(), scores[np.arange(len(top)), top].tolist()
 
     def record_violation(self, kind: str) -> None:
         """Count a refused request that never reached the model (bad JSON, for instance)."""

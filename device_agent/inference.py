@@ -221,6 +221,29 @@ class Predictor:
             raise InputError("nan", NOT_FINITE)
         return summ
 
+    def encode_checked(self, arr: np.ndarray) -> np.ndarray:
+        """A batch from ``check_shape`` -> the model's input, refusing NaN/infinity (InputError).
+
+        An 8-bit input is checked and quantized in one native pass (``kernels.quantize``).
+        """
+        c = self._in_codec
+        if c.lut_ok and self._affine is None and kernels.NATIVE:
+            out = np.empty(arr.shape, dtype=c.dtype)
+            lo, hi, _, _ = kernels.quantize(
+                arr.reshape(-1), c.scale, c.zero_point, c.qmin, c.qmax, out.reshape(-1)
+            )
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise InputError("nan", NOT_FINITE)
+            return out
+        self.check_finite(arr)
+        if self._affine is not None:
+            arr = arr * self._affine[0] + self._affine[1]
+        return c.encode(arr)
+
+    def run_encoded(self, q: np.ndarray) -> np.ndarray:
+        """Run a batch ``encode_checked`` returned; return float scores (n, K)."""
+        return self._scores(self.model.run(q))
+
     def run_loaded(self) -> np.ndarray:
         """Run the sample ``load_one`` wrote; return its float scores (1, K)."""
         return self._scores(self.model.run(self._one_in))

@@ -2,7 +2,9 @@
 
 ``summary(v)`` returns a flat float32 sample's (min, max, sum, sum of squares); ``quantize(...)``
 also writes its 8-bit codes; ``store_row(...)`` puts one prediction's scores and latency into a
-statistics window's buffers and returns its top-1 index and score. Both come from the C extension ``device_agent._kernels`` when it was
+statistics window's buffers and returns its top-1 index and score; ``profile_update(...)`` is the C
+version of ``device_agent.stats.FeatureSetProfile.update`` (histograms and moments of a batch, the
+same results to the bit; native only, the numpy definition lives in stats.py). Both come from the C extension ``device_agent._kernels`` when it was
 built at install time (``setup.py``, optional: it needs a C compiler and the Python headers), and
 from numpy otherwise. ``NATIVE`` says which; ``EDGEFLEET_NATIVE_KERNELS=0`` turns the C path off.
 
@@ -110,8 +112,10 @@ if NATIVE:
     quantize = _native.quantize
     store_row = _native.store_row
     decode_row = _native.decode_row
+    profile_update = _native.profile_update
 else:
     summary = summary_numpy
     quantize = quantize_numpy
     store_row = store_row_numpy
     decode_row = decode_row_numpy
+    profile_update = None  # FeatureSetProfile.update runs its numpy definition

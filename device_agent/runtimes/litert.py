@@ -44,6 +44,13 @@ class LiteRTModel:
             interp = mod.Interpreter(model_path=str(path), num_threads=threads)
         self._interp = interp
         self._interp.allocate_tensors()
+        self._path, self._threads, self._mod = path, threads, mod
+        # Batches of another size run on a second interpreter, made on the first such batch and
+        # resized as sizes change: the first keeps its size, so single samples between batches
+        # never pay for re-allocating tensors (an Edge TPU model is batch 1: sample by sample).
+        self._batch_interp: Any = None
+        self._batch_n = 0
+        self._batch_ok = not self.accelerated
         inp = self._interp.get_input_details()[0]
         out = self._interp.get_output_details()[0]
         self._in_index = inp["index"]
@@ -53,24 +60,37 @@ class LiteRTModel:
         self.input_dtype = np.dtype(inp["dtype"])
         self.output_dtype = np.dtype(out["dtype"])
         self._batch = int(inp["shape"][0])
-        self._dynamic_batch = self.input_shape[0] == -1
 
     def run(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         if n == self._batch:
             return self._invoke(x)
-        if self._dynamic_batch:
-            self._interp.resize_tensor_input(self._in_index, [n, *x.shape[1:]])
-            self._interp.allocate_tensors()
-            self._batch = n
-            return self._invoke(x)
-        # Static batch (Edge TPU models are batch 1): run sample by sample.
+        if self._batch_ok:
+            try:
+                return self._invoke_batch(x)
+            except (RuntimeError, ValueError) as e:  # a graph with a fixed batch size
+                log.info("running batches sample by sample: the model does not resize (%s)", e)
+                self._batch_ok = False
+                self._batch_interp = None
         return np.concatenate([self._invoke(x[i : i + 1]) for i in range(n)], axis=0)
 
     def _invoke(self, x: np.ndarray) -> np.ndarray:
         self._interp.set_tensor(self._in_index, x)
         self._interp.invoke()
         return self._interp.get_tensor(self._out_index)  # a copy already (tensor() would be a view)
+
+    def _invoke_batch(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        it = self._batch_interp
+        if it is None:
+            it = self._mod.Interpreter(model_path=str(self._path), num_threads=self._threads)
+        if n != self._batch_n or it is not self._batch_interp:
+            it.resize_tensor_input(self._in_index, [n, *x.shape[1:]], strict=False)
+            it.allocate_tensors()
+            self._batch_interp, self._batch_n = it, n
+        it.set_tensor(self._in_index, x)
+        it.invoke()
+        return it.get_tensor(self._out_index)
 
     def ops(self) -> list[dict[str, Any]]:
         """Return the interpreter's op list (name, inputs, outputs) for inspection."""

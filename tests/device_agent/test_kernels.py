@@ -182,3 +182,59 @@ def test_agent_single_samples_equal_the_batch_path_on_a_real_int8_bundle(kernel_
     assert np.array_equal(a.inputs.counts, b.inputs.counts)
     assert a.class_counts.tolist() == b.class_counts.tolist()
     assert np.array_equal(a.confidence.counts, b.confidence.counts)
+
+
+@native
+def test_profile_update_equals_the_numpy_definition_to_the_bit(monkeypatch) -> None:
+    """Histograms, counts, NaN counts, min/max, mean and M2 after several batches (values on the
+    edges, on the last edge, out of range, NaN and infinities) are identical with and without C."""
+    from device_agent.stats import FeatureSetProfile
+
+    rng = np.random.default_rng(7)
+    edges = [sorted(set(np.round(rng.normal(0, 3, int(rng.integers(2, 12))), 2).tolist())) for _ in range(9)]
+    edges = [e if len(e) >= 2 else [e[0], e[0] + 1.0] for e in edges]
+    names = [f"f{j}" for j in range(len(edges))]
+    native_p = FeatureSetProfile.empty(names, edges)
+    numpy_p = FeatureSetProfile.empty(names, edges)
+    for n in (1, 5, 256, 1000, 3):
+        x = rng.normal(0, 4, (n, len(edges)))
+        for j, e in enumerate(edges):  # exact edge values, the last edge included
+            rows = rng.integers(0, n, max(1, n // 5))
+            x[rows, j] = rng.choice(e, rows.size)
+        if n > 3:
+            x[rng.integers(0, n, 3), rng.integers(0, len(edges), 3)] = [np.nan, np.inf, -np.inf]
+        native_p.update(x)
+        monkeypatch.setattr(kernels, "NATIVE", False)
+        numpy_p.update(x)
+        monkeypatch.setattr(kernels, "NATIVE", True)
+    for field in ("counts", "count", "nan_count", "min", "max", "mean", "m2"):
+        assert np.array_equal(getattr(native_p, field), getattr(numpy_p, field)), field
+    assert native_p.nan_count.sum() == 3 * 3
+
+
+@native
+def test_profile_update_leaves_read_only_profiles_to_numpy() -> None:
+    """A profile over read-only arrays (as unpacked from storage) still updates, by numpy."""
+    from device_agent.stats import FeatureSetProfile
+
+    p = FeatureSetProfile.empty(["a"], [[0.0, 1.0, 2.0]])
+    p.count.flags.writeable = False
+    p.update(np.array([[0.5], [1.5], [2.0]]))
+    assert p.hist(0).tolist() == [0, 1, 2, 0] and p.count.tolist() == [3]
+
+
+def test_litert_batches_run_beside_the_single_sample_interpreter() -> None:
+    """Batches go to a second interpreter sized to them; single samples keep the first one's
+    size (no tensor re-allocation between them), and every sample gets the same scores."""
+    from device_agent.agent import Agent
+    from tests.device_agent.agent_bundles import cached_tflite_bundle, digits
+
+    x = digits()["x_test"][:40]
+    agent = Agent(cached_tflite_bundle(), runtime="litert")
+    model = agent.model.predictor.model
+    singles = np.concatenate([agent.predict(x[i]).outputs for i in range(len(x))])
+    for lo, hi in ((0, 7), (7, 8), (8, 15), (15, 40), (0, 2)):
+        got = agent.predict(x[lo:hi]).outputs
+        assert np.array_equal(got, singles[lo:hi]), (lo, hi)
+        assert model._batch == 1  # the single-sample interpreter was never resized
+    assert model._batch_interp is not None and model._batch_n == 2
