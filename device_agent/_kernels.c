@@ -14,7 +14,6 @@
 /* Round half to even for |x| < 2^22 in the default rounding mode (numpy's rint), without libm. */
 static const float ROUND_MAGIC = 12582912.0f; /* 1.5 * 2^23 */
 
-
 /* min, max, sum and sum of squares of n floats (min = max = NaN when any value is NaN or infinite).
  * GCC/Clang vector extensions (SSE/AVX2 on x86, NEON on ARM): two 8-lane accumulators of each,
  * float partial sums over blocks of 64 values, added into doubles per block. */
