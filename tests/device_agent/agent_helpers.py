@@ -5,30 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-DEADLINE_S = 30.0
+from tests.helpers import DEADLINE_S, REPO, AgentRun, http_call, wait_for
 
-
-def wait_for(pred: Callable[[], Any], timeout_s: float = DEADLINE_S, what: str = "condition") -> Any:
-    """Poll ``pred`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+__all__ = ["DEADLINE_S", "REPO", "wait_for"]
 
 
 def write_config(
@@ -139,17 +123,7 @@ def persist(mosquitto: Any) -> None:
 
 def http(base: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
     """Call the agent's API; return (status, parsed JSON or text)."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            code, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        code, text = e.code, e.read().decode()
-    try:
-        return code, json.loads(text)
-    except ValueError:
-        return code, text
+    return http_call(base + path, body, raw, timeout_s=10)
 
 
 # Patch reconnect/backoff constants before the CLI runs (module constants, as the design wants).
@@ -160,48 +134,11 @@ FAST_PRELUDE = (
 )
 
 
-class AgentProcess:
+class AgentProcess(AgentRun):
     """``edgefleet-agent run`` in a subprocess with fast reconnect constants; its log in a file."""
 
     def __init__(self, config: Path, log_path: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", FAST_PRELUDE, "run", "--config", str(config)],
-            stdout=self._log,
-            stderr=self._log,
-            env=env,
-            cwd=str(REPO),
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def api_base(self) -> str:
-        def find() -> str | None:
-            for line in self.log().splitlines():
-                if "listening on " in line:
-                    return "http://" + line.rsplit("listening on ", 1)[1].strip()
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            return None
-
-        return str(wait_for(find, what="the agent's API"))
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self._log.close()
-
-    def wait(self, timeout_s: float = 30) -> int:
-        rc = self.proc.wait(timeout_s)
-        self._log.close()
-        return rc
+        super().__init__(FAST_PRELUDE, config, log_path)
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:

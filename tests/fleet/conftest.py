@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,18 +58,6 @@ def make_window(
         return window_profile(base.spec, x, model.predict(x))
 
     return make
-
-
-def wait_for(pred: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``pred`` until it returns something truthy or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last value {v!r})")
-        time.sleep(0.05)
 
 
 @pytest.fixture

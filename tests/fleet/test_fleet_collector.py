@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 
 from device_agent.telemetry import encode_event
+from tests.helpers import wait_for
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, stats_payload, status_payload
 from toolchain.fleet.storage import open_store
-
-from .conftest import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

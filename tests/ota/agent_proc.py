@@ -7,19 +7,12 @@ Only the test process patches this; the agent code has no test hooks.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, AgentRun, http_call, wait_for
+
+__all__ = ["REPO", "wait_for"]
 
 PRELUDE = r"""
 import os, sys, time
@@ -65,17 +58,6 @@ main()
 """
 
 
-def wait_for(pred: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``pred`` until truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def write_agent_config(
     path: Path,
     *,
@@ -102,44 +84,22 @@ def write_agent_config(
     return path
 
 
-class Agent:
-    """One ``edgefleet-agent run`` process."""
+class Agent(AgentRun):
+    """One ``edgefleet-agent run`` process, optionally stopping at ``pause_at``."""
 
     def __init__(self, config: Path, log_path: Path, pause_at: str | None = None) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
         self.marker = log_path.with_suffix(".paused")
         self.marker.unlink(missing_ok=True)
-        if pause_at:
-            env["EDGEFLEET_TEST_PAUSE_AT"] = pause_at
-            env["EDGEFLEET_TEST_PAUSED"] = str(self.marker)
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", PRELUDE, "run", "--config", str(config)],
-            stdout=self._log,
-            stderr=self._log,
-            env=env,
-            cwd=str(REPO),
+        env = (
+            {"EDGEFLEET_TEST_PAUSE_AT": pause_at, "EDGEFLEET_TEST_PAUSED": str(self.marker)}
+            if pause_at
+            else {}
         )
-        self._base: str | None = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(PRELUDE, config, log_path, env)
 
     @property
     def base(self) -> str:
-        if self._base is None:
-
-            def find() -> str | None:
-                for line in self.log().splitlines():
-                    if "listening on " in line:
-                        return "http://" + line.rsplit("listening on ", 1)[1].strip()
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-                return None
-
-            self._base = str(wait_for(find, 60, "the agent's API"))
-        return self._base
+        return self.api_base()
 
     def get(self, path: str) -> tuple[int, Any]:
         return call(self.base + path)
@@ -159,38 +119,14 @@ class Agent:
 
     def wait_paused(self, timeout_s: float = 60.0) -> None:
         def paused() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            self.exited()
             return self.marker.exists()
 
         wait_for(paused, timeout_s, f"the update to reach its pause point ({self.log()[-500:]})")
 
     def sigkill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self._log.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+        self.kill()
 
 
 def call(url: str, body: Any = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=20) as r:
-            code, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        code, text = e.code, e.read().decode()
-    try:
-        return code, json.loads(text)
-    except ValueError:
-        return code, text
+    return http_call(url, body)

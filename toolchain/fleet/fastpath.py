@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain
@@ -104,15 +105,21 @@ def _time(v: Any) -> float:
     return dt.timestamp()
 
 
-def _floats(vals: list[Any], fill: float) -> np.ndarray:
-    """Numbers (ints or floats, finite) as float64; None becomes ``fill``; anything else is refused."""
+def _floats(vals: list[Any], fills: Sequence[float]) -> np.ndarray:
+    """Numbers (ints or floats, finite) as float64, one strict conversion for the whole list.
+
+    A None at position i becomes ``fills[i]`` (what the field of a feature without values is);
+    anything else that is not a finite number is refused.
+    """
     present = None
     try:
         try:
             a = np.frombuffer(array.array("d", vals))
         except TypeError:  # None (a feature without values) or a string, list, dict
             present = np.array([v is not None for v in vals])
-            a = np.frombuffer(array.array("d", [fill if v is None else v for v in vals]))
+            a = np.frombuffer(
+                array.array("d", [f if v is None else v for v, f in zip(vals, fills, strict=True)])
+            )
     except (TypeError, OverflowError):  # garbage, or an int beyond the float range
         raise Refused("float") from None
     if not np.isfinite(a if present is None else a[present]).all():
@@ -149,6 +156,7 @@ class _Plan:
     n_hist: int
     int_gather: np.ndarray
     float_gather: np.ndarray
+    float_fills: list[float]  # min, max, mean, m2 of a feature without values, per float position
 
 
 _PLANS: dict[int, tuple[Layout, _Plan]] = {}
@@ -183,7 +191,8 @@ def _plan(layout: Layout) -> _Plan:
         fo += 4 * f
         feat += f
     ig[io : io + layout.n_classes] = np.arange(src_class, src_class + layout.n_classes)
-    plan = _Plan(tuple(sizes), want, np.r_[0, np.cumsum(want)[:-1]].astype(np.int64), nf, nh, ig, fg)
+    fills = [fill for fill in _FILLS for _ in range(nf)]
+    plan = _Plan(tuple(sizes), want, np.r_[0, np.cumsum(want)[:-1]].astype(np.int64), nf, nh, ig, fg, fills)
     _PLANS[id(layout)] = (layout, plan)
     return plan
 
@@ -196,7 +205,7 @@ def _split(values: list[int], sizes: list[int]) -> list[list[int]]:
     return out
 
 
-_FILLS = (np.inf, -np.inf, 0.0, 0.0)  # what min, max, mean, m2 of a feature without values are
+_FILLS = (math.inf, -math.inf, 0.0, 0.0)  # what min, max, mean, m2 of a feature without values are
 
 
 def _pack_sets(states: tuple[Any, Any, Any], cc: Any, layout: Layout) -> tuple[bytes, bytes]:
@@ -229,19 +238,7 @@ def _pack_sets(states: tuple[Any, Any, Any], cc: Any, layout: Layout) -> tuple[b
     flat = ints_in[2 * nf : 2 * nf + plan.n_hist]
     if not np.array_equal(np.add.reduceat(flat, plan.seg_starts), ints_in[:nf]):
         raise Refused("hist sum")
-    try:
-        floats_in = np.frombuffer(
-            array.array("d", [*lists["min"], *lists["max"], *lists["mean"], *lists["m2"]])
-        )
-    except TypeError:  # None for a feature without values (each list has its fill), or garbage
-        floats_in = np.concatenate(
-            [_floats(lists[k], fill) for k, fill in zip(("min", "max", "mean", "m2"), _FILLS, strict=True)]
-        )
-    except OverflowError:
-        raise Refused("float") from None
-    else:
-        if not np.isfinite(floats_in).all():
-            raise Refused("float")
+    floats_in = _floats([*lists["min"], *lists["max"], *lists["mean"], *lists["m2"]], plan.float_fills)
     if floats_in[3 * nf :].min() < 0:
         raise Refused("m2")
     ints = ints_in[plan.int_gather].astype("<i8", copy=False)
