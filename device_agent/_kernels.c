@@ -17,30 +17,23 @@ static const float ROUND_MAGIC = 12582912.0f; /* 1.5 * 2^23 */
 /* min, max, sum and sum of squares of n floats (min = max = NaN when any value is NaN or infinite).
  * GCC/Clang vector extensions (SSE/AVX2 on x86, NEON on ARM): two 8-lane accumulators of each,
  * float partial sums over blocks of 64 values, added into doubles per block. */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi" /* static helpers only: no ABI crosses the file */
-#endif
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 #define BLOCK 64
 
 /* x86-64: an AVX2 copy of the loops next to the baseline SSE2 one, picked at load time (glibc
- * ifunc). No FMA: contracting x * x + s would change the sums' last bits from one CPU to another. */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__) && !defined(EDGEFLEET_NO_CLONES)
+ * ifunc). No FMA (setup.py also builds with -ffp-contract=off): contracting x * x + s would change
+ * the sums' last bits from one CPU to another. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__) && !defined(EDGEFLEET_NO_CLONES) \
+    && (!defined(__clang__) || __clang_major__ >= 14)
 #define HOT __attribute__((target_clones("avx2", "default")))
 #else
 #define HOT
 #endif
 
-static inline v8f load8(const float *p) {
-    v8f x;
-    memcpy(&x, p, sizeof x);
-    return x;
-}
-
-static inline v8f vsel(v8i m, v8f a, v8f b) { /* m ? a : b, lane by lane */
-    return (v8f)(((v8i)a & m) | ((v8i)b & ~m));
-}
+/* Macros rather than functions: a function taking 32-byte vectors makes GCC print ABI notes. */
+#define LOAD8(dst, p) memcpy(&(dst), (p), sizeof(v8f))
+#define VSEL(m, a, b) ((v8f)(((v8i)(a) & (m)) | ((v8i)(b) & ~(m)))) /* m ? a : b, lane by lane */
 
 HOT static void summary_f32(const float *v, Py_ssize_t n, double out[4]) {
     float first = n ? v[0] : 0.0f;
@@ -51,11 +44,13 @@ HOT static void summary_f32(const float *v, Py_ssize_t n, double out[4]) {
     for (; i + BLOCK <= n; i += BLOCK) {
         v8f s0 = {0}, s1 = s0, q0 = s0, q1 = s0;
         for (int j = 0; j < BLOCK; j += 16) {
-            v8f x0 = load8(v + i + j), x1 = load8(v + i + j + 8);
-            mn0 = vsel(x0 < mn0, x0, mn0);
-            mn1 = vsel(x1 < mn1, x1, mn1);
-            mx0 = vsel(x0 > mx0, x0, mx0);
-            mx1 = vsel(x1 > mx1, x1, mx1);
+            v8f x0, x1;
+            LOAD8(x0, v + i + j);
+            LOAD8(x1, v + i + j + 8);
+            mn0 = VSEL(x0 < mn0, x0, mn0);
+            mn1 = VSEL(x1 < mn1, x1, mn1);
+            mx0 = VSEL(x0 > mx0, x0, mx0);
+            mx1 = VSEL(x1 > mx1, x1, mx1);
             bad0 += x0 - x0; /* 0 for finite values, NaN for NaN and infinities */
             bad1 += x1 - x1;
             s0 += x0;
