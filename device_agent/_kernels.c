@@ -122,12 +122,27 @@ HOT static void quantize_u8(const float *v, Py_ssize_t n, float scale, float zp,
     }
 }
 
-static int get_f32(PyObject *obj, Py_buffer *buf) {
-    if (PyObject_GetBuffer(obj, buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+
+/* Get a C-contiguous buffer of ``kind`` ('f' float32, 'd' float64, 'i' int64), writable if asked,
+ * holding n items (any number when n < 0). On failure: an exception naming ``what``, and -1. */
+static int get_typed(PyObject *obj, Py_buffer *buf, char kind, Py_ssize_t n, int writable, const char *what) {
+    if (PyObject_GetBuffer(obj, buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
         return -1;
-    if (buf->itemsize != 4 || buf->format == NULL || strcmp(buf->format, "f") != 0) {
+    const char *f = buf->format ? buf->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    int ok = kind == 'f'   ? buf->itemsize == 4 && strcmp(f, "f") == 0
+             : kind == 'd' ? buf->itemsize == 8 && strcmp(f, "d") == 0
+                           : buf->itemsize == 8 && (strcmp(f, "l") == 0 || strcmp(f, "q") == 0);
+    if (!ok || (n >= 0 && buf->len != n * buf->itemsize)) {
+        static const char *names[] = {"float32", "float64", "int64"};
+        const char *type = names[kind == 'f' ? 0 : kind == 'd' ? 1 : 2];
         PyBuffer_Release(buf);
-        PyErr_SetString(PyExc_TypeError, "expected a C-contiguous float32 buffer");
+        if (!ok)
+            PyErr_Format(PyExc_TypeError, "%s: expected a%s C-contiguous %s buffer", what,
+                         writable ? " writable" : "", type);
+        else
+            PyErr_Format(PyExc_ValueError, "%s must hold %zd %s values", what, n, type);
         return -1;
     }
     return 0;
@@ -143,7 +158,7 @@ static PyObject *k_summary(PyObject *self, PyObject *args) {
     Py_buffer src;
     double r[4];
     (void)self;
-    if (!PyArg_ParseTuple(args, "O", &src_obj) || get_f32(src_obj, &src) < 0)
+    if (!PyArg_ParseTuple(args, "O", &src_obj) || get_typed(src_obj, &src, 'f', -1, 0, "src") < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     summary_f32((const float *)src.buf, src.len / 4, r);
@@ -163,7 +178,7 @@ static PyObject *k_quantize(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "Offiiw*", &src_obj, &scale, &zp, &qmin, &qmax, &dst))
         return NULL;
-    if (get_f32(src_obj, &src) < 0) {
+    if (get_typed(src_obj, &src, 'f', -1, 0, "src") < 0) {
         PyBuffer_Release(&dst);
         return NULL;
     }
@@ -188,16 +203,6 @@ static PyObject *k_quantize(PyObject *self, PyObject *args) {
     return summary_tuple(r);
 }
 
-static int get_f64(PyObject *obj, Py_buffer *buf) {
-    if (PyObject_GetBuffer(obj, buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
-        return -1;
-    if (buf->itemsize != 8 || buf->format == NULL || strcmp(buf->format, "d") != 0) {
-        PyBuffer_Release(buf);
-        PyErr_SetString(PyExc_TypeError, "expected a writable C-contiguous float64 buffer");
-        return -1;
-    }
-    return 0;
-}
 
 /* Copy K scores into a float64 row; return numpy's argmax (the first maximum, or the first NaN). */
 static Py_ssize_t store_scores(const float *v, Py_ssize_t k, double *dst) {
@@ -223,13 +228,13 @@ static PyObject *k_store_row(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "OOnOd", &src_obj, &rows_obj, &row, &lat_obj, &latency))
         return NULL;
-    if (get_f32(src_obj, &src) < 0)
+    if (get_typed(src_obj, &src, 'f', -1, 0, "src") < 0)
         return NULL;
-    if (get_f64(rows_obj, &rows) < 0) {
+    if (get_typed(rows_obj, &rows, 'd', -1, 1, "rows") < 0) {
         PyBuffer_Release(&src);
         return NULL;
     }
-    if (get_f64(lat_obj, &lat) < 0) {
+    if (get_typed(lat_obj, &lat, 'd', -1, 1, "latencies") < 0) {
         PyBuffer_Release(&src);
         PyBuffer_Release(&rows);
         return NULL;
@@ -264,13 +269,13 @@ static PyObject *k_decode_row(PyObject *self, PyObject *args) {
         return NULL;
     if (PyObject_GetBuffer(raw_obj, &raw, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
-    if (get_f32(lut_obj, &lut) < 0)
+    if (get_typed(lut_obj, &lut, 'f', 256, 0, "table") < 0)
         goto release_raw;
     if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
         goto release_lut;
-    if (get_f64(rows_obj, &rows) < 0)
+    if (get_typed(rows_obj, &rows, 'd', -1, 1, "rows") < 0)
         goto release_out;
-    if (get_f64(lat_obj, &lat) < 0)
+    if (get_typed(lat_obj, &lat, 'd', -1, 1, "latencies") < 0)
         goto release_rows;
     Py_ssize_t k = raw.len, n_rows = lat.len / 8;
     if (raw.itemsize != 1 || lut.len != 256 * 4 || out.itemsize != 4 || out.format == NULL ||
@@ -299,24 +304,6 @@ release_raw:
     return result;
 }
 
-/* A C-contiguous buffer of 8-byte items: kind 'd' (float64) or 'i' (int64), of n items. */
-static int get_8(PyObject *obj, Py_buffer *buf, char kind, Py_ssize_t n, int writable, const char *name) {
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, buf, flags) < 0)
-        return -1;
-    const char *f = buf->format ? buf->format : "B";
-    if (*f == '<' || *f == '=' || *f == '@')
-        f++;
-    int ok = buf->itemsize == 8 && (kind == 'd' ? strcmp(f, "d") == 0
-                                                : (strcmp(f, "l") == 0 || strcmp(f, "q") == 0));
-    if (!ok || buf->len != n * 8) {
-        PyBuffer_Release(buf);
-        PyErr_Format(PyExc_ValueError, "profile_update: %s must be %s with %zd items", name,
-                     kind == 'd' ? "float64" : "int64", n);
-        return -1;
-    }
-    return 0;
-}
 
 /* Feature j of a batch (N, F) row-major: its histogram, NaN count and, over its finite values,
  * count, sum, M2 about the batch mean, min and max (out[0..3] = sum, M2, min, max; returns the
@@ -404,7 +391,7 @@ static PyObject *k_profile_update(PyObject *self, PyObject *args) {
                                     "min", "max", "mean", "m2"};
     Py_ssize_t sizes[10] = {N * F, F * E, F, F * (E + 1), F, F, F, F, F, F};
     for (got = 0; got < 10; got++)
-        if (get_8(o[got], &b[got], kinds[got], sizes[got], got >= 3, names[got]) < 0)
+        if (get_typed(o[got], &b[got], kinds[got], sizes[got], got >= 3, names[got]) < 0)
             goto done;
     {
         const double *x = (const double *)b[0].buf, *edges = (const double *)b[1].buf;

@@ -49,9 +49,7 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     )
 
 
-# The clip ufunc itself: np.clip's Python wrapper costs about as much as clipping a 96x96 image.
-_clip = (getattr(np, "_core", None) or np.core).umath.clip
-_minimum, _maximum = np.minimum.reduce, np.maximum.reduce
+_clip, _minimum, _maximum = kernels.clip_ufunc, kernels.min_reduce, kernels.max_reduce
 
 
 class TensorCodec:

@@ -38,13 +38,16 @@ except ImportError:  # no compiler at install time: the numpy fallbacks below
 
 NATIVE = _native is not None and os.environ.get("EDGEFLEET_NATIVE_KERNELS", "1") != "0"
 
-_vecdot = getattr(np, "vecdot", None)
-_minimum, _maximum = np.minimum.reduce, np.maximum.reduce
-_clip = (getattr(np, "_core", None) or np.core).umath.clip
+# numpy helpers the agent's numpy paths share (stats.py and inference.py import them from here).
+vecdot = getattr(np, "vecdot", None)  # None on numpy < 2 (older Raspberry Pi OS)
+min_reduce, max_reduce = np.minimum.reduce, np.maximum.reduce
+# The clip ufunc itself: np.clip's Python wrapper costs about as much as clipping a 96x96 image.
+clip_ufunc = (getattr(np, "_core", None) or np.core).umath.clip
 _ONES: dict[int, np.ndarray] = {}
 
 
-def _ones(n: int) -> np.ndarray:
+def ones_f32(n: int) -> np.ndarray:
+    """A cached float32 vector of n ones (the right operand of a dot product that sums)."""
     got = _ONES.get(n)
     if got is None:
         got = _ONES[n] = np.ones(n, dtype=np.float32)
@@ -54,11 +57,11 @@ def _ones(n: int) -> np.ndarray:
 def summary_numpy(v: np.ndarray) -> Summary:
     """(min, max, sum, sum of squares) of a flat float32 array; min and max are NaN or infinite
     when a value is (both reductions propagate NaN)."""
-    if _vecdot is not None:
-        s, ss = float(_vecdot(v, _ones(v.shape[0]))), float(_vecdot(v, v))
+    if vecdot is not None:
+        s, ss = float(vecdot(v, ones_f32(v.shape[0]))), float(vecdot(v, v))
     else:  # numpy < 2 (older Raspberry Pi OS)
-        s, ss = float(np.dot(v, _ones(v.shape[0]))), float(np.dot(v, v))
-    return float(_minimum(v)), float(_maximum(v)), s, ss
+        s, ss = float(np.dot(v, ones_f32(v.shape[0]))), float(np.dot(v, v))
+    return float(min_reduce(v)), float(max_reduce(v)), s, ss
 
 
 def quantize_numpy(
@@ -75,7 +78,7 @@ def quantize_numpy(
         q = np.divide(v, scale, dtype=np.float32)
     np.rint(q, out=q)
     q += zero_point
-    _clip(q, np.float32(qmin), np.float32(qmax), out=q)
+    clip_ufunc(q, np.float32(qmin), np.float32(qmax), out=q)
     np.copyto(out, q, casting="unsafe")
     return summ
 

@@ -372,16 +372,9 @@ def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, np.broadcast_to(b, a.shape))  # numpy < 2 (older Raspberry Pi OS)
 
 
-_vecdot = getattr(np, "vecdot", None)
-_clip_ufunc = (getattr(np, "_core", None) or np.core).umath.clip
-_ONES: dict[int, np.ndarray] = {}
-
-
-def _ones(n: int) -> np.ndarray:
-    got = _ONES.get(n)
-    if got is None:
-        got = _ONES[n] = np.ones(n, dtype=np.float32)
-    return got
+_vecdot = kernels.vecdot
+_ones = kernels.ones_f32
+_clip_ufunc = kernels.clip_ufunc
 
 
 def summary_features(summary: Summary, size: int, out: np.ndarray) -> None:
