@@ -271,16 +271,14 @@ static PyObject *k_decode_row(PyObject *self, PyObject *args) {
         return NULL;
     if (get_typed(lut_obj, &lut, 'f', 256, 0, "table") < 0)
         goto release_raw;
-    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+    if (get_typed(out_obj, &out, 'f', -1, 1, "out") < 0)
         goto release_lut;
     if (get_typed(rows_obj, &rows, 'd', -1, 1, "rows") < 0)
         goto release_out;
     if (get_typed(lat_obj, &lat, 'd', -1, 1, "latencies") < 0)
         goto release_rows;
     Py_ssize_t k = raw.len, n_rows = lat.len / 8;
-    if (raw.itemsize != 1 || lut.len != 256 * 4 || out.itemsize != 4 || out.format == NULL ||
-        strcmp(out.format, "f") != 0 || out.len != k * 4 || k < 1 || row < 0 || row >= n_rows ||
-        rows.len != n_rows * k * 8) {
+    if (raw.itemsize != 1 || out.len != k * 4 || k < 1 || row < 0 || row >= n_rows || rows.len != n_rows * k * 8) {
         PyErr_SetString(PyExc_ValueError, "decode_row: codes, table, output, row and buffers do not fit together");
     } else {
         const unsigned char *q = (const unsigned char *)raw.buf;

@@ -241,18 +241,16 @@ class Agent:
     ) -> tuple[np.ndarray, list[int], list[float]]:
         """Run the sample ``load_one`` wrote and record it (the native per-sample path)."""
         pred = m.predictor
+        t0 = time.perf_counter()
+        raw = pred.run_loaded()
+        latency_ms = (time.perf_counter() - t0) * 1000.0
         table = pred.out_table
-        if table is not None:  # an 8-bit output: decoded and stored in the window by one call
-            scores = np.empty((1, len(m.manifest.labels)), dtype=np.float32)
-            t0 = time.perf_counter()
-            raw = pred.run_loaded_raw()
-            latency_ms = (time.perf_counter() - t0) * 1000.0
-            top, score = self._window.record_one(arr, scores, latency_ms, summary, (raw, table))
-        else:
-            t0 = time.perf_counter()
-            scores = pred.run_loaded()
-            latency_ms = (time.perf_counter() - t0) * 1000.0
+        if table is None:
+            scores = pred.scores(raw)
             top, score = self._window.record_one(arr, scores, latency_ms, summary)
+        else:  # an 8-bit output: decoded and stored in the window by one native call
+            scores = np.empty((1, len(m.manifest.labels)), dtype=np.float32)
+            top, score = self._window.record_one(arr, scores, latency_ms, summary, (raw, table))
         return scores, [top], [score]
 
     def _run_batch(

@@ -30,6 +30,14 @@ class InputError(AgentError):
         self.kind = kind
 
 
+def _finite_range(lo: float, hi: float) -> tuple[float, float]:
+    """Return (lo, hi), a batch's min and max, or raise InputError (``nan``) when either is not
+    finite: min and max propagate NaN and show infinities."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InputError("nan", NOT_FINITE)
+    return lo, hi
+
+
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Convert float values to the tensor's dtype with its affine quantization (float passes through)."""
     dtype = np.dtype(spec.dtype.value)
@@ -49,7 +57,7 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     )
 
 
-_clip, _minimum, _maximum = kernels.clip_ufunc, kernels.min_reduce, kernels.max_reduce
+_minimum, _maximum = kernels.min_reduce, kernels.max_reduce
 
 
 class TensorCodec:
@@ -80,11 +88,7 @@ class TensorCodec:
         """Float32 values -> the tensor's dtype (same result as ``quantize``)."""
         if not self.affine:
             return x.astype(self.dtype, copy=False)
-        q = np.divide(x, self.scale, dtype=np.float32)
-        np.rint(q, out=q)
-        q += self.zero_point
-        _clip(q, self.lo, self.hi, out=q)
-        return q.astype(self.dtype)
+        return kernels.codes_f32(x, self.scale, self.zero_point, self.lo, self.hi).astype(self.dtype)
 
     def decode(self, q: np.ndarray) -> np.ndarray:
         """The tensor's raw values -> float32 (same result as ``dequantize``)."""
@@ -126,10 +130,8 @@ class Predictor:
         self._in_codec = TensorCodec(self.input_spec)
         self._out_codec = TensorCodec(self.output_spec)
         self.sample_shape = tuple(self.input_spec.shape[1:])
-        # One sample's buffers for the single-sample path (callers serialize: interpreters are not
-        # thread-safe either): the float32 scratch and the quantized input handed to the runtime.
-        size = int(np.prod(self.sample_shape)) if self.sample_shape else 1
-        self._one_tmp = np.empty(size, dtype=np.float32)
+        # The single-sample path's input buffer, handed to the runtime (callers serialize:
+        # interpreters are not thread-safe either).
         self._one_in = np.empty((1, *self.sample_shape), dtype=self._in_codec.dtype)
         self._one_flat = self._one_in.reshape(-1)
         pre = m.preprocessing
@@ -146,12 +148,9 @@ class Predictor:
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """Return ``x`` as a float32 batch (n, *sample_shape) or raise InputError."""
-        return self.check_input_range(x)[0]
-
-    def check_input_range(self, x: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-        """``check_input``, also returning the batch's (min, max), which the finite check computes."""
         arr = self.check_shape(x)
-        return arr, self.check_finite(arr)
+        self.check_finite(arr)
+        return arr
 
     def check_shape(self, x: np.ndarray) -> np.ndarray:
         """Return ``x`` as a float32 batch (n, *sample_shape) or raise InputError (shape, dtype)."""
@@ -176,10 +175,7 @@ class Predictor:
         Min and max propagate NaN and show infinities: the two reductions are the finite check.
         """
         flat = arr.reshape(-1)
-        lo, hi = float(_minimum(flat)), float(_maximum(flat))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise InputError("nan", NOT_FINITE)
-        return lo, hi
+        return _finite_range(float(_minimum(flat)), float(_maximum(flat)))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return float scores (n, K) for float inputs (n, *sample_shape) or one sample."""
@@ -187,12 +183,20 @@ class Predictor:
 
     def predict_checked(self, arr: np.ndarray) -> np.ndarray:
         """Return float scores (n, K) for a batch that ``check_input`` returned (skips a second check)."""
+        return self.scores(self.model.run(self._encode(arr)))
+
+    def _encode(self, arr: np.ndarray) -> np.ndarray:
+        """A checked float batch -> the model's input: the manifest's preprocessing, then quantization."""
         if self._affine is not None:
             arr = arr * self._affine[0] + self._affine[1]
-        raw = self.model.run(self._in_codec.encode(arr))
-        return self._scores(raw)
+        return self._in_codec.encode(arr)
 
-    def _scores(self, raw: np.ndarray) -> np.ndarray:
+    def _native_8bit(self) -> bool:
+        """Whether the input is checked and quantized by one ``kernels.quantize`` pass."""
+        return self._in_codec.lut_ok and self._affine is None
+
+    def scores(self, raw: np.ndarray) -> np.ndarray:
+        """The output tensor's raw values -> float scores (n, K)."""
         out = self._out_codec.decode(raw)
         return out if out.ndim == 2 else out.reshape(out.shape[0], -1)
 
@@ -206,50 +210,39 @@ class Predictor:
         """
         v = arr.reshape(-1)
         c = self._in_codec
-        if c.lut_ok and self._affine is None:
+        if self._native_8bit():
             summ = kernels.quantize(v, c.scale, c.zero_point, c.qmin, c.qmax, self._one_flat)
-            finite = math.isfinite(summ[0]) and math.isfinite(summ[1])
+            _finite_range(summ[0], summ[1])
         else:
             summ = kernels.summary(v)
-            finite = math.isfinite(summ[0]) and math.isfinite(summ[1])
-            if finite:
-                x = arr if self._affine is None else arr * self._affine[0] + self._affine[1]
-                np.copyto(self._one_flat, c.encode(x).reshape(-1))
-        if not finite:
-            raise InputError("nan", NOT_FINITE)
+            _finite_range(summ[0], summ[1])
+            np.copyto(self._one_flat, self._encode(arr).reshape(-1))
         return summ
+
+    def run_loaded(self) -> np.ndarray:
+        """Run the sample ``load_one`` wrote; return the output tensor's raw values (``scores``
+        turns them into float scores; ``out_table`` decodes 8-bit codes)."""
+        return self.model.run(self._one_in)
 
     def encode_checked(self, arr: np.ndarray) -> np.ndarray:
         """A batch from ``check_shape`` -> the model's input, refusing NaN/infinity (InputError).
 
         An 8-bit input is checked and quantized in one native pass (``kernels.quantize``).
         """
-        c = self._in_codec
-        if c.lut_ok and self._affine is None and kernels.NATIVE:
+        if self._native_8bit() and kernels.NATIVE:
+            c = self._in_codec
             out = np.empty(arr.shape, dtype=c.dtype)
             lo, hi, _, _ = kernels.quantize(
                 arr.reshape(-1), c.scale, c.zero_point, c.qmin, c.qmax, out.reshape(-1)
             )
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise InputError("nan", NOT_FINITE)
+            _finite_range(lo, hi)
             return out
         self.check_finite(arr)
-        if self._affine is not None:
-            arr = arr * self._affine[0] + self._affine[1]
-        return c.encode(arr)
+        return self._encode(arr)
 
     def run_encoded(self, q: np.ndarray) -> np.ndarray:
         """Run a batch ``encode_checked`` returned; return float scores (n, K)."""
-        return self._scores(self.model.run(q))
-
-    def run_loaded(self) -> np.ndarray:
-        """Run the sample ``load_one`` wrote; return its float scores (1, K)."""
-        return self._scores(self.model.run(self._one_in))
-
-    def run_loaded_raw(self) -> np.ndarray:
-        """Run the sample ``load_one`` wrote; return the output tensor's raw values (8-bit codes
-        when ``out_table`` is set: decode them through it)."""
-        return self.model.run(self._one_in)
+        return self.scores(self.model.run(q))
 
     @property
     def out_table(self) -> np.ndarray | None:

@@ -74,13 +74,21 @@ def quantize_numpy(
     summ = summary_numpy(v)
     if not (np.isfinite(summ[0]) and np.isfinite(summ[1])):
         return summ
-    with np.errstate(over="ignore"):  # a huge value divides to inf, which clips to qmax
-        q = np.divide(v, scale, dtype=np.float32)
+    np.copyto(out, codes_f32(v, scale, zero_point, np.float32(qmin), np.float32(qmax)), casting="unsafe")
+    return summ
+
+
+def codes_f32(
+    x: np.ndarray, scale: np.float32, zero_point: np.float32, lo: np.float32, hi: np.float32
+) -> np.ndarray:
+    """``clip(rint(x / scale) + zero_point, lo, hi)`` in float32: the quantized codes before the
+    cast to the integer dtype (``inference.TensorCodec.encode`` and ``quantize_numpy``)."""
+    with np.errstate(over="ignore"):  # a huge value divides to inf, which clips to hi
+        q = np.divide(x, scale, dtype=np.float32)
     np.rint(q, out=q)
     q += zero_point
-    clip_ufunc(q, np.float32(qmin), np.float32(qmax), out=q)
-    np.copyto(out, q, casting="unsafe")
-    return summ
+    clip_ufunc(q, lo, hi, out=q)
+    return q
 
 
 def store_row_numpy(

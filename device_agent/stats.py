@@ -29,7 +29,6 @@ import numpy as np
 
 from device_agent import kernels
 from device_agent.errors import AgentError
-from device_agent.kernels import Summary
 
 SCHEMA = 1
 DEFAULT_BINS = 20
@@ -377,15 +376,15 @@ _ones = kernels.ones_f32
 _clip_ufunc = kernels.clip_ufunc
 
 
-def summary_features(summary: Summary, size: int, out: np.ndarray) -> None:
-    """Write (mean, std, min, max) of a sample channel of ``size`` values from its (min, max, sum,
-    sum of squares) into ``out`` (4,); the one formula every summary path uses."""
-    lo, hi, s, ss = summary
-    mean = s / size
-    out[0] = mean
-    out[1] = math.sqrt(max(ss / size - mean * mean, 0.0))  # NaN stays NaN, as with np.maximum
-    out[2] = lo
-    out[3] = hi
+def summary_features(summaries: Any, size: int) -> np.ndarray:
+    """Rows of (min, max, sum, sum of squares) of image channels of ``size`` values -> rows of
+    (mean, std, min, max) float64: the one formula every image-summary path uses (``extract``,
+    and the statistics window for single samples)."""
+    s = np.asarray(summaries, dtype=np.float64).reshape(-1, 4)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = s[:, 2] / size
+        std = np.sqrt(np.maximum(s[:, 3] / size - mean * mean, 0.0))
+    return np.stack([mean, std, s[:, 0], s[:, 1]], axis=1)
 
 
 @dataclass(frozen=True)
@@ -432,7 +431,7 @@ class FeatureSpec:
             # Stay in the input's float32 (no float64 copy of every pixel) and reduce each image's
             # channel over a contiguous row. Every row is reduced on its own (the native kernel, or
             # numpy's per-row dot products and SIMD min/max), so a sample gets the same features
-            # alone, in any batch, or through ``summarise_one``.
+            # alone or in any batch.
             x = x.astype(np.float32, copy=False)
             channels = self.input_shape[-1] if len(self.input_shape) >= 3 else 1
             if channels == 1:
@@ -443,31 +442,14 @@ class FeatureSpec:
                 )
             size = rows.shape[1]
             if kernels.NATIVE:
-                feats = np.empty((rows.shape[0], 4), dtype=np.float64)
-                for r in range(rows.shape[0]):
-                    summary_features(kernels.summary(rows[r]), size, feats[r])
-                return feats.reshape(n, -1)
-            with np.errstate(invalid="ignore", over="ignore"):
-                mean = _rowdot(rows, _ones(size)).astype(np.float64) / size
-                sq = _rowdot(rows, rows).astype(np.float64) / size
-                std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
-                feats = np.stack([mean, std, rows.min(axis=1), rows.max(axis=1)], axis=1)
-            return feats.reshape(n, -1).astype(np.float64, copy=False)
+                summaries: Any = [kernels.summary(row) for row in rows]
+            else:
+                summaries = np.stack(
+                    [rows.min(axis=1), rows.max(axis=1), _rowdot(rows, _ones(size)), _rowdot(rows, rows)],
+                    axis=1,
+                )
+            return summary_features(summaries, size).reshape(n, -1)
         raise StatsError(f"unknown feature kind {self.kind!r}")
-
-    def summarise_one(self, x: np.ndarray, out: np.ndarray, summary: Summary | None = None) -> None:
-        """Write one sample's ``image_summary`` features into ``out`` (F,): the values ``extract``
-        gives, without its per-call overhead. ``summary`` is the sample's (min, max, sum, sum of
-        squares) when the caller has it already (``Predictor.load_one`` computes it)."""
-        if len(self.input_shape) >= 3 and self.input_shape[-1] != 1:
-            out[:] = self.extract(x)[0]
-            return
-        v = x.reshape(-1)
-        if v.dtype != np.float32:
-            v = v.astype(np.float32)
-        if summary is None:
-            summary = kernels.summary(v)
-        summary_features(summary, v.shape[0], out)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "input_shape": list(self.input_shape), "names": list(self.names)}

@@ -1,8 +1,9 @@
 """Statistics windows: a Profile per window, fed in batches so profiling stays cheap.
 
 A window turns each prediction's inputs into profiled features as it records them (the elements
-themselves, or for large images a per-channel summary computed while the image is still in the
-cache from inference) and buffers those features with the scores and latencies. Every
+themselves, or for large images a per-channel summary; for a single sample, from the sums the
+input's one-pass check computed, turned into features at the next fold) and buffers those
+features with the scores and latencies. Every
 ``FLUSH_ROWS`` samples, and when it closes, it folds the buffer into its
 ``device_agent.stats.Profile`` (numpy costs per call, not per row). Windows are made from the
 bundle's baseline spec (``spec.new_profile()``), so they merge and compare with the baseline
@@ -17,7 +18,7 @@ import numpy as np
 
 from device_agent import kernels
 from device_agent.kernels import Summary
-from device_agent.stats import Profile, ProfileSpec
+from device_agent.stats import Profile, ProfileSpec, summary_features
 from device_agent.telemetry import ModelRef
 
 FLUSH_ROWS = 256
@@ -69,18 +70,10 @@ class Window:
         """Predictions recorded so far (buffered ones included)."""
         return self._flushed + self._buffered
 
-    def record(
-        self,
-        x: np.ndarray,
-        scores: np.ndarray,
-        latency_ms: float,
-        summary: Summary | None = None,
-    ) -> None:
+    def record(self, x: np.ndarray, scores: np.ndarray, latency_ms: float) -> None:
         """Add a batch: model inputs (n, *shape) float, scores (n, K), and the batch's latency in ms.
 
         The batch latency is split evenly over its samples so latency counts match predictions.
-        ``summary`` is one sample's (min, max, sum, sum of squares) if the caller computed it
-        already (``Predictor.load_one``).
         """
         n = int(scores.shape[0])
         if n > self._rows - self._buffered:
@@ -94,8 +87,6 @@ class Window:
         i = self._buffered
         if self._elements:
             self._feats[i : i + n] = x.reshape(n, -1)
-        elif n == 1:
-            self.spec.features.summarise_one(x, self._feats[i], summary)
         else:
             self._feats[i : i + n] = self.spec.features.extract(x)
         self._scores[i : i + n] = scores
@@ -131,7 +122,7 @@ class Window:
             self._pending.append(summary)
             self._pending_rows.append(i)
         else:
-            self.spec.features.summarise_one(x, self._feats[i], summary)
+            self._feats[i] = self.spec.features.extract(x)[0]
         self._buffered = i + 1
         if self._buffered == self._rows:
             self.flush()
@@ -147,11 +138,7 @@ class Window:
         if not n:
             return
         if self._pending:
-            # The vectorized form of stats.summary_features (the same IEEE operations).
-            summ = np.asarray(self._pending, dtype=np.float64)
-            mean = summ[:, 2] / self._size
-            std = np.sqrt(np.maximum(summ[:, 3] / self._size - mean * mean, 0.0))
-            self._feats[self._pending_rows] = np.stack([mean, std, summ[:, 0], summ[:, 1]], axis=1)
+            self._feats[self._pending_rows] = summary_features(self._pending, self._size)
             self._pending.clear()
             self._pending_rows.clear()
         self.profile.inputs.update(self._feats[:n])

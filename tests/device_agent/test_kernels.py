@@ -114,20 +114,6 @@ def test_kernels_refuse_buffers_that_do_not_fit() -> None:
         k.store_row(np.zeros(4, np.float32), ro, 0, np.zeros(2), 1.0)
 
 
-@pytest.fixture(params=["native", "numpy"])
-def kernel_impl(request, monkeypatch) -> str:
-    if request.param == "native":
-        if kernels._native is None:
-            pytest.skip("device_agent._kernels not built")
-        return "native"
-    monkeypatch.setattr(kernels, "NATIVE", False)
-    monkeypatch.setattr(kernels, "summary", kernels.summary_numpy)
-    monkeypatch.setattr(kernels, "quantize", kernels.quantize_numpy)
-    monkeypatch.setattr(kernels, "store_row", kernels.store_row_numpy)
-    monkeypatch.setattr(kernels, "decode_row", kernels.decode_row_numpy)
-    return "numpy"
-
-
 def test_single_sample_window_equals_the_batch_window(kernel_impl) -> None:
     """One image at a time (summaries deferred to the fold, scores stored by store_row) gives the
     profile a batch gives, and ``record_one`` reports numpy's top-1."""

@@ -116,19 +116,12 @@ def test_load_state_refuses_wrong_histogram_length() -> None:
         q.load_state(state)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "numpy"])
 @pytest.mark.parametrize("shape", [(40, 40, 1), (24, 24, 3)])
-def test_image_summary_of_a_sample_is_the_same_alone_or_in_a_batch(shape, native, monkeypatch) -> None:
+def test_image_summary_of_a_sample_is_the_same_alone_or_in_a_batch(shape, kernel_impl) -> None:
     """Every image (and channel) is reduced on its own row: batching never changes a feature,
     with the C kernel and with the numpy fallback."""
     from device_agent import kernels
-    from device_agent.stats import FeatureSpec
-
-    if native and not kernels.NATIVE:
-        pytest.fail("device_agent._kernels is not built: run 'pip install -e .' with a C compiler")
-    if not native:
-        monkeypatch.setattr(kernels, "NATIVE", False)
-        monkeypatch.setattr(kernels, "summary", kernels.summary_numpy)
+    from device_agent.stats import FeatureSpec, summary_features
 
     rng = np.random.default_rng(1)
     x = (rng.random((9, *shape)) * 255).astype(np.float32)
@@ -137,11 +130,8 @@ def test_image_summary_of_a_sample_is_the_same_alone_or_in_a_batch(shape, native
     batch = spec.extract(x)
     for i in range(len(x)):
         assert np.array_equal(spec.extract(x[i : i + 1])[0], batch[i])
-        one = np.empty(len(spec.names))
-        spec.summarise_one(x[i : i + 1], one)
-        assert np.array_equal(one, batch[i])
-        if shape[-1] == 1:  # the summary Predictor.load_one computes gives the same features
-            spec.summarise_one(x[i : i + 1], one, kernels.summary(x[i].reshape(-1)))
+        if shape[-1] == 1:  # the sums Predictor.load_one computes, as the window folds them
+            one = summary_features([kernels.summary(x[i].reshape(-1))], x[i].size)[0]
             assert np.array_equal(one, batch[i])
     c = shape[-1]
     per = x.reshape(9, -1, c).astype(np.float64)
