@@ -10,6 +10,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#ifdef EDGEFLEET_NUMPY_API
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+#endif
 
 /* Round half to even for |x| < 2^22 in the default rounding mode (numpy's rint), without libm. */
 static const float ROUND_MAGIC = 12582912.0f; /* 1.5 * 2^23 */
@@ -31,9 +36,14 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define HOT
 #endif
 
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+
 /* Macros rather than functions: a function taking 32-byte vectors makes GCC print ABI notes. */
 #define LOAD8(dst, p) memcpy(&(dst), (p), sizeof(v8f))
+#define LOAD4D(dst, p) memcpy(&(dst), (p), sizeof(v4d))
 #define VSEL(m, a, b) ((v8f)(((v8i)(a) & (m)) | ((v8i)(b) & ~(m)))) /* m ? a : b, lane by lane */
+#define VSEL4(m, a, b) ((v4d)(((v4l)(a) & (m)) | ((v4l)(b) & ~(m))))
 
 HOT static void summary_f32(const float *v, Py_ssize_t n, double out[4]) {
     float first = n ? v[0] : 0.0f;
@@ -303,53 +313,125 @@ release_raw:
 }
 
 
-/* Feature j of a batch (N, F) row-major: its histogram, NaN count and, over its finite values,
- * count, sum, M2 about the batch mean, min and max (out[0..3] = sum, M2, min, max; returns the
- * count). ``col`` and ``cnt`` are N-long scratch. Sums run over rows in order, as numpy's axis-0
- * sums do, so they are numpy's bit for bit. A value's bin (the number of edges <= it) is counted
- * with one branch-free pass per edge, which vectorizes. */
-HOT static int64_t profile_feature(const double *x, Py_ssize_t N, Py_ssize_t F, Py_ssize_t j, const double *e,
-                                   Py_ssize_t ne, int64_t *c, int64_t *nan_count, double *col, int64_t *cnt,
-                                   double out[4]) {
-    int64_t nb = 0, bad = 0;
-    double s = 0.0, bmin = INFINITY, bmax = -INFINITY;
+/* A batch x (N, F) row-major into per-feature batch moments and the histograms: nb (finite
+ * values), bad (NaN/infinities), s (sum), lo/hi (min/max), bmean (s / nb, 0 when nb is 0) and m2
+ * (squared deviations from bmean), each F long; each finite value's bin is counted into counts
+ * (F, E + 1).
+ *
+ * Row by row, so that the F independent sums vectorize across features while each feature's sum
+ * still runs over the rows in order, as numpy's axis-0 sums do: the results are numpy's bit for
+ * bit. A non-finite value adds 0.0 (numpy's nansum does the same; s and m2 are never -0.0, so
+ * adding +0.0 changes nothing). A value's bin is the number of its feature's edges <= it: the
+ * padding edges are +inf and never count; the last real edge belongs to the last bin. */
+HOT static void profile_rows(const double *x, Py_ssize_t N, Py_ssize_t F, const double *edges, Py_ssize_t E,
+                             const int64_t *nedges, int64_t *counts, int64_t *nb, int64_t *bad, double *s,
+                             double *lo, double *hi, double *bmean, double *m2, double *col, int64_t *cnt, int64_t *hc) {
+    for (Py_ssize_t j = 0; j < F; j++) {
+        nb[j] = bad[j] = 0;
+        s[j] = m2[j] = 0.0;
+        lo[j] = INFINITY;
+        hi[j] = -INFINITY;
+    }
     for (Py_ssize_t r = 0; r < N; r++) {
-        double v = x[r * F + j];
-        col[r] = v;
-        cnt[r] = 0;
-        if (!isfinite(v)) {
-            bad++;
-            continue;
+        const double *xr = x + r * F;
+        Py_ssize_t j = 0;
+        for (; j + 4 <= F; j += 4) { /* four features at a time; a true lane is -1 */
+            const v4d zero = {0.0, 0.0, 0.0, 0.0};
+            v4d v, sv, lv, hv;
+            v4l nv, bv;
+            LOAD4D(v, xr + j);
+            LOAD4D(sv, s + j);
+            LOAD4D(lv, lo + j);
+            LOAD4D(hv, hi + j);
+            memcpy(&nv, nb + j, sizeof(nv));
+            memcpy(&bv, bad + j, sizeof(bv));
+            v4l fin = (v4l)(v - v == zero); /* v - v is NaN for NaN and infinities */
+            nv -= fin;
+            bv -= ~fin;
+            sv += VSEL4(fin, v, zero);
+            lv = VSEL4(fin & (v4l)(v < lv), v, lv);
+            hv = VSEL4(fin & (v4l)(v > hv), v, hv);
+            memcpy(s + j, &sv, sizeof(sv));
+            memcpy(lo + j, &lv, sizeof(lv));
+            memcpy(hi + j, &hv, sizeof(hv));
+            memcpy(nb + j, &nv, sizeof(nv));
+            memcpy(bad + j, &bv, sizeof(bv));
         }
-        nb++;
-        s += v;
-        bmin = v < bmin ? v : bmin;
-        bmax = v > bmax ? v : bmax;
+        for (; j < F; j++) {
+            double v = xr[j];
+            int fin = v - v == 0.0;
+            nb[j] += fin;
+            bad[j] += !fin;
+            s[j] += fin ? v : 0.0;
+            lo[j] = fin && v < lo[j] ? v : lo[j];
+            hi[j] = fin && v > hi[j] ? v : hi[j];
+        }
     }
-    for (Py_ssize_t k = 0; k < ne; k++) {
-        const double ek = e[k];
-        for (Py_ssize_t r = 0; r < N; r++)
-            cnt[r] += col[r] >= ek;
-    }
-    const double last = e[ne - 1];
-    double bm2 = 0.0, bmean = nb ? s / (double)nb : 0.0;
+    for (Py_ssize_t j = 0; j < F; j++)
+        bmean[j] = nb[j] ? s[j] / (double)nb[j] : 0.0;
     for (Py_ssize_t r = 0; r < N; r++) {
-        double v = col[r];
-        if (!isfinite(v))
-            continue;
-        Py_ssize_t idx = (Py_ssize_t)cnt[r];
-        if (idx == ne && v == last) /* the last edge belongs to the last bin */
-            idx--;
-        c[idx]++;
-        double d = v - bmean;
-        bm2 += d * d;
+        const double *xr = x + r * F;
+        Py_ssize_t j = 0;
+        for (; j + 4 <= F; j += 4) {
+            const v4d zero = {0.0, 0.0, 0.0, 0.0};
+            v4d v, mv, m2v;
+            LOAD4D(v, xr + j);
+            LOAD4D(mv, bmean + j);
+            LOAD4D(m2v, m2 + j);
+            v4d d = v - mv;
+            m2v += VSEL4((v4l)(v - v == zero), d * d, zero);
+            memcpy(m2 + j, &m2v, sizeof(m2v));
+        }
+        for (; j < F; j++) {
+            double d = xr[j] - bmean[j];
+            m2[j] += xr[j] - xr[j] == 0.0 ? d * d : 0.0;
+        }
     }
-    *nan_count += bad;
-    out[0] = s;
-    out[1] = bm2;
-    out[2] = bmin;
-    out[3] = bmax;
-    return nb;
+    /* The bins, feature by feature: eight rows at a time, their counts in registers while the
+     * edges stream past (a compare and a subtract per edge per four rows), then one increment per
+     * finite value. */
+    for (Py_ssize_t j = 0; j < F; j++) {
+        const double *e = edges + j * E;
+        const Py_ssize_t ne = (Py_ssize_t)nedges[j];
+        for (Py_ssize_t r = 0; r < N; r++)
+            col[r] = x[r * F + j];
+        Py_ssize_t r0 = 0;
+        for (; r0 + 8 <= N; r0 += 8) {
+            v4d x0, x1;
+            LOAD4D(x0, col + r0);
+            LOAD4D(x1, col + r0 + 4);
+            v4l a0 = {0}, a1 = a0;
+            for (Py_ssize_t k = 0; k < ne; k++) {
+                const double ek = e[k];
+                v4d eb = {ek, ek, ek, ek};
+                a0 -= (v4l)(x0 >= eb);
+                a1 -= (v4l)(x1 >= eb);
+            }
+            memcpy(cnt + r0, &a0, sizeof(a0));
+            memcpy(cnt + r0 + 4, &a1, sizeof(a1));
+        }
+        for (; r0 < N; r0++) {
+            int64_t c0 = 0;
+            for (Py_ssize_t k = 0; k < ne; k++)
+                c0 += col[r0] >= e[k];
+            cnt[r0] = c0;
+        }
+        /* Four sets of counters, row r into set r % 4: runs of equal values (zeros in images) no
+         * longer wait on the previous increment of the same counter. */
+        const double last = e[ne - 1];
+        memset(hc, 0, sizeof(int64_t) * 4 * (size_t)(ne + 1));
+        for (Py_ssize_t r = 0; r < N; r++) {
+            const double v = col[r];
+            if (!(v - v == 0.0))
+                continue;
+            int64_t idx = cnt[r];
+            idx -= idx == ne && v == last;
+            hc[(r & 3) * (ne + 1) + idx]++;
+        }
+        int64_t *c = counts + j * (E + 1);
+        for (Py_ssize_t k = 0; k <= ne; k++)
+            c[k] += hc[k] + hc[(ne + 1) + k] + hc[2 * (ne + 1) + k] + hc[3 * (ne + 1) + k];
+    }
 }
 
 /* profile_update(x (n, F) float64, edges (F, E) float64, nedges (F,) int64, counts (F, E + 1) int64,
@@ -403,32 +485,31 @@ static PyObject *k_profile_update(PyObject *self, PyObject *args) {
                 goto done;
             }
         }
-        double *col = PyMem_Malloc((size_t)(N ? N : 1) * sizeof(double));
-        int64_t *cnt = PyMem_Malloc((size_t)(N ? N : 1) * sizeof(int64_t));
-        if (col == NULL || cnt == NULL) {
-            PyMem_Free(col);
-            PyMem_Free(cnt);
+        double *scratch = PyMem_Malloc(((size_t)F * 7 + (size_t)N * 2 + 4 * (size_t)(E + 1)) * sizeof(double));
+        if (scratch == NULL) {
             PyErr_NoMemory();
             goto done;
         }
+        int64_t *nb = (int64_t *)scratch, *bad = nb + F;
+        double *s = scratch + 2 * F, *lo = s + F, *hi = lo + F, *bmean = hi + F, *bm2 = bmean + F;
+        double *col = bm2 + F;
+        int64_t *cnt = (int64_t *)(col + N), *hc = cnt + N;
         Py_BEGIN_ALLOW_THREADS
+        profile_rows(x, N, F, edges, E, nedges, counts, nb, bad, s, lo, hi, bmean, bm2, col, cnt, hc);
         for (Py_ssize_t j = 0; j < F; j++) {
-            double o4[4];
-            int64_t nb = profile_feature(x, N, F, j, edges + j * E, (Py_ssize_t)nedges[j], counts + j * (E + 1),
-                                         nan_count + j, col, cnt, o4);
-            if (nb == 0)
+            nan_count[j] += bad[j];
+            if (nb[j] == 0)
                 continue;
-            double na = (double)count[j], nbd = (double)nb, n = na + nbd;
-            double d = o4[0] / nbd - mean[j];
+            double na = (double)count[j], nbd = (double)nb[j], n = na + nbd;
+            double d = bmean[j] - mean[j];
             mean[j] = mean[j] + d * nbd / n;
-            m2[j] = m2[j] + o4[1] + d * d * na * nbd / n;
-            count[j] += nb;
-            mn[j] = fmin(mn[j], o4[2]);
-            mx[j] = fmax(mx[j], o4[3]);
+            m2[j] = m2[j] + bm2[j] + d * d * na * nbd / n;
+            count[j] += nb[j];
+            mn[j] = fmin(mn[j], lo[j]);
+            mx[j] = fmax(mx[j], hi[j]);
         }
         Py_END_ALLOW_THREADS
-        PyMem_Free(col);
-        PyMem_Free(cnt);
+        PyMem_Free(scratch);
         result = Py_None;
         Py_INCREF(result);
     }
@@ -437,6 +518,471 @@ done:
         PyBuffer_Release(&b[got]);
     return result;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Runner: Agent.predict for one float32 sample, in one call. Under the Agent's lock it checks the
+ * sample, quantizes it into the runtime's input tensor, runs the model, decodes the 8-bit output
+ * through the code table into a new scores array, writes the sample's statistics row into the
+ * window it is bound to (folding the window when its buffers fill), and returns the Prediction.
+ * Python keeps everything else: the general path, the folds, window rotation, model switches.
+ *
+ * The input and output pointers are the interpreter's own tensor memory (a LiteRT interpreter's
+ * ``tensor(i)()`` views, taken once). They stay valid while the interpreter lives and is not
+ * re-allocated: the runner holds ``invoke`` (and with it the interpreter), and Python builds a
+ * runner only for an interpreter it never resizes, after checking that a run leaves the tensors
+ * where they were (device_agent/runtimes/litert.py, ``direct_io``).
+ */
+#define RUNNER_MAX_DIMS 8
+enum { BIND_NONE = 0, BIND_ELEMENTS = 1, BIND_SUMMARY = 2 };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *invoke;
+    unsigned char *in;
+    const unsigned char *out;
+    Py_ssize_t n_in, k, ndim, shape[RUNNER_MAX_DIMS];
+    float scale, zp, lo, hi;
+    int in_signed;
+    float table[256];
+    /* bound (see bind): the window and its buffers (held, so the arrays stay alive), the lock's
+     * acquire/release, and what a Prediction is made of */
+    int mode;
+    Py_ssize_t rows;
+    PyObject *window, *acquire, *release, *new_out, *cls, *labels, *ref;
+    int cls_is_tuple;
+    Py_buffer feats, scores, lat, mask;
+} Runner;
+
+static PyObject *str_buffered, *str_flush;
+
+static void runner_unbind(Runner *r) {
+    if (r->mode == BIND_NONE)
+        return;
+    PyBuffer_Release(&r->feats);
+    PyBuffer_Release(&r->scores);
+    PyBuffer_Release(&r->lat);
+    if (r->mode == BIND_SUMMARY)
+        PyBuffer_Release(&r->mask);
+    Py_CLEAR(r->window);
+    Py_CLEAR(r->acquire);
+    Py_CLEAR(r->release);
+    Py_CLEAR(r->new_out);
+    Py_CLEAR(r->cls);
+    Py_CLEAR(r->labels);
+    Py_CLEAR(r->ref);
+    r->mode = BIND_NONE;
+    r->rows = 0;
+}
+
+static void runner_dealloc(Runner *r) {
+    runner_unbind(r);
+    Py_XDECREF(r->invoke);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+/* Runner(invoke, inp, out, shape, scale, zero_point, qmin, qmax, table) */
+static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *invoke, *in_obj, *out_obj, *shape_obj, *table_obj;
+    float scale, zp;
+    int qmin, qmax;
+    Py_buffer in, out, table;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
+        PyErr_SetString(PyExc_TypeError, "Runner takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOOOffiiO", &invoke, &in_obj, &out_obj, &shape_obj, &scale, &zp, &qmin, &qmax,
+                          &table_obj))
+        return NULL;
+    if (!PyCallable_Check(invoke)) {
+        PyErr_SetString(PyExc_TypeError, "Runner: invoke must be callable");
+        return NULL;
+    }
+    if (qmin < -128 || qmax > 255 || qmin >= qmax || !(scale > 0.0f) || !isfinite(zp)) {
+        PyErr_SetString(PyExc_ValueError, "Runner: scale must be > 0 and qmin/qmax an 8-bit range");
+        return NULL;
+    }
+    PyObject *shape = PySequence_Tuple(shape_obj);
+    if (shape == NULL)
+        return NULL;
+    Py_ssize_t ndim = PyTuple_GET_SIZE(shape), dims[RUNNER_MAX_DIMS], n = 1;
+    if (ndim > RUNNER_MAX_DIMS) {
+        Py_DECREF(shape);
+        PyErr_SetString(PyExc_ValueError, "Runner: too many dimensions");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < ndim; i++) {
+        dims[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, i));
+        if (dims[i] < 1) {
+            Py_DECREF(shape);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "Runner: dimensions must be >= 1");
+            return NULL;
+        }
+        n *= dims[i];
+    }
+    Py_DECREF(shape);
+    if (PyObject_GetBuffer(in_obj, &in, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    if (get_typed(table_obj, &table, 'f', 256, 0, "table") < 0) {
+        PyBuffer_Release(&in);
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    Runner *r = NULL;
+    if (in.itemsize != 1 || in.len != n || out.itemsize != 1 || out.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "Runner: inp must be n bytes for the shape, out one byte per score");
+    } else if ((r = (Runner *)type->tp_alloc(type, 0)) != NULL) {
+        Py_INCREF(invoke);
+        r->invoke = invoke;
+        r->in = (unsigned char *)in.buf;
+        r->out = (const unsigned char *)out.buf;
+        r->n_in = n;
+        r->k = out.len;
+        r->ndim = ndim;
+        memcpy(r->shape, dims, sizeof(Py_ssize_t) * (size_t)ndim);
+        r->scale = scale;
+        r->zp = zp;
+        r->lo = (float)qmin;
+        r->hi = (float)qmax;
+        r->in_signed = qmin < 0;
+        memcpy(r->table, table.buf, sizeof(r->table));
+        r->mode = BIND_NONE;
+    }
+    /* The views are dropped: the pointers stay valid with the interpreter (see above). */
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&table);
+    return (PyObject *)r;
+}
+
+/* bind(window, lock, feats, scores, latencies, pending, new_out, cls, labels, ref)
+ * ``window`` has ``_buffered`` (the next row) and ``flush()``; ``feats`` is (R, n_in) float64, or
+ * with ``pending`` ((R,) uint8; None otherwise) the (R, 4) summaries; ``scores`` (R, K) and
+ * ``latencies`` (R,) float64. A result is ``cls(new_out(), [labels[top]], [score], ref)``; a tuple
+ * subclass (a named tuple) gets its items directly. */
+static PyObject *runner_bind(Runner *r, PyObject *args) {
+    PyObject *window, *lock, *f_obj, *s_obj, *l_obj, *m_obj, *new_out, *cls, *labels, *ref;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO!O", &window, &lock, &f_obj, &s_obj, &l_obj, &m_obj, &new_out, &cls,
+                          &PyTuple_Type, &labels, &ref))
+        return NULL;
+    if (PyTuple_GET_SIZE(labels) != r->k) {
+        PyErr_SetString(PyExc_ValueError, "bind: one label per score");
+        return NULL;
+    }
+    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
+    if (acquire == NULL)
+        return NULL;
+    PyObject *release = PyObject_GetAttrString(lock, "release");
+    if (release == NULL) {
+        Py_DECREF(acquire);
+        return NULL;
+    }
+    runner_unbind(r);
+    int summary = m_obj != Py_None;
+    Py_buffer f, s, l, m;
+    if (get_typed(l_obj, &l, 'd', -1, 1, "latencies") < 0)
+        goto fail_lock;
+    Py_ssize_t rows = l.len / 8, width = summary ? 4 : r->n_in;
+    if (rows < 1) {
+        PyErr_SetString(PyExc_ValueError, "bind: a window needs at least one row");
+        goto fail_l;
+    }
+    if (get_typed(f_obj, &f, 'd', rows * width, 1, summary ? "summaries" : "feats") < 0)
+        goto fail_l;
+    if (get_typed(s_obj, &s, 'd', rows * r->k, 1, "scores") < 0)
+        goto fail_f;
+    if (summary) {
+        if (PyObject_GetBuffer(m_obj, &m, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+            goto fail_s;
+        if (m.len != rows || m.itemsize != 1) {
+            PyBuffer_Release(&m);
+            PyErr_SetString(PyExc_ValueError, "bind: pending must be one byte per row");
+            goto fail_s;
+        }
+        r->mask = m;
+    }
+    r->feats = f;
+    r->scores = s;
+    r->lat = l;
+    r->rows = rows;
+    r->mode = summary ? BIND_SUMMARY : BIND_ELEMENTS;
+    Py_INCREF(window);
+    r->window = window;
+    r->acquire = acquire;
+    r->release = release;
+    Py_INCREF(new_out);
+    r->new_out = new_out;
+    Py_INCREF(cls);
+    r->cls = cls;
+    r->cls_is_tuple = PyType_Check(cls) && PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type);
+    Py_INCREF(labels);
+    r->labels = labels;
+    Py_INCREF(ref);
+    r->ref = ref;
+    Py_RETURN_NONE;
+fail_s:
+    PyBuffer_Release(&s);
+fail_f:
+    PyBuffer_Release(&f);
+fail_l:
+    PyBuffer_Release(&l);
+fail_lock:
+    Py_DECREF(acquire);
+    Py_DECREF(release);
+    return NULL;
+}
+
+static PyObject *runner_unbind_py(Runner *r, PyObject *Py_UNUSED(ignored)) {
+    runner_unbind(r);
+    Py_RETURN_NONE;
+}
+
+/* Whether a buffer is one float32 sample: C-contiguous, the sample's shape or (1, *shape). */
+static int is_sample(const Runner *r, const Py_buffer *b) {
+    const char *f = b->format ? b->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    if (b->itemsize != 4 || strcmp(f, "f") != 0 || b->len != r->n_in * 4)
+        return 0;
+    Py_ssize_t skip = b->ndim - r->ndim;
+    if (skip != 0 && !(skip == 1 && b->shape[0] == 1))
+        return 0;
+    for (Py_ssize_t i = 0; i < r->ndim; i++)
+        if (b->shape[i + skip] != r->shape[i])
+            return 0;
+    return 1;
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+/* The window's next row (its ``_buffered``), folding first if its buffers are full; -1 on error. */
+static Py_ssize_t next_row(Runner *r) {
+    for (int tries = 0; tries < 2; tries++) {
+        PyObject *o = PyObject_GetAttr(r->window, str_buffered);
+        if (o == NULL)
+            return -1;
+        Py_ssize_t row = PyLong_AsSsize_t(o);
+        Py_DECREF(o);
+        if (row == -1 && PyErr_Occurred())
+            return -1;
+        if (row >= 0 && row < r->rows)
+            return row;
+        PyObject *done = PyObject_CallMethodNoArgs(r->window, str_flush);
+        if (done == NULL)
+            return -1;
+        Py_DECREF(done);
+    }
+    PyErr_SetString(PyExc_RuntimeError, "Runner: the window's row is outside its buffers");
+    return -1;
+}
+
+/* The sample's work under the lock; returns the Prediction, None (nothing written) or NULL. */
+static PyObject *predict_locked(Runner *r, const float *v) {
+    double summ[4];
+    summary_f32(v, r->n_in, summ);
+    if (!(isfinite(summ[0]) && isfinite(summ[1])))
+        Py_RETURN_NONE; /* NaN or infinity: the general path refuses and counts it */
+    Py_ssize_t row = next_row(r);
+    if (row < 0)
+        return NULL;
+    /* Everything that allocates or reads the sample comes before the run: the run evicts the
+     * caches, and whatever comes after it pays for that. */
+    PyObject *labels = PyList_New(1), *scores_l = PyList_New(1), *result = NULL;
+#ifdef EDGEFLEET_NUMPY_API
+    npy_intp dims[2] = {1, r->k};
+    PyObject *scores = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+#else
+    PyObject *scores = PyObject_CallNoArgs(r->new_out);
+#endif
+    Py_buffer out;
+    out.obj = NULL;
+    if (labels == NULL || scores_l == NULL || scores == NULL ||
+        get_typed(scores, &out, 'f', r->k, 1, "new scores") < 0)
+        goto fail;
+    if (r->in_signed)
+        quantize_i8(v, r->n_in, r->scale, r->zp, r->lo, r->hi, (int8_t *)r->in);
+    else
+        quantize_u8(v, r->n_in, r->scale, r->zp, r->lo, r->hi, (uint8_t *)r->in);
+    /* the statistics row: the raw float values, or the summary the next fold turns into features
+     * (it counts only once the row does, below) */
+    if (r->mode == BIND_ELEMENTS) {
+        double *dst = (double *)r->feats.buf + row * r->n_in;
+        for (Py_ssize_t i = 0; i < r->n_in; i++)
+            dst[i] = v[i];
+    } else {
+        memcpy((double *)r->feats.buf + row * 4, summ, sizeof(summ));
+    }
+    double t0 = now_ms();
+    PyObject *ok = PyObject_CallNoArgs(r->invoke);
+    double latency = now_ms() - t0;
+    if (ok == NULL)
+        goto fail;
+    Py_DECREF(ok);
+    float *sc = (float *)out.buf;
+    for (Py_ssize_t i = 0; i < r->k; i++)
+        sc[i] = r->table[r->out[i]];
+    Py_ssize_t top = store_scores(sc, r->k, (double *)r->scores.buf + row * r->k);
+    ((double *)r->lat.buf)[row] = latency;
+    if (r->mode == BIND_SUMMARY)
+        ((unsigned char *)r->mask.buf)[row] = 1;
+    PyObject *score = PyFloat_FromDouble((double)sc[top]);
+    PyObject *next = PyLong_FromSsize_t(row + 1);
+    /* the row counts from here: the scores are in the window */
+    if (score == NULL || next == NULL || PyObject_SetAttr(r->window, str_buffered, next) < 0) {
+        Py_XDECREF(score);
+        Py_XDECREF(next);
+        goto fail;
+    }
+    Py_DECREF(next);
+    PyObject *label = PyTuple_GET_ITEM(r->labels, top);
+    Py_INCREF(label);
+    PyList_SET_ITEM(labels, 0, label);
+    PyList_SET_ITEM(scores_l, 0, score);
+    if (r->cls_is_tuple) { /* a named tuple, filled as tuple.__new__ fills one, without its Python __new__ */
+        result = ((PyTypeObject *)r->cls)->tp_alloc((PyTypeObject *)r->cls, 4);
+        if (result != NULL) {
+            PyObject *items[4] = {scores, labels, scores_l, r->ref};
+            for (int i = 0; i < 4; i++) {
+                Py_INCREF(items[i]);
+                PyTuple_SET_ITEM(result, i, items[i]);
+            }
+        }
+    } else {
+        PyObject *argv[4] = {scores, labels, scores_l, r->ref};
+        result = PyObject_Vectorcall(r->cls, argv, 4, NULL);
+    }
+    if (result != NULL && row + 1 == r->rows) {
+        PyObject *done = PyObject_CallMethodNoArgs(r->window, str_flush);
+        if (done == NULL)
+            Py_CLEAR(result);
+        else
+            Py_DECREF(done);
+    }
+fail:
+    if (out.obj != NULL)
+        PyBuffer_Release(&out);
+    Py_XDECREF(labels);
+    Py_XDECREF(scores_l);
+    Py_XDECREF(scores);
+    return result;
+}
+
+/* The sample's float32 values when ``x`` is one sample of the model's shape, else NULL. With the
+ * numpy API an exact ndarray is read from its fields; anything else goes through the buffer
+ * protocol (``view``, released by the caller when its ``obj`` is set). */
+static const float *sample_values(Runner *r, PyObject *x, Py_buffer *view) {
+    view->obj = NULL;
+#ifdef EDGEFLEET_NUMPY_API
+    if (PyArray_CheckExact(x)) {
+        PyArrayObject *a = (PyArrayObject *)x;
+        int nd = PyArray_NDIM(a);
+        npy_intp *dims = PyArray_DIMS(a);
+        int skip = nd - (int)r->ndim;
+        if (PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_ISCARRAY_RO(a) || !PyArray_ISNOTSWAPPED(a) ||
+            (skip != 0 && !(skip == 1 && dims[0] == 1)))
+            return NULL;
+        for (Py_ssize_t i = 0; i < r->ndim; i++)
+            if (dims[i + skip] != r->shape[i])
+                return NULL;
+        return (const float *)PyArray_DATA(a);
+    }
+#endif
+    if (PyObject_GetBuffer(x, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        view->obj = NULL;
+        return NULL;
+    }
+    if (!is_sample(r, view)) {
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return NULL;
+    }
+    return (const float *)view->buf;
+}
+
+/* predict(x) -> Prediction | None
+ * None, with nothing written, when the runner is not bound, ``x`` is not one float32 sample of the
+ * model's shape, or it holds NaN/infinity: the caller takes the general path, which says what is
+ * wrong and counts it. */
+static PyObject *runner_predict(Runner *r, PyObject *x_obj) {
+    if (r->mode == BIND_NONE)
+        Py_RETURN_NONE;
+    Py_buffer view;
+    const float *v = sample_values(r, x_obj, &view);
+    if (v == NULL)
+        Py_RETURN_NONE;
+    /* bind() may run while we wait for the lock: hold the lock's methods we call */
+    PyObject *acquire = r->acquire, *release = r->release, *result = NULL;
+    Py_INCREF(acquire);
+    Py_INCREF(release);
+    PyObject *got = PyObject_CallNoArgs(acquire);
+    Py_DECREF(acquire);
+    if (got == NULL) {
+        Py_DECREF(release);
+        if (view.obj != NULL)
+            PyBuffer_Release(&view);
+        return NULL;
+    }
+    Py_DECREF(got);
+    if (r->mode == BIND_NONE) { /* unbound while we waited (a model switch) */
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        result = predict_locked(r, v);
+    }
+    if (view.obj != NULL)
+        PyBuffer_Release(&view);
+    /* release even when predict_locked failed, keeping its exception */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    got = PyObject_CallNoArgs(release);
+    Py_DECREF(release);
+    if (got == NULL) {
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(got);
+    PyErr_Restore(et, ev, tb);
+    return result;
+}
+
+static PyObject *runner_get_rows(Runner *r, void *Py_UNUSED(closure)) { return PyLong_FromSsize_t(r->rows); }
+
+static PyMethodDef runner_methods[] = {
+    {"predict", (PyCFunction)runner_predict, METH_O,
+     "predict(x) -> Prediction or None: one float32 sample through the model, under the lock"},
+    {"bind", (PyCFunction)runner_bind, METH_VARARGS,
+     "bind(window, lock, feats, scores, latencies, pending, new_out, cls, labels, ref)"},
+    {"unbind", (PyCFunction)runner_unbind_py, METH_NOARGS, "let go of the window (predict returns None)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef runner_getset[] = {
+    {"rows", (getter)runner_get_rows, NULL, "rows of the bound window (0 when unbound)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RunnerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "device_agent._kernels.Runner",
+    .tp_basicsize = sizeof(Runner),
+    .tp_dealloc = (destructor)runner_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Runner(invoke, inp, out, shape, scale, zero_point, qmin, qmax, table): one sample per call",
+    .tp_methods = runner_methods,
+    .tp_getset = runner_getset,
+    .tp_new = runner_new,
+};
 
 static PyMethodDef methods[] = {
     {"summary", k_summary, METH_VARARGS, "summary(src) -> (min, max, sum, sumsq) of a float32 buffer"},
@@ -453,4 +999,22 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+#ifdef EDGEFLEET_NUMPY_API
+    import_array();
+#endif
+    str_buffered = PyUnicode_InternFromString("_buffered");
+    str_flush = PyUnicode_InternFromString("flush");
+    if (str_buffered == NULL || str_flush == NULL || PyType_Ready(&RunnerType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&RunnerType);
+    if (PyModule_AddObject(m, "Runner", (PyObject *)&RunnerType) < 0) {
+        Py_DECREF(&RunnerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -8,6 +8,7 @@ predictions; closed windows go to ``on_window`` (the daemon's telemetry writer).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,9 +42,11 @@ def agent_version() -> str:
         return "0.0.0"
 
 
-@dataclass
-class Prediction:
-    """Scores (n, K) for a batch, the top-1 label and score per sample, and the model that ran."""
+class Prediction(NamedTuple):
+    """Scores (n, K) for a batch, the top-1 label and score per sample, and the model that ran.
+
+    A named tuple: the native single-sample path makes one without running Python code.
+    """
 
     outputs: np.ndarray
     labels: list[str]
@@ -175,7 +178,7 @@ class Agent:
         self._lock = threading.Lock()
         self._model = load_model(bundle, self.policy, runtime, threads)
         self._window = self._new_window(self._model)
-        self.predictions_total = 0
+        self._closed_predictions = 0  # in windows closed so far (predictions_total adds the open one)
         self.violations_total = 0
 
     # ---------------------------------------------------------------------------------------------
@@ -188,8 +191,22 @@ class Agent:
     def labels(self) -> list[str]:
         return self._model.manifest.labels
 
+    @property
+    def predictions_total(self) -> int:
+        """Samples predicted since start (every window's count)."""
+        with self._lock:
+            return self._closed_predictions + self._window.count
+
     def _new_window(self, model: LoadedModel) -> Window:
-        return Window(model.spec, model.ref, self._clock(), self._mono())
+        """A window for ``model``, with the model's native single-sample path bound to it."""
+        w = Window(model.spec, model.ref, self._clock(), self._mono())
+        runner = model.predictor.runner
+        self._one: Callable[[Any], Prediction | None] | None = None
+        if runner is not None:
+            new_out = functools.partial(np.empty, (1, len(model.manifest.labels)), np.float32)
+            if w.bind(runner, self._lock, new_out, Prediction, tuple(model.manifest.labels), model.ref):
+                self._one = runner.predict
+        return w
 
     def predict(self, x: Any) -> Prediction:
         """Return scores, top-1 labels and scores for one sample or a batch of float inputs.
@@ -197,6 +214,20 @@ class Agent:
         Raises ``InputError`` (kind ``shape``, ``dtype`` or ``nan``) for inputs that do not fit the
         model; each is counted as a schema violation in the current window.
         """
+        one = self._one
+        if one is not None:
+            # One float32 sample in one native call (kernels.Runner): check, quantize, run, decode
+            # and the window's row, under self._lock. None: not such a sample, or NaN (the general
+            # path below refuses it with the reason), or a model switch happened meanwhile.
+            got: Prediction | None = one(x)
+            if got is not None:
+                if self.window_max_samples is not None:
+                    self._rotate_if_full()
+                return got
+        return self._predict(x)
+
+    def _predict(self, x: Any) -> Prediction:
+        """``predict`` for anything but a single float32 sample on the native path."""
         closed = None
         with self._lock:
             m = self._model
@@ -223,7 +254,6 @@ class Agent:
             else:
                 assert encoded is not None
                 scores, tops, top_scores = self._run_batch(m, arr, encoded)
-            self.predictions_total += scores.shape[0]
             if self.window_max_samples is not None and self._window.count >= self.window_max_samples:
                 closed = self._rotate()
         if closed is not None:
@@ -276,8 +306,18 @@ class Agent:
     # ---------------------------------------------------------------------------------------------
     def _rotate(self) -> ClosedWindow:
         closed = self._window.close(self._clock())
+        self._closed_predictions += closed.count
         self._window = self._new_window(self._model)
         return closed
+
+    def _rotate_if_full(self) -> None:
+        """Close the window once it holds ``window_max_samples`` predictions."""
+        closed = None
+        with self._lock:
+            if self.window_max_samples is not None and self._window.count >= self.window_max_samples:
+                closed = self._rotate()
+        if closed is not None:
+            self._emit(closed)
 
     def _emit(self, closed: ClosedWindow) -> None:
         if self.on_window is None:
@@ -322,6 +362,10 @@ class Agent:
         new = load_model(path, self.policy, self.runtime_override, self.threads)
         with self._lock:
             closed = self._window.close(self._clock())
+            self._closed_predictions += closed.count
+            old = self._model.predictor.runner
+            if old is not None:
+                old.unbind()  # a caller holding its predict now gets None: the general path
             self._model = new
             self._window = self._new_window(new)
         self._emit(closed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -134,6 +135,7 @@ class Predictor:
         # interpreters are not thread-safe either).
         self._one_in = np.empty((1, *self.sample_shape), dtype=self._in_codec.dtype)
         self._one_flat = self._one_in.reshape(-1)
+        self._runner: Any = False  # see ``runner``: False until made, then a kernels.Runner or None
         pre = m.preprocessing
         self._affine: tuple[np.ndarray, np.ndarray] | None = None
         if pre.get("type") == "affine":
@@ -153,9 +155,15 @@ class Predictor:
         return arr
 
     def check_shape(self, x: np.ndarray) -> np.ndarray:
-        """Return ``x`` as a float32 batch (n, *sample_shape) or raise InputError (shape, dtype)."""
+        """Return ``x`` as a C-contiguous float32 batch (n, *sample_shape) or raise InputError
+        (shape, dtype)."""
         arr = np.asarray(x)
-        if arr.dtype == np.float32 and arr.shape[1:] == self.sample_shape and arr.shape[0] >= 1:
+        if (
+            arr.dtype == np.float32
+            and arr.shape[1:] == self.sample_shape
+            and arr.shape[0] >= 1
+            and arr.flags.c_contiguous
+        ):
             return arr
         if arr.dtype.kind not in "fiub":
             raise InputError("dtype", f"input dtype {arr.dtype} is not numeric; send numbers")
@@ -167,7 +175,7 @@ class Predictor:
                 "shape",
                 f"input shape {tuple(arr.shape)} does not fit the model: want (n, {want}) or ({want})",
             )
-        return arr.astype(np.float32, copy=False)
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
     def check_finite(self, arr: np.ndarray) -> tuple[float, float]:
         """Return the batch's (min, max) or raise InputError (``nan``) for NaN or infinities.
@@ -243,6 +251,26 @@ class Predictor:
     def run_encoded(self, q: np.ndarray) -> np.ndarray:
         """Run a batch ``encode_checked`` returned; return float scores (n, K)."""
         return self.scores(self.model.run(q))
+
+    @property
+    def runner(self) -> Any:
+        """The native one-call path for single float32 samples (``kernels.Runner``), made on first
+        use; None unless the runtime hands out its tensor memory (LiteRT), the kernels are built,
+        and input and output are 8-bit affine with no preprocessing."""
+        if self._runner is False:
+            self._runner = None
+            io = getattr(self.model, "direct_io", None)
+            table = self.out_table
+            if kernels.Runner is not None and io is not None and table is not None and self._native_8bit():
+                got = io()
+                if got is not None:
+                    invoke, tin, tout = got
+                    c = self._in_codec
+                    self._runner = kernels.Runner(
+                        invoke, tin, tout, self.sample_shape, c.scale, c.zero_point, c.qmin, c.qmax, table
+                    )
+                    del tin, tout, got  # LiteRT runs only while no view of its tensors is alive
+        return self._runner
 
     @property
     def out_table(self) -> np.ndarray | None:

@@ -124,9 +124,11 @@ if NATIVE:
     store_row = _native.store_row
     decode_row = _native.decode_row
     profile_update = _native.profile_update
+    Runner = _native.Runner
 else:
     summary = summary_numpy
     quantize = quantize_numpy
     store_row = store_row_numpy
     decode_row = decode_row_numpy
     profile_update = None  # FeatureSetProfile.update runs its numpy definition
+    Runner = None  # Agent.predict takes its general path

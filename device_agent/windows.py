@@ -13,6 +13,7 @@ exactly. Not thread-safe: the Agent holds a lock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,13 @@ from device_agent.kernels import Summary
 from device_agent.stats import Profile, ProfileSpec, summary_features
 from device_agent.telemetry import ModelRef
 
-FLUSH_ROWS = 256
-# Per-channel image summaries are a few features per sample: buffer more of them between folds.
+# Rows buffered between folds for element features: as many as fit in FEATS_BUFFER_BYTES, within
+# [MIN_FLUSH_ROWS, FLUSH_ROWS]. Each fold has a fixed cost of a few numpy calls, which 1024 rows
+# make small per sample (64 features: 512 KiB of buffer).
+FLUSH_ROWS = 1024
+MIN_FLUSH_ROWS = 256
+FEATS_BUFFER_BYTES = 512 * 1024
+# Per-channel image summaries are a few features per sample: as many rows, whatever the image size.
 SUMMARY_FLUSH_ROWS = 1024
 
 
@@ -51,7 +57,9 @@ class Window:
         self.profile = spec.new_profile()
         self._elements = spec.features.kind == "elements"
         # Preallocated buffers: recording a sample is a few slice copies, no allocation.
-        self._rows = FLUSH_ROWS if self._elements else SUMMARY_FLUSH_ROWS
+        n_feats = len(spec.features.names)
+        fit = FEATS_BUFFER_BYTES // (8 * max(1, n_feats))
+        self._rows = max(MIN_FLUSH_ROWS, min(FLUSH_ROWS, fit)) if self._elements else SUMMARY_FLUSH_ROWS
         self._feats = np.empty((self._rows, len(spec.features.names)), dtype=np.float64)
         self._scores = np.empty((self._rows, len(spec.labels)), dtype=np.float64)
         self._lat = np.empty(self._rows, dtype=np.float64)
@@ -62,8 +70,8 @@ class Window:
         shape = spec.features.input_shape
         self._defer = not self._elements and not (len(shape) >= 3 and shape[-1] != 1)
         self._size = int(np.prod(shape)) if shape else 1
-        self._pending: list[Summary] = []
-        self._pending_rows: list[int] = []
+        self._summ = np.empty((self._rows if self._defer else 0, 4), dtype=np.float64)
+        self._pending = np.zeros(self._rows if self._defer else 0, dtype=np.uint8)  # 1: row waits in _summ
 
     @property
     def count(self) -> int:
@@ -119,14 +127,28 @@ class Window:
         if self._elements:
             self._feats[i] = x.reshape(-1)
         elif summary is not None and self._defer:
-            self._pending.append(summary)
-            self._pending_rows.append(i)
+            self._summ[i] = summary
+            self._pending[i] = 1
         else:
             self._feats[i] = self.spec.features.extract(x)[0]
         self._buffered = i + 1
         if self._buffered == self._rows:
             self.flush()
         return top
+
+    def bind(self, runner: Any, lock: Any, new_out: Any, cls: Any, labels: tuple[str, ...], ref: Any) -> bool:
+        """Point a ``kernels.Runner`` at this window's buffers (see its ``bind``); False when the
+        window's features are not a runner's (multi-channel image summaries). The runner then
+        writes row ``_buffered``, counts it, and calls ``flush`` when the buffers are full."""
+        if self._elements:
+            runner.bind(self, lock, self._feats, self._scores, self._lat, None, new_out, cls, labels, ref)
+        elif self._defer:
+            runner.bind(
+                self, lock, self._summ, self._scores, self._lat, self._pending, new_out, cls, labels, ref
+            )
+        else:
+            return False
+        return True
 
     def add_violation(self, kind: str, n: int = 1) -> None:
         """Count a refused input of ``kind`` (shape, dtype, nan, json, ...)."""
@@ -137,10 +159,11 @@ class Window:
         n = self._buffered
         if not n:
             return
-        if self._pending:
-            self._feats[self._pending_rows] = summary_features(self._pending, self._size)
-            self._pending.clear()
-            self._pending_rows.clear()
+        if self._defer:
+            rows = np.flatnonzero(self._pending[:n])
+            if rows.size:
+                self._feats[rows] = summary_features(self._summ[rows], self._size)
+                self._pending[:n] = 0
         self.profile.inputs.update(self._feats[:n])
         self.profile.update_outputs(self._scores[:n])
         self.profile.update_latency(self._lat[:n])

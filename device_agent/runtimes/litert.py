@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,13 @@ class LiteRTModel:
             interp = mod.Interpreter(model_path=str(path), num_threads=threads)
         self._interp = interp
         self._interp.allocate_tensors()
+        # ``Interpreter.invoke`` is the wrapper's ``Invoke`` after a check that no numpy view of a
+        # tensor is alive (it counts references to the wrapper). This adapter holds no view when
+        # it runs (set_tensor/get_tensor copy; ``direct_io``'s views are dropped at once), and
+        # the native runner keeps a reference to ``Invoke`` itself, which that check would count:
+        # so single samples call ``Invoke`` directly where the wrapper has it.
+        wrapper = getattr(interp, "_interpreter", None)
+        self._run_invoke: Callable[[], Any] = getattr(wrapper, "Invoke", None) or interp.invoke
         self._path, self._threads, self._mod = path, threads, mod
         # Batches of another size run on a second interpreter, made on the first such batch and
         # resized as sizes change: the first keeps its size, so single samples between batches
@@ -76,8 +84,27 @@ class LiteRTModel:
 
     def _invoke(self, x: np.ndarray) -> np.ndarray:
         self._interp.set_tensor(self._in_index, x)
-        self._interp.invoke()
+        self._run_invoke()
         return self._interp.get_tensor(self._out_index)  # a copy already (tensor() would be a view)
+
+    def direct_io(self) -> tuple[Callable[[], Any], np.ndarray, np.ndarray] | None:
+        """The single-sample interpreter's ``invoke`` and views of its input and output tensor
+        memory, for ``device_agent.kernels.Runner`` (which keeps the pointers and must get the views
+        dropped before the next ``invoke``: LiteRT refuses to run while a view is alive).
+
+        None when a run moves the tensors (dynamic shapes): their memory is only stable when this
+        interpreter is never resized, which ``run`` guarantees (other batch sizes go to a second one).
+        """
+        it = self._interp
+
+        def where() -> tuple[int, int]:
+            return it.tensor(self._in_index)().ctypes.data, it.tensor(self._out_index)().ctypes.data
+
+        before = where()
+        self._run_invoke()
+        if where() != before:
+            return None
+        return self._run_invoke, it.tensor(self._in_index)(), it.tensor(self._out_index)()
 
     def _invoke_batch(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]

@@ -4,7 +4,8 @@
   written as a real ONNX graph with ``onnx.helper``; runs in ONNX Runtime and OpenVINO. No TensorFlow.
 * ``tflite_bundle(dir)``: the same classifier as a tf_keras model converted to a full-int8 .tflite
   with TFLiteConverter (int8 input/output with their quantization in the manifest); runs in LiteRT and
-  OpenVINO. TensorFlow runs in a subprocess, so the test process itself never imports it.
+  OpenVINO. TensorFlow runs in a subprocess, so the test process itself never imports it. With
+  ``upsample=3`` it takes the digits as 24x24 images (statistics: per-channel summaries).
 
 Both carry a ``baseline.json`` made by ``device_agent.stats.build_baseline`` on the training split.
 The shared ``digits_bundles`` fixture of tests/conftest.py replaces these where it is available.
@@ -36,6 +37,11 @@ def digits() -> dict[str, np.ndarray]:
         "x_test": te["x"].astype(np.float32),
         "y_test": te["y"],
     }
+
+
+def upsampled(x: np.ndarray, k: int) -> np.ndarray:
+    """Digits (n, 8, 8, 1) with every pixel repeated k x k times: (n, 8k, 8k, 1)."""
+    return x if k == 1 else np.repeat(np.repeat(x, k, axis=1), k, axis=2)
 
 
 def fit_dense(shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -71,14 +77,16 @@ def write_bundle(
     version: int = 1,
     target: str = "x86",
     preprocessing: dict | None = None,
+    upsample: int = 1,
 ) -> Path:
-    """Write baseline.json, labels.txt and manifest.json around a model file already in ``root``."""
+    """Write baseline.json, labels.txt and manifest.json around a model file already in ``root``
+    (``upsample``: the model takes the digits scaled up by that factor, see ``upsampled``)."""
     from device_agent.bundle import Manifest, file_entry
     from device_agent.stats import baseline_to_dict, build_baseline
 
     d = digits()
     w, b = fit_dense()
-    base = build_baseline(d["x"], forward(d["x"], w, b), LABELS)
+    base = build_baseline(upsampled(d["x"], upsample), forward(d["x"], w, b), LABELS)
     (root / "baseline.json").write_text(json.dumps(baseline_to_dict(base, {"data": "digits.npz"})))
     (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
     files = [file_entry(root, p) for p in (model_file, "baseline.json", "labels.txt")]
@@ -145,24 +153,27 @@ def onnx_bundle(root: Path, version: int = 1, name: str = "digits-dense", shift:
     )
 
 
-def _convert_tflite(root: Path) -> None:
-    """(subprocess) Build the dense model in tf_keras and convert it to full-int8 TFLite."""
+def _convert_tflite(root: Path, upsample: int = 1) -> None:
+    """(subprocess) Build the dense model in tf_keras and convert it to full-int8 TFLite (with
+    ``upsample`` > 1, for the upsampled digits: an average pooling first gives the 8x8 back)."""
     sys.path.insert(0, str(REPO))
     from toolchain.tfenv import import_keras, import_tf
 
     tf = import_tf()
     keras = import_keras()
     w, b = fit_dense()
+    pool = [keras.layers.AveragePooling2D(upsample)] if upsample > 1 else []
     model = keras.Sequential(
         [
-            keras.layers.Input((8, 8, 1)),
+            keras.layers.Input((8 * upsample, 8 * upsample, 1)),
+            *pool,
             keras.layers.Rescaling(1.0 / 16.0),
             keras.layers.Flatten(),
             keras.layers.Dense(10, activation="softmax"),
         ]
     )
     model.layers[-1].set_weights([w, b])
-    x = digits()["x"]
+    x = upsampled(digits()["x"], upsample)
 
     def rep():
         for i in range(0, 200):
@@ -177,8 +188,9 @@ def _convert_tflite(root: Path) -> None:
     (root / "model.tflite").write_bytes(conv.convert())
 
 
-def tflite_bundle(root: Path, version: int = 1, name: str = "digits-dense-int8") -> Path:
-    """Write a full-int8 TFLite bundle into ``root`` (TensorFlow runs in a subprocess)."""
+def tflite_bundle(root: Path, version: int = 1, name: str = "digits-dense-int8", upsample: int = 1) -> Path:
+    """Write a full-int8 TFLite bundle into ``root`` (TensorFlow runs in a subprocess); with
+    ``upsample`` = 3 the model takes 24x24 images, which the statistics summarise per channel."""
     root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
     subprocess.run(
@@ -186,7 +198,7 @@ def tflite_bundle(root: Path, version: int = 1, name: str = "digits-dense-int8")
             sys.executable,
             "-c",
             f"from tests.device_agent.agent_bundles import _convert_tflite; "
-            f"from pathlib import Path; _convert_tflite(Path({str(root)!r}))",
+            f"from pathlib import Path; _convert_tflite(Path({str(root)!r}), {upsample})",
         ],
         check=True,
         env=env,
@@ -220,6 +232,7 @@ def tflite_bundle(root: Path, version: int = 1, name: str = "digits-dense-int8")
         version=version,
         target="raspberry-pi",
         preprocessing={"type": "none"},
+        upsample=upsample,
     )
 
 
@@ -236,6 +249,12 @@ def cached_onnx_bundle() -> Path:
 def cached_tflite_bundle() -> Path:
     """One int8 TFLite bundle per test process (converted once, in a subprocess)."""
     return tflite_bundle(_CACHE / "tflite")
+
+
+@cache
+def cached_tflite_image_bundle() -> Path:
+    """One int8 TFLite bundle on 24x24 images (per-channel summary statistics) per test process."""
+    return tflite_bundle(_CACHE / "tflite-24", name="digits-24-int8", upsample=3)
 
 
 def shared_bundles(request: object) -> Path | None:

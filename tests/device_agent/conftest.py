@@ -23,4 +23,5 @@ def kernel_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(kernels, "quantize", kernels.quantize_numpy)
     monkeypatch.setattr(kernels, "store_row", kernels.store_row_numpy)
     monkeypatch.setattr(kernels, "decode_row", kernels.decode_row_numpy)
+    monkeypatch.setattr(kernels, "Runner", None)
     return "numpy"

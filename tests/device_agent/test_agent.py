@@ -158,15 +158,21 @@ def test_signed_bundles_need_a_trusted_key(tmp_path: Path) -> None:
         Agent(cached_onnx_bundle(), allow_unsigned=False)
 
 
-def test_window_buffering_equals_one_pass_profile(data: dict[str, np.ndarray]) -> None:
+def test_window_buffering_equals_one_pass_profile(
+    data: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Samples one by one, small batches and a batch larger than the buffer give the exact same profile."""
-    from device_agent.windows import FLUSH_ROWS, Window
+    from device_agent import windows
+    from device_agent.windows import Window
 
+    monkeypatch.setattr(windows, "FLUSH_ROWS", 32)
+    monkeypatch.setattr(windows, "MIN_FLUSH_ROWS", 32)
     agent = Agent(cached_onnx_bundle())
     m = agent.model
-    x = data["x_test"][: FLUSH_ROWS + 350]
+    x = data["x_test"][:359]
     scores = m.predictor.predict(x)
     w = Window(m.spec, m.ref, 0.0, 0.0)
+    assert w._rows == 32 and len(x) - 310 > 32
     for i in range(300):
         w.record(x[i : i + 1], scores[i : i + 1], 1.0)
     w.record(x[300:310], scores[300:310], 10.0)
@@ -184,11 +190,14 @@ def test_window_buffering_equals_one_pass_profile(data: dict[str, np.ndarray]) -
     assert np.array_equal(got.latency_ms.counts, ref.latency_ms.counts)
 
 
-def test_image_window_buffers_raw_inputs_and_equals_one_pass_profile() -> None:
+def test_image_window_buffers_raw_inputs_and_equals_one_pass_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     """Large images are summarised per channel; batching the summaries changes nothing."""
+    from device_agent import windows
     from device_agent.stats import build_baseline
     from device_agent.telemetry import ModelRef
-    from device_agent.windows import FLUSH_ROWS, Window
+    from device_agent.windows import Window
+
+    monkeypatch.setattr(windows, "SUMMARY_FLUSH_ROWS", 128)
 
     rng = np.random.default_rng(0)
     x = (rng.random((300, 96, 96, 3)) * 255).astype(np.float32)
@@ -196,8 +205,8 @@ def test_image_window_buffers_raw_inputs_and_equals_one_pass_profile() -> None:
     spec = build_baseline(x, probs, ["a", "b", "c", "d"]).spec
     assert spec.features.kind == "image_summary"
     w = Window(spec, ModelRef("m", 1, "0" * 64), 0.0, 0.0)
-    # Single samples, a batch, and a fold into the profile in the middle all happen below.
-    assert FLUSH_ROWS < 300
+    # Single samples, a batch, and folds into the profile in the middle all happen below.
+    assert w._rows == 128
     for i in range(250):
         w.record(x[i : i + 1], probs[i : i + 1], 1.0)
     w.record(x[250:270], probs[250:270], 20.0)
