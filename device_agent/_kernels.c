@@ -325,7 +325,8 @@ release_raw:
  * padding edges are +inf and never count; the last real edge belongs to the last bin. */
 HOT static void profile_rows(const double *x, Py_ssize_t N, Py_ssize_t F, const double *edges, Py_ssize_t E,
                              const int64_t *nedges, int64_t *counts, int64_t *nb, int64_t *bad, double *s,
-                             double *lo, double *hi, double *bmean, double *m2, double *col, int64_t *cnt, int64_t *hc) {
+                             double *lo, double *hi, double *bmean, double *m2, double *col, int64_t *cnt, int64_t *hc, double *eT, int64_t *ge,
+                             int64_t *eq) {
     for (Py_ssize_t j = 0; j < F; j++) {
         nb[j] = bad[j] = 0;
         s[j] = m2[j] = 0.0;
@@ -387,10 +388,67 @@ HOT static void profile_rows(const double *x, Py_ssize_t N, Py_ssize_t F, const 
             m2[j] += xr[j] - xr[j] == 0.0 ? d * d : 0.0;
         }
     }
-    /* The bins, feature by feature: eight rows at a time, their counts in registers while the
-     * edges stream past (a compare and a subtract per edge per four rows), then one increment per
-     * finite value. */
-    for (Py_ssize_t j = 0; j < F; j++) {
+    /* The bins, four features at a time, without a scatter: for each edge, count the values >= it
+     * (a compare and a subtract per four values; eight edges' counters stay in registers while
+     * the rows stream past). A feature's histogram follows from those counts: bin 0 holds the
+     * finite values below edge 0, bin k the ones >= edge k-1 and not >= edge k, bin ne the ones
+     * >= the last edge, less those equal to it (the last edge belongs to the last bin). eT is the
+     * edges transposed, (Epad, F), +inf past each feature's own; ge (Epad, F) and eq (F) are the
+     * counts. A non-finite value fails every compare under the finite mask (+inf would pass). */
+    const Py_ssize_t F4 = F - F % 4, Epad = (E + 7) / 8 * 8;
+    for (Py_ssize_t k = 0; k < Epad; k++)
+        for (Py_ssize_t j = 0; j < F; j++)
+            eT[k * F + j] = k < E ? edges[j * E + k] : INFINITY;
+    for (Py_ssize_t q = 0; q < F4; q += 4) {
+        const int finite = bad[q] + bad[q + 1] + bad[q + 2] + bad[q + 3] == 0;
+        for (Py_ssize_t k0 = 0; k0 < Epad; k0 += 8) {
+            v4l a[8] = {{0}};
+            v4d e[8];
+            for (int kk = 0; kk < 8; kk++)
+                LOAD4D(e[kk], eT + (k0 + kk) * F + q);
+            if (finite) {
+                for (Py_ssize_t r = 0; r < N; r++) {
+                    v4d v;
+                    LOAD4D(v, x + r * F + q);
+                    for (int kk = 0; kk < 8; kk++)
+                        a[kk] -= (v4l)(v >= e[kk]);
+                }
+            } else {
+                const v4d zero = {0.0, 0.0, 0.0, 0.0};
+                for (Py_ssize_t r = 0; r < N; r++) {
+                    v4d v;
+                    LOAD4D(v, x + r * F + q);
+                    v4l fin = (v4l)(v - v == zero);
+                    for (int kk = 0; kk < 8; kk++)
+                        a[kk] -= (v4l)(v >= e[kk]) & fin;
+                }
+            }
+            for (int kk = 0; kk < 8; kk++)
+                memcpy(ge + (k0 + kk) * F + q, &a[kk], sizeof(a[kk]));
+        }
+        v4d last;
+        for (int l = 0; l < 4; l++)
+            last[l] = edges[(q + l) * E + nedges[q + l] - 1];
+        v4l aeq = {0};
+        for (Py_ssize_t r = 0; r < N; r++) {
+            v4d v;
+            LOAD4D(v, x + r * F + q);
+            aeq -= (v4l)(v == last); /* equal to a finite edge: finite */
+        }
+        memcpy(eq + q, &aeq, sizeof(aeq));
+        for (Py_ssize_t j = q; j < q + 4; j++) {
+            const Py_ssize_t ne = (Py_ssize_t)nedges[j];
+            int64_t *c = counts + j * (E + 1);
+            c[0] += nb[j] - ge[j];
+            for (Py_ssize_t k = 1; k < ne; k++)
+                c[k] += ge[(k - 1) * F + j] - ge[k * F + j];
+            c[ne] += ge[(ne - 1) * F + j] - eq[j];
+            c[ne - 1] += eq[j];
+        }
+    }
+    /* The last F % 4 features, one at a time: eight rows at a time, their counts in registers
+     * while the edges stream past, then one increment per finite value. */
+    for (Py_ssize_t j = F4; j < F; j++) {
         const double *e = edges + j * E;
         const Py_ssize_t ne = (Py_ssize_t)nedges[j];
         for (Py_ssize_t r = 0; r < N; r++)
@@ -485,7 +543,9 @@ static PyObject *k_profile_update(PyObject *self, PyObject *args) {
                 goto done;
             }
         }
-        double *scratch = PyMem_Malloc(((size_t)F * 7 + (size_t)N * 2 + 4 * (size_t)(E + 1)) * sizeof(double));
+        const size_t epad = (size_t)(E + 7) / 8 * 8;
+        double *scratch = PyMem_Malloc(((size_t)F * 8 + (size_t)N * 2 + 4 * (size_t)(E + 1) + 2 * epad * (size_t)F) *
+                                       sizeof(double));
         if (scratch == NULL) {
             PyErr_NoMemory();
             goto done;
@@ -493,9 +553,10 @@ static PyObject *k_profile_update(PyObject *self, PyObject *args) {
         int64_t *nb = (int64_t *)scratch, *bad = nb + F;
         double *s = scratch + 2 * F, *lo = s + F, *hi = lo + F, *bmean = hi + F, *bm2 = bmean + F;
         double *col = bm2 + F;
-        int64_t *cnt = (int64_t *)(col + N), *hc = cnt + N;
+        int64_t *cnt = (int64_t *)(col + N), *hc = cnt + N, *ge = hc + 4 * (E + 1), *eq = ge + epad * (size_t)F;
+        double *eT = (double *)(eq + F);
         Py_BEGIN_ALLOW_THREADS
-        profile_rows(x, N, F, edges, E, nedges, counts, nb, bad, s, lo, hi, bmean, bm2, col, cnt, hc);
+        profile_rows(x, N, F, edges, E, nedges, counts, nb, bad, s, lo, hi, bmean, bm2, col, cnt, hc, eT, ge, eq);
         for (Py_ssize_t j = 0; j < F; j++) {
             nan_count[j] += bad[j];
             if (nb[j] == 0)
