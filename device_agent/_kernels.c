@@ -399,43 +399,55 @@ HOT static void profile_rows(const double *x, Py_ssize_t N, Py_ssize_t F, const 
     for (Py_ssize_t k = 0; k < Epad; k++)
         for (Py_ssize_t j = 0; j < F; j++)
             eT[k * F + j] = k < E ? edges[j * E + k] : INFINITY;
-    for (Py_ssize_t q = 0; q < F4; q += 4) {
-        const int finite = bad[q] + bad[q + 1] + bad[q + 2] + bad[q + 3] == 0;
-        for (Py_ssize_t k0 = 0; k0 < Epad; k0 += 8) {
-            v4l a[8] = {{0}};
-            v4d e[8];
-            for (int kk = 0; kk < 8; kk++)
-                LOAD4D(e[kk], eT + (k0 + kk) * F + q);
-            if (finite) {
-                for (Py_ssize_t r = 0; r < N; r++) {
-                    v4d v;
-                    LOAD4D(v, x + r * F + q);
-                    for (int kk = 0; kk < 8; kk++)
-                        a[kk] -= (v4l)(v >= e[kk]);
+    /* Blocks of 64 rows (32 KiB for 64 features), so that the passes over a block's columns find
+     * it in the L1 cache; the counters carry over in ge and eq. */
+    memset(ge, 0, sizeof(int64_t) * (size_t)(Epad * F));
+    memset(eq, 0, sizeof(int64_t) * (size_t)F);
+    for (Py_ssize_t r0 = 0; r0 < N; r0 += 64) {
+        const Py_ssize_t r1 = r0 + 64 < N ? r0 + 64 : N;
+        for (Py_ssize_t q = 0; q < F4; q += 4) {
+            const int finite = bad[q] + bad[q + 1] + bad[q + 2] + bad[q + 3] == 0;
+            for (Py_ssize_t k0 = 0; k0 < Epad; k0 += 8) {
+                v4l a[8];
+                v4d e[8];
+                for (int kk = 0; kk < 8; kk++) {
+                    memcpy(&a[kk], ge + (k0 + kk) * F + q, sizeof(a[kk]));
+                    LOAD4D(e[kk], eT + (k0 + kk) * F + q);
                 }
-            } else {
-                const v4d zero = {0.0, 0.0, 0.0, 0.0};
-                for (Py_ssize_t r = 0; r < N; r++) {
-                    v4d v;
-                    LOAD4D(v, x + r * F + q);
-                    v4l fin = (v4l)(v - v == zero);
-                    for (int kk = 0; kk < 8; kk++)
-                        a[kk] -= (v4l)(v >= e[kk]) & fin;
+                if (finite) {
+                    for (Py_ssize_t r = r0; r < r1; r++) {
+                        v4d v;
+                        LOAD4D(v, x + r * F + q);
+                        for (int kk = 0; kk < 8; kk++)
+                            a[kk] -= (v4l)(v >= e[kk]);
+                    }
+                } else {
+                    const v4d zero = {0.0, 0.0, 0.0, 0.0};
+                    for (Py_ssize_t r = r0; r < r1; r++) {
+                        v4d v;
+                        LOAD4D(v, x + r * F + q);
+                        v4l fin = (v4l)(v - v == zero);
+                        for (int kk = 0; kk < 8; kk++)
+                            a[kk] -= (v4l)(v >= e[kk]) & fin;
+                    }
                 }
+                for (int kk = 0; kk < 8; kk++)
+                    memcpy(ge + (k0 + kk) * F + q, &a[kk], sizeof(a[kk]));
             }
-            for (int kk = 0; kk < 8; kk++)
-                memcpy(ge + (k0 + kk) * F + q, &a[kk], sizeof(a[kk]));
+            v4d last;
+            for (int l = 0; l < 4; l++)
+                last[l] = edges[(q + l) * E + nedges[q + l] - 1];
+            v4l aeq;
+            memcpy(&aeq, eq + q, sizeof(aeq));
+            for (Py_ssize_t r = r0; r < r1; r++) {
+                v4d v;
+                LOAD4D(v, x + r * F + q);
+                aeq -= (v4l)(v == last); /* equal to a finite edge: finite */
+            }
+            memcpy(eq + q, &aeq, sizeof(aeq));
         }
-        v4d last;
-        for (int l = 0; l < 4; l++)
-            last[l] = edges[(q + l) * E + nedges[q + l] - 1];
-        v4l aeq = {0};
-        for (Py_ssize_t r = 0; r < N; r++) {
-            v4d v;
-            LOAD4D(v, x + r * F + q);
-            aeq -= (v4l)(v == last); /* equal to a finite edge: finite */
-        }
-        memcpy(eq + q, &aeq, sizeof(aeq));
+    }
+    for (Py_ssize_t q = 0; q < F4; q += 4) {
         for (Py_ssize_t j = q; j < q + 4; j++) {
             const Py_ssize_t ne = (Py_ssize_t)nedges[j];
             int64_t *c = counts + j * (E + 1);
@@ -580,18 +592,82 @@ done:
     return result;
 }
 
+/* fold_outputs(scores (n, K) float64, class_counts (K,) int64, confidence (n,) float64) -> bool
+ * Profile.update_outputs for scores that are probabilities: when every row passes
+ * stats.as_probabilities' test (every value >= -1e-6 and each row's sum within 2e-2 + 1e-5 of 1),
+ * adds each row's top-1 (numpy's argmax: the first maximum) to class_counts, writes its clipped top
+ * score into confidence, and returns True. Returns False and changes nothing otherwise (logits go
+ * through the softmax in numpy), and also when a row's sum lies within 1e-9 of the tolerance:
+ * numpy adds the row in another order, and the two sums may round to different sides there. On the
+ * rows it accepts, clipping to [0, 1] cannot change the argmax (at most one value exceeds 1/2), and
+ * the clipped maximum is the maximum clipped. */
+static PyObject *k_fold_outputs(PyObject *self, PyObject *args) {
+    PyObject *s_obj, *c_obj, *f_obj;
+    Py_buffer s, c, f;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOO", &s_obj, &c_obj, &f_obj))
+        return NULL;
+    if (get_typed(c_obj, &c, 'i', -1, 1, "class_counts") < 0)
+        return NULL;
+    Py_ssize_t K = c.len / 8;
+    if (K < 1 || get_typed(s_obj, &s, 'd', -1, 0, "scores") < 0) {
+        if (K < 1)
+            PyErr_SetString(PyExc_ValueError, "fold_outputs: no classes");
+        PyBuffer_Release(&c);
+        return NULL;
+    }
+    Py_ssize_t n = s.len / 8 / K;
+    if (s.len != n * K * 8 || get_typed(f_obj, &f, 'd', n, 1, "confidence") < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "fold_outputs: scores must be (n, K) for K class counts");
+        PyBuffer_Release(&s);
+        PyBuffer_Release(&c);
+        return NULL;
+    }
+    const double *p = (const double *)s.buf;
+    const double tol = 2e-2 + 1e-5, margin = 1e-9;
+    int ok = 1;
+    for (Py_ssize_t r = 0; r < n && ok; r++) {
+        const double *row = p + r * K;
+        double sum = 0.0;
+        for (Py_ssize_t k = 0; k < K; k++) {
+            ok &= row[k] >= -1e-6; /* false for NaN */
+            sum += row[k];
+        }
+        ok &= fabs(sum - 1.0) <= tol - margin;
+    }
+    if (ok) {
+        int64_t *counts = (int64_t *)c.buf;
+        double *conf = (double *)f.buf;
+        for (Py_ssize_t r = 0; r < n; r++) {
+            const double *row = p + r * K;
+            Py_ssize_t top = 0;
+            for (Py_ssize_t k = 1; k < K; k++)
+                top = row[k] > row[top] ? k : top;
+            counts[top]++;
+            double v = row[top];
+            conf[r] = v < 0.0 ? 0.0 : v > 1.0 ? 1.0 : v;
+        }
+    }
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&f);
+    return PyBool_FromLong(ok);
+}
+
 /* ---------------------------------------------------------------------------------------------
- * Runner: Agent.predict for one float32 sample, in one call. Under the Agent's lock it checks the
- * sample, quantizes it into the runtime's input tensor, runs the model, decodes the 8-bit output
- * through the code table into a new scores array, writes the sample's statistics row into the
- * window it is bound to (folding the window when its buffers fill), and returns the Prediction.
- * Python keeps everything else: the general path, the folds, window rotation, model switches.
+ * Runner: Agent.predict for one float32 sample (or a batch of the size the runner was made for),
+ * in one call. Under the Agent's lock it checks the input, quantizes it into the runtime's input
+ * tensor, runs the model, decodes the 8-bit output through the code table into a new scores array,
+ * writes the samples' statistics rows into the window it is bound to (folding the window when its
+ * buffers fill), and returns the Prediction. Python keeps everything else: the general path, the
+ * folds, window rotation, model switches.
  *
  * The input and output pointers are the interpreter's own tensor memory (a LiteRT interpreter's
  * ``tensor(i)()`` views, taken once). They stay valid while the interpreter lives and is not
- * re-allocated: the runner holds ``invoke`` (and with it the interpreter), and Python builds a
- * runner only for an interpreter it never resizes, after checking that a run leaves the tensors
- * where they were (device_agent/runtimes/litert.py, ``direct_io``).
+ * re-allocated: the runner holds ``invoke`` (and with it the interpreter) until ``close``, and
+ * Python closes a runner before anything may resize its interpreter, after checking that a run
+ * leaves the tensors where they were (device_agent/runtimes/litert.py, ``direct_io``).
  */
 #define RUNNER_MAX_DIMS 8
 enum { BIND_NONE = 0, BIND_ELEMENTS = 1, BIND_SUMMARY = 2 };
@@ -601,7 +677,7 @@ typedef struct {
     PyObject *invoke;
     unsigned char *in;
     const unsigned char *out;
-    Py_ssize_t n_in, k, ndim, shape[RUNNER_MAX_DIMS];
+    Py_ssize_t n_in, k, batch, ndim, shape[RUNNER_MAX_DIMS]; /* per sample: n_in values, k scores */
     float scale, zp, lo, hi;
     int in_signed;
     float table[256];
@@ -612,6 +688,7 @@ typedef struct {
     PyObject *window, *acquire, *release, *new_out, *cls, *labels, *ref;
     int cls_is_tuple;
     Py_buffer feats, scores, lat, mask;
+    double *summ; /* (batch, 4) scratch: each sample's min, max, sum, sum of squares */
 } Runner;
 
 static PyObject *str_buffered, *str_flush;
@@ -638,22 +715,30 @@ static void runner_unbind(Runner *r) {
 static void runner_dealloc(Runner *r) {
     runner_unbind(r);
     Py_XDECREF(r->invoke);
+    PyMem_Free(r->summ);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
-/* Runner(invoke, inp, out, shape, scale, zero_point, qmin, qmax, table) */
+/* Runner(invoke, inp, out, shape, scale, zero_point, qmin, qmax, table, batch=1)
+ * ``inp`` and ``out`` are the input (batch * prod(shape) bytes) and output (batch * K bytes) tensors
+ * of an interpreter that runs ``batch`` samples of ``shape`` at a time. */
 static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *invoke, *in_obj, *out_obj, *shape_obj, *table_obj;
     float scale, zp;
     int qmin, qmax;
+    Py_ssize_t batch = 1;
     Py_buffer in, out, table;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
         PyErr_SetString(PyExc_TypeError, "Runner takes positional arguments only");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OOOOffiiO", &invoke, &in_obj, &out_obj, &shape_obj, &scale, &zp, &qmin, &qmax,
-                          &table_obj))
+    if (!PyArg_ParseTuple(args, "OOOOffiiO|n", &invoke, &in_obj, &out_obj, &shape_obj, &scale, &zp, &qmin, &qmax,
+                          &table_obj, &batch))
         return NULL;
+    if (batch < 1) {
+        PyErr_SetString(PyExc_ValueError, "Runner: batch must be >= 1");
+        return NULL;
+    }
     if (!PyCallable_Check(invoke)) {
         PyErr_SetString(PyExc_TypeError, "Runner: invoke must be callable");
         return NULL;
@@ -694,15 +779,21 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         return NULL;
     }
     Runner *r = NULL;
-    if (in.itemsize != 1 || in.len != n || out.itemsize != 1 || out.len < 1) {
-        PyErr_SetString(PyExc_ValueError, "Runner: inp must be n bytes for the shape, out one byte per score");
-    } else if ((r = (Runner *)type->tp_alloc(type, 0)) != NULL) {
+    if (in.itemsize != 1 || in.len != n * batch || out.itemsize != 1 || out.len < batch || out.len % batch) {
+        PyErr_SetString(PyExc_ValueError,
+                        "Runner: inp must be batch * n bytes for the shape, out one byte per score and sample");
+    } else if ((r = (Runner *)type->tp_alloc(type, 0)) != NULL &&
+               (r->summ = PyMem_Malloc(sizeof(double) * 4 * (size_t)batch)) == NULL) {
+        Py_CLEAR(r);
+        PyErr_NoMemory();
+    } else if (r != NULL) {
         Py_INCREF(invoke);
         r->invoke = invoke;
         r->in = (unsigned char *)in.buf;
         r->out = (const unsigned char *)out.buf;
         r->n_in = n;
-        r->k = out.len;
+        r->batch = batch;
+        r->k = out.len / batch;
         r->ndim = ndim;
         memcpy(r->shape, dims, sizeof(Py_ssize_t) * (size_t)ndim);
         r->scale = scale;
@@ -727,6 +818,10 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
  * subclass (a named tuple) gets its items directly. */
 static PyObject *runner_bind(Runner *r, PyObject *args) {
     PyObject *window, *lock, *f_obj, *s_obj, *l_obj, *m_obj, *new_out, *cls, *labels, *ref;
+    if (r->invoke == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind: the runner is closed");
+        return NULL;
+    }
     if (!PyArg_ParseTuple(args, "OOOOOOOOO!O", &window, &lock, &f_obj, &s_obj, &l_obj, &m_obj, &new_out, &cls,
                           &PyTuple_Type, &labels, &ref))
         return NULL;
@@ -748,8 +843,8 @@ static PyObject *runner_bind(Runner *r, PyObject *args) {
     if (get_typed(l_obj, &l, 'd', -1, 1, "latencies") < 0)
         goto fail_lock;
     Py_ssize_t rows = l.len / 8, width = summary ? 4 : r->n_in;
-    if (rows < 1) {
-        PyErr_SetString(PyExc_ValueError, "bind: a window needs at least one row");
+    if (rows < r->batch) {
+        PyErr_SetString(PyExc_ValueError, "bind: the window has fewer rows than the runner's batch");
         goto fail_l;
     }
     if (get_typed(f_obj, &f, 'd', rows * width, 1, summary ? "summaries" : "feats") < 0)
@@ -802,20 +897,40 @@ static PyObject *runner_unbind_py(Runner *r, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-/* Whether a buffer is one float32 sample: C-contiguous, the sample's shape or (1, *shape). */
+/* close(): unbind for good and let go of the interpreter (its Invoke), so that nothing of the
+ * runner keeps the interpreter's tensors in use; predict returns None from then on. */
+static PyObject *runner_close(Runner *r, PyObject *Py_UNUSED(ignored)) {
+    runner_unbind(r);
+    Py_CLEAR(r->invoke);
+    r->in = NULL;
+    r->out = NULL;
+    Py_RETURN_NONE;
+}
+
+/* Whether dims (nd of them) are the runner's input: (batch, *shape), or for a batch of one also
+ * the bare sample shape. */
+static int fits_shape(const Runner *r, int nd, const Py_ssize_t *dims) {
+    Py_ssize_t skip = nd - r->ndim;
+    if (skip == 1) {
+        if (dims[0] != r->batch)
+            return 0;
+    } else if (!(skip == 0 && r->batch == 1)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < r->ndim; i++)
+        if (dims[i + skip] != r->shape[i])
+            return 0;
+    return 1;
+}
+
+/* Whether a buffer is the runner's input: float32, C-contiguous, of a shape fits_shape takes. */
 static int is_sample(const Runner *r, const Py_buffer *b) {
     const char *f = b->format ? b->format : "B";
     if (*f == '<' || *f == '=' || *f == '@')
         f++;
-    if (b->itemsize != 4 || strcmp(f, "f") != 0 || b->len != r->n_in * 4)
+    if (b->itemsize != 4 || strcmp(f, "f") != 0 || b->len != r->batch * r->n_in * 4)
         return 0;
-    Py_ssize_t skip = b->ndim - r->ndim;
-    if (skip != 0 && !(skip == 1 && b->shape[0] == 1))
-        return 0;
-    for (Py_ssize_t i = 0; i < r->ndim; i++)
-        if (b->shape[i + skip] != r->shape[i])
-            return 0;
-    return 1;
+    return fits_shape(r, b->ndim, b->shape);
 }
 
 static double now_ms(void) {
@@ -824,7 +939,8 @@ static double now_ms(void) {
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
 }
 
-/* The window's next row (its ``_buffered``), folding first if its buffers are full; -1 on error. */
+/* The window's next row (its ``_buffered``) with room for ``batch`` rows after it, folding first
+ * if there is not; -1 on error. */
 static Py_ssize_t next_row(Runner *r) {
     for (int tries = 0; tries < 2; tries++) {
         PyObject *o = PyObject_GetAttr(r->window, str_buffered);
@@ -834,7 +950,7 @@ static Py_ssize_t next_row(Runner *r) {
         Py_DECREF(o);
         if (row == -1 && PyErr_Occurred())
             return -1;
-        if (row >= 0 && row < r->rows)
+        if (row >= 0 && row + r->batch <= r->rows)
             return row;
         PyObject *done = PyObject_CallMethodNoArgs(r->window, str_flush);
         if (done == NULL)
@@ -845,20 +961,23 @@ static Py_ssize_t next_row(Runner *r) {
     return -1;
 }
 
-/* The sample's work under the lock; returns the Prediction, None (nothing written) or NULL. */
+/* The samples' work under the lock; returns the Prediction, None (nothing written) or NULL. */
 static PyObject *predict_locked(Runner *r, const float *v) {
-    double summ[4];
-    summary_f32(v, r->n_in, summ);
-    if (!(isfinite(summ[0]) && isfinite(summ[1])))
-        Py_RETURN_NONE; /* NaN or infinity: the general path refuses and counts it */
+    const Py_ssize_t B = r->batch, n = r->n_in, K = r->k;
+    for (Py_ssize_t b = 0; b < B; b++) {
+        double *sm = r->summ + 4 * b;
+        summary_f32(v + b * n, n, sm);
+        if (!(isfinite(sm[0]) && isfinite(sm[1])))
+            Py_RETURN_NONE; /* NaN or infinity: the general path refuses and counts it */
+    }
     Py_ssize_t row = next_row(r);
     if (row < 0)
         return NULL;
-    /* Everything that allocates or reads the sample comes before the run: the run evicts the
+    /* Everything that allocates or reads the samples comes before the run: the run evicts the
      * caches, and whatever comes after it pays for that. */
-    PyObject *labels = PyList_New(1), *scores_l = PyList_New(1), *result = NULL;
+    PyObject *labels = PyList_New(B), *scores_l = PyList_New(B), *result = NULL;
 #ifdef EDGEFLEET_NUMPY_API
-    npy_intp dims[2] = {1, r->k};
+    npy_intp dims[2] = {B, K};
     PyObject *scores = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
 #else
     PyObject *scores = PyObject_CallNoArgs(r->new_out);
@@ -866,20 +985,20 @@ static PyObject *predict_locked(Runner *r, const float *v) {
     Py_buffer out;
     out.obj = NULL;
     if (labels == NULL || scores_l == NULL || scores == NULL ||
-        get_typed(scores, &out, 'f', r->k, 1, "new scores") < 0)
+        get_typed(scores, &out, 'f', B * K, 1, "new scores") < 0)
         goto fail;
     if (r->in_signed)
-        quantize_i8(v, r->n_in, r->scale, r->zp, r->lo, r->hi, (int8_t *)r->in);
+        quantize_i8(v, B * n, r->scale, r->zp, r->lo, r->hi, (int8_t *)r->in);
     else
-        quantize_u8(v, r->n_in, r->scale, r->zp, r->lo, r->hi, (uint8_t *)r->in);
-    /* the statistics row: the raw float values, or the summary the next fold turns into features
-     * (it counts only once the row does, below) */
+        quantize_u8(v, B * n, r->scale, r->zp, r->lo, r->hi, (uint8_t *)r->in);
+    /* the statistics rows: the raw float values, or the summaries the next fold turns into
+     * features (they count only once the rows do, below) */
     if (r->mode == BIND_ELEMENTS) {
-        double *dst = (double *)r->feats.buf + row * r->n_in;
-        for (Py_ssize_t i = 0; i < r->n_in; i++)
+        double *dst = (double *)r->feats.buf + row * n;
+        for (Py_ssize_t i = 0; i < B * n; i++)
             dst[i] = v[i];
     } else {
-        memcpy((double *)r->feats.buf + row * 4, summ, sizeof(summ));
+        memcpy((double *)r->feats.buf + row * 4, r->summ, sizeof(double) * 4 * (size_t)B);
     }
     double t0 = now_ms();
     PyObject *ok = PyObject_CallNoArgs(r->invoke);
@@ -887,26 +1006,31 @@ static PyObject *predict_locked(Runner *r, const float *v) {
     if (ok == NULL)
         goto fail;
     Py_DECREF(ok);
+    /* the batch's latency is split evenly over its samples, as Window.record does */
+    const double each = latency / (double)B;
     float *sc = (float *)out.buf;
-    for (Py_ssize_t i = 0; i < r->k; i++)
+    for (Py_ssize_t i = 0; i < B * K; i++)
         sc[i] = r->table[r->out[i]];
-    Py_ssize_t top = store_scores(sc, r->k, (double *)r->scores.buf + row * r->k);
-    ((double *)r->lat.buf)[row] = latency;
-    if (r->mode == BIND_SUMMARY)
-        ((unsigned char *)r->mask.buf)[row] = 1;
-    PyObject *score = PyFloat_FromDouble((double)sc[top]);
-    PyObject *next = PyLong_FromSsize_t(row + 1);
-    /* the row counts from here: the scores are in the window */
-    if (score == NULL || next == NULL || PyObject_SetAttr(r->window, str_buffered, next) < 0) {
-        Py_XDECREF(score);
+    for (Py_ssize_t b = 0; b < B; b++) {
+        Py_ssize_t top = store_scores(sc + b * K, K, (double *)r->scores.buf + (row + b) * K);
+        ((double *)r->lat.buf)[row + b] = each;
+        PyObject *score = PyFloat_FromDouble((double)sc[b * K + top]);
+        if (score == NULL)
+            goto fail;
+        PyList_SET_ITEM(scores_l, b, score);
+        PyObject *label = PyTuple_GET_ITEM(r->labels, top);
+        Py_INCREF(label);
+        PyList_SET_ITEM(labels, b, label);
+        if (r->mode == BIND_SUMMARY)
+            ((unsigned char *)r->mask.buf)[row + b] = 1;
+    }
+    /* the rows count from here: the scores are in the window */
+    PyObject *next = PyLong_FromSsize_t(row + B);
+    if (next == NULL || PyObject_SetAttr(r->window, str_buffered, next) < 0) {
         Py_XDECREF(next);
         goto fail;
     }
     Py_DECREF(next);
-    PyObject *label = PyTuple_GET_ITEM(r->labels, top);
-    Py_INCREF(label);
-    PyList_SET_ITEM(labels, 0, label);
-    PyList_SET_ITEM(scores_l, 0, score);
     if (r->cls_is_tuple) { /* a named tuple, filled as tuple.__new__ fills one, without its Python __new__ */
         result = ((PyTypeObject *)r->cls)->tp_alloc((PyTypeObject *)r->cls, 4);
         if (result != NULL) {
@@ -920,7 +1044,7 @@ static PyObject *predict_locked(Runner *r, const float *v) {
         PyObject *argv[4] = {scores, labels, scores_l, r->ref};
         result = PyObject_Vectorcall(r->cls, argv, 4, NULL);
     }
-    if (result != NULL && row + 1 == r->rows) {
+    if (result != NULL && row + B == r->rows) {
         PyObject *done = PyObject_CallMethodNoArgs(r->window, str_flush);
         if (done == NULL)
             Py_CLEAR(result);
@@ -936,24 +1060,22 @@ fail:
     return result;
 }
 
-/* The sample's float32 values when ``x`` is one sample of the model's shape, else NULL. With the
- * numpy API an exact ndarray is read from its fields; anything else goes through the buffer
+/* The samples' float32 values when ``x`` is the runner's input (see fits_shape), else NULL. With
+ * the numpy API an exact ndarray is read from its fields; anything else goes through the buffer
  * protocol (``view``, released by the caller when its ``obj`` is set). */
 static const float *sample_values(Runner *r, PyObject *x, Py_buffer *view) {
     view->obj = NULL;
 #ifdef EDGEFLEET_NUMPY_API
     if (PyArray_CheckExact(x)) {
         PyArrayObject *a = (PyArrayObject *)x;
+        Py_ssize_t dims[RUNNER_MAX_DIMS + 1];
         int nd = PyArray_NDIM(a);
-        npy_intp *dims = PyArray_DIMS(a);
-        int skip = nd - (int)r->ndim;
         if (PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_ISCARRAY_RO(a) || !PyArray_ISNOTSWAPPED(a) ||
-            (skip != 0 && !(skip == 1 && dims[0] == 1)))
+            nd > RUNNER_MAX_DIMS + 1)
             return NULL;
-        for (Py_ssize_t i = 0; i < r->ndim; i++)
-            if (dims[i + skip] != r->shape[i])
-                return NULL;
-        return (const float *)PyArray_DATA(a);
+        for (int i = 0; i < nd; i++)
+            dims[i] = (Py_ssize_t)PyArray_DIMS(a)[i];
+        return fits_shape(r, nd, dims) ? (const float *)PyArray_DATA(a) : NULL;
     }
 #endif
     if (PyObject_GetBuffer(x, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
@@ -970,9 +1092,9 @@ static const float *sample_values(Runner *r, PyObject *x, Py_buffer *view) {
 }
 
 /* predict(x) -> Prediction | None
- * None, with nothing written, when the runner is not bound, ``x`` is not one float32 sample of the
- * model's shape, or it holds NaN/infinity: the caller takes the general path, which says what is
- * wrong and counts it. */
+ * None, with nothing written, when the runner is not bound, ``x`` is not its input (float32,
+ * C-contiguous, (batch, *shape), or the bare shape for a batch of one), or holds NaN/infinity: the
+ * caller takes the general path, which says what is wrong and counts it. */
 static PyObject *runner_predict(Runner *r, PyObject *x_obj) {
     if (r->mode == BIND_NONE)
         Py_RETURN_NONE;
@@ -1019,18 +1141,21 @@ static PyObject *runner_predict(Runner *r, PyObject *x_obj) {
 }
 
 static PyObject *runner_get_rows(Runner *r, void *Py_UNUSED(closure)) { return PyLong_FromSsize_t(r->rows); }
+static PyObject *runner_get_batch(Runner *r, void *Py_UNUSED(closure)) { return PyLong_FromSsize_t(r->batch); }
 
 static PyMethodDef runner_methods[] = {
     {"predict", (PyCFunction)runner_predict, METH_O,
-     "predict(x) -> Prediction or None: one float32 sample through the model, under the lock"},
+     "predict(x) -> Prediction or None: one float32 sample (or batch) through the model, under the lock"},
     {"bind", (PyCFunction)runner_bind, METH_VARARGS,
      "bind(window, lock, feats, scores, latencies, pending, new_out, cls, labels, ref)"},
     {"unbind", (PyCFunction)runner_unbind_py, METH_NOARGS, "let go of the window (predict returns None)"},
+    {"close", (PyCFunction)runner_close, METH_NOARGS, "unbind for good and let go of the interpreter"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef runner_getset[] = {
     {"rows", (getter)runner_get_rows, NULL, "rows of the bound window (0 when unbound)", NULL},
+    {"batch", (getter)runner_get_batch, NULL, "samples per run", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1039,7 +1164,7 @@ static PyTypeObject RunnerType = {
     .tp_basicsize = sizeof(Runner),
     .tp_dealloc = (destructor)runner_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Runner(invoke, inp, out, shape, scale, zero_point, qmin, qmax, table): one sample per call",
+    .tp_doc = "Runner(invoke, inp, out, shape, scale, zero_point, qmin, qmax, table, batch=1)",
     .tp_methods = runner_methods,
     .tp_getset = runner_getset,
     .tp_new = runner_new,
@@ -1053,6 +1178,8 @@ static PyMethodDef methods[] = {
      "store_row(scores, rows, row, latencies, latency) -> (argmax, max); copies scores into rows[row]"},
     {"decode_row", k_decode_row, METH_VARARGS,
      "decode_row(raw, table, out, rows, row, latencies, latency) -> (argmax, max); table-decodes raw into out"},
+    {"fold_outputs", k_fold_outputs, METH_VARARGS,
+     "fold_outputs(scores, class_counts, confidence) -> bool: top-1 counts and confidences of probabilities"},
     {"profile_update", k_profile_update, METH_VARARGS,
      "profile_update(x, edges, nedges, counts, count, nan_count, min, max, mean, m2): add a batch"},
     {NULL, NULL, 0, NULL},

@@ -179,6 +179,7 @@ class Agent:
         self._model = load_model(bundle, self.policy, runtime, threads)
         self._window = self._new_window(self._model)
         self._closed_predictions = 0  # in windows closed so far (predictions_total adds the open one)
+        self._last_batch_n = 0  # size of the last batch that took the general path
         self.violations_total = 0
 
     # ---------------------------------------------------------------------------------------------
@@ -198,15 +199,24 @@ class Agent:
             return self._closed_predictions + self._window.count
 
     def _new_window(self, model: LoadedModel) -> Window:
-        """A window for ``model``, with the model's native single-sample path bound to it."""
+        """A window for ``model``, with the model's native runners bound to it."""
         w = Window(model.spec, model.ref, self._clock(), self._mono())
-        runner = model.predictor.runner
+        pred = model.predictor
+        runner, batch = pred.runner, pred.current_batch_runner
         self._one: Callable[[Any], Prediction | None] | None = None
-        if runner is not None:
-            new_out = functools.partial(np.empty, (1, len(model.manifest.labels)), np.float32)
-            if w.bind(runner, self._lock, new_out, Prediction, tuple(model.manifest.labels), model.ref):
-                self._one = runner.predict
+        self._batch_one: Callable[[Any], Prediction | None] | None = None
+        if runner is not None and self._bind(runner, w, model):
+            self._one = runner.predict
+            if batch is not None and self._bind(batch, w, model):
+                self._batch_one = batch.predict
         return w
+
+    def _bind(self, runner: Any, w: Window, model: LoadedModel) -> bool:
+        """Bind a ``kernels.Runner`` to window ``w``; False when the window cannot take it."""
+        if runner.batch > w.rows:
+            return False
+        new_out = functools.partial(np.empty, (runner.batch, len(model.manifest.labels)), np.float32)
+        return w.bind(runner, self._lock, new_out, Prediction, tuple(model.manifest.labels), model.ref)
 
     def predict(self, x: Any) -> Prediction:
         """Return scores, top-1 labels and scores for one sample or a batch of float inputs.
@@ -217,9 +227,14 @@ class Agent:
         one = self._one
         if one is not None:
             # One float32 sample in one native call (kernels.Runner): check, quantize, run, decode
-            # and the window's row, under self._lock. None: not such a sample, or NaN (the general
-            # path below refuses it with the reason), or a model switch happened meanwhile.
+            # and the window's rows, under self._lock; then a batch of the size the batch runner
+            # was made for. None: not such an input, or NaN (the general path below refuses it with
+            # the reason), or a model switch or another batch size happened meanwhile.
             got: Prediction | None = one(x)
+            if got is None:
+                batch = self._batch_one
+                if batch is not None:
+                    got = batch(x)
             if got is not None:
                 if self.window_max_samples is not None:
                     self._rotate_if_full()
@@ -253,7 +268,16 @@ class Agent:
                 scores, tops, top_scores = self._run_one(m, arr, summary)
             else:
                 assert encoded is not None
+                n = arr.shape[0]
+                # This batch may resize the batch interpreter: its runner lets go of it first.
+                self._batch_one = None
+                pred.close_batch_runner()
                 scores, tops, top_scores = self._run_batch(m, arr, encoded)
+                if n == self._last_batch_n:  # the same size twice in a row: the native path next
+                    runner = pred.batch_runner(n)
+                    if runner is not None and self._one is not None and self._bind(runner, self._window, m):
+                        self._batch_one = runner.predict
+                self._last_batch_n = n
             if self.window_max_samples is not None and self._window.count >= self.window_max_samples:
                 closed = self._rotate()
         if closed is not None:
@@ -363,9 +387,8 @@ class Agent:
         with self._lock:
             closed = self._window.close(self._clock())
             self._closed_predictions += closed.count
-            old = self._model.predictor.runner
-            if old is not None:
-                old.unbind()  # a caller holding its predict now gets None: the general path
+            # A caller holding an old runner's predict now gets None: the general path.
+            self._model.predictor.close_runners()
             self._model = new
             self._window = self._new_window(new)
         self._emit(closed)

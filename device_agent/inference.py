@@ -136,6 +136,7 @@ class Predictor:
         self._one_in = np.empty((1, *self.sample_shape), dtype=self._in_codec.dtype)
         self._one_flat = self._one_in.reshape(-1)
         self._runner: Any = False  # see ``runner``: False until made, then a kernels.Runner or None
+        self._batch_runner: Any = None  # see ``batch_runner``
         pre = m.preprocessing
         self._affine: tuple[np.ndarray, np.ndarray] | None = None
         if pre.get("type") == "affine":
@@ -258,19 +259,49 @@ class Predictor:
         use; None unless the runtime hands out its tensor memory (LiteRT), the kernels are built,
         and input and output are 8-bit affine with no preprocessing."""
         if self._runner is False:
-            self._runner = None
-            io = getattr(self.model, "direct_io", None)
-            table = self.out_table
-            if kernels.Runner is not None and io is not None and table is not None and self._native_8bit():
-                got = io()
-                if got is not None:
-                    invoke, tin, tout = got
-                    c = self._in_codec
-                    self._runner = kernels.Runner(
-                        invoke, tin, tout, self.sample_shape, c.scale, c.zero_point, c.qmin, c.qmax, table
-                    )
-                    del tin, tout, got  # LiteRT runs only while no view of its tensors is alive
+            self._runner = self._make_runner(1)
         return self._runner
+
+    def batch_runner(self, n: int) -> Any:
+        """A ``kernels.Runner`` for batches of ``n`` on the runtime's batch interpreter, once a
+        batch of ``n`` went the general way (which sized that interpreter); None otherwise.
+        ``close_batch_runner`` must come before anything may resize that interpreter."""
+        if self._batch_runner is not None and self._batch_runner.batch == n:
+            return self._batch_runner
+        self.close_batch_runner()
+        self._batch_runner = self._make_runner(n)
+        return self._batch_runner
+
+    def close_batch_runner(self) -> None:
+        """Close the batch runner (it lets go of the batch interpreter's tensors)."""
+        if self._batch_runner is not None:
+            self._batch_runner.close()
+            self._batch_runner = None
+
+    def close_runners(self) -> None:
+        """Close both runners (a model switch): nothing of them uses the interpreters any more."""
+        if self._runner:
+            self._runner.close()
+        self.close_batch_runner()
+
+    @property
+    def current_batch_runner(self) -> Any:
+        """The batch runner made last and not closed, or None."""
+        return self._batch_runner
+
+    def _make_runner(self, n: int) -> Any:
+        io = getattr(self.model, "direct_io", None)
+        table = self.out_table
+        if kernels.Runner is None or io is None or table is None or not self._native_8bit():
+            return None
+        got = io(n)
+        if got is None:
+            return None
+        invoke, tin, tout = got
+        c = self._in_codec
+        runner = kernels.Runner(invoke, tin, tout, self.sample_shape, c.scale, c.zero_point, c.qmin, c.qmax, table, n)
+        del tin, tout, got  # LiteRT runs only while no view of its tensors is alive
+        return runner
 
     @property
     def out_table(self) -> np.ndarray | None:

@@ -124,6 +124,7 @@ if NATIVE:
     store_row = _native.store_row
     decode_row = _native.decode_row
     profile_update = _native.profile_update
+    fold_outputs = _native.fold_outputs
     Runner = _native.Runner
 else:
     summary = summary_numpy
@@ -131,4 +132,5 @@ else:
     store_row = store_row_numpy
     decode_row = decode_row_numpy
     profile_update = None  # FeatureSetProfile.update runs its numpy definition
+    fold_outputs = None  # Profile.update_outputs runs its numpy definition
     Runner = None  # Agent.predict takes its general path

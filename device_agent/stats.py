@@ -572,6 +572,17 @@ class Profile:
             raise StatsError(f"expected (n, {self.class_counts.size}) output scores, got shape {p.shape}")
         if p.shape[0] == 0:
             return
+        if kernels.fold_outputs is not None and p.flags.c_contiguous and self.class_counts.flags.writeable:
+            # Probabilities in one C pass (the same counts and confidences as below, to the bit);
+            # False leaves logits and borderline rows to numpy.
+            conf = np.empty(p.shape[0])
+            try:
+                done = kernels.fold_outputs(p, self.class_counts, conf)
+            except (TypeError, ValueError, BufferError):  # counts it cannot update in place
+                done = False
+            if done:
+                self.confidence.update(conf[:, None])
+                return
         p = as_probabilities(p)
         top = p.argmax(axis=1)
         self.class_counts += np.bincount(top, minlength=self.class_counts.size)

@@ -74,6 +74,11 @@ class Window:
         self._pending = np.zeros(self._rows if self._defer else 0, dtype=np.uint8)  # 1: row waits in _summ
 
     @property
+    def rows(self) -> int:
+        """Samples the buffers hold between folds."""
+        return self._rows
+
+    @property
     def count(self) -> int:
         """Predictions recorded so far (buffered ones included)."""
         return self._flushed + self._buffered

@@ -87,24 +87,33 @@ class LiteRTModel:
         self._run_invoke()
         return self._interp.get_tensor(self._out_index)  # a copy already (tensor() would be a view)
 
-    def direct_io(self) -> tuple[Callable[[], Any], np.ndarray, np.ndarray] | None:
-        """The single-sample interpreter's ``invoke`` and views of its input and output tensor
-        memory, for ``device_agent.kernels.Runner`` (which keeps the pointers and must get the views
-        dropped before the next ``invoke``: LiteRT refuses to run while a view is alive).
+    def direct_io(self, batch: int = 1) -> tuple[Callable[[], Any], np.ndarray, np.ndarray] | None:
+        """An interpreter's ``Invoke`` and views of its input and output tensor memory, for
+        ``device_agent.kernels.Runner``, which keeps the pointers (the caller must drop the views
+        before the next run: LiteRT refuses to run or resize while a view is alive).
 
-        None when a run moves the tensors (dynamic shapes): their memory is only stable when this
-        interpreter is never resized, which ``run`` guarantees (other batch sizes go to a second one).
+        ``batch`` 1 (the model's own size) is the single-sample interpreter, which is never resized;
+        another size is the batch interpreter when it has that size now. Its tensors move when
+        ``run`` resizes it for another size: the runner must be closed before that (the Agent closes
+        it before any batch goes the general way). None when there is no such interpreter, or a run
+        moves the tensors (dynamic shapes).
         """
-        it = self._interp
+        if batch == self._batch:
+            it, invoke = self._interp, self._run_invoke
+        elif self._batch_interp is not None and self._batch_n == batch:
+            it = self._batch_interp
+            invoke = getattr(getattr(it, "_interpreter", None), "Invoke", None) or it.invoke
+        else:
+            return None
 
         def where() -> tuple[int, int]:
             return it.tensor(self._in_index)().ctypes.data, it.tensor(self._out_index)().ctypes.data
 
         before = where()
-        self._run_invoke()
+        invoke()
         if where() != before:
             return None
-        return self._run_invoke, it.tensor(self._in_index)(), it.tensor(self._out_index)()
+        return invoke, it.tensor(self._in_index)(), it.tensor(self._out_index)()
 
     def _invoke_batch(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]

@@ -24,4 +24,5 @@ def kernel_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(kernels, "store_row", kernels.store_row_numpy)
     monkeypatch.setattr(kernels, "decode_row", kernels.decode_row_numpy)
     monkeypatch.setattr(kernels, "Runner", None)
+    monkeypatch.setattr(kernels, "fold_outputs", None)
     return "numpy"

@@ -224,3 +224,39 @@ def test_litert_batches_run_beside_the_single_sample_interpreter() -> None:
         assert np.array_equal(got, singles[lo:hi]), (lo, hi)
         assert model._batch == 1  # the single-sample interpreter was never resized
     assert model._batch_interp is not None and model._batch_n == 2
+
+
+@native
+def test_fold_outputs_equals_the_numpy_definition(monkeypatch) -> None:
+    """Class counts and confidence histograms from the C fold equal numpy's for probabilities
+    (values past [0, 1] by quantization included); logits, NaN and rows whose sums sit on the
+    tolerance are left to numpy (False, nothing changed)."""
+    from device_agent.stats import build_baseline
+
+    rng = np.random.default_rng(11)
+    probs = rng.dirichlet(np.ones(6) * 0.3, 2000)
+    probs[:50] = np.round(probs[:50] * 255) / 255 * 1.004  # int8-like, a little over 1
+    probs[50, 2] = -5e-7
+    spec = build_baseline(rng.random((100, 4)), probs[:100], list("abcdef")).spec
+    native_p, numpy_p = spec.new_profile(), spec.new_profile()
+    conf = np.empty(len(probs))
+    before = native_p.class_counts.copy()
+    assert kernels.fold_outputs(probs, native_p.class_counts, conf)
+    assert native_p.class_counts.sum() == before.sum() + len(probs)
+    native_p.class_counts[:] = before
+    native_p.update_outputs(probs)
+    monkeypatch.setattr(kernels, "fold_outputs", None)
+    numpy_p.update_outputs(probs)
+    assert native_p.class_counts.tolist() == numpy_p.class_counts.tolist()
+    for field in ("counts", "count", "min", "max", "mean", "m2"):
+        assert np.array_equal(getattr(native_p.confidence, field), getattr(numpy_p.confidence, field)), field
+    monkeypatch.undo()
+    counts = np.zeros(6, np.int64)
+    logits = rng.normal(0, 3, (10, 6))
+    edge = np.full((1, 6), 1.0 / 6)
+    edge[0, 0] += 2e-2 + 1e-5  # the sum sits on the tolerance
+    nan = probs[:3].copy()
+    nan[1, 1] = np.nan
+    for rows in (logits, edge, nan):
+        assert not kernels.fold_outputs(np.ascontiguousarray(rows), counts, np.empty(len(rows)))
+    assert counts.tolist() == [0] * 6

@@ -188,3 +188,38 @@ def test_runner_refuses_buffers_that_do_not_fit() -> None:
     with pytest.raises(ValueError, match="one label per score"):
         r.bind(None, lock, np.zeros((4, 64)), np.zeros((4, 10)), np.zeros(4), None, None, tuple, ("a",), None)
     assert r.rows == 0
+
+
+def test_batch_runner_takes_over_repeated_batch_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch size seen twice in a row goes native from the third batch on, with the general
+    path's results; another size closes that runner before the batch interpreter is resized (LiteRT
+    would refuse to resize while the runner held it), and windows rotate under both runners."""
+    from device_agent.agent import Agent
+    from device_agent.inference import Predictor
+
+    closed: list[Any] = []
+    bundle = _bundles()["elements"]()
+    x = _inputs("elements", 64)
+    ref = Agent(bundle, runtime="litert").predict(x)
+    agent = Agent(bundle, runtime="litert", window_max_samples=40, on_window=closed.append)
+    general = Predictor.encode_checked
+    calls: list[int] = []
+
+    def counted(self: Predictor, arr: np.ndarray) -> np.ndarray:
+        calls.append(len(arr))
+        return general(self, arr)
+
+    monkeypatch.setattr(Predictor, "encode_checked", counted)
+    for lo in (0, 16, 32, 48, 0, 16):
+        got = agent.predict(x[lo : lo + 16])
+        assert np.array_equal(got.outputs, ref.outputs[lo : lo + 16])
+        assert got.labels == ref.labels[lo : lo + 16] and got.scores == ref.scores[lo : lo + 16]
+    assert calls == [16, 16]  # then the runner
+    for lo in (0, 8, 16, 24):  # another size: general twice (resizing), then native
+        assert np.array_equal(agent.predict(x[lo : lo + 8]).outputs, ref.outputs[lo : lo + 8])
+    assert calls == [16, 16, 8, 8]
+    assert np.array_equal(agent.predict(x[:16]).outputs, ref.outputs[:16])  # general again: resizes
+    assert calls[-1] == 16
+    assert agent.predictions_total == 6 * 16 + 4 * 8 + 16
+    assert sum(w.count for w in closed) + agent.window_count() == agent.predictions_total
+    assert all(w.count >= 40 for w in closed)
