@@ -2,11 +2,16 @@
 
 ``summary(v)`` returns a flat float32 sample's (min, max, sum, sum of squares); ``quantize(...)``
 also writes its 8-bit codes; ``store_row(...)`` puts one prediction's scores and latency into a
-statistics window's buffers and returns its top-1 index and score; ``profile_update(...)`` is the C
-version of ``device_agent.stats.FeatureSetProfile.update`` (histograms and moments of a batch, the
-same results to the bit; native only, the numpy definition lives in stats.py). Both come from the C extension ``device_agent._kernels`` when it was
-built at install time (``setup.py``, optional: it needs a C compiler and the Python headers), and
-from numpy otherwise. ``NATIVE`` says which; ``EDGEFLEET_NATIVE_KERNELS=0`` turns the C path off.
+statistics window's buffers and returns its top-1 index and score. They come from the C extension
+``device_agent._kernels`` when it was built at install time (``setup.py``, optional: it needs a C
+compiler and the Python headers), and from numpy otherwise. ``NATIVE`` says which;
+``EDGEFLEET_NATIVE_KERNELS=0`` turns the C path off.
+
+Native only (None without the extension, and their callers take the numpy definitions):
+``profile_update(...)`` and ``fold_outputs(...)``, the C versions of
+``device_agent.stats.FeatureSetProfile.update`` and of ``Profile.update_outputs`` for probability
+scores (the same results to the bit); and ``Runner``, ``Agent.predict`` for a LiteRT model with
+8-bit I/O in one call (docs/agent.md, *The single-sample hot path*).
 
 Why C: on a model like MobileNetV2 the numpy calls around one inference cost about a fifth of the
 inference, most of it in cache misses, because every call walks numpy's dispatch code again after
