@@ -664,10 +664,12 @@ static PyObject *k_fold_outputs(PyObject *self, PyObject *args) {
  * folds, window rotation, model switches.
  *
  * The input and output pointers are the interpreter's own tensor memory (a LiteRT interpreter's
- * ``tensor(i)()`` views, taken once). They stay valid while the interpreter lives and is not
- * re-allocated: the runner holds ``invoke`` (and with it the interpreter) until ``close``, and
- * Python closes a runner before anything may resize its interpreter, after checking that a run
- * leaves the tensors where they were (device_agent/runtimes/litert.py, ``direct_io``).
+ * ``tensor(i)()`` views). The runner holds those views and ``invoke`` until ``close``: the memory
+ * stays alive, and LiteRT refuses to resize or re-allocate an interpreter while views of its
+ * tensors are alive (its reference-count check), so a mistake fails loudly instead of writing into
+ * freed memory. Python closes a runner before it resizes the interpreter, after checking that a
+ * run leaves the tensors where they were (device_agent/runtimes/litert.py, ``direct_io``). Any
+ * other buffer owner works the same way (tests use numpy arrays).
  */
 #define RUNNER_MAX_DIMS 8
 enum { BIND_NONE = 0, BIND_ELEMENTS = 1, BIND_SUMMARY = 2 };
@@ -689,6 +691,8 @@ typedef struct {
     int cls_is_tuple;
     Py_buffer feats, scores, lat, mask;
     double *summ; /* (batch, 4) scratch: each sample's min, max, sum, sum of squares */
+    Py_buffer in_view, out_view; /* held until close: the tensors' exporters stay alive and unresized */
+    int holding;
 } Runner;
 
 static PyObject *str_buffered, *str_flush;
@@ -712,9 +716,21 @@ static void runner_unbind(Runner *r) {
     r->rows = 0;
 }
 
+/* Let go of the interpreter: its Invoke and the tensor views (LiteRT may resize it again). */
+static void runner_release(Runner *r) {
+    Py_CLEAR(r->invoke);
+    if (r->holding) {
+        PyBuffer_Release(&r->in_view);
+        PyBuffer_Release(&r->out_view);
+        r->holding = 0;
+    }
+    r->in = NULL;
+    r->out = NULL;
+}
+
 static void runner_dealloc(Runner *r) {
     runner_unbind(r);
-    Py_XDECREF(r->invoke);
+    runner_release(r);
     PyMem_Free(r->summ);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
@@ -791,6 +807,9 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         r->invoke = invoke;
         r->in = (unsigned char *)in.buf;
         r->out = (const unsigned char *)out.buf;
+        r->in_view = in; /* held: see runner_release */
+        r->out_view = out;
+        r->holding = 1;
         r->n_in = n;
         r->batch = batch;
         r->k = out.len / batch;
@@ -804,9 +823,10 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         memcpy(r->table, table.buf, sizeof(r->table));
         r->mode = BIND_NONE;
     }
-    /* The views are dropped: the pointers stay valid with the interpreter (see above). */
-    PyBuffer_Release(&in);
-    PyBuffer_Release(&out);
+    if (r == NULL) {
+        PyBuffer_Release(&in);
+        PyBuffer_Release(&out);
+    }
     PyBuffer_Release(&table);
     return (PyObject *)r;
 }
@@ -897,13 +917,12 @@ static PyObject *runner_unbind_py(Runner *r, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-/* close(): unbind for good and let go of the interpreter (its Invoke), so that nothing of the
- * runner keeps the interpreter's tensors in use; predict returns None from then on. */
+/* close(): unbind for good and let go of the interpreter (its Invoke and the tensor views), so
+ * that nothing of the runner keeps the interpreter's tensors in use; predict returns None from
+ * then on. */
 static PyObject *runner_close(Runner *r, PyObject *Py_UNUSED(ignored)) {
     runner_unbind(r);
-    Py_CLEAR(r->invoke);
-    r->in = NULL;
-    r->out = NULL;
+    runner_release(r);
     Py_RETURN_NONE;
 }
 

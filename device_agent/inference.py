@@ -300,8 +300,7 @@ class Predictor:
         invoke, tin, tout = got
         c = self._in_codec
         runner = kernels.Runner(invoke, tin, tout, self.sample_shape, c.scale, c.zero_point, c.qmin, c.qmax, table, n)
-        del tin, tout, got  # LiteRT runs only while no view of its tensors is alive
-        return runner
+        return runner  # it holds the views until closed (see LiteRTModel.direct_io)
 
     @property
     def out_table(self) -> np.ndarray | None:

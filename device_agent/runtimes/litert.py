@@ -77,6 +77,8 @@ class LiteRTModel:
             try:
                 return self._invoke_batch(x)
             except (RuntimeError, ValueError) as e:  # a graph with a fixed batch size
+                if "internal data" in str(e):  # a kernels.Runner still holds this interpreter: a bug
+                    raise
                 log.info("running batches sample by sample: the model does not resize (%s)", e)
                 self._batch_ok = False
                 self._batch_interp = None
@@ -89,14 +91,16 @@ class LiteRTModel:
 
     def direct_io(self, batch: int = 1) -> tuple[Callable[[], Any], np.ndarray, np.ndarray] | None:
         """An interpreter's ``Invoke`` and views of its input and output tensor memory, for
-        ``device_agent.kernels.Runner``, which keeps the pointers (the caller must drop the views
-        before the next run: LiteRT refuses to run or resize while a view is alive).
+        ``device_agent.kernels.Runner``, which holds them until it is closed. While views are
+        alive LiteRT refuses ``Interpreter.invoke``, ``resize_tensor_input`` and
+        ``allocate_tensors`` on that interpreter (a reference-count check); this adapter runs the
+        single-sample interpreter through ``Invoke`` itself, and never resizes it.
 
-        ``batch`` 1 (the model's own size) is the single-sample interpreter, which is never resized;
-        another size is the batch interpreter when it has that size now. Its tensors move when
-        ``run`` resizes it for another size: the runner must be closed before that (the Agent closes
-        it before any batch goes the general way). None when there is no such interpreter, or a run
-        moves the tensors (dynamic shapes).
+        ``batch`` 1 (the model's own size) is the single-sample interpreter; another size is the
+        batch interpreter when it has that size now. ``run`` resizes that one for other sizes: its
+        runner must be closed before (the Agent closes it before any batch goes the general way;
+        if it were not, the resize would raise instead of moving memory under the runner). None
+        when there is no such interpreter, or a run moves the tensors (dynamic shapes).
         """
         if batch == self._batch:
             it, invoke = self._interp, self._run_invoke

@@ -223,3 +223,48 @@ def test_batch_runner_takes_over_repeated_batch_sizes(monkeypatch: pytest.Monkey
     assert agent.predictions_total == 6 * 16 + 4 * 8 + 16
     assert sum(w.count for w in closed) + agent.window_count() == agent.predictions_total
     assert all(w.count >= 40 for w in closed)
+
+
+def test_runner_keeps_its_buffers_and_litert_refuses_to_resize_under_it() -> None:
+    """A runner made on temporary arrays keeps them alive; while a batch runner holds the batch
+    interpreter's tensors, LiteRT refuses to resize it, and after close it may."""
+    import functools
+    import gc
+
+    from device_agent.agent import Agent, Prediction
+    from device_agent.windows import Window
+
+    agent = Agent(_bundles()["elements"](), runtime="litert")
+    m = agent.model
+    r = kernels.Runner(
+        lambda: None,
+        np.zeros(64, np.int8),
+        np.full(10, 5, np.int8),
+        (8, 8, 1),
+        0.1,
+        0.0,
+        -128,
+        127,
+        np.arange(256, dtype=np.float32),
+        1,
+    )
+    gc.collect()
+    w = Window(m.spec, m.ref, 0.0, 0.0)
+    new_out = functools.partial(np.empty, (1, 10), np.float32)
+    assert w.bind(r, threading.Lock(), new_out, Prediction, tuple(m.manifest.labels), m.ref)
+    got = r.predict(_inputs("elements", 1)[0])
+    assert got is not None and got.outputs.tolist() == [[5.0] * 10] and w.count == 1
+    r.close()
+    assert r.predict(_inputs("elements", 1)[0]) is None
+    with pytest.raises(RuntimeError, match="closed"):
+        w.bind(r, threading.Lock(), new_out, Prediction, tuple(m.manifest.labels), m.ref)
+
+    pred = m.predictor
+    x = _inputs("elements", 8)
+    agent.predict(x)  # sizes the batch interpreter for 8
+    runner = pred.batch_runner(8)
+    assert runner is not None and runner.batch == 8
+    with pytest.raises(RuntimeError):
+        pred.model.run(pred.encode_checked(x[:4]))  # a resize with the views alive
+    pred.close_batch_runner()
+    assert pred.model.run(pred.encode_checked(x[:4])).shape == (4, 10)
