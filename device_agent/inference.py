@@ -299,7 +299,9 @@ class Predictor:
             return None
         invoke, tin, tout = got
         c = self._in_codec
-        runner = kernels.Runner(invoke, tin, tout, self.sample_shape, c.scale, c.zero_point, c.qmin, c.qmax, table, n)
+        runner = kernels.Runner(
+            invoke, tin, tout, self.sample_shape, c.scale, c.zero_point, c.qmin, c.qmax, table, n
+        )
         return runner  # it holds the views until closed (see LiteRTModel.direct_io)
 
     @property
