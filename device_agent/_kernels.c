@@ -1217,6 +1217,15 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+#ifdef EDGEFLEET_NUMPY_API
+    const long numpy_api = 1;
+#else
+    const long numpy_api = 0;
+#endif
+    if (PyModule_AddIntConstant(m, "NUMPY_API", numpy_api) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&RunnerType);
     if (PyModule_AddObject(m, "Runner", (PyObject *)&RunnerType) < 0) {
         Py_DECREF(&RunnerType);

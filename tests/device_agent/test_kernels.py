@@ -16,6 +16,9 @@ def test_native_kernels_are_built() -> None:
     """The install builds the C extension (a C compiler is part of the test set-up); without it the
     agent still works on the numpy fallbacks, but slower."""
     assert kernels._native is not None, "run 'pip install -e .' with a C compiler and the Python headers"
+    # built against numpy's C API (numpy >= 2 is a build requirement): the runner reads samples and
+    # makes its scores arrays without Python calls
+    assert kernels._native.NUMPY_API == 1, "the build found no numpy headers; see setup.py"
 
 
 def _reference_codes(x: np.ndarray, scale: np.float32, zp: np.float32, dtype: type) -> np.ndarray:
