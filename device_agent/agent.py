@@ -269,11 +269,14 @@ class Agent:
             else:
                 assert encoded is not None
                 n = arr.shape[0]
-                # This batch may resize the batch interpreter: its runner lets go of it first.
-                self._batch_one = None
-                pred.close_batch_runner()
+                held = pred.current_batch_runner
+                if held is not None and held.batch != n:
+                    # This batch resizes the batch interpreter: its runner lets go of it first.
+                    self._batch_one = None
+                    pred.close_batch_runner()
                 scores, tops, top_scores = self._run_batch(m, arr, encoded)
-                if n == self._last_batch_n:  # the same size twice in a row: the native path next
+                if n == self._last_batch_n and pred.current_batch_runner is None:
+                    # the same size twice in a row: the native path from the next batch on
                     runner = pred.batch_runner(n)
                     if runner is not None and self._one is not None and self._bind(runner, self._window, m):
                         self._batch_one = runner.predict

@@ -21,6 +21,13 @@ def _interpreter_module() -> Any:
     return mod
 
 
+def _invoke_of(interp: Any) -> Callable[[], Any]:
+    """An interpreter's wrapper ``Invoke``: what ``Interpreter.invoke`` calls after checking that
+    no numpy view of a tensor is alive (``tflite_runtime`` and ``ai_edge_litert`` both have it;
+    ``invoke`` where a build does not)."""
+    return getattr(getattr(interp, "_interpreter", None), "Invoke", None) or interp.invoke
+
+
 class LiteRTModel:
     """A .tflite model in a LiteRT interpreter (optionally on the Edge TPU delegate)."""
 
@@ -50,8 +57,7 @@ class LiteRTModel:
         # it runs (set_tensor/get_tensor copy; ``direct_io``'s views are dropped at once), and
         # the native runner keeps a reference to ``Invoke`` itself, which that check would count:
         # so single samples call ``Invoke`` directly where the wrapper has it.
-        wrapper = getattr(interp, "_interpreter", None)
-        self._run_invoke: Callable[[], Any] = getattr(wrapper, "Invoke", None) or interp.invoke
+        self._run_invoke: Callable[[], Any] = _invoke_of(interp)
         self._path, self._threads, self._mod = path, threads, mod
         # Batches of another size run on a second interpreter, made on the first such batch and
         # resized as sizes change: the first keeps its size, so single samples between batches
@@ -106,7 +112,7 @@ class LiteRTModel:
             it, invoke = self._interp, self._run_invoke
         elif self._batch_interp is not None and self._batch_n == batch:
             it = self._batch_interp
-            invoke = getattr(getattr(it, "_interpreter", None), "Invoke", None) or it.invoke
+            invoke = _invoke_of(it)
         else:
             return None
 
@@ -129,7 +135,9 @@ class LiteRTModel:
             it.allocate_tensors()
             self._batch_interp, self._batch_n = it, n
         it.set_tensor(self._in_index, x)
-        it.invoke()
+        # The wrapper's Invoke, as for single samples: a batch runner of this size may hold views
+        # of these tensors (a run does not move them; only the resize above is guarded).
+        _invoke_of(it)()
         return it.get_tensor(self._out_index)
 
     def ops(self) -> list[dict[str, Any]]:

@@ -215,12 +215,16 @@ def test_batch_runner_takes_over_repeated_batch_sizes(monkeypatch: pytest.Monkey
         assert np.array_equal(got.outputs, ref.outputs[lo : lo + 16])
         assert got.labels == ref.labels[lo : lo + 16] and got.scores == ref.scores[lo : lo + 16]
     assert calls == [16, 16]  # then the runner
+    # a float64 batch of that size takes the general path beside the runner, which stays
+    assert np.array_equal(agent.predict(x[:16].astype(np.float64)).outputs, ref.outputs[:16])
+    assert np.array_equal(agent.predict(x[16:32]).outputs, ref.outputs[16:32])
+    assert calls == [16, 16, 16]
     for lo in (0, 8, 16, 24):  # another size: general twice (resizing), then native
         assert np.array_equal(agent.predict(x[lo : lo + 8]).outputs, ref.outputs[lo : lo + 8])
-    assert calls == [16, 16, 8, 8]
+    assert calls == [16, 16, 16, 8, 8]
     assert np.array_equal(agent.predict(x[:16]).outputs, ref.outputs[:16])  # general again: resizes
     assert calls[-1] == 16
-    assert agent.predictions_total == 6 * 16 + 4 * 8 + 16
+    assert agent.predictions_total == 8 * 16 + 4 * 8 + 16
     assert sum(w.count for w in closed) + agent.window_count() == agent.predictions_total
     assert all(w.count >= 40 for w in closed)
 
