@@ -109,11 +109,13 @@ class LiteRTModel:
         when there is no such interpreter, or a run moves the tensors (dynamic shapes).
         """
         if batch == self._batch:
-            it, invoke = self._interp, self._run_invoke
+            it = self._interp
         elif self._batch_interp is not None and self._batch_n == batch:
             it = self._batch_interp
-            invoke = _invoke_of(it)
         else:
+            return None
+        invoke = _invoke_of(it)
+        if invoke == it.invoke:  # no wrapper Invoke: held views would stop every run
             return None
 
         def where() -> tuple[int, int]:

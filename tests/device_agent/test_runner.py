@@ -272,3 +272,15 @@ def test_runner_keeps_its_buffers_and_litert_refuses_to_resize_under_it() -> Non
         pred.model.run(pred.encode_checked(x[:4]))  # a resize with the views alive
     pred.close_batch_runner()
     assert pred.model.run(pred.encode_checked(x[:4])).shape == (4, 10)
+
+
+def test_no_runner_without_the_wrappers_invoke(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LiteRT build whose interpreter has no wrapper ``Invoke`` gets no runner: the held views
+    would make every ``Interpreter.invoke`` refuse to run."""
+    from device_agent.agent import Agent
+
+    agent = Agent(_bundles()["elements"](), runtime="litert")
+    model = agent.model.predictor.model
+    assert model.direct_io() is not None
+    monkeypatch.setattr(model._interp, "_interpreter", object())
+    assert model.direct_io() is None
