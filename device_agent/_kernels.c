@@ -132,6 +132,20 @@ HOT static void quantize_u8(const float *v, Py_ssize_t n, float scale, float zp,
     }
 }
 
+/* The codes of n values into q: int8 when lo < 0, uint8 otherwise. */
+static void quantize_8bit(const float *v, Py_ssize_t n, float scale, float zp, float lo, float hi, void *q) {
+    if (lo < 0.0f)
+        quantize_i8(v, n, scale, zp, lo, hi, (int8_t *)q);
+    else
+        quantize_u8(v, n, scale, zp, lo, hi, (uint8_t *)q);
+}
+
+/* k 8-bit codes -> their float32 values through a 256-entry table. */
+static void decode_codes(const unsigned char *q, const float *table, float *v, Py_ssize_t k) {
+    for (Py_ssize_t i = 0; i < k; i++)
+        v[i] = table[q[i]];
+}
+
 
 /* Get a C-contiguous buffer of ``kind`` ('f' float32, 'd' float64, 'i' int64), writable if asked,
  * holding n items (any number when n < 0). On failure: an exception naming ``what``, and -1. */
@@ -203,10 +217,7 @@ static PyObject *k_quantize(PyObject *self, PyObject *args) {
     const float lo = (float)qmin, hi = (float)qmax;
     Py_BEGIN_ALLOW_THREADS
     summary_f32(v, n, r);
-    if (qmin < 0)
-        quantize_i8(v, n, scale, zp, lo, hi, (int8_t *)dst.buf);
-    else
-        quantize_u8(v, n, scale, zp, lo, hi, (uint8_t *)dst.buf);
+    quantize_8bit(v, n, scale, zp, lo, hi, dst.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
@@ -291,11 +302,8 @@ static PyObject *k_decode_row(PyObject *self, PyObject *args) {
     if (raw.itemsize != 1 || out.len != k * 4 || k < 1 || row < 0 || row >= n_rows || rows.len != n_rows * k * 8) {
         PyErr_SetString(PyExc_ValueError, "decode_row: codes, table, output, row and buffers do not fit together");
     } else {
-        const unsigned char *q = (const unsigned char *)raw.buf;
-        const float *table = (const float *)lut.buf;
         float *v = (float *)out.buf;
-        for (Py_ssize_t i = 0; i < k; i++)
-            v[i] = table[q[i]];
+        decode_codes((const unsigned char *)raw.buf, (const float *)lut.buf, v, k);
         Py_ssize_t top = store_scores(v, k, (double *)rows.buf + row * k);
         ((double *)lat.buf)[row] = latency;
         result = Py_BuildValue("(nd)", top, (double)v[top]);
@@ -325,8 +333,8 @@ release_raw:
  * padding edges are +inf and never count; the last real edge belongs to the last bin. */
 HOT static void profile_rows(const double *x, Py_ssize_t N, Py_ssize_t F, const double *edges, Py_ssize_t E,
                              const int64_t *nedges, int64_t *counts, int64_t *nb, int64_t *bad, double *s,
-                             double *lo, double *hi, double *bmean, double *m2, double *col, int64_t *cnt, int64_t *hc, double *eT, int64_t *ge,
-                             int64_t *eq) {
+                             double *lo, double *hi, double *bmean, double *m2, double *eT, int64_t *ge, int64_t *eq,
+                             double *xpad) {
     for (Py_ssize_t j = 0; j < F; j++) {
         nb[j] = bad[j] = 0;
         s[j] = m2[j] = 0.0;
@@ -392,32 +400,43 @@ HOT static void profile_rows(const double *x, Py_ssize_t N, Py_ssize_t F, const 
      * (a compare and a subtract per four values; eight edges' counters stay in registers while
      * the rows stream past). A feature's histogram follows from those counts: bin 0 holds the
      * finite values below edge 0, bin k the ones >= edge k-1 and not >= edge k, bin ne the ones
-     * >= the last edge, less those equal to it (the last edge belongs to the last bin). eT is the
-     * edges transposed, (Epad, F), +inf past each feature's own; ge (Epad, F) and eq (F) are the
-     * counts. A non-finite value fails every compare under the finite mask (+inf would pass). */
-    const Py_ssize_t F4 = F - F % 4, Epad = (E + 7) / 8 * 8;
+     * >= the last edge, less those equal to it (the last edge belongs to the last bin). The
+     * features are taken Fp = F rounded up to 4 at a time: when F is not a multiple of 4, xpad is
+     * x with NaN in the extra lanes, which count nowhere. eT is the edges transposed, (Epad, Fp),
+     * +inf past each feature's own; ge (Epad, Fp) and eq (Fp) are the counts. A non-finite value
+     * fails every compare under the finite mask (+inf would pass). */
+    const Py_ssize_t Fp = (F + 3) / 4 * 4, Epad = (E + 7) / 8 * 8;
+    const double *xb = x;
+    if (Fp != F) {
+        for (Py_ssize_t r = 0; r < N; r++)
+            for (Py_ssize_t j = 0; j < Fp; j++)
+                xpad[r * Fp + j] = j < F ? x[r * F + j] : NAN;
+        xb = xpad;
+    }
     for (Py_ssize_t k = 0; k < Epad; k++)
-        for (Py_ssize_t j = 0; j < F; j++)
-            eT[k * F + j] = k < E ? edges[j * E + k] : INFINITY;
+        for (Py_ssize_t j = 0; j < Fp; j++)
+            eT[k * Fp + j] = k < E && j < F ? edges[j * E + k] : INFINITY;
     /* Blocks of 64 rows (32 KiB for 64 features), so that the passes over a block's columns find
      * it in the L1 cache; the counters carry over in ge and eq. */
-    memset(ge, 0, sizeof(int64_t) * (size_t)(Epad * F));
-    memset(eq, 0, sizeof(int64_t) * (size_t)F);
+    memset(ge, 0, sizeof(int64_t) * (size_t)(Epad * Fp));
+    memset(eq, 0, sizeof(int64_t) * (size_t)Fp);
     for (Py_ssize_t r0 = 0; r0 < N; r0 += 64) {
         const Py_ssize_t r1 = r0 + 64 < N ? r0 + 64 : N;
-        for (Py_ssize_t q = 0; q < F4; q += 4) {
-            const int finite = bad[q] + bad[q + 1] + bad[q + 2] + bad[q + 3] == 0;
+        for (Py_ssize_t q = 0; q < Fp; q += 4) {
+            int finite = q + 4 <= F;
+            for (Py_ssize_t j = q; j < q + 4 && j < F; j++)
+                finite &= bad[j] == 0;
             for (Py_ssize_t k0 = 0; k0 < Epad; k0 += 8) {
                 v4l a[8];
                 v4d e[8];
                 for (int kk = 0; kk < 8; kk++) {
-                    memcpy(&a[kk], ge + (k0 + kk) * F + q, sizeof(a[kk]));
-                    LOAD4D(e[kk], eT + (k0 + kk) * F + q);
+                    memcpy(&a[kk], ge + (k0 + kk) * Fp + q, sizeof(a[kk]));
+                    LOAD4D(e[kk], eT + (k0 + kk) * Fp + q);
                 }
                 if (finite) {
                     for (Py_ssize_t r = r0; r < r1; r++) {
                         v4d v;
-                        LOAD4D(v, x + r * F + q);
+                        LOAD4D(v, xb + r * Fp + q);
                         for (int kk = 0; kk < 8; kk++)
                             a[kk] -= (v4l)(v >= e[kk]);
                     }
@@ -425,82 +444,36 @@ HOT static void profile_rows(const double *x, Py_ssize_t N, Py_ssize_t F, const 
                     const v4d zero = {0.0, 0.0, 0.0, 0.0};
                     for (Py_ssize_t r = r0; r < r1; r++) {
                         v4d v;
-                        LOAD4D(v, x + r * F + q);
+                        LOAD4D(v, xb + r * Fp + q);
                         v4l fin = (v4l)(v - v == zero);
                         for (int kk = 0; kk < 8; kk++)
                             a[kk] -= (v4l)(v >= e[kk]) & fin;
                     }
                 }
                 for (int kk = 0; kk < 8; kk++)
-                    memcpy(ge + (k0 + kk) * F + q, &a[kk], sizeof(a[kk]));
+                    memcpy(ge + (k0 + kk) * Fp + q, &a[kk], sizeof(a[kk]));
             }
             v4d last;
             for (int l = 0; l < 4; l++)
-                last[l] = edges[(q + l) * E + nedges[q + l] - 1];
+                last[l] = q + l < F ? edges[(q + l) * E + nedges[q + l] - 1] : NAN;
             v4l aeq;
             memcpy(&aeq, eq + q, sizeof(aeq));
             for (Py_ssize_t r = r0; r < r1; r++) {
                 v4d v;
-                LOAD4D(v, x + r * F + q);
+                LOAD4D(v, xb + r * Fp + q);
                 aeq -= (v4l)(v == last); /* equal to a finite edge: finite */
             }
             memcpy(eq + q, &aeq, sizeof(aeq));
         }
     }
-    for (Py_ssize_t q = 0; q < F4; q += 4) {
-        for (Py_ssize_t j = q; j < q + 4; j++) {
-            const Py_ssize_t ne = (Py_ssize_t)nedges[j];
-            int64_t *c = counts + j * (E + 1);
-            c[0] += nb[j] - ge[j];
-            for (Py_ssize_t k = 1; k < ne; k++)
-                c[k] += ge[(k - 1) * F + j] - ge[k * F + j];
-            c[ne] += ge[(ne - 1) * F + j] - eq[j];
-            c[ne - 1] += eq[j];
-        }
-    }
-    /* The last F % 4 features, one at a time: eight rows at a time, their counts in registers
-     * while the edges stream past, then one increment per finite value. */
-    for (Py_ssize_t j = F4; j < F; j++) {
-        const double *e = edges + j * E;
+    for (Py_ssize_t j = 0; j < F; j++) {
         const Py_ssize_t ne = (Py_ssize_t)nedges[j];
-        for (Py_ssize_t r = 0; r < N; r++)
-            col[r] = x[r * F + j];
-        Py_ssize_t r0 = 0;
-        for (; r0 + 8 <= N; r0 += 8) {
-            v4d x0, x1;
-            LOAD4D(x0, col + r0);
-            LOAD4D(x1, col + r0 + 4);
-            v4l a0 = {0}, a1 = a0;
-            for (Py_ssize_t k = 0; k < ne; k++) {
-                const double ek = e[k];
-                v4d eb = {ek, ek, ek, ek};
-                a0 -= (v4l)(x0 >= eb);
-                a1 -= (v4l)(x1 >= eb);
-            }
-            memcpy(cnt + r0, &a0, sizeof(a0));
-            memcpy(cnt + r0 + 4, &a1, sizeof(a1));
-        }
-        for (; r0 < N; r0++) {
-            int64_t c0 = 0;
-            for (Py_ssize_t k = 0; k < ne; k++)
-                c0 += col[r0] >= e[k];
-            cnt[r0] = c0;
-        }
-        /* Four sets of counters, row r into set r % 4: runs of equal values (zeros in images) no
-         * longer wait on the previous increment of the same counter. */
-        const double last = e[ne - 1];
-        memset(hc, 0, sizeof(int64_t) * 4 * (size_t)(ne + 1));
-        for (Py_ssize_t r = 0; r < N; r++) {
-            const double v = col[r];
-            if (!(v - v == 0.0))
-                continue;
-            int64_t idx = cnt[r];
-            idx -= idx == ne && v == last;
-            hc[(r & 3) * (ne + 1) + idx]++;
-        }
         int64_t *c = counts + j * (E + 1);
-        for (Py_ssize_t k = 0; k <= ne; k++)
-            c[k] += hc[k] + hc[(ne + 1) + k] + hc[2 * (ne + 1) + k] + hc[3 * (ne + 1) + k];
+        c[0] += nb[j] - ge[j];
+        for (Py_ssize_t k = 1; k < ne; k++)
+            c[k] += ge[(k - 1) * Fp + j] - ge[k * Fp + j];
+        c[ne] += ge[(ne - 1) * Fp + j] - eq[j];
+        c[ne - 1] += eq[j];
     }
 }
 
@@ -555,20 +528,21 @@ static PyObject *k_profile_update(PyObject *self, PyObject *args) {
                 goto done;
             }
         }
-        const size_t epad = (size_t)(E + 7) / 8 * 8;
-        double *scratch = PyMem_Malloc(((size_t)F * 8 + (size_t)N * 2 + 4 * (size_t)(E + 1) + 2 * epad * (size_t)F) *
-                                       sizeof(double));
+        /* moments (7 F), eT and ge (Epad x Fp each), eq (Fp), and xpad (N x Fp) when F % 4 != 0 */
+        const size_t fp = (size_t)(F + 3) / 4 * 4, epad = (size_t)(E + 7) / 8 * 8;
+        const size_t npad = fp != (size_t)F ? (size_t)N * fp : 0;
+        double *scratch = PyMem_Malloc(((size_t)F * 7 + 2 * epad * fp + fp + npad) * sizeof(double));
         if (scratch == NULL) {
             PyErr_NoMemory();
             goto done;
         }
         int64_t *nb = (int64_t *)scratch, *bad = nb + F;
         double *s = scratch + 2 * F, *lo = s + F, *hi = lo + F, *bmean = hi + F, *bm2 = bmean + F;
-        double *col = bm2 + F;
-        int64_t *cnt = (int64_t *)(col + N), *hc = cnt + N, *ge = hc + 4 * (E + 1), *eq = ge + epad * (size_t)F;
-        double *eT = (double *)(eq + F);
+        double *eT = bm2 + F;
+        int64_t *ge = (int64_t *)(eT + epad * fp), *eq = ge + epad * fp;
+        double *xpad = (double *)(eq + fp);
         Py_BEGIN_ALLOW_THREADS
-        profile_rows(x, N, F, edges, E, nedges, counts, nb, bad, s, lo, hi, bmean, bm2, col, cnt, hc, eT, ge, eq);
+        profile_rows(x, N, F, edges, E, nedges, counts, nb, bad, s, lo, hi, bmean, bm2, eT, ge, eq, xpad);
         for (Py_ssize_t j = 0; j < F; j++) {
             nan_count[j] += bad[j];
             if (nb[j] == 0)
@@ -681,7 +655,6 @@ typedef struct {
     const unsigned char *out;
     Py_ssize_t n_in, k, batch, ndim, shape[RUNNER_MAX_DIMS]; /* per sample: n_in values, k scores */
     float scale, zp, lo, hi;
-    int in_signed;
     float table[256];
     /* bound (see bind): the window and its buffers (held, so the arrays stay alive), the lock's
      * acquire/release, and what a Prediction is made of */
@@ -819,7 +792,6 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         r->zp = zp;
         r->lo = (float)qmin;
         r->hi = (float)qmax;
-        r->in_signed = qmin < 0;
         memcpy(r->table, table.buf, sizeof(r->table));
         r->mode = BIND_NONE;
     }
@@ -1006,10 +978,7 @@ static PyObject *predict_locked(Runner *r, const float *v) {
     if (labels == NULL || scores_l == NULL || scores == NULL ||
         get_typed(scores, &out, 'f', B * K, 1, "new scores") < 0)
         goto fail;
-    if (r->in_signed)
-        quantize_i8(v, B * n, r->scale, r->zp, r->lo, r->hi, (int8_t *)r->in);
-    else
-        quantize_u8(v, B * n, r->scale, r->zp, r->lo, r->hi, (uint8_t *)r->in);
+    quantize_8bit(v, B * n, r->scale, r->zp, r->lo, r->hi, r->in);
     /* the statistics rows: the raw float values, or the summaries the next fold turns into
      * features (they count only once the rows do, below) */
     if (r->mode == BIND_ELEMENTS) {
@@ -1028,8 +997,7 @@ static PyObject *predict_locked(Runner *r, const float *v) {
     /* the batch's latency is split evenly over its samples, as Window.record does */
     const double each = latency / (double)B;
     float *sc = (float *)out.buf;
-    for (Py_ssize_t i = 0; i < B * K; i++)
-        sc[i] = r->table[r->out[i]];
+    decode_codes(r->out, r->table, sc, B * K);
     for (Py_ssize_t b = 0; b < B; b++) {
         Py_ssize_t top = store_scores(sc + b * K, K, (double *)r->scores.buf + (row + b) * K);
         ((double *)r->lat.buf)[row + b] = each;

@@ -243,7 +243,6 @@ class Agent:
 
     def _predict(self, x: Any) -> Prediction:
         """``predict`` for anything but a single float32 sample on the native path."""
-        closed = None
         with self._lock:
             m = self._model
             pred = m.predictor
@@ -281,10 +280,8 @@ class Agent:
                     if runner is not None and self._one is not None and self._bind(runner, self._window, m):
                         self._batch_one = runner.predict
                 self._last_batch_n = n
-            if self.window_max_samples is not None and self._window.count >= self.window_max_samples:
-                closed = self._rotate()
-        if closed is not None:
-            self._emit(closed)
+        if self.window_max_samples is not None:
+            self._rotate_if_full()
         labels = m.manifest.labels
         return Prediction(
             outputs=scores,

@@ -299,10 +299,10 @@ class Predictor:
             return None
         invoke, tin, tout = got
         c = self._in_codec
-        runner = kernels.Runner(
+        # the runner holds the views until it is closed (see LiteRTModel.direct_io)
+        return kernels.Runner(
             invoke, tin, tout, self.sample_shape, c.scale, c.zero_point, c.qmin, c.qmax, table, n
         )
-        return runner  # it holds the views until closed (see LiteRTModel.direct_io)
 
     @property
     def out_table(self) -> np.ndarray | None:

@@ -155,7 +155,7 @@ class FeatureSetProfile:
         if x.shape[0] == 0:
             return
         if kernels.NATIVE:
-            try:  # the same result to the bit, in one pass per feature (device_agent/_kernels.c)
+            try:  # the same result to the bit (device_agent/_kernels.c, profile_update)
                 kernels.profile_update(
                     np.ascontiguousarray(x),
                     self.edges,

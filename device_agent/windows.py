@@ -60,7 +60,7 @@ class Window:
         n_feats = len(spec.features.names)
         fit = FEATS_BUFFER_BYTES // (8 * max(1, n_feats))
         self._rows = max(MIN_FLUSH_ROWS, min(FLUSH_ROWS, fit)) if self._elements else SUMMARY_FLUSH_ROWS
-        self._feats = np.empty((self._rows, len(spec.features.names)), dtype=np.float64)
+        self._feats = np.empty((self._rows, n_feats), dtype=np.float64)
         self._scores = np.empty((self._rows, len(spec.labels)), dtype=np.float64)
         self._lat = np.empty(self._rows, dtype=np.float64)
         self._buffered = 0

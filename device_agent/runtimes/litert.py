@@ -53,10 +53,9 @@ class LiteRTModel:
         self._interp = interp
         self._interp.allocate_tensors()
         # ``Interpreter.invoke`` is the wrapper's ``Invoke`` after a check that no numpy view of a
-        # tensor is alive (it counts references to the wrapper). This adapter holds no view when
-        # it runs (set_tensor/get_tensor copy; ``direct_io``'s views are dropped at once), and
-        # the native runner keeps a reference to ``Invoke`` itself, which that check would count:
-        # so single samples call ``Invoke`` directly where the wrapper has it.
+        # tensor is alive (it counts references to the wrapper). A native runner holds views of
+        # the tensors (``direct_io``), which that check would count, while a run does not move
+        # them: so runs call ``Invoke`` directly, and only resizing stays guarded.
         self._run_invoke: Callable[[], Any] = _invoke_of(interp)
         self._path, self._threads, self._mod = path, threads, mod
         # Batches of another size run on a second interpreter, made on the first such batch and
@@ -138,7 +137,8 @@ class LiteRTModel:
             self._batch_interp, self._batch_n = it, n
         it.set_tensor(self._in_index, x)
         # The wrapper's Invoke, as for single samples: a batch runner of this size may hold views
-        # of these tensors (a run does not move them; only the resize above is guarded).
+        # of these tensors (a run does not move them; only the resize above is guarded). Looked up
+        # per run, not kept: a kept bound Invoke would count against that resize check.
         _invoke_of(it)()
         return it.get_tensor(self._out_index)
 

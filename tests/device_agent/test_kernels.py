@@ -174,13 +174,18 @@ def test_agent_single_samples_equal_the_batch_path_on_a_real_int8_bundle(kernel_
 
 
 @native
-def test_profile_update_equals_the_numpy_definition_to_the_bit(monkeypatch) -> None:
+@pytest.mark.parametrize("n_features", [9, 8, 3])
+def test_profile_update_equals_the_numpy_definition_to_the_bit(monkeypatch, n_features: int) -> None:
     """Histograms, counts, NaN counts, min/max, mean and M2 after several batches (values on the
-    edges, on the last edge, out of range, NaN and infinities) are identical with and without C."""
+    edges, on the last edge, out of range, NaN and infinities) are identical with and without C,
+    for feature counts that are and are not multiples of the kernel's four lanes."""
     from device_agent.stats import FeatureSetProfile
 
     rng = np.random.default_rng(7)
-    edges = [sorted(set(np.round(rng.normal(0, 3, int(rng.integers(2, 12))), 2).tolist())) for _ in range(9)]
+    edges = [
+        sorted(set(np.round(rng.normal(0, 3, int(rng.integers(2, 12))), 2).tolist()))
+        for _ in range(n_features)
+    ]
     edges = [e if len(e) >= 2 else [e[0], e[0] + 1.0] for e in edges]
     names = [f"f{j}" for j in range(len(edges))]
     native_p = FeatureSetProfile.empty(names, edges)
