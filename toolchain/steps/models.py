@@ -489,6 +489,50 @@ def save_model(model: Any, out_path: Path) -> Path:
     return out_path
 
 
+MODEL_META_SCHEMA = 1
+MODEL_META_SUFFIX = ".edgefleet.json"
+
+
+def model_meta_path(model_path: Path) -> Path:
+    """Return the sidecar path that carries a model's metadata (``model.keras`` -> ``model.keras.edgefleet.json``)."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + MODEL_META_SUFFIX)
+
+
+def write_model_meta(model_path: Path, meta: Mapping[str, Any]) -> Path:
+    """Write the model's metadata sidecar atomically (``class_names``, ``arch``, ``seed``...; JSON)."""
+    out = model_meta_path(model_path)
+    body = {"schema": MODEL_META_SCHEMA, **dict(meta)}
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def read_model_meta(model_path: Path) -> dict[str, Any] | None:
+    """Return the metadata ``train`` stored beside a model, or None when there is no sidecar.
+
+    Raises ModelError on a sidecar that is not a JSON object of a known schema, naming the file.
+    """
+    p = model_meta_path(model_path)
+    if not p.is_file():
+        return None
+    try:
+        body = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"{str(p)!r} is not readable JSON ({e}); delete it or re-run 'edgefleet train'"
+        ) from e
+    if not isinstance(body, dict) or body.get("schema") != MODEL_META_SCHEMA:
+        raise ModelError(
+            f"{str(p)!r} is not an edgefleet model sidecar of schema {MODEL_META_SCHEMA}; delete it or re-run 'edgefleet train'"
+        )
+    names = body.get("class_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(c, str) for c in names)):
+        raise ModelError(f"{str(p)!r}: class_names must be a list of strings")
+    return body
+
+
 # --------------------------------------------------------------------------------------------------
 # Input normalisation -> manifest preprocessing
 
