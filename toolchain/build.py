@@ -7,7 +7,8 @@
 3. optional pruning (tfmot, measured), optional QAT fine-tuning (prune-preserving when pruned);
 4. float references (.tflite/.onnx) for size, accuracy and latency comparisons;
 5. per target: convert, verify in the device runtimes, measure accuracy/size/sparsity/latency, Edge
-   TPU analysis and compile (coral), accuracy budget, assemble the bundle in a staging folder next to
+   TPU analysis and compile (coral), accuracy budget, per-class recall gate (``--max-class-drop``,
+   ``toolchain.steps.per_class``), assemble the bundle in a staging folder next to
    its destination, sign it (``sign_key``), and rename it into place;
 6. write ``DIR/report.json`` and ``DIR/report.html``.
 
@@ -45,6 +46,12 @@ from toolchain.steps.package import (
     staging_dir,
     utc_now,
 )
+from toolchain.steps.per_class import (
+    DEFAULT_MAX_CLASS_DROP_POINTS,
+    class_report,
+    predicted_classes,
+    target_class_evaluation,
+)
 from toolchain.targets import Target, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,13 @@ def _check_options(quantize: str, prune: float | None, version: int) -> None:
         raise ToolchainError(f"--prune {prune} must be between 0 and 1 (0.5 prunes half the weights)")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ToolchainError(f"--version {version!r} must be a positive integer")
+
+
+def _check_max_class_drop(points: float) -> None:
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or not 0 <= points <= 100:
+        raise ToolchainError(
+            f"--max-class-drop {points!r} must be between 0 and 100 percentage points (100 turns the gate off)"
+        )
 
 
 def _min_calibration() -> int:
@@ -133,10 +147,12 @@ def build_bundles(
     sign_key: str | Path | None = None,
     allow_accuracy_drop: bool = False,
     progress: bool = True,
+    max_class_drop: float = DEFAULT_MAX_CLASS_DROP_POINTS,
 ) -> dict[str, Any]:
     """Build one bundle per target into ``out_dir/<target>/``; return the report (also in report.json)."""
     t_start = time.perf_counter()
     _check_options(quantize, prune, version)
+    _check_max_class_drop(max_class_drop)
     resolved = [t if isinstance(t, Target) else None for t in targets]
     target_list: list[Target] = (
         list(targets) if all(resolved) else resolve_targets([str(t) for t in targets])  # type: ignore[arg-type]
@@ -202,6 +218,7 @@ def build_bundles(
             "quantize": quantize,
             "prune": prune,
             "allow_accuracy_drop": allow_accuracy_drop,
+            "max_class_drop": float(max_class_drop),
             "signed": sign_key is not None,
         },
         "labels": labels,
@@ -214,6 +231,7 @@ def build_bundles(
         float_eval = lm.predict(evald.x)
         float_acc = accuracy(float_eval, evald.y)
         report["float"]["accuracy"] = float_acc
+        report["float"].update(class_report(evald.y, predicted_classes(float_eval), labels))
 
         # ---- a tf_keras model for pruning/QAT (Keras 3 rebuilt) and for folding the input normalisation
         tf_model: Any = None
@@ -290,6 +308,7 @@ def build_bundles(
                 sign_key=Path(sign_key) if sign_key else None,
                 allow_accuracy_drop=allow_accuracy_drop,
                 progress=progress,
+                max_class_drop=max_class_drop,
             )
             report["targets"][t.name] = entry
             if entry["status"] != "ok":
@@ -393,6 +412,7 @@ def _build_target(
     sign_key: Path | None,
     allow_accuracy_drop: bool,
     progress: bool,
+    max_class_drop: float = DEFAULT_MAX_CLASS_DROP_POINTS,
 ) -> dict[str, Any]:
     from toolchain.steps.convert import convert_for_target, predict_artifact, verify_artifact
 
@@ -413,8 +433,10 @@ def _build_target(
         artifact = convert_for_target(source_model, t, calib.x, tdir, qat=qat, progress=progress)
         ver = verify_artifact(artifact, t, evald.x, deployed_eval)
         per_rt: dict[str, Any] = {}
+        rt_pred: dict[str, np.ndarray] = {}  # top-1 class per eval sample, for the per-class metrics
         for rt in artifact.runtimes:
             scores = predict_artifact(artifact, rt, evald.x)
+            rt_pred[rt] = predicted_classes(scores)
             per_rt[rt] = {"accuracy": accuracy(scores, evald.y), "latency": artifact.latency.get(rt)}
         preferred = artifact.runtimes[0]
         acc = per_rt[preferred]["accuracy"]
@@ -446,6 +468,10 @@ def _build_target(
         )
         fl = float_lat.get(preferred, {}).get("threads_N", {})
         entry["float_latency_ms_p50"] = fl.get("p50_ms")
+        class_fields, class_failure = target_class_evaluation(
+            evald.y, predicted_classes(float_eval), rt_pred, preferred, labels, max_class_drop
+        )
+        entry.update(class_fields)
 
         accelerated: Path | None = None
         extra: dict[str, Path] = {}
@@ -465,6 +491,12 @@ def _build_target(
             entry["accuracy_budget"] = "exceeded, allowed by --allow-accuracy-drop: " + msg
         else:
             entry["accuracy_budget"] = "ok"
+        if class_failure is not None:
+            if not allow_accuracy_drop:
+                raise ToolchainError(class_failure + " (or pass --allow-accuracy-drop to ship it anyway)")
+            entry["class_drop_budget"] = "exceeded, allowed by --allow-accuracy-drop: " + class_failure
+        else:
+            entry["class_drop_budget"] = "ok"
         if artifact.size_bytes > t.limits.max_model_bytes:
             raise ToolchainError(
                 f"model is {artifact.size_bytes} bytes, over the {t.name} limit of "

@@ -2,7 +2,8 @@
 
 The report is plain data written by ``toolchain.build``; this module renders it: the terminal summary
 table, the HTML page with a table and three charts (size, accuracy, latency of each target against
-its float reference), and ``edgefleet report DIR`` re-renders both from ``report.json``.
+its float reference) and per target the float and int8 confusion matrices as heatmap tables, and
+``edgefleet report DIR`` re-renders both from ``report.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.errors import ToolchainError
+from toolchain.steps.per_class import MIN_LOST_SAMPLES
 
 REPORT_SCHEMA = 1
 REPORT_JSON = "report.json"
@@ -22,6 +24,10 @@ REPORT_HTML = "report.html"
 INT8_COLOR = "#2b6cb0"
 FLOAT_COLOR = "#a0aec0"
 FAIL_COLOR = "#c53030"
+# Above this many classes the terminal (`edgefleet evaluate`) prints no confusion matrix.
+MAX_TEXT_MATRIX_CLASSES = 20
+# Above this many classes the HTML shows the per-class table but not the K x K matrices (in report.json).
+MAX_MATRIX_CLASSES = 40
 
 
 class ReportError(ToolchainError):
@@ -154,7 +160,52 @@ def summary_table(report: dict[str, Any]) -> str:
             )
         if e.get("accuracy_budget", "ok") != "ok":
             out.append(f"{name}: {e['accuracy_budget']}")
+        line = worst_class_line(e)
+        if line:
+            out.append(f"{name}: {line}")
+        if e.get("class_drop_budget", "ok") != "ok":
+            out.append(f"{name}: {e['class_drop_budget']}")
     return "\n".join(out)
+
+
+def worst_class_line(entry: dict[str, Any]) -> str | None:
+    """Return ``worst class '1': recall 100.00% -> 40.00% (-60.00 points, ...)`` for one target, or None."""
+    cd = entry.get("class_drop")
+    if not isinstance(cd, dict) or not isinstance(cd.get("worst"), dict):
+        return None
+    w = cd["worst"]
+    limit = f"limit {float(cd.get('max_points', 0)):g} points"
+    if int(w.get("lost_samples") or 0) <= 0:
+        return f"no class lost recall from float to int8 ({limit})"
+    low = cd.get("low_support") or []
+    note = f"; {len(low)} class(es) have under {cd.get('low_support_samples')} eval samples" if low else ""
+    return (
+        f"worst class {w.get('label')!r}: recall {_fmt(w.get('float_recall'), 'pct')} float -> "
+        f"{_fmt(w.get('recall'), 'pct')} int8 ({w.get('runtime')}), -{float(w['drop_points']):.2f} points"
+        f" ({w['lost_samples']} of {w.get('support')} samples; {limit}{note})"
+    )
+
+
+def per_class_rows(per_class: dict[str, Any]) -> list[list[str]]:
+    """Return rows ``[class, support, precision, recall, f1]`` (percent) for a ``per_class`` mapping."""
+    return [
+        [
+            label,
+            str(m.get("support")),
+            _fmt(m.get("precision"), "pct"),
+            _fmt(m.get("recall"), "pct"),
+            _fmt(m.get("f1"), "pct"),
+        ]
+        for label, m in per_class.items()
+    ]
+
+
+def confusion_text(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
+    """Return the confusion matrix as an aligned text table (rows true, columns predicted)."""
+    return text_table(
+        ["true \\ pred", *labels],
+        [[label, *map(str, row)] for label, row in zip(labels, matrix, strict=True)],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +257,94 @@ def _bar_chart(
     return "\n".join(parts)
 
 
+def _cell_style(count: int, row_total: int, diagonal: bool) -> str:
+    """Return the inline style of one heatmap cell: blue for correct, red for confusions, by row share."""
+    if count == 0 or row_total == 0:
+        return "color:#a0aec0"
+    share = count / row_total
+    alpha = max(0.12, share)
+    rgb = "43,108,176" if diagonal else "197,48,48"
+    text = "#fff" if alpha > 0.55 else "#1a202c"
+    return f"background:rgba({rgb},{alpha:.2f});color:{text}"
+
+
+def _matrix_html(
+    title: str, matrix: Sequence[Sequence[int]], labels: Sequence[str], other: Sequence[Sequence[int]] | None
+) -> str:
+    """Return one confusion matrix as a heatmap table; cells that differ from ``other`` are outlined."""
+    e = html.escape
+    head = "".join(f"<th>{e(str(lb))}</th>" for lb in labels)
+    rows = []
+    for i, (label, row) in enumerate(zip(labels, matrix, strict=True)):
+        total = int(sum(row))
+        cells = []
+        for j, v in enumerate(row):
+            style = _cell_style(int(v), total, i == j)
+            changed = other is not None and int(other[i][j]) != int(v)
+            if changed:
+                style += ";outline:2px solid #1a202c;outline-offset:-2px;font-weight:bold"
+            tip = f"true {label}, predicted {labels[j]}: {int(v)} of {total}"
+            if changed and other is not None:
+                tip += f" (float: {int(other[i][j])})"
+            cells.append(f'<td class="c" style="{style}" title="{e(tip)}">{int(v)}</td>')
+        rows.append(f"<tr><th>{e(str(label))}</th>{''.join(cells)}<td>{total}</td></tr>")
+    return (
+        f'<div><div class="cmt">{e(title)}</div><table class="cm"><tr><th>true \\ predicted</th>{head}'
+        f"<th>support</th></tr>{''.join(rows)}</table></div>"
+    )
+
+
+def _per_class_html(name: str, t: dict[str, Any], labels: Sequence[str]) -> str:
+    """Return one target's per-class section: float and int8 matrices and a per-class table."""
+    e = html.escape
+    cm, fcm = t.get("confusion_matrix"), t.get("float_confusion_matrix")
+    pc, fpc = t.get("per_class") or {}, t.get("float_per_class") or {}
+    if not isinstance(cm, list) or not isinstance(fcm, list) or len(cm) != len(labels):
+        return ""
+    cd = t.get("class_drop") or {}
+    failing = set(cd.get("failing") or [])
+    rt = t.get("preferred_runtime") or "-"
+    out = [f"<h3>{e(name)}</h3>"]
+    line = worst_class_line(t)
+    if line:
+        out.append(f"<p>{e(line)}</p>")
+    if len(labels) <= MAX_MATRIX_CLASSES:
+        out.append(
+            '<div class="cms">'
+            + _matrix_html("float reference", fcm, labels, None)
+            + _matrix_html(f"int8 ({rt}); outlined: differs from float", cm, labels, fcm)
+            + "</div>"
+        )
+    else:
+        out.append(f"<p>{len(labels)} classes: the matrices are in report.json.</p>")
+    rows = []
+    for label in labels:
+        f, q = fpc.get(label, {}), pc.get(label, {})
+        fr, qr = f.get("recall"), q.get("recall")
+        change = "-" if fr is None or qr is None else f"{100 * (qr - fr):+.2f}"
+        cls = ' class="failed"' if label in failing else ""
+        rows.append(
+            f"<tr{cls}><td>{e(label)}</td><td>{q.get('support', '-')}</td><td>{_fmt(fr, 'pct')}</td>"
+            f"<td>{_fmt(qr, 'pct')}</td><td>{change}</td><td>{_fmt(f.get('precision'), 'pct')}</td>"
+            f"<td>{_fmt(q.get('precision'), 'pct')}</td><td>{_fmt(f.get('f1'), 'pct')}</td>"
+            f"<td>{_fmt(q.get('f1'), 'pct')}</td></tr>"
+        )
+    out.append(
+        "<table><tr><th>class</th><th>support</th><th>float recall</th><th>int8 recall</th>"
+        "<th>change (points)</th><th>float precision</th><th>int8 precision</th><th>float F1</th>"
+        f"<th>int8 F1</th></tr>{''.join(rows)}</table>"
+    )
+    return "".join(out)
+
+
+def _min_lost(targets: dict[str, Any]) -> int:
+    for t in targets.values():
+        cd = t.get("class_drop")
+        if isinstance(cd, dict) and "min_lost_samples" in cd:
+            return int(cd["min_lost_samples"])
+    return MIN_LOST_SAMPLES
+
+
 def render_html(report: dict[str, Any]) -> str:
     """Return the self-contained HTML report (inline CSS and SVG; no scripts or external resources)."""
     e = html.escape
@@ -243,6 +382,18 @@ def render_html(report: dict[str, Any]) -> str:
             notes.append(f"<li><b>{e(n)}</b> failed: {e(str(t['error']))}</li>")
         if t.get("accuracy_budget", "ok") not in ("ok", None):
             notes.append(f"<li><b>{e(n)}</b>: {e(str(t['accuracy_budget']))}</li>")
+        if t.get("class_drop_budget", "ok") not in ("ok", None):
+            notes.append(f"<li><b>{e(n)}</b>: {e(str(t['class_drop_budget']))}</li>")
+    labels = [str(lb) for lb in report.get("labels") or []]
+    class_sections = "".join(_per_class_html(n, t, labels) for n, t in targets.items())
+    if class_sections:
+        class_sections = (
+            "<h2>Per-class results on the evaluation data</h2><p>Confusion matrices: rows are the true class,"
+            " columns the predicted class, in label order. Blue cells are correct answers, red cells"
+            " confusions; the shade is the share of the row. A class fails the build when its recall drops"
+            f" more than --max-class-drop points from float to int8 (by {_min_lost(targets)}+ samples).</p>"
+            + class_sections
+        )
     edgetpu_html = ""
     for n, t in targets.items():
         et = t.get("edgetpu")
@@ -298,6 +449,10 @@ th, td {{ border: 1px solid #cbd5e0; padding: 4px 8px; text-align: right; }}
 th {{ background: #edf2f7; }} td:first-child, th:first-child {{ text-align: left; }}
 tr.failed td {{ color: {FAIL_COLOR}; }}
 .charts svg {{ display: block; margin: 1em 0; }}
+.cms {{ display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }}
+.cmt {{ font-weight: bold; font-size: 13px; margin-top: 0.5em; }}
+table.cm td.c {{ text-align: center; min-width: 2em; }}
+table.cm th {{ text-align: center; }}
 </style></head><body>
 <h1>Build report: {e(str(report.get("name")))} version {e(str(report.get("version")))}</h1>
 <p>Built {e(str(report.get("created_at")))} from <code>{e(str(report.get("model", {}).get("path")))}</code>
@@ -317,5 +472,6 @@ total build {report.get("build_s", "-")} s.</p>
 <th>p95</th>
 <th>float p50 1 thread</th><th>float p50</th></tr>{rt_rows}</table>
 {edgetpu_html}
+{class_sections}
 </body></html>
 """

@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from toolchain.steps.per_class import DEFAULT_MAX_CLASS_DROP_POINTS
+
 DEFAULT_OUT = "bundles"
 
 
@@ -144,6 +146,16 @@ def train_cmd(
 )
 @click.option("--sign-key", default=None, help="Sign each bundle with this Ed25519 private key (PEM).")
 @click.option("--allow-accuracy-drop", is_flag=True, help="Ship targets that exceed their accuracy budget.")
+@click.option(
+    "--max-class-drop",
+    "max_class_drop",
+    type=click.FloatRange(0, 100),
+    default=DEFAULT_MAX_CLASS_DROP_POINTS,
+    show_default=True,
+    metavar="POINTS",
+    help="Fail a target where one class's recall drops more than this many points from float to int8"
+    " (and by 2+ samples); 100 turns it off.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (nothing else on stdout).")
 def build_cmd(
     model: str,
@@ -158,6 +170,7 @@ def build_cmd(
     out_dir: str,
     sign_key: str | None,
     allow_accuracy_drop: bool,
+    max_class_drop: float,
     as_json: bool,
 ) -> None:
     """Turn MODEL (.keras, .h5 or SavedModel) into verified int8 bundles, one per target."""
@@ -180,6 +193,7 @@ def build_cmd(
                 sign_key=sign_key,
                 allow_accuracy_drop=allow_accuracy_drop,
                 progress=not as_json,
+                max_class_drop=max_class_drop,
             )
     except BuildError as e:
         if e.report is not None:
@@ -215,8 +229,8 @@ def build_cmd(
 def evaluate_cmd(
     bundle: str, data_path: str, label: str | None, runtimes: tuple[str, ...], as_json: bool
 ) -> None:
-    """Re-measure a BUNDLE on labelled data: accuracy and latency in each runtime."""
-    from toolchain.report import text_table
+    """Re-measure a BUNDLE on labelled data: accuracy, per-class metrics and latency in each runtime."""
+    from toolchain.report import MAX_TEXT_MATRIX_CLASSES, confusion_text, per_class_rows, text_table
     from toolchain.steps.data import load_dataset
     from toolchain.steps.evaluate import evaluate_bundle
 
@@ -245,6 +259,14 @@ def evaluate_cmd(
     click.echo(text_table(["runtime", "accuracy", "p50 ms 1 thread", "p50 ms (threads)", "p95 ms"], rows))
     if res.get("build_accuracy") is not None:
         click.echo(f"accuracy at build time: {100 * res['build_accuracy']:.2f}%")
+    if res.get("per_class"):
+        click.echo(f"\nper class ({res['preferred_runtime']}):")
+        click.echo(
+            text_table(["class", "support", "precision", "recall", "F1"], per_class_rows(res["per_class"]))
+        )
+        if len(res["labels"]) <= MAX_TEXT_MATRIX_CLASSES:
+            click.echo("\nconfusion matrix (rows true, columns predicted):")
+            click.echo(confusion_text(res["confusion_matrix"], res["labels"]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from device_agent.bundle import ModelFormat, VerifyPolicy, verify_bundle
 from device_agent.runtimes import is_installed
 from toolchain.errors import ToolchainError
 from toolchain.steps.data import DataError, Dataset, conform
+from toolchain.steps.per_class import class_report, predicted_classes
 
 # Repeats per latency measurement in `edgefleet evaluate` (the build uses the converter's default).
 EVAL_LATENCY_REPEATS = 100
@@ -121,7 +122,12 @@ def evaluate_bundle(
     repeats: int = EVAL_LATENCY_REPEATS,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Re-measure a bundle on labelled data: accuracy and latency in each installed runtime it lists."""
+    """Re-measure a bundle on labelled data: accuracy, per-class metrics and latency in each runtime.
+
+    Per runtime: ``accuracy``, ``per_class`` (``{label: {precision, recall, f1, support}}``),
+    ``confusion_matrix`` (rows true, columns predicted, in ``labels`` order) and ``latency``; the
+    top-level ``per_class`` and ``confusion_matrix`` are the preferred runtime's.
+    """
     from device_agent.inference import Predictor
     from toolchain.steps.convert import measure_latency
 
@@ -156,8 +162,13 @@ def evaluate_bundle(
             "accuracy": accuracy(scores, data.y),
             "latency": {"threads_1": one, "threads_N": dict(many, threads=manifest.threads)},
         }
+        if data.y is not None:  # per_class, confusion_matrix (rows true, columns predicted)
+            per_runtime[rt].update(class_report(data.y, predicted_classes(scores), manifest.labels))
     preferred = usable[0]
     built = manifest.metrics
+    classes = {
+        k: per_runtime[preferred][k] for k in ("per_class", "confusion_matrix") if k in per_runtime[preferred]
+    }
     return {
         "bundle": str(root),
         "name": manifest.name,
@@ -175,6 +186,8 @@ def evaluate_bundle(
         "size_bytes": model_path.stat().st_size,
         "sparsity": artifact_sparsity(model_path),
         "per_runtime": per_runtime,
+        "labels": list(manifest.labels),
+        **classes,
     }
 
 
