@@ -451,8 +451,9 @@ tr.failed td {{ color: {FAIL_COLOR}; }}
 .charts svg {{ display: block; margin: 1em 0; }}
 .cms {{ display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }}
 .cmt {{ font-weight: bold; font-size: 13px; margin-top: 0.5em; }}
-table.cm td.c {{ text-align: center; min-width: 2em; }}
-table.cm th {{ text-align: center; }}
+table.cm {{ margin: 0.3em 0; }}
+table.cm td, table.cm th {{ padding: 2px 5px; text-align: center; }}
+table.cm td.c {{ min-width: 1.8em; }}
 </style></head><body>
 <h1>Build report: {e(str(report.get("name")))} version {e(str(report.get("version")))}</h1>
 <p>Built {e(str(report.get("created_at")))} from <code>{e(str(report.get("model", {}).get("path")))}</code>

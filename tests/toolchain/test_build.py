@@ -318,3 +318,33 @@ def test_tabular_mlp_normalisation_moves_into_the_manifest(tmp_path: Path) -> No
     base = json.loads((out / "x86" / "baseline.json").read_text())
     assert base["spec"]["features"]["names"] == ["temp_c", "vibration"]
     assert baseline_from_dict(base).inputs.max[0] > 50  # the baseline profiles raw values
+
+
+def test_report_has_per_class_metrics_for_float_and_int8(digits_bundles: Path, report: dict) -> None:
+    y = load_dataset(DIGITS_TEST).y
+    labels = report["labels"]
+    assert sum(m["support"] for m in report["float"]["per_class"].values()) == len(y)
+    for t, e in report["targets"].items():
+        for pc_key, cm_key, acc_key in (
+            ("per_class", "confusion_matrix", "accuracy"),
+            ("float_per_class", "float_confusion_matrix", "float_accuracy"),
+        ):
+            pc, cm = e[pc_key], np.array(e[cm_key])
+            assert list(pc) == labels and cm.shape == (10, 10), t
+            for i, label in enumerate(labels):
+                assert cm[i].sum() == pc[label]["support"] == np.sum(y == i)
+                assert pc[label]["recall"] == pytest.approx(cm[i, i] / cm[i].sum())
+            assert np.trace(cm) / len(y) == pytest.approx(e[acc_key])
+        # the int8 matrix is the preferred runtime's, as the device computes it
+        scores = Predictor(digits_bundles / t, runtime=e["preferred_runtime"]).predict(
+            load_dataset(DIGITS_TEST).x
+        )
+        pred = scores.argmax(1)
+        assert [[int(np.sum((y == i) & (pred == j))) for j in range(10)] for i in range(10)] == e[
+            "confusion_matrix"
+        ]
+        cd = e["class_drop"]
+        assert e["class_drop_budget"] == "ok" and cd["max_points"] == 10.0 and cd["failing"] == []
+        assert set(cd["per_runtime"]) == set(e["runtimes"])
+    html = (digits_bundles / "report.html").read_text()
+    assert html.count('<table class="cm">') == 2 * len(report["targets"])
