@@ -26,11 +26,11 @@ pytestmark = pytest.mark.slow
 N_OK, N_LEAK = 380, 20  # 95/5 in each file
 
 
-def _csv(path: Path, seed: int) -> Path:
+def _csv(path: Path, seed: int, n_ok: int = N_OK, n_leak: int = N_LEAK) -> Path:
     rng = np.random.default_rng(seed)
-    pressure = rng.uniform(0.0, 4000.0, N_OK + N_LEAK)
-    rate = np.concatenate([rng.uniform(0.001, 0.005, N_OK), rng.uniform(0.006, 0.01, N_LEAK)])
-    state = ["ok"] * N_OK + ["leak"] * N_LEAK
+    pressure = rng.uniform(0.0, 4000.0, n_ok + n_leak)
+    rate = np.concatenate([rng.uniform(0.001, 0.005, n_ok), rng.uniform(0.006, 0.01, n_leak)])
+    state = ["ok"] * n_ok + ["leak"] * n_leak
     rows = "".join(f"{p:.2f},{r:.5f},{s}\n" for p, r, s in zip(pressure, rate, state, strict=True))
     path.write_text("pressure_pa,leak_rate,state\n" + rows)
     return path
@@ -162,3 +162,30 @@ def test_keys_and_values_are_consistent_and_the_gate_can_be_opened(leak_case: di
     assert any(ln.split()[:5] == ["leak", "20", "-", "0.00%", "0.00%"] for ln in lines), res.stdout
     assert "confusion matrix (rows true, columns predicted):" in res.stdout
     assert any(ln.split() == ["leak", *map(str, killed)] for ln in lines), res.stdout
+
+
+def test_the_cli_fails_in_one_line_where_overall_accuracy_moves_half_a_point(leak_case: dict) -> None:
+    """99.5/0.5 evaluation data and the stock raspberry-pi profile (1-point budget): only the class gate fails."""
+    from click.testing import CliRunner
+
+    from toolchain.cli import main
+
+    d = leak_case["dir"]
+    test = _csv(d / "test_rare.csv", 3, n_ok=1990, n_leak=10)
+    out = d / "cli"
+    args = ["build", str(leak_case["model"]), "--data", str(leak_case["calib"]), "--eval-data", str(test)]
+    args += ["--label", "state", "--target", "raspberry-pi", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in res.stderr
+    assert err[0].startswith(
+        "Error: raspberry-pi: class 'leak' recall 100.00% (float) -> 0.00% (int8, litert): 100.00 points,"
+        " 10 of 10 samples, over the 10-point limit of --max-class-drop; try --quantize qat"
+    ), err[0]
+    assert "raspberry-pi: worst class 'leak'" in res.stdout
+    assert "under 20 eval samples" in res.stdout  # 10 samples of 'leak': said so
+    rep = json.loads((out / "report.json").read_text())
+    e = rep["targets"]["raspberry-pi"]
+    assert e["accuracy_budget"] == "ok" and e["float_accuracy"] - e["accuracy"] == pytest.approx(0.005)
+    assert not (out / "raspberry-pi").exists()
