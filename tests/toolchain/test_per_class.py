@@ -6,6 +6,8 @@ classes with 1 to 3 evaluation samples, absent classes, and a second runtime tha
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -246,7 +248,7 @@ def test_summary_names_the_worst_class() -> None:
     assert worst_class_line({"status": "failed", "error": "conversion failed"}) is None
 
 
-def test_max_class_drop_flag_and_api_reject_bad_values(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_max_class_drop_flag_and_api_reject_bad_values(tmp_path: Path) -> None:
     for bad in ("-1", "101", "lots"):
         res = CliRunner().invoke(
             main,
