@@ -536,3 +536,31 @@ def test_tls_options_write_a_tls_listener(tmp_path: Path) -> None:
     assert f"cafile {files[0]}\ncertfile {files[1]}\nkeyfile {files[2]}\n" in conf
     snippet = (tmp_path / "b" / "agents" / "d1.toml").read_text()
     assert 'url = "mqtts://broker.example:8883"' in snippet and 'ca_file = "ca.pem"' in snippet
+
+
+@pytest.mark.broker
+def test_operator_flash_with_the_collector_password_file_reaches_only_its_device(
+    locked: tuple[Path, GeneratedBroker], tmp_path: Path
+) -> None:
+    from toolchain.fleet.sim import digits_baseline, write_bundle
+
+    out, broker = locked
+    creds = credentials(out)
+    bundle, _ = write_bundle(tmp_path / "bundle", digits_baseline()[0])
+    a_creds, b_creds = creds["devices"]["cam-a"], creds["devices"]["cam-b"]
+    a = Client(broker.port, "cam-a", a_creds["password"], a_creds["client_id"])
+    b = Client(broker.port, "cam-b", b_creds["password"], b_creds["client_id"])
+    for c in (a, b):
+        c.subscribe(f"edgefleet/lab/{c.c._username.decode()}/cmd")
+        c.subscribe("edgefleet/lab/bundles/#")
+    to = f"mqtt://{COLLECTOR_USER}@127.0.0.1:{broker.port}/lab/cam-a"
+    r = CliRunner().invoke(
+        main, ["flash", str(bundle), "--to", to, "--password-file", str(out / "collector.password")]
+    )
+    assert r.exit_code == 0, r.output
+    assert "Warning" not in r.output
+    wait_for(lambda: a.received("edgefleet/lab/cam-a/cmd"), 20, "cam-a's deploy command")
+    wait_for(lambda: a.received("edgefleet/lab/bundles/"), 20, "the bundle chunks")
+    assert b.received("edgefleet/lab/cam-a/cmd") == []
+    for c in (a, b):
+        c.close()

@@ -20,6 +20,11 @@ CMDLINE_WARNING = (
     " shell history; use --password-file FILE or the EDGEFLEET_MQTT_PASSWORD environment variable."
 )
 
+URL_PASSWORD_WARNING = (
+    "Warning: a password in the --to URL is visible to other users (ps, /proc/PID/cmdline) and in shell"
+    " history; use mqtt://USER@broker/... with --password-file FILE or EDGEFLEET_MQTT_PASSWORD."
+)
+
 
 def password_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--password`` (with the env var) and ``--password-file`` to a click command."""
