@@ -564,3 +564,84 @@ def test_operator_flash_with_the_collector_password_file_reaches_only_its_device
     assert b.received("edgefleet/lab/cam-a/cmd") == []
     for c in (a, b):
         c.close()
+
+
+AGENT_PRELUDE = "from device_agent.cli import main; main()"
+
+
+@pytest.mark.broker
+def test_real_agents_with_the_generated_snippets(
+    locked: tuple[Path, GeneratedBroker], tmp_path: Path
+) -> None:
+    """Two real ``edgefleet-agent run`` processes and the real collector on the generated broker: the agent
+    configured with its own snippet gets its windows stored; one that claims another device's id with
+    those credentials is refused by the broker, says so in its health, and nothing of it is stored."""
+    import numpy as np
+
+    from tests.helpers import AgentRun, http_call
+    from tests.ota.bundles import fit_softmax, onnx_softmax_model, write_bundle
+    from toolchain.fleet.collector import Collector
+    from toolchain.fleet.registry import register_bundle
+    from toolchain.fleet.storage import open_store
+
+    out, broker = locked
+    creds = credentials(out)
+    data = np.load(Path(__file__).resolve().parents[2] / "calibration_data" / "digits.npz")
+    x, y = data["x"], data["y"]
+    bundle = write_bundle(tmp_path / "bundle", onnx_softmax_model(*fit_softmax(x, y, steps=30)), x[:300])
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    register_bundle(db, bundle)
+
+    def agent_config(device_id: str, snippet_of: str) -> Path:
+        path = out / "agents" / f"run-{device_id}.toml"  # beside <id>.password, as the snippet says
+        path.write_text(
+            f'[agent]\ndevice_id = "{device_id}"\nfleet = "{FLEET}"\nbundle = "{bundle}"\n'
+            f'state_dir = "{tmp_path / ("state-" + device_id)}"\nallow_unsigned = true\n\n'
+            '[api]\nlisten = "127.0.0.1:0"\n\n[telemetry]\nwindow_s = 1\n\n'
+            + (out / "agents" / f"{snippet_of}.toml").read_text()
+        )
+        return path
+
+    col_creds = creds["collector"]
+    col = Collector(
+        db,
+        f"mqtt://127.0.0.1:{broker.port}",
+        fleet=FLEET,
+        client_id=col_creds["client_id"],
+        username=col_creds["username"],
+        password=col_creds["password"],
+        evaluate=False,
+        worker_processes=0,
+    )
+    col.start()
+    honest = AgentRun(AGENT_PRELUDE, agent_config("cam-c", "cam-c"), tmp_path / "honest.log")
+    # cam-a's credentials, cam-b's device id: what a compromised or misconfigured device would do.
+    liar = AgentRun(AGENT_PRELUDE, agent_config("cam-b", "cam-a"), tmp_path / "liar.log")
+    try:
+        assert col.wait_ready(20)
+        rows = x[:40].reshape(40, -1).tolist()
+        for agent in (honest, liar):
+            code, doc = http_call(agent.api_base() + "/v1/predict", {"inputs": rows})
+            assert code == 200, doc
+
+        def stored_of(device: str) -> int:
+            with open_store(db) as s:
+                return int(s.query("SELECT COUNT(*) FROM windows WHERE device_id = ?", (device,))[0][0])
+
+        wait_for(lambda: stored_of("cam-c") >= 1, 60, "cam-c's window in the database")
+
+        def liar_refused() -> Any:
+            code, doc = http_call(liar.api_base() + "/v1/health")
+            err = (doc.get("mqtt") or {}).get("last_error") or ""
+            return "authori" in err.lower() and doc
+
+        h = wait_for(liar_refused, 60, "the impostor's health to show the broker's refusal")
+        assert h["outbox"]["rows"] >= 1  # kept on the device, not lost
+        assert stored_of("cam-b") == 0
+    finally:
+        for agent in (honest, liar):
+            agent.stop()
+        col.stop()
+    with open_store(db) as s:
+        devices = dict(s.query("SELECT device_id, agent_version FROM devices"))
+    assert "cam-c" in devices and "cam-b" not in devices  # not even its status got through
