@@ -645,3 +645,22 @@ def test_real_agents_with_the_generated_snippets(
     with open_store(db) as s:
         devices = dict(s.query("SELECT device_id, agent_version FROM devices"))
     assert "cam-c" in devices and "cam-b" not in devices  # not even its status got through
+
+
+@pytest.mark.broker
+def test_flash_with_credentials_that_may_not_write_commands_fails_loudly(
+    locked: tuple[Path, GeneratedBroker], tmp_path: Path
+) -> None:
+    """A device's credentials may not publish commands or bundle chunks: flash says so (MQTT 5 PUBACK)
+    instead of reporting a deployment that no device will ever see."""
+    from toolchain.fleet.sim import digits_baseline, write_bundle
+
+    out, broker = locked
+    bundle, _ = write_bundle(tmp_path / "bundle", digits_baseline()[0])
+    pw = str(out / "agents" / "cam-b.password")
+    for extra in ([], ["--url", "http://127.0.0.1:1/b/"]):  # refused chunks; refused command
+        to = f"mqtt://cam-b@127.0.0.1:{broker.port}/lab/cam-a"
+        r = CliRunner().invoke(main, ["flash", str(bundle), "--to", to, "--password-file", pw, *extra])
+        assert r.exit_code == 1, r.output
+        assert r.output.startswith("Error: the broker refused the message on edgefleet/lab/")
+        assert "Not authorized" in r.output and r.output.count("\n") == 1
