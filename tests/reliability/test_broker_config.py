@@ -511,31 +511,60 @@ def test_generated_config_keeps_a_day_of_windows_across_a_broker_restart(
     assert (out / "data" / "mosquitto.db").is_file()
 
 
-def test_tls_options_write_a_tls_listener(tmp_path: Path) -> None:
-    files = []
-    for name in ("ca.pem", "server.pem", "server.key"):
-        (tmp_path / name).write_text("placeholder")
-        files.append(str(tmp_path / name))
-    got = broker_config(
-        tmp_path / "b",
-        "--fleet",
-        FLEET,
-        "--device",
-        "d1",
-        "--host",
-        "broker.example",
-        "--cafile",
-        files[0],
-        "--certfile",
-        files[1],
-        "--keyfile",
-        files[2],
+@pytest.mark.broker
+def test_tls_options_write_a_tls_listener_that_mosquitto_serves(tmp_path: Path) -> None:
+    from tests.device_agent.agent_helpers import make_tls
+
+    if not mosquitto_binary():
+        missing_service("mosquitto (apt-get install mosquitto)")
+    tls = make_tls(tmp_path / "tls")
+    out, port = tmp_path / "b", free_port()
+    run_as = ["--run-as", "root"] if os.geteuid() == 0 else []
+    tls_args = ["--cafile", str(tls["ca.crt"]), "--certfile", str(tls["server.crt"])]
+    tls_args += ["--keyfile", str(tls["server.key"])]
+    assert (
+        broker_config(tmp_path / "default-port", "--fleet", FLEET, "--device", "d1", *tls_args)["port"]
+        == 8883
     )
-    assert got["port"] == 8883
-    conf = (tmp_path / "b" / "mosquitto.conf").read_text()
-    assert f"cafile {files[0]}\ncertfile {files[1]}\nkeyfile {files[2]}\n" in conf
-    snippet = (tmp_path / "b" / "agents" / "d1.toml").read_text()
-    assert 'url = "mqtts://broker.example:8883"' in snippet and 'ca_file = "ca.pem"' in snippet
+    broker_config(
+        out, "--fleet", FLEET, "--device", "d1", "--port", str(port), "--host", "127.0.0.1", "--bind", "127.0.0.1",
+        *tls_args, *run_as,
+    )  # fmt: skip
+    conf = (out / "mosquitto.conf").read_text()
+    assert f"cafile {tls['ca.crt']}\ncertfile {tls['server.crt']}\nkeyfile {tls['server.key']}\n" in conf
+    snippet = (out / "agents" / "d1.toml").read_text()
+    assert f'url = "mqtts://127.0.0.1:{port}"' in snippet and 'ca_file = "ca.crt"' in snippet
+    broker = GeneratedBroker(out, port)
+    broker.start()
+    try:
+        import paho.mqtt.client as mqtt
+
+        creds = credentials(out)["devices"]["d1"]
+        results: dict[str, Any] = {}
+        for name, use_tls in (("tls", True), ("plain", False)):
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            c.username_pw_set("d1", creds["password"])
+            if use_tls:
+                c.tls_set(ca_certs=str(tls["ca.crt"]))
+            ev = threading.Event()
+            c.on_connect = lambda cl, u, f, rc, p, name=name, ev=ev: (results.__setitem__(name, rc), ev.set())
+            try:
+                c.connect("127.0.0.1", port, keepalive=10)
+                c.loop_start()
+                ev.wait(10 if use_tls else 3)  # a plain client on a TLS port never gets a CONNACK
+            except OSError as e:
+                results[name] = e
+            finally:
+                c.loop_stop()
+                c.disconnect()
+        assert not results["tls"].is_failure  # the generated TLS listener and password work together
+        assert (
+            results.get("plain") is None
+            or isinstance(results["plain"], OSError)
+            or results["plain"].is_failure
+        )
+    finally:
+        broker.stop()
 
 
 @pytest.mark.broker

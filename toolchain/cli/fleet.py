@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -489,3 +490,9 @@ def broker_config_cmd(
         f" --password-file {o / 'collector.password'} --client-id {cfg.collector_client_id}"
     )
     click.echo(f"  devices:   {o / 'agents'}/<id>.toml and <id>.password (secrets: {o / 'credentials.json'})")
+    if run_as is None and os.geteuid() == 0:
+        click.echo(
+            "  note: Mosquitto started as root switches to the user 'mosquitto', which cannot read the 0600"
+            " passwd; run again with --run-as mosquitto (makes passwd, acl and data/ its own)",
+            err=True,
+        )
