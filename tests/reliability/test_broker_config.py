@@ -240,6 +240,7 @@ def test_rerun_adds_devices_and_keeps_every_password(tmp_path: Path) -> None:
     for private in ("credentials.json", "passwd", "collector.password", "agents/cam-3.password"):
         assert stat.S_IMODE((out / private).stat().st_mode) == 0o600, private
     assert stat.S_IMODE((out / "data").stat().st_mode) == 0o700
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((out / "agents").stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "acl").stat().st_mode) == 0o644
     acl = (out / "acl").read_text()
     assert "user cam-3\ntopic write edgefleet/lab/cam-3/stats" in acl and "pattern" not in acl
@@ -262,6 +263,15 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     )
     assert r.exit_code == 2 and "--certfile" in r.output
     assert credentials(out) == before
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    r = CliRunner().invoke(
+        main, ["fleet", "broker-config", "--out", str(shared), "--fleet", FLEET, "--device", "x"]
+    )
+    assert (
+        r.exit_code == 1 and f"chmod 755 {shared}" in r.output and not (shared / "credentials.json").exists()
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,8 @@ def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
     os.replace(tmp, path)
 
 
-def _give_to(user: str, paths: list[Path]) -> None:
-    """Make ``paths`` owned by ``user``: Mosquitto started as root reads them after switching to it."""
+def _account(user: str) -> tuple[int, int]:
+    """Return (uid, gid) of ``user``, the account Mosquitto switches to when started as root."""
     import pwd
 
     try:
@@ -170,8 +171,21 @@ def _give_to(user: str, paths: list[Path]) -> None:
         raise BrokerConfigError(
             f"--run-as {user!r} is not a user on this host; create it or pick another"
         ) from None
-    for p in paths:
-        os.chown(p, pw.pw_uid, pw.pw_gid)
+    return pw.pw_uid, pw.pw_gid
+
+
+def _make_dir(path: Path, mode: int) -> None:
+    """Create ``path`` with exactly ``mode``; refuse an existing one that group or others may write."""
+    if path.is_dir():
+        have = stat.S_IMODE(path.stat().st_mode)
+        if have & 0o022:
+            raise BrokerConfigError(
+                f"{str(path)!r} is writable by group or others (mode {have:04o}), so anyone could change"
+                f" the broker's files; run 'chmod {mode:o} {path}' or choose another --out"
+            )
+        return
+    path.mkdir(parents=True, mode=mode)
+    os.chmod(path, mode)  # mkdir's mode is filtered by the umask
 
 
 def _read_credentials(path: Path, fleet: str) -> dict[str, Any]:
@@ -344,12 +358,13 @@ def write_broker_config(
             if not f.is_file():
                 raise BrokerConfigError(f"TLS file {str(f)!r} does not exist; pass an existing file")
     port = port if port is not None else (8883 if tls else 1883)
+    owner = _account(run_as) if run_as and os.geteuid() == 0 else None
     out = Path(out_dir).resolve()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "data").mkdir(mode=0o700, exist_ok=True)
-        os.chmod(out / "data", 0o700)
-        (out / "agents").mkdir(exist_ok=True)
+        # 0755: Mosquitto, switched to its own user, must enter the folder; nobody else may write it.
+        _make_dir(out, 0o755)
+        _make_dir(out / "data", 0o700)
+        _make_dir(out / "agents", 0o755)
         creds_path = out / "credentials.json"
         creds = _read_credentials(creds_path, fleet)
         known: dict[str, Any] = creds["devices"]
@@ -382,8 +397,9 @@ def write_broker_config(
         _write_private(out / "acl", _acl_text(fleet, all_devices), 0o644)
         conf, queue = _conf_text(out, fleet, len(all_devices), port, bind, tls, run_as, window_s, days)
         _write_private(out / "mosquitto.conf", conf, 0o644)
-        if run_as and os.geteuid() == 0:
-            _give_to(run_as, [out / "passwd", out / "acl", out / "data"])
+        if owner is not None:  # Mosquitto reads these after it switched to that user
+            for p in (out / "passwd", out / "acl", out / "data"):
+                os.chown(p, *owner)
         url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
         for d in all_devices:
             _write_private(out / "agents" / f"{d}.password", known[d]["password"] + "\n")
