@@ -161,7 +161,7 @@ def test_password_flags_warn_and_the_env_var_and_file_do_not(tmp_path: Path) -> 
     r = run([*base, "--password-file", str(pw)])
     assert r.returncode == 78 and "Warning" not in r.stderr
     r = run([*base, "--password-file", str(pw), "--password", "x"])
-    assert r.returncode == 2 and "one way" in r.stderr
+    assert r.returncode == 2 and "one way only" in r.stderr
     r = run(["fleet", "deploy", "b", "--broker", "http://x", "--fleet", "lab", "--password", "hunter2"])
     assert CMDLINE_WARNING in r.stderr and r.returncode == 1
     r = run(["flash", "b", "--to", "mqtt://u:hunter2@127.0.0.1:1/lab/d1"])
