@@ -52,7 +52,8 @@ def resolve_password(password: str | None, password_file: str | None) -> str | N
         return password
     if password is not None:
         raise click.UsageError(
-            "give the MQTT password one way: --password (or its env var) or --password-file"
+            "give the MQTT password one way only: --password-file, or --password / the URL /"
+            " EDGEFLEET_MQTT_PASSWORD"
         )
     p = Path(password_file)
     try:
