@@ -703,3 +703,24 @@ def test_flash_with_credentials_that_may_not_write_commands_fails_loudly(
         assert r.exit_code == 1, r.output
         assert r.output.startswith("Error: the broker refused the message on edgefleet/lab/")
         assert "Not authorized" in r.output and r.output.count("\n") == 1
+
+
+@pytest.mark.broker
+def test_only_the_collector_reads_the_brokers_sys_counters(locked: tuple[Path, GeneratedBroker]) -> None:
+    """The collector watches $SYS drop counters; devices learn nothing about the broker or its clients."""
+    out, broker = locked
+    creds = credentials(out)
+    col = Client(broker.port, COLLECTOR_USER, creds["collector"]["password"], "sys-reader")
+    dev = creds["devices"]["cam-a"]
+    a = Client(broker.port, "cam-a", dev["password"], dev["client_id"])
+    a.subscribe("$SYS/broker/#")
+    col.subscribe("$SYS/broker/#")  # Mosquitto retains $SYS values: they arrive at once
+    wait_for(lambda: col.received("$SYS/broker/publish/messages/dropped"), 20, "the dropped counter")
+    # A sentinel the device may read, sent after the $SYS values: once it is in, nothing else is coming.
+    col.publish_acked("edgefleet/lab/cmd", [b"{}"])
+    a.subscribe("edgefleet/lab/cmd")
+    col.publish_acked("edgefleet/lab/cmd", [b"sentinel"])
+    wait_for(lambda: a.received("edgefleet/lab/cmd"), 10, "the sentinel")
+    assert a.received("$SYS") == []
+    for c in (a, col):
+        c.close()
