@@ -724,3 +724,59 @@ def test_only_the_collector_reads_the_brokers_sys_counters(locked: tuple[Path, G
     assert a.received("$SYS") == []
     for c in (a, col):
         c.close()
+
+
+@pytest.mark.broker
+def test_the_real_collector_stores_every_window_sent_while_it_was_away(
+    locked: tuple[Path, GeneratedBroker], tmp_path: Path
+) -> None:
+    """Finding 3 end to end: the collector stops, 3,000 windows are acknowledged to a device, the broker is
+    restarted, the collector comes back under its client id and stores all 3,000 exactly once."""
+    from toolchain.fleet.collector import Collector
+    from toolchain.fleet.registry import register_bundle
+    from toolchain.fleet.sim import digits_baseline, write_bundle
+    from toolchain.fleet.storage import open_store
+
+    out, broker = locked
+    creds = credentials(out)
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    _DIGITS["m"] = base_model = _DIGITS.get("m") or digits_baseline()
+    bundle, sha = write_bundle(tmp_path / "bundle", base_model[0])
+    _DIGITS["ref"] = ModelRef("digits", 1, sha)
+    register_bundle(db, bundle)
+    col_creds = creds["collector"]
+
+    def collector() -> Any:
+        return Collector(
+            db,
+            f"mqtt://127.0.0.1:{broker.port}",
+            fleet=FLEET,
+            client_id=col_creds["client_id"],
+            username=col_creds["username"],
+            password=col_creds["password"],
+            evaluate=False,
+            worker_processes=0,
+        )
+
+    first = collector()
+    first.start()
+    assert first.wait_ready(20)
+    first.stop()  # away: its persistent session (subscriptions, queue) stays with the broker
+    dev = creds["devices"]["cam-a"]
+    a = Client(broker.port, "cam-a", dev["password"], dev["client_id"])
+    codes = a.publish_acked(
+        "edgefleet/lab/cam-a/stats", [p for _, p in _windows("cam-a", range(1, N_WINDOWS + 1), 5)]
+    )
+    assert sum(not rc.is_failure for rc in codes) == N_WINDOWS  # the device may delete all of them now
+    a.close()
+    broker.stop()  # a clean restart on the way: the queue is in DIR/data/mosquitto.db
+    broker.start()
+    back = collector()
+    back.start()
+    try:
+        wait_for(lambda: back.counters.stored >= N_WINDOWS, 120, f"{N_WINDOWS} windows stored")
+    finally:
+        back.stop()
+    with open_store(db) as s:
+        seqs = [r[0] for r in s.query("SELECT seq FROM windows WHERE device_id = 'cam-a' ORDER BY seq")]
+    assert seqs == list(range(1, N_WINDOWS + 1)) and back.counters.duplicates == 0
