@@ -7,12 +7,16 @@ Key files on disk (written by ``edgefleet keys create``):
 * ``NAME.key``: the private key, PEM ``PKCS8`` unencrypted (``-----BEGIN PRIVATE KEY-----``), mode 0600.
   It stays on the build host; a device never needs it.
 
+A trusted key file that group or others may write (mode 0666 under ``umask 000``) is refused: whoever
+can replace it decides which bundles the device accepts.
+
 No toolchain import here: the agent installs with ``cryptography`` and numpy only.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,6 +59,12 @@ def load_public_key_file(path: str | os.PathLike[str]) -> bytes:
         if p.stat().st_size > PUBLIC_KEY_MAX_BYTES:
             raise KeyFileError(
                 f"trusted key file {str(p)!r} is larger than {PUBLIC_KEY_MAX_BYTES} bytes; is it a key?"
+            )
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if mode & 0o022 and not p.is_dir():
+            raise KeyFileError(
+                f"trusted key file {str(p)!r} can be changed by group or others (mode {mode:04o}), so anyone"
+                f" could make the device trust their bundles; run 'chmod 644 {p}'"
             )
         data = p.read_bytes()
     except FileNotFoundError:

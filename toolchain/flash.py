@@ -324,31 +324,84 @@ def wait_ssh(
 
 
 def mqtt_connect(dest: MqttDest, client_id: str | None = None) -> Any:
-    """Connect a paho client to the broker (loop started); raise FlashError when unreachable."""
+    """Connect a paho client to the broker (loop started); raise FlashError when unreachable or refused.
+
+    MQTT 5 first: only in MQTT 5 does a broker say in the PUBACK that it refused a publish (an ACL that
+    does not let this user write commands); in MQTT 3.1.1 Mosquitto acknowledges a refused publish like
+    an accepted one. A broker that answers "unsupported protocol version" (amqtt) gets MQTT 3.1.1.
+    Publish with ``publish_checked``, which turns a refusal into a FlashError.
+    """
     import paho.mqtt.client as mqtt
 
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"edgefleet-host-{uuid.uuid4().hex[:8]}"
-    )
-    if dest.username:
-        client.username_pw_set(dest.username, dest.password)
-    if dest.tls or dest.ca_file:
-        client.tls_set(ca_certs=dest.ca_file)
-    connected = threading.Event()
-    client.on_connect = lambda c, u, f, rc, p=None: connected.set() if not rc.is_failure else None
-    try:
-        client.connect(dest.host, dest.port, keepalive=30)
-    except OSError as e:
-        raise FlashError(
-            f"cannot reach MQTT broker {dest.host}:{dest.port} ({e}); check the mqtt:// URL"
-        ) from None
-    client.loop_start()
-    if not connected.wait(MQTT_CONNECT_TIMEOUT_S):
+    cid = client_id or f"edgefleet-host-{uuid.uuid4().hex[:8]}"
+    for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
+        client.user_data_set({"refused": {}})
+        if dest.username:
+            client.username_pw_set(dest.username, dest.password)
+        if dest.tls or dest.ca_file:
+            client.tls_set(ca_certs=dest.ca_file)
+        connected = threading.Event()
+        answer: dict[str, Any] = {}
+
+        def on_connect(
+            c: Any,
+            u: Any,
+            f: Any,
+            rc: Any,
+            p: Any = None,
+            answer: dict[str, Any] = answer,
+            ev: Any = connected,
+        ) -> None:
+            answer["rc"] = rc
+            ev.set()
+
+        client.on_connect = on_connect
+        client.on_publish = _record_refusal
+        try:
+            client.connect(dest.host, dest.port, keepalive=30)
+        except OSError as e:
+            raise FlashError(
+                f"cannot reach MQTT broker {dest.host}:{dest.port} ({e}); check the mqtt:// URL"
+            ) from None
+        client.loop_start()
+        connected.wait(MQTT_CONNECT_TIMEOUT_S)
+        rc = answer.get("rc")
+        if rc is not None and not rc.is_failure:
+            return client
         client.loop_stop()
+        if proto == mqtt.MQTTv5 and rc is not None and "protocol" in str(rc).lower():
+            continue  # an MQTT 3.1.1-only broker
+        why = f" ({rc})" if rc is not None else ""
         raise FlashError(
-            f"MQTT broker {dest.host}:{dest.port} did not accept the connection; check credentials"
+            f"MQTT broker {dest.host}:{dest.port} did not accept the connection{why}; check credentials"
         )
-    return client
+    raise FlashError(f"MQTT broker {dest.host}:{dest.port} speaks neither MQTT 5 nor 3.1.1")
+
+
+def _record_refusal(client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any = None) -> None:
+    if getattr(reason_code, "is_failure", False):
+        userdata["refused"][mid] = str(reason_code)
+
+
+def publish_checked(client: Any, topic_name: str, payload: bytes, retain: bool = False) -> Any:
+    """Publish with QoS 1 and wait for the PUBACK; raise FlashError when the broker refused the message."""
+    info = client.publish(topic_name, payload, qos=1, retain=retain)
+    info.wait_for_publish(30)
+    check_published(client, [(topic_name, info)])
+    return info
+
+
+def check_published(client: Any, infos: Sequence[tuple[str, Any]]) -> None:
+    """Raise FlashError for the first of ``(topic, info)`` the broker refused (MQTT 5 reason code)."""
+    refused = client.user_data_get()["refused"]
+    for topic_name, info in infos:
+        if info.mid in refused:
+            raise FlashError(
+                f"the broker refused the message on {topic_name} ({refused[info.mid]}): this MQTT user may not"
+                " write there. Use the operator's credentials (the collector user of 'edgefleet fleet"
+                " broker-config')"
+            )
 
 
 def publish_chunks(client: Any, fleet: str, bundle: Path, chunk_bytes: int = CHUNK_BYTES) -> MqttSource:
@@ -360,7 +413,8 @@ def publish_chunks(client: Any, fleet: str, bundle: Path, chunk_bytes: int = CHU
 
     def send(data: bytes) -> None:
         nonlocal index
-        infos.append(client.publish(f"{prefix}/{index}", data, qos=1, retain=True))
+        name = f"{prefix}/{index}"
+        infos.append((name, client.publish(name, data, qos=1, retain=True)))
         index += 1
 
     for f in files:
@@ -372,8 +426,9 @@ def publish_chunks(client: Any, fleet: str, bundle: Path, chunk_bytes: int = CHU
                     buf = b""
     if buf:
         send(buf)
-    for info in infos:
+    for _, info in infos:
         info.wait_for_publish(30)
+    check_published(client, infos)
     return MqttSource(prefix, index, chunk_bytes, manifest_bytes, signature_bytes)
 
 
@@ -413,11 +468,22 @@ class EventWatch:
         self.cond = threading.Condition()
         self.fleet = fleet
         self.subscribed = threading.Event()
-        client.on_subscribe = lambda *a, **k: self.subscribed.set()
+        granted: list[Any] = []
+
+        def on_subscribe(c: Any, u: Any, mid: int, codes: Any, p: Any = None) -> None:
+            granted.extend(codes)
+            self.subscribed.set()
+
+        client.on_subscribe = on_subscribe
         client.message_callback_add(f"edgefleet/{fleet}/+/events", self._on_event)
         client.subscribe(f"edgefleet/{fleet}/+/events", qos=1)
         if not self.subscribed.wait(MQTT_CONNECT_TIMEOUT_S):
             raise FlashError("the MQTT broker did not confirm the subscription to device events")
+        if any(getattr(rc, "is_failure", False) for rc in granted):
+            raise FlashError(
+                f"the broker refused the subscription to edgefleet/{fleet}/+/events ({granted[0]}): this MQTT"
+                " user may not read device events. Use the operator's credentials"
+            )
 
     def _on_event(self, client: Any, userdata: Any, msg: Any) -> None:
         try:
@@ -471,7 +537,7 @@ def flash_mqtt(
         cmd = make_command(bundle, m, src, devices=None)
         watch = EventWatch(client, dest.fleet, cmd.deployment_id) if wait_s and dest.device_id else None
         t = topic(dest.fleet, dest.device_id, "cmd") if dest.device_id else fleet_topic(dest.fleet, "cmd")
-        client.publish(t, cmd.encode(), qos=1).wait_for_publish(30)
+        publish_checked(client, t, cmd.encode())
         out: dict[str, Any] = {"deployment_id": cmd.deployment_id, "topic": t, "source": src.to_dict()}
         if watch is not None and dest.device_id:
             got = watch.wait([dest.device_id], float(wait_s or 0))

@@ -3,7 +3,9 @@
 Key files (see ``device_agent.keys`` for the device side):
 
 * ``NAME.key``: PEM PKCS8, unencrypted, mode 0600 (keep it on the build host or in a secret store);
-* ``NAME.pub``: PEM SubjectPublicKeyInfo; copy it to devices and list it in ``[agent] trusted_keys``.
+* ``NAME.pub``: PEM SubjectPublicKeyInfo, mode 0644; copy it to devices, list it in ``[agent] trusted_keys``;
+* a folder that ``create_keys`` makes is 0700. The modes hold whatever the umask; a private key that
+  group or others can read is refused for signing (``chmod 600`` it).
 
 ``sign_bundle`` writes ``manifest.sig`` over the exact bytes of ``manifest.json``.
 """
@@ -11,6 +13,7 @@ Key files (see ``device_agent.keys`` for the device side):
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from device_agent.bundle import SIGNATURE_FILE, key_id, read_manifest_bytes, sign_manifest
@@ -18,6 +21,9 @@ from device_agent.keys import KeyFileError, load_public_key_file
 from toolchain.errors import ToolchainError
 
 PRIVATE_KEY_MAX_BYTES = 16 * 1024
+KEY_DIR_MODE = 0o700
+PRIVATE_KEY_MODE = 0o600
+PUBLIC_KEY_MODE = 0o644
 DEFAULT_KEY_NAME = "fleet"
 
 
@@ -28,7 +34,10 @@ class SigningError(ToolchainError):
 def create_keys(
     out_dir: str | os.PathLike[str], name: str = DEFAULT_KEY_NAME, force: bool = False
 ) -> tuple[Path, Path]:
-    """Create an Ed25519 key pair ``NAME.key`` (0600) and ``NAME.pub`` in ``out_dir``; return both paths."""
+    """Create an Ed25519 key pair ``NAME.key`` (0600) and ``NAME.pub`` (0644) in ``out_dir``; return both paths.
+
+    A new ``out_dir`` is made 0700; an existing one must not be writable by group or others.
+    """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import (
         Encoding,
@@ -48,21 +57,44 @@ def create_keys(
                     f"{str(p)!r} already exists; choose another --out or --name, or pass --force"
                 )
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if out.is_dir():
+            mode = stat.S_IMODE(out.stat().st_mode)
+            if mode & 0o022:
+                raise SigningError(
+                    f"key folder {str(out)!r} is writable by group or others (mode {mode:04o}), so anyone"
+                    f" could swap the keys; run 'chmod 700 {out}' or choose another --out"
+                )
+        else:
+            out.mkdir(parents=True, mode=KEY_DIR_MODE)
+            os.chmod(out, KEY_DIR_MODE)  # mkdir's mode is filtered by the umask; chmod is not
         key = Ed25519PrivateKey.generate()
         priv_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
         pub_pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        fd = os.open(priv_path, flags, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(priv_pem)
-        os.chmod(priv_path, 0o600)
-        pub_path.write_bytes(pub_pem)
+        _write_with_mode(priv_path, priv_pem, PRIVATE_KEY_MODE)
+        _write_with_mode(pub_path, pub_pem, PUBLIC_KEY_MODE)
     except OSError as e:
         raise SigningError(
             f"cannot write keys to {str(out)!r} ({e.strerror}); choose a writable --out"
         ) from None
     return priv_path, pub_path
+
+
+def _write_with_mode(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with exactly ``mode``, set before the first byte (the umask does not apply)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), mode)  # O_CREAT's mode is filtered by the umask and ignored on --force
+        fh.write(data)
+
+
+def check_private_key_mode(path: Path) -> None:
+    """Refuse a private key file that group or others can read or change (as ssh refuses one)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise SigningError(
+            f"signing key {str(path)!r} is accessible by group or others (mode {mode:04o});"
+            f" run 'chmod 600 {path}' and try again"
+        )
 
 
 def load_private_key(path: str | os.PathLike[str]) -> bytes:
@@ -81,6 +113,7 @@ def load_private_key(path: str | os.PathLike[str]) -> bytes:
             raise SigningError(
                 f"signing key {str(p)!r} is larger than {PRIVATE_KEY_MAX_BYTES} bytes; is it a key?"
             )
+        check_private_key_mode(p)
         data = p.read_bytes()
     except FileNotFoundError:
         raise SigningError(

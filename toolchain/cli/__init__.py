@@ -47,7 +47,9 @@ class EdgefleetGroup(click.Group):
         except USER_ERRORS as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: {e}", err=True)
+            from toolchain.cli.terminal import safe_text  # messages may quote device-reported text
+
+            click.echo(f"Error: {safe_text(str(e))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Aborted.", err=True)

@@ -8,6 +8,9 @@ from typing import Any
 
 import click
 
+from toolchain.cli.passwords import password_options, resolve_password
+from toolchain.cli.terminal import safe_text
+
 
 @click.group("keys")
 def keys_cmd() -> None:
@@ -56,7 +59,7 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
     keys = (load_public_key(key),) if key else ()
     m = verify_bundle(b, VerifyPolicy(trusted_keys=keys, allow_unsigned=not keys, target=target))
     signed = (b / SIGNATURE_FILE).is_file()
-    signature = "verified" if keys else ("present, not checked (pass --key)" if signed else "none")
+    signature = "verified" if keys else ("present, NOT CHECKED" if signed else "none")
     result: dict[str, Any] = {
         "ok": True,
         "name": m.name,
@@ -67,6 +70,7 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
         "size_bytes": sum(f.size_bytes for f in m.files),
         "signature": signature,
     }
+    result["signature_checked"] = bool(keys)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -74,6 +78,12 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
             f"OK: {m.name} v{m.version} for {m.target}, {len(m.files)} files, {result['size_bytes']} bytes,"
             f" signature {signature}, sha256 {result['sha256'][:16]}"
         )
+        if not keys:
+            click.echo(
+                "WARNING: the signature was NOT CHECKED (no --key): anyone could have made this bundle."
+                " Pass --key FLEET.pub to check it.",
+                err=True,
+            )
 
 
 @click.command("flash")
@@ -107,6 +117,13 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
     show_default=True,
     help="mqtt:// only: size of each retained chunk.",
 )
+@click.option(
+    "--password-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar="EDGEFLEET_MQTT_PASSWORD_FILE",
+    help="mqtt:// only: file holding the MQTT password (or EDGEFLEET_MQTT_PASSWORD); keeps it out of --to.",
+)
 def flash_cmd(
     bundle: str,
     dest: str,
@@ -115,12 +132,26 @@ def flash_cmd(
     url: str | None,
     ssh_options: tuple[str, ...],
     chunk_bytes: int,
+    password_file: str | None,
 ) -> None:
     """Put a bundle onto a device: the agent installs it through its verified, atomic update path."""
-    from toolchain import flash as F
+    import dataclasses
+    import os
 
-    b = _existing_bundle(bundle)
+    from toolchain import flash as F
+    from toolchain.cli.passwords import URL_PASSWORD_WARNING
+
     d = F.parse_destination(dest)
+    if isinstance(d, F.MqttDest) and d.password is not None:
+        click.echo(URL_PASSWORD_WARNING, err=True)  # before anything else can fail
+    b = _existing_bundle(bundle)
+    if isinstance(d, F.MqttDest):
+        password = resolve_password(d.password or os.environ.get("EDGEFLEET_MQTT_PASSWORD"), password_file)
+        if password is not None and d.username is None:
+            raise click.UsageError(
+                "an MQTT password needs a user name: --to mqtt://USER@broker/FLEET[/DEVICE]"
+            )
+        d = dataclasses.replace(d, password=password)
     m = F.check_bundle(b, Path(key) if key else None)
     from device_agent.bundle import manifest_sha256
 
@@ -151,12 +182,17 @@ def flash_cmd(
         if result.get("state") == "committed":
             click.echo(f"deployed: the agent now serves {m.name} v{m.version}")
         else:
-            raise F.FlashError(f"the agent refused {m.name} v{m.version}: {result.get('reason')}")
+            raise F.FlashError(f"the agent refused {m.name} v{m.version}: {safe_text(result.get('reason'))}")
 
 
 @click.command("serve")
 @click.argument("bundle_dir")
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 (every interface) lets devices on the network fetch bundles.",
+)
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one)."
 )
@@ -220,9 +256,7 @@ def serve_cmd(bundle_dir: str, host: str, port: int, verbose: bool) -> None:
     help="Seconds to wait for each wave's answers.",
 )
 @click.option("--username", default=None, envvar="EDGEFLEET_MQTT_USERNAME", help="MQTT user name.")
-@click.option(
-    "--password", default=None, envvar="EDGEFLEET_MQTT_PASSWORD", help="MQTT password (or the env var)."
-)
+@password_options
 @click.option(
     "--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA certificate file (enables TLS)."
 )
@@ -240,6 +274,7 @@ def fleet_deploy_cmd(
     timeout_s: float,
     username: str | None,
     password: str | None,
+    password_file: str | None,
     tls_ca: str | None,
     as_json: bool,
 ) -> None:
@@ -250,6 +285,7 @@ def fleet_deploy_cmd(
     from toolchain.flash import MqttDest
     from toolchain.fleet.deploy import DeployError, deploy
 
+    password = resolve_password(password, password_file)
     parts = urlsplit(broker_url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise DeployError(f"--broker {broker_url!r} must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
@@ -278,8 +314,8 @@ def fleet_deploy_cmd(
         width = max(len(d) for d in roll.results) if roll.results else 6
         for d, r in sorted(roll.results.items(), key=lambda kv: (kv[1].wave or 99, kv[0])):
             wave = "-" if r.wave is None else str(r.wave)
-            click.echo(f"  {d:<{width}}  wave {wave:>2}  {r.state:<11}  {r.reason}")
+            click.echo(f"  {d:<{width}}  wave {wave:>2}  {safe_text(r.state):<11}  {safe_text(r.reason)}")
         if roll.stopped:
-            click.echo(f"rollout STOPPED: {roll.stop_reason}")
+            click.echo(f"rollout STOPPED: {safe_text(roll.stop_reason)}")
     if not roll.ok:
         sys.exit(1)

@@ -32,6 +32,7 @@ from toolchain.flash import (
     clear_chunks,
     make_command,
     mqtt_connect,
+    publish_checked,
     publish_chunks,
 )
 
@@ -201,7 +202,7 @@ def deploy(
             kind = "canary" if canary and i == 1 else "wave"
             say(f"{kind} {i}/{len(waves)}: {', '.join(wave)}")
             for d in wave:
-                client.publish(topic(broker.fleet, d, "cmd"), payload, qos=1).wait_for_publish(30)
+                publish_checked(client, topic(broker.fleet, d, "cmd"), payload)
             budget = max_failures - roll.failures
 
             def too_many(got: dict[str, Any], _budget: int = budget) -> bool:
