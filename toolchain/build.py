@@ -394,6 +394,7 @@ def _build_target(
     allow_accuracy_drop: bool,
     progress: bool,
 ) -> dict[str, Any]:
+    from toolchain.steps import budget
     from toolchain.steps.convert import convert_for_target, predict_artifact, verify_artifact
 
     t0 = time.perf_counter()
@@ -452,6 +453,7 @@ def _build_target(
         edgetpu_manifest: dict[str, Any] | None = None
         if t.edgetpu is not None:
             accelerated, edgetpu_manifest, extra = _edgetpu(artifact.path, t, tdir, entry)
+        budget.record_measurements(artifact.path, entry)
 
         if acc + 1e-9 < float_acc - t.limits.max_accuracy_drop:
             msg = (
@@ -471,6 +473,7 @@ def _build_target(
                 f"{t.limits.max_model_bytes};"
                 " prune it (--prune) or use a smaller architecture"
             )
+        budget.enforce(t, entry)
         metrics = {
             k: entry[k]
             for k in (

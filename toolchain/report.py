@@ -110,6 +110,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("float", "float_accuracy", "pct"),
     ("size", "size_bytes", "kb"),
     ("float size", "float_size_bytes", "kb"),
+    ("arena", "arena_bytes", "kb"),
     ("sparsity", "sparsity", "pct"),
     ("agree", "top1_agreement", "pct"),
     ("SQNR dB", "sqnr_db", "db"),
@@ -154,7 +155,28 @@ def summary_table(report: dict[str, Any]) -> str:
             )
         if e.get("accuracy_budget", "ok") != "ok":
             out.append(f"{name}: {e['accuracy_budget']}")
+        for w in e.get("warnings") or []:
+            out.append(f"{name}: WARNING: {w}")
+        dp = e.get("device_profile")
+        if dp:
+            out.append(f"{name}: on device {device_profile_line(dp)}")
     return "\n".join(out)
+
+
+def device_profile_line(dp: dict[str, Any]) -> str:
+    """Return one line about an ``edgefleet profile`` result (``device_profile.json``)."""
+    b = dp.get("bench", {})
+    acc = b.get("accuracy")
+    mib = (b.get("peak_rss_bytes") or 0) / 2**20
+    line = (
+        f"{dp.get('host', '?')} ({b.get('cpu', {}).get('model') or '?'}, {b.get('runtime')}"
+        f" @{b.get('threads')} threads): p50 {_fmt(b.get('latency_ms_p50'), 'ms')} ms,"
+        f" p95 {_fmt(b.get('latency_ms_p95'), 'ms')} ms, peak RSS {mib:.1f} MiB"
+    )
+    if acc is not None:
+        line += f", accuracy {_fmt(acc, 'pct')} on {b.get('samples')} samples"
+    verdict = dp.get("budget_error")
+    return line + (f"; OVER BUDGET: {verdict}" if verdict else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,6 +265,10 @@ def render_html(report: dict[str, Any]) -> str:
             notes.append(f"<li><b>{e(n)}</b> failed: {e(str(t['error']))}</li>")
         if t.get("accuracy_budget", "ok") not in ("ok", None):
             notes.append(f"<li><b>{e(n)}</b>: {e(str(t['accuracy_budget']))}</li>")
+        for w in t.get("warnings") or []:
+            notes.append(f"<li><b>{e(n)}</b>: warning: {e(str(w))}</li>")
+        if t.get("device_profile"):
+            notes.append(f"<li><b>{e(n)}</b> on device: {e(device_profile_line(t['device_profile']))}</li>")
     edgetpu_html = ""
     for n, t in targets.items():
         et = t.get("edgetpu")
