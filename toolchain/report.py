@@ -228,6 +228,41 @@ def _bar_chart(
     return "\n".join(parts)
 
 
+def _device_profiles_html(targets: dict[str, Any]) -> str:
+    """Return the "On the device" table of ``edgefleet profile`` results ("" when there are none)."""
+    e = html.escape
+    rows = ""
+    for n, t in targets.items():
+        dp = t.get("device_profile")
+        if not dp:
+            continue
+        b = dp.get("bench", {})
+        cpu = b.get("cpu", {})
+        peak = b.get("peak_rss_bytes")
+        budget = dp.get("budget") or {}
+        verdict = (
+            "not checked"
+            if not budget.get("checked")
+            else ("OVER: " + str(dp.get("budget_error")) if dp.get("budget_error") else "ok")
+        )
+        rows += (
+            f"<tr><td>{e(n)}</td><td>{e(str(dp.get('host')))}</td><td>{e(str(cpu.get('model')))}"
+            f" ({e(' '.join(cpu.get('numeric_flags') or []))})</td>"
+            f"<td>{e(str(b.get('runtime')))} {e(str(b.get('runtime_version') or ''))} @{b.get('threads')}</td>"
+            f"<td>{_fmt(b.get('latency_ms_p50'), 'ms')}</td><td>{_fmt(b.get('latency_ms_p95'), 'ms')}</td>"
+            f"<td>{'-' if peak is None else f'{peak / 2**20:.1f}'}</td><td>{_fmt(b.get('accuracy'), 'pct')}</td>"
+            f"<td>{b.get('samples')}</td><td>{e(verdict)}</td><td>{e(str(dp.get('profiled_at')))}</td></tr>"
+        )
+    if not rows:
+        return ""
+    return (
+        "<h2>On the device (edgefleet profile; one sample at a time through the agent)</h2>"
+        "<table><tr><th>target</th><th>device</th><th>CPU (numeric flags)</th><th>runtime @threads</th>"
+        "<th>p50 ms</th><th>p95 ms</th><th>peak RSS MiB</th><th>accuracy</th><th>samples</th>"
+        "<th>budget</th><th>profiled</th></tr>" + rows + "</table>"
+    )
+
+
 def render_html(report: dict[str, Any]) -> str:
     """Return the self-contained HTML report (inline CSS and SVG; no scripts or external resources)."""
     e = html.escape
@@ -267,8 +302,6 @@ def render_html(report: dict[str, Any]) -> str:
             notes.append(f"<li><b>{e(n)}</b>: {e(str(t['accuracy_budget']))}</li>")
         for w in t.get("warnings") or []:
             notes.append(f"<li><b>{e(n)}</b>: warning: {e(str(w))}</li>")
-        if t.get("device_profile"):
-            notes.append(f"<li><b>{e(n)}</b> on device: {e(device_profile_line(t['device_profile']))}</li>")
     edgetpu_html = ""
     for n, t in targets.items():
         et = t.get("edgetpu")
@@ -304,6 +337,7 @@ def render_html(report: dict[str, Any]) -> str:
                 f"<td>{_fmt(fl.get('threads_1', {}).get('p50_ms'), 'ms')}</td>"
                 f"<td>{_fmt(fl.get('threads_N', {}).get('p50_ms'), 'ms')}</td></tr>"
             )
+    device_html = _device_profiles_html(targets)
     opts = report.get("options", {})
     data = report.get("data", {})
     prune = report.get("prune")
@@ -343,5 +377,6 @@ total build {report.get("build_s", "-")} s.</p>
 <th>p95</th>
 <th>float p50 1 thread</th><th>float p50</th></tr>{rt_rows}</table>
 {edgetpu_html}
+{device_html}
 </body></html>
 """

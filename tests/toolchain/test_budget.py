@@ -386,4 +386,4 @@ def test_local_profile_of_a_built_bundle_lands_in_its_report(
     verify_bundle(out / "x86", VerifyPolicy(allow_unsigned=True))  # the unsigned profile file is tolerated
     report = json.loads((out / "report.json").read_text())
     assert report["targets"]["x86"]["device_profile"] == doc
-    assert "on device" in (out / "report.html").read_text()
+    assert "On the device" in (out / "report.html").read_text()
