@@ -387,3 +387,21 @@ def test_local_profile_of_a_built_bundle_lands_in_its_report(
     report = json.loads((out / "report.json").read_text())
     assert report["targets"]["x86"]["device_profile"] == doc
     assert "On the device" in (out / "report.html").read_text()
+
+
+def test_targets_show_prints_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from toolchain.cli import main
+    from toolchain.targets import REPO_TARGETS
+
+    text = (REPO_TARGETS / "mobile.toml").read_text().replace('name = "mobile"', 'name = "phone"')
+    (tmp_path / "phone.toml").write_text(text + "\n[budget]\nmax_arena_bytes = 2048\n")
+    monkeypatch.setenv("EDGEFLEET_TARGETS", str(tmp_path))
+    r = CliRunner().invoke(main, ["targets", "show", "phone"])
+    assert r.exit_code == 0 and "budget        max_arena_bytes=2048" in r.output, r.output
+    r = CliRunner().invoke(main, ["targets", "show", "phone", "--json"])
+    assert json.loads(r.output)["budget"]["max_arena_bytes"] == 2048
+    (tmp_path / "phone.toml").write_text(text + "\n[budget]\nmax_ram = 3\n")
+    r = CliRunner().invoke(main, ["targets", "show", "phone"])
+    assert r.exit_code == 1 and "[budget]: unknown key(s) ['max_ram']" in r.output
