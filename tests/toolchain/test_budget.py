@@ -405,3 +405,30 @@ def test_targets_show_prints_the_budget(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "phone.toml").write_text(text + "\n[budget]\nmax_ram = 3\n")
     r = CliRunner().invoke(main, ["targets", "show", "phone"])
     assert r.exit_code == 1 and "[budget]: unknown key(s) ['max_ram']" in r.output
+
+
+def test_liveness_peak_matches_the_definition_on_random_graphs() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n_tensors, n_steps = int(rng.integers(1, 12)), int(rng.integers(1, 10))
+        sizes = {f"t{i}": int(rng.integers(1, 1000)) for i in range(n_tensors)}
+        steps = [
+            (
+                [f"t{i}" for i in rng.choice(n_tensors, size=int(rng.integers(0, 3)))] + ["const"],
+                [f"t{int(rng.integers(n_tensors))}"],
+            )
+            for _ in range(n_steps)
+        ]
+        outs = [f"t{int(rng.integers(n_tensors))}"]
+        start = {k: -1 for k in sizes}
+        end = {k: -1 for k in sizes}
+        for i, (ins, o) in enumerate(steps):
+            for k in o:
+                start[k], end[k] = i, max(end[k], i)
+            for k in ins:
+                if k in sizes:
+                    end[k] = max(end[k], i)
+        for k in outs:
+            end[k] = n_steps
+        want = max(sum(v for k, v in sizes.items() if start[k] <= i <= end[k]) for i in range(n_steps))
+        assert B.liveness_peak(sizes, steps, outs) == want

@@ -121,9 +121,17 @@ def liveness_peak(
     for name in graph_outputs:
         if name in sizes:
             end[name] = n
-    peak = 0
+    # One sweep over a difference array: +size where a tensor becomes live, -size after its last step.
+    delta = [0] * (n + 2)
+    for name, size in sizes.items():
+        first, last = max(start[name], 0), min(end[name], n - 1)
+        if last < first:
+            continue  # never live during a step (an unused graph input)
+        delta[first] += size
+        delta[last + 1] -= size
+    peak = live = 0
     for i in range(n):
-        live = sum(sizes[k] for k in sizes if start[k] <= i <= end[k])
+        live += delta[i]
         peak = max(peak, live)
     return peak
 
