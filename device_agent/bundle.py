@@ -29,6 +29,11 @@ from device_agent.errors import AgentError
 MANIFEST_SCHEMA = 1
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
+# Written by ``edgefleet profile`` beside the signed files: measurements, not part of the bundle. It
+# is neither listed nor signed, never copied to devices (flash, serve and the updater send the
+# listed files only), and never read by the agent; verification tolerates it so a profiled bundle
+# still verifies.
+DEVICE_PROFILE_FILE = "device_profile.json"
 MANIFEST_MAX_BYTES = 1 << 20
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 HASH_CHUNK_BYTES = 1 << 20
@@ -289,7 +294,7 @@ def check_relpath(path: Any) -> None:
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise BundleError(f"bundle file path {path!r} must not contain '..', '.' or empty parts")
-    if path in (MANIFEST_FILE, SIGNATURE_FILE):
+    if path in (MANIFEST_FILE, SIGNATURE_FILE, DEVICE_PROFILE_FILE):
         raise BundleError(f"bundle file path {path!r} is reserved")
 
 
@@ -387,7 +392,8 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], policy: VerifyPolicy | Non
 
     Checks, in order: manifest size and schema, the signature (when keys are trusted), target,
     anti-rollback version floor, total size cap, then every file: a regular file (no symlink) inside
-    the bundle with the listed size and sha256, and no file that the manifest does not list.
+    the bundle with the listed size and sha256, and no file that the manifest does not list (but
+    ``DEVICE_PROFILE_FILE``, an unsigned record of measurements the agent never reads).
     """
     policy = policy or VerifyPolicy(allow_unsigned=True)
     root = Path(bundle_dir)
@@ -398,7 +404,7 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], policy: VerifyPolicy | Non
         sig = sig_path.read_bytes()[:4096]
     manifest = check_manifest_policy(raw, sig, policy, f"bundle {str(root)!r}")
     listed = {f.path for f in manifest.files}
-    allowed = listed | {MANIFEST_FILE, SIGNATURE_FILE}
+    allowed = listed | {MANIFEST_FILE, SIGNATURE_FILE, DEVICE_PROFILE_FILE}
     for p in _walk(root):
         rel = p.relative_to(root).as_posix()
         if p.is_symlink():

@@ -1,4 +1,5 @@
-"""The ``edgefleet-agent`` command line: ``predict`` (offline), ``run`` (the daemon), ``check`` (config).
+"""The ``edgefleet-agent`` command line: ``predict`` (offline), ``bench`` (on-device profile), ``run``
+(the daemon), ``check`` (config).
 
 Only this layer prints. Exit codes: 0 ok, 1 bad input (predict), 2 bad flags (click), 78 bad daemon
 config (EX_CONFIG) for ``run`` and ``check``.
@@ -280,6 +281,99 @@ def _write_output(path: Path, doc: dict[str, Any], scores: Any, labels: list[str
                 w.writerow([p["label"], f"{p['score']:.6g}", *[f"{v:.6g}" for v in p["scores"]]])
     else:
         raise OSError(0, f"unknown output type {suffix!r}; use .csv, .json or .npy")
+
+
+# --------------------------------------------------------------------------------------------------
+# bench
+
+
+@main.command("bench")
+@click.option("--bundle", "bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    help=".npy, .npz (array 'x') or .csv; default: inputs drawn within the baseline's ranges.",
+)
+@click.option("--label", help="CSV column or .npz array with true labels: report accuracy.")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Timed predictions (at least one per input).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Ed25519 public key (.pub) the bundle must be signed with; without one, unsigned bundles run.",
+)
+@click.option(
+    "--runtime", type=click.Choice(["litert", "onnxruntime", "openvino"]), help="Override the runtime."
+)
+@click.option("--threads", type=click.IntRange(1, 64), help="Inference threads (default: the bundle's).")
+@click.pass_context
+def bench_cmd(
+    ctx: click.Context,
+    bundle: Path,
+    input_path: Path | None,
+    label: str | None,
+    runs: int,
+    as_json: bool,
+    trusted_keys: tuple[Path, ...],
+    runtime: str | None,
+    threads: int | None,
+) -> None:
+    """Profile a bundle on this device: latency p50/p95, peak memory, accuracy, CPU (one sample at a time)."""
+    from device_agent.bench import run_bench
+
+    if label is not None and input_path is None:
+        click.echo("Error: --label needs --input (the file holding the labels)", err=True)
+        sys.exit(2)
+    try:
+        from device_agent.keys import load_trusted_keys
+
+        keys = load_trusted_keys(trusted_keys)
+        if not keys:
+            click.echo(
+                "warning: no --trusted-key given; the bundle's signature is not checked (hashes are)",
+                err=True,
+            )
+        x = y = None
+        if input_path is not None:
+            x, y = read_inputs(input_path, label)
+        doc = run_bench(
+            bundle,
+            x,
+            y,
+            runs=runs,
+            runtime=runtime,
+            threads=threads,
+            trusted_keys=keys,
+            input_name=input_path.name if input_path is not None else None,
+        )
+    except AgentError as e:
+        _fail(ctx, e, 1)
+        return
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    b, cpu = doc["bundle"], doc["cpu"]
+    click.echo(
+        f"{b['name']} v{b['version']} ({b['target']}) in {doc['runtime']} {doc['runtime_version'] or ''}"
+        f" with {doc['threads']} threads on {cpu['model'] or cpu['machine']} ({cpu['count']} CPUs;"
+        f" {' '.join(cpu['numeric_flags']) or 'no listed SIMD flags'})"
+    )
+    acc = "-" if doc["accuracy"] is None else f"{100 * doc['accuracy']:.2f}%"
+    peak = doc["peak_rss_bytes"]
+    click.echo(
+        f"{doc['runs']} predictions one at a time on {doc['samples']} inputs ({doc['input']}):"
+        f" p50 {doc['latency_ms_p50']:.3f} ms, p95 {doc['latency_ms_p95']:.3f} ms;"
+        f" peak RSS {'-' if peak is None else f'{peak / 2**20:.1f} MiB'}; accuracy {acc}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

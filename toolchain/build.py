@@ -414,6 +414,7 @@ def _build_target(
     progress: bool,
     max_class_drop: float = DEFAULT_MAX_CLASS_DROP_POINTS,
 ) -> dict[str, Any]:
+    from toolchain.steps import budget
     from toolchain.steps.convert import convert_for_target, predict_artifact, verify_artifact
 
     t0 = time.perf_counter()
@@ -478,6 +479,7 @@ def _build_target(
         edgetpu_manifest: dict[str, Any] | None = None
         if t.edgetpu is not None:
             accelerated, edgetpu_manifest, extra = _edgetpu(artifact.path, t, tdir, entry)
+        budget.record_measurements(artifact.path, entry)
 
         if acc + 1e-9 < float_acc - t.limits.max_accuracy_drop:
             msg = (
@@ -503,6 +505,7 @@ def _build_target(
                 f"{t.limits.max_model_bytes};"
                 " prune it (--prune) or use a smaller architecture"
             )
+        budget.enforce(t, entry)
         metrics = {
             k: entry[k]
             for k in (

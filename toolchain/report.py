@@ -116,6 +116,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("float", "float_accuracy", "pct"),
     ("size", "size_bytes", "kb"),
     ("float size", "float_size_bytes", "kb"),
+    ("arena", "arena_bytes", "kb"),
     ("sparsity", "sparsity", "pct"),
     ("agree", "top1_agreement", "pct"),
     ("SQNR dB", "sqnr_db", "db"),
@@ -165,6 +166,11 @@ def summary_table(report: dict[str, Any]) -> str:
             out.append(f"{name}: {line}")
         if e.get("class_drop_budget", "ok") != "ok":
             out.append(f"{name}: {e['class_drop_budget']}")
+        for w in e.get("warnings") or []:
+            out.append(f"{name}: WARNING: {w}")
+        dp = e.get("device_profile")
+        if dp:
+            out.append(f"{name}: on device {device_profile_line(dp)}")
     return "\n".join(out)
 
 
@@ -206,6 +212,22 @@ def confusion_text(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> st
         ["true \\ pred", *labels],
         [[label, *map(str, row)] for label, row in zip(labels, matrix, strict=True)],
     )
+
+
+def device_profile_line(dp: dict[str, Any]) -> str:
+    """Return one line about an ``edgefleet profile`` result (``device_profile.json``)."""
+    b = dp.get("bench", {})
+    acc = b.get("accuracy")
+    mib = (b.get("peak_rss_bytes") or 0) / 2**20
+    line = (
+        f"{dp.get('host', '?')} ({b.get('cpu', {}).get('model') or '?'}, {b.get('runtime')}"
+        f" @{b.get('threads')} threads): p50 {_fmt(b.get('latency_ms_p50'), 'ms')} ms,"
+        f" p95 {_fmt(b.get('latency_ms_p95'), 'ms')} ms, peak RSS {mib:.1f} MiB"
+    )
+    if acc is not None:
+        line += f", accuracy {_fmt(acc, 'pct')} on {b.get('samples')} samples"
+    verdict = dp.get("budget_error")
+    return line + (f"; OVER BUDGET: {verdict}" if verdict else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,6 +367,41 @@ def _min_lost(targets: dict[str, Any]) -> int:
     return MIN_LOST_SAMPLES
 
 
+def _device_profiles_html(targets: dict[str, Any]) -> str:
+    """Return the "On the device" table of ``edgefleet profile`` results ("" when there are none)."""
+    e = html.escape
+    rows = ""
+    for n, t in targets.items():
+        dp = t.get("device_profile")
+        if not dp:
+            continue
+        b = dp.get("bench", {})
+        cpu = b.get("cpu", {})
+        peak = b.get("peak_rss_bytes")
+        budget = dp.get("budget") or {}
+        verdict = (
+            "not checked"
+            if not budget.get("checked")
+            else ("OVER: " + str(dp.get("budget_error")) if dp.get("budget_error") else "ok")
+        )
+        rows += (
+            f"<tr><td>{e(n)}</td><td>{e(str(dp.get('host')))}</td><td>{e(str(cpu.get('model')))}"
+            f" ({e(' '.join(cpu.get('numeric_flags') or []))})</td>"
+            f"<td>{e(str(b.get('runtime')))} {e(str(b.get('runtime_version') or ''))} @{b.get('threads')}</td>"
+            f"<td>{_fmt(b.get('latency_ms_p50'), 'ms')}</td><td>{_fmt(b.get('latency_ms_p95'), 'ms')}</td>"
+            f"<td>{'-' if peak is None else f'{peak / 2**20:.1f}'}</td><td>{_fmt(b.get('accuracy'), 'pct')}</td>"
+            f"<td>{b.get('samples')}</td><td>{e(verdict)}</td><td>{e(str(dp.get('profiled_at')))}</td></tr>"
+        )
+    if not rows:
+        return ""
+    return (
+        "<h2>On the device (edgefleet profile; one sample at a time through the agent)</h2>"
+        "<table><tr><th>target</th><th>device</th><th>CPU (numeric flags)</th><th>runtime @threads</th>"
+        "<th>p50 ms</th><th>p95 ms</th><th>peak RSS MiB</th><th>accuracy</th><th>samples</th>"
+        "<th>budget</th><th>profiled</th></tr>" + rows + "</table>"
+    )
+
+
 def render_html(report: dict[str, Any]) -> str:
     """Return the self-contained HTML report (inline CSS and SVG; no scripts or external resources)."""
     e = html.escape
@@ -382,6 +439,8 @@ def render_html(report: dict[str, Any]) -> str:
             notes.append(f"<li><b>{e(n)}</b> failed: {e(str(t['error']))}</li>")
         if t.get("accuracy_budget", "ok") not in ("ok", None):
             notes.append(f"<li><b>{e(n)}</b>: {e(str(t['accuracy_budget']))}</li>")
+        for w in t.get("warnings") or []:
+            notes.append(f"<li><b>{e(n)}</b>: warning: {e(str(w))}</li>")
         if t.get("class_drop_budget", "ok") not in ("ok", None):
             notes.append(f"<li><b>{e(n)}</b>: {e(str(t['class_drop_budget']))}</li>")
     labels = [str(lb) for lb in report.get("labels") or []]
@@ -429,6 +488,7 @@ def render_html(report: dict[str, Any]) -> str:
                 f"<td>{_fmt(fl.get('threads_1', {}).get('p50_ms'), 'ms')}</td>"
                 f"<td>{_fmt(fl.get('threads_N', {}).get('p50_ms'), 'ms')}</td></tr>"
             )
+    device_html = _device_profiles_html(targets)
     opts = report.get("options", {})
     data = report.get("data", {})
     prune = report.get("prune")
@@ -474,5 +534,6 @@ total build {report.get("build_s", "-")} s.</p>
 <th>float p50 1 thread</th><th>float p50</th></tr>{rt_rows}</table>
 {edgetpu_html}
 {class_sections}
+{device_html}
 </body></html>
 """

@@ -58,6 +58,32 @@ class EdgeTPU:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A device's budget (``[budget]``, every key optional): the build fails a target over any of them.
+
+    ``max_model_bytes`` (model file), ``max_arena_bytes`` (peak tensor memory, see
+    ``toolchain.steps.budget``), ``max_latency_ms`` (p95, batch 1, the target's threads),
+    ``min_edgetpu_op_share`` (0..1 of the ops mapped to the Edge TPU; ``[edgetpu]`` profiles only).
+    """
+
+    max_model_bytes: int | None = None
+    max_arena_bytes: int | None = None
+    max_latency_ms: float | None = None
+    min_edgetpu_op_share: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_model_bytes": self.max_model_bytes,
+            "max_arena_bytes": self.max_arena_bytes,
+            "max_latency_ms": self.max_latency_ms,
+            "min_edgetpu_op_share": self.min_edgetpu_op_share,
+        }
+
+
+BUDGET_KEYS = ("max_model_bytes", "max_arena_bytes", "max_latency_ms", "min_edgetpu_op_share")
+
+
+@dataclass(frozen=True)
 class Target:
     """A hardware target profile."""
 
@@ -70,6 +96,7 @@ class Target:
     limits: Limits
     edgetpu: EdgeTPU | None = None
     path: Path | None = field(default=None, compare=False)
+    budget: Budget | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -88,6 +115,7 @@ class Target:
                 "max_accuracy_drop": self.limits.max_accuracy_drop,
             },
             "edgetpu": None,
+            "budget": self.budget.to_dict() if self.budget else None,
             "path": str(self.path) if self.path else None,
         }
         if self.edgetpu:
@@ -143,7 +171,7 @@ def parse_target(doc: Mapping[str, Any], path: Path | None = None) -> Target:
     _keys(
         doc,
         {"name", "format", "runtimes", "quantization", "limits"},
-        {"description", "threads", "edgetpu"},
+        {"description", "threads", "edgetpu", "budget"},
         where,
     )
     name = doc["name"]
@@ -220,10 +248,42 @@ def parse_target(doc: Mapping[str, Any], path: Path | None = None) -> Target:
             max_on_chip_bytes=int(e.get("max_on_chip_bytes", 8_000_000)),
             supported_ops={str(k).upper(): int(v) for k, v in ops.items()},
         )
+    budget = _budget(doc["budget"], etpu is not None, where) if "budget" in doc else None
     desc = doc.get("description", "")
     if not isinstance(desc, str):
         raise TargetError(f"{where}: description must be a string")
-    return Target(name, desc, fmt, runtimes, threads, quant, limits, etpu, path)
+    return Target(name, desc, fmt, runtimes, threads, quant, limits, etpu, path, budget)
+
+
+def _budget(b: Any, has_edgetpu: bool, where: str) -> Budget:
+    """Validate ``[budget]``: known keys only, positive sizes and latency, a share in (0, 1]."""
+    where = f"{where}: [budget]"
+    _keys(b, set(), set(BUDGET_KEYS), where)
+    for key in ("max_model_bytes", "max_arena_bytes"):
+        v = b.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise TargetError(f"{where} {key} must be a positive integer (bytes), got {v!r}")
+    lat = b.get("max_latency_ms")
+    if lat is not None and (
+        isinstance(lat, bool) or not isinstance(lat, (int, float)) or not 0 < lat < float("inf")
+    ):
+        raise TargetError(
+            f"{where} max_latency_ms must be a positive number (milliseconds, p95), got {lat!r}"
+        )
+    share = b.get("min_edgetpu_op_share")
+    if share is not None:
+        if not has_edgetpu:
+            raise TargetError(f"{where} min_edgetpu_op_share needs an [edgetpu] table in the same profile")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise TargetError(
+                f"{where} min_edgetpu_op_share must be in (0, 1] (0.9 = 90% of ops on the Edge TPU), got {share!r}"
+            )
+    return Budget(
+        max_model_bytes=b.get("max_model_bytes"),
+        max_arena_bytes=b.get("max_arena_bytes"),
+        max_latency_ms=float(lat) if lat is not None else None,
+        min_edgetpu_op_share=float(share) if share is not None else None,
+    )
 
 
 def load_target_file(path: Path) -> Target:

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "toolchain.cli.fleet": ("fleet",),
     "toolchain.cli.flash": ("keys", "verify", "flash", "serve"),
     "toolchain.cli.demo": ("demo",),
+    "toolchain.cli.profile": ("profile",),
 }
 
 

@@ -346,6 +346,9 @@ def targets_show(name: str, as_json: bool) -> None:
         elif isinstance(v, list):
             v = ", ".join(map(str, v))
         click.echo(f"{k:13} {v}")
+    if d.get("budget"):
+        set_keys = {k: v for k, v in d["budget"].items() if v is not None}
+        click.echo(f"{'budget':13} " + (", ".join(f"{k}={v}" for k, v in set_keys.items()) or "none set"))
     if d["edgetpu"]:
         e = d["edgetpu"]
         click.echo(
