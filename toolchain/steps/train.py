@@ -107,12 +107,12 @@ def check_out_path(out_path: str | Path) -> Path:
     """
     p = Path(out_path)
     shown = str(out_path)
-    if p.suffix.lower() not in MODEL_SUFFIXES:
-        raise TrainError(f"--out {shown!r} must end in .keras or .h5 (for example model.keras)")
     if p.is_dir():
         raise TrainError(
             f"--out {shown!r} is a directory; give a file name such as {shown.rstrip('/')}/model.keras"
         )
+    if p.suffix.lower() not in MODEL_SUFFIXES:
+        raise TrainError(f"--out {shown!r} must end in .keras or .h5 (for example model.keras)")
     if model_meta_path(p).is_dir():
         raise TrainError(
             f"--out {shown!r}: its metadata file {str(model_meta_path(p))!r} is a directory; remove it"
