@@ -37,13 +37,6 @@ MOBILENET_MIN_SIDE = 32
 MOBILENET_ALPHA = 0.35
 MOBILENET_BN_MOMENTUM = 0.9
 PREDICT_BATCH = 256
-# The mlp is often trained on a few hundred tabular rows, where an unregularised 64-32 network overfits
-# and lands 2-3 points below a logistic regression (BENCHMARKS.md, training section). L2 on the
-# kernels, scaled by 1 / samples (weaker as data grows, as a prior should be), plus dropout.
-MLP_UNITS = (64, 32)
-MLP_L2_PER_SAMPLE = 4.0  # L2 factor = MLP_L2_PER_SAMPLE / training samples, at most MLP_L2_MAX
-MLP_L2_MAX = 0.05
-MLP_DROPOUT = 0.2
 
 
 class ModelError(ToolchainError):
@@ -428,12 +421,8 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
         norm = L.Normalization(axis=-1, name="normalize")
         norm.adapt(flat)
         h = norm(h)
-        l2 = min(MLP_L2_MAX, MLP_L2_PER_SAMPLE / max(1, x.shape[0]))
-        reg = keras.regularizers.L2(l2) if l2 > 0 else None
-        for units in MLP_UNITS:
-            h = L.Dense(units, activation="relu", kernel_regularizer=reg)(h)
-            if MLP_DROPOUT:
-                h = L.Dropout(MLP_DROPOUT)(h)
+        h = L.Dense(64, activation="relu")(h)
+        h = L.Dense(32, activation="relu")(h)
         out = L.Dense(n_classes, activation="softmax", name="scores")(h)
         return keras.Model(inp, out, name="mlp")
     if len(shape) != 3:

@@ -43,6 +43,12 @@ LEARNING_RATE = 1e-3
 # Early stopping watches the validation loss (smoother than accuracy on a few dozen samples).
 PATIENCE_EPOCHS = 10
 MIN_EPOCHS = 10  # no early stop before this many epochs (capped at --epochs)
+# Smaller validation-loss gains do not count as progress: with L2 and a learning rate that keeps
+# halving, the loss creeps down by 1e-5 an epoch long after the model stopped learning.
+EARLY_STOP_MIN_DELTA = 1e-3
+# What early stopping and the learning-rate schedule watch: the validation cross-entropy without the
+# regularisation penalty (Keras's val_loss includes it).
+XENT_MONITOR = "val_xent"
 # ReduceLROnPlateau: halve the learning rate after LR_PATIENCE_EPOCHS without a better validation loss.
 LR_PATIENCE_EPOCHS = 4
 LR_FACTOR = 0.5
@@ -212,7 +218,7 @@ def epoch_bar_callback(keras: Any, total: int, desc: str, show: bool) -> Any:
             shown = {
                 k: f"{v:.3f}"
                 for k, v in logs.items()
-                if k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                if k in ("loss", "accuracy", "val_xent", "val_accuracy")
             }
             self.bar.set_postfix(shown)
             self.bar.update(1)
@@ -235,7 +241,7 @@ def fit(
     min_epochs: int = 0,
     lr_patience: int | None = None,
     class_weight: dict[int, float] | None = None,
-    monitor: str = "val_loss",
+    monitor: str = XENT_MONITOR,
     extra_callbacks: list[Any] | None = None,
     desc: str = "train",
     progress: bool = True,
@@ -264,19 +270,22 @@ def fit(
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate),
             loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
+            # The data part of the loss alone: Keras's val_loss adds the L2 penalty, which shrinks
+            # epoch after epoch whether or not the model gets better on the validation data.
+            metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="xent")],
         )
         callbacks = [epoch_bar_callback(keras, epochs, desc, show), *(extra_callbacks or [])]
         if has_val and lr_patience:
             callbacks.append(
                 keras.callbacks.ReduceLROnPlateau(
-                    monitor="val_loss", factor=LR_FACTOR, patience=lr_patience, min_lr=MIN_LEARNING_RATE
+                    monitor=XENT_MONITOR, factor=LR_FACTOR, patience=lr_patience, min_lr=MIN_LEARNING_RATE
                 )
             )
         if has_val and patience:
             callbacks.append(
                 keras.callbacks.EarlyStopping(
                     monitor=monitor,
+                    min_delta=EARLY_STOP_MIN_DELTA,
                     patience=patience,
                     restore_best_weights=True,
                     start_from_epoch=max(0, min(min_epochs, epochs) - patience),
@@ -299,13 +308,19 @@ def fit(
     return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
-def _best_epoch(history: dict[str, list[float]], monitor: str) -> int:
+def _best_epoch(history: dict[str, list[float]], monitor: str, start_epoch: int = 0) -> int:
+    """Return the 1-based epoch whose weights EarlyStopping restored (its improvement rule, min_delta)."""
     vals = history.get(monitor)
     if not vals:
         return len(history.get("loss", []))
-    arr = np.asarray(vals, dtype=np.float64)
-    idx = int(np.nanargmax(arr)) if "acc" in monitor else int(np.nanargmin(arr))
-    return idx + 1
+    sign = -1.0 if "acc" in monitor else 1.0  # minimise loss, maximise accuracy
+    best, best_i = float("inf"), start_epoch
+    for i, v in enumerate(vals):
+        if i < start_epoch or not np.isfinite(v):
+            continue
+        if sign * v + EARLY_STOP_MIN_DELTA < best:
+            best, best_i = sign * v, i
+    return best_i + 1
 
 
 def data_sha256(data: Dataset) -> str:
@@ -361,7 +376,7 @@ def train_model(
     # and adapt's mean and variance do not depend on it. Statistics come from the training split only.
     import_keras().utils.set_random_seed(seed)
     model = build_architecture(arch, train.x, data.n_classes, seed=seed)
-    monitor = "val_loss"
+    monitor = XENT_MONITOR
     history = fit(
         model,
         train,
@@ -380,7 +395,8 @@ def train_model(
         seed=seed,
     )
     epochs_run = len(history.get("loss", []))
-    best = _best_epoch(history, monitor) if val.n else epochs_run
+    start = max(0, min(min_epochs, epochs) - patience) if patience else 0
+    best = _best_epoch(history, monitor, start) if val.n and patience else epochs_run
     val_accuracy = float("nan")
     val_loss = float("nan")
     val_recall: dict[str, float] = {}
@@ -418,7 +434,7 @@ def train_model(
             "learning_rate": learning_rate,
             "lr_schedule": {
                 "type": "reduce_on_plateau",
-                "monitor": "val_loss",
+                "monitor": XENT_MONITOR,
                 "factor": LR_FACTOR,
                 "patience": lr_patience,
                 "min_lr": MIN_LEARNING_RATE,
@@ -427,6 +443,7 @@ def train_model(
                 "monitor": monitor,
                 "patience": patience,
                 "min_epochs": min_epochs,
+                "min_delta": EARLY_STOP_MIN_DELTA,
                 "restore_best_weights": True,
             },
             "validation_fraction": validation_fraction,
