@@ -270,8 +270,8 @@ def fit(
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate),
             loss="sparse_categorical_crossentropy",
-            # The data part of the loss alone: Keras's val_loss adds the L2 penalty, which shrinks
-            # epoch after epoch whether or not the model gets better on the validation data.
+            # The data part of the loss alone: Keras's val_loss adds any regularisation penalty (L2),
+            # which shrinks epoch after epoch whether or not the model gets better on unseen data.
             metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="xent")],
         )
         callbacks = [epoch_bar_callback(keras, epochs, desc, show), *(extra_callbacks or [])]
