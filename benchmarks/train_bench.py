@@ -325,8 +325,9 @@ def main() -> None:
         "the mean wall time per training run "
         "on this shared 2-core host. Data: "
         + "; ".join(f"`{n.split(' ')[0]}` {s.note}" for n, s in splits.items())
-        + ". `cells` and `machines` are made in code (see the script's docstring).\n\n"
-        + goal
+        + ". `cells` and `machines` are made in code (see the script's docstring). Class weights aim at "
+        "balanced accuracy: on unbalanced labels (`machines`) an unweighted model can score more plain "
+        "accuracy by neglecting the rare classes, which the balanced column shows.\n\n" + goal
     )
     headers = ["data", "method", "test acc %", "balanced acc %", "worst %", "epochs", "s", "seeds"]
     body = markdown_table(headers, rows)
