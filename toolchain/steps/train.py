@@ -162,7 +162,10 @@ def deterministic(seed: int) -> Iterator[None]:
     """
     tf = import_tf()
     keras = import_keras()
-    from tensorflow.python.framework import config as tf_config  # the only place with disable/is_enabled
+    try:  # the only place with is_op_determinism_enabled/disable_op_determinism (TensorFlow 2.21 is pinned)
+        from tensorflow.python.framework import config as tf_config
+    except ImportError:  # pragma: no cover - a TensorFlow without it: determinism stays on afterwards
+        tf_config = None
 
     was_on = bool(getattr(tf_config, "is_op_determinism_enabled", lambda: False)())
     keras.utils.set_random_seed(seed)
@@ -170,7 +173,7 @@ def deterministic(seed: int) -> Iterator[None]:
     try:
         yield
     finally:
-        if not was_on and hasattr(tf_config, "disable_op_determinism"):
+        if not was_on and tf_config is not None and hasattr(tf_config, "disable_op_determinism"):
             tf_config.disable_op_determinism()
 
 
