@@ -19,7 +19,8 @@ from toolchain.errors import USER_ERRORS
 
 # module -> names of the click commands/groups it defines
 COMMANDS: dict[str, tuple[str, ...]] = {
-    "toolchain.cli.build": ("train", "build", "evaluate", "report", "targets"),
+    "toolchain.cli.train": ("train",),
+    "toolchain.cli.build": ("build", "evaluate", "report", "targets"),
     "toolchain.cli.fleet": ("fleet",),
     "toolchain.cli.flash": ("keys", "verify", "flash", "serve"),
     "toolchain.cli.demo": ("demo",),

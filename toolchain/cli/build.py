@@ -1,4 +1,4 @@
-"""``edgefleet train | build | evaluate | report | targets``: thin layers over the Python API.
+"""``edgefleet build | evaluate | report | targets``: thin layers over the Python API (train: cli/train.py).
 
 Only this layer prints. With ``--json`` the result goes to stdout as one JSON document and nothing
 else does (library chatter on file descriptor 1 is redirected to stderr while the work runs).
@@ -43,59 +43,6 @@ def stdout_to_stderr(active: bool) -> Iterator[None]:
 def emit_json(doc: Any) -> None:
     """Print one JSON document to stdout."""
     click.echo(json.dumps(doc, indent=2, allow_nan=False))
-
-
-# --------------------------------------------------------------------------------------------------
-# train
-
-
-@click.command("train")
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    help="Training data: .npz (x, y), .csv (with --label) or an image folder.",
-)
-@click.option("--label", default=None, help="Label column (CSV) or label array name (.npz, default y).")
-@click.option(
-    "--arch", type=click.Choice(["mlp", "cnn", "mobilenetv2"]), required=True, help="Built-in architecture."
-)
-@click.option(
-    "--epochs",
-    type=click.IntRange(min=1),
-    default=20,
-    show_default=True,
-    help="Most epochs (early stopping may end sooner).",
-)
-@click.option("--out", "out_path", required=True, help="Where to save the model (.keras or .h5).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def train_cmd(
-    data_path: str, label: str | None, arch: str, epochs: int, out_path: str, as_json: bool
-) -> None:
-    """Train a built-in architecture on your data (validation split, early stopping)."""
-    from toolchain.steps.data import load_dataset
-    from toolchain.steps.train import train_model
-
-    with stdout_to_stderr(as_json):
-        ds = load_dataset(data_path, label)
-        result = train_model(ds, arch, epochs, out_path, progress=not as_json)
-    doc = {
-        "model": str(result.path),
-        "arch": arch,
-        "samples": ds.n,
-        "input_shape": list(ds.sample_shape),
-        "classes": ds.class_names,
-        "epochs_run": result.epochs_run,
-        "val_accuracy": result.val_accuracy,
-        "train_accuracy": result.train_accuracy,
-    }
-    if as_json:
-        emit_json(doc)
-        return
-    click.echo(
-        f"saved {result.path} ({arch}, {ds.n} samples, {len(ds.class_names)} classes): "
-        f"validation accuracy {100 * result.val_accuracy:.2f}% after {result.epochs_run} epochs"
-    )
 
 
 # --------------------------------------------------------------------------------------------------
