@@ -133,7 +133,9 @@ class Daemon:
             from device_agent.api import ApiServer
 
             try:
-                self.api = ApiServer(self.agent, config.listen, health=self.health, gauges=self.gauges)
+                self.api = ApiServer(
+                    self.agent, config.listen, health=self.health, gauges=self.gauges, settings=config.api
+                )
             except OSError as e:
                 self.outbox.close()
                 raise ConfigError(
