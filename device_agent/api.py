@@ -59,7 +59,10 @@ MAX_HEADER_BYTES = 16 * 1024
 RECV_BYTES = 256 * 1024
 TICK_S = 0.25  # how often timeouts are checked
 ACCEPT_BATCH = 128
-EVICT_MIN_IDLE_S = 0.1  # a connection this quiet may be closed for a new one (a fresh one may not have sent yet)  # connections accepted per wake-up of the I/O thread
+FILES_RESERVED = 128  # descriptors kept for the model, the outbox, MQTT and logs
+EVICT_MIN_IDLE_S = 0.1
+LINGER_S = 0.002  # a worker waits this long for the next request on its keep-alive connection ...
+LINGER_MAX_S = 0.05  # ... and at most this long for one request to arrive completely  # a connection this quiet may be closed for a new one (a fresh one may not have sent yet)  # connections accepted per wake-up of the I/O thread
 QUEUE_PER_WORKER = 16  # complete requests waiting per worker; beyond, 503
 JSON_BYTES_PER_VALUE = 32  # "-1.2345678901234567e-05, " and then some: what one number costs in JSON
 BODY_SLACK_BYTES = 4096  # the JSON object around the numbers, the .npy header
@@ -300,26 +303,36 @@ def load_npy(raw: bytes) -> np.ndarray:
     return arr
 
 
+_RAW_HEADERS: dict[tuple[str, str], tuple[tuple[int, ...], np.dtype[Any], int]] = {}
+
+
 def load_raw(raw: bytes, shape_h: str | None, dtype_h: str | None) -> np.ndarray:
     """Decode raw little-endian tensor bytes with ``X-Shape: 1,96,96,1`` and ``X-Dtype`` (default float32)."""
     if not shape_h:
         raise BadBody("body", "raw tensor bodies need an X-Shape header, e.g. X-Shape: 1,96,96,1")
-    try:
-        shape = tuple(int(d) for d in shape_h.replace("x", ",").split(","))
-    except ValueError:
-        raise BadBody(
-            "shape", f"X-Shape {shape_h[:60]!r} must be comma-separated sizes, e.g. 1,96,96,1"
-        ) from None
-    if not shape or len(shape) > 8 or min(shape) < 1:
-        raise BadBody("shape", f"X-Shape {shape_h[:60]!r} must be 1 to 8 sizes of at least 1")
-    name = (dtype_h or "float32").strip().lower()
-    if name not in RAW_DTYPES:
-        raise BadBody("dtype", f"X-Dtype {name[:20]!r} is not one of {', '.join(RAW_DTYPES)}")
-    dt = np.dtype(name).newbyteorder("<")
-    want = int(np.prod(shape)) * dt.itemsize
+    key = (shape_h, dtype_h or "float32")
+    known = _RAW_HEADERS.get(key)
+    if known is None:
+        try:
+            shape = tuple(int(d) for d in shape_h.replace("x", ",").split(","))
+        except ValueError:
+            raise BadBody(
+                "shape", f"X-Shape {shape_h[:60]!r} must be comma-separated sizes, e.g. 1,96,96,1"
+            ) from None
+        if not shape or len(shape) > 8 or min(shape) < 1:
+            raise BadBody("shape", f"X-Shape {shape_h[:60]!r} must be 1 to 8 sizes of at least 1")
+        name = key[1].strip().lower()
+        if name not in RAW_DTYPES:
+            raise BadBody("dtype", f"X-Dtype {name[:20]!r} is not one of {', '.join(RAW_DTYPES)}")
+        dt = np.dtype(name).newbyteorder("<")
+        known = (shape, dt, int(np.prod(shape)) * dt.itemsize)
+        if len(_RAW_HEADERS) > 64:
+            _RAW_HEADERS.clear()
+        _RAW_HEADERS[key] = known
+    shape, dt, want = known
     if len(raw) != want:
         raise BadBody(
-            "shape", f"X-Shape {shape_h[:60]} of {name} needs {want} bytes, the body has {len(raw)}"
+            "shape", f"X-Shape {shape_h[:60]} of {dt.name} needs {want} bytes, the body has {len(raw)}"
         )
     arr = np.frombuffer(raw, dtype=dt).reshape(shape)
     return arr if dt.isnative else arr.astype(dt.newbyteorder("="))
@@ -383,6 +396,7 @@ class _Conn:
         "last",
         "busy",
         "closed",
+        "closed_by_peer",
     )
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
@@ -397,6 +411,7 @@ class _Conn:
         self.last = time.monotonic()
         self.busy = False
         self.closed = False
+        self.closed_by_peer = False
 
 
 class _HttpError(Exception):
@@ -404,6 +419,35 @@ class _HttpError(Exception):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+def _fit_open_files(max_connections: int) -> int:
+    """Raise the soft open-file limit to hold ``max_connections`` (up to the hard limit); return how many fit.
+
+    Running out of descriptors would make accept() fail while the listening socket stays readable.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = max_connections + FILES_RESERVED
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not POSIX, or not allowed
+        return max_connections
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FILES_RESERVED:
+        fit = max(8, int(soft) - FILES_RESERVED)
+        log.warning(
+            "[api] max_connections %d does not fit the open-file limit %d; serving at most %d connections"
+            " (raise LimitNOFILE in the service file)",
+            max_connections,
+            soft,
+            fit,
+        )
+        return fit
+    return max_connections
 
 
 class _Server:
@@ -436,6 +480,7 @@ class _Server:
             except OSError:
                 lsock.close()
                 raise
+        self.max_connections = _fit_open_files(settings.max_connections)
         lsock.listen(settings.backlog)
         lsock.setblocking(False)
         self.lsock = lsock
@@ -498,22 +543,26 @@ class _Server:
                 events = self._sel.select(TICK_S)
             except OSError:  # pragma: no cover - interrupted
                 continue
-            for key, _ in events:
-                if key.data == "listen":
-                    self._accept()
-                elif key.data == "wake":
-                    try:
-                        while self._wake_r.recv(4096):
+            try:
+                for key, _ in events:
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except OSError:
                             pass
-                    except OSError:
-                        pass
-                else:
-                    self._readable(key.data)
-            self._take_back()
-            now = time.monotonic()
-            if now - last_sweep >= TICK_S:
-                last_sweep = now
-                self._sweep(now)
+                    else:
+                        self._readable(key.data)
+                self._take_back()
+                now = time.monotonic()
+                if now - last_sweep >= TICK_S:
+                    last_sweep = now
+                    self._sweep(now)
+            except Exception:  # a bug here must not stop the API: log it (rate-limited) and go on
+                self.trouble.note("io", "the HTTP I/O loop failed; it goes on", logging.ERROR)
+                log.debug("I/O loop failure", exc_info=True)
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -534,11 +583,11 @@ class _Server:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = addr[0] if isinstance(addr, tuple) else "unix"
             c = _Conn(sock, peer)
-            if len(self.conns) >= self.settings.max_connections and not self._evict_idle():
+            if len(self.conns) >= self.max_connections and not self._evict_idle():
                 self.api.metrics.observe("other", 503, error="connections")
                 self.trouble.note(
                     "connections",
-                    f"{self.settings.max_connections} connections open ([api] max_connections); refused one",
+                    f"{self.max_connections} connections open ([api] max_connections); refused one",
                     logging.WARNING,
                 )
                 self._send_now(c, self._error(503, "too many connections; retry later", retry=True))
@@ -609,7 +658,9 @@ class _Server:
         while self._returned:
             c, close = self._returned.popleft()
             c.busy = False
-            if close or c.closed:
+            if c.closed_by_peer and c.started is not None:
+                self._gone(c, "while sending its request")
+            if close or c.closed or c.closed_by_peer:
                 self._close(c, registered=False)
                 continue
             c.last = time.monotonic()
@@ -755,7 +806,7 @@ class _Server:
     def _run(self, c: _Conn, first: Request) -> bool:
         """Answer ``first`` and requests already buffered behind it; return True to close the connection."""
         req: Request | None = first
-        c.sock.settimeout(self.settings.request_timeout_s)  # blocking writes, bounded
+        c.sock.settimeout(LINGER_S if LINGER_S > 0 else self.settings.request_timeout_s)
         try:
             while req is not None:
                 try:
@@ -767,7 +818,7 @@ class _Server:
                     self._release(c)
                 keep = req.keep_alive and not resp.close
                 try:
-                    c.sock.sendall(self._bytes(resp, req.version, keep))
+                    self._send_all(c, self._bytes(resp, req.version, keep))
                 except OSError:
                     self._gone(c, "before its answer was sent")
                     return True
@@ -780,12 +831,61 @@ class _Server:
                         req = self._parse(c)
                     except _HttpError:
                         return False  # the I/O thread parses it again and answers the error
+                if req is None:
+                    req = self._linger(c)
             return False
         finally:
             try:
                 c.sock.setblocking(False)
             except OSError:
                 pass
+
+    def _send_all(self, c: _Conn, data: bytes) -> None:
+        """Write a response: one send within the worker's short timeout, the rest (a slow reader)
+        within request_timeout_s."""
+        try:
+            sent = c.sock.send(data)
+        except TimeoutError:
+            sent = 0
+        if sent < len(data):
+            c.sock.settimeout(self.settings.request_timeout_s)
+            try:
+                c.sock.sendall(data[sent:])
+            finally:
+                c.sock.settimeout(LINGER_S if LINGER_S > 0 else self.settings.request_timeout_s)
+
+    def _linger(self, c: _Conn) -> Request | None:
+        """Wait up to LINGER_S for the next request on ``c`` while no other request waits for a worker.
+
+        A client on a keep-alive connection usually sends its next request within a fraction of a
+        millisecond; taking it here saves the trip through the I/O thread (two thread wake-ups). A
+        request that is not complete within LINGER_MAX_S goes back to the I/O thread, so a slow
+        client holds a worker for no longer than that.
+        """
+        if LINGER_S <= 0:
+            return None
+        deadline = time.monotonic() + LINGER_MAX_S
+        while self._work.empty() and not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                data = c.sock.recv(RECV_BYTES)  # the socket's timeout is LINGER_S while a worker has it
+            except (TimeoutError, BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                data = b""
+            if not data:
+                c.closed_by_peer = True
+                return None
+            c.buf += data
+            c.last = time.monotonic()
+            if c.started is None:
+                c.started = c.last
+            try:
+                req = self._parse(c)
+            except _HttpError:
+                return None  # the I/O thread parses it again and answers the error
+            if req is not None:
+                return req
+        return None
 
     # ------------------------------------------------------------------ responses
     _date = ("", 0.0)
@@ -988,7 +1088,15 @@ class ApiServer:
         except Exception as e:  # the daemon keeps serving whatever one request does
             log.exception("predict failed")
             return self._fail(500, f"internal error: {type(e).__name__}", "internal", path)
-        payload = _dumps(pred.to_dict())
+        # pred.to_dict(), with the score matrix converted in one call (the same Python floats)
+        payload = _dumps(
+            {
+                "outputs": np.asarray(pred.outputs).tolist(),
+                "labels": pred.labels,
+                "scores": pred.scores,
+                "model": pred.model.to_dict(),
+            }
+        )
         self.metrics.observe(path, 200, seconds=time.perf_counter() - t0)
         return Response(200, payload)
 
