@@ -52,7 +52,6 @@ except ImportError:  # pragma: no cover - depends on the install
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = ApiSettings.max_body_bytes  # the default cap (kept for callers of the old constant)
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 PREFIX = "edgefleet_agent"
 MAX_HEADER_BYTES = 16 * 1024
@@ -938,7 +937,6 @@ class ApiServer:
         self._json = JsonInputs(self.settings.max_json_depth)
         self._limit: tuple[Any, int] = (None, 0)
         self.server = _Server(self, listen, self.settings)
-        self.httpd = self.server  # the old name (server_address)
         self._serving = False
 
     @property
@@ -1010,16 +1008,13 @@ class ApiServer:
                 _dumps({"error": "send Authorization: Bearer <the token in [api] token_file>"}),
                 headers=(("WWW-Authenticate", 'Bearer realm="edgefleet-agent"'),),
             )
-        if req.method in ("GET", "HEAD"):
+        if req.method == "GET":
             if path == "/v1/health":
                 self.metrics.observe(path, 200)
-                return self._head(req, Response(200, _dumps(self.health())))
+                return Response(200, _dumps(self.health()))
             if path == "/metrics":
                 self.metrics.observe(path, 200)
-                return self._head(
-                    req,
-                    Response(200, self.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8"),
-                )
+                return Response(200, self.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
             if path == "/v1/predict":
                 return self._fail(
                     405, 'use POST /v1/predict with a JSON body {"inputs": [...]}', "method", path
@@ -1044,18 +1039,6 @@ class ApiServer:
         got = req.headers.get("authorization", "")
         want = "Bearer " + (self.token or "")
         return hmac.compare_digest(got.encode("latin-1", "replace"), want.encode("latin-1"))
-
-    @staticmethod
-    def _head(req: Request, resp: Response) -> Response:
-        if req.method == "HEAD":
-            return Response(
-                resp.code,
-                b"",
-                resp.ctype,
-                resp.close,
-                resp.headers + (("X-Body-Bytes", str(len(resp.body))),),
-            )
-        return resp
 
     def _fail(self, code: int, message: str, reason: str, path: str) -> Response:
         self.metrics.observe(path, code, error=reason)
