@@ -353,7 +353,7 @@ class Daemon:
                 log.info("SIGHUP: bundle path changed %s -> %s", path, fresh.bundle)
             changed = [
                 k
-                for k in ("mqtt", "listen", "window_s", "state_dir")
+                for k in ("mqtt", "listen", "api", "window_s", "state_dir")
                 if getattr(fresh, k) != getattr(self.config, k)
             ]
             if changed:
