@@ -113,7 +113,9 @@ def test_600_half_sent_requests_hold_no_thread_and_do_not_starve_others() -> Non
             held.append(s)
         # every connection is accepted (the I/O thread reads them all), yet no thread is added
         deadline = time.monotonic() + 30
-        while len(srv.server.conns) < 600 and time.monotonic() < deadline:
+        while (len(srv.server.conns) < 600 or srv.server.buffered_bytes < 300 * 5000) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         assert len(srv.server.conns) == 600
         assert threading.active_count() == before  # the pool was started with the server
