@@ -532,3 +532,18 @@ def test_json_fast_path_is_used_for_the_model_shape(onnx_server) -> None:
     one = srv._json.fast(json.dumps({"inputs": x[0].tolist()}).encode(), shape)
     assert one is not None and one.shape == shape
     assert re.search(rb"\d", body)
+
+
+def test_json_fast_path_without_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device without orjson parses with the standard library: same arrays, same answers."""
+    from device_agent import api as api_mod
+
+    x = unlike_ours((3, 2), 4, seed=5)
+    body = json.dumps({"inputs": x.tolist()}).encode()
+    with_orjson = JsonInputs(32).fast(body, (3, 2))
+    monkeypatch.setattr(api_mod, "_orjson", None)
+    without = JsonInputs(32).fast(body, (3, 2))
+    assert with_orjson is not None and without is not None
+    np.testing.assert_array_equal(with_orjson, without)
+    np.testing.assert_array_equal(without, x)
+    assert api_mod._dumps({"a": [1.5]}) == b'{"a":[1.5]}\n'
