@@ -13,10 +13,16 @@ raspberry-pi target (full-int8 .tflite, LiteRT) by the build pipeline:
 * start time to first prediction (process start to the first 200 from /v1/predict, and to the
   first ``Agent.predict`` result in a fresh Python process).
 
+The HTTP API on its own (``--api``, section *Device agent HTTP API*): the bare loop and
+``POST /v1/predict`` with raw tensor bytes, ``.npy`` and JSON bodies (one sample per request, one
+keep-alive ``http.client`` connection each, interleaved in one run), and a daemon process under
+2,000 idle and half-sent connections (its threads and RSS, and the latency of real requests then).
+
 Measurements run in a child process that never imports TensorFlow (the build runs first).
 
     .venv/bin/python -m benchmarks.agent_bench           # both models (several minutes on 2 cores)
     .venv/bin/python -m benchmarks.agent_bench --quick   # the digits CNN only
+    .venv/bin/python -m benchmarks.agent_bench --api [--bundle DIR --data NPZ]   # the HTTP API rows
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ GOAL_API_RATIO = 0.9
 GOAL_RSS_MB = 80.0
 GOAL_FIRST_S = 1.5
 GOAL_STATS_PCT = 5.0
+GOAL_HTTP_BINARY_RATIO = 0.8  # HTTP with binary bodies vs the bare loop, MobileNetV2 (issue 12)
+JSON_BEFORE_PER_S = 58.0  # MobileNetV2 0.35 96x96 over HTTP JSON before the bounded server (issue 12)
+GOAL_JSON_FACTOR = 10.0
+IDLE_CONNECTIONS = 2000
+LATENCY_REQUESTS = 300
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,6 +451,401 @@ def first_python_prediction(bundle: Path, data: Path) -> dict[str, Any]:
     return {"first_python_s": time.perf_counter() - t0 if r.stdout.strip() == "ok" else None}
 
 
+def npy_bytes(x: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+def http_poster(address: str, ctype: str, extra: dict[str, str] | None = None) -> Callable[[bytes], None]:
+    """``post(body)`` on one keep-alive connection (what a client that cares about speed does)."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"Content-Type": ctype, **(extra or {})}
+
+    def post(body: bytes) -> None:
+        conn.request("POST", "/v1/predict", body, headers)
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}")
+
+    return post
+
+
+def http_pair_poster(
+    address: str, ctype: str, extra: dict[str, str] | None = None
+) -> Callable[[bytes], None]:
+    """``post(body)``: the body twice, on two keep-alive connections at once (two requests in flight).
+
+    One client thread: both requests are sent before either answer is read, so the agent has the
+    second one while it answers the first (what two clients of one device look like).
+    """
+    host, port = address.rsplit(":", 1)
+    conns = [http.client.HTTPConnection(host, int(port), timeout=30) for _ in range(2)]
+    headers = {"Content-Type": ctype, **(extra or {})}
+
+    def post(body: bytes) -> None:
+        for c in conns:
+            c.request("POST", "/v1/predict", body, headers)
+        for c in conns:
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}")
+
+    return post
+
+
+def measure_api(bundle: Path, data: Path) -> dict[str, Any]:
+    """The bare loop and the HTTP API with raw, .npy and JSON bodies, interleaved in one run."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    from ai_edge_litert.interpreter import Interpreter
+
+    from device_agent import api as api_mod
+    from device_agent.bundle import load_manifest
+    from device_agent.inference import quantize
+
+    work = Path(tempfile.mkdtemp(prefix="agent-api-bench-"))
+    manifest = load_manifest(bundle)
+    xs = np.load(data)["x"][:200].astype(np.float32)
+    res: dict[str, Any] = {"bundle": manifest.name, "input_shape": list(xs.shape[1:])}
+    res["json_parser"] = "orjson" if api_mod._orjson is not None else "json (stdlib)"
+    it = Interpreter(model_path=str(bundle / manifest.model.path), num_threads=1)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    xq = quantize(xs, manifest.inputs[0])[:, None]
+
+    def bare(x: np.ndarray) -> Any:
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        return it.get_tensor(out["index"])
+
+    mosq, url = start_mosquitto(work)
+    res["telemetry"] = "outbox + MQTT (Mosquitto)" if url else "outbox only (no Mosquitto here)"
+    try:
+        port = free_port()
+        cfg = write_config(work / "agent.toml", bundle, work / "state", url, f"127.0.0.1:{port}", WINDOW_S)
+        proc = start_agent(cfg, port)
+        try:
+            addr = f"127.0.0.1:{port}"
+            shape = ",".join(str(n) for n in xs.shape[1:])
+            cases: dict[str, tuple[Any, Any]] = {
+                "bare": (bare, xq),
+                "http_raw": (
+                    http_poster(addr, "application/octet-stream", {"X-Shape": shape}),
+                    [x.tobytes() for x in xs[:50]],
+                ),
+                "http_npy": (http_poster(addr, "application/x-npy"), [npy_bytes(x) for x in xs[:50]]),
+                "http_json": (
+                    http_poster(addr, "application/json"),
+                    [json.dumps({"inputs": x.tolist()}).encode() for x in xs[:50]],
+                ),
+            }
+            cases["http_raw_x2"] = (
+                http_pair_poster(addr, "application/octet-stream", {"X-Shape": shape}),
+                cases["http_raw"][1],
+            )
+            cases["http_json_x2"] = (http_pair_poster(addr, "application/json"), cases["http_json"][1])
+            rates = paired_rates(cases)
+            for k, v in rates.items():
+                res[f"{k}_per_s"] = v * (2 if k.endswith("_x2") else 1)
+            res["json_body_bytes"] = len(cases["http_json"][1][0])
+            res["raw_body_bytes"] = len(cases["http_raw"][1][0])
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    finally:
+        if mosq:
+            mosq.terminate()
+            mosq.wait(10)
+    # The JSON decode alone, side by side: the stdlib parse into nested lists and the conversion the
+    # agent then makes (what the server before did), and the API's fast path.
+    bodies = [json.dumps({"inputs": x.tolist()}).encode() for x in xs[:50]]
+    fast = api_mod.JsonInputs(32)
+    sample_shape = tuple(xs.shape[1:])
+
+    def decode_before(_: None) -> None:
+        for b in bodies:
+            np.asarray(json.loads(b)["inputs"], dtype=np.float32)
+
+    def decode_now(_: None) -> None:
+        for b in bodies:
+            if fast.fast(b, sample_shape) is None:
+                raise RuntimeError("the fast path declined a body of the model's shape")
+
+    res["json_decode_before_us"] = best_us_per_call(decode_before, len(bodies))
+    res["json_decode_now_us"] = best_us_per_call(decode_now, len(bodies))
+    res.update(idle_connections(bundle, xs, work))
+    shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def start_agent(cfg: Path, port: int) -> subprocess.Popen[bytes]:
+    """``edgefleet-agent run --config cfg`` (errors only in its log); return once it accepts connections."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "device_agent.cli", "--log-level", "error", "run", "--config", str(cfg)],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    t0 = time.monotonic()
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() - t0 > 60:
+                proc.kill()
+                raise RuntimeError("the agent did not start") from None
+            time.sleep(0.05)
+
+
+def _proc_status(pid: int) -> dict[str, float]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Threads", "VmRSS", "VmHWM"):
+            out[key] = float(value.split()[0])
+    return out
+
+
+def idle_connections(bundle: Path, xs: np.ndarray, work: Path) -> dict[str, Any]:
+    """``edgefleet-agent run`` with IDLE_CONNECTIONS open (half idle, half half-sent requests): its
+    threads and RSS, and the latency of real requests (raw bodies and JSON) meanwhile."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * IDLE_CONNECTIONS + 256)), hard))
+    port = free_port()
+    cfg = write_config(work / "idle.toml", bundle, work / "idle-state", None, f"127.0.0.1:{port}", 60)
+    cfg.write_text(
+        cfg.read_text() + f"max_connections = {2 * IDLE_CONNECTIONS}\n"
+    )  # [api] is the last table (no [mqtt])
+
+    proc = start_agent(cfg, port)
+    socks: list[socket.socket] = []
+    shape = ",".join(str(n) for n in xs.shape[1:])
+    try:
+        raw = http_poster(f"127.0.0.1:{port}", "application/octet-stream", {"X-Shape": shape})
+        for i in range(50):
+            raw(xs[i].tobytes())
+        before = _proc_status(proc.pid)
+        for i in range(IDLE_CONNECTIONS):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 2:
+                s.sendall(b'POST /v1/predict HTTP/1.1\r\nContent-Length: 20000\r\n\r\n{"inputs": [')
+            socks.append(s)
+        time.sleep(1.0)
+        during = _proc_status(proc.pid)
+        lat: dict[str, list[float]] = {"raw": [], "json": []}
+        post_json = http_poster(f"127.0.0.1:{port}", "application/json")
+        bodies = {
+            "raw": [x.tobytes() for x in xs[:50]],
+            "json": [json.dumps({"inputs": x.tolist()}).encode() for x in xs[:50]],
+        }
+        for i in range(LATENCY_REQUESTS):
+            for kind, post in (("raw", raw), ("json", post_json)):
+                t = time.perf_counter()
+                post(bodies[kind][i % 50])
+                lat[kind].append(time.perf_counter() - t)
+        res: dict[str, Any] = {
+            "idle_threads_before": before["Threads"],
+            "idle_threads": during["Threads"],
+            "idle_rss_before_mb": before["VmRSS"] / 1024,
+            "idle_rss_mb": during["VmRSS"] / 1024,
+        }
+        for kind, v in lat.items():
+            res[f"idle_{kind}_p50_ms"] = float(np.percentile(v, 50) * 1e3)
+            res[f"idle_{kind}_p99_ms"] = float(np.percentile(v, 99) * 1e3)
+        return res
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+def report_api(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
+    rows, goals = [], []
+    for label, r in results:
+        bare = r["bare_per_s"]
+        rows.append(
+            [
+                label,
+                bare,
+                r["http_raw_per_s"],
+                f"{r['http_raw_per_s'] / bare:.2f}x",
+                r["http_npy_per_s"],
+                f"{r['http_npy_per_s'] / bare:.2f}x",
+                r["http_json_per_s"],
+                f"{r['http_json_per_s'] / bare:.2f}x",
+                r["http_raw_x2_per_s"],
+                f"{r['http_raw_x2_per_s'] / bare:.2f}x",
+                r["http_json_x2_per_s"],
+                r["json_decode_before_us"],
+                r["json_decode_now_us"],
+                r["json_body_bytes"],
+                r["raw_body_bytes"],
+            ]
+        )
+        if "MobileNet" in label:
+            for key, how in (("http_raw", "one connection"), ("http_raw_x2", "two requests in flight")):
+                ratio = r[f"{key}_per_s"] / bare
+                goals.append(
+                    f"{label}: HTTP with raw tensor bodies, {how}, {ratio:.2f}x the bare loop"
+                    f" (goal >= {GOAL_HTTP_BINARY_RATIO}x): {'met' if ratio >= GOAL_HTTP_BINARY_RATIO else 'MISSED'}"
+                )
+            for key, how in (("http_json", "one connection"), ("http_json_x2", "two requests in flight")):
+                factor = r[f"{key}_per_s"] / JSON_BEFORE_PER_S
+                goals.append(
+                    f"{label}: HTTP with JSON bodies, {how}, {r[f'{key}_per_s']:,.0f}/s, {factor:.1f}x the"
+                    f" {JSON_BEFORE_PER_S:.0f}/s of the server before (issue 12; goal >= {GOAL_JSON_FACTOR:.0f}x):"
+                    f" {'met' if factor >= GOAL_JSON_FACTOR else 'MISSED'}"
+                )
+    idle_rows = [
+        [
+            label,
+            f"{r['idle_threads_before']:.0f} -> {r['idle_threads']:.0f}",
+            f"{r['idle_rss_before_mb']:.1f} -> {r['idle_rss_mb']:.1f}",
+            r["idle_raw_p50_ms"],
+            r["idle_raw_p99_ms"],
+            r["idle_json_p50_ms"],
+            r["idle_json_p99_ms"],
+        ]
+        for label, r in results
+    ]
+    table = markdown_table(
+        [
+            "model",
+            "bare loop /s",
+            "HTTP raw /s",
+            "raw/bare",
+            "HTTP .npy /s",
+            "npy/bare",
+            "HTTP JSON /s",
+            "JSON/bare",
+            "HTTP raw, 2 in flight /s",
+            "raw 2 in flight/bare",
+            "HTTP JSON, 2 in flight /s",
+            "JSON decode us, json + nested lists",
+            "JSON decode us, fast path",
+            "JSON body bytes",
+            "raw body bytes",
+        ],
+        rows,
+    )
+    idle = markdown_table(
+        [
+            "model",
+            "daemon threads",
+            "daemon RSS MB",
+            "raw p50 ms",
+            "raw p99 ms",
+            "JSON p50 ms",
+            "JSON p99 ms",
+        ],
+        idle_rows,
+    )
+    why = []
+    floor = next((r for label, r in results if "CNN" in label), None)
+    for label, r in results:
+        bare = r["bare_per_s"]
+        if "MobileNet" not in label or r["http_raw_per_s"] / bare >= GOAL_HTTP_BINARY_RATIO:
+            continue
+        budget = 1e6 / bare * (1 / GOAL_HTTP_BINARY_RATIO - 1)
+        added = 1e6 / r["http_raw_per_s"] - 1e6 / bare
+        text = (
+            f"{label}, raw bodies: at {GOAL_HTTP_BINARY_RATIO}x, HTTP may add {budget:.0f} us per request to the"
+            f" model's {1e6 / bare:.0f} us; it adds {added:.0f} us."
+        )
+        if floor is not None:
+            rt = 1e6 / floor["http_raw_per_s"] - 1e6 / floor["bare_per_s"]
+            text += (
+                f" With the digits CNN (a {1e6 / floor['bare_per_s']:.0f} us model) a whole request costs"
+                f" {1e6 / floor['http_raw_per_s']:.0f} us in the same run: {rt:.0f} us for the http.client client,"
+                " the loopback and this server, with a model that leaves the caches warm"
+                + (". That round trip alone is more than the budget." if rt > budget else ".")
+            )
+        why.append(text)
+    if why:
+        body_why = "\n\n**Where it falls short, and why**\n\n" + "\n".join(f"- {w}" for w in why)
+    else:
+        body_why = ""
+    parsers = ", ".join(sorted({r["json_parser"] for _, r in results})) or "-"
+    intro = (
+        "`benchmarks/agent_bench.py --api`. Raspberry-pi bundles (full-int8 .tflite, LiteRT, 1 thread). *Bare loop*:"
+        " `ai_edge_litert` set_tensor/invoke/get_tensor on pre-quantized inputs. *HTTP*: `POST /v1/predict`, one"
+        " float32 sample per request, each kind on its own keep-alive `http.client` connection from the benchmark's"
+        " process to `edgefleet-agent run` (statistics windows and telemetry on): *raw* is `application/octet-stream`"
+        ' with `X-Shape`, *.npy* `application/x-npy`, *JSON* `{"inputs": x.tolist()}` (parser:'
+        f" {parsers}). *2 in flight*: two keep-alive connections, both requests sent before either answer is"
+        " read (two clients of one device; inference stays one at a time, the agent serializes it). *JSON"
+        " decode*: one body to a float32 array in the benchmark's process, best of rounds: `json.loads` and"
+        " `numpy.asarray` of the nested lists (the server before) against the API's fast path. The cases"
+        f" are interleaved {CHUNK} calls at a time for {MEASURE_S:g} s each. *Under"
+        f" {IDLE_CONNECTIONS:,} connections*: `edgefleet-agent run` (4 request workers) with {IDLE_CONNECTIONS:,}"
+        " connections open, half of them idle and half with a request sent up to its body; threads and RSS"
+        f" before -> during, and the latency of {LATENCY_REQUESTS} real requests of each kind meanwhile."
+    )
+    body = table + "\n" + "\n".join(f"- {g}" for g in goals + notes)
+    body += body_why
+    body += f"\n\n**Under {IDLE_CONNECTIONS:,} idle and half-sent connections**\n\n" + idle
+    print(table)
+    print(idle)
+    print("\n".join(goals + notes))
+    write_section("agent_api", "Device agent HTTP API", body=body, intro=intro)
+
+
+def run_api(quick: bool, bundle: Path | None, data: Path | None, as_json: bool) -> None:
+    work = Path(tempfile.mkdtemp(prefix="agent-api-build-"))
+    models: list[tuple[str, Path, Path]] = []
+    if bundle is not None and data is not None:
+        models.append((f"{load_name(bundle)} (given bundle)", bundle, data))
+    else:
+        progress_print("== digits CNN (8x8): training and building the raspberry-pi bundle ...")
+        models.append(("digits CNN (8x8)", build("cnn", DIGITS, DIGITS_TEST, CNN_EPOCHS, work), DIGITS_TEST))
+        if not quick:
+            d96 = upsampled(DIGITS, work / "d96.npz", MOBILENET_UPSAMPLE)
+            t96 = upsampled(DIGITS_TEST, work / "d96_test.npz", MOBILENET_UPSAMPLE)
+            progress_print("== MobileNetV2 0.35 (96x96x1): training and building the raspberry-pi bundle ...")
+            models.append(
+                ("MobileNetV2 0.35 (96x96x1)", build("mobilenetv2", d96, t96, MOBILENET_EPOCHS, work), t96)
+            )
+    results: list[tuple[str, dict[str, Any]]] = []
+    notes: list[str] = []
+    for label, b, t in models:
+        progress_print(f"== {label}: measuring the HTTP API (child process without TensorFlow) ...")
+        r = subprocess.run(
+            [sys.executable, "-m", "benchmarks.agent_bench", "--measure-api", str(b), str(t)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            cwd=str(REPO),
+            timeout=1800,
+        )
+        if r.returncode != 0:
+            notes.append(f"{label}: measurement failed: {r.stderr.strip().splitlines()[-1:]}")
+            continue
+        results.append((label, json.loads(r.stdout.strip().splitlines()[-1])))
+    shutil.rmtree(work, ignore_errors=True)
+    if as_json:
+        print(json.dumps({"results": dict(results), "notes": notes}))
+    report_api(results, notes)
+
+
+def load_name(bundle: Path) -> str:
+    from device_agent.bundle import load_manifest
+
+    m = load_manifest(bundle)
+    arch = "MobileNetV2 0.35" if "mobilenet" in m.name.lower() else m.name
+    return f"{arch} ({'x'.join(str(n) for n in m.inputs[0].shape[1:])})"
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -624,10 +1030,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="digits CNN only")
     ap.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    ap.add_argument("--api", action="store_true", help="only the HTTP API rows (section agent_api)")
+    ap.add_argument("--bundle", type=Path, help="with --api: measure this built bundle instead of building")
+    ap.add_argument("--data", type=Path, help="with --bundle: the .npz of inputs for it")
     ap.add_argument("--measure", nargs=2, metavar=("BUNDLE", "DATA"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure-api", nargs=2, metavar=("BUNDLE", "DATA"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), Path(args.measure[1]))))
+        return
+    if args.measure_api:
+        print(json.dumps(measure_api(Path(args.measure_api[0]), Path(args.measure_api[1]))))
+        return
+    if args.api:
+        if (args.bundle is None) != (args.data is None):
+            ap.error("--bundle and --data go together")
+        run_api(args.quick, args.bundle, args.data, args.json)
         return
     run(args.quick, args.json)
 

@@ -377,13 +377,18 @@ class Agent:
             return self._window.count
 
     # ---------------------------------------------------------------------------------------------
-    def switch_bundle(self, path: str | Path) -> LoadedModel:
+    def switch_bundle(self, path: str | Path, min_version: int | None = None) -> LoadedModel:
         """Verify and load another bundle, then swap it in; the old one serves until the swap.
 
         The open window closes with the old model (its spec may differ). Raises AgentError (and keeps
-        the old model) when the new bundle fails verification, loading or the smoke inference.
+        the old model) when the new bundle fails verification, loading or the smoke inference, or
+        when its verified version is below ``min_version`` (the anti-rollback floor).
         """
         new = load_model(path, self.policy, self.runtime_override, self.threads)
+        if min_version is not None and new.ref.version < min_version:
+            raise AgentError(
+                f"bundle {new.ref.name} v{new.ref.version} is below the anti-rollback floor v{min_version}"
+            )
         with self._lock:
             closed = self._window.close(self._clock())
             self._closed_predictions += closed.count

@@ -28,6 +28,39 @@ DEFAULT_WINDOW_MAX_SAMPLES = 100_000
 DEFAULT_OUTBOX_MAX_ROWS = 10_000
 DEFAULT_OUTBOX_MAX_BYTES = 64 * 1024 * 1024
 RUNTIMES = ("litert", "onnxruntime", "openvino")
+TOKEN_MAX_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Bounds and access control of the local HTTP API (``[api]``); see docs/agent.md."""
+
+    workers: int = 4  # request worker threads (a fixed pool: idle or slow clients hold none)
+    max_connections: int = 1024  # open connections; beyond, the oldest idle one is closed, else 503
+    backlog: int = 128  # listen(2) backlog
+    request_timeout_s: float = 10.0  # a request must arrive completely within this (else 408)
+    idle_timeout_s: float = 60.0  # a keep-alive connection with no request for this long is closed
+    max_body_bytes: int = 16 * 1024 * 1024  # cap on the body limit sized from the model's input
+    max_batch: int = 256  # samples per request the body limit is sized for
+    max_json_depth: int = 32  # nesting of a JSON body (400 beyond)
+    buffer_bytes: int = (
+        64 * 1024 * 1024
+    )  # request bodies held in memory at once, all connections (503 beyond)
+    token_file: Path | None = None  # bearer token required on every request when set
+
+
+# [api] key -> (type, minimum, maximum)
+API_LIMITS: dict[str, tuple[type, float, float]] = {
+    "workers": (int, 1, 64),
+    "max_connections": (int, 8, 65536),
+    "backlog": (int, 64, 65535),
+    "request_timeout_s": (float, 0.1, 3600),
+    "idle_timeout_s": (float, 0.1, 86400),
+    "max_body_bytes": (int, 1024, 1 << 30),
+    "max_batch": (int, 1, 1_000_000),
+    "max_json_depth": (int, 2, 1000),
+    "buffer_bytes": (int, 1 << 20, 1 << 34),
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +116,7 @@ class AgentConfig:
     outbox_max_rows: int = DEFAULT_OUTBOX_MAX_ROWS
     outbox_max_bytes: int = DEFAULT_OUTBOX_MAX_BYTES
     listen: str | None = DEFAULT_LISTEN
+    api: ApiSettings = field(default_factory=ApiSettings)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,6 +155,16 @@ SCHEMA: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
     },
     "api": {
         "listen": (False, (str,)),
+        "workers": (False, (int,)),
+        "max_connections": (False, (int,)),
+        "backlog": (False, (int,)),
+        "request_timeout_s": (False, (int, float)),
+        "idle_timeout_s": (False, (int, float)),
+        "max_body_bytes": (False, (int,)),
+        "max_batch": (False, (int,)),
+        "max_json_depth": (False, (int,)),
+        "buffer_bytes": (False, (int,)),
+        "token_file": (False, (str,)),
     },
     "update": {  # over-the-air updates; validated further by device_agent.updater.parse_update_section
         "health_window_s": (False, (int, float)),
@@ -229,8 +273,9 @@ def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) 
         if v < lo:
             raise ConfigError(f"[telemetry] {key} must be >= {lo}, got {v}")
 
-    listen = sections.get("api", {}).get("listen", DEFAULT_LISTEN)
-    listen = parse_listen(listen)
+    api_sec = sections.get("api", {})
+    listen = parse_listen(api_sec.get("listen", DEFAULT_LISTEN))
+    api = _parse_api(api_sec, rel)
 
     mqtt = None
     if "mqtt" in sections:
@@ -253,6 +298,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) 
         outbox_max_rows=int(rows),
         outbox_max_bytes=int(nbytes),
         listen=listen,
+        api=api,
         extra={"update": _parse_update(sections.get("update"), rel)},
     )
 
@@ -263,6 +309,45 @@ def _parse_update(sec: dict[str, Any] | None, rel: Any) -> dict[str, Any]:
     if sec is not None and isinstance(sec.get("ca_file"), str):
         sec = dict(sec, ca_file=str(rel(sec["ca_file"])))
     return parse_update_section(sec)
+
+
+def _parse_api(sec: dict[str, Any], rel: Any) -> ApiSettings:
+    values: dict[str, Any] = {}
+    for key, (kind, lo, hi) in API_LIMITS.items():
+        if key not in sec:
+            continue
+        v = sec[key]
+        if not lo <= v <= hi:
+            raise ConfigError(f"[api] {key} must be between {lo:g} and {hi:g}, got {v}")
+        values[key] = kind(v)
+    if "token_file" in sec:
+        values["token_file"] = rel(sec["token_file"])
+    return ApiSettings(**values)
+
+
+def read_token(path: Path) -> str:
+    """Read the API's bearer token (trailing newline ignored); ConfigError when missing, empty or exposed."""
+    try:
+        st = path.stat()
+        if st.st_size > TOKEN_MAX_BYTES:
+            raise ConfigError(f"[api] token_file {str(path)!r} is larger than {TOKEN_MAX_BYTES} bytes")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"[api] token_file {str(path)!r} cannot be read ({e.strerror})") from None
+    if st.st_mode & 0o004:
+        raise ConfigError(
+            f"[api] token_file {str(path)!r} is readable by every user; run: chmod 600 {str(path)!r}"
+        )
+    try:
+        token = raw.decode("ascii").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(f"[api] token_file {str(path)!r} must hold an ASCII token") from None
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(
+            f"[api] token_file {str(path)!r} must hold one token of at least 16 printable characters"
+            " without spaces, e.g. from: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return token
 
 
 def parse_listen(value: str) -> str | None:
@@ -359,6 +444,8 @@ def check_files(cfg: AgentConfig) -> tuple[bytes, ...]:
             )
     elif not os.access(sd, os.W_OK):
         raise ConfigError(f"[agent] state_dir {str(sd)!r} is not writable by this user")
+    if cfg.api.token_file is not None:
+        read_token(cfg.api.token_file)
     if cfg.listen and cfg.listen.startswith("unix:"):
         d = Path(cfg.listen[5:]).parent
         if not d.is_dir():

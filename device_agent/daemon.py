@@ -33,6 +33,7 @@ from device_agent.agent import Agent, agent_version
 from device_agent.config import AgentConfig, check_files, load_config
 from device_agent.errors import AgentError, ConfigError
 from device_agent.outbox import Outbox, OutboxError
+from device_agent.store import RollbackError
 from device_agent.telemetry import TelemetryError, encode_event, encode_stats, encode_status, topic
 from device_agent.windows import ClosedWindow
 
@@ -75,8 +76,15 @@ class Daemon:
 
         self.updater = updater_for_agent(config, self.trusted_keys)
         try:
+            serve = self.updater.startup_bundle() or config.bundle
+        except RollbackError as e:
+            self.outbox.close()
+            raise ConfigError(
+                f"[agent] bundle {str(config.bundle)!r}: {e}; point it at a bundle at or above the floor"
+            ) from None
+        try:
             self.agent = Agent(
-                self.updater.serving_dir() or config.bundle,
+                serve,
                 trusted_keys=self.trusted_keys,
                 allow_unsigned=config.allow_unsigned,
                 runtime=config.runtime,
@@ -89,6 +97,9 @@ class Daemon:
         except AgentError as e:
             self.outbox.close()
             raise ConfigError(f"[agent] bundle {str(config.bundle)!r} cannot be served: {e}") from None
+        self.floor = self.updater.floor
+        if not self.floor.serving_below_floor:  # what serves now was activated: the floor follows it
+            self._raise_floor(fallback=Path(self.agent.model.path) == Path(config.bundle))
         self.stats_topic = topic(config.fleet, config.device_id, "stats")
         self.events_topic = topic(config.fleet, config.device_id, "events")
         self.status_deployment: dict[str, Any] | None = None
@@ -122,7 +133,9 @@ class Daemon:
             from device_agent.api import ApiServer
 
             try:
-                self.api = ApiServer(self.agent, config.listen, health=self.health, gauges=self.gauges)
+                self.api = ApiServer(
+                    self.agent, config.listen, health=self.health, gauges=self.gauges, settings=config.api
+                )
             except OSError as e:
                 self.outbox.close()
                 raise ConfigError(
@@ -199,31 +212,63 @@ class Daemon:
         return 0
 
     # ------------------------------------------------------------------ hooks
-    def switch_bundle(self, path: str | os.PathLike[str]) -> bool:
+    def switch_bundle(self, path: str | os.PathLike[str], *, enforce_floor: bool = True) -> bool:
         """Verify ``path`` (every hash, signature), smoke-test it and swap it in; True on success.
 
-        On failure the old model keeps serving and a ``reload_failed`` event carries the reason.
+        On failure the old model keeps serving and a ``reload_failed`` event carries the reason. With
+        ``enforce_floor`` (the bundle path, SIGHUP) a bundle below the anti-rollback floor is refused
+        and the one that serves raises the floor; the updater checks the floor itself and passes False
+        (it must be able to roll back to the fallback bundle).
         """
         p = Path(path)
         with self._switch_lock:
             old = self.agent.model.ref
             try:
-                new = self.agent.switch_bundle(p)
+                if enforce_floor:
+                    self._check_floor(p)
+                new = self.agent.switch_bundle(p, min_version=self.floor.version if enforce_floor else None)
             except Exception as e:  # any failure keeps the old model serving
                 self.reloads_failed += 1
                 reason = str(e) if isinstance(e, AgentError) else f"{type(e).__name__}: {e}"
-                log.warning("bundle %s rejected, still serving %s v%s: %s", p, old.name, old.version, reason)
+                if not isinstance(e, RollbackError):  # the floor logs its refusals once itself
+                    log.warning(
+                        "bundle %s rejected, still serving %s v%s: %s", p, old.name, old.version, reason
+                    )
                 self.publish_event(
                     "reload_failed",
                     reason[:500],
                     {"path": str(p), "serving_name": old.name, "serving_version": old.version},
                 )
                 return False
+            if enforce_floor:
+                self._raise_floor(fallback=p == Path(self.config.bundle))
         log.info("switched to %s v%s (%s)", new.ref.name, new.ref.version, new.ref.sha256[:12])
         self.publish_event("model_loaded", f"serving {new.ref.name} v{new.ref.version}", self._model_detail())
         if self.publisher is not None:
             self.publisher.republish_status()
         return True
+
+    def _check_floor(self, p: Path) -> None:
+        """Refuse a bundle below the anti-rollback floor before loading it (its manifest, unverified)."""
+        from device_agent.bundle import BundleError, load_manifest, manifest_sha256
+        from device_agent.store import BundleId
+
+        try:
+            m = load_manifest(p)
+            ident = BundleId(m.name, m.version, manifest_sha256(p))
+        except (BundleError, OSError):
+            return  # the Agent's verification says what is wrong with it
+        self.floor.check(ident, m.version, "bundle path")
+
+    def _raise_floor(self, fallback: bool) -> None:
+        from device_agent.store import BundleId
+
+        ref = self.agent.model.ref
+        try:
+            self.floor.raise_to(BundleId(ref.name, ref.version, ref.sha256), fallback=fallback)
+            self.floor.serving_below_floor = False
+        except OSError as e:  # the model serves; a floor that cannot be written is an error to see
+            log.error("cannot record the anti-rollback floor in %s (%s)", self.floor.path, e)
 
     def publish_event(self, event: str, message: str = "", detail: Mapping[str, Any] | None = None) -> None:
         """Publish an event on ``.../events`` (QoS 1, best effort) and keep it in /v1/health."""
@@ -263,6 +308,15 @@ class Daemon:
     def status_payload(self, state: str) -> bytes:
         """The retained status message for ``state`` (online/offline)."""
         m = self.agent.model
+        deployment = self.status_deployment
+        fl = self.floor.status()
+        if fl["refused_total"] or fl["serving_below_floor"]:  # rollbacks refused: visible fleet-wide
+            deployment = {
+                **(deployment or {"state": "idle"}),
+                "rollback_floor": fl["version"],
+                "rollback_refused": fl["refused_total"],
+                "serving_below_floor": fl["serving_below_floor"],
+            }
         return encode_status(
             device_id=self.config.device_id,
             fleet=self.config.fleet,
@@ -271,7 +325,7 @@ class Daemon:
             model=m.ref,
             agent_version=agent_version(),
             target=m.manifest.target,
-            deployment=self.status_deployment,
+            deployment=deployment,
         )
 
     def _model_detail(self) -> dict[str, Any]:
@@ -299,7 +353,7 @@ class Daemon:
                 log.info("SIGHUP: bundle path changed %s -> %s", path, fresh.bundle)
             changed = [
                 k
-                for k in ("mqtt", "listen", "window_s", "state_dir")
+                for k in ("mqtt", "listen", "api", "window_s", "state_dir")
                 if getattr(fresh, k) != getattr(self.config, k)
             ]
             if changed:
@@ -414,6 +468,8 @@ class Daemon:
             "schema_violations_total": self.agent.violations_total,
             "reloads_failed": self.reloads_failed,
             "deployment": self.updater.status(),
+            "rollback_floor": self.floor.status(),
+            "store": {"stale_partials_removed": self.updater.stale_partials_removed},
             "recent_events": list(self.recent_events),
         }
 
@@ -429,6 +485,8 @@ class Daemon:
             "predictions_total": self.agent.predictions_total,
             "schema_violations_total": self.agent.violations_total,
             "reloads_failed_total": self.reloads_failed,
+            "rollback_floor_version": self.floor.version,
+            "rollback_refused_total": self.floor.refused_total,
         }
 
 

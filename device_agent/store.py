@@ -11,6 +11,7 @@ Layout under the agent's ``state_dir``::
       incoming/          drop box for ``edgefleet flash`` (local path, ssh://): a writer copies into
                          ``<name>.partial`` and renames it when complete; the agent picks it up
       update.json        the updater's persisted state machine (``device_agent.updater``)
+      floor.json         the anti-rollback floor: the highest version ever activated (``RollbackFloor``)
 
 Every pointer and state file is replaced atomically: write a temporary file, fsync it, rename it over
 the old one, fsync the directory. A reader therefore sees the old or the new file, never a mix.
@@ -19,8 +20,11 @@ the old one, fsync the directory. A reader therefore sees the old or the new fil
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,11 @@ from typing import Any
 from device_agent.bundle import MANIFEST_FILE, SIGNATURE_FILE, Manifest, manifest_sha256
 from device_agent.errors import AgentError
 
+log = logging.getLogger(__name__)
+
 STORE_SCHEMA = 1
+FLOOR_SCHEMA = 1
+STALE_PARTIAL_S = 600.0  # a `.partial` drop untouched this long is a dead copy (a flash killed mid-way)
 SLOTS = ("a", "b")
 PARTIAL_SUFFIX = ".partial"
 COPY_CHUNK_BYTES = 1 << 20
@@ -240,6 +248,27 @@ class BundleStore:
         for slot in SLOTS:
             remove_tree(self.slots_dir / (slot + PARTIAL_SUFFIX))
 
+    def remove_stale_partials(self, max_age_s: float | None = None) -> list[Path]:
+        """Remove ``incoming/*.partial`` drops nothing has written for ``max_age_s``; return them.
+
+        A flash (local or ssh) killed mid-copy leaves its ``.partial`` folder behind, and nothing else
+        ever removes it. A copy still in progress touches its files, so its newest mtime is recent.
+        """
+        age = STALE_PARTIAL_S if max_age_s is None else max_age_s
+        if not self.incoming_dir.is_dir():
+            return []
+        now = time.time()
+        removed = []
+        for p in self.incoming_dir.iterdir():
+            if not p.name.endswith(PARTIAL_SUFFIX) or p.is_symlink():
+                continue
+            if now - _newest_mtime(p) >= age:
+                remove_tree(p)
+                removed.append(p)
+        if removed:
+            fsync_dir(self.incoming_dir)
+        return removed
+
     def pending_incoming(self) -> list[Path]:
         """Return complete drops in ``incoming/`` (oldest first); ``*.partial`` ones are still being copied."""
         if not self.incoming_dir.is_dir():
@@ -255,8 +284,202 @@ class BundleStore:
         return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
+def _newest_mtime(path: Path) -> float:
+    """The newest modification time of a file or of anything inside a folder (0 when unreadable)."""
+    try:
+        newest = path.lstat().st_mtime
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    try:
+                        newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+                    except OSError:
+                        continue
+        return newest
+    except OSError:
+        return 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The anti-rollback floor
+
+
+class RollbackError(AgentError):
+    """A bundle below the anti-rollback floor was offered; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class BundleId:
+    """The identity of a bundle for the floor: name, version and manifest sha256."""
+
+    name: str
+    version: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> BundleId | None:
+        if not isinstance(d, dict):
+            return None
+        v, name, sha = d.get("version"), d.get("name"), d.get("sha256")
+        if isinstance(v, bool) or not isinstance(v, int) or not isinstance(name, str):
+            return None
+        if not isinstance(sha, str) or len(sha) != 64:
+            return None
+        return cls(name, v, sha)
+
+
+class RollbackFloor:
+    """The highest bundle version this device ever activated, kept in ``bundles/floor.json``.
+
+    Every activation path asks ``check`` before a bundle is installed or served (OTA, a local or ssh
+    drop, the watched ``[agent] bundle`` path, SIGHUP) and calls ``raise_to`` once it serves. The floor
+    only rises, and survives a damaged slot: the device then serves its configured bundle (the
+    fallback, recorded in ``fallback`` when it was activated), but nothing below the floor is
+    installed afterwards. The file is replaced atomically and fsynced like every store file.
+
+    Refusals are counted (``refused_total``), logged at WARNING once per refused bundle and source
+    (then at DEBUG), and kept for /v1/health and the status message. Thread-safe.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / "floor.json"
+        self._lock = threading.Lock()
+        self.refused_total = 0
+        self.last_refused: dict[str, Any] | None = None
+        self.serving_below_floor = False
+        self._logged: set[tuple[str, str]] = set()
+        self._doc: dict[str, Any] | None = None
+
+    def _read(self) -> dict[str, Any]:
+        if self._doc is None:
+            try:
+                doc = read_json(self.path)
+            except StoreError as e:
+                # A damaged floor file must not unlock rollbacks: the other store files still say
+                # which versions were active (the caller raises the floor from them again).
+                log.error("anti-rollback floor unreadable (%s); rebuilding it from the bundle store", e)
+                doc = None
+            self._doc = doc if isinstance(doc, dict) and doc.get("schema") == FLOOR_SCHEMA else {}
+        return self._doc
+
+    @property
+    def exists(self) -> bool:
+        """True when a floor was ever recorded on this device."""
+        with self._lock:
+            return bool(self._read())
+
+    @property
+    def version(self) -> int:
+        """The floor (0 when nothing was activated yet)."""
+        with self._lock:
+            b = BundleId.from_dict(self._read().get("highest"))
+        return b.version if b else 0
+
+    @property
+    def fallback(self) -> BundleId | None:
+        """The configured bundle last activated from ``[agent] bundle`` (the only one served below the floor)."""
+        with self._lock:
+            return BundleId.from_dict(self._read().get("fallback"))
+
+    def raise_to(self, bundle: BundleId, *, fallback: bool = False) -> bool:
+        """Record that ``bundle`` was activated; True when the floor rose. ``fallback``: it is the configured one."""
+        with self._lock:
+            doc = dict(self._read())
+            cur = BundleId.from_dict(doc.get("highest"))
+            changed = False
+            if cur is None or bundle.version > cur.version:
+                doc["highest"] = bundle.to_dict()
+                changed = True
+            if fallback and BundleId.from_dict(doc.get("fallback")) != bundle:
+                doc["fallback"] = bundle.to_dict()
+                changed = True
+            if changed:
+                doc["schema"] = FLOOR_SCHEMA
+                doc["updated_at"] = time.time()
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(self.path, doc)
+                self._doc = doc
+            rose = cur is None or bundle.version > cur.version
+        if rose:
+            log.info(
+                "anti-rollback floor is now v%d (%s, sha256 %s)",
+                bundle.version,
+                bundle.name,
+                bundle.sha256[:12],
+            )
+        return rose
+
+    def record_fallback(self, bundle: BundleId) -> None:
+        """Record the configured bundle as the fallback without raising the floor (first start, upgrades)."""
+        with self._lock:
+            doc = dict(self._read())
+            if BundleId.from_dict(doc.get("fallback")) == bundle:
+                return
+            doc.update(schema=FLOOR_SCHEMA, fallback=bundle.to_dict(), updated_at=time.time())
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, doc)
+            self._doc = doc
+
+    def allows(self, version: int) -> bool:
+        """True when a bundle of ``version`` may be installed (at or above the floor)."""
+        return version >= self.version
+
+    def check(self, bundle: BundleId | None, version: int, source: str) -> None:
+        """Raise RollbackError (counted, logged once) when ``version`` is below the floor.
+
+        ``bundle`` identifies it when known (the sha256 makes the log-once key); ``source`` says which
+        path offered it (``ota``, ``flash``, ``bundle path``, ``sighup``).
+        """
+        floor = self.version
+        if version >= floor:
+            return
+        sha = bundle.sha256 if bundle else ""
+        name = bundle.name if bundle else "?"
+        msg = (
+            f"bundle {name} v{version} is below this device's anti-rollback floor v{floor} (the highest"
+            f" version it ever activated); refused. To roll back, re-sign the old model under a version"
+            f" above {floor}"
+        )
+        with self._lock:
+            self.refused_total += 1
+            self.last_refused = {
+                "version": version,
+                "sha256": sha or None,
+                "source": source,
+                "ts": time.time(),
+            }
+            key = (source, sha or str(version))
+            first = key not in self._logged
+            if first:
+                self._logged.add(key)
+        (log.warning if first else log.debug)("%s: %s", source, msg)
+        raise RollbackError(msg)
+
+    def status(self) -> dict[str, Any]:
+        """The floor for /v1/health and the status message (JSON-ready)."""
+        with self._lock:
+            doc = self._read()
+            highest = BundleId.from_dict(doc.get("highest"))
+            fb = BundleId.from_dict(doc.get("fallback"))
+            return {
+                "version": highest.version if highest else 0,
+                "name": highest.name if highest else None,
+                "sha256": highest.sha256 if highest else None,
+                "fallback_version": fb.version if fb else None,
+                "serving_below_floor": self.serving_below_floor,
+                "refused_total": self.refused_total,
+                "last_refused": dict(self.last_refused) if self.last_refused else None,
+            }
+
+
 __all__ = [
     "STORE_SCHEMA",
+    "RollbackFloor",
+    "RollbackError",
+    "BundleId",
     "SLOTS",
     "StoreError",
     "ActiveRef",

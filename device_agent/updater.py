@@ -73,7 +73,10 @@ from device_agent.bundle import (
 from device_agent.errors import AgentError
 from device_agent.store import (
     ActiveRef,
+    BundleId,
     BundleStore,
+    RollbackError,
+    RollbackFloor,
     StoreError,
     atomic_write_json,
     read_json,
@@ -683,6 +686,7 @@ class Updater:
     ) -> None:
         self.config = config
         self.store = BundleStore(config.state_dir)
+        self.floor = RollbackFloor(self.store.root)
         self.switch = switch
         self.smoke = smoke
         self.health = health
@@ -694,6 +698,7 @@ class Updater:
         self._lock = threading.RLock()
         self._doc: dict[str, Any] = {}
         self._startup_events: list[tuple[str, str, dict[str, Any]]] = []
+        self.stale_partials_removed = 0
 
     # ------------------------------------------------------------------ persisted state
 
@@ -822,6 +827,12 @@ class Updater:
         A committed slot can still rot on a worn SD card. Serving the configured bundle keeps the device
         useful; the event ``store_fallback`` says why. Returns False when it fell back.
         """
+        try:
+            ref = self.store.active()
+        except StoreError:
+            ref = None
+        if ref is not None:  # a committed slot was activated: it is part of the floor even if it rotted
+            self.floor.raise_to(BundleId(ref.name, ref.version, ref.sha256))
         active = self.store_bundle()
         if active is None:
             return True
@@ -834,6 +845,64 @@ class Updater:
             self.store.set_active(None)
             self._startup_events.append(("store_fallback", reason[:900], {"path": str(active)}))
             return False
+
+    def seed_floor(self) -> None:
+        """Start a floor on a device that has none (first start, or an upgrade from an agent without one).
+
+        The versions the store says were committed raise it; the configured bundle becomes the
+        fallback (trust on first use), so a device with a damaged slot still starts after the upgrade.
+        """
+        if self.floor.exists:
+            return
+        with self._lock:
+            d = self._doc or self._load()
+        new = d.get("new") or {}
+        if d.get("state") == "committed" and isinstance(new.get("version"), int) and new.get("sha256"):
+            b = BundleId.from_dict({**new, "name": new.get("name") or "?"})
+            if b is not None:
+                self.floor.raise_to(b)
+        fb = self.config.fallback_bundle
+        if fb is not None:
+            try:
+                m = load_manifest(fb)
+                self.floor.record_fallback(BundleId(m.name, m.version, manifest_sha256(fb)))
+            except (BundleError, OSError):
+                pass  # the daemon reports an unloadable configured bundle itself
+
+    def startup_bundle(self) -> Path | None:
+        """Return what to serve at start-up: the active slot, else the configured bundle if the floor allows.
+
+        The configured bundle is served below the floor only when it is the recorded fallback (the
+        configured bundle this device activated before): the device keeps serving after a slot rots,
+        but a bundle path pointed at an older bundle is not activated by a restart. Raises
+        RollbackError (the daemon exits 78) otherwise.
+        """
+        slot = self.store_bundle()
+        if slot is not None:
+            return slot
+        fb = self.config.fallback_bundle
+        if fb is None:
+            return None
+        try:
+            m = load_manifest(fb)
+            me = BundleId(m.name, m.version, manifest_sha256(fb))
+        except (BundleError, OSError):
+            return fb  # not loadable: the Agent says why
+        if self.floor.allows(m.version):
+            return fb
+        if self.floor.fallback == me:
+            self.floor.serving_below_floor = True
+            log.warning(
+                "serving the configured bundle %s v%d below the anti-rollback floor v%d (the fallback);"
+                " only v%d or newer will be installed",
+                me.name,
+                me.version,
+                self.floor.version,
+                self.floor.version,
+            )
+            return fb
+        self.floor.check(me, m.version, "bundle path")
+        return fb  # pragma: no cover - check raised
 
     def _report_pending(self) -> None:
         d = self._doc
@@ -920,6 +989,10 @@ class Updater:
 
     def poll_incoming(self) -> bool:
         """Deploy the oldest complete drop in ``incoming/`` (from ``edgefleet flash``); True if one ran."""
+        stale = self.store.remove_stale_partials()
+        if stale:
+            self.stale_partials_removed += len(stale)
+            log.warning("removed %d stale .partial drop(s) (a flash stopped mid-copy)", len(stale))
         drops = self.store.pending_incoming()
         if not drops:
             return False
@@ -983,12 +1056,22 @@ class Updater:
             self._report_pending()
             return True
         policy = replace(self.config.policy, min_version_exclusive=served.version if served else None)
+        source = "ota" if cmd is not None else "flash"
+        # The policy refuses what is not newer than the served bundle; the floor matters when the
+        # device serves below it (the configured fallback after a damaged slot).
+        check_floor = served is None or served.version < self.floor.version
         staging = self.store.staging_for(dep_id)
         try:
+            offered = new.get("version")
+            if check_floor and isinstance(offered, int):  # before any byte is fetched
+                self.floor.check(BundleId.from_dict(new), offered, source)
             bundle_dir = self._fetch(src, cmd, policy, staging)
             self._persist(state="verifying")
             manifest = verify_bundle(bundle_dir, policy)
-            if cmd is not None and manifest_sha256(bundle_dir) != cmd.sha256:
+            sha = manifest_sha256(bundle_dir)
+            if check_floor:  # again on the verified manifest
+                self.floor.check(BundleId(manifest.name, manifest.version, sha), manifest.version, source)
+            if cmd is not None and sha != cmd.sha256:
                 raise UpdateError("the verified manifest is not the one the command names")
             self._doc["new"] = {
                 "name": manifest.name,
@@ -1000,6 +1083,9 @@ class Updater:
             slot_dir = self.store.write_slot(slot, bundle_dir, manifest)
             verify_bundle(slot_dir, policy)
             ref = self.store.ref_for(slot, manifest)
+        except RollbackError as e:
+            self._fail(str(e), switched=False, logged=True)
+            return False
         except (UpdateError, BundleError, StoreError) as e:
             self._fail(str(e), switched=False)
             return False
@@ -1026,6 +1112,8 @@ class Updater:
         except Exception as e:  # noqa: BLE001 - anything going wrong after the switch means roll back
             self._fail(f"{type(e).__name__}: {str(e)[:200]}", switched=True, reload_previous=loaded)
             return False
+        self.floor.raise_to(BundleId(ref.name, ref.version, ref.sha256))
+        self.floor.serving_below_floor = False
         self._persist(state="committed")
         self.store.clear_staging()
         self._report_pending()
@@ -1096,9 +1184,10 @@ class Updater:
                 return
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
-    def _fail(self, reason: str, switched: bool, reload_previous: bool = True) -> None:
+    def _fail(self, reason: str, switched: bool, reload_previous: bool = True, logged: bool = False) -> None:
         failed_in = self._doc.get("state")
-        log.warning("deployment %s failed in %s: %s", self._doc.get("deployment_id"), failed_in, reason)
+        if not logged:  # ``logged``: the anti-rollback floor already logged it (once per bundle)
+            log.warning("deployment %s failed in %s: %s", self._doc.get("deployment_id"), failed_in, reason)
         if switched:
             prev = self._doc.get("previous")
             ref = ActiveRef.from_dict(prev) if prev else None
@@ -1206,7 +1295,17 @@ def updater_for_agent(config: Any, trusted_keys: tuple[bytes, ...]) -> Updater:
     )
     up = Updater(ucfg, switch=_not_attached)
     up.recover(report=False)
+    up.seed_floor()
     up.check_active_slot()
+    stale = up.store.remove_stale_partials()
+    up.stale_partials_removed = len(stale)
+    if stale:
+        log.warning(
+            "removed %d stale .partial drop(s) from %s (a flash stopped mid-copy): %s",
+            len(stale),
+            up.store.incoming_dir,
+            ", ".join(p.name for p in stale[:5]),
+        )
     return up
 
 
@@ -1240,7 +1339,8 @@ def attach_to_daemon(up: Updater, daemon: Any) -> None:
             daemon.publish_event("command_rejected", str(e)[:500], {"topic": topic[:200]})
             raise  # the MQTT layer logs it with the payload cut short and counts it
 
-    up.switch = daemon.switch_bundle
+    # The updater checks the anti-rollback floor itself (and must be able to roll back to the fallback).
+    up.switch = lambda bundle_dir: daemon.switch_bundle(bundle_dir, enforce_floor=False)
     up.smoke = smoke
     up.health = health
     up.emit = lambda event, message, detail: daemon.publish_event(event, message, detail)

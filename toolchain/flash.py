@@ -40,7 +40,7 @@ from device_agent.bundle import (
     manifest_sha256,
     verify_bundle,
 )
-from device_agent.store import PARTIAL_SUFFIX, copy_file_synced, fsync_dir
+from device_agent.store import PARTIAL_SUFFIX, RollbackFloor, copy_file_synced, fsync_dir
 from device_agent.telemetry import TelemetryError, check_id, decode_event, fleet_topic, topic
 from device_agent.updater import DeployCommand, HttpSource, MqttSource, bundle_stream, bundle_topic
 from toolchain.errors import ToolchainError
@@ -174,6 +174,12 @@ def flash_local(bundle: Path, m: Manifest, state_dir: Path) -> Path:
             f"--to {str(state_dir)!r} is not a directory; pass the agent's [agent] state_dir (create it first)"
         )
     incoming = state_dir / "bundles" / "incoming"
+    floor = RollbackFloor(state_dir / "bundles").version  # the agent refuses it too; say so now
+    if m.version < floor:
+        raise FlashError(
+            f"bundle {m.name} v{m.version} is below the device's anti-rollback floor v{floor} (the highest"
+            f" version it ever activated); re-sign the model under a version of at least {floor}"
+        )
     try:
         incoming.mkdir(parents=True, exist_ok=True)
         name = drop_name(bundle, m)
