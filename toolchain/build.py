@@ -600,7 +600,10 @@ def _runtime_parity(
     finally:
         scratch_bundle(scratch)
     for rt, dev in result.per_runtime.items():
-        whole = {"accuracy": per_rt[rt]["accuracy"], "top1_agreement": ver["per_runtime"][rt]["top1_agreement"]}
+        whole = {
+            "accuracy": per_rt[rt]["accuracy"],
+            "top1_agreement": ver["per_runtime"][rt]["top1_agreement"],
+        }
         dev["paths"] = {"whole_batch": whole, **dev["paths"]}
         for k in ("accuracy", "top1_agreement"):
             dev[k] = min(p[k] for p in dev["paths"].values())

@@ -79,7 +79,14 @@ class OpenVINOModel:
 def _precision_name(value: Any) -> str:
     """OpenVINO's element type (``<Type: 'float32'>``) or string -> ``f32``/``bf16``/``f16``."""
     text = str(getattr(value, "get_type_name", lambda: value)()).lower()
-    names = {"float32": "f32", "f32": "f32", "bfloat16": "bf16", "bf16": "bf16", "float16": "f16", "f16": "f16"}
+    names = {
+        "float32": "f32",
+        "f32": "f32",
+        "bfloat16": "bf16",
+        "bf16": "bf16",
+        "float16": "f16",
+        "f16": "f16",
+    }
     return names.get(text, text)
 
 

@@ -166,7 +166,9 @@ def check_parity(
             if apply_budget and all("below float" in why for why in excluded.values())
             else ""
         )
-        raise ParityError(f"no runtime runs the bundle within budget the way the device does: {reasons}{hint}")
+        raise ParityError(
+            f"no runtime runs the bundle within budget the way the device does: {reasons}{hint}"
+        )
     return ParityResult(per, kept, excluded, sizes)
 
 
