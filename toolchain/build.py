@@ -618,6 +618,8 @@ def _record_parity(entry: dict[str, Any], parity: Any, float_acc: float) -> None
     for rt, dev in parity.per_runtime.items():
         entry["per_runtime"].setdefault(rt, {}).update(dev)
     kept = parity.kept
+    for rt, why in parity.excluded.items():
+        log.warning("runtime %s left out of the bundle: %s", rt, why)
     entry["runtimes"] = list(kept)
     entry["runtimes_excluded"] = dict(parity.excluded)
     entry["parity_batch_sizes"] = list(parity.batch_sizes)

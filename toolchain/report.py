@@ -154,6 +154,8 @@ def summary_table(report: dict[str, Any]) -> str:
             )
         if e.get("accuracy_budget", "ok") != "ok":
             out.append(f"{name}: {e['accuracy_budget']}")
+        for rt, why in (e.get("runtimes_excluded") or {}).items():
+            out.append(f"{name}: runtime {rt} left out of the bundle (as the device runs it): {why}")
     return "\n".join(out)
 
 

@@ -136,6 +136,11 @@ def test_the_build_ships_only_runtimes_that_agree_as_the_device_runs_them(
     )  # the old check passed it
     assert [r.value for r in load_manifest(out / "x86").model.runtimes] == ["onnxruntime"]
     assert json.loads((out / "report.json").read_text())["targets"]["x86"]["runtimes_excluded"]
+    from toolchain.report import summary_table
+
+    assert "x86: runtime openvino left out of the bundle (as the device runs it): accuracy" in summary_table(
+        rep
+    )
 
 
 # --------------------------------------------------------------------------------------------------
