@@ -356,6 +356,16 @@ def run(
             + "\n".join(f"- {WHY[k]}" for k in WHY if k in why)
             + "\n"
         )
+    if tuple(configs) != CONFIGS:
+        ran = ", ".join(q + (f" + prune {p:.0%}" if p else "") for q, p in configs)
+        notes.append(f"Builds run this time: {ran} (--configs); the others were not run.")
+    for r in rt_rows:
+        b1, b64 = r[4], r[5]
+        if b1 is not None and b64 is not None and b1 != b64:
+            notes.append(
+                f"{r[0]} {r[1]} {r[2]} {r[3]}: one sample at a time {b1} % vs batches of 64 {b64} %"
+                " (the same samples; the runtime computes them with other kernels at batch 1)."
+            )
     body += "\n**Notes**\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     intro = (
         "`benchmarks/build_bench.py`: `edgefleet build --target all` for each model and configuration, "
