@@ -8,6 +8,11 @@ the float model in the same runtimes, and build time. Checks the goals of issue 
 
     .venv/bin/python -m benchmarks.build_bench            # both models (about 15 minutes on 2 cores)
     .venv/bin/python -m benchmarks.build_bench --quick    # the digits CNN only
+    .venv/bin/python -m benchmarks.build_bench --configs ptq,qat   # skip the pruned builds
+
+A second table gives every runtime of every bundle as the device runs it (``toolchain.steps.parity``):
+accuracy one sample at a time and in the agent's batches of 64 beside the whole-batch figure, top-1
+agreement with the float model, and the agent's per-sample latency (``Agent.predict``, p50/p95).
 """
 
 from __future__ import annotations
@@ -119,12 +124,49 @@ def float_latencies(model_path: Path, sample: np.ndarray, work: Path) -> dict[st
     return out
 
 
-def run(quick: bool, keep: Path | None, cache: Path | None = None, md: Path = BENCHMARKS_MD) -> None:
+def runtime_rows(label: str, tag: str, target: str, e: dict[str, Any]) -> list[list[Any]]:
+    """Rows of the per-runtime table for one target entry of report.json (kept and excluded runtimes)."""
+    rows: list[list[Any]] = []
+    for rt, p in e.get("per_runtime", {}).items():
+        paths = p.get("paths", {})
+
+        def acc(path: str, paths: dict[str, Any] = paths) -> str | None:
+            v = paths.get(path, {}).get("accuracy")
+            return None if v is None else f"{100 * v:.2f}"
+
+        rows.append(
+            [
+                label,
+                tag,
+                target,
+                rt,
+                acc("batch_1"),
+                acc("batch_64"),
+                acc("whole_batch"),
+                f"{100 * p['top1_agreement']:.2f}" if p.get("top1_agreement") is not None else None,
+                p.get("latency_ms_p50"),
+                p.get("latency_ms_p95"),
+                p.get("threads"),
+                p.get("precision") or "model",
+                p.get("parity", "?") + (f": {p['excluded_reason']}" if p.get("excluded_reason") else ""),
+            ]
+        )
+    return rows
+
+
+def run(
+    quick: bool,
+    keep: Path | None,
+    cache: Path | None = None,
+    md: Path = BENCHMARKS_MD,
+    configs: tuple[tuple[str, float | None], ...] = CONFIGS,
+) -> None:
     from toolchain.build import BuildError, build_bundles
     from toolchain.errors import ToolchainError
 
     work = Path(tempfile.mkdtemp(prefix="build-bench-"))
     rows: list[list[Any]] = []
+    rt_rows: list[list[Any]] = []
     goals: list[str] = []
     notes: list[str] = []
     why: set[str] = set()
@@ -151,7 +193,7 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None, md: Path = BE
                 )
             sample = np.load(test)["x"][:1]
             plain = float_latencies(model, sample, work)
-            for quantize, prune in CONFIGS:
+            for quantize, prune in configs:
                 tag = quantize + (f" + prune {prune:.0%}" if prune else "")
                 progress_print(f"== {label}: {tag}, all targets ...")
                 out = work / f"{arch}-{quantize}-{prune}"
@@ -192,6 +234,7 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None, md: Path = BE
                         if target == "x86" and "inputs" in str(e.get("error")):
                             why.add("onnx_pqat")
                         continue
+                    rt_rows += runtime_rows(label, tag, target, e)
                     drop_pts = 100 * (e["float_accuracy"] - e["accuracy"])
                     lat = "; ".join(
                         f"{rt} {v['threads_N']['p50_ms']:.3f} (float "
@@ -281,6 +324,31 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None, md: Path = BE
         "build s",
     ]
     body = markdown_table(headers, rows)
+    body += (
+        "\n**Per runtime, as the device runs it** (`per_runtime` in report.json: the bundle in "
+        "`device_agent.Agent`, the agent's threads and pinned precision; accuracy one sample at a time, "
+        "in batches of 64 and whole-batch; agreement is the worst path's top-1 agreement with the float "
+        "model; latency is `Agent.predict` on one sample over every test image, input checks and "
+        "statistics included)\n\n"
+    )
+    body += markdown_table(
+        [
+            "model",
+            "build",
+            "target",
+            "runtime",
+            "acc % batch 1",
+            "acc % batch 64",
+            "acc % whole batch",
+            "agreement %",
+            "agent p50 ms",
+            "agent p95 ms",
+            "threads",
+            "precision",
+            "parity",
+        ],
+        rt_rows,
+    )
     body += "\n**Goals (issue 2)**\n\n" + "\n".join(f"- {g}" for g in goals) + "\n"
     if why:
         body += (
@@ -288,6 +356,16 @@ def run(quick: bool, keep: Path | None, cache: Path | None = None, md: Path = BE
             + "\n".join(f"- {WHY[k]}" for k in WHY if k in why)
             + "\n"
         )
+    if tuple(configs) != CONFIGS:
+        ran = ", ".join(q + (f" + prune {p:.0%}" if p else "") for q, p in configs)
+        notes.append(f"Builds run this time: {ran} (--configs); the others were not run.")
+    for r in rt_rows:
+        b1, b64 = r[4], r[5]
+        if b1 is not None and b64 is not None and b1 != b64:
+            notes.append(
+                f"{r[0]} {r[1]} {r[2]} {r[3]}: one sample at a time {b1} % vs batches of 64 {b64} %"
+                " (the same samples; the runtime computes them with other kernels at batch 1)."
+            )
     body += "\n**Notes**\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     intro = (
         "`benchmarks/build_bench.py`: `edgefleet build --target all` for each model and configuration, "
@@ -314,9 +392,19 @@ def main() -> None:
     ap.add_argument(
         "--cache", type=Path, default=None, help="reuse (or save) the trained models in this folder"
     )
+    ap.add_argument(
+        "--configs",
+        default="ptq,qat,ptq+prune,qat+prune",
+        help="comma-separated builds to run (default all four)",
+    )
     args = ap.parse_args()
+    known = {"ptq": ("ptq", None), "qat": ("qat", None), "ptq+prune": ("ptq", 0.5), "qat+prune": ("qat", 0.5)}
+    wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in wanted if c not in known]
+    if bad or not wanted:
+        ap.error(f"--configs {args.configs!r}: known builds are {', '.join(known)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    run(args.quick, args.keep, args.cache, args.md)
+    run(args.quick, args.keep, args.cache, args.md, tuple(known[c] for c in wanted))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ from typing import Any
 
 from device_agent.errors import AgentError
 
-MANIFEST_SCHEMA = 1
+# Schema 2 adds ``model.precision``; schema-1 manifests are still read (their precision is f32,
+# what the build verified them in).
+MANIFEST_SCHEMA = 2
+READ_MANIFEST_SCHEMAS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 # Written by ``edgefleet profile`` beside the signed files: measurements, not part of the bundle. It
@@ -56,6 +59,15 @@ class RuntimeName(str, Enum):
     LITERT = "litert"
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
+
+
+class Precision(str, Enum):
+    """The inference precision a bundle was verified in, pinned in runtimes that choose one per
+    machine (OpenVINO's ``INFERENCE_PRECISION_HINT``; bf16 is its default on AVX512-BF16/AMX CPUs)."""
+
+    F32 = "f32"
+    BF16 = "bf16"
+    F16 = "f16"
 
 
 class DType(str, Enum):
@@ -123,13 +135,15 @@ class ModelEntry:
     """The model file, its format, and runtimes in order of preference.
 
     ``accelerated_path`` is an optional variant for an accelerator (the Edge TPU-compiled model);
-    the agent falls back to ``path`` when the accelerator is absent.
+    the agent falls back to ``path`` when the accelerator is absent. ``precision`` is what the
+    runtimes compute in (pinned where a runtime would otherwise choose per machine).
     """
 
     path: str
     format: ModelFormat
     runtimes: tuple[RuntimeName, ...]
     accelerated_path: str | None = None
+    precision: Precision = Precision.F32
 
 
 @dataclass
@@ -153,6 +167,14 @@ class Manifest:
     schema: int = MANIFEST_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
+        model: dict[str, Any] = {
+            "path": self.model.path,
+            "format": self.model.format.value,
+            "runtimes": [r.value for r in self.model.runtimes],
+            "accelerated_path": self.model.accelerated_path,
+        }
+        if self.schema >= 2:
+            model["precision"] = self.model.precision.value
         return {
             "schema": self.schema,
             "name": self.name,
@@ -160,12 +182,7 @@ class Manifest:
             "target": self.target,
             "created_at": self.created_at,
             "files": [asdict(f) for f in self.files],
-            "model": {
-                "path": self.model.path,
-                "format": self.model.format.value,
-                "runtimes": [r.value for r in self.model.runtimes],
-                "accelerated_path": self.model.accelerated_path,
-            },
+            "model": model,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "labels": list(self.labels),
@@ -185,10 +202,12 @@ class Manifest:
         """Validate a parsed manifest strictly: known keys, types, safe paths."""
         if not isinstance(d, Mapping):
             raise BundleError("manifest.json must hold a JSON object")
-        if d.get("schema") != MANIFEST_SCHEMA:
+        schema = d.get("schema")
+        if not _is_int(schema) or schema not in READ_MANIFEST_SCHEMAS:
+            known = ", ".join(str(v) for v in READ_MANIFEST_SCHEMAS)
             raise BundleError(
-                f"manifest schema {d.get('schema')!r} is not supported (this agent reads schema {MANIFEST_SCHEMA});"
-                " rebuild the bundle with a matching edgefleet"
+                f"manifest schema {schema!r} is not supported (this agent reads schemas {known});"
+                " update the agent, or rebuild the bundle with a matching edgefleet"
             )
         _keys(d, set(cls.__dataclass_fields__), "manifest")
         name = d["name"]
@@ -213,7 +232,8 @@ class Manifest:
         if len(set(paths)) != len(paths):
             raise BundleError("manifest.files lists a path twice")
         m = d["model"]
-        _keys(m, {"path", "format", "runtimes", "accelerated_path"}, "model")
+        model_keys = {"path", "format", "runtimes", "accelerated_path"}
+        _keys(m, model_keys | ({"precision"} if schema >= 2 else set()), "model")
         if m["path"] not in paths:
             raise BundleError(f"model.path {m['path']!r} is not listed in manifest.files")
         if m["accelerated_path"] is not None and m["accelerated_path"] not in paths:
@@ -227,6 +247,7 @@ class Manifest:
             _enum(ModelFormat, m["format"], "model.format"),
             tuple(_enum(RuntimeName, r, "model.runtimes") for r in m["runtimes"]),
             m["accelerated_path"],
+            _enum(Precision, m["precision"], "model.precision") if schema >= 2 else Precision.F32,
         )
         if d["baseline"] not in paths:
             raise BundleError(f"baseline {d['baseline']!r} is not listed in manifest.files")
@@ -259,6 +280,7 @@ class Manifest:
             metrics=dict(d["metrics"]),
             threads=int(d["threads"]),
             edgetpu=d["edgetpu"],
+            schema=int(schema),
         )
 
     def file(self, path: str) -> FileEntry:

@@ -449,6 +449,8 @@ class Daemon:
                 "path": str(m.path),
                 "target": m.manifest.target,
                 "accelerated": bool(getattr(m.predictor.model, "accelerated", False)),
+                # what the runtime computes in (OpenVINO reports it; null: the model's own types)
+                "precision": getattr(m.predictor.model, "precision", None),
             },
             "mqtt": mqtt,
             "outbox": {

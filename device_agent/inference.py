@@ -123,8 +123,14 @@ class Predictor:
             accel = self.bundle_dir / m.model.accelerated_path
         # The profile's thread count is for the device it names; never oversubscribe the cores we have.
         self.threads = threads or max(1, min(m.threads, os.cpu_count() or 1))
+        # The precision the build verified the bundle in, pinned (OpenVINO would otherwise pick
+        # bf16 on CPUs that have it).
         self.model: RuntimeModel = load_runtime_model(
-            self.bundle_dir / m.model.path, self.runtime, threads=self.threads, accelerator_path=accel
+            self.bundle_dir / m.model.path,
+            self.runtime,
+            threads=self.threads,
+            accelerator_path=accel,
+            precision=m.model.precision.value,
         )
         self.input_spec = m.inputs[0]
         self.output_spec = m.outputs[0]

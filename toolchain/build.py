@@ -297,6 +297,7 @@ def build_bundles(
                 preprocessing=preprocessing,
                 float_eval=float_eval,
                 deployed_eval=deployed_eval,
+                raw_eval=evald,
                 float_acc=float_acc,
                 float_ref=float_refs[t.format],
                 baseline=baseline,
@@ -403,6 +404,7 @@ def _build_target(
     deployed_eval: np.ndarray,
     float_acc: float,
     float_ref: dict[str, Any],
+    raw_eval: Dataset | None = None,
     baseline: dict[str, Any],
     labels: list[str],
     name: str,
@@ -439,6 +441,25 @@ def _build_target(
             scores = predict_artifact(artifact, rt, evald.x)
             rt_pred[rt] = predicted_classes(scores)
             per_rt[rt] = {"accuracy": accuracy(scores, evald.y), "latency": artifact.latency.get(rt)}
+        # Each runtime as the device runs it (the agent, one sample at a time and in its batches);
+        # runtimes that disagree beyond the budget leave the manifest.
+        parity = _runtime_parity(
+            t,
+            artifact,
+            raw_eval if raw_eval is not None else evald,
+            deployed_eval,
+            per_rt,
+            ver,
+            float_acc=float_acc,
+            labels=labels,
+            baseline=baseline,
+            preprocessing=preprocessing,
+            name=name,
+            version=version,
+            tdir=tdir,
+            allow_accuracy_drop=allow_accuracy_drop,
+        )
+        artifact.runtimes = parity.kept
         preferred = artifact.runtimes[0]
         acc = per_rt[preferred]["accuracy"]
         lat = artifact.latency.get(preferred, {}).get("threads_N", {})
@@ -467,8 +488,12 @@ def _build_target(
                 "checks": artifact.checks,
             }
         )
+        _record_parity(entry, parity, float_acc)
         fl = float_lat.get(preferred, {}).get("threads_N", {})
         entry["float_latency_ms_p50"] = fl.get("p50_ms")
+        # per class as the device runs it (one sample at a time) where the agent ran it, and only
+        # for the runtimes the manifest keeps
+        rt_pred = {rt: parity.batch_1_classes.get(rt, rt_pred[rt]) for rt in artifact.runtimes}
         class_fields, class_failure = target_class_evaluation(
             evald.y, predicted_classes(float_eval), rt_pred, preferred, labels, max_class_drop
         )
@@ -556,6 +581,90 @@ def _build_target(
         discard(staging)
         entry["build_s"] = round(time.perf_counter() - t0, 2)
     return _finite(entry)
+
+
+def _runtime_parity(
+    t: Target,
+    artifact: Any,
+    raw_eval: Dataset,
+    deployed_eval: np.ndarray,
+    per_rt: dict[str, Any],
+    ver: dict[str, Any],
+    *,
+    float_acc: float,
+    labels: list[str],
+    baseline: dict[str, Any],
+    preprocessing: dict[str, Any] | None,
+    name: str,
+    version: int,
+    tdir: Path,
+    allow_accuracy_drop: bool,
+) -> Any:
+    """Check every runtime of ``artifact`` through the agent on a scratch bundle (toolchain.steps.parity).
+
+    Folds the whole-batch figures measured before into each runtime's paths, so a runtime's
+    ``accuracy`` in ``per_rt`` becomes its worst over the whole batch, one sample at a time and the
+    agent's batch size. Raises ParityError (one line) when no runtime is left.
+    """
+    from toolchain.steps.parity import check_parity, scratch_bundle
+
+    scratch = tdir / "parity-bundle"
+    try:
+        assemble_bundle(
+            scratch,
+            name=name,
+            version=version,
+            target=t.name,
+            model_file=artifact.path,
+            model_format=artifact.format,
+            runtimes=artifact.runtimes,
+            inputs=artifact.inputs,
+            outputs=artifact.outputs,
+            labels=labels,
+            baseline=baseline,
+            threads=t.threads,
+            preprocessing=preprocessing or {"type": "none"},
+        )
+        result = check_parity(
+            scratch,
+            artifact.runtimes,
+            raw_eval.x,
+            raw_eval.y,
+            deployed_eval,
+            float_accuracy=float_acc,
+            max_accuracy_drop=t.limits.max_accuracy_drop,
+            apply_budget=not allow_accuracy_drop,
+        )
+    finally:
+        scratch_bundle(scratch)
+    for rt, dev in result.per_runtime.items():
+        whole = {
+            "accuracy": per_rt[rt]["accuracy"],
+            "top1_agreement": ver["per_runtime"][rt]["top1_agreement"],
+        }
+        dev["paths"] = {"whole_batch": whole, **dev["paths"]}
+        for k in ("accuracy", "top1_agreement"):
+            dev[k] = min(p[k] for p in dev["paths"].values())
+        per_rt[rt]["accuracy"] = dev["accuracy"]
+    return result
+
+
+def _record_parity(entry: dict[str, Any], parity: Any, float_acc: float) -> None:
+    """Write the parity figures into a target's report entry (``per_runtime.<name>``, the kept and
+    excluded runtimes); accuracy and agreement of the target are those of the kept runtimes'
+    worst paths."""
+    for rt, dev in parity.per_runtime.items():
+        entry["per_runtime"].setdefault(rt, {}).update(dev)
+    kept = parity.kept
+    for rt, why in parity.excluded.items():
+        log.warning("runtime %s left out of the bundle: %s", rt, why)
+    entry["runtimes"] = list(kept)
+    entry["runtimes_excluded"] = dict(parity.excluded)
+    entry["parity_batch_sizes"] = list(parity.batch_sizes)
+    entry["accuracy"] = entry["per_runtime"][kept[0]]["accuracy"]
+    entry["accuracy_drop"] = float_acc - entry["accuracy"]
+    entry["top1_agreement"] = min(entry["per_runtime"][rt]["top1_agreement"] for rt in kept)
+    entry["precision"] = {rt: entry["per_runtime"][rt].get("precision") for rt in kept}
 
 
 def _edgetpu(

@@ -171,6 +171,8 @@ def summary_table(report: dict[str, Any]) -> str:
         dp = e.get("device_profile")
         if dp:
             out.append(f"{name}: on device {device_profile_line(dp)}")
+        for rt, why in (e.get("runtimes_excluded") or {}).items():
+            out.append(f"{name}: runtime {rt} left out of the bundle (as the device runs it): {why}")
     return "\n".join(out)
 
 

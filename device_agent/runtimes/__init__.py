@@ -57,9 +57,18 @@ def installed_runtimes() -> list[str]:
 
 
 def load_runtime_model(
-    path: str | Path, runtime: str, threads: int = 1, accelerator_path: str | Path | None = None
+    path: str | Path,
+    runtime: str,
+    threads: int = 1,
+    accelerator_path: str | Path | None = None,
+    precision: str | None = None,
 ) -> RuntimeModel:
-    """Load a model file in the named runtime."""
+    """Load a model file in the named runtime.
+
+    ``precision`` is the inference precision for runtimes that choose one per machine (OpenVINO:
+    ``f32`` when None, never the CPU's default); runtimes that always compute a model in its own
+    types (LiteRT, ONNX Runtime on the CPU) take it and ignore it.
+    """
     if runtime not in ADAPTERS:
         raise RuntimeError_(f"unknown runtime {runtime!r}. Known: {', '.join(ADAPTERS)}")
     if not is_installed(runtime):
@@ -67,7 +76,7 @@ def load_runtime_model(
             f"runtime {runtime!r} is not installed; pip install 'edgefleet[device]' (LiteRT) or 'edgefleet[x86]'"
         )
     module = importlib.import_module(ADAPTERS[runtime][0])
-    return module.load(Path(path), threads=threads, accelerator_path=accelerator_path)
+    return module.load(Path(path), threads=threads, accelerator_path=accelerator_path, precision=precision)
 
 
 def choose_runtime(preferences: Sequence[str], override: str | None = None) -> str:

@@ -151,6 +151,8 @@ class LiteRTModel:
         return list(self._interp.get_tensor_details())
 
 
-def load(path: Path, threads: int = 1, accelerator_path: Path | None = None) -> LiteRTModel:
-    """Load a .tflite model."""
+def load(
+    path: Path, threads: int = 1, accelerator_path: Path | None = None, precision: str | None = None
+) -> LiteRTModel:
+    """Load a .tflite model (LiteRT computes in the model's own types: no precision to pin)."""
     return LiteRTModel(path, threads=threads, accelerator_path=accelerator_path)

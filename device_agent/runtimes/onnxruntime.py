@@ -41,6 +41,9 @@ class OrtModel:
         return np.asarray(self._sess.run([self._out_name], {self._in_name: x})[0])
 
 
-def load(path: Path, threads: int = 1, accelerator_path: Path | None = None) -> OrtModel:
-    """Load an .onnx model."""
+def load(
+    path: Path, threads: int = 1, accelerator_path: Path | None = None, precision: str | None = None
+) -> OrtModel:
+    """Load an .onnx model (the CPU provider computes float32 and int8 as the model says: no precision
+    to pin)."""
     return OrtModel(path, threads=threads)

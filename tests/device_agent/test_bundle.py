@@ -15,6 +15,7 @@ from device_agent.bundle import (
     Manifest,
     ModelEntry,
     ModelFormat,
+    Precision,
     RuntimeName,
     TensorSpec,
     VerifyPolicy,
@@ -113,9 +114,34 @@ def test_unknown_keys_and_schema_are_refused(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="unknown key"):
         verify_bundle(b)
     doc.pop("surprise")
-    doc["schema"] = 2
+    doc["schema"] = 3
     (b / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(BundleError, match="schema 2"):
+    with pytest.raises(BundleError, match="schema 3"):
+        verify_bundle(b)
+
+
+def test_manifest_records_precision_and_schema_1_still_reads_as_f32(tmp_path: Path) -> None:
+    b = make_bundle(tmp_path / "b")
+    doc = json.loads((b / "manifest.json").read_text())
+    assert doc["schema"] == 2 and doc["model"]["precision"] == "f32"
+    assert verify_bundle(b).model.precision == Precision.F32
+    doc["model"]["precision"] = "bf16"
+    (b / "manifest.json").write_text(json.dumps(doc))
+    assert verify_bundle(b).model.precision == Precision.BF16
+    doc["model"]["precision"] = "fp8"
+    (b / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="model.precision 'fp8' is unknown"):
+        verify_bundle(b)
+    # schema 1 (bundles built before precision was recorded): no key, f32 as verified then
+    doc["schema"] = 1
+    del doc["model"]["precision"]
+    (b / "manifest.json").write_text(json.dumps(doc))
+    m = verify_bundle(b)
+    assert m.model.precision == Precision.F32 and "precision" not in m.to_dict()["model"]
+    assert json.loads(m.to_bytes()) == doc  # a schema-1 manifest round-trips unchanged
+    doc["model"]["precision"] = "f32"  # schema 1 never had the key
+    (b / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="unknown key"):
         verify_bundle(b)
 
 

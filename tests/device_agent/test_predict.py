@@ -83,3 +83,37 @@ def test_agent_module_does_not_import_tensorflow_or_toolchain() -> None:
             and "from toolchain" not in text
             and "import toolchain" not in text
         ), f
+
+
+def test_openvino_runs_in_the_manifest_precision_alone_and_in_batches(
+    tmp_path: Path, data: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent pins the manifest's precision (schema 1: f32) even where the machine's default is
+    bf16, and a sample alone (static batch-1 model) scores as it does in a batch (dynamic model)."""
+    import json
+    import shutil
+
+    import openvino as ov
+
+    if not is_installed("openvino"):
+        pytest.skip("openvino not installed")
+    real = ov.Core.compile_model
+
+    def bf16_machine(self, model, device="CPU", config=None):  # type: ignore[no-untyped-def]
+        return real(self, model, device, {"INFERENCE_PRECISION_HINT": "bf16", **dict(config or {})})
+
+    monkeypatch.setattr(ov.Core, "compile_model", bf16_machine)
+    bundle = tmp_path / "b"
+    shutil.copytree(cached_onnx_bundle(), bundle)
+    doc = json.loads((bundle / "manifest.json").read_text())
+    assert doc["schema"] == 1 and "precision" not in doc["model"]
+    agent = Agent(bundle, runtime="openvino")
+    assert agent.model.predictor.model.precision == "f32"  # type: ignore[attr-defined]
+    x = data["x_test"][:50]
+    alone = np.concatenate([agent.predict(x[i]).outputs for i in range(len(x))])
+    np.testing.assert_allclose(alone, agent.predict(x).outputs, atol=1e-5)
+    doc.update(schema=2, model=dict(doc["model"], precision="bf16"))
+    (bundle / "manifest.json").write_text(json.dumps(doc))
+    got = Agent(bundle, runtime="openvino").model.predictor.model.precision  # type: ignore[attr-defined]
+    bf16_cpu = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert got == "bf16" if bf16_cpu else got in ("f32", "bf16")

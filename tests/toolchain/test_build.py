@@ -37,7 +37,7 @@ def report(digits_bundles: Path) -> dict:
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_bundle_verifies_and_keeps_the_profile_promise(digits_bundles: Path, target: str) -> None:
     m = verify_bundle(digits_bundles / target, VerifyPolicy(allow_unsigned=True, target=target))
-    assert m.schema == 1 and m.name == "digits_cnn" and m.version == 1
+    assert m.schema == 2 and m.name == "digits_cnn" and m.version == 1
     assert m.labels == [str(i) for i in range(10)]
     listed = {f.path for f in m.files}
     assert {m.model.path, "baseline.json", "labels.txt"} <= listed

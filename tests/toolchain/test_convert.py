@@ -495,3 +495,77 @@ def test_wrong_io_dtype_for_the_profile_fails(artifacts: dict[str, Artifact]) ->
     # A dynamic-batch artifact does not fit the Edge TPU.
     with pytest.raises(VerificationError, match="dtype int8; the profile promises uint8|static batch-1"):
         inspect_artifact(artifacts["raspberry-pi"], load_target("coral"))
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenVINO's inference precision is pinned (bf16 is its default on AVX512-BF16/AMX CPUs)
+
+
+def _cpu_has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.fixture
+def machine_default_precision(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make OpenVINO's CPU plugin behave as on a machine whose default precision is ``request.param``:
+    a compile without ``INFERENCE_PRECISION_HINT`` gets it (as bf16 CPUs do by themselves)."""
+    import openvino as ov
+
+    default = str(request.param)
+    real = ov.Core.compile_model
+
+    def compile_model(self: Any, model: Any, device: Any = "CPU", config: Any = None) -> Any:
+        cfg = dict(config or {})
+        cfg.setdefault("INFERENCE_PRECISION_HINT", default)
+        return real(self, model, device, cfg)
+
+    monkeypatch.setattr(ov.Core, "compile_model", compile_model)
+    return default
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("machine_default_precision", ["f32", "bf16"], indirect=True)
+@pytest.mark.parametrize("fmt", [ModelFormat.TFLITE, ModelFormat.ONNX], ids=lambda f: f.value)
+def test_openvino_float_reference_matches_keras_whatever_the_machine_default(
+    fmt: ModelFormat,
+    machine_default_precision: str,
+    keras_model: Any,
+    digits: dict[str, np.ndarray],
+    float_scores: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    from device_agent.runtimes import load_runtime_model
+
+    path = convert_float(keras_model, fmt, tmp_path / f"float.{fmt.value}")
+    model: Any = load_runtime_model(path, "openvino")
+    assert model.precision == "f32"  # pinned, whatever the machine would choose
+    scores = predict_artifact(path, "openvino", digits["x_test"][:N_VERIFY])
+    np.testing.assert_allclose(scores, float_scores, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [ModelFormat.TFLITE, ModelFormat.ONNX], ids=lambda f: f.value)
+def test_forcing_bf16_is_seen_where_the_cpu_has_it(
+    fmt: ModelFormat,
+    keras_model: Any,
+    digits: dict[str, np.ndarray],
+    float_scores: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    """The other way: bf16 asked for explicitly is what runs on a bf16 CPU, and it misses the float
+    reference by more than the tolerance above (so that test would catch an unpinned adapter)."""
+    from device_agent.inference import quantize
+    from device_agent.runtimes import load_runtime_model
+
+    path = convert_float(keras_model, fmt, tmp_path / f"float.{fmt.value}")
+    model: Any = load_runtime_model(path, "openvino", precision="bf16")
+    if not _cpu_has_bf16():
+        assert model.precision in ("f32", "bf16")  # plugins without bf16 may report either; numbers stay f32
+        pytest.skip("this CPU has no bf16: OpenVINO computes in f32 whatever the hint")
+    assert model.precision == "bf16"
+    inputs, _ = read_io_specs(path, fmt)
+    x = digits["x_test"][:N_VERIFY]
+    out = np.asarray(model.run(quantize(x.astype(np.float32), inputs[0]))).reshape(len(x), -1)
+    assert float(np.max(np.abs(out - float_scores))) > 1e-4
