@@ -93,6 +93,31 @@ def fleet_cmd() -> None:
     help="Decode processes beside the collector, plus one for drift evaluation (default: 1 with"
     " 2+ cores; 0: everything in the collector's process).",
 )
+@click.option(
+    "--quarantine-max-rows",
+    type=click.IntRange(1, None),
+    default=10_000,
+    show_default=True,
+    help="Keep at most this many quarantined messages (the oldest go first; every one is counted).",
+)
+@click.option(
+    "--max-packet-size",
+    type=click.IntRange(1024, 268_435_455),
+    default=None,
+    help="MQTT 5 Maximum Packet Size announced to the broker, in bytes (default 131072; larger"
+    " messages are dropped by the broker, never reach the collector).",
+)
+@click.option(
+    "--compact-after",
+    default=None,
+    metavar="AGE",
+    help="Fold windows older than AGE (e.g. 7d) into hourly per-device rollups every 10 minutes.",
+)
+@click.option(
+    "--no-broker-drops",
+    is_flag=True,
+    help="Do not watch the broker's $SYS drop counters.",
+)
 def collect_cmd(
     broker_url: str,
     db_url: str,
@@ -110,9 +135,20 @@ def collect_cmd(
     mqtt_version: str,
     batch_size: int,
     worker_processes: int | None,
+    quarantine_max_rows: int,
+    max_packet_size: int | None,
+    compact_after: str | None,
+    no_broker_drops: bool,
 ) -> None:
     """Run the collector daemon: MQTT stats/status/events into the database, drift alerts out."""
-    from toolchain.fleet.collector import Collector, CollectorConfigError
+    from toolchain.fleet.collector import MAX_PACKET_BYTES, Collector, CollectorConfigError
+    from toolchain.fleet.queries import QueryError, parse_age
+
+    try:
+        compact_after_s = parse_age(compact_after) if compact_after else None
+    except QueryError as e:
+        click.echo(f"Error: --compact-after: {e}", err=True)
+        sys.exit(2)
 
     logging.getLogger("edgefleet").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
@@ -136,6 +172,10 @@ def collect_cmd(
             batch_max=batch_size,
             protocol=mqtt_version,
             worker_processes=worker_processes,
+            quarantine_max_rows=quarantine_max_rows,
+            max_packet_bytes=max_packet_size or MAX_PACKET_BYTES,
+            watch_broker_drops=not no_broker_drops,
+            compact_after_s=compact_after_s,
         )
     except CollectorConfigError as e:
         click.echo(f"Error: {e}", err=True)
@@ -219,7 +259,7 @@ def _f(v: Any, fmt: str = "{:.3f}") -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 def status_cmd(db_url: str, as_json: bool) -> None:
     """Devices: online/offline, last seen, model, windows received, dropped windows, drift state."""
-    from toolchain.fleet.queries import quarantine_summary, status_rows
+    from toolchain.fleet.queries import broker_counters, collector_counters, quarantine_summary, status_rows
     from toolchain.fleet.storage import open_store, sqlite_path_exists
 
     if not sqlite_path_exists(db_url):
@@ -232,11 +272,32 @@ def status_cmd(db_url: str, as_json: bool) -> None:
     with open_store(db_url) as store:
         rows = status_rows(store, now)
         q = quarantine_summary(store)
+        brokers = broker_counters(store)
+        totals = collector_counters(store)
     if as_json:
-        click.echo(json.dumps({"devices": rows, "quarantined": q["count"]}, indent=2))
+        doc = {
+            "devices": rows,
+            "quarantined": q["count"],
+            "quarantine": {k: q[k] for k in ("count", "total", "evicted")},
+            "collector": totals,
+            "broker_drops": brokers,
+        }
+        click.echo(json.dumps(doc, indent=2))
         return
     show_dep = any(r["deployment_state"] for r in rows)
-    headers = ["fleet", "device", "state", "last seen", "model", "agent", "windows", "dropped", "drift"]
+    headers = [
+        "fleet",
+        "device",
+        "state",
+        "last seen",
+        "model",
+        "agent",
+        "windows",
+        "dropped",
+        "dups",
+        "restarts",
+        "drift",
+    ]
     if show_dep:
         headers.append("deployment")
     out = []
@@ -251,6 +312,8 @@ def status_cmd(db_url: str, as_json: bool) -> None:
             r["agent_version"],
             r["windows"],
             r["dropped_windows"],
+            r["duplicates"],
+            r["stream_changes"],
             r["drift_state"],
         ]
         if show_dep:
@@ -258,7 +321,22 @@ def status_cmd(db_url: str, as_json: bool) -> None:
         out.append(line)
     click.echo(text_table(headers, out) if rows else "no devices yet")
     if q["count"]:
-        click.echo(f"\n{q['count']} message(s) quarantined; latest: {q['latest'][0]['reason']}")
+        kept = f" ({q['count']} kept, {q['evicted']} oldest removed)" if q["evicted"] else ""
+        click.echo(f"\n{q['total']} message(s) quarantined{kept}; latest: {q['latest'][0]['reason']}")
+    restarted = [r for r in rows if r["stream_changes"]]
+    if restarted:
+        names = ", ".join(f"{r['fleet']}/{r['device_id']}" for r in restarted[:5])
+        more = f" and {len(restarted) - 5} more" if len(restarted) > 5 else ""
+        click.echo(
+            f"\n{len(restarted)} device(s) restarted with lost state (new stream): {names}{more};"
+            " their new windows are stored"
+        )
+    for b in brokers:
+        if b["dropped_seen"]:
+            click.echo(
+                f"\nbroker {b['broker']} dropped {b['dropped_seen']} message(s) after acknowledging them"
+                f" ({b['counter']} = {b['value']}); raise max_queued_messages (docs/fleet.md)"
+            )
 
 
 @fleet_cmd.command("drift")

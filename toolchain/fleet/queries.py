@@ -67,20 +67,28 @@ def parse_time(value: str | float | None, now: float | None = None) -> float | N
     return dt.timestamp()
 
 
+def parse_age(value: str) -> float:
+    """Parse an age such as ``90m``, ``36h`` or ``7d`` to seconds."""
+    m = DURATION_RE.match(value.strip())
+    if not m:
+        raise QueryError(f"age {value!r} is not understood; use a number and a unit: 30m, 36h, 7d, 2w")
+    return float(m.group(1)) * UNITS_S[m.group(2)]
+
+
 # --------------------------------------------------------------------------------------------------
 # Status
 
 
 def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any]]:
-    """Return one dict per device: state, last seen, model, windows received, dropped, drift state."""
+    """Return one dict per device: state, last seen, model, windows received, dropped, drift state.
+
+    Also what the collector did not store for the device: ``duplicates`` (windows that were already
+    stored) and ``stream_changes`` (times the device started over with a new stream: its state was
+    lost), with the current ``stream`` and when it started. One row per device is read (the counters
+    are kept at ingestion), so this stays fast at 100,000 devices.
+    """
     now = time.time() if now is None else now
     with _opened(db) as store:
-        counts = {
-            (f, d): (int(n), int(c or 0))
-            for f, d, n, c in store.query(
-                "SELECT fleet, device_id, COUNT(*), SUM(count) FROM windows GROUP BY fleet, device_id"
-            )
-        }
         drift = {
             (f, d): (s, v)
             for f, d, s, v in store.query("SELECT fleet, device_id, state, verdict FROM drift_state")
@@ -100,16 +108,21 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
             target,
             dep,
             dropped,
+            n,
+            preds,
+            dups,
+            stream,
+            changes,
+            stream_started,
         ) in store.query(
             "SELECT fleet, device_id, state, status_ts, first_seen, last_seen, model_sha256, model_name,"
-            " model_version, agent_version, target, deployment_json, dropped_windows FROM devices"
-            " ORDER BY fleet, device_id"
+            " model_version, agent_version, target, deployment_json, dropped_windows, windows, predictions,"
+            " duplicates, stream, stream_changes, stream_started FROM devices ORDER BY fleet, device_id"
         ):
             deployment = json.loads(dep) if dep else None
             shown = state
             if state == "online" and now - float(last_seen) > OFFLINE_AFTER_S:
                 shown = "stale"
-            n, preds = counts.get((fleet, device), (0, 0))
             dstate, verdict = drift.get((fleet, device), ("unknown", "unknown"))
             rows.append(
                 {
@@ -120,9 +133,13 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
                     "model": {"sha256": sha, "name": name, "version": version} if sha else None,
                     "agent_version": agent,
                     "target": target,
-                    "windows": n,
-                    "predictions": preds,
+                    "windows": int(n),
+                    "predictions": int(preds),
                     "dropped_windows": int(dropped),
+                    "duplicates": int(dups),
+                    "stream": stream,
+                    "stream_changes": int(changes),
+                    "stream_started": float(stream_started) if stream_started is not None else None,
                     "drift_state": dstate,
                     "last_verdict": verdict,
                     "deployment": deployment,
@@ -135,16 +152,36 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
 
 
 def quarantine_summary(db: str | Store) -> dict[str, Any]:
-    """Return the number of quarantined messages and the latest few with their reasons."""
+    """Return the quarantined messages: rows kept, counted ever, evicted (oldest first), latest few."""
     with _opened(db) as store:
         n = int(store.query("SELECT COUNT(*) FROM quarantine")[0][0])
+        counters = collector_counters(store)
         latest = [
             {"received_at": float(t), "topic": tp, "reason": r, "payload_bytes": int(b)}
             for t, tp, r, b in store.query(
                 "SELECT received_at, topic, reason, payload_bytes FROM quarantine ORDER BY id DESC LIMIT 10"
             )
         ]
-        return {"count": n, "latest": latest}
+        # Databases from before the counters: the rows kept are the count.
+        total = max(counters.get("quarantined", 0), n)
+        return {"count": n, "total": total, "evicted": counters.get("quarantine_evicted", 0), "latest": latest}
+
+
+def collector_counters(db: str | Store) -> dict[str, int]:
+    """Return the collectors' lifetime counters (windows stored, duplicates, quarantined, ...)."""
+    with _opened(db) as store:
+        return {str(k): int(v) for k, v in store.query("SELECT name, value FROM collector_counters")}
+
+
+def broker_counters(db: str | Store) -> list[dict[str, Any]]:
+    """Return the broker drop counters the collectors saw ($SYS): last value and the rises seen."""
+    with _opened(db) as store:
+        return [
+            {"broker": b, "counter": t, "value": int(v), "dropped_seen": int(r), "updated_at": float(u)}
+            for b, t, v, r, u in store.query(
+                "SELECT broker, topic, value, rises, updated_at FROM broker_counters ORDER BY broker, topic"
+            )
+        ]
 
 
 def recent_alerts(db: str | Store, limit: int = 50) -> list[dict[str, Any]]:
