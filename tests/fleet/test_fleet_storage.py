@@ -240,3 +240,36 @@ def test_migration_3_keeps_windows_and_counts_them(tmp_path, bundle, model_ref, 
         assert s.query("SELECT id, stream, seq FROM windows ORDER BY id") == [(i + 1, "", i) for i in range(4)]
         (r,) = status_rows(s)
         assert r["windows"] == 4 and r["predictions"] == 40
+
+
+def test_quarantine_keeps_the_newest_rows_and_counts_every_one(db_url) -> None:
+    with open_store(db_url) as s:
+        ing = Ingestor(s, BaselineCache(s), quarantine_max_rows=5)
+        for b in range(3):
+            ing.process([incoming(f"edgefleet/lab/dev-{b}-{i}/stats", b"not json") for i in range(4)])
+        topics = [r[0] for r in s.query("SELECT topic FROM quarantine ORDER BY id")]
+        assert topics == ["edgefleet/lab/dev-1-3/stats"] + [f"edgefleet/lab/dev-2-{i}/stats" for i in range(4)]
+        counters = dict(s.query("SELECT name, value FROM collector_counters"))
+        assert counters["quarantined"] == 12 and counters["quarantine_evicted"] == 7
+        assert ing.counters.quarantined == 12 and ing.counters.quarantine_evicted == 7
+        # One log line for the whole flood (the throttle's window is 10 s).
+        assert ing.quarantine_log.lines == 1
+
+
+def test_throttle_counts_what_it_holds_back(caplog) -> None:
+    import logging
+
+    from toolchain.fleet.ratelog import Throttle
+
+    now = [0.0]
+    t = Throttle(logging.getLogger("edgefleet.test.throttle"), 10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, "edgefleet.test.throttle"):
+        assert t.log(logging.WARNING, "bad %d", 1)
+        for i in range(50):
+            now[0] += 0.1
+            assert not t.log(logging.WARNING, "bad %d", i + 2, events=2)
+        now[0] += 10.0
+        assert t.log(logging.WARNING, "bad %d", 99)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["bad 1", "bad 99 (and 100 more since the previous such line: 50 line(s) held back)"]
+    assert t.lines == 2
