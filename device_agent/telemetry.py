@@ -381,7 +381,9 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
     d = load_json(raw, schemas=STATS_SCHEMAS)
     if d.get("type") != "stats":
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'stats'")
-    _keys(d, STATS_REQUIRED if d["schema"] >= 2 else STATS_REQUIRED_V1, set(), f"stats (schema {d['schema']})")
+    _keys(
+        d, STATS_REQUIRED if d["schema"] >= 2 else STATS_REQUIRED_V1, set(), f"stats (schema {d['schema']})"
+    )
     stream = check_stream(d["stream"]) if d["schema"] >= 2 else None
     device, fleet = _origin(d, topic_device, topic_fleet)
     start = parse_utc(d["window_start"], "window_start")

@@ -199,7 +199,9 @@ def test_schema_1_windows_without_a_stream_are_stored_and_deduplicated(
     register_bundle(db_url, bundle[0])
     with open_store(db_url) as s:
         ing = Ingestor(s, BaselineCache(s))
-        old = [_legacy(stats_payload("dev-1", seq, model_ref, make_window(30, seed=seq))[1]) for seq in range(3)]
+        old = [
+            _legacy(stats_payload("dev-1", seq, model_ref, make_window(30, seed=seq))[1]) for seq in range(3)
+        ]
         ing.process([incoming("edgefleet/lab/dev-1/stats", p) for p in old + old[:2]])
         assert s.query("SELECT COUNT(*) FROM windows WHERE stream = ''")[0][0] == 3
         assert ing.counters.duplicates == 2 and ing.counters.legacy_duplicates == 2
@@ -237,7 +239,9 @@ def test_migration_3_keeps_windows_and_counts_them(tmp_path, bundle, model_ref, 
         storage_mod.MIGRATIONS = keep
     with open_store(url) as s:
         assert s.schema_version() == max(v for v, _, _ in keep)
-        assert s.query("SELECT id, stream, seq FROM windows ORDER BY id") == [(i + 1, "", i) for i in range(4)]
+        assert s.query("SELECT id, stream, seq FROM windows ORDER BY id") == [
+            (i + 1, "", i) for i in range(4)
+        ]
         (r,) = status_rows(s)
         assert r["windows"] == 4 and r["predictions"] == 40
 
@@ -248,7 +252,9 @@ def test_quarantine_keeps_the_newest_rows_and_counts_every_one(db_url) -> None:
         for b in range(3):
             ing.process([incoming(f"edgefleet/lab/dev-{b}-{i}/stats", b"not json") for i in range(4)])
         topics = [r[0] for r in s.query("SELECT topic FROM quarantine ORDER BY id")]
-        assert topics == ["edgefleet/lab/dev-1-3/stats"] + [f"edgefleet/lab/dev-2-{i}/stats" for i in range(4)]
+        assert topics == ["edgefleet/lab/dev-1-3/stats"] + [
+            f"edgefleet/lab/dev-2-{i}/stats" for i in range(4)
+        ]
         counters = dict(s.query("SELECT name, value FROM collector_counters"))
         assert counters["quarantined"] == 12 and counters["quarantine_evicted"] == 7
         assert ing.counters.quarantined == 12 and ing.counters.quarantine_evicted == 7

@@ -123,7 +123,16 @@ def test_flood_of_bad_and_oversized_payloads_leaves_the_collector_bounded(
         assert broker_log.count("Dropping too large outgoing PUBLISH for bounds-test") == N_HUGE
         # `fleet status --json` shows the counts.
         out = subprocess.run(
-            [sys.executable, "-c", "from toolchain.cli import main; main()", "fleet", "status", "--db", url, "--json"],
+            [
+                sys.executable,
+                "-c",
+                "from toolchain.cli import main; main()",
+                "fleet",
+                "status",
+                "--db",
+                url,
+                "--json",
+            ],
             env=cli_env,
             capture_output=True,
             check=True,

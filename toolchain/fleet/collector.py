@@ -330,7 +330,9 @@ class Ingestor:
             evicted = 0
             if bad:
                 self.store.executemany(self._sql_quarantine, bad)
-                evicted = int(self.store.execute(self._sql_quarantine_trim, (self.quarantine_max_rows,)).rowcount)
+                evicted = int(
+                    self.store.execute(self._sql_quarantine_trim, (self.quarantine_max_rows,)).rowcount
+                )
             stored = sum(flags)
             dup_total = len(windows) - stored
             counts = [
@@ -405,9 +407,7 @@ class Ingestor:
         with an empty outbox (seq from 1). Only the collector whose insert wins counts it.
         """
         items = list(new.items())  # in order of arrival: the last one is the device's current stream
-        flags = self.store.insert_each(
-            self._sql_stream, [(k[0], k[1], s, now, seq) for (k, s), seq in items]
-        )
+        flags = self.store.insert_each(self._sql_stream, [(k[0], k[1], s, now, seq) for (k, s), seq in items])
         out: dict[tuple[str, str], tuple[str, int]] = {}
         added: dict[tuple[str, str], int] = {}
         for ((key, stream), seq), inserted in zip(items, flags, strict=True):
@@ -662,6 +662,7 @@ class Collector:
         self._sys_updates: dict[str, tuple[int, int]] = {}  # $SYS topic -> (value, rise) to store
         self.broker_log = Throttle(log, BROKER_DROP_LOG_EVERY_S)
         self._sys_mid = -1
+        self._broker_alerts: list[dict[str, Any]] = []  # waiting for a fleet to publish them to
         self.broker = parse_broker_url(broker_url)
         if fleet is not None and fleet != "+":
             from device_agent.telemetry import check_id
@@ -913,7 +914,9 @@ class Collector:
         """Open and migrate the database, connect to the broker, and start ingesting in the background."""
         try:
             self._store = open_store(self.db_url)
-            rows = self._store.query("SELECT topic, value FROM broker_counters WHERE broker = ?", (self.broker_key,))
+            rows = self._store.query(
+                "SELECT topic, value FROM broker_counters WHERE broker = ?", (self.broker_key,)
+            )
         except StorageError as e:
             raise CollectorConfigError(str(e)) from None
         self._sys_last = {str(t): int(v) for t, v in rows}
@@ -1099,7 +1102,7 @@ class Collector:
         """Store the broker drop counters seen since the last call; publish an alert for each rise."""
         with self._sys_lock:
             updates, self._sys_updates = self._sys_updates, {}
-        if not updates:
+        if not updates and not self._broker_alerts:
             return
         now = time.time()
         try:
@@ -1126,18 +1129,24 @@ class Collector:
         from device_agent.telemetry import fleet_topic, utc_iso
 
         for topic, (value, rise) in sorted(updates.items()):
-            if rise <= 0:
-                continue
-            alert = {
-                "schema": 1,
-                "type": "broker_drops",
-                "broker": self.broker_key,
-                "counter": topic,
-                "value": value,
-                "rise": rise,
-                "ts": utc_iso(now),
-                "message": f"the broker dropped {rise} acknowledged message(s); raise max_queued_messages",
-            }
+            if rise > 0:
+                self._broker_alerts.append(
+                    {
+                        "schema": 1,
+                        "type": "broker_drops",
+                        "broker": self.broker_key,
+                        "counter": topic,
+                        "value": value,
+                        "rise": rise,
+                        "ts": utc_iso(now),
+                        "message": f"the broker dropped {rise} acknowledged message(s);"
+                        " raise max_queued_messages (docs/fleet.md)",
+                    }
+                )
+        if not fleets:
+            return  # no fleet known yet (a new database): publish once the first device is stored
+        alerts, self._broker_alerts = self._broker_alerts, []
+        for alert in alerts:
             for fleet in fleets:
                 try:
                     self.publish_alert(fleet_topic(fleet, "alerts"), dumps(alert).encode())

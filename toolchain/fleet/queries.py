@@ -164,7 +164,12 @@ def quarantine_summary(db: str | Store) -> dict[str, Any]:
         ]
         # Databases from before the counters: the rows kept are the count.
         total = max(counters.get("quarantined", 0), n)
-        return {"count": n, "total": total, "evicted": counters.get("quarantine_evicted", 0), "latest": latest}
+        return {
+            "count": n,
+            "total": total,
+            "evicted": counters.get("quarantine_evicted", 0),
+            "latest": latest,
+        }
 
 
 def collector_counters(db: str | Store) -> dict[str, int]:
