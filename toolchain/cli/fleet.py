@@ -346,17 +346,39 @@ def status_cmd(db_url: str, as_json: bool) -> None:
 @click.option("--since", default="24h", show_default=True, help="Start: 30m, 2h, 7d, an ISO time, or 'all'.")
 @click.option("--until", default=None, help="End: a duration back from now or an ISO time (default: now).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON with every feature's metrics.")
+@click.option(
+    "--recompute",
+    is_flag=True,
+    help="Merge every stored window again (exact fleet-wide rows, every feature) instead of reading the"
+    " collector's stored evaluations.",
+)
 def drift_cmd(
-    db_url: str, device: str | None, feature: str | None, since: str, until: str | None, as_json: bool
+    db_url: str,
+    device: str | None,
+    feature: str | None,
+    since: str,
+    until: str | None,
+    as_json: bool,
+    recompute: bool,
 ) -> None:
-    """The drift table, worst first: per device and fleet-wide per model."""
-    from toolchain.fleet.queries import drift_table
-    from toolchain.fleet.storage import StorageError, sqlite_path_exists
+    """The drift table, worst first: per device and fleet-wide per model.
+
+    By default it shows each device's latest evaluation as the collector stored it (fast at any fleet
+    size); --device, --feature, --until and --recompute merge the stored windows again.
+    """
+    from toolchain.fleet.queries import drift_from_evaluations, drift_table, has_evaluations
+    from toolchain.fleet.storage import StorageError, open_store, sqlite_path_exists
 
     if not sqlite_path_exists(db_url):
         raise StorageError(
             f"database {db_url!r} does not exist yet; start 'edgefleet fleet collect --db {db_url}'"
         )
+    if not (recompute or device or feature or until):
+        with open_store(db_url) as store:
+            stored = drift_from_evaluations(store, since=since) if has_evaluations(store) else None
+        if stored is not None:
+            _print_stored_drift(stored, as_json, since)
+            return
     rows = drift_table(db_url, device=device, feature=feature, since=since, until=until)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -419,6 +441,102 @@ def drift_cmd(
             for r in rows
         ]
     click.echo(text_table(headers, out))
+
+
+def _print_stored_drift(rows: list[dict[str, Any]], as_json: bool, since: str) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no evaluation of windows since {since}; try --since all or --recompute")
+        return
+    headers = ["scope", "device", "model", "n", "verdict", "alert state", "max PSI", "worst feature"]
+    headers += ["in alert", "class PSI", "conf shift", "out of range"]
+    out = []
+    for r in rows:
+        model = f"{r['model']['name']} v{r['model']['version']}"
+        if r["scope"] == "fleet":
+            by = r["devices_by_state"]
+            out.append(
+                [
+                    "fleet",
+                    f"* ({r['devices']} devices)",
+                    model,
+                    r["count"],
+                    r["state"],
+                    f"{by.get('alert', 0)} alert, {by.get('warn', 0)} warn",
+                    _f(r["max_psi"]),
+                    f"worst: {r['worst_device']}",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
+            continue
+        out.append(
+            [
+                "device",
+                r["device_id"],
+                model,
+                r["count"],
+                r["state"],
+                r["alert_state"],
+                _f(r["max_psi"]),
+                r["worst_feature"],
+                f"{r['alert_share']:.0%}" if r.get("alert_share") is not None else "-",
+                _f(r.get("class_psi")),
+                _f(r.get("confidence_shift"), "{:+.3f}"),
+                f"{r['out_of_range_rate']:.1%}" if r.get("out_of_range_rate") is not None else "-",
+            ]
+        )
+    click.echo(text_table(headers, out))
+    click.echo("\n(latest stored evaluation per device; --recompute merges every window again)")
+
+
+@fleet_cmd.command("compact")
+@db_option
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    metavar="AGE",
+    help="Fold raw windows that ended more than AGE ago (30m, 36h, 7d) into hourly rollups.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def compact_cmd(db_url: str, older_than: str, as_json: bool) -> None:
+    """Fold old raw windows into hourly per-device rollups and delete them (statistics merge exactly)."""
+    from toolchain.fleet.compact import compact
+    from toolchain.fleet.queries import QueryError, parse_age
+    from toolchain.fleet.storage import StorageError, open_store, sqlite_path_exists
+
+    try:
+        age_s = parse_age(older_than)
+    except QueryError as e:
+        click.echo(f"Error: --older-than: {e}", err=True)
+        sys.exit(2)
+    if not sqlite_path_exists(db_url):
+        raise StorageError(f"database {db_url!r} does not exist")
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if not as_json and sys.stderr.isatty() and (time.monotonic() - last[0] > 0.2 or done == total):
+            last[0] = time.monotonic()
+            click.echo(f"\rcompacting: {done}/{total} devices", err=True, nl=done == total)
+
+    with open_store(db_url) as store:
+        out = compact(store, time.time() - age_s, progress=progress)
+    if as_json:
+        click.echo(json.dumps(out.as_dict(), indent=2))
+        return
+    if not out.windows:
+        click.echo(f"nothing to compact: no window ended more than {older_than} ago")
+        return
+    ratio = f" ({out.bytes_before / out.bytes_after:.0f}x smaller)" if out.bytes_after else ""
+    click.echo(
+        f"compacted {out.windows} window(s) of {out.devices} device(s) into {out.rollups} hourly rollup(s);"
+        f" packed statistics {out.bytes_before:,} -> {out.bytes_after:,} bytes{ratio}"
+    )
 
 
 @fleet_cmd.command("report")

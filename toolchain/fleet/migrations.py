@@ -243,6 +243,44 @@ MIGRATIONS: list[tuple[int, str, list[str | Only]]] = [
             )""",
         ],
     ),
+    (
+        4,
+        "hourly per-device rollups of compacted windows; the latest evaluation kept in drift_state",
+        [
+            """CREATE TABLE window_rollups (
+                id {ID},
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                spec_hash TEXT NOT NULL,
+                hour {REAL} NOT NULL,
+                window_start {REAL} NOT NULL,
+                window_end {REAL} NOT NULL,
+                windows {BIGINT} NOT NULL,
+                count {BIGINT} NOT NULL,
+                dropped_windows {BIGINT} NOT NULL,
+                violations_json TEXT NOT NULL,
+                ints {BLOB},
+                floats {BLOB},
+                UNIQUE (fleet, device_id, model_sha256, hour)
+            )""",
+            "CREATE INDEX window_rollups_model_end ON window_rollups (model_sha256, window_end)",
+            "CREATE INDEX window_rollups_device_end ON window_rollups (fleet, device_id, window_end)",
+            Only(
+                "postgresql",
+                "ALTER TABLE window_rollups ALTER COLUMN ints SET COMPRESSION lz4,"
+                " ALTER COLUMN floats SET COMPRESSION lz4",
+                "SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression'"
+                " AND 'lz4' = ANY(enumvals)",
+            ),
+            # `fleet drift` reads one row per device instead of merging its windows again.
+            "ALTER TABLE drift_state ADD COLUMN max_psi {REAL}",
+            "ALTER TABLE drift_state ADD COLUMN count {BIGINT}",
+            "ALTER TABLE drift_state ADD COLUMN window_from {REAL}",
+            "ALTER TABLE drift_state ADD COLUMN window_to {REAL}",
+            "ALTER TABLE drift_state ADD COLUMN detail_json TEXT",
+        ],
+    ),
 ]
 
 

@@ -225,36 +225,47 @@ def _windows(
     device: str | None = None,
     fleet: str | None = None,
 ) -> list[tuple[Any, ...]]:
-    sql = (
-        "SELECT fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json"
-        " FROM windows WHERE ints IS NOT NULL"
-    )
+    """Packed windows and hourly rollups (``fleet compact``) in the range, as one list of rows.
+
+    Row: fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json,
+    windows (1 for a raw window, the number folded for a rollup).
+    """
+    where = " WHERE ints IS NOT NULL"
     args: list[Any] = []
     if since is not None:
-        sql += " AND window_end >= ?"
+        where += " AND window_end >= ?"
         args.append(since)
     if until is not None:
-        sql += " AND window_start <= ?"
+        where += " AND window_start <= ?"
         args.append(until)
     if device is not None:
-        sql += " AND device_id = ?"
+        where += " AND device_id = ?"
         args.append(device)
     if fleet is not None:
-        sql += " AND fleet = ?"
+        where += " AND fleet = ?"
         args.append(fleet)
-    return store.query(sql, args)
+    cols = "fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json"
+    return store.query(
+        f"SELECT {cols}, 1 FROM windows{where} UNION ALL SELECT {cols}, windows FROM window_rollups{where}",
+        args + args,
+    )
 
 
 def _counts(store: Store, since: float | None, until: float | None) -> list[int]:
-    sql = "SELECT count FROM windows WHERE ints IS NOT NULL"
+    where = " WHERE ints IS NOT NULL"
     args: list[Any] = []
     if since is not None:
-        sql += " AND window_end >= ?"
+        where += " AND window_end >= ?"
         args.append(since)
     if until is not None:
-        sql += " AND window_start <= ?"
+        where += " AND window_start <= ?"
         args.append(until)
-    return [int(r[0]) for r in store.query(sql, args)]
+    return [
+        int(r[0])
+        for r in store.query(
+            f"SELECT count FROM windows{where} UNION ALL SELECT count FROM window_rollups{where}", args + args
+        )
+    ]
 
 
 def _baselines(store: Store, shas: set[str]) -> dict[str, Baseline]:
@@ -297,7 +308,7 @@ def merge_groups(
             for r, gi in zip(rs, gids, strict=True):
                 first[gi] = min(first[gi], float(r[3]))
                 last[gi] = max(last[gi], float(r[4]))
-                nwin[gi] += 1
+                nwin[gi] += int(r[8])
             out.extend(
                 Group(k[0], k[1], sha, nwin[i], first[i], last[i], profs[i]) for i, k in enumerate(keys)
             )
@@ -385,6 +396,98 @@ def drift_table(
         ]
     rows.sort(key=lambda r: (-SEVERITY[r["state"]], -(r["max_psi"] or 0.0), r["device_id"]))
     return rows
+
+
+def has_evaluations(db: str | Store) -> bool:
+    """True when the collectors stored evaluations with their metrics (``drift_state.detail_json``)."""
+    with _opened(db) as store:
+        return bool(store.query("SELECT 1 FROM drift_state WHERE detail_json IS NOT NULL LIMIT 1"))
+
+
+def drift_from_evaluations(
+    db: str | Store, since: str | float | None = None, fleet: str | None = None
+) -> list[dict[str, Any]]:
+    """Return the drift table from the evaluations the collectors stored, worst first (no recompute).
+
+    One row per device: its latest evaluation (the windows since its previous one, at least
+    ``min_count`` predictions) whose windows end after ``since``, with ``alert_state``, the
+    hysteresis state alerts follow. One summary row per model (``scope`` "fleet", ``device_id``
+    "*"): devices evaluated and in each state, total predictions, the highest device PSI. The exact
+    fleet-wide merge of every window is ``drift_table`` (``fleet drift --recompute``).
+    """
+    t0 = parse_time(since)
+    with _opened(db) as store:
+        sql = (
+            "SELECT fleet, device_id, model_sha256, state, verdict, max_psi, count, window_from, window_to,"
+            " detail_json FROM drift_state WHERE detail_json IS NOT NULL"
+        )
+        args: list[Any] = []
+        if t0 is not None:
+            sql += " AND window_to >= ?"
+            args.append(t0)
+        if fleet is not None:
+            sql += " AND fleet = ?"
+            args.append(fleet)
+        found = store.query(sql, args)
+        names = {
+            str(sha): (str(n), int(v))
+            for sha, n, v in store.query("SELECT model_sha256, name, version FROM baselines")
+        }
+    rows: list[dict[str, Any]] = []
+    fleets: dict[tuple[str, str], dict[str, Any]] = {}
+    for f, d, sha, alert_state, verdict, max_psi, count, w_from, w_to, detail in found:
+        det = json.loads(detail)
+        worst = det.pop("worst_features", [])
+        name, version = names.get(sha, ("?", 0))
+        model = {"sha256": sha, "name": name, "version": version}
+        rows.append(
+            {
+                "scope": "device",
+                "fleet": f,
+                "device_id": d,
+                "model": model,
+                "windows": None,
+                "first": float(w_from),
+                "last": float(w_to),
+                **det,
+                "state": verdict,
+                "alert_state": alert_state,
+                "max_psi": None if max_psi is None or not np.isfinite(max_psi) else float(max_psi),
+                "count": int(count),
+                "worst_feature": worst[0]["name"] if worst else None,
+                "features": worst,
+            }
+        )
+        agg = fleets.setdefault(
+            (f, sha),
+            {
+                "scope": "fleet",
+                "fleet": f,
+                "device_id": "*",
+                "model": model,
+                "devices": 0,
+                "devices_by_state": {"ok": 0, "warn": 0, "alert": 0, "insufficient": 0},
+                "count": 0,
+                "state": "ok",
+                "max_psi": None,
+                "first": float(w_from),
+                "last": float(w_to),
+                "worst_device": None,
+            },
+        )
+        agg["devices"] += 1
+        agg["devices_by_state"][verdict] = agg["devices_by_state"].get(verdict, 0) + 1
+        agg["count"] += int(count)
+        agg["first"] = min(agg["first"], float(w_from))
+        agg["last"] = max(agg["last"], float(w_to))
+        if SEVERITY.get(verdict, 0) > SEVERITY.get(agg["state"], 0):
+            agg["state"] = verdict
+        psi = rows[-1]["max_psi"]
+        if psi is not None and (agg["max_psi"] is None or psi > agg["max_psi"]):
+            agg["max_psi"], agg["worst_device"] = psi, d
+    out = rows + list(fleets.values())
+    out.sort(key=lambda r: (-SEVERITY.get(r["state"], 0), -(r["max_psi"] or 0.0), r["device_id"]))
+    return out
 
 
 def drift_series(
