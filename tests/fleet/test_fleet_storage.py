@@ -108,6 +108,9 @@ def test_windows_before_registration_wait_then_get_judged(
         reason = s.query("SELECT reason FROM quarantine")[0][0]
         assert "bins, the baseline has" in reason
         rows = drift_table(s)
+        (dev,) = status_rows(s)
+        assert (dev["windows"], dev["predictions"]) == (3, 300)  # the misfit moved to the quarantine
+        assert dict(s.query("SELECT name, value FROM collector_counters"))["quarantined"] == 1
     assert {r["scope"] for r in rows} == {"device", "fleet"}
     assert all(r["count"] == 300 for r in rows)
 
