@@ -156,3 +156,41 @@ def test_compact_cli(filled) -> None:
     assert r.exit_code == 0 and "nothing to compact" in r.stdout
     r = CliRunner().invoke(main, ["fleet", "compact", "--db", url, "--older-than", "soon"])
     assert r.exit_code == 2 and "30m, 36h, 7d" in r.stderr
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(120)
+def test_collector_compacts_after_the_given_age(
+    mosquitto, sqlite_url, bundle, model_ref, make_window, collector_factory, monkeypatch
+) -> None:
+    import toolchain.fleet.collector as collector_mod
+    from tests.helpers import wait_for
+    from toolchain.fleet.sim import Publisher
+
+    monkeypatch.setattr(collector_mod, "COMPACT_EVERY_S", 0.5)
+    register_bundle(sqlite_url, bundle[0])
+    c = collector_factory(sqlite_url, mosquitto.url, client_id="compact-test", compact_after_s=2 * HOUR_S)
+    t0 = time.time() - 5 * HOUR_S
+    pub = Publisher(mosquitto.url)
+    old = [
+        stats_payload("cam-1", q, model_ref, make_window(50, seed=q), t0=t0, window_s=WINDOW_S)
+        for q in range(12)
+    ]
+    recent = stats_payload(
+        "cam-1", 99, model_ref, make_window(50, seed=99), t0=time.time() - 700, window_s=600
+    )
+    pub.publish_all([*old, recent])
+    assert pub.wait_acked(30)
+    pub.close()
+
+    def rolled() -> tuple[int, int]:
+        with open_store(sqlite_url, migrate=False) as s:
+            return (
+                int(s.query("SELECT COALESCE(SUM(windows), 0) FROM window_rollups")[0][0]),
+                int(s.query("SELECT COUNT(*) FROM windows")[0][0]),
+            )
+
+    wait_for(lambda: rolled() == (12, 1), 60, "12 old windows rolled up, the recent one kept")
+    assert c.counters.stored == 13
+    (row,) = status_rows(sqlite_url)
+    assert row["windows"] == 13 and row["predictions"] == 13 * 50
