@@ -64,7 +64,7 @@ QUARANTINE_MAX_ROWS = 10_000  # `fleet collect --quarantine-max-rows`: the oldes
 QUARANTINE_LOG_EVERY_S = 10.0  # at most one "quarantined" line this often (the rest are counted)
 DUPLICATE_LOG_EVERY_S = 60.0  # at most one "duplicate windows" line this often
 STREAM_LOG_EVERY_S = 1.0  # at most one "new stream" line a second
-STREAM_CACHE_DEVICES = 500_000  # devices whose known streams are kept in memory
+STREAM_CACHE_ENTRIES = 500_000  # (fleet, device, stream) known to be stored, kept in memory
 # MQTT 5 Maximum Packet Size the collector announces on connect: the broker does not send it larger
 # packets (Mosquitto drops them and logs "Dropping too large outgoing PUBLISH"). The stats payload
 # limit (device_agent.telemetry.MAX_PAYLOAD_BYTES, 96 KiB) plus room for the topic and properties,
@@ -201,7 +201,7 @@ class Ingestor:
         self.duplicate_log = Throttle(log, DUPLICATE_LOG_EVERY_S)
         self.legacy_log = Throttle(log, DUPLICATE_LOG_EVERY_S)
         self.stream_log = Throttle(log, STREAM_LOG_EVERY_S)
-        self._streams: dict[tuple[str, str], set[str]] = {}  # known streams per device (a cache)
+        self._streams: set[tuple[str, str, str]] = set()  # (fleet, device, stream) stored (a cache)
         g = store.greatest
         self._sql_window = (
             "INSERT INTO windows (fleet, device_id, stream, seq, window_start, window_end, received_at,"
@@ -295,7 +295,7 @@ class Ingestor:
                 m.payload[:80],
             )
         now = self.clock()
-        self._load_streams({w.key for w in wins if w.stream is not None})
+        self._load_streams({(*w.key, w.stream) for w in wins if w.stream is not None})
         learned: list[tuple[tuple[str, str], str]] = []
         with self.store.transaction():
             flags = self.store.insert_each(self._sql_window, windows)
@@ -313,7 +313,7 @@ class Ingestor:
                     acc[2] += 1
                     if w.stream is None:
                         legacy_dups[w.key] = legacy_dups.get(w.key, 0) + 1
-                if w.stream is not None and w.stream not in self._streams.get(w.key, ()):
+                if w.stream is not None and (*w.key, w.stream) not in self._streams:
                     k = (w.key, w.stream)
                     new_streams[k] = min(new_streams.get(k, w.seq), w.seq)
             changes = self._register_streams(new_streams, now, learned)
@@ -347,8 +347,10 @@ class Ingestor:
                 if n
             ]
             self.store.executemany(self._sql_counter, counts)
+        if len(self._streams) + len(learned) > STREAM_CACHE_ENTRIES:
+            self._streams.clear()  # a cache, not the truth: the database is asked again
         for key, stream in learned:  # only once committed: a retried batch must register them again
-            self._streams.setdefault(key, set()).add(stream)
+            self._streams.add((*key, stream))
         c = self.counters
         c.received += len(batch)
         c.stored += stored
@@ -369,30 +371,34 @@ class Ingestor:
         " DO UPDATE SET value = collector_counters.value + excluded.value, updated_at = excluded.updated_at"
     )
 
-    def _load_streams(self, keys: set[tuple[str, str]]) -> None:
-        """Read the known streams of devices not in the cache (one query per fleet and 500 devices)."""
-        missing = sorted(k for k in keys if k not in self._streams)
+    def _load_streams(self, pairs: set[tuple[str, str, str]]) -> None:
+        """Ask the database which of these (fleet, device, stream) it knows and are not cached.
+
+        Only the batch's own streams are read (a device with thousands of streams, say from a
+        client spoofing it, costs no more than one with two).
+        """
+        missing = sorted(p for p in pairs if p not in self._streams)
         if not missing:
             return
-        if len(self._streams) + len(missing) > STREAM_CACHE_DEVICES:
-            self._streams.clear()  # a cache, not the truth: the database is read again
-        by_fleet: dict[str, list[str]] = {}
-        for fleet, device in missing:
-            by_fleet.setdefault(fleet, []).append(device)
-            self._streams[(fleet, device)] = set()
+        by_fleet: dict[str, tuple[set[str], set[str]]] = {}
+        for fleet, device, stream in missing:
+            devs, streams = by_fleet.setdefault(fleet, (set(), set()))
+            devs.add(device)
+            streams.add(stream)
         try:
-            for fleet, devices in by_fleet.items():
-                for i in range(0, len(devices), 500):
-                    part = devices[i : i + 500]
-                    marks = ", ".join("?" * len(part))
-                    for device, stream in self.store.query(
-                        f"SELECT device_id, stream FROM device_streams WHERE fleet = ? AND device_id IN ({marks})",
-                        (fleet, *part),
-                    ):
-                        self._streams[(fleet, device)].add(stream)
+            for fleet, (devs, streams) in by_fleet.items():
+                dl, sl = sorted(devs), sorted(streams)
+                for i in range(0, len(dl), 400):
+                    part = dl[i : i + 400]
+                    for j in range(0, len(sl), 400):
+                        sp = sl[j : j + 400]
+                        for device, stream in self.store.query(
+                            "SELECT device_id, stream FROM device_streams WHERE fleet = ? AND device_id IN"
+                            f" ({', '.join('?' * len(part))}) AND stream IN ({', '.join('?' * len(sp))})",
+                            (fleet, *part, *sp),
+                        ):
+                            self._streams.add((fleet, str(device), str(stream)))
         except Exception as e:  # noqa: BLE001 - database down: retry the batch
-            for k in missing:
-                self._streams.pop(k, None)
             raise DatabaseDown(str(e)) from e
 
     def _register_streams(
@@ -409,14 +415,15 @@ class Ingestor:
         items = list(new.items())  # in order of arrival: the last one is the device's current stream
         flags = self.store.insert_each(self._sql_stream, [(k[0], k[1], s, now, seq) for (k, s), seq in items])
         out: dict[tuple[str, str], tuple[str, int]] = {}
-        added: dict[tuple[str, str], int] = {}
         for ((key, stream), seq), inserted in zip(items, flags, strict=True):
             learned.append((key, stream))
             if not inserted:
                 continue
-            before = len(self._streams.get(key, ())) + added.get(key, 0)
-            added[key] = added.get(key, 0) + 1
-            change = 1 if before > 0 else 0
+            other = self.store.query(
+                "SELECT 1 FROM device_streams WHERE fleet = ? AND device_id = ? AND stream <> ? LIMIT 1",
+                (key[0], key[1], stream),
+            )
+            change = 1 if other else 0
             out[key] = (stream, out.get(key, ("", 0))[1] + change)
             if change:
                 self.stream_log.log(
