@@ -194,6 +194,14 @@ def test_a_reset_device_starts_a_new_stream_and_nothing_is_dropped(
         assert status_rows(s)[0]["stream_changes"] == 1
         counters = dict(s.query("SELECT name, value FROM collector_counters"))
         assert counters["windows_stored"] == 9 and counters["windows_duplicate"] == 1
+        # A new device whose first and second stream arrive in one batch: one change, not two.
+        both = [
+            stats_payload("dev-9", 1, model_ref, make_window(10, seed=1), stream="cccccccccccccccc"),
+            stats_payload("dev-9", 1, model_ref, make_window(10, seed=2), stream="dddddddddddddddd"),
+        ]
+        ing2.process([incoming(t, p) for t, p in both])
+        r9 = next(r for r in status_rows(s) if r["device_id"] == "dev-9")
+        assert r9["stream_changes"] == 1 and r9["stream"] == "dddddddddddddddd" and r9["windows"] == 2
 
 
 def test_schema_1_windows_without_a_stream_are_stored_and_deduplicated(

@@ -412,17 +412,17 @@ class Ingestor:
         A device's first stream is not a change; every later one means the device started over
         with an empty outbox (seq from 1). Only the collector whose insert wins counts it.
         """
-        items = list(new.items())  # in order of arrival: the last one is the device's current stream
-        flags = self.store.insert_each(self._sql_stream, [(k[0], k[1], s, now, seq) for (k, s), seq in items])
         out: dict[tuple[str, str], tuple[str, int]] = {}
-        for ((key, stream), seq), inserted in zip(items, flags, strict=True):
+        # One at a time, in order of arrival (the last is the device's current stream): whether the
+        # device had a stream must be asked before this one is inserted. New streams are rare.
+        for (key, stream), seq in new.items():
             learned.append((key, stream))
-            if not inserted:
-                continue
             other = self.store.query(
                 "SELECT 1 FROM device_streams WHERE fleet = ? AND device_id = ? AND stream <> ? LIMIT 1",
                 (key[0], key[1], stream),
             )
+            if not self.store.insert_each(self._sql_stream, [(key[0], key[1], stream, now, seq)])[0]:
+                continue
             change = 1 if other else 0
             out[key] = (stream, out.get(key, ("", 0))[1] + change)
             if change:
