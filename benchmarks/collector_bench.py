@@ -503,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         "--day-devices", type=int, default=10, help="devices with a full day of windows (default 10)"
     )
     ap.add_argument(
+        "--recompute-max",
+        type=int,
+        default=20_000,
+        help="time the old full recompute of fleet drift only up to this many devices (default 20,000)",
+    )
+    ap.add_argument(
         "--skip-sqlite", action="store_true", help="only the bare subscriber and PostgreSQL (profiling)"
     )
     args = ap.parse_args(argv)

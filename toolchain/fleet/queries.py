@@ -9,7 +9,7 @@ import json
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,14 @@ from toolchain.errors import ToolchainError
 from toolchain.fleet.drift import SEVERITY, DriftResult, compare, compare_many
 from toolchain.fleet.registry import Baseline, load_baseline
 from toolchain.fleet.storage import Store, merge_packed, merge_packed_groups, open_store
+
+_loads: Callable[[str], Any] = json.loads
+try:  # stored evaluations are parsed 100,000 at a time by `fleet drift`: orjson is about 4x faster
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover - the host extra installs orjson
+    pass
 
 OFFLINE_AFTER_S = 600.0  # a device silent this long shows as "stale" even if its last status said online
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -89,17 +97,11 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
     """
     now = time.time() if now is None else now
     with _opened(db) as store:
-        drift = {
-            (f, d): (s, v)
-            for f, d, s, v in store.query("SELECT fleet, device_id, state, verdict FROM drift_state")
-        }
         rows = []
         for (
             fleet,
             device,
             state,
-            _status_ts,
-            _first_seen,
             last_seen,
             sha,
             name,
@@ -114,16 +116,19 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
             stream,
             changes,
             stream_started,
+            dstate,
+            verdict,
         ) in store.query(
-            "SELECT fleet, device_id, state, status_ts, first_seen, last_seen, model_sha256, model_name,"
-            " model_version, agent_version, target, deployment_json, dropped_windows, windows, predictions,"
-            " duplicates, stream, stream_changes, stream_started FROM devices ORDER BY fleet, device_id"
+            "SELECT d.fleet, d.device_id, d.state, d.last_seen, d.model_sha256, d.model_name,"
+            " d.model_version, d.agent_version, d.target, d.deployment_json, d.dropped_windows, d.windows,"
+            " d.predictions, d.duplicates, d.stream, d.stream_changes, d.stream_started,"
+            " COALESCE(s.state, 'unknown'), COALESCE(s.verdict, 'unknown') FROM devices d LEFT JOIN"
+            " drift_state s ON s.fleet = d.fleet AND s.device_id = d.device_id ORDER BY d.fleet, d.device_id"
         ):
             deployment = json.loads(dep) if dep else None
             shown = state
             if state == "online" and now - float(last_seen) > OFFLINE_AFTER_S:
                 shown = "stale"
-            dstate, verdict = drift.get((fleet, device), ("unknown", "unknown"))
             rows.append(
                 {
                     "fleet": fleet,
@@ -436,7 +441,7 @@ def drift_from_evaluations(
     rows: list[dict[str, Any]] = []
     fleets: dict[tuple[str, str], dict[str, Any]] = {}
     for f, d, sha, alert_state, verdict, max_psi, count, w_from, w_to, detail in found:
-        det = json.loads(detail)
+        det = _loads(detail)
         worst = det.pop("worst_features", [])
         name, version = names.get(sha, ("?", 0))
         model = {"sha256": sha, "name": name, "version": version}
