@@ -435,20 +435,24 @@ def storage_and_views(args: argparse.Namespace, work: Path) -> tuple[str, list[t
                 best = float("inf")
                 for _ in range(3):
                     t = time.perf_counter()
-                    r = runner.invoke(cli_main, [*cmd, "--db", url, "--json"])
+                    r = runner.invoke(cli_main, [*cmd, "--db", url])
                     best = min(best, time.perf_counter() - t)
                     assert r.exit_code == 0, r.output[-500:]
                 return best
 
             status_s = timed("fleet", "status")
+            status_json_s = timed("fleet", "status", "--json")
             drift_s = timed("fleet", "drift")
+            drift_json_s = timed("fleet", "drift", "--json")
             recompute: Any = f"not run (> {args.recompute_max:,} devices)"
             if n <= args.recompute_max:
                 t = time.perf_counter()
                 drift_table(url, since="24h")
                 recompute = time.perf_counter() - t
-            vrows.append([name, f"{n:,}", "fleet status --json", status_s, "-"])
-            vrows.append([name, f"{n:,}", "fleet drift --json (stored evaluations)", drift_s, recompute])
+            vrows.append([name, f"{n:,}", "fleet status (summary + devices that need a look)", status_s, "-"])
+            vrows.append([name, f"{n:,}", "fleet status --json (every device)", status_json_s, "-"])
+            vrows.append([name, f"{n:,}", "fleet drift (stored evaluations, 50 worst)", drift_s, recompute])
+            vrows.append([name, f"{n:,}", "fleet drift --json (every device)", drift_json_s, "-"])
             goals.append(
                 (f"{name}: fleet status at {n:,} devices < 1 s", status_s < 1.0, f"{status_s:.2f} s")
             )

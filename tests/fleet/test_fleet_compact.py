@@ -142,6 +142,10 @@ def test_fleet_drift_reads_the_stored_evaluations(filled) -> None:
     assert fleet["devices_by_state"]["alert"] == 1
     r = CliRunner().invoke(main, ["fleet", "drift", "--db", url, "--since", "all"])
     assert r.exit_code == 0 and "latest stored evaluation" in r.stdout and "cam-3" in r.stdout
+    # The terminal shows the worst rows only; the database sorts and counts.
+    limited = drift_from_evaluations(url, since="all", limit=1)
+    (top,) = [r for r in limited if r["scope"] == "device"]
+    assert top == by_dev["cam-3"] and [r for r in limited if r["scope"] == "fleet"] == [fleet]
     r = CliRunner().invoke(main, ["fleet", "drift", "--db", url, "--since", "all", "--recompute", "--json"])
     assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["features"]) == 64
 

@@ -18,6 +18,8 @@ from toolchain.report import text_table
 
 DB_HELP = "Fleet database: sqlite:///PATH (default sqlite:///fleet.db) or postgresql://user@host:port/db."
 EX_CONFIG = 78
+STATUS_TABLE_MAX = 200  # `fleet status` in a terminal lists every device up to this many
+STATUS_NOTABLE_ROWS = 50  # beyond: a summary and this many devices that need a look
 STORED_DRIFT_ROWS = 50  # `fleet drift` in a terminal: the worst rows (all of them with --json)
 
 
@@ -268,9 +270,22 @@ def _f(v: Any, fmt: str = "{:.3f}") -> str:
 @fleet_cmd.command("status")
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
-def status_cmd(db_url: str, as_json: bool) -> None:
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help=f"List every device (fleets over {STATUS_TABLE_MAX} devices show a summary and the devices"
+    " that need a look).",
+)
+def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
     """Devices: online/offline, last seen, model, windows received, dropped windows, drift state."""
-    from toolchain.fleet.queries import broker_counters, collector_counters, quarantine_summary, status_rows
+    from toolchain.fleet.queries import (
+        broker_counters,
+        collector_counters,
+        quarantine_summary,
+        status_rows,
+        status_summary,
+    )
     from toolchain.fleet.storage import open_store, sqlite_path_exists
 
     if not sqlite_path_exists(db_url):
@@ -281,7 +296,9 @@ def status_cmd(db_url: str, as_json: bool) -> None:
         )
     now = time.time()
     with open_store(db_url) as store:
-        rows = status_rows(store, now)
+        summary = None if as_json or show_all else status_summary(store, now)
+        large = summary is not None and summary["devices"] > STATUS_TABLE_MAX
+        rows = status_rows(store, now, notable_limit=STATUS_NOTABLE_ROWS if large else None)
         q = quarantine_summary(store)
         brokers = broker_counters(store)
         totals = collector_counters(store)
@@ -330,12 +347,22 @@ def status_cmd(db_url: str, as_json: bool) -> None:
         if show_dep:
             line.append(r["deployment_state"])
         out.append(line)
-    click.echo(text_table(headers, out) if rows else "no devices yet")
+    if large:
+        assert summary is not None
+        drift = ", ".join(f"{v:,} {k}" for k, v in sorted(summary["drift"].items())) or "none evaluated"
+        click.echo(
+            f"{summary['devices']:,} devices: {summary['online']:,} online, {summary['stale']:,} stale,"
+            f" {summary['offline']:,} offline or unknown; drift: {drift}; {summary['windows']:,} windows,"
+            f" {summary['predictions']:,} predictions, {summary['duplicates']:,} duplicates;"
+            f" {summary['restarted']:,} restarted with lost state\n"
+        )
+        click.echo(f"devices that need a look (at most {STATUS_NOTABLE_ROWS}; --all lists every device):")
+    click.echo(text_table(headers, out) if rows else ("none" if large else "no devices yet"))
     if q["count"]:
         kept = f" ({q['count']} kept, {q['evicted']} oldest removed)" if q["evicted"] else ""
         click.echo(f"\n{q['total']} message(s) quarantined{kept}; latest: {q['latest'][0]['reason']}")
     restarted = [r for r in rows if r["stream_changes"]]
-    if restarted:
+    if restarted and not large:
         names = ", ".join(f"{r['fleet']}/{r['device_id']}" for r in restarted[:5])
         more = f" and {len(restarted) - 5} more" if len(restarted) > 5 else ""
         click.echo(
@@ -386,7 +413,11 @@ def drift_cmd(
         )
     if not (recompute or device or feature or until):
         with open_store(db_url) as store:
-            stored = drift_from_evaluations(store, since=since) if has_evaluations(store) else None
+            stored = (
+                drift_from_evaluations(store, since=since, limit=None if as_json else STORED_DRIFT_ROWS)
+                if has_evaluations(store)
+                else None
+            )
         if stored is not None:
             _print_stored_drift(stored, as_json, since)
             return
@@ -464,7 +495,7 @@ def _print_stored_drift(rows: list[dict[str, Any]], as_json: bool, since: str) -
     headers = ["scope", "device", "model", "n", "verdict", "alert state", "max PSI", "worst feature"]
     headers += ["in alert", "class PSI", "conf shift", "out of range"]
     out = []
-    for r in rows[:STORED_DRIFT_ROWS]:
+    for r in rows:
         model = f"{r['model']['name']} v{r['model']['version']}"
         if r["scope"] == "fleet":
             by = r["devices_by_state"]
@@ -502,7 +533,9 @@ def _print_stored_drift(rows: list[dict[str, Any]], as_json: bool, since: str) -
             ]
         )
     click.echo(text_table(headers, out))
-    more = len(rows) - STORED_DRIFT_ROWS
+    more = sum(r["devices"] for r in rows if r["scope"] == "fleet") - sum(
+        r["scope"] == "device" for r in rows
+    )
     if more > 0:
         click.echo(f"... and {more:,} more row(s), less drifted; --json prints them all")
     click.echo("\n(latest stored evaluation per device; --recompute merges every window again)")

@@ -87,15 +87,29 @@ def parse_age(value: str) -> float:
 # Status
 
 
-def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any]]:
+def status_rows(
+    db: str | Store, now: float | None = None, notable_limit: int | None = None
+) -> list[dict[str, Any]]:
     """Return one dict per device: state, last seen, model, windows received, dropped, drift state.
 
     Also what the collector did not store for the device: ``duplicates`` (windows that were already
     stored) and ``stream_changes`` (times the device started over with a new stream: its state was
     lost), with the current ``stream`` and when it started. One row per device is read (the counters
-    are kept at ingestion), so this stays fast at 100,000 devices.
+    are kept at ingestion). With ``notable_limit`` only that many devices that need a look are
+    returned, most urgent first (drift alert, warn, restarts, offline or stale, duplicates).
     """
     now = time.time() if now is None else now
+    where, order, args = "", " ORDER BY d.fleet, d.device_id", []
+    if notable_limit is not None:
+        where = (
+            " WHERE COALESCE(s.state, '') IN ('alert', 'warn') OR d.stream_changes > 0 OR d.state <> 'online'"
+            " OR d.last_seen < ? OR d.duplicates > 0"
+        )
+        order = (
+            " ORDER BY CASE s.state WHEN 'alert' THEN 0 WHEN 'warn' THEN 1 ELSE 2 END, d.stream_changes DESC,"
+            " d.last_seen, d.fleet, d.device_id LIMIT ?"
+        )
+        args = [now - OFFLINE_AFTER_S, notable_limit]
     with _opened(db) as store:
         rows = []
         for (
@@ -123,7 +137,8 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
             " d.model_version, d.agent_version, d.target, d.deployment_json, d.dropped_windows, d.windows,"
             " d.predictions, d.duplicates, d.stream, d.stream_changes, d.stream_started,"
             " COALESCE(s.state, 'unknown'), COALESCE(s.verdict, 'unknown') FROM devices d LEFT JOIN"
-            " drift_state s ON s.fleet = d.fleet AND s.device_id = d.device_id ORDER BY d.fleet, d.device_id"
+            " drift_state s ON s.fleet = d.fleet AND s.device_id = d.device_id" + where + order,
+            args,
         ):
             deployment = json.loads(dep) if dep else None
             shown = state
@@ -154,6 +169,33 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
                 }
             )
         return rows
+
+
+def status_summary(db: str | Store, now: float | None = None) -> dict[str, Any]:
+    """Return the fleet in numbers: devices by state and drift state, windows, duplicates, restarts."""
+    now = time.time() if now is None else now
+    with _opened(db) as store:
+        (n, online, stale, windows, preds, dups, restarted) = store.query(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN state = 'online' AND last_seen >= ? THEN 1 ELSE 0 END), 0),"
+            " COALESCE(SUM(CASE WHEN state = 'online' AND last_seen < ? THEN 1 ELSE 0 END), 0),"
+            " COALESCE(SUM(windows), 0), COALESCE(SUM(predictions), 0), COALESCE(SUM(duplicates), 0),"
+            " COALESCE(SUM(CASE WHEN stream_changes > 0 THEN 1 ELSE 0 END), 0) FROM devices",
+            (now - OFFLINE_AFTER_S, now - OFFLINE_AFTER_S),
+        )[0]
+        drift = {
+            str(k): int(v) for k, v in store.query("SELECT state, COUNT(*) FROM drift_state GROUP BY state")
+        }
+    return {
+        "devices": int(n),
+        "online": int(online),
+        "stale": int(stale),
+        "offline": int(n) - int(online) - int(stale),
+        "windows": int(windows),
+        "predictions": int(preds),
+        "duplicates": int(dups),
+        "restarted": int(restarted),
+        "drift": drift,
+    }
 
 
 def quarantine_summary(db: str | Store) -> dict[str, Any]:
@@ -409,48 +451,104 @@ def has_evaluations(db: str | Store) -> bool:
         return bool(store.query("SELECT 1 FROM drift_state WHERE detail_json IS NOT NULL LIMIT 1"))
 
 
+_SEVERITY_SQL = "CASE verdict WHEN 'alert' THEN 2 WHEN 'warn' THEN 1 WHEN 'ok' THEN 0 ELSE -1 END"
+
+
 def drift_from_evaluations(
-    db: str | Store, since: str | float | None = None, fleet: str | None = None
+    db: str | Store,
+    since: str | float | None = None,
+    fleet: str | None = None,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Return the drift table from the evaluations the collectors stored, worst first (no recompute).
 
     One row per device: its latest evaluation (the windows since its previous one, at least
     ``min_count`` predictions) whose windows end after ``since``, with ``alert_state``, the
-    hysteresis state alerts follow. One summary row per model (``scope`` "fleet", ``device_id``
-    "*"): devices evaluated and in each state, total predictions, the highest device PSI. The exact
-    fleet-wide merge of every window is ``drift_table`` (``fleet drift --recompute``).
+    hysteresis state alerts follow; only the ``limit`` worst when given (the database sorts them).
+    One summary row per model and fleet (``scope`` "fleet", ``device_id`` "*"): devices evaluated
+    and in each state, total predictions, the highest device PSI and its device, counted by the
+    database over every device. The exact fleet-wide merge of every window is ``drift_table``
+    (``fleet drift --recompute``).
     """
     t0 = parse_time(since)
+    where = " WHERE detail_json IS NOT NULL"
+    args: list[Any] = []
+    if t0 is not None:
+        where += " AND window_to >= ?"
+        args.append(t0)
+    if fleet is not None:
+        where += " AND fleet = ?"
+        args.append(fleet)
     with _opened(db) as store:
         sql = (
             "SELECT fleet, device_id, model_sha256, state, verdict, max_psi, count, window_from, window_to,"
-            " detail_json FROM drift_state WHERE detail_json IS NOT NULL"
+            f" detail_json FROM drift_state{where} ORDER BY {_SEVERITY_SQL} DESC,"
+            " COALESCE(max_psi, 0) DESC, device_id"
         )
-        args: list[Any] = []
-        if t0 is not None:
-            sql += " AND window_to >= ?"
-            args.append(t0)
-        if fleet is not None:
-            sql += " AND fleet = ?"
-            args.append(fleet)
-        found = store.query(sql, args)
+        found = store.query(
+            sql + (" LIMIT ?" if limit is not None else ""), [*args, limit] if limit else args
+        )
+        groups = store.query(
+            "SELECT fleet, model_sha256, verdict, COUNT(*), SUM(count), MAX(max_psi), MIN(window_from),"
+            f" MAX(window_to) FROM drift_state{where} GROUP BY fleet, model_sha256, verdict",
+            args,
+        )
         names = {
             str(sha): (str(n), int(v))
             for sha, n, v in store.query("SELECT model_sha256, name, version FROM baselines")
         }
+        fleets: dict[tuple[str, str], dict[str, Any]] = {}
+        for f, sha, verdict, n, count, max_psi, w_from, w_to in groups:
+            name, version = names.get(sha, ("?", 0))
+            agg = fleets.setdefault(
+                (f, sha),
+                {
+                    "scope": "fleet",
+                    "fleet": f,
+                    "device_id": "*",
+                    "model": {"sha256": sha, "name": name, "version": version},
+                    "devices": 0,
+                    "devices_by_state": {"ok": 0, "warn": 0, "alert": 0, "insufficient": 0},
+                    "count": 0,
+                    "state": "insufficient",
+                    "max_psi": None,
+                    "first": float(w_from),
+                    "last": float(w_to),
+                    "worst_device": None,
+                },
+            )
+            agg["devices"] += int(n)
+            agg["devices_by_state"][verdict] = agg["devices_by_state"].get(verdict, 0) + int(n)
+            agg["count"] += int(count or 0)
+            agg["first"] = min(agg["first"], float(w_from))
+            agg["last"] = max(agg["last"], float(w_to))
+            if SEVERITY.get(verdict, -1) > SEVERITY.get(agg["state"], -1):
+                agg["state"] = verdict
+            if (
+                max_psi is not None
+                and np.isfinite(max_psi)
+                and (agg["max_psi"] is None or max_psi > agg["max_psi"])
+            ):
+                agg["max_psi"] = float(max_psi)
+        for (f, sha), agg in fleets.items():
+            if agg["max_psi"] is not None:
+                top = store.query(
+                    "SELECT device_id FROM drift_state WHERE fleet = ? AND model_sha256 = ? AND max_psi >= ?"
+                    " ORDER BY max_psi DESC, device_id LIMIT 1",
+                    (f, sha, agg["max_psi"]),
+                )
+                agg["worst_device"] = str(top[0][0]) if top else None
     rows: list[dict[str, Any]] = []
-    fleets: dict[tuple[str, str], dict[str, Any]] = {}
     for f, d, sha, alert_state, verdict, max_psi, count, w_from, w_to, detail in found:
         det = _loads(detail)
         worst = det.pop("worst_features", [])
         name, version = names.get(sha, ("?", 0))
-        model = {"sha256": sha, "name": name, "version": version}
         rows.append(
             {
                 "scope": "device",
                 "fleet": f,
                 "device_id": d,
-                "model": model,
+                "model": {"sha256": sha, "name": name, "version": version},
                 "windows": None,
                 "first": float(w_from),
                 "last": float(w_to),
@@ -463,33 +561,6 @@ def drift_from_evaluations(
                 "features": worst,
             }
         )
-        agg = fleets.setdefault(
-            (f, sha),
-            {
-                "scope": "fleet",
-                "fleet": f,
-                "device_id": "*",
-                "model": model,
-                "devices": 0,
-                "devices_by_state": {"ok": 0, "warn": 0, "alert": 0, "insufficient": 0},
-                "count": 0,
-                "state": "ok",
-                "max_psi": None,
-                "first": float(w_from),
-                "last": float(w_to),
-                "worst_device": None,
-            },
-        )
-        agg["devices"] += 1
-        agg["devices_by_state"][verdict] = agg["devices_by_state"].get(verdict, 0) + 1
-        agg["count"] += int(count)
-        agg["first"] = min(agg["first"], float(w_from))
-        agg["last"] = max(agg["last"], float(w_to))
-        if SEVERITY.get(verdict, 0) > SEVERITY.get(agg["state"], 0):
-            agg["state"] = verdict
-        psi = rows[-1]["max_psi"]
-        if psi is not None and (agg["max_psi"] is None or psi > agg["max_psi"]):
-            agg["max_psi"], agg["worst_device"] = psi, d
     out = rows + list(fleets.values())
     out.sort(key=lambda r: (-SEVERITY.get(r["state"], 0), -(r["max_psi"] or 0.0), r["device_id"]))
     return out
