@@ -298,7 +298,7 @@ class Ingestor:
         self._load_streams({(*w.key, w.stream) for w in wins if w.stream is not None})
         learned: list[tuple[tuple[str, str], str]] = []
         with self.store.transaction():
-            flags = self.store.insert_each(self._sql_window, windows)
+            flags = self._insert_windows(windows)
             per: dict[tuple[str, str], list[int]] = {}  # -> [stored, predictions, duplicates]
             legacy_dups: dict[tuple[str, str], int] = {}
             new_streams: dict[tuple[tuple[str, str], str], int] = {}  # -> first seq in this batch
@@ -365,6 +365,32 @@ class Ingestor:
         res.stored = stored
         self._log_batch(per, legacy_dups)
         return res
+
+    def _insert_windows(self, rows: list[tuple[Any, ...]]) -> list[bool]:
+        """Insert window rows (in the open transaction); return which were new.
+
+        SQLite: one ``executemany`` (the common case: all new); only when some were already there,
+        the rows with an id above the previous maximum are ours (BEGIN IMMEDIATE: no other writer).
+        PostgreSQL: ``INSERT ... RETURNING`` per row in one pipelined ``executemany``.
+        """
+        store = self.store
+        if store.dialect != "sqlite" or not rows:
+            return store.insert_each(self._sql_window, rows)
+        top = int(store.query("SELECT COALESCE(MAX(id), 0) FROM windows")[0][0])
+        if store.executemany(self._sql_window, rows) == len(rows):
+            return [True] * len(rows)
+        new = {
+            (str(f), str(d), str(st), int(q))
+            for f, d, st, q in store.query(
+                "SELECT fleet, device_id, stream, seq FROM windows WHERE id > ?", (top,)
+            )
+        }
+        flags = []
+        for r in rows:
+            key = (r[0], r[1], r[2], int(r[3]))
+            flags.append(key in new)
+            new.discard(key)  # a second copy in the same batch is the duplicate
+        return flags
 
     _sql_counter = (
         "INSERT INTO collector_counters (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (name)"
