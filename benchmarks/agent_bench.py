@@ -383,6 +383,7 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
         window_end=closed.window_end,
         model=closed.model,
         profile=closed.profile,
+        stream="00c0ffee00c0ffee",
     )
     empty = Window(model.spec, model.ref, time.time(), time.monotonic()).close(time.time())
     hb = encode_stats(
@@ -393,6 +394,7 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
         window_end=empty.window_end,
         model=empty.model,
         profile=empty.profile,
+        stream="00c0ffee00c0ffee",
     )
     res["window_bytes"] = len(full)
     res["heartbeat_bytes"] = len(hb)

@@ -290,6 +290,203 @@ def time_drift_query(db_url: str, since: float | None) -> tuple[float, int]:
     return time.perf_counter() - t, sum(r["scope"] == "device" for r in rows)
 
 
+# --------------------------------------------------------------------------------------------------
+# Storage per device-day (raw and compacted) and the fleet-wide views at N devices
+
+
+def _db_bytes(url: str) -> int:
+    """Bytes the fleet database takes on disk (SQLite: the file after VACUUM; PostgreSQL: every
+    relation with its indexes and TOAST after VACUUM FULL)."""
+    from toolchain.fleet.storage import open_store
+
+    with open_store(url, migrate=False) as s:
+        if s.dialect == "sqlite":
+            s.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            s.execute("VACUUM")
+            pages, size = s.query("PRAGMA page_count")[0][0], s.query("PRAGMA page_size")[0][0]
+            return int(pages) * int(size)
+        s.execute("VACUUM FULL")
+        return int(s.query("SELECT pg_database_size(current_database())")[0][0])
+
+
+def _ingest(url: str, msgs: list[tuple[str, bytes]], label: str) -> float:
+    """Store messages through the collector's Ingestor (fast path, batches of 500); return seconds."""
+    from toolchain.fleet.collector import Incoming, Ingestor
+    from toolchain.fleet.registry import BaselineCache
+    from toolchain.fleet.storage import open_store
+
+    t = time.perf_counter()
+    with open_store(url) as s:
+        ing = Ingestor(s, BaselineCache(s))
+        now = time.time()
+        for i in range(0, len(msgs), 500):
+            ing.process([Incoming(tp, p, 0, 1, 0, now) for tp, p in msgs[i : i + 500]])
+            if (i // 500) % 40 == 0:
+                progress_print(f"  {label}: {i + 500:,}/{len(msgs):,} windows stored")
+    return time.perf_counter() - t
+
+
+def storage_and_views(args: argparse.Namespace, work: Path) -> tuple[str, list[tuple[str, bool, str]]]:
+    """Measure bytes per device-day raw and compacted, and `fleet status`/`drift` at N devices."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from device_agent.telemetry import ModelRef
+    from toolchain.cli import main as cli_main
+    from toolchain.fleet.alerts import Evaluator
+    from toolchain.fleet.compact import compact
+    from toolchain.fleet.queries import drift_table
+    from toolchain.fleet.registry import BaselineCache, register_bundle
+    from toolchain.fleet.sim import digits_baseline, load_digits, stats_payload, window_profile, write_bundle
+    from toolchain.fleet.storage import open_store
+
+    base, model = digits_baseline()
+    bundle, sha = write_bundle(work / "bundle-views", base)
+    ref = ModelRef("digits", 1, sha)
+    d = load_digits()
+    rng = np.random.default_rng(1)
+    profiles = []
+    for k in range(PROFILES):
+        x = d["x_test"][rng.choice(len(d["x_test"]), SAMPLES_PER_WINDOW)]
+        if k % 5 == 4:
+            x = x * 0.6  # some devices drift
+        profiles.append(window_profile(base.spec, x, model.predict(x)))
+    pg = None
+    dbs: dict[str, str] = {"SQLite": f"sqlite:///{work / 'views.db'}"}
+    day_dbs: dict[str, str] = {"SQLite": f"sqlite:///{work / 'day.db'}"}
+    if not args.skip_postgres:
+        from tests.conftest import Postgres
+
+        pg = Postgres()
+        pg.start()
+        import psycopg
+
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE views")
+            conn.execute("CREATE DATABASE day")
+        root = pg.url.rsplit("/", 1)[0]
+        dbs["PostgreSQL"] = root + "/views"
+        day_dbs["PostgreSQL"] = root + "/day"
+    srows: list[list[Any]] = []
+    vrows: list[list[Any]] = []
+    goals: list[tuple[str, bool, str]] = []
+    try:
+        # 1. A day of one-minute windows for a few devices: bytes raw, then compacted.
+        per_day = int(86400 / WINDOW_S)
+        day_t0 = time.time() - 86400 - 7200
+        day_msgs = [
+            stats_payload(
+                f"day-{i:03d}",
+                seq,
+                ref,
+                profiles[(i + seq) % PROFILES],
+                fleet=FLEET,
+                t0=day_t0,
+                window_s=WINDOW_S,
+            )
+            for seq in range(per_day)
+            for i in range(args.day_devices)
+        ]
+        wire = sum(len(p) for _, p in day_msgs) / len(day_msgs)
+        for name, url in day_dbs.items():
+            register_bundle(url, bundle)
+            empty = _db_bytes(url)
+            _ingest(url, day_msgs, f"{name} day")
+            raw = (_db_bytes(url) - empty) / args.day_devices
+            with open_store(url) as s:
+                t = time.perf_counter()
+                out = compact(s, time.time())
+                c_s = time.perf_counter() - t
+            packed = (_db_bytes(url) - empty) / args.day_devices
+            progress_print(f"{name}: {raw / 1e6:.1f} MB raw, {packed / 1e3:.0f} KB compacted per device-day")
+            srows.append(
+                [
+                    name,
+                    f"{raw / 1e6:.2f} MB",
+                    f"{packed / 1e3:.0f} KB",
+                    f"{raw / packed:.0f}x",
+                    f"{raw * 100_000 / 1e12:.2f} TB",
+                    f"{packed * 100_000 / 1e9:.1f} GB",
+                    f"{out.windows:,} windows in {c_s:.1f} s ({out.windows / c_s:,.0f}/s)",
+                ]
+            )
+        # 2. N simulated devices, one window each, evaluated by the collector's Evaluator.
+        n = args.view_devices
+        t0 = time.time() - 1800
+        msgs = [
+            stats_payload(
+                f"dev-{i:06d}", 1, ref, profiles[i % PROFILES], fleet=FLEET, t0=t0, window_s=WINDOW_S
+            )
+            for i in range(n)
+        ]
+        for name, url in dbs.items():
+            register_bundle(url, bundle, {"min_count": SAMPLES_PER_WINDOW})
+            ingest_s = _ingest(url, msgs, f"{name} views")
+            t = time.perf_counter()
+            with open_store(url) as s:
+                ev = Evaluator(s, BaselineCache(s))
+                keys = [(FLEET, f"dev-{i:06d}") for i in range(n)]
+                for i in range(0, n, 2000):
+                    ev.evaluate_many(keys[i : i + 2000])
+            eval_s = time.perf_counter() - t
+            progress_print(f"{name}: {n:,} devices stored in {ingest_s:.0f} s, evaluated in {eval_s:.0f} s")
+
+            def timed(*cmd: str, url: str = url, runner: CliRunner = CliRunner()) -> float:
+                best = float("inf")
+                for _ in range(3):
+                    t = time.perf_counter()
+                    r = runner.invoke(cli_main, [*cmd, "--db", url])
+                    best = min(best, time.perf_counter() - t)
+                    assert r.exit_code == 0, r.output[-500:]
+                return best
+
+            status_s = timed("fleet", "status")
+            status_json_s = timed("fleet", "status", "--json")
+            drift_s = timed("fleet", "drift")
+            drift_json_s = timed("fleet", "drift", "--json")
+            recompute: Any = f"not run (> {args.recompute_max:,} devices)"
+            if n <= args.recompute_max:
+                t = time.perf_counter()
+                drift_table(url, since="24h")
+                recompute = time.perf_counter() - t
+            vrows.append([name, f"{n:,}", "fleet status (summary + devices that need a look)", status_s, "-"])
+            vrows.append([name, f"{n:,}", "fleet status --json (every device)", status_json_s, "-"])
+            vrows.append([name, f"{n:,}", "fleet drift (stored evaluations, 50 worst)", drift_s, recompute])
+            vrows.append([name, f"{n:,}", "fleet drift --json (every device)", drift_json_s, "-"])
+            goals.append(
+                (f"{name}: fleet status at {n:,} devices < 1 s", status_s < 1.0, f"{status_s:.2f} s")
+            )
+            goals.append((f"{name}: fleet drift at {n:,} devices < 1 s", drift_s < 1.0, f"{drift_s:.2f} s"))
+    finally:
+        if pg is not None:
+            pg.stop()
+    body = (
+        f"Storage per device-day: {args.day_devices} devices x {per_day:,} one-minute windows"
+        f" ({wire / 1024:.1f} KB each on the wire), stored through the collector's Ingestor, then"
+        " `fleet compact` of everything into hourly rollups (24 per device-day). Bytes on disk after"
+        " VACUUM (SQLite file; PostgreSQL `pg_database_size` after VACUUM FULL), minus the empty database.\n\n"
+    )
+    body += markdown_table(
+        [
+            "database",
+            "raw per device-day",
+            "compacted",
+            "ratio",
+            "100,000 devices/day raw",
+            "compacted",
+            "compaction",
+        ],
+        srows,
+    )
+    body += (
+        f"\nFleet views at {args.view_devices:,} simulated devices (one window each, evaluated by the"
+        " collector's Evaluator): best of 3 in-process runs of the CLI command, and the old recompute"
+        " (`drift_table`: merge every device's windows again) once.\n\n"
+    )
+    body += markdown_table(["database", "devices", "command", "seconds", "recompute (s)"], vrows)
+    return body, goals
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, default=1000)
@@ -299,6 +496,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=2, help="collectors in the shared-group run (0: skip)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument(
+        "--storage",
+        action="store_true",
+        help="only storage per device-day (raw/compacted) and fleet status/drift at --view-devices",
+    )
+    ap.add_argument(
+        "--view-devices", type=int, default=100_000, help="devices for the fleet views (default 100,000)"
+    )
+    ap.add_argument(
+        "--day-devices", type=int, default=10, help="devices with a full day of windows (default 10)"
+    )
+    ap.add_argument(
+        "--recompute-max",
+        type=int,
+        default=20_000,
+        help="time the old full recompute of fleet drift only up to this many devices (default 20,000)",
+    )
+    ap.add_argument(
         "--skip-sqlite", action="store_true", help="only the bare subscriber and PostgreSQL (profiling)"
     )
     args = ap.parse_args(argv)
@@ -306,6 +520,25 @@ def main(argv: list[str] | None = None) -> int:
     from toolchain.fleet.registry import register_bundle
 
     work = Path(tempfile.mkdtemp(prefix="collector-bench-"))
+    if args.storage:
+        body, goals = storage_and_views(args, work)
+        body += "\n" + markdown_table(
+            ["goal", "met", "measured"], [[g, "yes" if ok else "NO", m] for g, ok, m in goals]
+        )
+        intro = (
+            f"`python -m benchmarks.collector_bench --storage --view-devices {args.view_devices}"
+            f" --day-devices {args.day_devices}`"
+        )
+        print(intro + "\n\n" + body)
+        if not args.no_write:
+            write_section(
+                "collector-storage",
+                "Collector storage, compaction and fleet views (collector_bench.py --storage)",
+                body,
+                intro=intro,
+                info=machine_info(("numpy", "psycopg")),
+            )
+        return 0 if all(ok for _, ok, _ in goals) else 1
     total = args.devices * args.windows
     payload_file = work / "payloads.pkl"
     progress_print(f"encoding {total} windows ...")

@@ -413,6 +413,7 @@ class Daemon:
                 profile=w.profile,
                 dropped_windows=dropped,
                 agent_version=agent_version(),
+                stream=self.outbox.stream,
             )
             size = len(raw)
             return raw

@@ -7,10 +7,17 @@ oldest rows are dropped and the count is carried into the next window's ``droppe
 
 ``seq`` is per device, strictly increasing and persisted: it lives in the same database, and the
 row and the new counter commit in one transaction.
+
+``stream`` is a random id (16 hex digits) made when the database is created and kept with it. A
+device whose state directory is lost (reflash, factory reset, a new SD card) starts again at seq 1
+with a *new* stream, so a consumer that keys windows on ``(device, stream, seq)`` never mistakes the
+new windows for duplicates of the old ones. An outbox made by an older agent gets its stream the
+first time it is opened (its seq goes on, so nothing collides either).
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 import time
@@ -22,6 +29,7 @@ from device_agent.errors import AgentError
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0
+STREAM_BYTES = 8  # a stream id is 16 hex digits (64 random bits)
 
 
 class OutboxError(AgentError):
@@ -73,7 +81,15 @@ class Outbox:
                 );
                 INSERT OR IGNORE INTO meta VALUES ('schema', 1), ('next_seq', 1), ('dropped_pending', 0),
                     ('dropped_total', 0);
+                CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                 """
+            )
+            # Text in its own table: an all-digit hex id in meta's INTEGER column would become a number.
+            self._db.execute(
+                "INSERT OR IGNORE INTO identity VALUES ('stream', ?)", (secrets.token_hex(STREAM_BYTES),)
+            )
+            self.stream: str = str(
+                self._db.execute("SELECT value FROM identity WHERE key='stream'").fetchone()[0]
             )
             schema = self._meta("schema")
         except sqlite3.Error as e:

@@ -9,7 +9,10 @@ Topics (lowercase, no leading slash)::
     edgefleet/<fleet>/cmd                  fleet-wide commands
     edgefleet/<fleet>/alerts               drift alerts published by the collector
 
-Every payload carries ``schema`` (integer) and ``type``. Decoding checks, in order: size limit,
+Every payload carries ``schema`` (integer) and ``type``. ``stats`` is at schema 2 (``stream``
+added: the outbox's random id, so windows of a device that lost its state are not mistaken for
+duplicates); schema 1 stats (older agents) still decode, with ``stream`` None. ``status`` and
+``event`` are at schema 1. Decoding checks, in order: size limit,
 UTF-8 JSON without NaN/Infinity, nesting depth, schema, known keys, types and finite numbers.
 The profile's histogram lengths are checked later against the registered baseline
 (``StatsMessage.profile``), because only the baseline knows them.
@@ -28,11 +31,14 @@ from typing import Any
 from device_agent.errors import AgentError
 from device_agent.stats import FeatureSetProfile, Profile, ProfileSpec, StatsError
 
-SCHEMA = 1
+SCHEMA = 1  # status and event payloads
+STATS_SCHEMA = 2  # stats payloads: 2 added the required ``stream``
+STATS_SCHEMAS = (1, 2)  # what decode_stats accepts (1: older agents, no stream)
 TOPIC_ROOT = "edgefleet"
 MAX_PAYLOAD_BYTES = 96 * 1024  # well under AWS IoT's 128 KB and Azure's 256 KB message limits
 MAX_DEPTH = 8
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+STREAM_RE = re.compile(r"^[0-9a-f]{16}$")
 KINDS = ("stats", "status", "events", "cmd")
 EVENT_NAMES_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
@@ -51,6 +57,13 @@ def check_id(value: Any, what: str) -> str:
         raise TelemetryError(
             f"{what} {str(value)[:70]!r} is invalid: use 1-63 lowercase letters, digits, '_', '.' or '-'"
         )
+    return value
+
+
+def check_stream(value: Any) -> str:
+    """Return ``value`` if it is a stream id (16 lowercase hex digits, ``Outbox.stream``)."""
+    if not isinstance(value, str) or not STREAM_RE.match(value):
+        raise TelemetryError(f"stream {str(value)[:40]!r} is invalid: want 16 lowercase hex digits")
     return value
 
 
@@ -132,8 +145,11 @@ def _depth(obj: Any, limit: int) -> int:
     return deepest
 
 
-def load_json(raw: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
-    """Parse an untrusted payload: size limit, UTF-8, no NaN/Infinity, bounded nesting, an object."""
+def load_json(
+    raw: bytes, max_bytes: int = MAX_PAYLOAD_BYTES, schemas: tuple[int, ...] = (SCHEMA,)
+) -> dict[str, Any]:
+    """Parse an untrusted payload: size limit, UTF-8, no NaN/Infinity, bounded nesting, an object
+    whose integer ``schema`` is one of ``schemas``."""
     if len(raw) > max_bytes:
         raise TelemetryError(f"payload of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
     # Deep nesting: the C parser stops with RecursionError long before the size limit could hurt, and
@@ -150,10 +166,9 @@ def load_json(raw: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
         raise TelemetryError(f"payload nests deeper than {MAX_DEPTH} levels")
     if not isinstance(doc, dict):
         raise TelemetryError("payload must be a JSON object")
-    if type(doc.get("schema")) is not int or doc["schema"] != SCHEMA:
-        raise TelemetryError(
-            f"payload schema {str(doc.get('schema'))[:20]!r} is not supported (want {SCHEMA})"
-        )
+    if type(doc.get("schema")) is not int or doc["schema"] not in schemas:
+        want = " or ".join(str(v) for v in schemas)
+        raise TelemetryError(f"payload schema {str(doc.get('schema'))[:20]!r} is not supported (want {want})")
     return doc
 
 
@@ -223,6 +238,7 @@ class ModelRef:
 
 STATS_REQUIRED = {
     "schema",
+    "stream",
     "type",
     "device_id",
     "fleet",
@@ -239,6 +255,7 @@ STATS_REQUIRED = {
     "dropped_windows",
     "agent_version",
 }
+STATS_REQUIRED_V1 = STATS_REQUIRED - {"stream"}
 
 
 @dataclass
@@ -259,6 +276,7 @@ class StatsMessage:
     schema_violations: dict[str, int]
     dropped_windows: int
     agent_version: str
+    stream: str | None = None  # the outbox's id (schema 2); None for schema 1 payloads
 
     @property
     def heartbeat(self) -> bool:
@@ -303,15 +321,22 @@ def encode_stats(
     profile: Profile,
     dropped_windows: int = 0,
     agent_version: str = "",
+    stream: str,
 ) -> bytes:
-    """Encode a closed window; an empty one becomes a heartbeat without profile fields."""
+    """Encode a closed window; an empty one becomes a heartbeat without profile fields.
+
+    ``stream`` is the outbox's id (``Outbox.stream``, 16 lowercase hex digits): ``seq`` counts
+    within it, so a device whose state was wiped starts a new stream instead of reusing old seqs.
+    """
+    check_stream(stream)
     empty = profile.count == 0 and int(profile.inputs.count.sum()) == 0
     state = profile.state_dict()
     doc = {
-        "schema": SCHEMA,
+        "schema": STATS_SCHEMA,
         "type": "stats",
         "device_id": check_id(device_id, "device_id"),
         "fleet": check_id(fleet, "fleet"),
+        "stream": stream,
         "seq": int(seq),
         "window_start": utc_iso(window_start),
         "window_end": utc_iso(window_end),
@@ -353,10 +378,13 @@ def _check_fsp(d: Any, where: str) -> dict[str, Any]:
 
 def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str | None = None) -> StatsMessage:
     """Decode an untrusted stats payload; when topic ids are given they must match the payload's."""
-    d = load_json(raw)
+    d = load_json(raw, schemas=STATS_SCHEMAS)
     if d.get("type") != "stats":
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'stats'")
-    _keys(d, STATS_REQUIRED, set(), "stats")
+    _keys(
+        d, STATS_REQUIRED if d["schema"] >= 2 else STATS_REQUIRED_V1, set(), f"stats (schema {d['schema']})"
+    )
+    stream = check_stream(d["stream"]) if d["schema"] >= 2 else None
     device, fleet = _origin(d, topic_device, topic_fleet)
     start = parse_utc(d["window_start"], "window_start")
     end = parse_utc(d["window_end"], "window_end")
@@ -402,6 +430,7 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
         schema_violations=viol,
         dropped_windows=_int(d["dropped_windows"], "dropped_windows"),
         agent_version=_str(d["agent_version"], "agent_version", 40),
+        stream=stream,
     )
 
 
@@ -546,6 +575,8 @@ def decode_event(raw: bytes, topic_device: str | None = None, topic_fleet: str |
 
 __all__ = [
     "SCHEMA",
+    "STATS_SCHEMA",
+    "STATS_SCHEMAS",
     "MAX_PAYLOAD_BYTES",
     "TelemetryError",
     "ModelRef",
@@ -556,6 +587,7 @@ __all__ = [
     "fleet_topic",
     "parse_topic",
     "check_id",
+    "check_stream",
     "utc_iso",
     "parse_utc",
     "load_json",

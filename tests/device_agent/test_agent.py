@@ -84,6 +84,7 @@ def test_window_closes_at_max_samples_and_merges_with_the_baseline(data: dict[st
         window_end=closed[0].window_end,
         model=closed[0].model,
         profile=closed[0].profile,
+        stream="00c0ffee00c0ffee",
     )
     back = decode_stats(raw).profile(base.spec)
     assert np.array_equal(back.inputs.counts, closed[0].profile.inputs.counts)
@@ -112,6 +113,7 @@ def test_window_closes_on_time_with_a_fake_clock(data: dict[str, np.ndarray]) ->
             window_end=empty.window_end,
             model=empty.model,
             profile=empty.profile,
+            stream="00c0ffee00c0ffee",
         )
     )
     assert hb["inputs"] is None and hb["count"] == 0

@@ -108,3 +108,30 @@ def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
         d.mkdir(mode=0o500)
         with pytest.raises(OutboxError):
             Outbox(d / "o.db")
+
+
+def test_stream_id_is_random_per_database_and_persisted(tmp_path: Path) -> None:
+    import re
+    import sqlite3
+
+    ob = Outbox(tmp_path / "a" / "o.db")
+    stream = ob.stream
+    assert re.fullmatch(r"[0-9a-f]{16}", stream)
+    ob.add("t", enc)
+    ob.close()
+    again = Outbox(tmp_path / "a" / "o.db")
+    assert again.stream == stream and again.next_seq == 2
+    again.close()
+    # the state directory wiped: seq starts at 1 again, in a new stream
+    fresh = Outbox(tmp_path / "b" / "o.db")
+    assert fresh.stream != stream and fresh.add("t", enc) == 1
+    fresh.close()
+    # an outbox made before streams existed gets one, and its seq goes on
+    old = tmp_path / "c" / "o.db"
+    Outbox(old).close()
+    with sqlite3.connect(old) as db:
+        db.execute("DROP TABLE identity")
+        db.execute("UPDATE meta SET value=41 WHERE key='next_seq'")
+    up = Outbox(old)
+    assert re.fullmatch(r"[0-9a-f]{16}", up.stream) and up.add("t", enc) == 41
+    up.close()

@@ -53,6 +53,7 @@ def payload(baseline, **kw) -> bytes:
         window_end=1_800_000_060.0,
         model=MODEL,
         profile=window(baseline),
+        stream="00c0ffee00c0ffee",
     )
     args.update(kw)
     return encode_stats(**args)
@@ -96,7 +97,7 @@ def mutate(raw: bytes, fn) -> bytes:
 @pytest.mark.parametrize(
     "fn, match",
     [
-        (lambda d: d.update(schema=2), "schema"),
+        (lambda d: d.update(schema=3), "schema"),
         (lambda d: d.update(extra=1), "unknown key"),
         (lambda d: d.pop("seq"), "missing"),
         (lambda d: d.update(seq=-1), "seq"),
@@ -107,12 +108,28 @@ def mutate(raw: bytes, fn) -> bytes:
         (lambda d: d["inputs"]["hist"].__setitem__(0, [1, 2]), "bins|sums"),
         (lambda d: d["inputs"].update(mean=[0.0]), "entries"),
         (lambda d: d.update(count=3), "count"),
+        (lambda d: d.pop("stream"), "missing"),
+        (lambda d: d.update(stream="ABCDEF0123456789"), "stream"),
+        (lambda d: d.update(stream="00c0ffee"), "stream"),
+        (lambda d: d.update(stream=None), "stream"),
+        (lambda d: d.update(schema=1), "unknown key"),  # schema 1 has no stream
     ],
 )
 def test_bad_stats_are_refused(baseline, fn, match: str) -> None:
     raw = mutate(payload(baseline), fn)
     with pytest.raises(TelemetryError, match=match):
         decode_stats(raw, "pi-1", "demo").profile(baseline.spec)
+
+
+def test_stats_carry_the_stream_and_schema_1_still_decodes(baseline) -> None:
+    msg = decode_stats(payload(baseline), "pi-1", "demo")
+    assert msg.stream == "00c0ffee00c0ffee" and json.loads(payload(baseline))["schema"] == 2
+    old = mutate(payload(baseline), lambda d: (d.pop("stream"), d.update(schema=1)))
+    v1 = decode_stats(old, "pi-1", "demo")
+    assert v1.stream is None and v1.seq == msg.seq
+    assert v1.profile(baseline.spec).count == msg.profile(baseline.spec).count
+    with pytest.raises(TelemetryError, match="stream"):
+        payload(baseline, stream="not-hex-at-all!!")
 
 
 def test_nan_huge_and_deep_payloads_are_refused(baseline) -> None:

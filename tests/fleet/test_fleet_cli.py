@@ -138,3 +138,23 @@ def test_report_renders_in_headless_chromium(filled_db, chromium, tmp_path) -> N
     assert 'class="hist"' in dom and "cam-3" in dom
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_status_of_a_large_fleet_is_a_summary_and_the_devices_that_need_a_look(
+    filled_db, monkeypatch
+) -> None:
+    import toolchain.cli.fleet as fleet_cli
+
+    monkeypatch.setattr(fleet_cli, "STATUS_TABLE_MAX", 2)
+    with open_store(filled_db) as s:  # cam-3 drifts: its evaluation says so
+        s.execute(
+            "INSERT INTO drift_state (fleet, device_id, model_sha256, state, candidate, streak, last_window_id,"
+            " verdict, updated_at) VALUES ('lab', 'cam-3', 'x', 'alert', 'alert', 2, 1, 'alert', 0)"
+        )
+    code, out, _ = run("fleet", "status", "--db", filled_db)
+    assert code == 0
+    assert out.startswith("3 devices: 3 online, 0 stale, 0 offline or unknown; drift: 1 alert;")
+    table = out.split("need a look")[1]
+    assert "cam-3" in table and "cam-1" not in table and "cam-2" not in table
+    code, out, _ = run("fleet", "status", "--db", filled_db, "--all")
+    assert code == 0 and all(d in out for d in ("cam-1", "cam-2", "cam-3")) and "need a look" not in out

@@ -50,7 +50,8 @@ def test_malformed_payloads_are_quarantined_and_collection_goes_on(
     wrong_schema = json.dumps({**doc, "schema": 99}).encode()
     unknown_key = json.dumps({**doc, "extra": 1}).encode()
     nan = good.replace(b'"count":50', b'"count":NaN')
-    huge = json.dumps({**doc, "agent_version": "x" * 200_000}).encode()
+    # over the 96 KiB payload limit, under the collector's 128 KiB packet limit (larger: the broker drops it)
+    huge = json.dumps({**doc, "agent_version": "x" * 105_000}).encode()
     deep = b'{"schema":1,"type":"stats","x":' + b"[" * 40 + b"]" * 40 + b"}"
     spoofed = json.dumps({**doc, "device_id": "dev-2"}).encode()
     short = json.loads(good)

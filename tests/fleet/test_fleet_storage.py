@@ -108,6 +108,9 @@ def test_windows_before_registration_wait_then_get_judged(
         reason = s.query("SELECT reason FROM quarantine")[0][0]
         assert "bins, the baseline has" in reason
         rows = drift_table(s)
+        (dev,) = status_rows(s)
+        assert (dev["windows"], dev["predictions"]) == (3, 300)  # the misfit moved to the quarantine
+        assert dict(s.query("SELECT name, value FROM collector_counters"))["quarantined"] == 1
     assert {r["scope"] for r in rows} == {"device", "fleet"}
     assert all(r["count"] == 300 for r in rows)
 
@@ -151,3 +154,139 @@ def test_baseline_cache_picks_up_changed_thresholds(db_url, bundle) -> None:
         assert now.layout is first.layout and now.profile is first.profile
         s.close()  # a database that fails on the re-read: the cached settings stay in use
         assert cache.get(sha) is now
+
+
+def _legacy(payload: bytes) -> bytes:
+    """The same window as an agent without streams sends it (stats schema 1)."""
+    doc = json.loads(payload)
+    del doc["stream"]
+    doc["schema"] = 1
+    return json.dumps(doc).encode()
+
+
+def test_a_reset_device_starts_a_new_stream_and_nothing_is_dropped(
+    db_url, bundle, model_ref, make_window
+) -> None:
+    """Finding 1: seq restarting at 1 after lost state must not make new windows 'duplicates'."""
+    register_bundle(db_url, bundle[0])
+    with open_store(db_url) as s:
+        ing = Ingestor(s, BaselineCache(s))
+        before = [
+            stats_payload("dev-1", seq, model_ref, make_window(30, seed=seq), stream="aaaaaaaaaaaaaaaa")
+            for seq in range(1, 6)
+        ]
+        after = [  # state wiped: seq from 1 again, a new stream
+            stats_payload("dev-1", seq, model_ref, make_window(20, seed=50 + seq), stream="bbbbbbbbbbbbbbbb")
+            for seq in range(1, 4)
+        ]
+        ing.process([incoming(t, p) for t, p in before])
+        res = ing.process([incoming(t, p) for t, p in after + after[:1]])  # and one true resend
+        assert res.stored == 3
+        assert s.query("SELECT COUNT(*), SUM(count) FROM windows")[0] == (8, 5 * 30 + 3 * 20)
+        assert ing.counters.duplicates == 1 and ing.counters.stream_changes == 1
+        (r,) = status_rows(s)
+        assert r["windows"] == 8 and r["predictions"] == 210
+        assert r["duplicates"] == 1 and r["stream_changes"] == 1 and r["stream"] == "bbbbbbbbbbbbbbbb"
+        # A second collector (fresh cache) sees the same streams: no second "change".
+        ing2 = Ingestor(s, BaselineCache(s))
+        t, p = stats_payload("dev-1", 4, model_ref, make_window(20, seed=99), stream="bbbbbbbbbbbbbbbb")
+        assert ing2.process([incoming(t, p)]).stored == 1
+        assert status_rows(s)[0]["stream_changes"] == 1
+        counters = dict(s.query("SELECT name, value FROM collector_counters"))
+        assert counters["windows_stored"] == 9 and counters["windows_duplicate"] == 1
+        # A new device whose first and second stream arrive in one batch: one change, not two.
+        both = [
+            stats_payload("dev-9", 1, model_ref, make_window(10, seed=1), stream="cccccccccccccccc"),
+            stats_payload("dev-9", 1, model_ref, make_window(10, seed=2), stream="dddddddddddddddd"),
+        ]
+        ing2.process([incoming(t, p) for t, p in both])
+        r9 = next(r for r in status_rows(s) if r["device_id"] == "dev-9")
+        assert r9["stream_changes"] == 1 and r9["stream"] == "dddddddddddddddd" and r9["windows"] == 2
+
+
+def test_schema_1_windows_without_a_stream_are_stored_and_deduplicated(
+    db_url, bundle, model_ref, make_window
+) -> None:
+    register_bundle(db_url, bundle[0])
+    with open_store(db_url) as s:
+        ing = Ingestor(s, BaselineCache(s))
+        old = [
+            _legacy(stats_payload("dev-1", seq, model_ref, make_window(30, seed=seq))[1]) for seq in range(3)
+        ]
+        ing.process([incoming("edgefleet/lab/dev-1/stats", p) for p in old + old[:2]])
+        assert s.query("SELECT COUNT(*) FROM windows WHERE stream = ''")[0][0] == 3
+        assert ing.counters.duplicates == 2 and ing.counters.legacy_duplicates == 2
+        # The agent is upgraded: its first stream is not a restart.
+        t, p = stats_payload("dev-1", 3, model_ref, make_window(30, seed=3))
+        ing.process([incoming(t, p)])
+        (r,) = status_rows(s)
+        assert r["windows"] == 4 and r["duplicates"] == 2 and r["stream_changes"] == 0 and r["stream"]
+
+
+def test_migration_3_keeps_windows_and_counts_them(tmp_path, bundle, model_ref, make_window) -> None:
+    """A database written before streams: windows keep their ids, devices get their counters."""
+    from toolchain.fleet import migrations
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    keep = migrations.MIGRATIONS
+    try:
+        migrations.MIGRATIONS = [m for m in keep if m[0] < 3]
+        import toolchain.fleet.storage as storage_mod
+
+        storage_mod.MIGRATIONS = migrations.MIGRATIONS
+        with open_store(url) as s:
+            for seq in range(4):
+                s.execute(
+                    "INSERT INTO windows (fleet, device_id, seq, window_start, window_end, received_at,"
+                    " model_sha256, spec_hash, count, dropped_windows, violations_json) VALUES"
+                    " ('lab', 'dev-1', ?, 0, 1, 1, 'x', 'y', 10, 0, '{}')",
+                    (seq,),
+                )
+            s.execute(
+                "INSERT INTO devices (fleet, device_id, first_seen, last_seen) VALUES ('lab', 'dev-1', 1, 1)"
+            )
+    finally:
+        migrations.MIGRATIONS = keep
+        storage_mod.MIGRATIONS = keep
+    with open_store(url) as s:
+        assert s.schema_version() == max(v for v, _, _ in keep)
+        assert s.query("SELECT id, stream, seq FROM windows ORDER BY id") == [
+            (i + 1, "", i) for i in range(4)
+        ]
+        (r,) = status_rows(s)
+        assert r["windows"] == 4 and r["predictions"] == 40
+
+
+def test_quarantine_keeps_the_newest_rows_and_counts_every_one(db_url) -> None:
+    with open_store(db_url) as s:
+        ing = Ingestor(s, BaselineCache(s), quarantine_max_rows=5)
+        for b in range(3):
+            ing.process([incoming(f"edgefleet/lab/dev-{b}-{i}/stats", b"not json") for i in range(4)])
+        topics = [r[0] for r in s.query("SELECT topic FROM quarantine ORDER BY id")]
+        assert topics == ["edgefleet/lab/dev-1-3/stats"] + [
+            f"edgefleet/lab/dev-2-{i}/stats" for i in range(4)
+        ]
+        counters = dict(s.query("SELECT name, value FROM collector_counters"))
+        assert counters["quarantined"] == 12 and counters["quarantine_evicted"] == 7
+        assert ing.counters.quarantined == 12 and ing.counters.quarantine_evicted == 7
+        # One log line for the whole flood (the throttle's window is 10 s).
+        assert ing.quarantine_log.lines == 1
+
+
+def test_throttle_counts_what_it_holds_back(caplog) -> None:
+    import logging
+
+    from toolchain.fleet.ratelog import Throttle
+
+    now = [0.0]
+    t = Throttle(logging.getLogger("edgefleet.test.throttle"), 10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, "edgefleet.test.throttle"):
+        assert t.log(logging.WARNING, "bad %d", 1)
+        for i in range(50):
+            now[0] += 0.1
+            assert not t.log(logging.WARNING, "bad %d", i + 2, events=2)
+        now[0] += 10.0
+        assert t.log(logging.WARNING, "bad %d", 99)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["bad 1", "bad 99 (and 100 more since the previous such line: 50 line(s) held back)"]
+    assert t.lines == 2

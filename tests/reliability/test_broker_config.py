@@ -30,11 +30,11 @@ from tests.helpers import wait_for
 from toolchain.cli import main
 from toolchain.fleet.brokerconf import (
     COLLECTOR_USER,
-    PACKET_OVERHEAD_BYTES,
     check_password,
     hash_password,
     queue_size,
 )
+from toolchain.fleet.collector import MAX_PACKET_BYTES
 
 pytestmark = [pytest.mark.timeout(180)]
 FLEET = "lab"
@@ -212,7 +212,7 @@ def test_the_queue_holds_a_day_of_windows_and_the_packet_limit_is_the_collectors
     assert f"persistence_location {tmp_path / 'b' / 'data'}/" in conf
     assert got["max_queued_messages"] == 2 * 2880 * 11 // 10 >= 2 * 2880  # 2 devices, 2,880 windows a day
     assert f"max_queued_messages {got['max_queued_messages']}" in conf
-    assert f"max_packet_size {MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES}" in conf
+    assert f"max_packet_size {MAX_PACKET_BYTES}" in conf and MAX_PACKET_BYTES > MAX_PAYLOAD_BYTES
     assert "listener 1883" in conf and not any(line.startswith("user ") for line in conf)
 
 
@@ -450,7 +450,7 @@ def test_oversized_packets_stop_at_the_broker(locked: tuple[Path, GeneratedBroke
     a = Client(broker.port, "cam-a", dev["password"], dev["client_id"])
     a.publish_acked("edgefleet/lab/cam-a/stats", [b"x" * MAX_PAYLOAD_BYTES])  # the collector's limit: passes
     wait_for(lambda: len(col.received()) == 1, 10, "the largest allowed payload")
-    a.c.publish("edgefleet/lab/cam-a/stats", b"x" * (MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES + 1), qos=1)
+    a.c.publish("edgefleet/lab/cam-a/stats", b"x" * (MAX_PACKET_BYTES + 1), qos=1)
     assert a.disconnected.wait(10), "a client sending an oversized packet is disconnected"
     ok = Client(broker.port, "cam-b", creds["devices"]["cam-b"]["password"], "cam-b-after")
     ok.publish_acked("edgefleet/lab/cam-b/stats", [b"after"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ def _chunks(keys: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
             out.append((fleet, []))
         out[-1][1].append(device)
     return out
+
+
+def _finite(v: float) -> float | None:
+    """A JSON-ready metric: rounded to 6 digits, None when not finite."""
+    return round(float(v), 6) if math.isfinite(v) else None
 
 
 class AlertSink(Protocol):
@@ -155,6 +161,14 @@ class Evaluator:
                 for ((fleet, device), prev, rows), result in zip(items, results, strict=True):
                     new, changed = step(prev, result.state, cfg.raise_after, cfg.clear_after)
                     total = sum(int(r[1]) for r in rows)
+                    detail = result.to_dict(features=False)
+                    detail["worst_features"] = [
+                        {"name": f.name, "psi": _finite(f.psi), "js": _finite(f.js)}
+                        for f in result.worst_features(5)
+                    ]
+                    detail_json = dumps(detail)
+                    w_from = min(float(r[5]) for r in rows)
+                    w_to = max(float(r[6]) for r in rows)
                     state_rows.append(
                         (
                             fleet,
@@ -166,6 +180,11 @@ class Evaluator:
                             max(int(r[0]) for r in rows),
                             result.state,
                             now,
+                            float(result.max_psi),
+                            total,
+                            w_from,
+                            w_to,
+                            detail_json,
                         )
                     )
                     eval_rows.append(
@@ -174,13 +193,13 @@ class Evaluator:
                             fleet,
                             device,
                             model,
-                            min(float(r[5]) for r in rows),
-                            max(float(r[6]) for r in rows),
+                            w_from,
+                            w_to,
                             total,
                             result.state,
                             new.state,
                             float(result.max_psi),
-                            dumps(result.to_dict(features=False)),
+                            detail_json,
                         )
                     )
                     alert = None
@@ -212,9 +231,11 @@ class Evaluator:
                     )
             store.executemany(
                 "INSERT INTO drift_state (fleet, device_id, model_sha256, state, candidate, streak,"
-                " last_window_id,"
-                " verdict, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id) DO"
-                " UPDATE SET"
+                " last_window_id, verdict, updated_at, max_psi, count, window_from, window_to, detail_json)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id) DO"
+                " UPDATE SET max_psi = excluded.max_psi, count = excluded.count,"
+                " window_from = excluded.window_from, window_to = excluded.window_to,"
+                " detail_json = excluded.detail_json,"
                 " model_sha256 = excluded.model_sha256, state = excluded.state, candidate ="
                 " excluded.candidate,"
                 " streak = excluded.streak, last_window_id = excluded.last_window_id, verdict ="

@@ -101,8 +101,14 @@ def queue_size(devices: int, window_s: float, days: float = 1.0) -> int:
 
 
 def max_packet_size() -> int:
-    """Return the broker's ``max_packet_size``: the collector's payload limit plus the MQTT overhead."""
-    return MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES
+    """Return the broker's ``max_packet_size``: the packet limit the collector announces on connect.
+
+    It sits above the stats payload limit (MAX_PAYLOAD_BYTES) so that a payload just over it still
+    reaches the collector, which quarantines and counts it; anything larger stops at the broker.
+    """
+    from toolchain.fleet.collector import MAX_PACKET_BYTES
+
+    return max(MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES)
 
 
 @dataclass(frozen=True)
@@ -285,9 +291,9 @@ def _conf_text(
         "# Memory: up to this many messages of typically 4-12 KB each.",
         f"max_queued_messages {queue}",
         "",
-        f"# The collector refuses payloads above {MAX_PAYLOAD_BYTES} bytes; refuse them at the broker"
-        f" (+{PACKET_OVERHEAD_BYTES} bytes",
-        "# for the MQTT header and topic). A client that sends a larger packet is disconnected.",
+        f"# The collector quarantines stats payloads above {MAX_PAYLOAD_BYTES} bytes and announces this"
+        " packet limit on connect;",
+        "# larger packets stop here: a client that sends one is disconnected.",
         f"max_packet_size {max_packet_size()}",
         "",
         "# $SYS/broker/publish/messages/dropped and friends, every 10 s (the collector watches them).",

@@ -45,6 +45,7 @@ from device_agent.telemetry import (
 from toolchain.errors import ToolchainError
 from toolchain.fleet.alerts import Evaluator
 from toolchain.fleet.fastpath import FastWindow, Refused, decode_window
+from toolchain.fleet.ratelog import Throttle
 from toolchain.fleet.registry import BaselineCache, BundleDirectory, RegistryError, register_bundle
 from toolchain.fleet.storage import StorageError, Store, dumps, open_store, pack_profile
 from toolchain.fleet.workers import DecodePool, EvalWorker, default_workers
@@ -59,6 +60,22 @@ KEEPALIVE_S = 30
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 PROBE_TIMEOUT_S = 5.0  # how long to wait for a CONNACK when finding out the broker's MQTT version
 QUARANTINE_HEAD_BYTES = 512
+QUARANTINE_MAX_ROWS = 10_000  # `fleet collect --quarantine-max-rows`: the oldest rows go first
+QUARANTINE_LOG_EVERY_S = 10.0  # at most one "quarantined" line this often (the rest are counted)
+DUPLICATE_LOG_EVERY_S = 60.0  # at most one "duplicate windows" line this often
+STREAM_LOG_EVERY_S = 1.0  # at most one "new stream" line a second
+STREAM_CACHE_ENTRIES = 500_000  # (fleet, device, stream) known to be stored, kept in memory
+# MQTT 5 Maximum Packet Size the collector announces on connect: the broker does not send it larger
+# packets (Mosquitto drops them and logs "Dropping too large outgoing PUBLISH"). The stats payload
+# limit (device_agent.telemetry.MAX_PAYLOAD_BYTES, 96 KiB) plus room for the topic and properties,
+# so payloads just over the payload limit still arrive and are quarantined and counted. Broker
+# configurations (`edgefleet fleet broker-config`) set Mosquitto's `max_packet_size` to this value.
+MAX_PACKET_BYTES = 128 * 1024
+BROKER_DROP_LOG_EVERY_S = 10.0
+COMPACT_EVERY_S = 600.0  # `fleet collect --compact-after`: a compaction round at most this often
+# Broker counters of messages dropped after they were acknowledged to the publisher (Mosquitto).
+SYS_DROP_TOPICS = ("$SYS/broker/publish/messages/dropped",)
+QUEUE_MAX_MESSAGES = 2 * RECEIVE_MAXIMUM  # received, not yet stored; paho's thread waits when full
 EVAL_EVERY_S = 1.0  # a round of evaluations starts at most this often
 EVAL_CHUNK = 200  # devices per evaluation (short transactions; the next chunk follows at once)
 STOP_EVAL_WAIT_S = 10.0  # on stop, wait this long for a running evaluation to publish its alerts
@@ -116,14 +133,18 @@ class Counters:
     received: int = 0
     stored: int = 0
     duplicates: int = 0
+    legacy_duplicates: int = 0  # duplicates among schema 1 windows (no stream: maybe a lost reset)
+    stream_changes: int = 0
     pending: int = 0
     status: int = 0
     events: int = 0
     quarantined: int = 0
+    quarantine_evicted: int = 0
     batches: int = 0
     evaluations: int = 0
     alerts: int = 0
     db_errors: int = 0
+    broker_dropped: int = 0  # rise of the broker's $SYS drop counters seen by this collector
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -142,8 +163,26 @@ class DatabaseDown(Exception):
     """A database read failed while validating a message: retry the batch, do not quarantine it."""
 
 
+@dataclass
+class _Win:
+    """Bookkeeping of one window row of a batch (beside the row itself)."""
+
+    key: tuple[str, str]
+    stream: str | None
+    seq: int
+    count: int
+    sha: str
+    packed: bool
+
+
 class Ingestor:
-    """Validate and store batches of raw messages in one transaction each (no MQTT here)."""
+    """Validate and store batches of raw messages in one transaction each (no MQTT here).
+
+    Windows are unique per ``(fleet, device_id, stream, seq)``; schema 1 windows (no stream) share
+    the stream ``""``. Each window that is not stored because it is already there is counted per
+    device (``devices.duplicates``) and in one rate-limited log line; a device that starts a new
+    stream (its state was lost) is counted (``devices.stream_changes``) and logged.
+    """
 
     def __init__(
         self,
@@ -151,27 +190,44 @@ class Ingestor:
         baselines: BaselineCache,
         counters: Counters | None = None,
         clock: Callable[[], float] = time.time,
+        quarantine_max_rows: int = QUARANTINE_MAX_ROWS,
     ) -> None:
         self.store = store
         self.baselines = baselines
         self.counters = counters or Counters()
         self.clock = clock
+        self.quarantine_max_rows = quarantine_max_rows
+        self.quarantine_log = Throttle(log, QUARANTINE_LOG_EVERY_S)
+        self.duplicate_log = Throttle(log, DUPLICATE_LOG_EVERY_S)
+        self.legacy_log = Throttle(log, DUPLICATE_LOG_EVERY_S)
+        self.stream_log = Throttle(log, STREAM_LOG_EVERY_S)
+        self._streams: set[tuple[str, str, str]] = set()  # (fleet, device, stream) stored (a cache)
         g = store.greatest
         self._sql_window = (
-            "INSERT INTO windows (fleet, device_id, seq, window_start, window_end, received_at, model_sha256,"
-            " spec_hash, count, dropped_windows, violations_json, ints, floats, pending_json)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id, seq) DO"
-            " NOTHING"
+            "INSERT INTO windows (fleet, device_id, stream, seq, window_start, window_end, received_at,"
+            " model_sha256, spec_hash, count, dropped_windows, violations_json, ints, floats, pending_json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id, stream,"
+            " seq) DO NOTHING"
         )
         self._sql_seen = (
             "INSERT INTO devices (fleet, device_id, first_seen, last_seen, model_sha256, model_name,"
-            " model_version,"
-            " agent_version, dropped_windows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet,"
-            " device_id)"
+            " model_version, agent_version, dropped_windows, windows, predictions, duplicates, stream,"
+            " stream_changes, stream_started) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (fleet, device_id)"
             f" DO UPDATE SET last_seen = {g('devices.last_seen', 'excluded.last_seen')},"
             " model_sha256 = excluded.model_sha256, model_name = excluded.model_name,"
             " model_version = excluded.model_version, agent_version = excluded.agent_version,"
-            f" dropped_windows = {g('devices.dropped_windows', 'excluded.dropped_windows')}"
+            f" dropped_windows = {g('devices.dropped_windows', 'excluded.dropped_windows')},"
+            " windows = devices.windows + excluded.windows,"
+            " predictions = devices.predictions + excluded.predictions,"
+            " duplicates = devices.duplicates + excluded.duplicates,"
+            " stream = COALESCE(excluded.stream, devices.stream),"
+            " stream_changes = devices.stream_changes + excluded.stream_changes,"
+            " stream_started = COALESCE(excluded.stream_started, devices.stream_started)"
+        )
+        self._sql_stream = (
+            "INSERT INTO device_streams (fleet, device_id, stream, first_seen, first_seq) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (fleet, device_id, stream) DO NOTHING"
         )
         self._sql_status = (
             "INSERT INTO devices (fleet, device_id, state, status_ts, first_seen, last_seen, model_sha256,"
@@ -195,6 +251,10 @@ class Ingestor:
             "INSERT INTO quarantine (received_at, topic, reason, payload_head, payload_bytes)"
             " VALUES (?, ?, ?, ?, ?)"
         )
+        # Oldest rows go first; the subquery is NULL (nothing deleted) while there are fewer rows.
+        self._sql_quarantine_trim = (
+            "DELETE FROM quarantine WHERE id <= (SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)"
+        )
 
     def process(self, batch: list[Incoming], decoded: list[FastWindow | None] | None = None) -> BatchResult:
         """Decode, validate and store a batch in one transaction; raise on a database error.
@@ -204,6 +264,7 @@ class Ingestor:
         without the baseline). Without it the fast path runs here.
         """
         windows: list[tuple[Any, ...]] = []
+        wins: list[_Win] = []
         seen: dict[tuple[str, str], tuple[Any, ...]] = {}
         statuses: list[tuple[Any, ...]] = []
         events: list[tuple[Any, ...]] = []
@@ -212,43 +273,226 @@ class Ingestor:
         for i, m in enumerate(batch):
             try:
                 pre = decoded[i] if decoded is not None else _DECODE_HERE
-                self._one(m, pre, windows, seen, statuses, events, res)
+                self._one(m, pre, windows, wins, seen, statuses, events, res)
             except DatabaseDown:
                 raise
             except (TelemetryError, ValueError) as e:
                 reason = str(e)[:500]
                 head = m.payload[:QUARANTINE_HEAD_BYTES].decode("utf-8", "replace")
             except Exception as e:  # noqa: BLE001 - no single message may stop the collector
-                # A bug of ours, not a bad message: keep the whole payload so it can be replayed.
+                # A bug of ours, not a bad message: keep the payload (up to the packet limit) to replay it.
                 reason = f"unexpected {type(e).__name__}: {e}"[:500]
-                head = m.payload.decode("utf-8", "replace")
+                head = m.payload[:MAX_PACKET_BYTES].decode("utf-8", "replace")
             else:
                 continue
             bad.append((m.received_at, m.topic[:300], reason, head, len(m.payload)))
-            log.warning(
+            self.quarantine_log.log(
+                logging.WARNING,
                 "quarantined message on %r (%d bytes): %s; payload starts %r",
                 m.topic[:120],
                 len(m.payload),
                 reason,
                 m.payload[:80],
             )
+        now = self.clock()
+        self._load_streams({(*w.key, w.stream) for w in wins if w.stream is not None})
+        learned: list[tuple[tuple[str, str], str]] = []
         with self.store.transaction():
-            stored = self.store.executemany(self._sql_window, windows)
-            # Devices in a stable order so concurrent collectors lock rows in the same order.
-            self.store.executemany(self._sql_seen, [seen[k] for k in sorted(seen)])
+            flags = self._insert_windows(windows)
+            per: dict[tuple[str, str], list[int]] = {}  # -> [stored, predictions, duplicates]
+            legacy_dups: dict[tuple[str, str], int] = {}
+            new_streams: dict[tuple[tuple[str, str], str], int] = {}  # -> first seq in this batch
+            for w, ok in zip(wins, flags, strict=True):
+                acc = per.setdefault(w.key, [0, 0, 0])
+                if ok:
+                    acc[0] += 1
+                    acc[1] += w.count
+                    if w.packed:
+                        res.touched[w.key] = (res.touched.get(w.key, (0, w.sha))[0] + w.count, w.sha)
+                else:
+                    acc[2] += 1
+                    if w.stream is None:
+                        legacy_dups[w.key] = legacy_dups.get(w.key, 0) + 1
+                if w.stream is not None and (*w.key, w.stream) not in self._streams:
+                    k = (w.key, w.stream)
+                    new_streams[k] = min(new_streams.get(k, w.seq), w.seq)
+            changes = self._register_streams(new_streams, now, learned)
+            rows = []
+            for key in sorted(seen):  # a stable order: concurrent collectors lock rows in the same order
+                stored, preds, dups = per.get(key, (0, 0, 0))
+                stream, n_changes = changes.get(key, (None, 0))
+                rows.append(
+                    (*seen[key], stored, preds, dups, stream, n_changes, now if stream is not None else None)
+                )
+            self.store.executemany(self._sql_seen, rows)
             self.store.executemany(self._sql_status, statuses)
             self.store.executemany(self._sql_event, events)
-            self.store.executemany(self._sql_quarantine, bad)
+            evicted = 0
+            if bad:
+                self.store.executemany(self._sql_quarantine, bad)
+                evicted = int(
+                    self.store.execute(self._sql_quarantine_trim, (self.quarantine_max_rows,)).rowcount
+                )
+            stored = sum(flags)
+            dup_total = len(windows) - stored
+            counts = [
+                (name, n, now)
+                for name, n in (
+                    ("windows_stored", stored),
+                    ("windows_duplicate", dup_total),
+                    ("stream_changes", sum(c for _, c in changes.values())),
+                    ("quarantined", len(bad)),
+                    ("quarantine_evicted", max(evicted, 0)),
+                )
+                if n
+            ]
+            self.store.executemany(self._sql_counter, counts)
+        if len(self._streams) + len(learned) > STREAM_CACHE_ENTRIES:
+            self._streams.clear()  # a cache, not the truth: the database is asked again
+        for key, stream in learned:  # only once committed: a retried batch must register them again
+            self._streams.add((*key, stream))
         c = self.counters
         c.received += len(batch)
         c.stored += stored
-        c.duplicates += len(windows) - stored
+        c.duplicates += dup_total
+        c.legacy_duplicates += sum(legacy_dups.values())
+        c.stream_changes += sum(n for _, n in changes.values())
         c.status += len(statuses)
         c.events += len(events)
         c.quarantined += len(bad)
+        c.quarantine_evicted += max(evicted, 0)
         c.batches += 1
         res.stored = stored
+        self._log_batch(per, legacy_dups)
         return res
+
+    def _insert_windows(self, rows: list[tuple[Any, ...]]) -> list[bool]:
+        """Insert window rows (in the open transaction); return which were new.
+
+        SQLite: one ``executemany`` (the common case: all new); only when some were already there,
+        the rows with an id above the previous maximum are ours (BEGIN IMMEDIATE: no other writer).
+        PostgreSQL: ``INSERT ... RETURNING`` per row in one pipelined ``executemany``.
+        """
+        store = self.store
+        if store.dialect != "sqlite" or not rows:
+            return store.insert_each(self._sql_window, rows)
+        top = int(store.query("SELECT COALESCE(MAX(id), 0) FROM windows")[0][0])
+        if store.executemany(self._sql_window, rows) == len(rows):
+            return [True] * len(rows)
+        new = {
+            (str(f), str(d), str(st), int(q))
+            for f, d, st, q in store.query(
+                "SELECT fleet, device_id, stream, seq FROM windows WHERE id > ?", (top,)
+            )
+        }
+        flags = []
+        for r in rows:
+            key = (r[0], r[1], r[2], int(r[3]))
+            flags.append(key in new)
+            new.discard(key)  # a second copy in the same batch is the duplicate
+        return flags
+
+    _sql_counter = (
+        "INSERT INTO collector_counters (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (name)"
+        " DO UPDATE SET value = collector_counters.value + excluded.value, updated_at = excluded.updated_at"
+    )
+
+    def _load_streams(self, pairs: set[tuple[str, str, str]]) -> None:
+        """Ask the database which of these (fleet, device, stream) it knows and are not cached.
+
+        Only the batch's own streams are read (a device with thousands of streams, say from a
+        client spoofing it, costs no more than one with two).
+        """
+        missing = sorted(p for p in pairs if p not in self._streams)
+        if not missing:
+            return
+        by_fleet: dict[str, tuple[set[str], set[str]]] = {}
+        for fleet, device, stream in missing:
+            devs, streams = by_fleet.setdefault(fleet, (set(), set()))
+            devs.add(device)
+            streams.add(stream)
+        try:
+            for fleet, (devs, streams) in by_fleet.items():
+                dl, sl = sorted(devs), sorted(streams)
+                for i in range(0, len(dl), 400):
+                    part = dl[i : i + 400]
+                    for j in range(0, len(sl), 400):
+                        sp = sl[j : j + 400]
+                        for device, stream in self.store.query(
+                            "SELECT device_id, stream FROM device_streams WHERE fleet = ? AND device_id IN"
+                            f" ({', '.join('?' * len(part))}) AND stream IN ({', '.join('?' * len(sp))})",
+                            (fleet, *part, *sp),
+                        ):
+                            self._streams.add((fleet, str(device), str(stream)))
+        except Exception as e:  # noqa: BLE001 - database down: retry the batch
+            raise DatabaseDown(str(e)) from e
+
+    def _register_streams(
+        self,
+        new: dict[tuple[tuple[str, str], str], int],
+        now: float,
+        learned: list[tuple[tuple[str, str], str]],
+    ) -> dict[tuple[str, str], tuple[str, int]]:
+        """Store streams seen for the first time; return per device (newest stream, stream changes).
+
+        A device's first stream is not a change; every later one means the device started over
+        with an empty outbox (seq from 1). Only the collector whose insert wins counts it.
+        """
+        out: dict[tuple[str, str], tuple[str, int]] = {}
+        # One at a time, in order of arrival (the last is the device's current stream): whether the
+        # device had a stream must be asked before this one is inserted. New streams are rare.
+        for (key, stream), seq in new.items():
+            learned.append((key, stream))
+            other = self.store.query(
+                "SELECT 1 FROM device_streams WHERE fleet = ? AND device_id = ? AND stream <> ? LIMIT 1",
+                (key[0], key[1], stream),
+            )
+            if not self.store.insert_each(self._sql_stream, [(key[0], key[1], stream, now, seq)])[0]:
+                continue
+            change = 1 if other else 0
+            out[key] = (stream, out.get(key, ("", 0))[1] + change)
+            if change:
+                self.stream_log.log(
+                    logging.WARNING,
+                    "device %s/%s started a new stream %s at seq %d: it lost its state (reflash, factory"
+                    " reset or new storage); its new windows are stored under the new stream",
+                    key[0],
+                    key[1],
+                    stream,
+                    seq,
+                )
+        return out
+
+    def _log_batch(self, per: dict[tuple[str, str], list[int]], legacy: dict[tuple[str, str], int]) -> None:
+        dups = {k: v[2] for k, v in per.items() if v[2]}
+        if dups:
+            worst = max(dups, key=lambda k: dups[k])
+            n = sum(dups.values())
+            self.duplicate_log.log(
+                logging.INFO,
+                "%d window(s) not stored because they already are (same device, stream and seq: resent"
+                " after a lost acknowledgement or redelivered) from %d device(s); most from %s/%s (%d)",
+                n,
+                len(dups),
+                worst[0],
+                worst[1],
+                dups[worst],
+                events=n,
+            )
+        if legacy:
+            worst = max(legacy, key=lambda k: legacy[k])
+            n = sum(legacy.values())
+            self.legacy_log.log(
+                logging.WARNING,
+                "%d window(s) without a stream id (agents older than stats schema 2) repeat a stored seq,"
+                " most from %s/%s (%d): if such a device lost its state these are new windows and are"
+                " lost; upgrade its agent",
+                n,
+                worst[0],
+                worst[1],
+                legacy[worst],
+                events=n,
+            )
 
     def _baseline(self, sha: str) -> Any:
         try:
@@ -265,6 +509,7 @@ class Ingestor:
         m: Incoming,
         pre: FastWindow | None | object,
         windows: list[tuple[Any, ...]],
+        wins: list[_Win],
         seen: dict[tuple[str, str], tuple[Any, ...]],
         statuses: list[tuple[Any, ...]],
         events: list[tuple[Any, ...]],
@@ -286,6 +531,7 @@ class Ingestor:
                     (
                         fleet,
                         device,
+                        fw.stream or "",
                         fw.seq,
                         fw.window_start,
                         fw.window_end,
@@ -301,6 +547,7 @@ class Ingestor:
                     )
                 )
                 key = (fleet, device)
+                wins.append(_Win(key, fw.stream, fw.seq, fw.count, fw.model_sha256, fw.ints is not None))
                 prev = seen.get(key)
                 dropped = max(fw.dropped_windows, prev[8] if prev else 0)
                 seen[key] = (
@@ -314,11 +561,6 @@ class Ingestor:
                     fw.agent_version,
                     dropped,
                 )
-                if fw.ints is not None:
-                    res.touched[key] = (
-                        res.touched.get(key, (0, fw.model_sha256))[0] + fw.count,
-                        fw.model_sha256,
-                    )
                 return
             # The contract decoders judge anything the fast path refused (and word the reason).
             msg = decode_stats(m.payload, topic_device=device, topic_fleet=fleet)
@@ -342,6 +584,7 @@ class Ingestor:
                 (
                     fleet,
                     device,
+                    msg.stream or "",
                     msg.seq,
                     msg.window_start,
                     msg.window_end,
@@ -357,6 +600,7 @@ class Ingestor:
                 )
             )
             key = (fleet, device)
+            wins.append(_Win(key, msg.stream, msg.seq, msg.count, sha, ints is not None))
             prev = seen.get(key)
             dropped = max(msg.dropped_windows, prev[8] if prev else 0)
             seen[key] = (
@@ -370,8 +614,6 @@ class Ingestor:
                 msg.agent_version,
                 dropped,
             )
-            if ints is not None:
-                res.touched[key] = (res.touched.get(key, (0, sha))[0] + msg.count, sha)
         elif kind == "status":
             st = decode_status(m.payload, topic_device=device, topic_fleet=fleet)
             model = st.model
@@ -429,8 +671,31 @@ class Collector:
         batch_max: int = BATCH_MAX,
         batch_wait_s: float = BATCH_WAIT_S,
         worker_processes: int | None = None,
+        quarantine_max_rows: int = QUARANTINE_MAX_ROWS,
+        max_packet_bytes: int = MAX_PACKET_BYTES,
+        watch_broker_drops: bool = True,
+        compact_after_s: float | None = None,
     ) -> None:
         self.db_url = db_url
+        if quarantine_max_rows < 1:
+            raise CollectorConfigError(f"quarantine max rows must be 1 or more, not {quarantine_max_rows}")
+        if not 1024 <= max_packet_bytes <= 268_435_455:  # MQTT's largest packet is 256 MiB - 1
+            raise CollectorConfigError(
+                f"max packet size {max_packet_bytes} must be between 1024 and 268435455 bytes"
+            )
+        if compact_after_s is not None and compact_after_s < 3600:
+            raise CollectorConfigError("--compact-after must be at least 1h (rollups are hourly)")
+        self.quarantine_max_rows = quarantine_max_rows
+        self.max_packet_bytes = max_packet_bytes
+        self.watch_broker_drops = watch_broker_drops
+        self.compact_after_s = compact_after_s
+        self._last_compact = 0.0
+        self._sys_lock = threading.Lock()
+        self._sys_last: dict[str, int] = {}  # $SYS topic -> last value seen (from the database at start)
+        self._sys_updates: dict[str, tuple[int, int]] = {}  # $SYS topic -> (value, rise) to store
+        self.broker_log = Throttle(log, BROKER_DROP_LOG_EVERY_S)
+        self._sys_mid = -1
+        self._broker_alerts: list[dict[str, Any]] = []  # waiting for a fleet to publish them to
         self.broker = parse_broker_url(broker_url)
         if fleet is not None and fleet != "+":
             from device_agent.telemetry import check_id
@@ -473,7 +738,7 @@ class Collector:
             default_workers(os.cpu_count()) if worker_processes is None else worker_processes
         )
         self.counters = Counters()
-        self._q: queue.Queue[Incoming] = queue.Queue()
+        self._q: queue.Queue[Incoming] = queue.Queue(QUEUE_MAX_MESSAGES)
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -571,6 +836,7 @@ class Collector:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
             props.ReceiveMaximum = RECEIVE_MAXIMUM
+            props.MaximumPacketSize = self.max_packet_bytes
             self._connect_kw = {"clean_start": False, "properties": props}
         else:
             # MQTT 3.1.1: a persistent session (clean_session=False) keeps the same guarantees.
@@ -596,6 +862,9 @@ class Collector:
             return
         self._generation += 1
         client.subscribe([(t, 1) for t in self.topics()])
+        if self.watch_broker_drops:
+            # Separately: a broker that refuses $SYS (ACL, no such topics) must not stop collection.
+            self._sys_mid = client.subscribe([(t, 0) for t in SYS_DROP_TOPICS])[1]
         self._connected.set()
         log.info(
             "connected to %s:%d as %s (session present: %s)",
@@ -607,6 +876,15 @@ class Collector:
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         bad = [r for r in reasons if getattr(r, "is_failure", False)]
+        if mid == self._sys_mid:
+            if bad:
+                log.warning(
+                    "the broker refused the drop counters %s (%s): drops by the broker will not be seen;"
+                    " allow the collector to read $SYS/# (see docs/fleet.md)",
+                    ", ".join(SYS_DROP_TOPICS),
+                    bad[0],
+                )
+            return
         if bad:
             log.error("broker refused subscription(s): %s", bad)
         else:
@@ -619,7 +897,43 @@ class Collector:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if msg.topic.startswith("$SYS/"):
+            self._on_broker_counter(msg.topic, bytes(msg.payload))
+            return
+        # Blocks while QUEUE_MAX_MESSAGES wait: the broker then holds the rest (QoS 1 is bounded by
+        # Receive Maximum anyway; a flood of QoS 0 meets TCP back-pressure instead of our memory).
         self._q.put(Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._generation, time.time()))
+
+    def _on_broker_counter(self, topic: str, payload: bytes) -> None:
+        """Note a broker drop counter ($SYS); log a rise (rate-limited) for the worker to store and alert."""
+        try:
+            value = int(payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            log.warning("broker counter %s has a non-integer value %r; ignored", topic, payload[:40])
+            return
+        with self._sys_lock:
+            last = self._sys_last.get(topic)
+            # A counter below the last value means the broker restarted (Mosquitto's $SYS counters
+            # start from 0): every drop since counts. The first value ever seen counts whole.
+            rise = value if last is None or value < last else value - last
+            self._sys_last[topic] = value
+            if rise > 0 or last is None:
+                prev = self._sys_updates.get(topic, (0, 0))[1]
+                self._sys_updates[topic] = (value, prev + rise)
+        if rise > 0:
+            self.counters.broker_dropped += rise
+            self.broker_log.log(
+                logging.WARNING,
+                "the broker at %s:%d dropped %d message(s) (%s is now %d): acknowledged messages were"
+                " lost, usually a full queue of an offline persistent session; raise"
+                " max_queued_messages (see docs/fleet.md)",
+                self.broker.host,
+                self.broker.port,
+                rise,
+                topic,
+                value,
+                events=rise,
+            )
 
     def publish_alert(self, topic: str, payload: bytes) -> None:
         """AlertSink: publish an alert with QoS 1 on the collector's connection."""
@@ -633,8 +947,12 @@ class Collector:
         """Open and migrate the database, connect to the broker, and start ingesting in the background."""
         try:
             self._store = open_store(self.db_url)
+            rows = self._store.query(
+                "SELECT topic, value FROM broker_counters WHERE broker = ?", (self.broker_key,)
+            )
         except StorageError as e:
             raise CollectorConfigError(str(e)) from None
+        self._sys_last = {str(t): int(v) for t, v in rows}
         if self.protocol == "auto":
             self.protocol = self.probe_protocol()
             log.info("broker %s:%d speaks MQTT %s", self.broker.host, self.broker.port, self.protocol)
@@ -746,7 +1064,9 @@ class Collector:
         assert self._store is not None
         store = self._store
         baselines = BaselineCache(store)
-        ingestor = Ingestor(store, baselines, self.counters)
+        ingestor = self.ingestor = Ingestor(
+            store, baselines, self.counters, quarantine_max_rows=self.quarantine_max_rows
+        )
         evaluator = Evaluator(store, baselines, sink=self)
         self._last_eval = 0.0
         # Batches taken and being decoded in the pool, oldest first; one more than the pool has workers.
@@ -763,6 +1083,8 @@ class Collector:
                 if not self._store_batch(ingestor, store, baselines, taken, pool.result(fut)):
                     break
             self._maybe_evaluate(evaluator, baselines)
+            self._flush_broker_counters(store)
+            self._maybe_compact(store)
         if self._eval_job is not None:
             wait([self._eval_job[1]], timeout=STOP_EVAL_WAIT_S)
             self._maybe_evaluate(evaluator, baselines, collect_only=True)
@@ -803,6 +1125,87 @@ class Collector:
             for key, (n, sha) in res.touched.items():
                 self._add_pending(key, n, sha)
         return True
+
+    @property
+    def broker_key(self) -> str:
+        """The broker as ``host:port`` (the key of its counters in ``broker_counters``)."""
+        return f"{self.broker.host}:{self.broker.port}"
+
+    def _flush_broker_counters(self, store: Store) -> None:
+        """Store the broker drop counters seen since the last call; publish an alert for each rise."""
+        with self._sys_lock:
+            updates, self._sys_updates = self._sys_updates, {}
+        if not updates and not self._broker_alerts:
+            return
+        now = time.time()
+        try:
+            with store.transaction():
+                store.executemany(
+                    "INSERT INTO broker_counters (broker, topic, value, rises, first_seen, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (broker, topic) DO UPDATE SET"
+                    " value = excluded.value, rises = broker_counters.rises + excluded.rises,"
+                    " updated_at = excluded.updated_at",
+                    [(self.broker_key, t, v, r, now, now) for t, (v, r) in sorted(updates.items())],
+                )
+                fleets = (
+                    [self.fleet]
+                    if self.fleet != "+"
+                    else [str(r[0]) for r in store.query("SELECT DISTINCT fleet FROM devices")]
+                )
+        except Exception as e:  # noqa: BLE001 - keep them for the next round
+            log.error("storing the broker's drop counters failed: %s", str(e)[:200])
+            with self._sys_lock:
+                for t, (v, r) in updates.items():
+                    prev = self._sys_updates.get(t, (v, 0))
+                    self._sys_updates[t] = (prev[0], prev[1] + r)
+            return
+        from device_agent.telemetry import fleet_topic, utc_iso
+
+        for topic, (value, rise) in sorted(updates.items()):
+            if rise > 0:
+                self._broker_alerts.append(
+                    {
+                        "schema": 1,
+                        "type": "broker_drops",
+                        "broker": self.broker_key,
+                        "counter": topic,
+                        "value": value,
+                        "rise": rise,
+                        "ts": utc_iso(now),
+                        "message": f"the broker dropped {rise} acknowledged message(s);"
+                        " raise max_queued_messages (docs/fleet.md)",
+                    }
+                )
+        if not fleets:
+            return  # no fleet known yet (a new database): publish once the first device is stored
+        alerts, self._broker_alerts = self._broker_alerts, []
+        for alert in alerts:
+            for fleet in fleets:
+                try:
+                    self.publish_alert(fleet_topic(fleet, "alerts"), dumps(alert).encode())
+                    self.counters.alerts += 1
+                except Exception as e:  # noqa: BLE001 - stored and logged; publishing is best effort
+                    log.error("could not publish the broker-drops alert for fleet %s: %s", fleet, e)
+
+    def _maybe_compact(self, store: Store) -> None:
+        """Fold windows older than ``compact_after_s`` into hourly rollups, at most every COMPACT_EVERY_S."""
+        if self.compact_after_s is None or time.monotonic() - self._last_compact < COMPACT_EVERY_S:
+            return
+        self._last_compact = time.monotonic()
+        from toolchain.fleet.compact import compact
+
+        try:
+            out = compact(store, time.time() - self.compact_after_s)
+        except Exception as e:  # noqa: BLE001 - compaction is housekeeping; ingestion goes on
+            log.error("compaction failed: %s", str(e)[:300])
+            return
+        if out.windows:
+            log.info(
+                "compacted %d window(s) of %d device(s) into %d hourly rollup(s)",
+                out.windows,
+                out.devices,
+                out.rollups,
+            )
 
     def _add_pending(self, key: tuple[str, str], n: int, sha: str) -> None:
         prev_n, prev_sha = self._pending_eval.get(key, (0, sha))

@@ -9,7 +9,7 @@ packed arrays the database stores directly.
 The JSON parser is orjson when it is installed (the ``host`` extra installs it), else ``json``.
 
 Rules (those of the contract): size limit; UTF-8 JSON without NaN/Infinity; an object with
-``schema`` 1 and ``type`` "stats"; exactly the known keys; ids valid and equal to the topic's;
+``schema`` 2 (with a ``stream`` id) or 1 (without) and ``type`` "stats"; exactly the known keys; ids valid and equal to the topic's;
 ISO-8601 UTC times, end not before start; integers where integers belong (no booleans, no floats);
 finite numbers; every histogram as long as the baseline's and summing to its count; per-feature
 lists of the right length; non-negative M2; class counts summing to ``count``. Nesting depth needs no
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.telemetry import ID_RE, MAX_PAYLOAD_BYTES, SCHEMA, STATS_REQUIRED
+from device_agent.telemetry import ID_RE, MAX_PAYLOAD_BYTES, STATS_REQUIRED, STATS_REQUIRED_V1, STREAM_RE
 from toolchain.fleet.storage import Layout
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -65,6 +65,7 @@ class FastWindow:
     schema_violations: dict[str, int]
     ints: bytes | None
     floats: bytes | None
+    stream: str | None = None  # None: a schema 1 payload (older agent)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -262,9 +263,22 @@ def decode_window(
         d = _loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise Refused("json") from None
-    if type(d) is not dict or d.keys() != STATS_REQUIRED:
+    if type(d) is not dict:
         raise Refused("keys")
-    if type(d["schema"]) is not int or d["schema"] != SCHEMA or d["type"] != "stats":
+    schema = d.get("schema")
+    if type(schema) is not int or d.get("type") != "stats":
+        raise Refused("schema")
+    if schema == 2:
+        if d.keys() != STATS_REQUIRED:
+            raise Refused("keys")
+        stream = d["stream"]
+        if type(stream) is not str or not STREAM_RE.match(stream):
+            raise Refused("stream")
+    elif schema == 1:
+        if d.keys() != STATS_REQUIRED_V1:
+            raise Refused("keys")
+        stream = None
+    else:
         raise Refused("schema")
     device, fleet = d["device_id"], d["fleet"]
     if type(device) is not str or type(fleet) is not str or not ID_RE.match(device) or not ID_RE.match(fleet):
@@ -333,4 +347,5 @@ def decode_window(
         dict(sv),
         ints_b,
         floats_b,
+        stream,
     )

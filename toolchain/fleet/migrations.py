@@ -162,6 +162,125 @@ MIGRATIONS: list[tuple[int, str, list[str | Only]]] = [
             ),
         ],
     ),
+    (
+        3,
+        "window streams (dedup on fleet, device, stream, seq), per-device counters, collector counters",
+        [
+            # SQLite cannot change a table's UNIQUE constraint: rebuild windows, keeping every id
+            # (drift_state.last_window_id points at them).
+            Only(
+                "sqlite",
+                """CREATE TABLE windows_v3 (
+                id {ID},
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                stream TEXT NOT NULL DEFAULT '',
+                seq {BIGINT} NOT NULL,
+                window_start {REAL} NOT NULL,
+                window_end {REAL} NOT NULL,
+                received_at {REAL} NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                spec_hash TEXT NOT NULL,
+                count {BIGINT} NOT NULL,
+                dropped_windows {BIGINT} NOT NULL,
+                violations_json TEXT NOT NULL,
+                ints {BLOB},
+                floats {BLOB},
+                pending_json TEXT,
+                UNIQUE (fleet, device_id, stream, seq)
+            )""",
+            ),
+            Only(
+                "sqlite",
+                "INSERT INTO windows_v3 (id, fleet, device_id, stream, seq, window_start, window_end,"
+                " received_at, model_sha256, spec_hash, count, dropped_windows, violations_json, ints,"
+                " floats, pending_json) SELECT id, fleet, device_id, '', seq, window_start, window_end,"
+                " received_at, model_sha256, spec_hash, count, dropped_windows, violations_json, ints,"
+                " floats, pending_json FROM windows",
+            ),
+            Only("sqlite", "DROP TABLE windows"),
+            Only("sqlite", "ALTER TABLE windows_v3 RENAME TO windows"),
+            Only("sqlite", "CREATE INDEX windows_device_end ON windows (fleet, device_id, window_end)"),
+            Only("sqlite", "CREATE INDEX windows_model_end ON windows (model_sha256, window_end)"),
+            Only("postgresql", "ALTER TABLE windows ADD COLUMN stream TEXT NOT NULL DEFAULT ''"),
+            Only("postgresql", "ALTER TABLE windows DROP CONSTRAINT windows_fleet_device_id_seq_key"),
+            Only(
+                "postgresql",
+                "ALTER TABLE windows ADD CONSTRAINT windows_fleet_device_stream_seq"
+                " UNIQUE (fleet, device_id, stream, seq)",
+            ),
+            # Counters kept per device at ingestion, so `fleet status` reads one row per device.
+            "ALTER TABLE devices ADD COLUMN windows {BIGINT} NOT NULL DEFAULT 0",
+            "ALTER TABLE devices ADD COLUMN predictions {BIGINT} NOT NULL DEFAULT 0",
+            "ALTER TABLE devices ADD COLUMN duplicates {BIGINT} NOT NULL DEFAULT 0",
+            "ALTER TABLE devices ADD COLUMN stream TEXT",
+            "ALTER TABLE devices ADD COLUMN stream_changes {BIGINT} NOT NULL DEFAULT 0",
+            "ALTER TABLE devices ADD COLUMN stream_started {REAL}",
+            "UPDATE devices SET windows = (SELECT COUNT(*) FROM windows w WHERE w.fleet = devices.fleet"
+            " AND w.device_id = devices.device_id), predictions = (SELECT COALESCE(SUM(w.count), 0)"
+            " FROM windows w WHERE w.fleet = devices.fleet AND w.device_id = devices.device_id)",
+            """CREATE TABLE device_streams (
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                stream TEXT NOT NULL,
+                first_seen {REAL} NOT NULL,
+                first_seq {BIGINT} NOT NULL,
+                PRIMARY KEY (fleet, device_id, stream)
+            )""",
+            """CREATE TABLE collector_counters (
+                name TEXT PRIMARY KEY,
+                value {BIGINT} NOT NULL,
+                updated_at {REAL} NOT NULL
+            )""",
+            """CREATE TABLE broker_counters (
+                broker TEXT NOT NULL,
+                topic TEXT NOT NULL,
+                value {BIGINT} NOT NULL,
+                rises {BIGINT} NOT NULL,
+                first_seen {REAL} NOT NULL,
+                updated_at {REAL} NOT NULL,
+                PRIMARY KEY (broker, topic)
+            )""",
+        ],
+    ),
+    (
+        4,
+        "hourly per-device rollups of compacted windows; the latest evaluation kept in drift_state",
+        [
+            """CREATE TABLE window_rollups (
+                id {ID},
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                spec_hash TEXT NOT NULL,
+                hour {REAL} NOT NULL,
+                window_start {REAL} NOT NULL,
+                window_end {REAL} NOT NULL,
+                windows {BIGINT} NOT NULL,
+                count {BIGINT} NOT NULL,
+                dropped_windows {BIGINT} NOT NULL,
+                violations_json TEXT NOT NULL,
+                ints {BLOB},
+                floats {BLOB},
+                UNIQUE (fleet, device_id, model_sha256, hour)
+            )""",
+            "CREATE INDEX window_rollups_model_end ON window_rollups (model_sha256, window_end)",
+            "CREATE INDEX window_rollups_device_end ON window_rollups (fleet, device_id, window_end)",
+            Only(
+                "postgresql",
+                "ALTER TABLE window_rollups ALTER COLUMN ints SET COMPRESSION lz4,"
+                " ALTER COLUMN floats SET COMPRESSION lz4",
+                "SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression'"
+                " AND 'lz4' = ANY(enumvals)",
+            ),
+            # `fleet drift` reads one row per device instead of merging its windows again.
+            "ALTER TABLE drift_state ADD COLUMN max_psi {REAL}",
+            "ALTER TABLE drift_state ADD COLUMN count {BIGINT}",
+            "ALTER TABLE drift_state ADD COLUMN window_from {REAL}",
+            "ALTER TABLE drift_state ADD COLUMN window_to {REAL}",
+            "ALTER TABLE drift_state ADD COLUMN detail_json TEXT",
+        ],
+    ),
 ]
 
 

@@ -9,7 +9,7 @@ import json
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,14 @@ from toolchain.errors import ToolchainError
 from toolchain.fleet.drift import SEVERITY, DriftResult, compare, compare_many
 from toolchain.fleet.registry import Baseline, load_baseline
 from toolchain.fleet.storage import Store, merge_packed, merge_packed_groups, open_store
+
+_loads: Callable[[str], Any] = json.loads
+try:  # stored evaluations are parsed 100,000 at a time by `fleet drift`: orjson is about 4x faster
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover - the host extra installs orjson
+    pass
 
 OFFLINE_AFTER_S = 600.0  # a device silent this long shows as "stale" even if its last status said online
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -67,31 +75,47 @@ def parse_time(value: str | float | None, now: float | None = None) -> float | N
     return dt.timestamp()
 
 
+def parse_age(value: str) -> float:
+    """Parse an age such as ``90m``, ``36h`` or ``7d`` to seconds."""
+    m = DURATION_RE.match(value.strip())
+    if not m:
+        raise QueryError(f"age {value!r} is not understood; use a number and a unit: 30m, 36h, 7d, 2w")
+    return float(m.group(1)) * UNITS_S[m.group(2)]
+
+
 # --------------------------------------------------------------------------------------------------
 # Status
 
 
-def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any]]:
-    """Return one dict per device: state, last seen, model, windows received, dropped, drift state."""
+def status_rows(
+    db: str | Store, now: float | None = None, notable_limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Return one dict per device: state, last seen, model, windows received, dropped, drift state.
+
+    Also what the collector did not store for the device: ``duplicates`` (windows that were already
+    stored) and ``stream_changes`` (times the device started over with a new stream: its state was
+    lost), with the current ``stream`` and when it started. One row per device is read (the counters
+    are kept at ingestion). With ``notable_limit`` only that many devices that need a look are
+    returned, most urgent first (drift alert, warn, restarts, offline or stale, duplicates).
+    """
     now = time.time() if now is None else now
+    where, order, args = "", " ORDER BY d.fleet, d.device_id", []
+    if notable_limit is not None:
+        where = (
+            " WHERE COALESCE(s.state, '') IN ('alert', 'warn') OR d.stream_changes > 0 OR d.state <> 'online'"
+            " OR d.last_seen < ? OR d.duplicates > 0"
+        )
+        order = (
+            " ORDER BY CASE s.state WHEN 'alert' THEN 0 WHEN 'warn' THEN 1 ELSE 2 END, d.stream_changes DESC,"
+            " d.last_seen, d.fleet, d.device_id LIMIT ?"
+        )
+        args = [now - OFFLINE_AFTER_S, notable_limit]
     with _opened(db) as store:
-        counts = {
-            (f, d): (int(n), int(c or 0))
-            for f, d, n, c in store.query(
-                "SELECT fleet, device_id, COUNT(*), SUM(count) FROM windows GROUP BY fleet, device_id"
-            )
-        }
-        drift = {
-            (f, d): (s, v)
-            for f, d, s, v in store.query("SELECT fleet, device_id, state, verdict FROM drift_state")
-        }
         rows = []
         for (
             fleet,
             device,
             state,
-            _status_ts,
-            _first_seen,
             last_seen,
             sha,
             name,
@@ -100,17 +124,26 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
             target,
             dep,
             dropped,
+            n,
+            preds,
+            dups,
+            stream,
+            changes,
+            stream_started,
+            dstate,
+            verdict,
         ) in store.query(
-            "SELECT fleet, device_id, state, status_ts, first_seen, last_seen, model_sha256, model_name,"
-            " model_version, agent_version, target, deployment_json, dropped_windows FROM devices"
-            " ORDER BY fleet, device_id"
+            "SELECT d.fleet, d.device_id, d.state, d.last_seen, d.model_sha256, d.model_name,"
+            " d.model_version, d.agent_version, d.target, d.deployment_json, d.dropped_windows, d.windows,"
+            " d.predictions, d.duplicates, d.stream, d.stream_changes, d.stream_started,"
+            " COALESCE(s.state, 'unknown'), COALESCE(s.verdict, 'unknown') FROM devices d LEFT JOIN"
+            " drift_state s ON s.fleet = d.fleet AND s.device_id = d.device_id" + where + order,
+            args,
         ):
             deployment = json.loads(dep) if dep else None
             shown = state
             if state == "online" and now - float(last_seen) > OFFLINE_AFTER_S:
                 shown = "stale"
-            n, preds = counts.get((fleet, device), (0, 0))
-            dstate, verdict = drift.get((fleet, device), ("unknown", "unknown"))
             rows.append(
                 {
                     "fleet": fleet,
@@ -120,9 +153,13 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
                     "model": {"sha256": sha, "name": name, "version": version} if sha else None,
                     "agent_version": agent,
                     "target": target,
-                    "windows": n,
-                    "predictions": preds,
+                    "windows": int(n),
+                    "predictions": int(preds),
                     "dropped_windows": int(dropped),
+                    "duplicates": int(dups),
+                    "stream": stream,
+                    "stream_changes": int(changes),
+                    "stream_started": float(stream_started) if stream_started is not None else None,
                     "drift_state": dstate,
                     "last_verdict": verdict,
                     "deployment": deployment,
@@ -134,17 +171,69 @@ def status_rows(db: str | Store, now: float | None = None) -> list[dict[str, Any
         return rows
 
 
+def status_summary(db: str | Store, now: float | None = None) -> dict[str, Any]:
+    """Return the fleet in numbers: devices by state and drift state, windows, duplicates, restarts."""
+    now = time.time() if now is None else now
+    with _opened(db) as store:
+        (n, online, stale, windows, preds, dups, restarted) = store.query(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN state = 'online' AND last_seen >= ? THEN 1 ELSE 0 END), 0),"
+            " COALESCE(SUM(CASE WHEN state = 'online' AND last_seen < ? THEN 1 ELSE 0 END), 0),"
+            " COALESCE(SUM(windows), 0), COALESCE(SUM(predictions), 0), COALESCE(SUM(duplicates), 0),"
+            " COALESCE(SUM(CASE WHEN stream_changes > 0 THEN 1 ELSE 0 END), 0) FROM devices",
+            (now - OFFLINE_AFTER_S, now - OFFLINE_AFTER_S),
+        )[0]
+        drift = {
+            str(k): int(v) for k, v in store.query("SELECT state, COUNT(*) FROM drift_state GROUP BY state")
+        }
+    return {
+        "devices": int(n),
+        "online": int(online),
+        "stale": int(stale),
+        "offline": int(n) - int(online) - int(stale),
+        "windows": int(windows),
+        "predictions": int(preds),
+        "duplicates": int(dups),
+        "restarted": int(restarted),
+        "drift": drift,
+    }
+
+
 def quarantine_summary(db: str | Store) -> dict[str, Any]:
-    """Return the number of quarantined messages and the latest few with their reasons."""
+    """Return the quarantined messages: rows kept, counted ever, evicted (oldest first), latest few."""
     with _opened(db) as store:
         n = int(store.query("SELECT COUNT(*) FROM quarantine")[0][0])
+        counters = collector_counters(store)
         latest = [
             {"received_at": float(t), "topic": tp, "reason": r, "payload_bytes": int(b)}
             for t, tp, r, b in store.query(
                 "SELECT received_at, topic, reason, payload_bytes FROM quarantine ORDER BY id DESC LIMIT 10"
             )
         ]
-        return {"count": n, "latest": latest}
+        # Databases from before the counters: the rows kept are the count.
+        total = max(counters.get("quarantined", 0), n)
+        return {
+            "count": n,
+            "total": total,
+            "evicted": counters.get("quarantine_evicted", 0),
+            "latest": latest,
+        }
+
+
+def collector_counters(db: str | Store) -> dict[str, int]:
+    """Return the collectors' lifetime counters (windows stored, duplicates, quarantined, ...)."""
+    with _opened(db) as store:
+        return {str(k): int(v) for k, v in store.query("SELECT name, value FROM collector_counters")}
+
+
+def broker_counters(db: str | Store) -> list[dict[str, Any]]:
+    """Return the broker drop counters the collectors saw ($SYS): last value and the rises seen."""
+    with _opened(db) as store:
+        return [
+            {"broker": b, "counter": t, "value": int(v), "dropped_seen": int(r), "updated_at": float(u)}
+            for b, t, v, r, u in store.query(
+                "SELECT broker, topic, value, rises, updated_at FROM broker_counters ORDER BY broker, topic"
+            )
+        ]
 
 
 def recent_alerts(db: str | Store, limit: int = 50) -> list[dict[str, Any]]:
@@ -183,36 +272,47 @@ def _windows(
     device: str | None = None,
     fleet: str | None = None,
 ) -> list[tuple[Any, ...]]:
-    sql = (
-        "SELECT fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json"
-        " FROM windows WHERE ints IS NOT NULL"
-    )
+    """Packed windows and hourly rollups (``fleet compact``) in the range, as one list of rows.
+
+    Row: fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json,
+    windows (1 for a raw window, the number folded for a rollup).
+    """
+    where = " WHERE ints IS NOT NULL"
     args: list[Any] = []
     if since is not None:
-        sql += " AND window_end >= ?"
+        where += " AND window_end >= ?"
         args.append(since)
     if until is not None:
-        sql += " AND window_start <= ?"
+        where += " AND window_start <= ?"
         args.append(until)
     if device is not None:
-        sql += " AND device_id = ?"
+        where += " AND device_id = ?"
         args.append(device)
     if fleet is not None:
-        sql += " AND fleet = ?"
+        where += " AND fleet = ?"
         args.append(fleet)
-    return store.query(sql, args)
+    cols = "fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json"
+    return store.query(
+        f"SELECT {cols}, 1 FROM windows{where} UNION ALL SELECT {cols}, windows FROM window_rollups{where}",
+        args + args,
+    )
 
 
 def _counts(store: Store, since: float | None, until: float | None) -> list[int]:
-    sql = "SELECT count FROM windows WHERE ints IS NOT NULL"
+    where = " WHERE ints IS NOT NULL"
     args: list[Any] = []
     if since is not None:
-        sql += " AND window_end >= ?"
+        where += " AND window_end >= ?"
         args.append(since)
     if until is not None:
-        sql += " AND window_start <= ?"
+        where += " AND window_start <= ?"
         args.append(until)
-    return [int(r[0]) for r in store.query(sql, args)]
+    return [
+        int(r[0])
+        for r in store.query(
+            f"SELECT count FROM windows{where} UNION ALL SELECT count FROM window_rollups{where}", args + args
+        )
+    ]
 
 
 def _baselines(store: Store, shas: set[str]) -> dict[str, Baseline]:
@@ -255,7 +355,7 @@ def merge_groups(
             for r, gi in zip(rs, gids, strict=True):
                 first[gi] = min(first[gi], float(r[3]))
                 last[gi] = max(last[gi], float(r[4]))
-                nwin[gi] += 1
+                nwin[gi] += int(r[8])
             out.extend(
                 Group(k[0], k[1], sha, nwin[i], first[i], last[i], profs[i]) for i, k in enumerate(keys)
             )
@@ -343,6 +443,127 @@ def drift_table(
         ]
     rows.sort(key=lambda r: (-SEVERITY[r["state"]], -(r["max_psi"] or 0.0), r["device_id"]))
     return rows
+
+
+def has_evaluations(db: str | Store) -> bool:
+    """True when the collectors stored evaluations with their metrics (``drift_state.detail_json``)."""
+    with _opened(db) as store:
+        return bool(store.query("SELECT 1 FROM drift_state WHERE detail_json IS NOT NULL LIMIT 1"))
+
+
+_SEVERITY_SQL = "CASE verdict WHEN 'alert' THEN 2 WHEN 'warn' THEN 1 WHEN 'ok' THEN 0 ELSE -1 END"
+
+
+def drift_from_evaluations(
+    db: str | Store,
+    since: str | float | None = None,
+    fleet: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Return the drift table from the evaluations the collectors stored, worst first (no recompute).
+
+    One row per device: its latest evaluation (the windows since its previous one, at least
+    ``min_count`` predictions) whose windows end after ``since``, with ``alert_state``, the
+    hysteresis state alerts follow; only the ``limit`` worst when given (the database sorts them).
+    One summary row per model and fleet (``scope`` "fleet", ``device_id`` "*"): devices evaluated
+    and in each state, total predictions, the highest device PSI and its device, counted by the
+    database over every device. The exact fleet-wide merge of every window is ``drift_table``
+    (``fleet drift --recompute``).
+    """
+    t0 = parse_time(since)
+    where = " WHERE detail_json IS NOT NULL"
+    args: list[Any] = []
+    if t0 is not None:
+        where += " AND window_to >= ?"
+        args.append(t0)
+    if fleet is not None:
+        where += " AND fleet = ?"
+        args.append(fleet)
+    with _opened(db) as store:
+        sql = (
+            "SELECT fleet, device_id, model_sha256, state, verdict, max_psi, count, window_from, window_to,"
+            f" detail_json FROM drift_state{where} ORDER BY {_SEVERITY_SQL} DESC,"
+            " COALESCE(max_psi, 0) DESC, device_id"
+        )
+        found = store.query(
+            sql + (" LIMIT ?" if limit is not None else ""), [*args, limit] if limit else args
+        )
+        groups = store.query(
+            "SELECT fleet, model_sha256, verdict, COUNT(*), SUM(count), MAX(max_psi), MIN(window_from),"
+            f" MAX(window_to) FROM drift_state{where} GROUP BY fleet, model_sha256, verdict",
+            args,
+        )
+        names = {
+            str(sha): (str(n), int(v))
+            for sha, n, v in store.query("SELECT model_sha256, name, version FROM baselines")
+        }
+        fleets: dict[tuple[str, str], dict[str, Any]] = {}
+        for f, sha, verdict, n, count, max_psi, w_from, w_to in groups:
+            name, version = names.get(sha, ("?", 0))
+            agg = fleets.setdefault(
+                (f, sha),
+                {
+                    "scope": "fleet",
+                    "fleet": f,
+                    "device_id": "*",
+                    "model": {"sha256": sha, "name": name, "version": version},
+                    "devices": 0,
+                    "devices_by_state": {"ok": 0, "warn": 0, "alert": 0, "insufficient": 0},
+                    "count": 0,
+                    "state": "insufficient",
+                    "max_psi": None,
+                    "first": float(w_from),
+                    "last": float(w_to),
+                    "worst_device": None,
+                },
+            )
+            agg["devices"] += int(n)
+            agg["devices_by_state"][verdict] = agg["devices_by_state"].get(verdict, 0) + int(n)
+            agg["count"] += int(count or 0)
+            agg["first"] = min(agg["first"], float(w_from))
+            agg["last"] = max(agg["last"], float(w_to))
+            if SEVERITY.get(verdict, -1) > SEVERITY.get(agg["state"], -1):
+                agg["state"] = verdict
+            if (
+                max_psi is not None
+                and np.isfinite(max_psi)
+                and (agg["max_psi"] is None or max_psi > agg["max_psi"])
+            ):
+                agg["max_psi"] = float(max_psi)
+        for (f, sha), agg in fleets.items():
+            if agg["max_psi"] is not None:
+                top = store.query(
+                    "SELECT device_id FROM drift_state WHERE fleet = ? AND model_sha256 = ? AND max_psi >= ?"
+                    " ORDER BY max_psi DESC, device_id LIMIT 1",
+                    (f, sha, agg["max_psi"]),
+                )
+                agg["worst_device"] = str(top[0][0]) if top else None
+    rows: list[dict[str, Any]] = []
+    for f, d, sha, alert_state, verdict, max_psi, count, w_from, w_to, detail in found:
+        det = _loads(detail)
+        worst = det.pop("worst_features", [])
+        name, version = names.get(sha, ("?", 0))
+        rows.append(
+            {
+                "scope": "device",
+                "fleet": f,
+                "device_id": d,
+                "model": {"sha256": sha, "name": name, "version": version},
+                "windows": None,
+                "first": float(w_from),
+                "last": float(w_to),
+                **det,
+                "state": verdict,
+                "alert_state": alert_state,
+                "max_psi": None if max_psi is None or not np.isfinite(max_psi) else float(max_psi),
+                "count": int(count),
+                "worst_feature": worst[0]["name"] if worst else None,
+                "features": worst,
+            }
+        )
+    out = rows + list(fleets.values())
+    out.sort(key=lambda r: (-SEVERITY.get(r["state"], 0), -(r["max_psi"] or 0.0), r["device_id"]))
+    return out
 
 
 def drift_series(

@@ -165,6 +165,12 @@ def resolve_pending(store: Store, sha: str, baseline: Profile) -> tuple[int, int
                         len(pending),
                     ),
                 )
+                # The window no longer counts as stored for its device; the quarantine counts it.
+                store.execute(
+                    "UPDATE devices SET windows = windows - 1, predictions = predictions - ?"
+                    " WHERE fleet = ? AND device_id = ?",
+                    (int(count), fleet, device),
+                )
                 bad += 1
                 continue
             ints, floats = pack_profile(prof)
@@ -173,6 +179,13 @@ def resolve_pending(store: Store, sha: str, baseline: Profile) -> tuple[int, int
                 (ints, floats, wid),
             )
             packed += 1
+        if bad:
+            store.execute(
+                "INSERT INTO collector_counters (name, value, updated_at) VALUES ('quarantined', ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = collector_counters.value + excluded.value,"
+                " updated_at = excluded.updated_at",
+                (bad, now),
+            )
     if bad:
         log.warning(
             "quarantined %d pending window(s) of model %s that do not fit its baseline", bad, sha[:12]

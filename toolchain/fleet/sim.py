@@ -7,6 +7,7 @@ bundles use ``device_agent.inference.Predictor`` instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -133,8 +134,13 @@ def stats_payload(
     t0: float | None = None,
     window_s: float = 60.0,
     dropped: int = 0,
+    stream: str | None = None,
 ) -> tuple[str, bytes]:
-    """Return (topic, payload) of one stats window ending ``seq`` windows after ``t0``."""
+    """Return (topic, payload) of one stats window ending ``seq`` windows after ``t0``.
+
+    ``stream`` defaults to one fixed id per device (``sim_stream``): a simulated device never loses
+    its state unless a test gives it a new stream.
+    """
     t0 = time.time() - 3600 if t0 is None else t0
     start = t0 + seq * window_s
     raw = encode_stats(
@@ -147,8 +153,14 @@ def stats_payload(
         profile=profile,
         dropped_windows=dropped,
         agent_version="sim-1",
+        stream=sim_stream(device) if stream is None else stream,
     )
     return topic(fleet, device, "stats"), raw
+
+
+def sim_stream(device: str) -> str:
+    """Return the fixed stream id of a simulated device (16 hex digits)."""
+    return hashlib.sha256(device.encode()).hexdigest()[:16]
 
 
 def status_payload(

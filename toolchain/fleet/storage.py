@@ -118,6 +118,25 @@ class Store:
             cur.executemany(self._sql(sql), rows)
             return int(cur.rowcount)
 
+    def insert_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[bool]:
+        """Run an ``INSERT ... ON CONFLICT DO NOTHING`` per row; return which rows were inserted.
+
+        SQLite: one statement per row in this process (microseconds each). PostgreSQL: one pipelined
+        ``executemany`` with ``RETURNING``; a row that hit the conflict returns an empty result.
+        """
+        if not rows:
+            return []
+        if self.dialect == "sqlite":
+            return [self.conn.execute(sql, r).rowcount > 0 for r in rows]
+        out: list[bool] = []
+        with self.conn.cursor() as cur:
+            cur.executemany(self._sql(sql + " RETURNING 1"), rows, returning=True)
+            while True:
+                out.append(cur.rowcount > 0)
+                if not cur.nextset():
+                    break
+        return out
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a query and return every row."""
         if self.dialect == "postgresql":
