@@ -206,14 +206,21 @@ def test_fleet_status_shows_each_devices_deployment_state(fleet, mosquitto, make
         )
         assert code == 1, out  # tpu-1 refuses an x86 bundle
 
+        seen: list[object] = []
+
         def states() -> dict[str, str] | None:
             r = CliRunner().invoke(main, ["fleet", "status", "--db", db, "--json"])
             if r.exit_code != 0:
+                seen.append(r.output[-300:])
                 return None
             got = {d["device_id"]: d["deployment_state"] for d in json.loads(r.output)["devices"]}
+            seen.append(got)
             return got if got == {"cam-1": "committed", "tpu-1": "failed"} else None
 
-        wait_for(states, 60, "fleet status to show committed/failed deployments")
+        try:
+            wait_for(states, 60, "fleet status to show committed/failed deployments")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; last seen: {seen[-1:]}; deploy said: {out[-500:]}") from None
         assert agents["cam-1"].model_version() == 2 and agents["tpu-1"].model_version() == 1
     finally:
         collector.stop()
