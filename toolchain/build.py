@@ -40,6 +40,7 @@ from toolchain.steps.package import (
     bundle_name,
     check_destination,
     check_name,
+    check_output_dir,
     discard,
     place_bundle,
     staging_dir,
@@ -144,7 +145,7 @@ def build_bundles(
     if sign_key is not None:
         _check_sign_key(Path(sign_key))
     model_path = Path(model_path)
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)  # before loading anything: a bad --out fails in one line, at once
     name = (
         check_name(name)
         if name
