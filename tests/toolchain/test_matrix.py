@@ -60,6 +60,14 @@ CELLS: list[tuple[str, int, int, str, str, float | None, tuple[str, ...]]] = [
     ("std", 1, 2, "mobilenetv2", "ptq", None, ("mobile",)),
 ]
 
+# (cell id, target) -> the start of the one-line error the build must give. Found by this matrix and
+# not fixed: each must keep failing with its clear message (a fix shows up here as a failure to update).
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    # TFLite's converter folds the Normalization before the first FULLY_CONNECTED into it when the batch
+    # is static (coral), and the QAT bias scale then stops matching; dynamic-batch targets are fine.
+    ("u255-c1-k5-mlp-qat-prune0.5-coral+x86", "coral"): "TFLite full-int8 QAT conversion for target 'coral'",
+}
+
 SIDE = 8  # image height and width
 TAB_FEATURES = 10
 TAB_SCALES = np.logspace(-3, np.log10(4000.0), TAB_FEATURES)  # column scales 0.001 .. 4000
@@ -180,7 +188,7 @@ def test_cell_builds_and_keeps_accuracy_sample_by_sample(
 ) -> None:
     from device_agent.bundle import load_manifest
     from toolchain import build
-    from toolchain.build import build_bundles
+    from toolchain.build import BuildError, build_bundles
     from toolchain.steps import latency
     from toolchain.targets import load_target
 
@@ -193,20 +201,30 @@ def test_cell_builds_and_keeps_accuracy_sample_by_sample(
     test = make_data(data, ch, k, n_eval, seed=2)
     model_path = train_cell_model(train, arch, tmp_path / "model.keras")
     out = tmp_path / "out"
-    report = build_bundles(
-        model_path,
-        train,
-        list(targets),
-        out,
-        quantize=quantize,
-        prune=prune,
-        eval_data=test,
-        progress=False,
-    )
+    known = {t: KNOWN_FAILURES[(_cell_id(cell), t)] for t in targets if (_cell_id(cell), t) in KNOWN_FAILURES}
+    try:
+        report = build_bundles(
+            model_path,
+            train,
+            list(targets),
+            out,
+            quantize=quantize,
+            prune=prune,
+            eval_data=test,
+            progress=False,
+        )
+    except BuildError as e:
+        if not known or e.report is None:
+            raise
+        report = e.report
     float_acc = report["float"]["accuracy"]
     assert float_acc >= MIN_FLOAT_ACCURACY, f"the float {arch} did not learn the task ({float_acc:.3f})"
     for t in targets:
         entry = report["targets"][t]
+        if t in known:
+            assert entry["status"] == "failed" and entry["error"].startswith(known[t]), entry["error"]
+            assert "--quantize ptq" in entry["error"] and "\n" not in entry["error"]
+            continue
         assert entry["status"] == "ok", entry.get("error")
         manifest = load_manifest(out / t)
         assert manifest.labels == [f"c{i}" for i in range(k)]
