@@ -19,13 +19,15 @@ class OpenVINOModel:
         core = ov.Core()
         model = core.read_model(str(path))
         self._compiled = core.compile_model(
-            model, "CPU", {
+            model,
+            "CPU",
+            {
                 "INFERENCE_NUM_THREADS": int(threads),
                 "PERFORMANCE_HINT": "LATENCY",
                 # f32, not the bf16 the CPU plugin picks on AVX512-BF16/AMX CPUs (which also fails
                 # to compile int8 QDQ models there: "No suitable implementations").
                 "INFERENCE_PRECISION_HINT": "f32",
-            }
+            },
         )
         self._req = self._compiled.create_infer_request()
         inp = self._compiled.input(0)
