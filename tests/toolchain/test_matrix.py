@@ -10,7 +10,9 @@ Factors (issue 11, "What to build" 3):
 
 The full product is 1,440 builds; ``CELLS`` is a covering array (every pair of levels of any two
 factors appears in at least one cell, ``tab`` excepted from pairs with channels), built once with a
-deterministic greedy search weighted by cost and listed here literally; ``test_cells_cover_every_pair``
+deterministic greedy search weighted by cost and listed here literally (then one hand edit: --prune
+moved from the 20-class MobileNetV2 cell to the 20-class mlp cell, because 4 epochs of pruning
+fine-tune cost a from-scratch MobileNetV2 1.7 points, which the budget counts against quantization); ``test_cells_cover_every_pair``
 checks the claim. A cell trains a built-in architecture (few epochs, separable data made here), builds its targets with ``build_bundles`` and then runs every bundle ONE SAMPLE AT A TIME
 through ``device_agent.agent.Agent`` (the daemon's path) in every runtime its manifest lists: each
 runtime must stay within the target's accuracy budget of the float model, and agree with the build's
@@ -41,7 +43,7 @@ FACTORS: dict[str, tuple[Any, ...]] = {
 CELLS: list[tuple[str, int, int, str, str, float | None, tuple[str, ...]]] = [
     ("u01", 1, 2, "mlp", "ptq", None, ("mobile",)),
     ("u255", 3, 5, "mlp", "ptq", None, ("raspberry-pi",)),
-    ("pm1", 1, 20, "mlp", "ptq", None, ("coral", "x86")),
+    ("pm1", 1, 20, "mlp", "ptq", 0.5, ("coral", "x86")),
     ("std", 3, 2, "cnn", "ptq", 0.5, ("coral", "x86")),
     ("std", 1, 5, "cnn", "qat", None, ("mobile", "raspberry-pi")),
     ("u01", 3, 20, "mlp", "qat", 0.5, ("mobile", "raspberry-pi")),
@@ -55,7 +57,7 @@ CELLS: list[tuple[str, int, int, str, str, float | None, tuple[str, ...]]] = [
     ("std", 1, 20, "mlp", "ptq", None, ("mobile",)),
     ("tab", 1, 20, "mlp", "ptq", None, ("x86",)),
     ("u255", 3, 2, "mobilenetv2", "qat", 0.5, ("mobile", "raspberry-pi")),
-    ("pm1", 1, 20, "mobilenetv2", "ptq", 0.5, ("mobile",)),
+    ("pm1", 1, 20, "mobilenetv2", "ptq", None, ("mobile",)),
     ("u01", 1, 2, "cnn", "ptq", None, ("mobile",)),
     ("std", 1, 2, "mobilenetv2", "ptq", None, ("mobile",)),
 ]
@@ -74,7 +76,11 @@ TAB_SCALES = np.logspace(-3, np.log10(4000.0), TAB_FEATURES)  # column scales 0.
 # Training: the built-in architectures, a plain fit with a fixed seed (no validation split, no early
 # stopping), so each cell starts from the same model whatever the train defaults become.
 # MobileNetV2 from scratch needs more steps than the others to leave chance level.
-EPOCHS = {"mlp": 3, "cnn": 3, "mobilenetv2": 10}
+EPOCHS = {"mlp": 3, "cnn": 3, "mobilenetv2": 12}
+# Training samples per class (at least MIN_TRAIN samples): MobileNetV2 from scratch needs about 30 a
+# class to pass 0.97 on 20 classes; below that its float accuracy, and so the budget, is noise.
+PER_CLASS = {"mlp": 16, "cnn": 16, "mobilenetv2": 30}
+MIN_TRAIN = 160
 TRAIN_LEARNING_RATE = 3e-3
 TRAIN_BATCH = 16
 # The float model must have learned the (separable) task before its int8 copy is judged against it.
@@ -195,8 +201,8 @@ def test_cell_builds_and_keeps_accuracy_sample_by_sample(
     monkeypatch.setattr(latency, "LATENCY_REPEATS", LATENCY_REPEATS)
     monkeypatch.setattr(build, "FLOAT_LATENCY_REPEATS", LATENCY_REPEATS)
     data, ch, k, arch, quantize, prune, targets = cell
-    n_train = max(160, 16 * k)
-    n_eval = max(100, 6 * k)
+    n_train = max(MIN_TRAIN, PER_CLASS[arch] * k)
+    n_eval = max(100, 10 * k)
     train = make_data(data, ch, k, n_train, seed=1)
     test = make_data(data, ch, k, n_eval, seed=2)
     model_path = train_cell_model(train, arch, tmp_path / "model.keras")
