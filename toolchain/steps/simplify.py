@@ -36,7 +36,9 @@ def is_identity_layer(layer: Any) -> bool:
         if any(d is None for d in shape[1:]):
             return False
         rng = np.random.default_rng(0)
-        probe = rng.normal(size=(IDENTITY_PROBE_SAMPLES, *shape[1:])).astype(np.float32)
+        size = (IDENTITY_PROBE_SAMPLES, *shape[1:])
+        # Signed values from 1e-3 to 1e4 in magnitude, so a clip or a saturating layer cannot pass.
+        probe = (rng.normal(size=size) * 10.0 ** rng.uniform(-3, 4, size=size)).astype(np.float32)
         out = np.asarray(layer(import_tf().constant(probe), training=False))
     except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
         return False
