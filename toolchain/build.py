@@ -34,13 +34,20 @@ from toolchain.errors import USER_ERRORS, ToolchainError
 from toolchain.report import REPORT_SCHEMA, merge_previous, write_report
 from toolchain.steps.data import DataError, Dataset, check_finite, check_fits, conform, load_dataset
 from toolchain.steps.evaluate import accuracy, artifact_sparsity, gzip_size
-from toolchain.steps.models import LoadedModel, apply_preprocessing, fold_input_normalization, load_model
+from toolchain.steps.models import (
+    LoadedModel,
+    apply_preprocessing,
+    fold_input_normalization,
+    load_model,
+    read_model_meta,
+)
 from toolchain.steps.package import (
     EDGETPU_LOG_FILE,
     assemble_bundle,
     bundle_name,
     check_destination,
     check_name,
+    check_output_dir,
     discard,
     place_bundle,
     staging_dir,
@@ -160,7 +167,7 @@ def build_bundles(
     if sign_key is not None:
         _check_sign_key(Path(sign_key))
     model_path = Path(model_path)
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)  # before loading anything: a bad --out fails in one line, at once
     name = (
         check_name(name)
         if name
@@ -168,10 +175,17 @@ def build_bundles(
     )
 
     lm = load_model(model_path)
-    ds = data if isinstance(data, Dataset) else load_dataset(data, label)
+    meta = read_model_meta(model_path)
+    # Calibration data needs only x; labels are needed only where accuracy is measured.
+    ds = data if isinstance(data, Dataset) else load_dataset(data, label, require_labels=False)
     check_finite(ds.x, f"data {ds.source!r}")
     check_fits(ds, lm.input_shape, lm.n_outputs)
     if eval_data is None:
+        if not ds.labelled:
+            raise DataError(
+                f"data {ds.source!r} has no labels (no 'y'), so nothing can be held out to measure accuracy;"
+                " pass labelled test data with --eval-data"
+            )
         calib, evald = ds.split()
         eval_note = "held out from --data"
     else:
@@ -179,7 +193,7 @@ def build_bundles(
         evald = eval_data if isinstance(eval_data, Dataset) else load_dataset(eval_data, label)
         check_fits(evald, lm.input_shape, lm.n_outputs, what="eval data")
         eval_note = evald.source
-    labels = _labels(ds, lm.n_outputs)
+    labels, labels_source = _model_labels(meta, ds, evald, lm.n_outputs)
     evald = conform(evald, labels) if evald.class_names != labels else evald
     minimum = _min_calibration()
     if calib.n < minimum:
@@ -222,6 +236,7 @@ def build_bundles(
             "signed": sign_key is not None,
         },
         "labels": labels,
+        "labels_source": labels_source,
         "float": {},
         "targets": {},
     }
@@ -339,6 +354,29 @@ def _model_input(ds: Dataset, preprocessing: dict[str, Any] | None) -> Dataset:
     return Dataset(
         apply_preprocessing(ds.x, preprocessing), ds.y, ds.feature_names, ds.class_names, ds.source, ds.kind
     )
+
+
+def _model_labels(
+    meta: dict[str, Any] | None, ds: Dataset, evald: Dataset, n_outputs: int
+) -> tuple[list[str], str]:
+    """Return the bundle's class names and where they came from: the model, the data, or indices.
+
+    The names ``edgefleet train`` stored beside the model win; then the names of labelled --data,
+    then of the eval data; else the output indices "0".."K-1".
+    """
+    names = (meta or {}).get("class_names")
+    if names:
+        if len(names) != n_outputs:
+            raise DataError(
+                f"the model's metadata names {len(names)} classes but the model has {n_outputs} outputs;"
+                " re-run 'edgefleet train' or delete the stale .edgefleet.json beside the model"
+            )
+        return list(names), "model"
+    if ds.labelled:
+        return _labels(ds, n_outputs), "data"
+    if evald.labelled:
+        return _labels(evald, n_outputs), "eval data"
+    return [str(i) for i in range(n_outputs)], "indices"
 
 
 def _labels(ds: Dataset, n_outputs: int) -> list[str]:

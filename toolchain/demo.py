@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -100,6 +101,35 @@ def _wait_soft(predicate: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not predicate():
         time.sleep(0.1)
+
+
+def cli_command() -> str:
+    """Return how to call ``edgefleet`` from a fresh shell: the absolute path of this installation's script.
+
+    Hints must work in a new terminal, where a virtual environment is not active: so never a bare
+    ``edgefleet`` unless the one on PATH is this installation's.
+    """
+    here = Path(sys.executable).parent / "edgefleet"
+    on_path = shutil.which("edgefleet")
+    if on_path and here.exists() and Path(on_path).resolve() == here.resolve():
+        return "edgefleet"
+    if here.exists():
+        return str(here)
+    return f"{sys.executable} -m toolchain.cli"
+
+
+def path_hint() -> str | None:
+    """Return one line telling how to put ``edgefleet`` on PATH, or None when it already is."""
+    if cli_command() == "edgefleet":
+        return None
+    bindir = Path(sys.executable).parent
+    activate = bindir / "activate"
+    if activate.exists():
+        return (
+            f"edgefleet is not on your PATH: run 'source {activate}' in each new shell"
+            f" (or call {bindir / 'edgefleet'}); then try 'edgefleet --help'"
+        )
+    return f"edgefleet is not on your PATH: add {bindir} to PATH, or call {cli_command()}"
 
 
 def run_demo(
@@ -284,11 +314,16 @@ def run_demo(
     echo("")
     echo(f"build report:  {bundles / 'report.html'}")
     echo(f"fleet report:  {report_path}")
-    echo(f"fleet db:      {db_path}  (try: edgefleet fleet status --db {db_url})")
+    cmd = cli_command()
+    echo(f"fleet db:      {db_path}  (try: {cmd} fleet status --db {db_url})")
     ok = states.get("pi-clean") not in ("alert",) and states.get("pi-shifted") in ("alert", "warn")
     echo(
         "result:        "
         + ("drift flagged on pi-shifted only, as expected" if ok else f"UNEXPECTED drift states {states}")
     )
+    hint = path_hint()
+    if hint:
+        echo(f"next:          {hint}")
+    summary["cli"] = cmd
     summary["ok"] = ok
     return summary

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,58 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 EDGETPU_LIBRARY = "libedgetpu.so.1"
+# LiteRT's C++ runtime prints this once per process on stderr when it makes its default delegate;
+# no setting turns it off, so the first interpreters are made with fd 2 captured (see below).
+XNNPACK_NOTE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_note_seen = False
+_note_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_delegate_note() -> Iterator[None]:
+    """Keep LiteRT's one-time XNNPACK "INFO" line out of stderr while an interpreter is made.
+
+    File descriptor 2 is captured for the duration; everything else written there meanwhile (from
+    any thread) is written back afterwards, so nothing else is lost. Once the line has been seen,
+    or with ``EDGEFLEET_DEBUG=1``, this does nothing.
+    """
+    global _note_seen
+    if _note_seen or os.environ.get("EDGEFLEET_DEBUG") == "1":
+        yield
+        return
+    with _note_lock:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters)
+            yield
+            return
+        cap = tempfile.TemporaryFile()
+        try:
+            os.dup2(cap.fileno(), 2)
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            cap.seek(0)
+            lines = cap.read().splitlines(keepends=True)
+            cap.close()
+            kept = [ln for ln in lines if XNNPACK_NOTE not in ln]
+            if len(kept) < len(lines):
+                _note_seen = True
+            if kept:
+                with contextlib.suppress(OSError):
+                    os.write(2, b"".join(kept))
+
+
+def new_interpreter(mod: Any, **kwargs: Any) -> Any:
+    """Return ``mod.Interpreter(**kwargs)`` with its tensors allocated, without LiteRT's XNNPACK note."""
+    with quiet_delegate_note():
+        interp = mod.Interpreter(**kwargs)
+        interp.allocate_tensors()
+    return interp
 
 
 def _interpreter_module() -> Any:
@@ -40,8 +97,11 @@ class LiteRTModel:
         if accelerator_path is not None:
             try:
                 delegate = mod.load_delegate(EDGETPU_LIBRARY)
-                interp = mod.Interpreter(
-                    model_path=str(accelerator_path), experimental_delegates=[delegate], num_threads=threads
+                interp = new_interpreter(
+                    mod,
+                    model_path=str(accelerator_path),
+                    experimental_delegates=[delegate],
+                    num_threads=threads,
                 )
                 self.accelerated = True
             except (ValueError, OSError, RuntimeError) as e:
@@ -49,9 +109,8 @@ class LiteRTModel:
                     "Edge TPU delegate %s not usable (%s); running the CPU int8 model", EDGETPU_LIBRARY, e
                 )
         if interp is None:
-            interp = mod.Interpreter(model_path=str(path), num_threads=threads)
+            interp = new_interpreter(mod, model_path=str(path), num_threads=threads)
         self._interp = interp
-        self._interp.allocate_tensors()
         # ``Interpreter.invoke`` is the wrapper's ``Invoke`` after a check that no numpy view of a
         # tensor is alive (it counts references to the wrapper). A native runner holds views of
         # the tensors (``direct_io``), which that check would count, while a run does not move
@@ -130,7 +189,8 @@ class LiteRTModel:
         n = x.shape[0]
         it = self._batch_interp
         if it is None:
-            it = self._mod.Interpreter(model_path=str(self._path), num_threads=self._threads)
+            with quiet_delegate_note():
+                it = self._mod.Interpreter(model_path=str(self._path), num_threads=self._threads)
         if n != self._batch_n or it is not self._batch_interp:
             it.resize_tensor_input(self._in_index, [n, *x.shape[1:]], strict=False)
             it.allocate_tensors()

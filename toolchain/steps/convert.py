@@ -217,7 +217,7 @@ def convert_for_target(
         size_bytes=path.stat().st_size,
     )
     try:
-        artifact.checks = inspect_artifact(artifact, target)
+        artifact.checks = inspect_artifact(artifact, target, qat=qat)
     except VerificationError:
         remove_quietly(
             path
@@ -284,10 +284,11 @@ def read_io_specs(path: Path, fmt: ModelFormat) -> tuple[list[TensorSpec], list[
 
 
 def _tflite_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    from device_agent.runtimes.litert import _interpreter_module
+    from device_agent.runtimes.litert import _interpreter_module, quiet_delegate_note
 
     try:
-        interp = _interpreter_module().Interpreter(model_path=str(path))
+        with quiet_delegate_note():
+            interp = _interpreter_module().Interpreter(model_path=str(path))
     except (ValueError, RuntimeError) as e:
         raise ConversionError(f"LiteRT cannot load {path} ({str(e).splitlines()[0]})") from None
 

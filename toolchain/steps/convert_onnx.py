@@ -46,17 +46,59 @@ def export_float(model: Any, out_path: Path) -> tuple[Path, tuple[int, ...]]:
             " give it a fixed input shape"
         )
     spec = (tf.TensorSpec([None, *sample_shape], tf.float32, name=INPUT_NAME),)
+    fn = tf.function(call)
     try:
-        tf2onnx.convert.from_function(
-            tf.function(call), input_signature=spec, opset=OPSET, output_path=str(out_path)
-        )
+        # The same trace tf2onnx makes (tf.function caches it), for the constants it captured.
+        consts = captured_constants(fn.get_concrete_function(*spec))
+        tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET, output_path=str(out_path))
     except Exception as e:  # tf2onnx raises ValueError, KeyError, and TensorFlow's errors
         remove_quietly(out_path)
         raise ConversionError(
             f"tf2onnx (opset {OPSET}) could not convert the model: {first_line(e)}"
         ) from None
+    inline_captured_inputs(Path(out_path), consts)
     del keep
     return Path(out_path), sample_shape  # type: ignore[return-value]
+
+
+def captured_constants(concrete: Any) -> dict[str, np.ndarray]:
+    """Return ``{placeholder name: value}`` of the eager tensors (not variables) a trace captured.
+
+    tf_keras ``Normalization`` keeps its mean and variance as such tensors; tf2onnx freezes variables
+    into initializers but turns these into extra graph *inputs*, which no device feeds (found by the
+    conversion matrix: an mlp on images failed on x86 with "the ONNX model has 3 inputs").
+    """
+    tf = import_tf()
+    out: dict[str, np.ndarray] = {}
+    for external, internal in getattr(concrete.graph, "captures", []):
+        if getattr(external, "dtype", None) in (tf.resource, tf.variant) or not hasattr(external, "numpy"):
+            continue
+        try:
+            out[internal.name] = np.asarray(external.numpy())
+        except (ValueError, TypeError, AttributeError):  # symbolic tensors have no value here
+            continue
+    return out
+
+
+def inline_captured_inputs(path: Path, consts: dict[str, np.ndarray]) -> int:
+    """Turn graph inputs that are captured constants into initializers; return how many."""
+    if not consts:
+        return 0
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name for i in m.graph.initializer}
+    moved = [i for i in m.graph.input if i.name in consts and i.name not in inits]
+    if not moved:
+        return 0
+    for i in moved:
+        m.graph.initializer.append(numpy_helper.from_array(consts[i.name], i.name))
+    keep = [i for i in m.graph.input if i not in moved]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    onnx.save(m, str(path))
+    return len(moved)
 
 
 def _reader(calib: np.ndarray, input_name: str, progress: bool, desc: str) -> Any:

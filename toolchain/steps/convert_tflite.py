@@ -140,10 +140,24 @@ def convert(
         remove_quietly(out_path)
         raise ConversionError(
             f"TFLite full-int8 {kind} conversion for target {target.name!r} failed: {first_line(e)}"
-            " (does every layer have an int8 TFLite kernel?)"
+            + conversion_advice(str(e), qat=qat, static_batch=batch is not None)
         ) from None
     out_path.write_bytes(flat)
     return out_path
+
+
+def conversion_advice(message: str, *, qat: bool, static_batch: bool) -> str:
+    """Return the hint that follows a failed TFLite conversion's first line."""
+    if qat and "scale_diff" in message:
+        # Seen with a QAT mlp on raw 0..255 images for coral: with a static batch the converter folds
+        # the Normalization before a FULLY_CONNECTED into it, and the QAT bias scale no longer
+        # matches input scale x weight scale. Dynamic-batch targets convert the same model.
+        where = " with the static batch this target needs" if static_batch else ""
+        return (
+            f" (the converter cannot keep this QAT model's learned scales{where};"
+            " build this target with --quantize ptq)"
+        )
+    return " (does every layer have an int8 TFLite kernel?)"
 
 
 def _graph_ops(fn: Any) -> list[Any]:

@@ -54,6 +54,11 @@ class Dataset:
     def n_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def labelled(self) -> bool:
+        """False for calibration data loaded without labels (``y`` is all -1, no class names)."""
+        return bool(self.class_names)
+
     def subset(self, idx: np.ndarray, source_note: str = "") -> Dataset:
         """Return the samples at ``idx`` (same names)."""
         return Dataset(
@@ -89,8 +94,12 @@ class Dataset:
         )
 
 
-def load_dataset(path: str | Path, label: str | None = None) -> Dataset:
-    """Load ``.npz`` (x, y), ``.csv`` (header + ``label`` column) or an image folder of class sub-folders."""
+def load_dataset(path: str | Path, label: str | None = None, *, require_labels: bool = True) -> Dataset:
+    """Load ``.npz`` (x, y), ``.csv`` (header + ``label`` column) or an image folder of class sub-folders.
+
+    With ``require_labels=False`` (calibration data) an ``.npz`` may hold only ``x``: the dataset is
+    then unlabelled (``labelled`` False, ``y`` all -1, no class names).
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"data {str(p)!r} does not exist; pass an .npz file, a .csv file or an image folder")
@@ -102,7 +111,7 @@ def load_dataset(path: str | Path, label: str | None = None) -> Dataset:
             )
         ds = _load_image_folder(p)
     elif p.suffix.lower() == ".npz":
-        ds = _load_npz(p, label)
+        ds = _load_npz(p, label, require_labels)
     elif p.suffix.lower() in (".csv", ".tsv", ".txt"):
         ds = _load_csv(p, label)
     else:
@@ -157,7 +166,7 @@ def _natural_key(s: str) -> tuple[int, float, str]:
         return (1, 0.0, s)
 
 
-def _load_npz(p: Path, label: str | None) -> Dataset:
+def _load_npz(p: Path, label: str | None, require_labels: bool = True) -> Dataset:
     ykey = label or "y"
     try:
         with np.load(p, allow_pickle=False) as z:
@@ -166,6 +175,12 @@ def _load_npz(p: Path, label: str | None) -> Dataset:
         raise DataError(
             f"cannot read {str(p)!r} as .npz ({str(e)[:80]}); save it with numpy.savez(x=..., y=...)"
         ) from None
+    if "x" in arrays and ykey not in arrays and label is None and not require_labels:
+        x = arrays["x"]
+        if x.dtype.kind not in "fiub" or x.ndim < 2:
+            raise DataError(f"{str(p)!r}: x has dtype {x.dtype} and shape {x.shape}; want numbers (n, ...)")
+        unlabelled = np.full(x.shape[0], -1, dtype=np.int64)
+        return Dataset(x.astype(np.float32), unlabelled, None, [], str(p), "array")
     if "x" not in arrays or ykey not in arrays:
         raise DataError(
             f"{str(p)!r} must hold arrays 'x' and {ykey!r}; it holds {sorted(arrays)} (use --label NAME for "
@@ -340,15 +355,23 @@ def check_fits(ds: Dataset, input_shape: Sequence[int], n_outputs: int | None, w
 
 
 def conform(ds: Dataset, class_names: Sequence[str]) -> Dataset:
-    """Re-index ``ds.y`` to ``class_names`` (e.g. test data against the training classes)."""
+    """Re-index ``ds.y`` to ``class_names`` (e.g. test data against the training classes).
+
+    Labels are matched by name; data labelled with bare class indices (0..K-1, no names) against a
+    model whose classes have names is read as those indices.
+    """
     names = list(class_names)
     if ds.class_names == names:
         return ds
     index = {v: i for i, v in enumerate(names)}
     missing = [c for c in ds.class_names if c not in index]
+    if missing and all(c.isdigit() and int(c) < len(names) for c in ds.class_names):
+        y = np.array([int(ds.class_names[i]) for i in ds.y], dtype=np.int64)
+        return Dataset(ds.x, y, ds.feature_names, names, ds.source, ds.kind)
     if missing:
         raise DataError(
-            f"data {ds.source!r} has class(es) {missing[:5]} that the model's labels {names[:10]} do not know"
+            f"data {ds.source!r} has class(es) {missing[:5]} that the model's labels {names[:10]} do not know;"
+            " label it with the model's class names (or their indices 0..K-1)"
         )
     y = np.array([index[ds.class_names[i]] for i in ds.y], dtype=np.int64)
     return Dataset(ds.x, y, ds.feature_names, names, ds.source, ds.kind)

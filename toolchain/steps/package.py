@@ -240,3 +240,49 @@ def discard(path: Path | None) -> None:
     """Remove a staging folder (quietly)."""
     if path is not None and Path(path).exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Check before any work that folder ``path`` exists or can be created, and takes new files.
+
+    Probes for real (creates the missing folders and a temporary file, then removes what it made), so
+    read-only file systems, ``/proc`` and permissions are caught even when running as root. Raises
+    PackageError with one line naming ``flag``, the path and the fix.
+    """
+    out = Path(path)
+    shown = str(path)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        if probe == out:
+            raise PackageError(
+                f"{flag} {shown!r} is a file, not a folder; choose a folder (it is created if missing)"
+            )
+        raise PackageError(
+            f"{flag} {shown!r} lies under {str(probe)!r}, which is a file, not a folder; choose another {flag}"
+        )
+    created: list[Path] = []
+    stage = "created"
+    try:
+        missing = [out, *out.parents]
+        missing = [p for p in missing if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            created.append(p)
+        stage = "written"
+        fd, tmp = tempfile.mkstemp(prefix=".edgefleet-probe-", dir=out)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise PackageError(
+            f"{flag} {shown!r} cannot be {stage} ({why}); choose a folder you can write to"
+        ) from None
+    finally:
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+    return out

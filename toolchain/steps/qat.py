@@ -6,6 +6,10 @@ Layers it does not know but that carry no trainable weights (``Rescaling``, ``No
 min/max, their weights (if any, such as Normalization's mean/variance) stay as they are, so the
 converter has learned ranges for every activation. A layer with trainable weights that tfmot does
 not support stops QAT with an error naming it.
+
+Layers that compute the identity (``Rescaling(1.0)`` after the input of a model trained on data in
+[0, 1]) are replaced by a linear activation first (``toolchain.steps.simplify``): with a fake-quant
+of their own they would leave a float tensor between two quantization steps in the TFLite model.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 from toolchain.errors import ToolchainError
 from toolchain.steps.data import Dataset
 from toolchain.steps.prune import copy_model
+from toolchain.steps.simplify import drop_identity_layers
 from toolchain.tfenv import import_keras
 
 QAT_EPOCHS = 3
@@ -92,7 +97,7 @@ def quantize_aware_model(model: Any, pruned: bool = False) -> Any:
         return qk.quantize_annotate_layer(clone, quantize_config=output_only())
 
     try:
-        annotated = keras.models.clone_model(copy_model(model), clone_function=annotate)
+        annotated = keras.models.clone_model(drop_identity_layers(copy_model(model)), clone_function=annotate)
         with qk.quantize_scope({"OutputOnlyQuantizeConfig": output_only}):
             if pruned:
                 scheme = qk.collab_opts.Default8BitPrunePreserveQuantizeScheme()

@@ -37,9 +37,10 @@ def _is_float(dt: Any) -> bool:
     return np.dtype(dt).kind == "f"
 
 
-def inspect_artifact(artifact: Artifact, target: Target) -> dict[str, Any]:
+def inspect_artifact(artifact: Artifact, target: Target, *, qat: bool = False) -> dict[str, Any]:
     """Check an artifact's structure against the target's promise; return what was found.
 
+    ``qat`` says the artifact came from a quantization-aware model (it only changes the advice).
     Raises VerificationError naming the first offending tensor or op.
     """
     name = artifact.path.name
@@ -93,10 +94,28 @@ def inspect_artifact(artifact: Artifact, target: Target) -> dict[str, Any]:
         more = f" and {len(checks['float_ops']) - 1} more" if len(checks["float_ops"]) > 1 else ""
         raise VerificationError(
             f"{name} for target {target.name!r} keeps float op {first['op']} (op #{first['index']},"
-            f" float tensor {first['tensors'][0]!r}){more}, but the profile promises int8; give that layer an"
-            " int8-capable op or train with --quantize qat"
+            f" float tensor {first['tensors'][0]!r}){more}, but the profile promises int8; "
+            + float_op_advice(first["op"] in converts, qat)
         )
     return checks
+
+
+def float_op_advice(only_conversions: bool, qat: bool) -> str:
+    """Return what to try when a float op is left in an int8 model (``only_conversions``: only (DE)QUANTIZE)."""
+    if only_conversions and qat:
+        return (
+            "two quantization ranges meet with no int8 op between them (a QAT fake-quant on a layer"
+            " the converter removes); remove layers that do nothing from the model, or build with"
+            " --quantize ptq"
+        )
+    if only_conversions:
+        return "a float tensor sits between two quantization steps; try --quantize qat"
+    if qat:
+        return (
+            "quantization-aware training left that layer in float; replace it with a layer that has an"
+            " int8 kernel, or build with --quantize ptq"
+        )
+    return "replace that layer with one that has an int8 kernel (see docs/conversion.md)"
 
 
 def _inspect_tflite(artifact: Artifact, target: Target) -> dict[str, Any]:
