@@ -171,6 +171,16 @@ def synthetic_inputs(agent: Any, n: int = SYNTHETIC_SAMPLES) -> np.ndarray:
     return np.ascontiguousarray(rng.uniform(lo, hi, size=(n, *shape)).astype(np.float32))
 
 
+def as_batch(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Return inputs read from a file as a batch (n, *shape): CSV rows are flattened samples, and a
+    single sample gains a batch axis. Anything else is returned as it is, for the caller to check."""
+    if x.ndim == 2 and x.shape[1:] != shape and x.shape[1] == int(np.prod(shape)):
+        x = x.reshape((x.shape[0], *shape))
+    if x.shape == shape:
+        x = x[None, ...]
+    return x
+
+
 def run_bench(
     bundle: str | Path,
     x: np.ndarray | None = None,
@@ -201,11 +211,7 @@ def run_bench(
     synthetic = x is None
     if x is None:
         x = synthetic_inputs(agent)
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 2 and x.shape[1:] != shape and x.shape[1] == int(np.prod(shape)):
-        x = x.reshape((x.shape[0], *shape))  # CSV rows are flattened samples
-    if x.shape == shape:
-        x = x[None, ...]
+    x = as_batch(np.asarray(x, dtype=np.float32), shape)
     if x.shape[1:] != shape or x.shape[0] == 0:
         want = "x".join(str(d) for d in shape)
         raise BenchError(f"inputs have shape {x.shape}; the bundle takes (n, {want})")

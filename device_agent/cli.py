@@ -64,6 +64,35 @@ class InputFileError(AgentError):
     """An input file for ``predict`` cannot be read."""
 
 
+def _bundle_run_options(f: Any) -> Any:
+    """Add the options that say how to load a bundle: --trusted-key, --runtime, --threads."""
+    f = click.option(
+        "--threads", type=click.IntRange(1, 64), help="Inference threads (default: the bundle's)."
+    )(f)
+    f = click.option(
+        "--runtime", type=click.Choice(["litert", "onnxruntime", "openvino"]), help="Override the runtime."
+    )(f)
+    return click.option(
+        "--trusted-key",
+        "trusted_keys",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        help="Ed25519 public key (.pub) the bundle must be signed with; without one, unsigned bundles run.",
+    )(f)
+
+
+def _trusted_keys(paths: tuple[Path, ...]) -> tuple[bytes, ...]:
+    """Load the --trusted-key files; warn on stderr when there are none (hashes are still checked)."""
+    from device_agent.keys import load_trusted_keys
+
+    keys = load_trusted_keys(paths)
+    if not keys:
+        click.echo(
+            "warning: no --trusted-key given; the bundle's signature is not checked (hashes are)", err=True
+        )
+    return keys
+
+
 def read_inputs(path: Path, label: str | None) -> tuple[Any, Any]:
     """Return (inputs float32 array, true labels or None) from .npy, .npz (``x``) or .csv."""
     import numpy as np
@@ -162,17 +191,7 @@ def _read_csv(path: Path, label: str | None) -> tuple[Any, Any]:
     "--output", "output", type=click.Path(path_type=Path), help="Write predictions to .csv, .json or .npy."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option(
-    "--trusted-key",
-    "trusted_keys",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="Ed25519 public key (.pub) the bundle must be signed with; without one, unsigned bundles run.",
-)
-@click.option(
-    "--runtime", type=click.Choice(["litert", "onnxruntime", "openvino"]), help="Override the runtime."
-)
-@click.option("--threads", type=click.IntRange(1, 64), help="Inference threads (default: the bundle's).")
+@_bundle_run_options
 @click.pass_context
 def predict_cmd(
     ctx: click.Context,
@@ -190,21 +209,12 @@ def predict_cmd(
 
     try:
         from device_agent.agent import Agent
-        from device_agent.keys import load_trusted_keys
+        from device_agent.bench import as_batch
 
-        keys = load_trusted_keys(trusted_keys)
-        if not keys:
-            click.echo(
-                "warning: no --trusted-key given; the bundle's signature is not checked (hashes are)",
-                err=True,
-            )
+        keys = _trusted_keys(trusted_keys)
         agent = Agent(bundle, trusted_keys=keys, allow_unsigned=not keys, runtime=runtime, threads=threads)
         x, y = read_inputs(input_path, label)
-        shape = agent.model.predictor.sample_shape
-        if x.ndim == 2 and x.shape[1:] != shape and x.shape[1] == int(np.prod(shape)):
-            x = x.reshape((x.shape[0], *shape))  # CSV rows are flattened samples
-        if x.shape == shape:
-            x = x[None, ...]
+        x = as_batch(x, agent.model.predictor.sample_shape)
         if y is not None and len(y) != x.shape[0]:
             raise InputFileError(f"{len(y)} labels for {x.shape[0]} inputs")
         outs = []
@@ -304,17 +314,7 @@ def _write_output(path: Path, doc: dict[str, Any], scores: Any, labels: list[str
     help="Timed predictions (at least one per input).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
-@click.option(
-    "--trusted-key",
-    "trusted_keys",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="Ed25519 public key (.pub) the bundle must be signed with; without one, unsigned bundles run.",
-)
-@click.option(
-    "--runtime", type=click.Choice(["litert", "onnxruntime", "openvino"]), help="Override the runtime."
-)
-@click.option("--threads", type=click.IntRange(1, 64), help="Inference threads (default: the bundle's).")
+@_bundle_run_options
 @click.pass_context
 def bench_cmd(
     ctx: click.Context,
@@ -334,14 +334,7 @@ def bench_cmd(
         click.echo("Error: --label needs --input (the file holding the labels)", err=True)
         sys.exit(2)
     try:
-        from device_agent.keys import load_trusted_keys
-
-        keys = load_trusted_keys(trusted_keys)
-        if not keys:
-            click.echo(
-                "warning: no --trusted-key given; the bundle's signature is not checked (hashes are)",
-                err=True,
-            )
+        keys = _trusted_keys(trusted_keys)
         x = y = None
         if input_path is not None:
             x, y = read_inputs(input_path, label)

@@ -18,6 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 30.0
 
 
+EDGEFLEET = [sys.executable, "-c", "from toolchain.cli import main; main()"]  # `edgefleet` in a subprocess
+
+
+def run_edgefleet(
+    args: list[str], env: dict[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``edgefleet ARGS`` to completion in a child process; raise when it exits non-zero."""
+    return subprocess.run(
+        [*EDGEFLEET, *args], env=env, capture_output=True, text=True, check=True, timeout=timeout_s
+    )
+
+
 def wait_for(pred: Callable[[], Any], timeout_s: float = DEADLINE_S, what: str = "condition") -> Any:
     """Poll ``pred`` until it returns something truthy; fail after ``timeout_s`` with its last value."""
     deadline = time.monotonic() + timeout_s

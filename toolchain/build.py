@@ -489,11 +489,7 @@ def _build_target(
             per_rt,
             ver,
             float_acc=float_acc,
-            labels=labels,
-            baseline=baseline,
-            preprocessing=preprocessing,
-            name=name,
-            version=version,
+            bundle_fields=_bundle_fields(t, artifact, name, version, labels, baseline, preprocessing),
             tdir=tdir,
             allow_accuracy_drop=allow_accuracy_drop,
         )
@@ -589,19 +585,8 @@ def _build_target(
         staging = staging_dir(dest)
         assemble_bundle(
             staging,
-            name=name,
-            version=version,
-            target=t.name,
-            model_file=artifact.path,
-            model_format=artifact.format,
-            runtimes=artifact.runtimes,
-            inputs=artifact.inputs,
-            outputs=artifact.outputs,
-            labels=labels,
-            baseline=baseline,
-            threads=t.threads,
+            **_bundle_fields(t, artifact, name, version, labels, baseline, preprocessing),
             metrics=_finite(metrics),
-            preprocessing=preprocessing or {"type": "none"},
             accelerated_file=accelerated,
             edgetpu=edgetpu_manifest,
             extra_files=extra,
@@ -621,6 +606,32 @@ def _build_target(
     return _finite(entry)
 
 
+def _bundle_fields(
+    t: Target,
+    artifact: Any,
+    name: str,
+    version: int,
+    labels: list[str],
+    baseline: dict[str, Any],
+    preprocessing: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Return the ``assemble_bundle`` arguments a target's bundle and its parity scratch copy share."""
+    return {
+        "name": name,
+        "version": version,
+        "target": t.name,
+        "model_file": artifact.path,
+        "model_format": artifact.format,
+        "runtimes": list(artifact.runtimes),
+        "inputs": artifact.inputs,
+        "outputs": artifact.outputs,
+        "labels": labels,
+        "baseline": baseline,
+        "threads": t.threads,
+        "preprocessing": preprocessing or {"type": "none"},
+    }
+
+
 def _runtime_parity(
     t: Target,
     artifact: Any,
@@ -630,11 +641,7 @@ def _runtime_parity(
     ver: dict[str, Any],
     *,
     float_acc: float,
-    labels: list[str],
-    baseline: dict[str, Any],
-    preprocessing: dict[str, Any] | None,
-    name: str,
-    version: int,
+    bundle_fields: dict[str, Any],
     tdir: Path,
     allow_accuracy_drop: bool,
 ) -> Any:
@@ -648,21 +655,7 @@ def _runtime_parity(
 
     scratch = tdir / "parity-bundle"
     try:
-        assemble_bundle(
-            scratch,
-            name=name,
-            version=version,
-            target=t.name,
-            model_file=artifact.path,
-            model_format=artifact.format,
-            runtimes=artifact.runtimes,
-            inputs=artifact.inputs,
-            outputs=artifact.outputs,
-            labels=labels,
-            baseline=baseline,
-            threads=t.threads,
-            preprocessing=preprocessing or {"type": "none"},
-        )
+        assemble_bundle(scratch, **bundle_fields)
         result = check_parity(
             scratch,
             artifact.runtimes,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.device_agent.agent_bundles import cached_onnx_bundle
-from tests.helpers import wait_for
+from tests.helpers import EDGEFLEET, run_edgefleet, wait_for
 from toolchain.fleet.collector import MAX_PACKET_BYTES, QUARANTINE_LOG_EVERY_S
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, status_payload
@@ -67,9 +66,7 @@ def test_flood_of_bad_and_oversized_payloads_leaves_the_collector_bounded(
     register_bundle(url, cached_onnx_bundle())
     log = tmp_path / "collector.log"
     cmd = [
-        sys.executable,
-        "-c",
-        "from toolchain.cli import main; main()",
+        *EDGEFLEET,
         "fleet",
         "collect",
         "--broker",
@@ -122,22 +119,7 @@ def test_flood_of_bad_and_oversized_payloads_leaves_the_collector_bounded(
         broker_log = (mosquitto.workdir / "mosquitto.log").read_text(errors="replace")
         assert broker_log.count("Dropping too large outgoing PUBLISH for bounds-test") == N_HUGE
         # `fleet status --json` shows the counts.
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from toolchain.cli import main; main()",
-                "fleet",
-                "status",
-                "--db",
-                url,
-                "--json",
-            ],
-            env=cli_env,
-            capture_output=True,
-            check=True,
-            timeout=60,
-        )
+        out = run_edgefleet(["fleet", "status", "--db", url, "--json"], cli_env)
         q = json.loads(out.stdout)["quarantine"]
         assert q == {"count": MAX_ROWS, "total": want, "evicted": want - MAX_ROWS}
     finally:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from device_agent.bundle import manifest_sha256
 from device_agent.telemetry import ModelRef
 from tests.conftest import Mosquitto, missing_service, mosquitto_binary
 from tests.device_agent.agent_bundles import cached_onnx_bundle
-from tests.helpers import wait_for
+from tests.helpers import run_edgefleet, wait_for
 from toolchain.fleet.collector import Collector
 from toolchain.fleet.queries import broker_counters
 from toolchain.fleet.registry import register_bundle
@@ -102,31 +100,9 @@ def test_broker_drops_while_the_collector_is_offline_are_logged_alerted_and_show
     assert len(lines) == 1 and f"dropped {SENT - stored} message(s)" in lines[0]
     (row,) = broker_counters(url)
     assert row["dropped_seen"] == SENT - stored and row["value"] == SENT - stored
-    out = subprocess.run(
-        [sys.executable, "-c", "from toolchain.cli import main; main()", "fleet", "status", "--db", url],
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    out = run_edgefleet(["fleet", "status", "--db", url], cli_env)
     assert f"dropped {SENT - stored} message(s) after acknowledging them" in out.stdout
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from toolchain.cli import main; main()",
-            "fleet",
-            "status",
-            "--db",
-            url,
-            "--json",
-        ],
-        env=cli_env,
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
+    out = run_edgefleet(["fleet", "status", "--db", url, "--json"], cli_env)
     assert json.loads(out.stdout)["broker_drops"][0]["dropped_seen"] == SENT - stored
     obs.loop_stop()
     obs.disconnect()
