@@ -190,11 +190,9 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
     logging.disable(logging.WARNING)
     from ai_edge_litert.interpreter import Interpreter
 
-    from device_agent.bundle import load_manifest
-    from device_agent.config import load_config
-    from device_agent.daemon import Daemon
-    from device_agent.inference import dequantize, quantize
-    from device_agent.telemetry import encode_stats
+    from device_agent.agent import Daemon, dequantize, load_config, quantize
+    from device_agent.formats.manifest import load_manifest
+    from device_agent.formats.telemetry import encode_stats
     from device_agent.windows import Window
 
     work = Path(tempfile.mkdtemp(prefix="agent-bench-"))
@@ -509,8 +507,8 @@ def measure_api(bundle: Path, data: Path) -> dict[str, Any]:
     from ai_edge_litert.interpreter import Interpreter
 
     from device_agent import api as api_mod
-    from device_agent.bundle import load_manifest
-    from device_agent.inference import quantize
+    from device_agent.agent import quantize
+    from device_agent.formats.manifest import load_manifest
 
     work = Path(tempfile.mkdtemp(prefix="agent-api-bench-"))
     manifest = load_manifest(bundle)
@@ -841,7 +839,7 @@ def run_api(quick: bool, bundle: Path | None, data: Path | None, as_json: bool) 
 
 
 def load_name(bundle: Path) -> str:
-    from device_agent.bundle import load_manifest
+    from device_agent.formats.manifest import load_manifest
 
     m = load_manifest(bundle)
     arch = "MobileNetV2 0.35" if "mobilenet" in m.name.lower() else m.name

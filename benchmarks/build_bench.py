@@ -106,7 +106,7 @@ def float_latencies(model_path: Path, sample: np.ndarray, work: Path) -> dict[st
 
     Measured at 1, 2 and 4 threads.
     """
-    from device_agent.bundle import ModelFormat
+    from device_agent.formats.manifest import ModelFormat
     from toolchain.steps.convert import convert_float, measure_latency
     from toolchain.steps.models import load_model
 

@@ -172,7 +172,7 @@ def make_payloads(devices: int, windows: int, path: Path, bundle_root: Path) -> 
     """Encode every window once; return (bundle dir, model sha256, t0 of the first window)."""
     import numpy as np
 
-    from device_agent.telemetry import ModelRef
+    from device_agent.formats.telemetry import ModelRef
     from toolchain.fleet.sim import digits_baseline, load_digits, stats_payload, window_profile, write_bundle
 
     base, model = digits_baseline()
@@ -331,7 +331,7 @@ def storage_and_views(args: argparse.Namespace, work: Path) -> tuple[str, list[t
     import numpy as np
     from click.testing import CliRunner
 
-    from device_agent.telemetry import ModelRef
+    from device_agent.formats.telemetry import ModelRef
     from toolchain.cli import main as cli_main
     from toolchain.fleet.alerts import Evaluator
     from toolchain.fleet.compact import compact

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import json
 
-    from device_agent.inference import Predictor
-    from device_agent.stats import baseline_from_dict
+    from device_agent.agent import Predictor
+    from device_agent.formats.stats import baseline_from_dict
     from toolchain.fleet.drift import DriftConfig, compare
 
     tmp = tempfile.TemporaryDirectory(prefix="drift-bench-")

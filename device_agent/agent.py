@@ -4,6 +4,11 @@
 (every file's sha256, the signature when keys are trusted), loads it in one runtime, runs a smoke
 inference, and keeps a statistics window that closes every ``window_s`` or ``window_max_samples``
 predictions; closed windows go to ``on_window`` (the daemon's telemetry writer).
+
+This module is also the device package's public face for the host: besides ``device_agent.formats``
+and ``device_agent.runtimes``, ``toolchain`` and ``benchmarks`` import only the names listed in
+``__all__`` here (``tests/test_architecture.py``). ``Daemon``, ``load_config`` and ``EmbeddedBroker``
+(to run an agent in-process, as ``edgefleet demo`` does) are loaded on first use.
 """
 
 from __future__ import annotations
@@ -16,20 +21,26 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from device_agent.bundle import BundleError, Manifest, VerifyPolicy, manifest_sha256, verify_bundle
 from device_agent.errors import AgentError
-from device_agent.inference import InputError, Predictor
+from device_agent.formats.manifest import BundleError, Manifest, VerifyPolicy, manifest_sha256, verify_bundle
+from device_agent.formats.stats import ProfileSpec, StatsError, baseline_from_dict
+from device_agent.formats.telemetry import ModelRef
+from device_agent.inference import InputError, Predictor, dequantize, quantize
 from device_agent.kernels import Summary
-from device_agent.stats import ProfileSpec, StatsError, baseline_from_dict
-from device_agent.telemetry import ModelRef
 from device_agent.windows import ClosedWindow, Window
+
+if TYPE_CHECKING:
+    from device_agent.broker import EmbeddedBroker
+    from device_agent.config import load_config
+    from device_agent.daemon import Daemon
 
 log = logging.getLogger(__name__)
 BASELINE_MAX_BYTES = 16 * 1024 * 1024
+PREDICT_BATCH = 64  # samples per call of the agent CLI's offline predict (the build's parity check too)
 
 
 def agent_version() -> str:
@@ -138,7 +149,7 @@ def _smoke(predictor: Predictor, spec: ProfileSpec, n_labels: int) -> None:
 class Agent:
     """Run a bundle with statistics: ``Agent("bundle/").predict(x)``.
 
-    ``trusted_keys`` are raw 32-byte Ed25519 public keys (``device_agent.keys.load_trusted_keys``).
+    ``trusted_keys`` are raw 32-byte Ed25519 public keys (``device_agent.formats.keys.load_trusted_keys``).
     ``allow_unsigned=None`` allows unsigned bundles only when no key is trusted, with a warning.
     ``on_window`` receives each ``ClosedWindow`` (called without the Agent's lock held).
     Thread-safe: inference is serialized (interpreters are not thread-safe).
@@ -398,3 +409,36 @@ class Agent:
             self._window = self._new_window(new)
         self._emit(closed)
         return new
+
+
+_LAZY = {
+    "Daemon": "device_agent.daemon",
+    "load_config": "device_agent.config",
+    "EmbeddedBroker": "device_agent.broker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'device_agent.agent' has no attribute {name!r}")
+
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "BundleError",
+    "InputError",
+    "Prediction",
+    "Predictor",
+    "PREDICT_BATCH",
+    "agent_version",
+    "dequantize",
+    "load_model",
+    "quantize",
+    "Daemon",
+    "load_config",
+    "EmbeddedBroker",
+]

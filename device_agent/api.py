@@ -42,6 +42,7 @@ import numpy as np
 from device_agent.agent import Agent
 from device_agent.config import ApiSettings, read_token
 from device_agent.errors import AgentError
+from device_agent.formats.strict import check_keys
 from device_agent.inference import InputError
 
 _orjson: Any
@@ -282,12 +283,15 @@ class JsonInputs:
             raise BadBody("json", f"bad JSON: {str(e)[:200]}") from None
         if not isinstance(doc, dict) or "inputs" not in doc:
             raise BadBody("json", 'bad JSON: the body must be a JSON object {"inputs": [...]}')
-        extra = set(doc) - {"inputs"}
-        if extra:
-            raise BadBody(
-                "json", f'bad JSON: unknown key(s) {sorted(extra)[:5]}; the body is {{"inputs": [...]}}'
-            )
+        check_keys(doc, ["inputs"], (), "body", error=_bad_json, unknown=_UNKNOWN_BODY_KEYS)
         return doc["inputs"]
+
+
+_UNKNOWN_BODY_KEYS = 'bad JSON: unknown key(s) {extra}; the body is {{"inputs": [...]}}'
+
+
+def _bad_json(message: str) -> BadBody:
+    return BadBody("json", message)
 
 
 def load_npy(raw: bytes) -> np.ndarray:

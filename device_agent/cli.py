@@ -20,7 +20,6 @@ import click
 from device_agent.errors import AgentError, ConfigError
 
 EX_CONFIG = 78
-PREDICT_BATCH = 64
 MAX_ROWS_PRINTED = 50
 
 
@@ -83,7 +82,7 @@ def _bundle_run_options(f: Any) -> Any:
 
 def _trusted_keys(paths: tuple[Path, ...]) -> tuple[bytes, ...]:
     """Load the --trusted-key files; warn on stderr when there are none (hashes are still checked)."""
-    from device_agent.keys import load_trusted_keys
+    from device_agent.formats.keys import load_trusted_keys
 
     keys = load_trusted_keys(paths)
     if not keys:
@@ -208,7 +207,7 @@ def predict_cmd(
     import numpy as np
 
     try:
-        from device_agent.agent import Agent
+        from device_agent.agent import PREDICT_BATCH, Agent
         from device_agent.bench import as_batch
 
         keys = _trusted_keys(trusted_keys)
@@ -400,8 +399,8 @@ def run_cmd(ctx: click.Context, config_path: Path) -> None:
 def check_cmd(ctx: click.Context, config_path: Path, as_json: bool) -> None:
     """Validate a config and its bundle (hashes, signature, smoke inference); exit 0 or 78."""
     from device_agent.agent import load_model
-    from device_agent.bundle import VerifyPolicy
     from device_agent.config import check_files, load_config
+    from device_agent.formats.manifest import VerifyPolicy
 
     try:
         cfg = load_config(config_path)

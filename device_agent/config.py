@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from device_agent.errors import ConfigError
+from device_agent.formats.broker import BrokerSettings
+from device_agent.formats.files import FileTooLargeError, read_bounded
+from device_agent.formats.strict import check_keys
+from device_agent.formats.telemetry import DEFAULT_WINDOW_S
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,7 +28,6 @@ else:  # pragma: no cover - Python 3.10
 
 CONFIG_MAX_BYTES = 256 * 1024
 DEFAULT_LISTEN = "127.0.0.1:8470"
-DEFAULT_WINDOW_S = 60.0
 DEFAULT_WINDOW_MAX_SAMPLES = 100_000
 DEFAULT_OUTBOX_MAX_ROWS = 10_000
 DEFAULT_OUTBOX_MAX_BYTES = 64 * 1024 * 1024
@@ -96,6 +100,21 @@ class MqttSettings:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def broker_settings(m: MqttSettings, client_id: str | None = None) -> BrokerSettings:
+    """The connection settings of ``[mqtt]`` (password read from its file now); ``client_id`` overrides."""
+    return BrokerSettings(
+        host=m.host,
+        port=m.port,
+        username=m.username,
+        password=m.password() if m.username is not None else None,
+        tls=m.tls,
+        ca_file=str(m.ca_file) if m.ca_file else None,
+        cert_file=str(m.cert_file) if m.cert_file else None,
+        key_file=str(m.key_file) if m.key_file else None,
+        client_id=client_id if client_id is not None else m.client_id,
+    )
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """A validated agent configuration."""
@@ -166,7 +185,7 @@ SCHEMA: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
         "buffer_bytes": (False, (int,)),
         "token_file": (False, (str,)),
     },
-    "update": {  # over-the-air updates; validated further by device_agent.updater.parse_update_section
+    "update": {  # over-the-air updates; validated further by device_agent.update.parse_update_section
         "health_window_s": (False, (int, float)),
         "max_bundle_bytes": (False, (int,)),
         "staging_quota_bytes": (False, (int,)),
@@ -180,11 +199,11 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     """Read and validate a TOML config file."""
     p = Path(path)
     try:
-        if p.stat().st_size > CONFIG_MAX_BYTES:
-            raise ConfigError(
-                f"config {str(p)!r} is larger than {CONFIG_MAX_BYTES} bytes; is it the right file?"
-            )
-        raw = p.read_bytes()
+        raw = read_bounded(p, CONFIG_MAX_BYTES)
+    except FileTooLargeError:
+        raise ConfigError(
+            f"config {str(p)!r} is larger than {CONFIG_MAX_BYTES} bytes; is it the right file?"
+        ) from None
     except FileNotFoundError:
         raise ConfigError(
             f"config file {str(p)!r} does not exist; start from device_agent/examples/agent.toml"
@@ -216,11 +235,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) 
             continue
         if not isinstance(sec, dict):
             raise ConfigError(f"[{name}] must be a table")
-        extra = set(sec) - set(spec)
-        if extra:
-            raise ConfigError(
-                f"unknown key(s) {', '.join(sorted(extra))} in [{name}]. Known: {', '.join(spec)}"
-            )
+        check_table(sec, spec, name)  # required keys are named one by one below
         for key, (required, types) in spec.items():
             if key not in sec:
                 if required:
@@ -233,7 +248,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) 
                 raise ConfigError(f"[{name}] {key} must be {_type_names(types)}, got {str(v)[:60]!r}")
         sections[name] = sec
 
-    from device_agent.telemetry import TelemetryError, check_id
+    from device_agent.formats.telemetry import TelemetryError, check_id
 
     a = sections["agent"]
     try:
@@ -304,7 +319,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) 
 
 
 def _parse_update(sec: dict[str, Any] | None, rel: Any) -> dict[str, Any]:
-    from device_agent.updater import parse_update_section
+    from device_agent.update import parse_update_section
 
     if sec is not None and isinstance(sec.get("ca_file"), str):
         sec = dict(sec, ca_file=str(rel(sec["ca_file"])))
@@ -328,10 +343,10 @@ def _parse_api(sec: dict[str, Any], rel: Any) -> ApiSettings:
 def read_token(path: Path) -> str:
     """Read the API's bearer token (trailing newline ignored); ConfigError when missing, empty or exposed."""
     try:
+        raw = read_bounded(path, TOKEN_MAX_BYTES)
         st = path.stat()
-        if st.st_size > TOKEN_MAX_BYTES:
-            raise ConfigError(f"[api] token_file {str(path)!r} is larger than {TOKEN_MAX_BYTES} bytes")
-        raw = path.read_bytes()
+    except FileTooLargeError:
+        raise ConfigError(f"[api] token_file {str(path)!r} is larger than {TOKEN_MAX_BYTES} bytes") from None
     except OSError as e:
         raise ConfigError(f"[api] token_file {str(path)!r} cannot be read ({e.strerror})") from None
     if st.st_mode & 0o004:
@@ -415,7 +430,7 @@ def _parse_mqtt(m: dict[str, Any], rel: Any, device_id: str) -> MqttSettings:
 
 def check_files(cfg: AgentConfig) -> tuple[bytes, ...]:
     """Check every file the config names (keys, TLS files, password, state dir); return the trusted keys."""
-    from device_agent.keys import KeyFileError, load_trusted_keys
+    from device_agent.formats.keys import KeyFileError, load_trusted_keys
 
     try:
         keys = load_trusted_keys(cfg.trusted_keys)
@@ -451,6 +466,19 @@ def check_files(cfg: AgentConfig) -> tuple[bytes, ...]:
         if not d.is_dir():
             raise ConfigError(f"[api] listen: directory {str(d)!r} of the Unix socket does not exist")
     return keys
+
+
+def check_table(sec: Any, known: Iterable[str], name: str) -> None:
+    """Refuse a TOML table that is not one or holds a key outside ``known`` (ConfigError naming them)."""
+    check_keys(
+        sec,
+        (),
+        known,
+        name,
+        error=ConfigError,
+        unknown="unknown key(s) {extra_names} in [{where}]. Known: {known}",
+        not_mapping="[{where}] must be a table",
+    )
 
 
 def _type_names(types: tuple[type, ...]) -> str:

@@ -13,7 +13,10 @@ Hooks for other components (the OTA updater):
 * ``Daemon.publish_event(event, message, detail)``: an event on ``.../events``.
 * ``Daemon.set_command_handler(fn)``: ``fn(topic, payload)`` receives every message on
   ``edgefleet/<fleet>/<device_id>/cmd`` and ``edgefleet/<fleet>/cmd``.
-* ``Daemon.status_deployment``: a dict published in the retained status (``deployment``).
+* ``Daemon.set_deployment_status(status)``: a dict published in the retained status (``deployment``).
+* ``Daemon.served_bundle()``: the folder of the bundle served now.
+
+The updater meets the daemon through exactly these (``device_agent.update.UpdaterHost``).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from typing import Any
 from device_agent.agent import Agent, agent_version
 from device_agent.config import AgentConfig, check_files, load_config
 from device_agent.errors import AgentError, ConfigError
+from device_agent.formats.telemetry import TelemetryError, encode_event, encode_stats, encode_status, topic
 from device_agent.outbox import Outbox, OutboxError
 from device_agent.store import RollbackError
-from device_agent.telemetry import TelemetryError, encode_event, encode_stats, encode_status, topic
 from device_agent.windows import ClosedWindow
 
 log = logging.getLogger(__name__)
@@ -70,9 +73,9 @@ class Daemon:
         except OutboxError as e:
             raise ConfigError(str(e)) from None
         self._windows: queue.Queue[Any] = queue.Queue()
-        # OTA updates (device_agent.updater): recover an interrupted update before loading any model, then
+        # OTA updates (device_agent.update): recover an interrupted update before loading any model, then
         # serve the bundle store's active slot, or the configured bundle while the store holds none.
-        from device_agent.updater import updater_for_agent
+        from device_agent.update import updater_for_agent
 
         self.updater = updater_for_agent(config, self.trusted_keys)
         try:
@@ -168,7 +171,7 @@ class Daemon:
             self.config.device_id,
         )
         self.publish_event("model_loaded", f"serving {m.ref.name} v{m.ref.version}", self._model_detail())
-        from device_agent.updater import attach_to_daemon
+        from device_agent.update import attach_to_daemon
 
         attach_to_daemon(self.updater, self)  # deploy commands, the incoming drop box, deployment status
         return self
@@ -250,8 +253,8 @@ class Daemon:
 
     def _check_floor(self, p: Path) -> None:
         """Refuse a bundle below the anti-rollback floor before loading it (its manifest, unverified)."""
-        from device_agent.bundle import BundleError, load_manifest, manifest_sha256
-        from device_agent.store import BundleId
+        from device_agent.formats.files import BundleId
+        from device_agent.formats.manifest import BundleError, load_manifest, manifest_sha256
 
         try:
             m = load_manifest(p)
@@ -261,7 +264,7 @@ class Daemon:
         self.floor.check(ident, m.version, "bundle path")
 
     def _raise_floor(self, fallback: bool) -> None:
-        from device_agent.store import BundleId
+        from device_agent.formats.files import BundleId
 
         ref = self.agent.model.ref
         try:
@@ -296,6 +299,16 @@ class Daemon:
     def add_event_listener(self, fn: Callable[[bytes], None]) -> None:
         """Also hand every encoded event to ``fn`` (tests, local logging)."""
         self._event_listeners.append(fn)
+
+    def served_bundle(self) -> Path:
+        """The folder of the bundle served now."""
+        return Path(self.agent.model.path)
+
+    def set_deployment_status(self, status: dict[str, Any] | None, *, publish: bool = True) -> None:
+        """Show a deployment's state in the retained status (``deployment``); ``publish``: send it now."""
+        self.status_deployment = status
+        if publish and self.publisher is not None:
+            self.publisher.republish_status()
 
     def set_command_handler(self, fn: Callable[[str, bytes], None] | None) -> None:
         """Register ``fn(topic, payload)`` for messages on the device's and the fleet's cmd topics.

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from device_agent import kernels
-from device_agent.bundle import Manifest, TensorSpec, load_manifest
 from device_agent.errors import AgentError
+from device_agent.formats.manifest import Manifest, TensorSpec, load_manifest
 from device_agent.kernels import Summary
 from device_agent.runtimes import RuntimeModel, choose_runtime, load_runtime_model
 

@@ -9,7 +9,7 @@ compiler and the Python headers), and from numpy otherwise. ``NATIVE`` says whic
 
 Native only (None without the extension, and their callers take the numpy definitions):
 ``profile_update(...)`` and ``fold_outputs(...)``, the C versions of
-``device_agent.stats.FeatureSetProfile.update`` and of ``Profile.update_outputs`` for probability
+``device_agent.formats.stats.FeatureSetProfile.update`` and of ``Profile.update_outputs`` for probability
 scores (the same results to the bit); and ``Runner``, ``Agent.predict`` for a LiteRT model with
 8-bit I/O in one call (docs/agent.md, *The single-sample hot path*).
 

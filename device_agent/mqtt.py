@@ -25,9 +25,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from device_agent.config import MqttSettings
+from device_agent.config import MqttSettings, broker_settings
+from device_agent.formats.broker import new_client
+from device_agent.formats.telemetry import fleet_topic, topic, utc_iso
 from device_agent.outbox import Outbox, OutboxError
-from device_agent.telemetry import fleet_topic, topic, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -195,30 +196,11 @@ class MqttPublisher:
         self._send()
 
     def _new_client(self) -> Any:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         s = self.settings
-        if self.protocol == "5":
-            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id or "", protocol=mqtt.MQTTv5)
-        else:
-            c = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=s.client_id or "",
-                clean_session=True,
-                protocol=mqtt.MQTTv311,
-            )
+        c = new_client(broker_settings(s), "5" if self.protocol == "5" else "3.1.1")
         c.connect_timeout = CONNECT_TIMEOUT_S
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.will_set(self.status_topic, self.status_payload("offline"), qos=1, retain=True)
-        if s.username is not None:
-            c.username_pw_set(s.username, s.password())
-        if s.tls:
-            c.tls_set(
-                ca_certs=str(s.ca_file) if s.ca_file else None,
-                certfile=str(s.cert_file) if s.cert_file else None,
-                keyfile=str(s.key_file) if s.key_file else None,
-            )
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish

@@ -10,7 +10,7 @@ Layout under the agent's ``state_dir``::
       staging/           downloads in progress (removed when a deployment ends, and on recovery)
       incoming/          drop box for ``edgefleet flash`` (local path, ssh://): a writer copies into
                          ``<name>.partial`` and renames it when complete; the agent picks it up
-      update.json        the updater's persisted state machine (``device_agent.updater``)
+      update.json        the updater's persisted state machine (``device_agent.update.machine``)
       floor.json         the anti-rollback floor: the highest version ever activated (``RollbackFloor``)
 
 Every pointer and state file is replaced atomically: write a temporary file, fsync it, rename it over
@@ -29,22 +29,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import MANIFEST_FILE, SIGNATURE_FILE, Manifest, manifest_sha256
 from device_agent.errors import AgentError
+from device_agent.formats.files import (
+    FLOOR_FILE,
+    FLOOR_SCHEMA,
+    PARTIAL_SUFFIX,
+    BundleId,
+    StoreError,
+    copy_file_synced,
+    floor_doc,
+    floor_version,
+    fsync_dir,
+    read_json,
+)
+from device_agent.formats.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, manifest_sha256
 
 log = logging.getLogger(__name__)
 
 STORE_SCHEMA = 1
-FLOOR_SCHEMA = 1
 STALE_PARTIAL_S = 600.0  # a `.partial` drop untouched this long is a dead copy (a flash killed mid-way)
 SLOTS = ("a", "b")
-PARTIAL_SUFFIX = ".partial"
-COPY_CHUNK_BYTES = 1 << 20
-POINTER_MAX_BYTES = 64 * 1024
-
-
-class StoreError(AgentError):
-    """The bundle store cannot be read or written."""
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,6 @@ class ActiveRef:
         return cls(d["slot"], d["name"], v, sha)
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or unlink inside it survives power loss."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically: temporary file, fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -97,40 +92,12 @@ def atomic_write_json(path: Path, doc: Any) -> None:
     atomic_write_bytes(path, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())
 
 
-def read_json(path: Path, max_bytes: int = POINTER_MAX_BYTES) -> Any:
-    """Read a small JSON file written by ``atomic_write_json``; None when it does not exist."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise StoreError(f"cannot read {str(path)!r} ({e.strerror})") from None
-    if len(raw) > max_bytes:
-        raise StoreError(f"{str(path)!r} is larger than {max_bytes} bytes; it is not a store file")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise StoreError(f"{str(path)!r} is not valid JSON; remove it to reset the bundle store") from None
-
-
 def remove_tree(path: Path) -> None:
     """Remove a file or directory tree if present (symlinks are unlinked, never followed)."""
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     elif path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def copy_file_synced(src: Path, dst: Path) -> None:
-    """Copy one regular file and fsync it (refusing symlinks)."""
-    if src.is_symlink() or not src.is_file():
-        raise StoreError(f"{str(src)!r} is not a regular file")
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        while chunk := fi.read(COPY_CHUNK_BYTES):
-            fo.write(chunk)
-        fo.flush()
-        os.fsync(fo.fileno())
 
 
 class BundleStore:
@@ -220,13 +187,6 @@ class BundleStore:
         fsync_dir(self.slots_dir)
         return final
 
-    def remove_slot(self, slot: str) -> None:
-        """Delete an inactive slot's folder."""
-        ref = self.active()
-        if ref is not None and ref.slot == slot:
-            raise StoreError(f"slot {slot!r} is active and cannot be removed")
-        remove_tree(self.slot_path(slot))
-
     def ref_for(self, slot: str, manifest: Manifest) -> ActiveRef:
         """Return the pointer for a written slot."""
         return ActiveRef(slot, manifest.name, manifest.version, manifest_sha256(self.slot_path(slot)))
@@ -308,29 +268,6 @@ class RollbackError(AgentError):
     """A bundle below the anti-rollback floor was offered; the message says which and how to fix it."""
 
 
-@dataclass(frozen=True)
-class BundleId:
-    """The identity of a bundle for the floor: name, version and manifest sha256."""
-
-    name: str
-    version: int
-    sha256: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "sha256": self.sha256}
-
-    @classmethod
-    def from_dict(cls, d: Any) -> BundleId | None:
-        if not isinstance(d, dict):
-            return None
-        v, name, sha = d.get("version"), d.get("name"), d.get("sha256")
-        if isinstance(v, bool) or not isinstance(v, int) or not isinstance(name, str):
-            return None
-        if not isinstance(sha, str) or len(sha) != 64:
-            return None
-        return cls(name, v, sha)
-
-
 class RollbackFloor:
     """The highest bundle version this device ever activated, kept in ``bundles/floor.json``.
 
@@ -345,7 +282,7 @@ class RollbackFloor:
     """
 
     def __init__(self, root: Path) -> None:
-        self.path = Path(root) / "floor.json"
+        self.path = Path(root) / FLOOR_FILE
         self._lock = threading.Lock()
         self.refused_total = 0
         self.last_refused: dict[str, Any] | None = None
@@ -362,7 +299,7 @@ class RollbackFloor:
                 # which versions were active (the caller raises the floor from them again).
                 log.error("anti-rollback floor unreadable (%s); rebuilding it from the bundle store", e)
                 doc = None
-            self._doc = doc if isinstance(doc, dict) and doc.get("schema") == FLOOR_SCHEMA else {}
+            self._doc = floor_doc(doc)
         return self._doc
 
     @property
@@ -375,8 +312,7 @@ class RollbackFloor:
     def version(self) -> int:
         """The floor (0 when nothing was activated yet)."""
         with self._lock:
-            b = BundleId.from_dict(self._read().get("highest"))
-        return b.version if b else 0
+            return floor_version(self._read())
 
     @property
     def fallback(self) -> BundleId | None:
@@ -479,15 +415,10 @@ __all__ = [
     "STORE_SCHEMA",
     "RollbackFloor",
     "RollbackError",
-    "BundleId",
     "SLOTS",
-    "StoreError",
     "ActiveRef",
     "BundleStore",
     "atomic_write_bytes",
     "atomic_write_json",
-    "read_json",
-    "fsync_dir",
     "remove_tree",
-    "copy_file_synced",
 ]

@@ -5,7 +5,7 @@ themselves, or for large images a per-channel summary; for a single sample, from
 input's one-pass check computed, turned into features at the next fold) and buffers those
 features with the scores and latencies. Every
 ``FLUSH_ROWS`` samples, and when it closes, it folds the buffer into its
-``device_agent.stats.Profile`` (numpy costs per call, not per row). Windows are made from the
+``device_agent.formats.stats.Profile`` (numpy costs per call, not per row). Windows are made from the
 bundle's baseline spec (``spec.new_profile()``), so they merge and compare with the baseline
 exactly. Not thread-safe: the Agent holds a lock.
 """
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from device_agent import kernels
+from device_agent.formats.stats import Profile, ProfileSpec, summary_features
+from device_agent.formats.telemetry import ModelRef
 from device_agent.kernels import Summary
-from device_agent.stats import Profile, ProfileSpec, summary_features
-from device_agent.telemetry import ModelRef
 
 # Rows buffered between folds for element features: as many as fit in FEATS_BUFFER_BYTES, within
 # [MIN_FLUSH_ROWS, FLUSH_ROWS]. Each fold has a fixed cost of a few numpy calls, which 1024 rows

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import ModelFormat
-from device_agent.stats import baseline_to_dict, build_baseline
+from device_agent.formats.manifest import ModelFormat
+from device_agent.formats.stats import baseline_to_dict, build_baseline
 from toolchain.errors import USER_ERRORS, ToolchainError
 from toolchain.report import REPORT_SCHEMA, merge_previous, write_report
 from toolchain.steps.data import DataError, Dataset, check_finite, check_fits, conform, load_dataset

@@ -174,7 +174,7 @@ def run_demo(
     bundles = out / "bundles"
     version = 1
     if (bundles / DEMO_TARGET / "manifest.json").exists():
-        from device_agent.bundle import load_manifest
+        from device_agent.formats.manifest import load_manifest
 
         version = load_manifest(bundles / DEMO_TARGET).version + 1
     if bundles.exists():
@@ -199,8 +199,7 @@ def run_demo(
     echo(
         f"==> 3/5 deploy: embedded MQTT broker, fleet collector (SQLite), {len(DEVICES)} agents on {DEMO_TARGET}"
     )
-    from device_agent.broker import EmbeddedBroker
-    from device_agent.daemon import Daemon
+    from device_agent.agent import Daemon, EmbeddedBroker
     from toolchain.fleet import Collector, drift_table, register_bundle, status_rows, write_report
     from toolchain.fleet.queries import recent_alerts
 

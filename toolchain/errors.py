@@ -1,6 +1,6 @@
 """The host side's one root error: the CLI turns it into ``Error: ...`` and exit code 1."""
 
-from device_agent.errors import AgentError
+from device_agent.formats import AgentError
 
 
 class ToolchainError(Exception):

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from device_agent.bundle import (
+from device_agent.formats.deploy import DeployCommand, HttpSource, MqttSource, bundle_stream, bundle_topic
+from device_agent.formats.files import PARTIAL_SUFFIX, copy_file_synced, fsync_dir, read_floor_version
+from device_agent.formats.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     Manifest,
@@ -40,9 +42,7 @@ from device_agent.bundle import (
     manifest_sha256,
     verify_bundle,
 )
-from device_agent.store import PARTIAL_SUFFIX, RollbackFloor, copy_file_synced, fsync_dir
-from device_agent.telemetry import TelemetryError, check_id, decode_event, fleet_topic, topic
-from device_agent.updater import DeployCommand, HttpSource, MqttSource, bundle_stream, bundle_topic
+from device_agent.formats.telemetry import TelemetryError, check_id, decode_event, fleet_topic, topic
 from toolchain.errors import ToolchainError
 
 CHUNK_BYTES = 64 * 1024
@@ -174,7 +174,7 @@ def flash_local(bundle: Path, m: Manifest, state_dir: Path) -> Path:
             f"--to {str(state_dir)!r} is not a directory; pass the agent's [agent] state_dir (create it first)"
         )
     incoming = state_dir / "bundles" / "incoming"
-    floor = RollbackFloor(state_dir / "bundles").version  # the agent refuses it too; say so now
+    floor = read_floor_version(state_dir / "bundles")  # the agent refuses it too; say so now
     if m.version < floor:
         raise FlashError(
             f"bundle {m.name} v{m.version} is below the device's anti-rollback floor v{floor} (the highest"

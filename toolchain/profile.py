@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import DEVICE_PROFILE_FILE, Manifest, manifest_sha256
+from device_agent.formats.manifest import DEVICE_PROFILE_FILE, Manifest, manifest_sha256
 from toolchain.errors import ToolchainError
 
 PROFILE_SCHEMA = 1

@@ -16,7 +16,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from device_agent.bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, load_manifest
+from device_agent.formats.manifest import MANIFEST_FILE, SIGNATURE_FILE, BundleError, load_manifest
 from toolchain.errors import ToolchainError
 
 COPY_CHUNK_BYTES = 64 * 1024

@@ -1,6 +1,6 @@
 """Ed25519 signing keys and bundle signatures on the build host.
 
-Key files (see ``device_agent.keys`` for the device side):
+Key files (see ``device_agent.formats.keys`` for the device side):
 
 * ``NAME.key``: PEM PKCS8, unencrypted, mode 0600 (keep it on the build host or in a secret store);
 * ``NAME.pub``: PEM SubjectPublicKeyInfo, mode 0644; copy it to devices, list it in ``[agent] trusted_keys``;
@@ -16,8 +16,8 @@ import os
 import stat
 from pathlib import Path
 
-from device_agent.bundle import SIGNATURE_FILE, key_id, read_manifest_bytes, sign_manifest
-from device_agent.keys import KeyFileError, load_public_key_file
+from device_agent.formats.keys import KeyFileError, load_public_key_file
+from device_agent.formats.manifest import SIGNATURE_FILE, key_id, read_manifest_bytes, sign_manifest
 from toolchain.errors import ToolchainError
 
 PRIVATE_KEY_MAX_BYTES = 16 * 1024

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import DType, ModelFormat, RuntimeName
+from device_agent.formats.manifest import DType, ModelFormat, RuntimeName
 from toolchain.errors import ToolchainError
 
 if sys.version_info >= (3, 11):
@@ -146,14 +146,18 @@ def target_dirs() -> list[Path]:
 
 
 def _keys(d: Any, required: set[str], optional: set[str], where: str) -> None:
-    if not isinstance(d, Mapping):
-        raise TargetError(f"{where} must be a table")
-    extra = set(d) - required - optional
-    missing = required - set(d)
-    if extra:
-        raise TargetError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(required | optional)}")
-    if missing:
-        raise TargetError(f"{where}: missing key(s) {sorted(missing)}")
+    from device_agent.formats.strict import check_keys
+
+    check_keys(
+        d,
+        sorted(required),
+        sorted(optional),
+        where,
+        error=TargetError,
+        unknown="{where}: unknown key(s) {extra}; allowed: {allowed}",
+        missing="{where}: missing key(s) {missing}",
+        not_mapping="{where} must be a table",
+    )
 
 
 def _enum(cls: Any, value: Any, where: str) -> Any:

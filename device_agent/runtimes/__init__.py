@@ -51,11 +51,6 @@ def is_installed(runtime: str) -> bool:
     return any(importlib.util.find_spec(m) is not None for m in ADAPTERS[runtime][1])
 
 
-def installed_runtimes() -> list[str]:
-    """Return the names of runtimes installed in this environment."""
-    return [name for name in ADAPTERS if is_installed(name)]
-
-
 def load_runtime_model(
     path: str | Path,
     runtime: str,

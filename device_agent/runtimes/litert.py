@@ -70,7 +70,8 @@ def new_interpreter(mod: Any, **kwargs: Any) -> Any:
     return interp
 
 
-def _interpreter_module() -> Any:
+def interpreter_module() -> Any:
+    """Return the LiteRT interpreter module installed here (ai_edge_litert, else tflite_runtime)."""
     try:
         from ai_edge_litert import interpreter as mod
     except ImportError:  # older Raspberry Pi OS images only have tflite-runtime
@@ -91,7 +92,7 @@ class LiteRTModel:
     runtime = "litert"
 
     def __init__(self, path: Path, threads: int = 1, accelerator_path: Path | None = None) -> None:
-        mod = _interpreter_module()
+        mod = interpreter_module()
         self.accelerated = False
         interp = None
         if accelerator_path is not None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-_TYPES = {
+# ONNX tensor type names -> numpy dtypes (public: the build reads converted models' I/O with it)
+TENSOR_TYPES = {
     "tensor(float)": np.float32,
     "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
@@ -34,8 +35,8 @@ class OrtModel:
         self._in_name = inp.name
         self._out_name = out.name
         self.input_shape = tuple(d if isinstance(d, int) else -1 for d in inp.shape)
-        self.input_dtype = np.dtype(_TYPES.get(inp.type, np.float32))
-        self.output_dtype = np.dtype(_TYPES.get(out.type, np.float32))
+        self.input_dtype = np.dtype(TENSOR_TYPES.get(inp.type, np.float32))
+        self.output_dtype = np.dtype(TENSOR_TYPES.get(out.type, np.float32))
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._sess.run([self._out_name], {self._in_name: x})[0])

@@ -7,7 +7,7 @@
   OpenVINO. TensorFlow runs in a subprocess, so the test process itself never imports it. With
   ``upsample=3`` it takes the digits as 24x24 images (statistics: per-channel summaries).
 
-Both carry a ``baseline.json`` made by ``device_agent.stats.build_baseline`` on the training split.
+Both carry a ``baseline.json`` made by ``device_agent.formats.stats.build_baseline`` on the training split.
 The shared ``digits_bundles`` fixture of tests/conftest.py replaces these where it is available.
 """
 
@@ -81,8 +81,8 @@ def write_bundle(
 ) -> Path:
     """Write baseline.json, labels.txt and manifest.json around a model file already in ``root``
     (``upsample``: the model takes the digits scaled up by that factor, see ``upsampled``)."""
-    from device_agent.bundle import Manifest, file_entry
-    from device_agent.stats import baseline_to_dict, build_baseline
+    from device_agent.formats.manifest import Manifest, file_entry
+    from device_agent.formats.stats import baseline_to_dict, build_baseline
 
     d = digits()
     w, b = fit_dense()

@@ -11,10 +11,10 @@ import pytest
 
 import device_agent
 from device_agent.agent import Agent
-from device_agent.bundle import BundleError
+from device_agent.formats.manifest import BundleError
+from device_agent.formats.stats import baseline_from_dict
+from device_agent.formats.telemetry import decode_stats, encode_stats
 from device_agent.inference import InputError
-from device_agent.stats import baseline_from_dict
-from device_agent.telemetry import decode_stats, encode_stats
 from tests.device_agent.agent_bundles import cached_onnx_bundle, digits, onnx_bundle
 
 
@@ -145,7 +145,7 @@ def test_signed_bundles_need_a_trusted_key(tmp_path: Path) -> None:
         PublicFormat,
     )
 
-    from device_agent.bundle import sign_manifest
+    from device_agent.formats.manifest import sign_manifest
 
     b = shutil.copytree(cached_onnx_bundle(), tmp_path / "b")
     key = Ed25519PrivateKey.generate()
@@ -195,8 +195,8 @@ def test_window_buffering_equals_one_pass_profile(
 def test_image_window_buffers_raw_inputs_and_equals_one_pass_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     """Large images are summarised per channel; batching the summaries changes nothing."""
     from device_agent import windows
-    from device_agent.stats import build_baseline
-    from device_agent.telemetry import ModelRef
+    from device_agent.formats.stats import build_baseline
+    from device_agent.formats.telemetry import ModelRef
     from device_agent.windows import Window
 
     monkeypatch.setattr(windows, "SUMMARY_FLUSH_ROWS", 128)

@@ -1,4 +1,4 @@
-"""Manifest validation and bundle verification (device_agent.bundle), without any runtime."""
+"""Manifest validation and bundle verification (device_agent.formats.manifest), without any runtime."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.bundle import (
+from device_agent.formats.manifest import (
     BundleError,
     DType,
     FileEntry,

@@ -22,7 +22,7 @@ def test_native_kernels_are_built() -> None:
 
 
 def _reference_codes(x: np.ndarray, scale: np.float32, zp: np.float32, dtype: type) -> np.ndarray:
-    from device_agent.bundle import DType, Quantization, TensorSpec
+    from device_agent.formats.manifest import DType, Quantization, TensorSpec
     from device_agent.inference import quantize
 
     spec = TensorSpec(
@@ -120,8 +120,8 @@ def test_kernels_refuse_buffers_that_do_not_fit() -> None:
 def test_single_sample_window_equals_the_batch_window(kernel_impl) -> None:
     """One image at a time (summaries deferred to the fold, scores stored by store_row) gives the
     profile a batch gives, and ``record_one`` reports numpy's top-1."""
-    from device_agent.stats import build_baseline
-    from device_agent.telemetry import ModelRef
+    from device_agent.formats.stats import build_baseline
+    from device_agent.formats.telemetry import ModelRef
     from device_agent.windows import Window
 
     rng = np.random.default_rng(6)
@@ -179,7 +179,7 @@ def test_profile_update_equals_the_numpy_definition_to_the_bit(monkeypatch, n_fe
     """Histograms, counts, NaN counts, min/max, mean and M2 after several batches (values on the
     edges, on the last edge, out of range, NaN and infinities) are identical with and without C,
     for feature counts that are and are not multiples of the kernel's four lanes."""
-    from device_agent.stats import FeatureSetProfile
+    from device_agent.formats.stats import FeatureSetProfile
 
     rng = np.random.default_rng(7)
     edges = [
@@ -209,7 +209,7 @@ def test_profile_update_equals_the_numpy_definition_to_the_bit(monkeypatch, n_fe
 @native
 def test_profile_update_leaves_read_only_profiles_to_numpy() -> None:
     """A profile over read-only arrays (as unpacked from storage) still updates, by numpy."""
-    from device_agent.stats import FeatureSetProfile
+    from device_agent.formats.stats import FeatureSetProfile
 
     p = FeatureSetProfile.empty(["a"], [[0.0, 1.0, 2.0]])
     p.count.flags.writeable = False
@@ -239,7 +239,7 @@ def test_fold_outputs_equals_the_numpy_definition(monkeypatch) -> None:
     """Class counts and confidence histograms from the C fold equal numpy's for probabilities
     (values past [0, 1] by quantization included); logits, NaN and rows whose sums sit on the
     tolerance are left to numpy (False, nothing changed)."""
-    from device_agent.stats import build_baseline
+    from device_agent.formats.stats import build_baseline
 
     rng = np.random.default_rng(11)
     probs = rng.dirichlet(np.ones(6) * 0.3, 2000)

@@ -16,7 +16,7 @@ import device_agent.daemon as daemon_mod
 import device_agent.mqtt as mqtt_mod
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
-from device_agent.telemetry import decode_stats, decode_status
+from device_agent.formats.telemetry import decode_stats, decode_status
 from tests.device_agent.agent_bundles import cached_onnx_bundle, digits
 from tests.device_agent.agent_helpers import (
     Collector,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.bundle import load_manifest
+from device_agent.formats.manifest import load_manifest
 from device_agent.runtimes import is_installed
 from tests.device_agent.agent_bundles import cached_onnx_bundle, cached_tflite_bundle, digits
 

@@ -1,4 +1,4 @@
-"""Merge laws, exact histograms and the baseline round trip of device_agent.stats."""
+"""Merge laws, exact histograms and the baseline round trip of device_agent.formats.stats."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent.stats import (
+from device_agent.formats.stats import (
     FeatureSetProfile,
     FeatureSpec,
     StatsError,
@@ -121,7 +121,7 @@ def test_image_summary_of_a_sample_is_the_same_alone_or_in_a_batch(shape, kernel
     """Every image (and channel) is reduced on its own row: batching never changes a feature,
     with the C kernel and with the numpy fallback."""
     from device_agent import kernels
-    from device_agent.stats import FeatureSpec, summary_features
+    from device_agent.formats.stats import FeatureSpec, summary_features
 
     rng = np.random.default_rng(1)
     x = (rng.random((9, *shape)) * 255).astype(np.float32)

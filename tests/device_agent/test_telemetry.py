@@ -1,4 +1,4 @@
-"""Strict decoding of the telemetry wire format (device_agent.telemetry)."""
+"""Strict decoding of the telemetry wire format (device_agent.formats.telemetry)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent.stats import build_baseline
-from device_agent.telemetry import (
+from device_agent.formats.stats import build_baseline
+from device_agent.formats.telemetry import (
     MAX_PAYLOAD_BYTES,
     ModelRef,
     TelemetryError,

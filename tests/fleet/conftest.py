@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.stats import Profile
-from device_agent.telemetry import ModelRef
+from device_agent.formats.stats import Profile
+from device_agent.formats.telemetry import ModelRef
 from toolchain.fleet.sim import digits_baseline, load_digits, window_profile, write_bundle
 
 

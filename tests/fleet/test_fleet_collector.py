@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.telemetry import encode_event
+from device_agent.formats.telemetry import encode_event
 from tests.helpers import wait_for
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, stats_payload, status_payload

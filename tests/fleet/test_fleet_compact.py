@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from device_agent.stats import Profile
+from device_agent.formats.stats import Profile
 from toolchain.cli import main
 from toolchain.fleet.alerts import Evaluator, ListSink
 from toolchain.fleet.collector import Incoming, Ingestor
@@ -91,7 +91,7 @@ def test_compaction_folds_old_windows_into_exact_hourly_rollups(filled, digits_m
                 and np.floor((t0 + q * WINDOW_S) / HOUR_S) * HOUR_S == hour
             ]
             assert n == len(seqs) and count == sum(profiles[(dev, q)].count for q in seqs)
-            # The rollup equals device_agent.stats merging the raw windows one by one (as sent: the
+            # The rollup equals device_agent.formats.stats merging the raw windows one by one (as sent: the
             # wire format rounds means and M2 to 10 significant digits).
             sent = [Profile.from_state(base.spec, profiles[(dev, q)].state_dict()) for q in seqs]
             expect = sent[0]

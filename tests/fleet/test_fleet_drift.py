@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from device_agent.stats import FeatureSetProfile, FeatureSpec, ProfileSpec
+from device_agent.formats.stats import FeatureSetProfile, FeatureSpec, ProfileSpec
 from toolchain.fleet.drift import (
     AlertState,
     DriftConfig,

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from device_agent.telemetry import ModelRef, TelemetryError, decode_stats
+from device_agent.formats.telemetry import ModelRef, TelemetryError, decode_stats
 from toolchain.fleet.fastpath import Refused, decode_window
 from toolchain.fleet.sim import stats_payload
 from toolchain.fleet.storage import Layout, pack_profile

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from device_agent.bundle import manifest_sha256
-from device_agent.stats import baseline_from_dict
+from device_agent.formats.manifest import manifest_sha256
+from device_agent.formats.stats import baseline_from_dict
 from toolchain.fleet.drift import compare
 from toolchain.fleet.queries import drift_table
 from toolchain.fleet.registry import register_bundle
@@ -51,7 +51,7 @@ def test_class_prior_shift_and_confidence_decay_on_the_real_model(real, digits) 
 
 
 def test_register_a_built_bundle_and_judge_its_windows(real, digits, sqlite_url) -> None:
-    from device_agent.telemetry import ModelRef
+    from device_agent.formats.telemetry import ModelRef
     from toolchain.fleet.collector import Incoming, Ingestor
     from toolchain.fleet.registry import BaselineCache
     from toolchain.fleet.sim import stats_payload

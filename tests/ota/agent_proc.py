@@ -16,7 +16,7 @@ __all__ = ["REPO", "wait_for"]
 
 PRELUDE = r"""
 import os, sys, time
-import device_agent.updater as U, device_agent.store as S, device_agent.mqtt as M
+import device_agent.update.machine as U, device_agent.store as S, device_agent.mqtt as M
 U.INCOMING_POLL_S = 0.2
 U.HEALTH_POLL_S = 0.1
 M.RECONNECT_MIN_S = 0.1

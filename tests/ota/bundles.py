@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.bundle import (
+from device_agent.formats.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     DType,
@@ -25,7 +25,7 @@ from device_agent.bundle import (
     file_entry,
     load_manifest,
 )
-from device_agent.stats import baseline_to_dict, build_baseline
+from device_agent.formats.stats import baseline_to_dict, build_baseline
 
 LABELS = [str(i) for i in range(10)]
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import VerifyPolicy, manifest_sha256, verify_bundle
+from device_agent.formats.manifest import VerifyPolicy, manifest_sha256, verify_bundle
 from device_agent.inference import Predictor
-from device_agent.updater import Updater, UpdaterConfig
+from device_agent.update import Updater, UpdaterConfig
 
 
 class Serving:

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from device_agent.bundle import VerifyPolicy, manifest_sha256, verify_bundle
-from device_agent.keys import load_trusted_keys
+from device_agent.formats.deploy import bundle_topic
+from device_agent.formats.keys import load_trusted_keys
+from device_agent.formats.manifest import VerifyPolicy, manifest_sha256, verify_bundle
 from device_agent.store import BundleStore
-from device_agent.updater import bundle_topic
 from tests.ota.agent_proc import Agent, wait_for, write_agent_config
 from toolchain.cli import main
 from toolchain.serve import BundleHTTPServer
@@ -245,7 +245,7 @@ def test_bad_commands_and_bundles_over_the_air_never_stop_the_agent(
     assert "does not verify" in ev["detail"]["reason"]
     assert agent.predict(x_rows(digits))["model"]["version"] == 1
     # the fleet-wide topic with a device filter that excludes this device: ignored
-    from device_agent.updater import DeployCommand, HttpSource
+    from device_agent.formats.deploy import DeployCommand, HttpSource
 
     good = make_version(2)
     m_sha = manifest_sha256(good)

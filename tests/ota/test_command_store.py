@@ -14,19 +14,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent.bundle import VerifyPolicy, load_manifest, manifest_sha256
-from device_agent.keys import load_trusted_keys
-from device_agent.store import ActiveRef, BundleStore, StoreError, atomic_write_json, read_json
-from device_agent.updater import (
+from device_agent.formats.broker import BrokerSettings as MqttSettings
+from device_agent.formats.deploy import (
     CommandError,
     DeployCommand,
     HttpSource,
     LocalSource,
-    MqttSettings,
     MqttSource,
     decode_command,
-    parse_update_section,
 )
+from device_agent.formats.files import StoreError, read_json
+from device_agent.formats.keys import load_trusted_keys
+from device_agent.formats.manifest import VerifyPolicy, load_manifest, manifest_sha256
+from device_agent.store import ActiveRef, BundleStore, atomic_write_json
+from device_agent.update import parse_update_section
 from tests.ota.harness import Serving, make_updater
 
 SHA = "a" * 64
@@ -246,7 +247,7 @@ def _publish(port: int, items: list[tuple[str, bytes]]) -> None:
 
 
 def _chunked(bundle: Path, chunk: int) -> tuple[MqttSource, list[bytes], DeployCommand]:
-    from device_agent.updater import bundle_stream
+    from device_agent.formats.deploy import bundle_stream
 
     files, mb, sb = bundle_stream(bundle)
     data = b"".join(f.read_bytes() for f in files)
@@ -284,7 +285,7 @@ def test_chunks_arriving_in_any_order_install(mosquitto, tmp_path, make_version,
 def test_bad_chunks_fail_cleanly(
     fault, reason, mosquitto, tmp_path, make_version, ota_keys, monkeypatch
 ) -> None:
-    import device_agent.updater as U
+    import device_agent.update.fetch as U
 
     monkeypatch.setattr(U, "DOWNLOAD_STALL_S", 1.0)
     pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
@@ -401,7 +402,7 @@ def test_agent_config_update_table(tmp_path: Path, make_version, ota_keys) -> No
 
 
 def test_command_queue_is_bounded(tmp_path, make_version, ota_keys) -> None:
-    import device_agent.updater as U
+    import device_agent.update.machine as U
 
     pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
     up = make_updater(tmp_path / "state", Serving(pol), pol, fallback=make_version(1), device_id="pi-001")

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from device_agent.bundle import SIGNATURE_FILE, VerifyPolicy, load_manifest, manifest_sha256, verify_bundle
-from device_agent.keys import KeyFileError, load_trusted_keys
+from device_agent.formats.keys import KeyFileError, load_trusted_keys
+from device_agent.formats.manifest import (
+    SIGNATURE_FILE,
+    VerifyPolicy,
+    load_manifest,
+    manifest_sha256,
+    verify_bundle,
+)
 from device_agent.store import BundleStore
 from tests.ota.harness import Serving, make_updater
 from toolchain.cli import main

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from device_agent.bundle import DEVICE_PROFILE_FILE, BundleError, VerifyPolicy, verify_bundle
-from device_agent.keys import load_trusted_keys
+from device_agent.formats.keys import load_trusted_keys
+from device_agent.formats.manifest import DEVICE_PROFILE_FILE, BundleError, VerifyPolicy, verify_bundle
 from toolchain.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,7 +158,7 @@ def test_profile_local_and_bad_arguments(make_version, tmp_path, eval_npz) -> No
 
 
 def test_a_listed_device_profile_is_refused_and_other_extra_files_still_are(make_version) -> None:
-    from device_agent.bundle import check_relpath
+    from device_agent.formats.manifest import check_relpath
 
     with pytest.raises(BundleError, match="reserved"):
         check_relpath(DEVICE_PROFILE_FILE)

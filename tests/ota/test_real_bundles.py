@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from device_agent.bundle import VerifyPolicy, load_manifest, manifest_sha256
-from device_agent.keys import load_trusted_keys
-from device_agent.updater import LocalSource
+from device_agent.formats.deploy import LocalSource
+from device_agent.formats.keys import load_trusted_keys
+from device_agent.formats.manifest import VerifyPolicy, load_manifest, manifest_sha256
 from tests.ota.agent_proc import Agent, write_agent_config
 from tests.ota.bundles import repackage
 from tests.ota.harness import Serving, make_updater

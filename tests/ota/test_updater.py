@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.bundle import (
+from device_agent.formats.deploy import DeployCommand, HttpSource, LocalSource
+from device_agent.formats.keys import load_trusted_keys
+from device_agent.formats.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     VerifyPolicy,
@@ -27,9 +29,8 @@ from device_agent.bundle import (
     load_manifest,
     manifest_sha256,
 )
-from device_agent.keys import load_trusted_keys
 from device_agent.store import BundleStore
-from device_agent.updater import DeployCommand, HttpSource, LocalSource, Updater
+from device_agent.update import Updater
 from tests.ota.harness import Serving, make_updater
 from toolchain.serve import BundleHTTPServer
 
@@ -417,7 +418,7 @@ def test_endless_download_stops_at_the_declared_size(device, make_version, bad_s
 
 
 def test_stalled_download_times_out(device, make_version, bad_server, digits, monkeypatch) -> None:
-    import device_agent.updater as U
+    import device_agent.update.fetch as U
 
     monkeypatch.setattr(U, "DOWNLOAD_STALL_S", 0.5)
     monkeypatch.setattr(U, "DOWNLOAD_ATTEMPTS", 2)
@@ -429,7 +430,7 @@ def test_stalled_download_times_out(device, make_version, bad_server, digits, mo
 
 
 def test_broken_download_resumes_with_a_range_request(device, make_version, bad_server, monkeypatch) -> None:
-    import device_agent.updater as U
+    import device_agent.update.fetch as U
 
     monkeypatch.setattr(U, "DOWNLOAD_RETRY_S", 0.05)
     up, serving = device
@@ -502,7 +503,7 @@ def test_disk_full_in_staging_is_refused_up_front(
 def test_disk_filling_up_during_download_fails_cleanly(
     device, make_version, ota_keys, small_tmpfs, digits, monkeypatch
 ) -> None:
-    import device_agent.updater as U
+    import device_agent.update.fetch as U
 
     up, serving = device
     small_tmpfs(up.store.staging_dir, 256 * 1024)

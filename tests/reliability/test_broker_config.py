@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from device_agent.config import load_config
-from device_agent.telemetry import MAX_PAYLOAD_BYTES, ModelRef
+from device_agent.formats.telemetry import MAX_PAYLOAD_BYTES, ModelRef
 from tests.conftest import Mosquitto, free_port, missing_service, mosquitto_binary, wait_port
 from tests.helpers import wait_for
 from toolchain.cli import main

@@ -16,8 +16,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from device_agent.bundle import manifest_sha256
-from device_agent.telemetry import ModelRef
+from device_agent.formats.manifest import manifest_sha256
+from device_agent.formats.telemetry import ModelRef
 from tests.conftest import Mosquitto, missing_service, mosquitto_binary
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.helpers import run_edgefleet, wait_for

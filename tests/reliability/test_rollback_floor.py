@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 
 from device_agent import daemon as daemon_mod
-from device_agent.bundle import VerifyPolicy, load_manifest, manifest_sha256
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.errors import ConfigError
-from device_agent.keys import load_trusted_keys
+from device_agent.formats.deploy import DeployCommand, HttpSource
+from device_agent.formats.keys import load_trusted_keys
+from device_agent.formats.manifest import VerifyPolicy, load_manifest, manifest_sha256
 from device_agent.store import BundleStore, RollbackFloor
-from device_agent.updater import DeployCommand, HttpSource, Updater, UpdaterConfig
+from device_agent.update import Updater, UpdaterConfig
 from tests.helpers import wait_for
 from tests.ota import conftest as ota_fixtures
 from tests.ota.agent_proc import Agent, write_agent_config
@@ -151,7 +152,7 @@ def test_ota_below_the_floor_is_refused_after_a_fallback(make_version, ota_keys,
         up.report_pending()
         if serving.version is not None and not up.floor.serving_below_floor:
             m = serving.predictor.manifest
-            from device_agent.store import BundleId
+            from device_agent.formats.files import BundleId
 
             up.floor.raise_to(BundleId(m.name, m.version, manifest_sha256(serve)), fallback=serve == v1)
         return up, serving
@@ -252,7 +253,7 @@ def test_bundle_symlink_flip_to_an_older_bundle_is_refused(
 
 
 def test_floor_file_is_atomic_and_only_rises(tmp_path: Path) -> None:
-    from device_agent.store import BundleId
+    from device_agent.formats.files import BundleId
 
     f = RollbackFloor(tmp_path)
     assert f.version == 0 and not f.exists

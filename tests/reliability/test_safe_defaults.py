@@ -16,7 +16,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from device_agent.keys import KeyFileError, load_public_key_file
+from device_agent.formats.keys import KeyFileError, load_public_key_file
 from tests.conftest import Mosquitto
 from tests.helpers import wait_for
 from toolchain.cli import main

@@ -232,7 +232,7 @@ def x86_ort() -> Any:
     """The x86 profile with ONNX Runtime only: OpenVINO 2026.4's CPU plugin refuses this int8 model on
     the AMX machine these tests were written on ("No suitable implementations"), which would fail
     the whole x86 target; budgets are what these tests are about."""
-    from device_agent.bundle import RuntimeName
+    from device_agent.formats.manifest import RuntimeName
 
     return dataclasses.replace(load_target("x86"), name="x86", runtimes=(RuntimeName.ONNXRUNTIME,))
 
@@ -365,7 +365,7 @@ def test_local_profile_of_a_built_bundle_lands_in_its_report(
 
     from click.testing import CliRunner
 
-    from device_agent.bundle import VerifyPolicy, verify_bundle
+    from device_agent.formats.manifest import VerifyPolicy, verify_bundle
     from toolchain.cli import main
 
     out = built["x86_out"].parent / "profiled"

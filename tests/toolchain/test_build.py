@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.bundle import VerifyPolicy, load_manifest, verify_bundle
+from device_agent.formats.manifest import VerifyPolicy, load_manifest, verify_bundle
+from device_agent.formats.stats import baseline_from_dict
 from device_agent.inference import Predictor
-from device_agent.stats import baseline_from_dict
 from toolchain.build import BuildError, build_bundles
 from toolchain.steps.data import load_dataset
 
@@ -214,7 +214,7 @@ def test_held_out_split_when_no_eval_data(digits_cnn_path: Path, tmp_path: Path)
 def test_signed_build(digits_cnn_path: Path, tmp_path: Path) -> None:
     signing = pytest.importorskip("toolchain.signing")
     priv, pub = signing.create_keys(tmp_path / "keys")
-    from device_agent.keys import load_public_key_file
+    from device_agent.formats.keys import load_public_key_file
 
     out = tmp_path / "o"
     build_bundles(

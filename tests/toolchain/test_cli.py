@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from device_agent.bundle import load_manifest
+from device_agent.formats.manifest import load_manifest
 from toolchain.cli import main
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.bundle import DType, ModelFormat
+from device_agent.formats.manifest import DType, ModelFormat
 from toolchain.steps import convert as conv
 from toolchain.steps.convert import (
     Artifact,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.bundle import VerifyPolicy, verify_bundle
-from device_agent.keys import load_trusted_keys
+from device_agent.formats.keys import load_trusted_keys
+from device_agent.formats.manifest import VerifyPolicy, verify_bundle
 
 
 @pytest.mark.slow

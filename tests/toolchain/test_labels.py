@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.bundle import load_manifest
+from device_agent.formats.manifest import load_manifest
 from toolchain.steps.data import DataError, load_dataset
 
 pytestmark = pytest.mark.slow

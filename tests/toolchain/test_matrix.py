@@ -192,7 +192,7 @@ def agent_accuracy(bundle: Path, runtime: str, x: np.ndarray, y: np.ndarray) -> 
 def test_cell_builds_and_keeps_accuracy_sample_by_sample(
     cell: tuple[Any, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from device_agent.bundle import load_manifest
+    from device_agent.formats.manifest import load_manifest
     from toolchain import build
     from toolchain.build import BuildError, build_bundles
     from toolchain.steps import latency

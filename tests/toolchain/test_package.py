@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.bundle import DType, ModelFormat, Quantization, TensorSpec, verify_bundle
-from device_agent.stats import baseline_from_dict, baseline_to_dict, build_baseline
+from device_agent.formats.manifest import DType, ModelFormat, Quantization, TensorSpec, verify_bundle
+from device_agent.formats.stats import baseline_from_dict, baseline_to_dict, build_baseline
 from toolchain.steps.package import (
     PackageError,
     assemble_bundle,

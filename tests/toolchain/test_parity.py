@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.bundle import load_manifest
+from device_agent.formats.manifest import load_manifest
 from toolchain.build import build_bundles
 from toolchain.steps.data import load_dataset
 from toolchain.steps.parity import ParityError, agent_batch_sizes, check_parity
@@ -187,8 +187,8 @@ def _onnxruntime_scores(model: Path, x: np.ndarray) -> np.ndarray:
 
 def _bundle_of(model: Path, x: np.ndarray, ref: np.ndarray, out: Path) -> Path:
     """Assemble an unsigned x86 bundle around a bare .onnx file (labels: one per output value)."""
-    from device_agent.bundle import ModelFormat
-    from device_agent.stats import baseline_to_dict, build_baseline
+    from device_agent.formats.manifest import ModelFormat
+    from device_agent.formats.stats import baseline_to_dict, build_baseline
     from toolchain.steps.convert import read_io_specs
     from toolchain.steps.package import assemble_bundle
 

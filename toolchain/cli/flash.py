@@ -25,7 +25,7 @@ def keys_cmd() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing pair.")
 def keys_create_cmd(out: str, name: str, force: bool) -> None:
     """Create a key pair: NAME.key (keep secret, 0600) signs bundles; NAME.pub goes to devices."""
-    from device_agent.bundle import key_id
+    from device_agent.formats.manifest import key_id
     from toolchain.signing import create_keys, load_public_key
 
     priv, pub = create_keys(out, name, force=force)
@@ -52,7 +52,7 @@ def _existing_bundle(path: str) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) -> None:
     """Check a bundle on the host: every file's hash and size, no extra files, and the signature with --key."""
-    from device_agent.bundle import SIGNATURE_FILE, VerifyPolicy, manifest_sha256, verify_bundle
+    from device_agent.formats.manifest import SIGNATURE_FILE, VerifyPolicy, manifest_sha256, verify_bundle
     from toolchain.signing import load_public_key
 
     b = _existing_bundle(bundle)
@@ -153,7 +153,7 @@ def flash_cmd(
             )
         d = dataclasses.replace(d, password=password)
     m = F.check_bundle(b, Path(key) if key else None)
-    from device_agent.bundle import manifest_sha256
+    from device_agent.formats.manifest import manifest_sha256
 
     sha = manifest_sha256(b)
     result: dict | None = None

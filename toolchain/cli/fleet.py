@@ -688,7 +688,7 @@ def broker_config_cmd(
     import socket
     from pathlib import Path
 
-    from device_agent.config import DEFAULT_WINDOW_S
+    from device_agent.formats.telemetry import DEFAULT_WINDOW_S
     from toolchain.fleet.brokerconf import BrokerConfigError, Tls, write_broker_config
 
     given = [f for f in (cafile, certfile, keyfile) if f]

@@ -73,7 +73,7 @@ def profile_cmd(
         if as_json:
             from pathlib import Path
 
-            from device_agent.bundle import DEVICE_PROFILE_FILE
+            from device_agent.formats.manifest import DEVICE_PROFILE_FILE
 
             p = Path(bundle) / DEVICE_PROFILE_FILE
             if p.is_file():

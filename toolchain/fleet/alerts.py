@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from device_agent.telemetry import SCHEMA, fleet_topic, utc_iso
+from device_agent.formats.telemetry import SCHEMA, fleet_topic, utc_iso
 from toolchain.fleet.drift import AlertState, compare_many, step
 from toolchain.fleet.registry import BaselineCache
 from toolchain.fleet.storage import Store, dumps, merge_packed_groups

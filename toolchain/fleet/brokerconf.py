@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.config import DEFAULT_WINDOW_S
-from device_agent.telemetry import MAX_PAYLOAD_BYTES, TelemetryError, check_id
+from device_agent.formats.telemetry import DEFAULT_WINDOW_S, MAX_PAYLOAD_BYTES, TelemetryError, check_id
 from toolchain.errors import ToolchainError
 
 # Mosquitto's own password hashing parameters (mosquitto_passwd, 2.0): "$7$" = PBKDF2-HMAC-SHA512.

@@ -8,7 +8,7 @@ moment has therefore acknowledged only what is committed; the broker redelivers 
 persistent session (``clean_start=False`` with a session expiry), and ``UNIQUE (fleet, device_id,
 seq)`` makes the redelivery a no-op.
 
-Every message is untrusted (``device_agent.telemetry`` decoders: size limit, JSON, depth, schema,
+Every message is untrusted (``device_agent.formats.telemetry`` decoders: size limit, JSON, depth, schema,
 known keys, finite numbers, payload ids equal to the topic's; histogram lengths against the registered
 baseline). A message that fails goes to the ``quarantine`` table with its reason and the first
 ``QUARANTINE_HEAD_BYTES`` bytes, is counted, logged, and acknowledged: it can never succeed later.
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from device_agent.telemetry import (
+from device_agent.formats.telemetry import (
     TelemetryError,
     decode_event,
     decode_stats,
@@ -67,7 +67,7 @@ STREAM_LOG_EVERY_S = 1.0  # at most one "new stream" line a second
 STREAM_CACHE_ENTRIES = 500_000  # (fleet, device, stream) known to be stored, kept in memory
 # MQTT 5 Maximum Packet Size the collector announces on connect: the broker does not send it larger
 # packets (Mosquitto drops them and logs "Dropping too large outgoing PUBLISH"). The stats payload
-# limit (device_agent.telemetry.MAX_PAYLOAD_BYTES, 96 KiB) plus room for the topic and properties,
+# limit (device_agent.formats.telemetry.MAX_PAYLOAD_BYTES, 96 KiB) plus room for the topic and properties,
 # so payloads just over the payload limit still arrive and are quarantined and counted. Broker
 # configurations (`edgefleet fleet broker-config`) set Mosquitto's `max_packet_size` to this value.
 MAX_PACKET_BYTES = 128 * 1024
@@ -698,7 +698,7 @@ class Collector:
         self._broker_alerts: list[dict[str, Any]] = []  # waiting for a fleet to publish them to
         self.broker = parse_broker_url(broker_url)
         if fleet is not None and fleet != "+":
-            from device_agent.telemetry import check_id
+            from device_agent.formats.telemetry import check_id
 
             try:
                 check_id(fleet, "fleet")
@@ -1159,7 +1159,7 @@ class Collector:
                     prev = self._sys_updates.get(t, (v, 0))
                     self._sys_updates[t] = (prev[0], prev[1] + r)
             return
-        from device_agent.telemetry import fleet_topic, utc_iso
+        from device_agent.formats.telemetry import fleet_topic, utc_iso
 
         for topic, (value, rise) in sorted(updates.items()):
             if rise > 0:

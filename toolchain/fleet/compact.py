@@ -4,7 +4,7 @@ A window of 60 s costs about 10 KB in the database; a day of one device is 1,440
 merges a device's windows of one model and one UTC hour (by ``window_start``) into one rollup row in
 the same packed layout, then deletes the raw rows, in one transaction per chunk of devices. Counts
 and histograms add exactly; mean and M2 use the k-way form of Chan et al.'s parallel update
-(``storage.merge_packed_groups``, the packed twin of ``device_agent.stats.Profile.merge``; a test
+(``storage.merge_packed_groups``, the packed twin of ``device_agent.formats.stats.Profile.merge``; a test
 checks the two agree). Running it again for the same hour merges the new windows into the existing
 rollup. Readers (``fleet status``, ``drift``, ``report``) see raw windows and rollups together.
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import Manifest, manifest_sha256
-from device_agent.telemetry import TelemetryError, check_id, decode_status, topic
-from device_agent.updater import HttpSource, MqttSource
+from device_agent.formats.deploy import HttpSource, MqttSource
+from device_agent.formats.manifest import Manifest, manifest_sha256
+from device_agent.formats.telemetry import TelemetryError, check_id, decode_status, topic
 from toolchain.errors import ToolchainError
 from toolchain.flash import (
     CHUNK_BYTES,

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.stats import FeatureSetProfile, Profile
+from device_agent.formats.stats import FeatureSetProfile, Profile
 from toolchain.errors import ToolchainError
 
 SMOOTHING = 0.5

@@ -1,6 +1,6 @@
 """A fast, equally strict decoder for stats windows whose model has a registered baseline.
 
-``device_agent.telemetry.decode_stats`` + ``StatsMessage.profile`` walk every value of a 5 KB window
+``device_agent.formats.telemetry.decode_stats`` + ``StatsMessage.profile`` walk every value of a 5 KB window
 in Python (depth, finite numbers, per-feature profile rebuild) and cost several milliseconds per
 message; the collector's goal is more than a thousand windows a second on two shared cores. This
 module checks the same rules with C-level JSON parsing, list comparisons and numpy, and returns the
@@ -35,7 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.telemetry import ID_RE, MAX_PAYLOAD_BYTES, STATS_REQUIRED, STATS_REQUIRED_V1, STREAM_RE
+from device_agent.formats.telemetry import (
+    ID_RE,
+    MAX_PAYLOAD_BYTES,
+    STATS_REQUIRED,
+    STATS_REQUIRED_V1,
+    STREAM_RE,
+)
 from toolchain.fleet.storage import Layout
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")

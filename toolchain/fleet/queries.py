@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.stats import Profile
+from device_agent.formats.stats import Profile
 from toolchain.errors import ToolchainError
 from toolchain.fleet.drift import SEVERITY, DriftResult, compare, compare_many
 from toolchain.fleet.registry import Baseline, load_baseline

@@ -1,6 +1,6 @@
 """Baselines: register a bundle's ``baseline.json`` keyed by its model sha256, and look them up.
 
-The model sha256 is the sha256 of the bundle's ``manifest.json`` (``device_agent.bundle.manifest_sha256``),
+The model sha256 is the sha256 of the bundle's ``manifest.json`` (``device_agent.formats.manifest.manifest_sha256``),
 which is what devices report in their ``model`` reference. Windows that arrive before their model is
 registered are stored as *pending* (raw JSON); registering the model validates them against the
 baseline and packs them, or moves the ones that do not fit to the quarantine.
@@ -17,9 +17,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import BundleError, VerifyPolicy, load_manifest, manifest_sha256, verify_bundle
-from device_agent.stats import Profile, StatsError, baseline_from_dict
-from device_agent.telemetry import ModelRef, StatsMessage, TelemetryError
+from device_agent.formats.manifest import (
+    BundleError,
+    VerifyPolicy,
+    load_manifest,
+    manifest_sha256,
+    verify_bundle,
+)
+from device_agent.formats.stats import Profile, StatsError, baseline_from_dict
+from device_agent.formats.telemetry import ModelRef, StatsMessage, TelemetryError
 from toolchain.errors import ToolchainError
 from toolchain.fleet.drift import DriftConfig
 from toolchain.fleet.storage import Layout, Store, dumps, open_store, pack_profile

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_agent.telemetry import utc_iso
+from device_agent.formats.telemetry import utc_iso
 from toolchain.fleet.queries import (
     drift_series,
     drift_table,

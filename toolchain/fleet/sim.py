@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import (
+from device_agent.formats.manifest import (
     DType,
     Manifest,
     ModelEntry,
@@ -28,8 +28,8 @@ from device_agent.bundle import (
     file_entry,
     manifest_sha256,
 )
-from device_agent.stats import Profile, ProfileSpec, baseline_to_dict, build_baseline
-from device_agent.telemetry import ModelRef, encode_stats, encode_status, topic
+from device_agent.formats.stats import Profile, ProfileSpec, baseline_to_dict, build_baseline
+from device_agent.formats.telemetry import ModelRef, encode_stats, encode_status, topic
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "calibration_data"

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.stats import FeatureSetProfile, Profile, ProfileSpec
+from device_agent.formats.stats import FeatureSetProfile, Profile, ProfileSpec
 from toolchain.errors import ToolchainError
 from toolchain.fleet.migrations import MIGRATIONS, Only, render
 

@@ -36,7 +36,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from device_agent.telemetry import parse_topic
+from device_agent.formats.telemetry import parse_topic
 from toolchain.fleet.fastpath import FastWindow, Refused, decode_window
 
 log = logging.getLogger("edgefleet.fleet.workers")

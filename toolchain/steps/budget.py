@@ -62,12 +62,12 @@ def measure_arena(path: Path) -> dict[str, Any]:
 
 
 def _tflite_arena(path: Path) -> dict[str, Any]:
-    from device_agent.runtimes.litert import _interpreter_module
+    from device_agent.runtimes.litert import interpreter_module
     from toolchain.edgetpu import read_tflite
 
     model = read_tflite(path)
     constant = {t.index for t in model.tensors if t.is_constant}
-    mod = _interpreter_module()
+    mod = interpreter_module()
     kwargs: dict[str, Any] = {}
     resolver = getattr(getattr(mod, "OpResolverType", None), "BUILTIN_WITHOUT_DEFAULT_DELEGATES", None)
     if resolver is not None:

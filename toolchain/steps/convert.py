@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import DType, ModelFormat, Quantization, TensorSpec
+from device_agent.formats.manifest import DType, ModelFormat, Quantization, TensorSpec
 from toolchain.errors import ToolchainError
 from toolchain.targets import Target
 
@@ -284,11 +284,11 @@ def read_io_specs(path: Path, fmt: ModelFormat) -> tuple[list[TensorSpec], list[
 
 
 def _tflite_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    from device_agent.runtimes.litert import _interpreter_module, quiet_delegate_note
+    from device_agent.runtimes.litert import interpreter_module, quiet_delegate_note
 
     try:
         with quiet_delegate_note():
-            interp = _interpreter_module().Interpreter(model_path=str(path))
+            interp = interpreter_module().Interpreter(model_path=str(path))
     except (ValueError, RuntimeError) as e:
         raise ConversionError(f"LiteRT cannot load {path} ({str(e).splitlines()[0]})") from None
 
@@ -304,7 +304,7 @@ def _tflite_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def _onnx_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     import onnxruntime as ort
 
-    from device_agent.runtimes.onnxruntime import _TYPES
+    from device_agent.runtimes.onnxruntime import TENSOR_TYPES
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -315,9 +315,9 @@ def _onnx_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     def spec(a: Any) -> TensorSpec:
         shape = tuple(d if isinstance(d, int) else -1 for d in a.shape)
-        if a.type not in _TYPES:
+        if a.type not in TENSOR_TYPES:
             raise ConversionError(f"ONNX tensor {a.name!r} has type {a.type}, which bundles cannot carry")
-        return TensorSpec(a.name, shape, to_dtype(_TYPES[a.type], f"tensor {a.name!r}"), None)
+        return TensorSpec(a.name, shape, to_dtype(TENSOR_TYPES[a.type], f"tensor {a.name!r}"), None)
 
     return [spec(a) for a in sess.get_inputs()], [spec(a) for a in sess.get_outputs()]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import DType
+from device_agent.formats.manifest import DType
 from toolchain.steps.convert import (
     ConversionError,
     calibration_batches,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import ModelFormat, VerifyPolicy, verify_bundle
+from device_agent.formats.manifest import ModelFormat, VerifyPolicy, verify_bundle
 from device_agent.runtimes import is_installed
 from toolchain.errors import ToolchainError
 from toolchain.steps.data import DataError, Dataset, conform
@@ -57,11 +57,11 @@ def artifact_sparsity(path: Path) -> float | None:
 
 
 def _tflite_sparsity(path: Path) -> float | None:
-    from device_agent.runtimes.litert import _interpreter_module
+    from device_agent.runtimes.litert import interpreter_module
     from toolchain.edgetpu import read_tflite
 
     model = read_tflite(path)
-    interp = _interpreter_module().Interpreter(model_path=str(path))
+    interp = interpreter_module().Interpreter(model_path=str(path))
     zeros = total = 0
     for t in model.tensors:
         if not t.is_constant or len(t.shape) < 2 or t.dtype not in ("int8", "uint8", "float32"):
@@ -128,7 +128,7 @@ def evaluate_bundle(
     ``confusion_matrix`` (rows true, columns predicted, in ``labels`` order) and ``latency``; the
     top-level ``per_class`` and ``confusion_matrix`` are the preferred runtime's.
     """
-    from device_agent.inference import Predictor
+    from device_agent.agent import Predictor
     from toolchain.steps.convert import measure_latency
 
     root = Path(bundle_dir)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import ModelFormat
+from device_agent.formats.manifest import ModelFormat
 from toolchain.steps.convert import VerificationError, read_io_specs
 
 LATENCY_REPEATS = 200
@@ -25,7 +25,7 @@ def measure_latency(
     path: Path, runtime: str, sample: np.ndarray, threads: int, repeats: int | None = None
 ) -> dict[str, Any]:
     """Return ``{"p50_ms", "p95_ms", "mean_ms", "threads", "runs"}`` for one sample (batch 1)."""
-    from device_agent.inference import quantize
+    from device_agent.agent import quantize
     from device_agent.runtimes import load_runtime_model
 
     repeats = LATENCY_REPEATS if repeats is None else int(repeats)

@@ -1,7 +1,7 @@
 """Write bundles: model file(s), baseline.json, labels.txt, and manifest.json last; place them atomically.
 
 A bundle is assembled in a staging folder next to its destination (same file system), verified with
-``device_agent.bundle.verify_bundle``, optionally signed, and only then renamed into place. What may
+``device_agent.formats.manifest.verify_bundle``, optionally signed, and only then renamed into place. What may
 already be at the destination decides whether we may replace it (``check_destination``):
 
 * nothing, or an empty folder: the new bundle goes in;
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import (
+from device_agent.formats.manifest import (
     MANIFEST_FILE,
     NAME_RE,
     BundleError,

@@ -2,7 +2,7 @@
 
 The build's other checks run a converted model file in each runtime on the whole evaluation set at
 once. A device does not: the daemon predicts one sample at a time, and ``edgefleet-agent predict``
-sends batches of ``device_agent.cli.PREDICT_BATCH``. Runtimes can differ between those paths
+sends batches of ``device_agent.agent.PREDICT_BATCH``. Runtimes can differ between those paths
 (OpenVINO 2026.4 computed an int8 MobileNetV2 wrongly at batch 1 with a dynamic batch axis, and
 right on whole batches). So the build assembles the bundle in a scratch folder, loads it in the
 agent once per runtime, with the agent's own settings (thread count from the manifest capped by the
@@ -63,7 +63,7 @@ class ParityResult:
 def agent_batch_sizes() -> tuple[int, ...]:
     """The batch sizes the agent's paths use: 1 (the daemon, one sample per request) and
     ``edgefleet-agent predict``'s batch."""
-    from device_agent.cli import PREDICT_BATCH
+    from device_agent.agent import PREDICT_BATCH
 
     return (1, int(PREDICT_BATCH))
 

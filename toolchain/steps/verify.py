@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import DType, ModelFormat
+from device_agent.formats.manifest import DType, ModelFormat
 from toolchain.steps.convert import Artifact, VerificationError, read_io_specs
 from toolchain.targets import Target
 
@@ -290,7 +290,7 @@ def predict_artifact(
     Accepts an ``Artifact``, a bundle directory (run by ``device_agent.inference.Predictor``, with its
     declared preprocessing) or a bare .tflite/.onnx file. ``runtime=None`` takes the first preferred.
     """
-    from device_agent.inference import Predictor, dequantize, quantize
+    from device_agent.agent import Predictor, dequantize, quantize
     from device_agent.runtimes import load_runtime_model
 
     if isinstance(artifact_or_bundle_path, Artifact):

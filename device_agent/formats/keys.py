@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from device_agent.errors import AgentError
+from device_agent.formats.files import FileTooLargeError, read_bounded
 
 PUBLIC_KEY_MAX_BYTES = 16 * 1024
 
@@ -56,17 +57,17 @@ def load_public_key_file(path: str | os.PathLike[str]) -> bytes:
     """Read one PEM public key file and return the raw 32-byte Ed25519 key."""
     p = Path(path)
     try:
-        if p.stat().st_size > PUBLIC_KEY_MAX_BYTES:
-            raise KeyFileError(
-                f"trusted key file {str(p)!r} is larger than {PUBLIC_KEY_MAX_BYTES} bytes; is it a key?"
-            )
+        data = read_bounded(p, PUBLIC_KEY_MAX_BYTES)
         mode = stat.S_IMODE(p.stat().st_mode)
-        if mode & 0o022 and not p.is_dir():
+        if mode & 0o022:
             raise KeyFileError(
                 f"trusted key file {str(p)!r} can be changed by group or others (mode {mode:04o}), so anyone"
                 f" could make the device trust their bundles; run 'chmod 644 {p}'"
             )
-        data = p.read_bytes()
+    except FileTooLargeError:
+        raise KeyFileError(
+            f"trusted key file {str(p)!r} is larger than {PUBLIC_KEY_MAX_BYTES} bytes; is it a key?"
+        ) from None
     except FileNotFoundError:
         raise KeyFileError(
             f"trusted key file {str(p)!r} does not exist; copy the .pub file from 'edgefleet keys create' there"

@@ -29,12 +29,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 from device_agent.errors import AgentError
-from device_agent.stats import FeatureSetProfile, Profile, ProfileSpec, StatsError
+from device_agent.formats.stats import FeatureSetProfile, Profile, ProfileSpec, StatsError
+from device_agent.formats.strict import bounded_int, check_keys
 
 SCHEMA = 1  # status and event payloads
 STATS_SCHEMA = 2  # stats payloads: 2 added the required ``stream``
 STATS_SCHEMAS = (1, 2)  # what decode_stats accepts (1: older agents, no stream)
 TOPIC_ROOT = "edgefleet"
+DEFAULT_WINDOW_S = (
+    60.0  # a device closes a stats window this often unless [telemetry] window_s says otherwise
+)
 MAX_PAYLOAD_BYTES = 96 * 1024  # well under AWS IoT's 128 KB and Azure's 256 KB message limits
 MAX_DEPTH = 8
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -173,20 +177,17 @@ def load_json(
 
 
 def _keys(d: Any, required: set[str], optional: set[str], where: str) -> None:
-    if not isinstance(d, Mapping):
-        raise TelemetryError(f"{where} must be an object")
-    extra = set(d) - required - optional
-    if extra:
-        raise TelemetryError(f"{where} has unknown key(s) {sorted(extra)[:5]}")
-    missing = required - set(d)
-    if missing:
-        raise TelemetryError(f"{where} is missing key(s) {sorted(missing)}")
+    check_keys(d, sorted(required), sorted(optional), where, error=TelemetryError)
 
 
 def _int(v: Any, what: str, minimum: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum or v > 2**63 - 1:
-        raise TelemetryError(f"{what} must be an integer >= {minimum}, got {str(v)[:20]!r}")
-    return v
+    return bounded_int(
+        v,
+        what,
+        minimum,
+        error=TelemetryError,
+        message="{what} must be an integer >= {minimum}, got {value!r}",
+    )
 
 
 def _str(v: Any, what: str, max_len: int = 256) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import AgentError
+from device_agent.formats.strict import check_keys
 
 # Schema 2 adds ``model.precision``; schema-1 manifests are still read (their precision is f32,
 # what the build verified them in).
@@ -520,14 +521,7 @@ def verify_signature(manifest_bytes: bytes, sig_doc: bytes, trusted_keys: Sequen
 
 
 def _keys(d: Any, want: set[str], where: str) -> None:
-    if not isinstance(d, Mapping):
-        raise BundleError(f"{where} must be an object")
-    extra = set(d) - want
-    missing = want - set(d)
-    if extra:
-        raise BundleError(f"{where} has unknown key(s) {sorted(extra)}")
-    if missing:
-        raise BundleError(f"{where} is missing key(s) {sorted(missing)}")
+    check_keys(d, sorted(want), (), where, error=BundleError)
 
 
 def _enum(cls: type[Enum], value: Any, where: str) -> Any:
