@@ -506,8 +506,8 @@ def measure_api(bundle: Path, data: Path) -> dict[str, Any]:
     logging.disable(logging.WARNING)
     from ai_edge_litert.interpreter import Interpreter
 
-    from device_agent import api as api_mod
     from device_agent.agent import quantize
+    from device_agent.api import bodies as api_mod
     from device_agent.formats.manifest import load_manifest
 
     work = Path(tempfile.mkdtemp(prefix="agent-api-bench-"))

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.api import ApiServer, JsonInputs, json_depth
+from device_agent.api import ApiServer
+from device_agent.api.bodies import JsonInputs, json_depth
 from device_agent.config import ApiSettings, parse_config
 from device_agent.errors import ConfigError
 from tests.device_agent.agent_bundles import cached_onnx_bundle, cached_tflite_image_bundle
@@ -536,7 +537,7 @@ def test_json_fast_path_is_used_for_the_model_shape(onnx_server) -> None:
 
 def test_json_fast_path_without_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
     """A device without orjson parses with the standard library: same arrays, same answers."""
-    from device_agent import api as api_mod
+    from device_agent.api import bodies as api_mod
 
     x = unlike_ours((3, 2), 4, seed=5)
     body = json.dumps({"inputs": x.tolist()}).encode()
