@@ -43,7 +43,7 @@ except ImportError:  # no compiler at install time: the numpy fallbacks below
 
 NATIVE = _native is not None and os.environ.get("EDGEFLEET_NATIVE_KERNELS", "1") != "0"
 
-# numpy helpers the agent's numpy paths share (stats.py and inference.py import them from here).
+# numpy helpers the agent's numpy paths share (formats/stats.py and inference.py import them from here).
 vecdot = getattr(np, "vecdot", None)  # None on numpy < 2 (older Raspberry Pi OS)
 min_reduce, max_reduce = np.minimum.reduce, np.maximum.reduce
 # The clip ufunc itself: np.clip's Python wrapper costs about as much as clipping a 96x96 image.

@@ -337,16 +337,21 @@ def mqtt_connect(dest: MqttDest, client_id: str | None = None) -> Any:
     an accepted one. A broker that answers "unsupported protocol version" (amqtt) gets MQTT 3.1.1.
     Publish with ``publish_checked``, which turns a refusal into a FlashError.
     """
-    import paho.mqtt.client as mqtt
+    from device_agent.formats.broker import BrokerSettings, new_client
 
     cid = client_id or f"edgefleet-host-{uuid.uuid4().hex[:8]}"
-    for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
+    settings = BrokerSettings(
+        dest.host,
+        dest.port,
+        username=dest.username or None,
+        password=dest.password,
+        tls=bool(dest.tls or dest.ca_file),
+        ca_file=dest.ca_file,
+        client_id=cid,
+    )
+    for proto in ("5", "3.1.1"):
+        client = new_client(settings, proto)
         client.user_data_set({"refused": {}})
-        if dest.username:
-            client.username_pw_set(dest.username, dest.password)
-        if dest.tls or dest.ca_file:
-            client.tls_set(ca_certs=dest.ca_file)
         connected = threading.Event()
         answer: dict[str, Any] = {}
 
@@ -376,7 +381,7 @@ def mqtt_connect(dest: MqttDest, client_id: str | None = None) -> Any:
         if rc is not None and not rc.is_failure:
             return client
         client.loop_stop()
-        if proto == mqtt.MQTTv5 and rc is not None and "protocol" in str(rc).lower():
+        if proto == "5" and rc is not None and "protocol" in str(rc).lower():
             continue  # an MQTT 3.1.1-only broker
         why = f" ({rc})" if rc is not None else ""
         raise FlashError(

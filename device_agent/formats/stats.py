@@ -14,6 +14,12 @@ Mean and variance merge with Chan et al.'s pairwise update
 (Chan, Golub, LeVeque, "Updating formulae and a pairwise algorithm for computing sample variances",
 1979): ``n = na + nb; d = mb - ma; mean = ma + d*nb/n; M2 = M2a + M2b + d^2*na*nb/n``.
 Counts and histograms merge exactly by addition, so ``merge`` is associative and commutative.
+
+Why the update (the fold, with the C kernels when built) lives beside the encoding and the merge, and
+why this module is one piece past 600 lines: the build folds its calibration data into the baseline
+with the very same ``update`` the agent folds a window with, so the two cannot drift apart; splitting
+accumulation from encoding would cut the profile classes in half. What stays on the device is the
+buffering in front of the fold (``device_agent.windows``) and the kernels themselves.
 """
 
 from __future__ import annotations

@@ -191,13 +191,12 @@ class Publisher:
     def __init__(
         self, broker_url: str, client_id: str = "", max_inflight: int = 200, protocol: str = "5"
     ) -> None:
-        import paho.mqtt.client as mqtt
-
+        from device_agent.formats.broker import BrokerSettings, new_client
         from toolchain.fleet.collector import parse_broker_url
 
         addr = parse_broker_url(broker_url)
-        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
+        settings = BrokerSettings(addr.host, addr.port, client_id=client_id)
+        self.client = new_client(settings, "5" if protocol == "5" else "3.1.1")
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
         self._acked = 0
