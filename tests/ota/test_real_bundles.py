@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from device_agent.bundle import VerifyPolicy, load_manifest, manifest_sha256
 from device_agent.keys import load_trusted_keys
 from device_agent.updater import LocalSource
+from tests.fabricate import repackage
 from tests.ota.agent_proc import Agent, write_agent_config
-from tests.ota.bundles import repackage
 from tests.ota.harness import Serving, make_updater
 from toolchain.cli import main
 
