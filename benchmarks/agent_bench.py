@@ -59,6 +59,7 @@ CHUNK = 25
 ROUNDS = 6  # best-of rounds for the statistics and conversion costs measured alone
 HTTP_REQUESTS = 300
 BATCH = 32
+NUMPY_SUFFIX = ", numpy fallback"  # the label of a row measured with EDGEFLEET_NATIVE_KERNELS=0
 WINDOW_S = 1.0
 GOAL_API_RATIO = 0.9
 GOAL_RSS_MB = 80.0
@@ -314,8 +315,6 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
     # quantization, statistics row, decoding, the Prediction, and the folds). General path: the
     # input check and int8 conversion (Predictor.load_one, scores) plus the window record.
     if native_runner:
-        import functools
-
         from device_agent.agent import Prediction
 
         c = pred._in_codec
@@ -331,11 +330,10 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
             c.qmax,
             pred.out_table,
         )
-        new_out = functools.partial(np.empty, (1, len(labels)), np.float32)
 
         def bound() -> Window:
             w = Window(model.spec, model.ref, time.time(), time.monotonic())
-            w.bind(noop, threading.Lock(), new_out, Prediction, tuple(labels), model.ref)
+            w.bind(noop, threading.Lock(), Prediction, tuple(labels), model.ref)
             return w
 
         def own_n(_: Window) -> None:
@@ -871,20 +869,23 @@ def run(quick: bool, as_json: bool) -> None:
         except Exception as e:  # record what is missing instead of dying
             notes.append(f"{label}: not measured, the build failed: {type(e).__name__}: {str(e)[:200]}")
             continue
-        progress_print(f"== {label}: measuring (child process without TensorFlow) ...")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        r = subprocess.run(
-            [sys.executable, "-m", "benchmarks.agent_bench", "--measure", str(bundle), str(test)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=str(REPO),
-            timeout=1800,
-        )
-        if r.returncode != 0:
-            notes.append(f"{label}: measurement failed: {r.stderr.strip().splitlines()[-1:]}")
-            continue
-        results.append((label, json.loads(r.stdout.strip().splitlines()[-1])))
+        # The same bundle twice: with the C kernels, then on the numpy fallbacks (what an install
+        # without a C compiler runs), so the two sit side by side from one run.
+        for suffix, native in (("", "1"), (NUMPY_SUFFIX, "0")):
+            progress_print(f"== {label}{suffix}: measuring (child process without TensorFlow) ...")
+            env = dict(os.environ, PYTHONPATH=str(REPO), EDGEFLEET_NATIVE_KERNELS=native)
+            r = subprocess.run(
+                [sys.executable, "-m", "benchmarks.agent_bench", "--measure", str(bundle), str(test)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=str(REPO),
+                timeout=1800,
+            )
+            if r.returncode != 0:
+                notes.append(f"{label}{suffix}: measurement failed: {r.stderr.strip().splitlines()[-1:]}")
+                continue
+            results.append((label + suffix, json.loads(r.stdout.strip().splitlines()[-1])))
     shutil.rmtree(work, ignore_errors=True)
     if as_json:
         print(json.dumps({"results": dict(results), "notes": notes}))
@@ -893,6 +894,7 @@ def run(quick: bool, as_json: bool) -> None:
 
 def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
     rows, goals = [], []
+    by_label = dict(results)
     for label, r in results:
         ratio = r["api_per_s"] / r["bare_per_s"]
         overhead_us = 1e6 / r["api_per_s"] - 1e6 / r["bare_per_s"]
@@ -917,6 +919,16 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
                 r["first_python_s"],
             ]
         )
+        if label.endswith(NUMPY_SUFFIX):  # the goals are the native path's; the fallback is compared
+            nat = by_label.get(label[: -len(NUMPY_SUFFIX)])
+            if nat is not None:
+                notes.append(
+                    f"{label}: Python API {r['api_per_s']:,.0f}/s vs {nat['api_per_s']:,.0f}/s native"
+                    f" ({nat['api_per_s'] / r['api_per_s']:.2f}x faster native); API work"
+                    f" {r['own_us']:.2f} vs {nat['own_us']:.2f} us/call; stats {r['stats_us']:.3f} vs"
+                    f" {nat['stats_us']:.3f} us/sample"
+                )
+            continue
         goals.append(
             f"{label}: Python API {ratio:.2f}x the bare loop, one sample per call (goal >= {GOAL_API_RATIO}x): "
             f"{'met' if ratio >= GOAL_API_RATIO else 'MISSED'}"
@@ -943,6 +955,8 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
             )
     why = []
     for label, r in results:
+        if label.endswith(NUMPY_SUFFIX):
+            continue
         ratio = r["api_per_s"] / r["bare_per_s"]
         if ratio < GOAL_API_RATIO:
             budget = r["inference_us"] * (1 / GOAL_API_RATIO - 1)
@@ -991,9 +1005,11 @@ def report(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> None:
         rows,
     )
     tele = ", ".join(sorted({r["telemetry"] for _, r in results})) or "-"
-    native = {r.get("native_kernels") for _, r in results}
+    native = {r.get("native_kernels") for label, r in results if not label.endswith(NUMPY_SUFFIX)}
     kernels = (
-        "native kernels (device_agent._kernels)"
+        "native kernels (device_agent._kernels); the rows marked"
+        f" *{NUMPY_SUFFIX.strip(', ')}* are the same bundle in the same run with `EDGEFLEET_NATIVE_KERNELS=0`"
+        " (numpy only, what an install without a C compiler runs; no `kernels.Runner`)"
         if native == {True}
         else "numpy fallbacks (device_agent._kernels not built)"
     )

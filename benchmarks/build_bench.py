@@ -50,7 +50,7 @@ WHY = {
         "x86 latency: the bundle must be int8, and the build picks the faster int8 runtime (ONNX Runtime or "
         "OpenVINO). On this host the int8 QDQ model is slower than the plain float ONNX model in the same "
         "runtime: for models this small the QuantizeLinear/DequantizeLinear work and int8 kernel set-up "
-        "outweigh the cheaper arithmetic (ECOSYSTEM.md measured the same for MobileNetV2 at 96x96). The "
+        "outweigh the cheaper arithmetic (docs/runtimes-facts.md has the same for MobileNetV2 at 96x96). The "
         "goal needs a host where int8 kernels win (VNNI/AMX-tuned ONNX Runtime builds, OpenVINO on newer "
         "Xeons) or a larger model."
     ),

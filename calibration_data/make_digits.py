@@ -1,5 +1,8 @@
 """Regenerate digits.npz and digits_test.npz from the copy of the UCI digits bundled with scikit-learn.
 
+Writes them here and into toolchain/data/ (the package's copy, which `edgefleet demo` and the fleet
+simulator load from an installed wheel).
+
 Run: python calibration_data/make_digits.py   (needs scikit-learn; reads its bundled file, no download)
 """
 
@@ -22,9 +25,11 @@ def main() -> None:
         idx = np.flatnonzero(y == c)
         test[rng.choice(idx, size=round(len(idx) * TEST_FRACTION), replace=False)] = True
     names = np.array([str(c) for c in range(10)])
-    out = Path(__file__).parent
-    np.savez_compressed(out / "digits.npz", x=x[~test], y=y[~test], class_names=names)
-    np.savez_compressed(out / "digits_test.npz", x=x[test], y=y[test], class_names=names)
+    here = Path(__file__).parent
+    # here for users, and the package's copy (toolchain/data) for the demo and the simulator
+    for out in (here, here.parent / "toolchain" / "data"):
+        np.savez_compressed(out / "digits.npz", x=x[~test], y=y[~test], class_names=names)
+        np.savez_compressed(out / "digits_test.npz", x=x[test], y=y[test], class_names=names)
     print(f"train {int((~test).sum())}, test {int(test.sum())}")
 
 

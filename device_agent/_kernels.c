@@ -1,9 +1,13 @@
 /* The agent's per-sample hot path in one pass each: see device_agent/kernels.py, which documents
  * these functions, checks their arguments and holds the numpy fallbacks they must agree with.
  *
- * Only the Python C API and the buffer protocol are used (no numpy headers), so building needs a C
- * compiler and the Python headers and nothing else. Arithmetic is plain IEEE float/double: build
- * without -ffast-math, or quantization stops matching numpy's divide + rint + clip.
+ * One variant: built against numpy's C API (numpy >= 2 is a build requirement, see setup.py; the
+ * result runs with numpy 1.23 and later). The runner reads a sample's ndarray fields and makes its
+ * scores array through that API; the other functions take their arrays through the buffer
+ * protocol, which every ndarray exports. The vector loops are GCC/Clang vector extensions: SSE2
+ * and AVX2 clones on x86-64 (picked at load time; EDGEFLEET_NO_CLONES builds the SSE2 one only),
+ * NEON on ARM, the same arithmetic in each. Arithmetic is plain IEEE float/double: build without
+ * -ffast-math, or quantization stops matching numpy's divide + rint + clip.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -11,10 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
-#ifdef EDGEFLEET_NUMPY_API
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
-#endif
 
 /* Round half to even for |x| < 2^22 in the default rounding mode (numpy's rint), without libm. */
 static const float ROUND_MAGIC = 12582912.0f; /* 1.5 * 2^23 */
@@ -479,7 +481,7 @@ HOT static void profile_rows(const double *x, Py_ssize_t N, Py_ssize_t F, const 
 
 /* profile_update(x (n, F) float64, edges (F, E) float64, nedges (F,) int64, counts (F, E + 1) int64,
  *                count, nan_count (F,) int64, min, max, mean, m2 (F,) float64)
- * The numpy definition is device_agent.stats.FeatureSetProfile.update: a value's bin is the number
+ * The numpy definition is device_agent.formats.stats.FeatureSetProfile.update: a value's bin is the number
  * of the feature's edges <= it (0 underflow, nedges overflow; the last edge belongs to the last
  * bin); NaN and infinities only count in nan_count; the batch's mean and M2 (sums over rows in row
  * order, as numpy's axis-0 sums) merge into mean/m2 with Chan's formula, in numpy's order of
@@ -656,23 +658,24 @@ typedef struct {
     Py_ssize_t n_in, k, batch, ndim, shape[RUNNER_MAX_DIMS]; /* per sample: n_in values, k scores */
     float scale, zp, lo, hi;
     float table[256];
-    /* bound (see bind): the window and its buffers (held, so the arrays stay alive), the lock's
-     * acquire/release, and what a Prediction is made of */
+    /* bound (see bind): the window, its row counter and buffers (held, so the arrays stay alive),
+     * the lock's acquire/release, and what a Prediction is made of */
     int mode;
     Py_ssize_t rows;
-    PyObject *window, *acquire, *release, *new_out, *cls, *labels, *ref;
+    PyObject *window, *acquire, *release, *cls, *labels, *ref;
     int cls_is_tuple;
-    Py_buffer feats, scores, lat, mask;
+    Py_buffer next, feats, scores, lat, mask;
     double *summ; /* (batch, 4) scratch: each sample's min, max, sum, sum of squares */
     Py_buffer in_view, out_view; /* held until close: the tensors' exporters stay alive and unresized */
     int holding;
 } Runner;
 
-static PyObject *str_buffered, *str_flush;
+static PyObject *str_flush;
 
 static void runner_unbind(Runner *r) {
     if (r->mode == BIND_NONE)
         return;
+    PyBuffer_Release(&r->next);
     PyBuffer_Release(&r->feats);
     PyBuffer_Release(&r->scores);
     PyBuffer_Release(&r->lat);
@@ -681,7 +684,6 @@ static void runner_unbind(Runner *r) {
     Py_CLEAR(r->window);
     Py_CLEAR(r->acquire);
     Py_CLEAR(r->release);
-    Py_CLEAR(r->new_out);
     Py_CLEAR(r->cls);
     Py_CLEAR(r->labels);
     Py_CLEAR(r->ref);
@@ -803,18 +805,20 @@ static PyObject *runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     return (PyObject *)r;
 }
 
-/* bind(window, lock, feats, scores, latencies, pending, new_out, cls, labels, ref)
- * ``window`` has ``_buffered`` (the next row) and ``flush()``; ``feats`` is (R, n_in) float64, or
- * with ``pending`` ((R,) uint8; None otherwise) the (R, 4) summaries; ``scores`` (R, K) and
- * ``latencies`` (R,) float64. A result is ``cls(new_out(), [labels[top]], [score], ref)``; a tuple
- * subclass (a named tuple) gets its items directly. */
+/* bind(window, lock, next, feats, scores, latencies, pending, cls, labels, ref)
+ * ``window`` has ``flush()``, which folds its buffers and sets ``next`` back to 0; ``next`` is the
+ * window's row counter, a writable (1,) int64 array holding the next free row, which the runner
+ * reads and advances in place; ``feats`` is (R, n_in) float64, or with ``pending`` ((R,) uint8;
+ * None otherwise) the (R, 4) summaries; ``scores`` (R, K) and ``latencies`` (R,) float64. A result
+ * is ``cls(scores (batch, K) float32, [labels[top]], [score], ref)``; a tuple subclass (a named
+ * tuple) gets its items directly. */
 static PyObject *runner_bind(Runner *r, PyObject *args) {
-    PyObject *window, *lock, *f_obj, *s_obj, *l_obj, *m_obj, *new_out, *cls, *labels, *ref;
+    PyObject *window, *lock, *n_obj, *f_obj, *s_obj, *l_obj, *m_obj, *cls, *labels, *ref;
     if (r->invoke == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind: the runner is closed");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO!O", &window, &lock, &f_obj, &s_obj, &l_obj, &m_obj, &new_out, &cls,
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO!O", &window, &lock, &n_obj, &f_obj, &s_obj, &l_obj, &m_obj, &cls,
                           &PyTuple_Type, &labels, &ref))
         return NULL;
     if (PyTuple_GET_SIZE(labels) != r->k) {
@@ -831,9 +835,11 @@ static PyObject *runner_bind(Runner *r, PyObject *args) {
     }
     runner_unbind(r);
     int summary = m_obj != Py_None;
-    Py_buffer f, s, l, m;
-    if (get_typed(l_obj, &l, 'd', -1, 1, "latencies") < 0)
+    Py_buffer nx, f, s, l, m;
+    if (get_typed(n_obj, &nx, 'i', 1, 1, "next") < 0)
         goto fail_lock;
+    if (get_typed(l_obj, &l, 'd', -1, 1, "latencies") < 0)
+        goto fail_next;
     Py_ssize_t rows = l.len / 8, width = summary ? 4 : r->n_in;
     if (rows < r->batch) {
         PyErr_SetString(PyExc_ValueError, "bind: the window has fewer rows than the runner's batch");
@@ -853,6 +859,7 @@ static PyObject *runner_bind(Runner *r, PyObject *args) {
         }
         r->mask = m;
     }
+    r->next = nx;
     r->feats = f;
     r->scores = s;
     r->lat = l;
@@ -862,8 +869,6 @@ static PyObject *runner_bind(Runner *r, PyObject *args) {
     r->window = window;
     r->acquire = acquire;
     r->release = release;
-    Py_INCREF(new_out);
-    r->new_out = new_out;
     Py_INCREF(cls);
     r->cls = cls;
     r->cls_is_tuple = PyType_Check(cls) && PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type);
@@ -878,6 +883,8 @@ fail_f:
     PyBuffer_Release(&f);
 fail_l:
     PyBuffer_Release(&l);
+fail_next:
+    PyBuffer_Release(&nx);
 fail_lock:
     Py_DECREF(acquire);
     Py_DECREF(release);
@@ -914,33 +921,17 @@ static int fits_shape(const Runner *r, int nd, const Py_ssize_t *dims) {
     return 1;
 }
 
-/* Whether a buffer is the runner's input: float32, C-contiguous, of a shape fits_shape takes. */
-static int is_sample(const Runner *r, const Py_buffer *b) {
-    const char *f = b->format ? b->format : "B";
-    if (*f == '<' || *f == '=' || *f == '@')
-        f++;
-    if (b->itemsize != 4 || strcmp(f, "f") != 0 || b->len != r->batch * r->n_in * 4)
-        return 0;
-    return fits_shape(r, b->ndim, b->shape);
-}
-
 static double now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
 }
 
-/* The window's next row (its ``_buffered``) with room for ``batch`` rows after it, folding first
- * if there is not; -1 on error. */
+/* The window's next row (its counter, see bind) with room for ``batch`` rows after it, folding
+ * first if there is not; -1 on error. */
 static Py_ssize_t next_row(Runner *r) {
     for (int tries = 0; tries < 2; tries++) {
-        PyObject *o = PyObject_GetAttr(r->window, str_buffered);
-        if (o == NULL)
-            return -1;
-        Py_ssize_t row = PyLong_AsSsize_t(o);
-        Py_DECREF(o);
-        if (row == -1 && PyErr_Occurred())
-            return -1;
+        int64_t row = ((const int64_t *)r->next.buf)[0];
         if (row >= 0 && row + r->batch <= r->rows)
             return row;
         PyObject *done = PyObject_CallMethodNoArgs(r->window, str_flush);
@@ -967,16 +958,9 @@ static PyObject *predict_locked(Runner *r, const float *v) {
     /* Everything that allocates or reads the samples comes before the run: the run evicts the
      * caches, and whatever comes after it pays for that. */
     PyObject *labels = PyList_New(B), *scores_l = PyList_New(B), *result = NULL;
-#ifdef EDGEFLEET_NUMPY_API
     npy_intp dims[2] = {B, K};
     PyObject *scores = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-#else
-    PyObject *scores = PyObject_CallNoArgs(r->new_out);
-#endif
-    Py_buffer out;
-    out.obj = NULL;
-    if (labels == NULL || scores_l == NULL || scores == NULL ||
-        get_typed(scores, &out, 'f', B * K, 1, "new scores") < 0)
+    if (labels == NULL || scores_l == NULL || scores == NULL)
         goto fail;
     quantize_8bit(v, B * n, r->scale, r->zp, r->lo, r->hi, r->in);
     /* the statistics rows: the raw float values, or the summaries the next fold turns into
@@ -996,7 +980,7 @@ static PyObject *predict_locked(Runner *r, const float *v) {
     Py_DECREF(ok);
     /* the batch's latency is split evenly over its samples, as Window.record does */
     const double each = latency / (double)B;
-    float *sc = (float *)out.buf;
+    float *sc = (float *)PyArray_DATA((PyArrayObject *)scores);
     decode_codes(r->out, r->table, sc, B * K);
     for (Py_ssize_t b = 0; b < B; b++) {
         Py_ssize_t top = store_scores(sc + b * K, K, (double *)r->scores.buf + (row + b) * K);
@@ -1012,12 +996,7 @@ static PyObject *predict_locked(Runner *r, const float *v) {
             ((unsigned char *)r->mask.buf)[row + b] = 1;
     }
     /* the rows count from here: the scores are in the window */
-    PyObject *next = PyLong_FromSsize_t(row + B);
-    if (next == NULL || PyObject_SetAttr(r->window, str_buffered, next) < 0) {
-        Py_XDECREF(next);
-        goto fail;
-    }
-    Py_DECREF(next);
+    ((int64_t *)r->next.buf)[0] = row + B;
     if (r->cls_is_tuple) { /* a named tuple, filled as tuple.__new__ fills one, without its Python __new__ */
         result = ((PyTypeObject *)r->cls)->tp_alloc((PyTypeObject *)r->cls, 4);
         if (result != NULL) {
@@ -1039,43 +1018,27 @@ static PyObject *predict_locked(Runner *r, const float *v) {
             Py_DECREF(done);
     }
 fail:
-    if (out.obj != NULL)
-        PyBuffer_Release(&out);
     Py_XDECREF(labels);
     Py_XDECREF(scores_l);
     Py_XDECREF(scores);
     return result;
 }
 
-/* The samples' float32 values when ``x`` is the runner's input (see fits_shape), else NULL. With
- * the numpy API an exact ndarray is read from its fields; anything else goes through the buffer
- * protocol (``view``, released by the caller when its ``obj`` is set). */
-static const float *sample_values(Runner *r, PyObject *x, Py_buffer *view) {
-    view->obj = NULL;
-#ifdef EDGEFLEET_NUMPY_API
-    if (PyArray_CheckExact(x)) {
-        PyArrayObject *a = (PyArrayObject *)x;
-        Py_ssize_t dims[RUNNER_MAX_DIMS + 1];
-        int nd = PyArray_NDIM(a);
-        if (PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_ISCARRAY_RO(a) || !PyArray_ISNOTSWAPPED(a) ||
-            nd > RUNNER_MAX_DIMS + 1)
-            return NULL;
-        for (int i = 0; i < nd; i++)
-            dims[i] = (Py_ssize_t)PyArray_DIMS(a)[i];
-        return fits_shape(r, nd, dims) ? (const float *)PyArray_DATA(a) : NULL;
-    }
-#endif
-    if (PyObject_GetBuffer(x, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
-        PyErr_Clear();
-        view->obj = NULL;
+/* The samples' float32 values when ``x`` is the runner's input: an ndarray (or subclass) of
+ * float32 in native byte order, C-contiguous, of a shape fits_shape takes; else NULL. The caller's
+ * reference keeps the array alive for the call. */
+static const float *sample_values(Runner *r, PyObject *x) {
+    if (!PyArray_Check(x))
         return NULL;
-    }
-    if (!is_sample(r, view)) {
-        PyBuffer_Release(view);
-        view->obj = NULL;
+    PyArrayObject *a = (PyArrayObject *)x;
+    Py_ssize_t dims[RUNNER_MAX_DIMS + 1];
+    int nd = PyArray_NDIM(a);
+    if (PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_ISCARRAY_RO(a) || !PyArray_ISNOTSWAPPED(a) ||
+        nd > RUNNER_MAX_DIMS + 1)
         return NULL;
-    }
-    return (const float *)view->buf;
+    for (int i = 0; i < nd; i++)
+        dims[i] = (Py_ssize_t)PyArray_DIMS(a)[i];
+    return fits_shape(r, nd, dims) ? (const float *)PyArray_DATA(a) : NULL;
 }
 
 /* predict(x) -> Prediction | None
@@ -1085,8 +1048,7 @@ static const float *sample_values(Runner *r, PyObject *x, Py_buffer *view) {
 static PyObject *runner_predict(Runner *r, PyObject *x_obj) {
     if (r->mode == BIND_NONE)
         Py_RETURN_NONE;
-    Py_buffer view;
-    const float *v = sample_values(r, x_obj, &view);
+    const float *v = sample_values(r, x_obj);
     if (v == NULL)
         Py_RETURN_NONE;
     /* bind() may run while we wait for the lock: hold the lock's methods we call */
@@ -1097,8 +1059,6 @@ static PyObject *runner_predict(Runner *r, PyObject *x_obj) {
     Py_DECREF(acquire);
     if (got == NULL) {
         Py_DECREF(release);
-        if (view.obj != NULL)
-            PyBuffer_Release(&view);
         return NULL;
     }
     Py_DECREF(got);
@@ -1108,8 +1068,6 @@ static PyObject *runner_predict(Runner *r, PyObject *x_obj) {
     } else {
         result = predict_locked(r, v);
     }
-    if (view.obj != NULL)
-        PyBuffer_Release(&view);
     /* release even when predict_locked failed, keeping its exception */
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
@@ -1134,7 +1092,7 @@ static PyMethodDef runner_methods[] = {
     {"predict", (PyCFunction)runner_predict, METH_O,
      "predict(x) -> Prediction or None: one float32 sample (or batch) through the model, under the lock"},
     {"bind", (PyCFunction)runner_bind, METH_VARARGS,
-     "bind(window, lock, feats, scores, latencies, pending, new_out, cls, labels, ref)"},
+     "bind(window, lock, next, feats, scores, latencies, pending, cls, labels, ref)"},
     {"unbind", (PyCFunction)runner_unbind_py, METH_NOARGS, "let go of the window (predict returns None)"},
     {"close", (PyCFunction)runner_close, METH_NOARGS, "unbind for good and let go of the interpreter"},
     {NULL, NULL, 0, NULL},
@@ -1175,22 +1133,15 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
-#ifdef EDGEFLEET_NUMPY_API
     import_array();
-#endif
-    str_buffered = PyUnicode_InternFromString("_buffered");
     str_flush = PyUnicode_InternFromString("flush");
-    if (str_buffered == NULL || str_flush == NULL || PyType_Ready(&RunnerType) < 0)
+    if (str_flush == NULL || PyType_Ready(&RunnerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-#ifdef EDGEFLEET_NUMPY_API
-    const long numpy_api = 1;
-#else
-    const long numpy_api = 0;
-#endif
-    if (PyModule_AddIntConstant(m, "NUMPY_API", numpy_api) < 0) {
+    /* always 1 now (the one variant); kept so that a check of it keeps working */
+    if (PyModule_AddIntConstant(m, "NUMPY_API", 1) < 0) {
         Py_DECREF(m);
         return NULL;
     }

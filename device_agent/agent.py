@@ -13,7 +13,6 @@ and ``device_agent.runtimes``, ``toolchain`` and ``benchmarks`` import only the 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
@@ -226,8 +225,7 @@ class Agent:
         """Bind a ``kernels.Runner`` to window ``w``; False when the window cannot take it."""
         if runner.batch > w.rows:
             return False
-        new_out = functools.partial(np.empty, (runner.batch, len(model.manifest.labels)), np.float32)
-        return w.bind(runner, self._lock, new_out, Prediction, tuple(model.manifest.labels), model.ref)
+        return w.bind(runner, self._lock, Prediction, tuple(model.manifest.labels), model.ref)
 
     def predict(self, x: Any) -> Prediction:
         """Return scores, top-1 labels and scores for one sample or a batch of float inputs.

@@ -4,8 +4,9 @@
 also writes its 8-bit codes; ``store_row(...)`` puts one prediction's scores and latency into a
 statistics window's buffers and returns its top-1 index and score. They come from the C extension
 ``device_agent._kernels`` when it was built at install time (``setup.py``, optional: it needs a C
-compiler and the Python headers), and from numpy otherwise. ``NATIVE`` says which;
-``EDGEFLEET_NATIVE_KERNELS=0`` turns the C path off.
+compiler, the Python headers and numpy's, which the build requirements provide), and from numpy
+otherwise. ``NATIVE`` says which; ``EDGEFLEET_NATIVE_KERNELS=0`` turns the C path off (the tests
+run that way too: tests/device_agent/test_kernel_builds.py).
 
 Native only (None without the extension, and their callers take the numpy definitions):
 ``profile_update(...)`` and ``fold_outputs(...)``, the C versions of

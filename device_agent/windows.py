@@ -63,7 +63,8 @@ class Window:
         self._feats = np.empty((self._rows, n_feats), dtype=np.float64)
         self._scores = np.empty((self._rows, len(spec.labels)), dtype=np.float64)
         self._lat = np.empty(self._rows, dtype=np.float64)
-        self._buffered = 0
+        # The next free row: a (1,) int64 array, so that a bound runner reads and advances it in place.
+        self._next = np.zeros(1, dtype=np.int64)
         self._flushed = 0
         # One-channel image summaries of single samples wait as (min, max, sum, sum of squares)
         # with their rows until the next fold turns them into features in one vectorized step.
@@ -81,7 +82,7 @@ class Window:
     @property
     def count(self) -> int:
         """Predictions recorded so far (buffered ones included)."""
-        return self._flushed + self._buffered
+        return self._flushed + int(self._next[0])
 
     def record(self, x: np.ndarray, scores: np.ndarray, latency_ms: float) -> None:
         """Add a batch: model inputs (n, *shape) float, scores (n, K), and the batch's latency in ms.
@@ -89,7 +90,7 @@ class Window:
         The batch latency is split evenly over its samples so latency counts match predictions.
         """
         n = int(scores.shape[0])
-        if n > self._rows - self._buffered:
+        if n > self._rows - int(self._next[0]):
             self.flush()
             if n > self._rows:  # a large batch goes straight into the profile
                 self.profile.inputs.update(self.spec.features.extract(x))
@@ -97,15 +98,15 @@ class Window:
                 self.profile.update_latency(np.full(n, latency_ms / n))
                 self._flushed += n
                 return
-        i = self._buffered
+        i = int(self._next[0])
         if self._elements:
             self._feats[i : i + n] = x.reshape(n, -1)
         else:
             self._feats[i : i + n] = self.spec.features.extract(x)
         self._scores[i : i + n] = scores
         self._lat[i : i + n] = latency_ms / n
-        self._buffered = i + n
-        if self._buffered == self._rows:
+        self._next[0] = i + n
+        if i + n == self._rows:
             self.flush()
 
     def record_one(
@@ -124,7 +125,7 @@ class Window:
         (the output's raw 8-bit codes and their float32 table), that call first decodes them into
         ``scores``.
         """
-        i = self._buffered
+        i = int(self._next[0])
         if codes is not None:
             top = kernels.decode_row(codes[0], codes[1], scores, self._scores, i, self._lat, latency_ms)
         else:
@@ -136,20 +137,21 @@ class Window:
             self._pending[i] = 1
         else:
             self._feats[i] = self.spec.features.extract(x)[0]
-        self._buffered = i + 1
-        if self._buffered == self._rows:
+        self._next[0] = i + 1
+        if i + 1 == self._rows:
             self.flush()
         return top
 
-    def bind(self, runner: Any, lock: Any, new_out: Any, cls: Any, labels: tuple[str, ...], ref: Any) -> bool:
-        """Point a ``kernels.Runner`` at this window's buffers (see its ``bind``); False when the
-        window's features are not a runner's (multi-channel image summaries). The runner then
-        writes row ``_buffered``, counts it, and calls ``flush`` when the buffers are full."""
+    def bind(self, runner: Any, lock: Any, cls: Any, labels: tuple[str, ...], ref: Any) -> bool:
+        """Point a ``kernels.Runner`` at this window's row counter and buffers (see its ``bind``);
+        False when the window's features are not a runner's (multi-channel image summaries). The
+        runner then writes the counter's row, advances it, and calls ``flush`` when the buffers
+        are full."""
         if self._elements:
-            runner.bind(self, lock, self._feats, self._scores, self._lat, None, new_out, cls, labels, ref)
+            runner.bind(self, lock, self._next, self._feats, self._scores, self._lat, None, cls, labels, ref)
         elif self._defer:
             runner.bind(
-                self, lock, self._summ, self._scores, self._lat, self._pending, new_out, cls, labels, ref
+                self, lock, self._next, self._summ, self._scores, self._lat, self._pending, cls, labels, ref
             )
         else:
             return False
@@ -161,7 +163,7 @@ class Window:
 
     def flush(self) -> None:
         """Fold buffered samples into the profile."""
-        n = self._buffered
+        n = int(self._next[0])
         if not n:
             return
         if self._defer:
@@ -173,7 +175,7 @@ class Window:
         self.profile.update_outputs(self._scores[:n])
         self.profile.update_latency(self._lat[:n])
         self._flushed += n
-        self._buffered = 0
+        self._next[0] = 0
 
     def close(self, end_ts: float) -> ClosedWindow:
         """Flush and return the finished window."""

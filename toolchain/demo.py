@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from toolchain import data
+from toolchain.data import digits_path
 from toolchain.errors import ToolchainError
 
-REPO = Path(__file__).resolve().parent.parent
-DIGITS_TRAIN = REPO / "calibration_data" / "digits.npz"
-DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
+DIGITS_TRAIN = digits_path(data.DIGITS_TRAIN)  # package data: works from an installed wheel
+DIGITS_TEST = digits_path(data.DIGITS_TEST)
 DEMO_FLEET = "demo"
 DEMO_TARGET = "raspberry-pi"
 DEVICES = {"pi-clean": "held-out digits", "pi-shifted": "held-out digits, lower contrast + noise"}
@@ -154,7 +155,7 @@ def run_demo(
     t0 = time.perf_counter()
 
     # 1. Train -------------------------------------------------------------------------------------
-    echo("==> 1/5 train: digits CNN on calibration_data/digits.npz")
+    echo("==> 1/5 train: digits CNN on the shipped digits (calibration_data/digits.npz)")
     train = load_dataset(DIGITS_TRAIN)
     model_path = out / "digits_cnn.keras"
     if not model_path.exists():

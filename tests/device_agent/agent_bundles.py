@@ -1,4 +1,4 @@
-"""Small real bundles for the agent's tests, built without the build pipeline.
+"""Small real bundles for the agent's tests, built without the build pipeline (with tests/fabricate.py).
 
 * ``onnx_bundle(dir)``: a dense softmax classifier of the 8x8 digits (weights fitted with numpy),
   written as a real ONNX graph with ``onnx.helper``; runs in ONNX Runtime and OpenVINO. No TensorFlow.
@@ -13,30 +13,20 @@ The shared ``digits_bundles`` fixture of tests/conftest.py replaces these where 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from tests.fabricate import LABELS, digits, onnx_dense, tensor
+from tests.fabricate import write_bundle as fabricate_bundle
+
 REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / "calibration_data"
-LABELS = [str(i) for i in range(10)]
-
-
-def digits() -> dict[str, np.ndarray]:
-    tr = np.load(DATA / "digits.npz")
-    te = np.load(DATA / "digits_test.npz")
-    return {
-        "x": tr["x"].astype(np.float32),
-        "y": tr["y"],
-        "x_test": te["x"].astype(np.float32),
-        "y_test": te["y"],
-    }
 
 
 def upsampled(x: np.ndarray, k: int) -> np.ndarray:
@@ -71,83 +61,52 @@ def write_bundle(
     model_file: str,
     fmt: str,
     runtimes: list[str],
-    inputs: list[dict],
-    outputs: list[dict],
+    inputs: list[Any],
+    outputs: list[Any],
     name: str = "digits-dense",
     version: int = 1,
     target: str = "x86",
     preprocessing: dict | None = None,
     upsample: int = 1,
 ) -> Path:
-    """Write baseline.json, labels.txt and manifest.json around a model file already in ``root``
-    (``upsample``: the model takes the digits scaled up by that factor, see ``upsampled``)."""
-    from device_agent.formats.manifest import Manifest, file_entry
-    from device_agent.formats.stats import baseline_to_dict, build_baseline
+    """Write baseline.json (the dense classifier on the training split), labels.txt and a schema-1
+    manifest around a model file already in ``root`` (``upsample``: the model takes the digits
+    scaled up by that factor, see ``upsampled``)."""
+    from device_agent.formats.stats import build_baseline
 
     d = digits()
     w, b = fit_dense()
-    base = build_baseline(upsampled(d["x"], upsample), forward(d["x"], w, b), LABELS)
-    (root / "baseline.json").write_text(json.dumps(baseline_to_dict(base, {"data": "digits.npz"})))
-    (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
-    files = [file_entry(root, p) for p in (model_file, "baseline.json", "labels.txt")]
-    doc = {
-        "schema": 1,
-        "name": name,
-        "version": version,
-        "target": target,
-        "created_at": "2026-11-27T00:00:00Z",
-        "files": [{"path": f.path, "sha256": f.sha256, "size_bytes": f.size_bytes} for f in files],
-        "model": {"path": model_file, "format": fmt, "runtimes": runtimes, "accelerated_path": None},
-        "inputs": inputs,
-        "outputs": outputs,
-        "labels": LABELS,
-        "preprocessing": preprocessing or {"type": "affine", "scale": 1.0 / 16.0, "offset": 0.0},
-        "baseline": "baseline.json",
-        "metrics": {},
-        "threads": 1,
-        "edgetpu": None,
-    }
-    manifest = Manifest.from_dict(doc)
-    (root / "manifest.json").write_bytes(manifest.to_bytes())
-    return root
+    return fabricate_bundle(
+        root,
+        model_file=model_file,
+        fmt=fmt,
+        runtimes=runtimes,
+        inputs=inputs,
+        outputs=outputs,
+        labels=LABELS,
+        baseline=build_baseline(upsampled(d["x"], upsample), forward(d["x"], w, b), LABELS),
+        baseline_source={"data": "digits.npz"},
+        labels_file=True,
+        name=name,
+        version=version,
+        target=target,
+        preprocessing=preprocessing or {"type": "affine", "scale": 1.0 / 16.0, "offset": 0.0},
+        schema=1,
+    )
 
 
 def onnx_bundle(root: Path, version: int = 1, name: str = "digits-dense", shift: float = 0.0) -> Path:
     """Write an ONNX bundle (float32 I/O, dynamic batch) into ``root``."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     root.mkdir(parents=True, exist_ok=True)
     w, b = fit_dense(shift)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["x", "shape"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "w"], ["mm"]),
-            helper.make_node("Add", ["mm", "b"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
-        ],
-        "digits_dense",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 1])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 10])],
-        initializer=[
-            numpy_helper.from_array(np.array([-1, 64], dtype=np.int64), "shape"),
-            numpy_helper.from_array(w, "w"),
-            numpy_helper.from_array(b, "b"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(root / "model.onnx"))
-    spec_in = {"name": "x", "shape": [-1, 8, 8, 1], "dtype": "float32", "quantization": None}
-    spec_out = {"name": "probs", "shape": [-1, 10], "dtype": "float32", "quantization": None}
+    (root / "model.onnx").write_bytes(onnx_dense(w, b, ["n", 8, 8, 1]))
     return write_bundle(
         root,
         model_file="model.onnx",
         fmt="onnx",
         runtimes=["onnxruntime", "openvino"],
-        inputs=[spec_in],
-        outputs=[spec_out],
+        inputs=[tensor("x", (-1, 8, 8, 1), "float32")],
+        outputs=[tensor("probs", (-1, 10), "float32")],
         name=name,
         version=version,
     )
@@ -211,14 +170,9 @@ def tflite_bundle(root: Path, version: int = 1, name: str = "digits-dense-int8",
     it = Interpreter(model_path=str(root / "model.tflite"))
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
 
-    def spec(d: dict, name: str, shape: list[int]) -> dict:
+    def spec(d: dict, name: str, shape: list[int]) -> Any:
         scale, zp = d["quantization"]
-        return {
-            "name": name,
-            "shape": shape,
-            "dtype": np.dtype(d["dtype"]).name,
-            "quantization": {"scale": float(scale), "zero_point": int(zp)} if scale else None,
-        }
+        return tensor(name, shape, np.dtype(d["dtype"]).name, (scale, zp) if scale else None)
 
     # The Rescaling layer is inside the model: no preprocessing in the manifest.
     return write_bundle(

@@ -10,14 +10,9 @@ import pytest
 
 from device_agent.formats.manifest import (
     BundleError,
-    DType,
     FileEntry,
-    Manifest,
-    ModelEntry,
-    ModelFormat,
     Precision,
     RuntimeName,
-    TensorSpec,
     VerifyPolicy,
     file_entry,
     load_manifest,
@@ -25,26 +20,26 @@ from device_agent.formats.manifest import (
     sign_manifest,
     verify_bundle,
 )
+from tests.fabricate import placeholder_tflite, tensor, write_bundle
 
 
 def make_bundle(root: Path, version: int = 1, target: str = "raspberry-pi") -> Path:
+    """A bundle with a placeholder model (never loaded): manifest, baseline text and labels.txt."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "model.tflite").write_bytes(b"TFL3" + bytes(range(200)))
-    (root / "baseline.json").write_text("{}")
-    (root / "labels.txt").write_text("a\nb\n")
-    m = Manifest(
-        name="digits",
+    (root / "model.tflite").write_bytes(placeholder_tflite())
+    return write_bundle(
+        root,
+        model_file="model.tflite",
+        fmt="tflite",
+        runtimes=["litert"],
+        inputs=[tensor("x", (1, 8, 8, 1), "int8")],
+        outputs=[tensor("y", (1, 2), "int8")],
+        labels=["a", "b"],
+        baseline="{}",
+        labels_file=True,
         version=version,
         target=target,
-        created_at="2026-11-27T00:00:00Z",
-        files=[file_entry(root, p) for p in ("model.tflite", "baseline.json", "labels.txt")],
-        model=ModelEntry("model.tflite", ModelFormat.TFLITE, (RuntimeName.LITERT,)),
-        inputs=[TensorSpec("x", (1, 8, 8, 1), DType.INT8, None)],
-        outputs=[TensorSpec("y", (1, 2), DType.INT8, None)],
-        labels=["a", "b"],
     )
-    (root / "manifest.json").write_bytes(m.to_bytes())
-    return root
 
 
 def keypair() -> tuple[bytes, bytes]:

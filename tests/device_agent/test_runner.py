@@ -176,17 +176,28 @@ def test_runner_refuses_buffers_that_do_not_fit() -> None:
         r.bind(
             None,
             lock,
+            np.zeros(1, np.int64),
             np.zeros((4, 63)),
             np.zeros((4, 10)),
             np.zeros(4),
-            None,
             None,
             tuple,
             tuple("abcdefghij"),
             None,
         )
     with pytest.raises(ValueError, match="one label per score"):
-        r.bind(None, lock, np.zeros((4, 64)), np.zeros((4, 10)), np.zeros(4), None, None, tuple, ("a",), None)
+        r.bind(
+            None,
+            lock,
+            np.zeros(1, np.int64),
+            np.zeros((4, 64)),
+            np.zeros((4, 10)),
+            np.zeros(4),
+            None,
+            tuple,
+            ("a",),
+            None,
+        )
     assert r.rows == 0
 
 
@@ -232,7 +243,6 @@ def test_batch_runner_takes_over_repeated_batch_sizes(monkeypatch: pytest.Monkey
 def test_runner_keeps_its_buffers_and_litert_refuses_to_resize_under_it() -> None:
     """A runner made on temporary arrays keeps them alive; while a batch runner holds the batch
     interpreter's tensors, LiteRT refuses to resize it, and after close it may."""
-    import functools
     import gc
 
     from device_agent.agent import Agent, Prediction
@@ -254,14 +264,13 @@ def test_runner_keeps_its_buffers_and_litert_refuses_to_resize_under_it() -> Non
     )
     gc.collect()
     w = Window(m.spec, m.ref, 0.0, 0.0)
-    new_out = functools.partial(np.empty, (1, 10), np.float32)
-    assert w.bind(r, threading.Lock(), new_out, Prediction, tuple(m.manifest.labels), m.ref)
+    assert w.bind(r, threading.Lock(), Prediction, tuple(m.manifest.labels), m.ref)
     got = r.predict(_inputs("elements", 1)[0])
     assert got is not None and got.outputs.tolist() == [[5.0] * 10] and w.count == 1
     r.close()
     assert r.predict(_inputs("elements", 1)[0]) is None
     with pytest.raises(RuntimeError, match="closed"):
-        w.bind(r, threading.Lock(), new_out, Prediction, tuple(m.manifest.labels), m.ref)
+        w.bind(r, threading.Lock(), Prediction, tuple(m.manifest.labels), m.ref)
 
     pred = m.predictor
     x = _inputs("elements", 8)

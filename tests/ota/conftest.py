@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.ota.bundles import fit_softmax, onnx_softmax_model, repackage, write_bundle
+from tests.fabricate import fit_softmax, flat_onnx_bundle, onnx_dense, repackage
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def base_bundle(tmp_path_factory: pytest.TempPathFactory, digits: dict[str, np.n
     """An unsigned v1 x86 bundle with a real ONNX model trained on the digits."""
     w, b = fit_softmax(digits["x"], digits["y"])
     d = tmp_path_factory.mktemp("bundles") / "base"
-    return write_bundle(d, onnx_softmax_model(w, b), digits["x"][:300])
+    return flat_onnx_bundle(d, onnx_dense(w, b, ["n", w.shape[0]]), digits["x"][:300])
 
 
 @pytest.fixture(scope="session")

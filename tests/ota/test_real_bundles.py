@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from device_agent.formats.deploy import LocalSource
 from device_agent.formats.keys import load_trusted_keys
 from device_agent.formats.manifest import VerifyPolicy, load_manifest, manifest_sha256
+from tests.fabricate import repackage
 from tests.ota.agent_proc import Agent, write_agent_config
-from tests.ota.bundles import repackage
 from tests.ota.harness import Serving, make_updater
 from toolchain.cli import main
 

@@ -617,8 +617,8 @@ def test_real_agents_with_the_generated_snippets(
     those credentials is refused by the broker, says so in its health, and nothing of it is stored."""
     import numpy as np
 
+    from tests.fabricate import fit_softmax, flat_onnx_bundle, onnx_dense
     from tests.helpers import AgentRun, http_call
-    from tests.ota.bundles import fit_softmax, onnx_softmax_model, write_bundle
     from toolchain.fleet.collector import Collector
     from toolchain.fleet.registry import register_bundle
     from toolchain.fleet.storage import open_store
@@ -627,7 +627,8 @@ def test_real_agents_with_the_generated_snippets(
     creds = credentials(out)
     data = np.load(Path(__file__).resolve().parents[2] / "calibration_data" / "digits.npz")
     x, y = data["x"], data["y"]
-    bundle = write_bundle(tmp_path / "bundle", onnx_softmax_model(*fit_softmax(x, y, steps=30)), x[:300])
+    w, b = fit_softmax(x, y, steps=30)
+    bundle = flat_onnx_bundle(tmp_path / "bundle", onnx_dense(w, b, ["n", w.shape[0]]), x[:300])
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     register_bundle(db, bundle)
 

@@ -31,14 +31,13 @@ from device_agent.formats.manifest import (
 from device_agent.formats.stats import Profile, ProfileSpec, baseline_to_dict, build_baseline
 from device_agent.formats.telemetry import ModelRef, encode_stats, encode_status, topic
 
-REPO = Path(__file__).resolve().parents[2]
-DIGITS = REPO / "calibration_data"
+from toolchain.data import DIGITS_TEST, DIGITS_TRAIN, digits_path
 
 
 def load_digits() -> dict[str, np.ndarray]:
     """Return the shipped digits split: x, y (train) and x_test, y_test; x is (n, 8, 8, 1) in 0..16."""
-    tr = np.load(DIGITS / "digits.npz")
-    te = np.load(DIGITS / "digits_test.npz")
+    tr = np.load(digits_path(DIGITS_TRAIN))  # package data: works from an installed wheel
+    te = np.load(digits_path(DIGITS_TEST))
     return {
         "x": tr["x"].astype(np.float64),
         "y": tr["y"],

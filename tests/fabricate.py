@@ -1,0 +1,244 @@
+"""The one test bundle fabricator: real bundles written without the build pipeline.
+
+``write_bundle`` writes the manifest (and ``baseline.json``, ``labels.txt`` when asked) around a
+model file already in the folder; the recipes below make the model files:
+
+* ``onnx_dense(w, b, input_shape)``: softmax(x @ w + b) as a real ONNX graph made with
+  ``onnx.helper`` (ONNX Runtime and OpenVINO run it); no TensorFlow. ``flat_onnx_bundle`` wraps one
+  with a flat (n, 64) input into an x86-style bundle (the OTA tests' bundles).
+* tests/device_agent/agent_bundles.py: the agent tests' ONNX and full-int8 .tflite bundles (TensorFlow
+  in a subprocess), written through ``write_bundle`` too.
+* ``placeholder_tflite``: bytes that only look like a model, for manifest and verification tests.
+
+(``toolchain.fleet.sim.write_bundle`` is the simulator's own, shipped with the package, for the
+fleet tests and demos without a model.)
+
+``repackage`` copies a bundle under a new version (and target/labels) and signs it, as a release
+pipeline re-signs an existing model. Used by tests/device_agent, tests/ota and tests/reliability.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "calibration_data"
+LABELS = [str(i) for i in range(10)]
+CREATED_AT = "2026-11-27T00:00:00Z"
+
+
+def digits() -> dict[str, np.ndarray]:
+    """The shipped digits as float32: x, y (train) and x_test, y_test; x is (n, 8, 8, 1) in 0..16."""
+    tr = np.load(DATA / "digits.npz")
+    te = np.load(DATA / "digits_test.npz")
+    return {
+        "x": tr["x"].astype(np.float32),
+        "y": tr["y"],
+        "x_test": te["x"].astype(np.float32),
+        "y_test": te["y"],
+    }
+
+
+def onnx_dense(
+    w: np.ndarray, b: np.ndarray, input_shape: Sequence[int | str], name: str = "digits_dense"
+) -> bytes:
+    """An ONNX model computing softmax(flatten(x) @ w + b): input ``x`` of ``input_shape`` (first
+    axis dynamic, ``"n"``), output ``probs`` (n, K). A flat (n, F) input needs no Reshape."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(w.astype(np.float32), "w"),
+        numpy_helper.from_array(b.astype(np.float32), "b"),
+    ]
+    nodes = []
+    flat = "x"
+    if len(input_shape) > 2:
+        inits.insert(0, numpy_helper.from_array(np.array([-1, w.shape[0]], dtype=np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["x", "shape"], ["flat"]))
+        flat = "flat"
+    nodes += [
+        helper.make_node("MatMul", [flat, "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", w.shape[1]])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def fit_softmax(
+    x: np.ndarray, y: np.ndarray, steps: int = 150, lr: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit a softmax regression of raw digits (n, ...) in 0..16 with plain gradient descent (numpy;
+    a second or so); the 1/16 input scaling is folded into the weights (64x10, 10)."""
+    xs = x.reshape(len(x), -1).astype(np.float32) / 16.0
+    n, d = xs.shape
+    w = np.zeros((d, 10), np.float32)
+    b = np.zeros(10, np.float32)
+    onehot = np.eye(10, dtype=np.float32)[y]
+    for _ in range(steps):
+        z = xs @ w + b
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - onehot) / n
+        w -= lr * xs.T @ g
+        b -= lr * g.sum(axis=0)
+    return w / 16.0, b
+
+
+def flat_onnx_bundle(
+    out: Path,
+    model_bytes: bytes,
+    x_ref: np.ndarray,
+    *,
+    name: str = "digits",
+    version: int = 1,
+    target: str = "x86",
+    labels: list[str] | None = None,
+) -> Path:
+    """An x86-style bundle (ONNX, float I/O, flat (n, F) input, no preprocessing) around an
+    ``onnx_dense`` model; its baseline is ``x_ref`` and the model's own scores in ONNX Runtime."""
+    import onnxruntime as ort
+
+    from device_agent.formats.stats import build_baseline
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.onnx").write_bytes(model_bytes)
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    xs = x_ref.reshape(len(x_ref), -1).astype(np.float32)
+    probs = sess.run(["probs"], {"x": xs})[0]
+    return write_bundle(
+        out,
+        model_file="model.onnx",
+        fmt="onnx",
+        runtimes=["onnxruntime"],
+        inputs=[tensor("x", (-1, xs.shape[1]), "float32")],
+        outputs=[tensor("probs", (-1, probs.shape[1]), "float32")],
+        labels=LABELS if labels is None else labels,
+        baseline=build_baseline(xs, probs, LABELS),
+        name=name,
+        version=version,
+        target=target,
+    )
+
+
+def placeholder_tflite() -> bytes:
+    """Bytes with the TFLite file identifier that no runtime is asked to load (manifest tests)."""
+    return b"TFL3" + bytes(range(200))
+
+
+def tensor(name: str, shape: Sequence[int], dtype: str, quantization: tuple[float, int] | None = None) -> Any:
+    """A manifest ``TensorSpec`` (dtype by name; quantization as (scale, zero_point))."""
+    from device_agent.formats.manifest import DType, Quantization, TensorSpec
+
+    q = Quantization(scale=float(quantization[0]), zero_point=int(quantization[1])) if quantization else None
+    return TensorSpec(name, tuple(int(v) for v in shape), DType(dtype), q)
+
+
+def write_bundle(
+    root: Path,
+    *,
+    model_file: str,
+    fmt: str,
+    runtimes: Sequence[str],
+    inputs: Sequence[Any],
+    outputs: Sequence[Any],
+    labels: Sequence[str],
+    baseline: Any = None,
+    baseline_source: dict[str, Any] | None = None,
+    labels_file: bool = False,
+    name: str = "digits",
+    version: int = 1,
+    target: str = "x86",
+    preprocessing: dict[str, Any] | None = None,
+    schema: int | None = None,
+) -> Path:
+    """Write ``manifest.json`` (listing every file it writes) around ``root/model_file``.
+
+    ``baseline``: a ``device_agent.stats.Profile`` (written as ``baseline.json`` with
+    ``baseline_source``), a string (written as it is), or None (no file). ``labels_file`` adds
+    ``labels.txt``. ``schema`` pins the manifest schema (default: the current one).
+    """
+    from device_agent.formats.manifest import (
+        MANIFEST_SCHEMA,
+        Manifest,
+        ModelEntry,
+        ModelFormat,
+        RuntimeName,
+        file_entry,
+    )
+    from device_agent.formats.stats import baseline_to_dict
+
+    root.mkdir(parents=True, exist_ok=True)
+    listed = [model_file]
+    if baseline is not None:
+        text = (
+            baseline
+            if isinstance(baseline, str)
+            else json.dumps(baseline_to_dict(baseline, baseline_source or {"data": "digits"}))
+        )
+        (root / "baseline.json").write_text(text)
+        listed.append("baseline.json")
+    if labels_file:
+        (root / "labels.txt").write_text("\n".join(labels) + "\n")
+        listed.append("labels.txt")
+    manifest = Manifest(
+        name=name,
+        version=version,
+        target=target,
+        created_at=CREATED_AT,
+        files=[file_entry(root, p) for p in listed],
+        model=ModelEntry(model_file, ModelFormat(fmt), tuple(RuntimeName(r) for r in runtimes)),
+        inputs=list(inputs),
+        outputs=list(outputs),
+        labels=list(labels),
+        preprocessing=preprocessing or {"type": "none"},
+        schema=MANIFEST_SCHEMA if schema is None else schema,
+    )
+    (root / "manifest.json").write_bytes(manifest.to_bytes())
+    return root
+
+
+def repackage(
+    src: Path,
+    dst: Path,
+    *,
+    version: int,
+    key: Path | None = None,
+    target: str | None = None,
+    labels: list[str] | None = None,
+) -> Path:
+    """Copy a bundle under a new version (and optionally target/labels), then sign it with ``key``."""
+    from device_agent.formats.manifest import MANIFEST_FILE, SIGNATURE_FILE, load_manifest
+    from toolchain.signing import sign_bundle
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    (dst / SIGNATURE_FILE).unlink(missing_ok=True)
+    m = load_manifest(dst)
+    m.version = version
+    if target is not None:
+        m.target = target
+    if labels is not None:
+        m.labels = labels
+    (dst / MANIFEST_FILE).write_bytes(m.to_bytes())
+    if key is not None:
+        sign_bundle(dst, key)
+    return dst
