@@ -30,7 +30,6 @@ from device_agent.formats.manifest import (
 )
 from device_agent.formats.stats import Profile, ProfileSpec, baseline_to_dict, build_baseline
 from device_agent.formats.telemetry import ModelRef, encode_stats, encode_status, topic
-
 from toolchain.data import DIGITS_TEST, DIGITS_TRAIN, digits_path
 
 
