@@ -59,6 +59,7 @@ from toolchain.steps.per_class import (
     predicted_classes,
     target_class_evaluation,
 )
+from toolchain.steps.verify import predict_artifact, verify_artifact
 from toolchain.targets import Target, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -406,7 +407,7 @@ def _float_reference(source: Any, fmt: ModelFormat, work: Path, report: dict[str
 def _float_latency(
     ref: dict[str, Any], runtimes: Sequence[str], sample: np.ndarray, threads: int, report_fmt: dict[str, Any]
 ) -> dict[str, Any]:
-    from toolchain.steps.convert import measure_latency
+    from toolchain.steps.latency import measure_latency
 
     out: dict[str, Any] = {}
     for rt in runtimes:
@@ -455,7 +456,7 @@ def _build_target(
     max_class_drop: float = DEFAULT_MAX_CLASS_DROP_POINTS,
 ) -> dict[str, Any]:
     from toolchain.steps import budget
-    from toolchain.steps.convert import convert_for_target, predict_artifact, verify_artifact
+    from toolchain.steps.convert import convert_for_target
 
     t0 = time.perf_counter()
     entry: dict[str, Any] = {

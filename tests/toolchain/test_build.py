@@ -171,15 +171,15 @@ def test_rerunning_the_same_build_is_allowed_and_a_different_model_is_refused(
 def test_accuracy_budget_fails_the_target_unless_allowed(
     digits_cnn_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import toolchain.steps.convert as convert
+    import toolchain.build as build
 
-    real = convert.predict_artifact
+    real = build.predict_artifact
 
     def degraded(artifact, runtime, x):  # type: ignore[no-untyped-def]
         scores = real(artifact, runtime, x)
         return np.roll(scores, 1, axis=1) if len(x) > 200 else scores  # break the eval-set predictions only
 
-    monkeypatch.setattr(convert, "predict_artifact", degraded)
+    monkeypatch.setattr(build, "predict_artifact", degraded)
     out = tmp_path / "out"
     with pytest.raises(
         BuildError, match=r"points below float .* budget is 1.00 points .*--allow-accuracy-drop"

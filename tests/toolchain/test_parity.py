@@ -189,7 +189,7 @@ def _bundle_of(model: Path, x: np.ndarray, ref: np.ndarray, out: Path) -> Path:
     """Assemble an unsigned x86 bundle around a bare .onnx file (labels: one per output value)."""
     from device_agent.bundle import ModelFormat
     from device_agent.stats import baseline_to_dict, build_baseline
-    from toolchain.steps.convert import read_io_specs
+    from toolchain.steps.artifact import read_io_specs
     from toolchain.steps.package import assemble_bundle
 
     labels = [f"c{i}" for i in range(ref.shape[1])]

@@ -129,7 +129,7 @@ def evaluate_bundle(
     top-level ``per_class`` and ``confusion_matrix`` are the preferred runtime's.
     """
     from device_agent.inference import Predictor
-    from toolchain.steps.convert import measure_latency
+    from toolchain.steps.latency import measure_latency
 
     root = Path(bundle_dir)
     manifest = verify_bundle(root, VerifyPolicy(allow_unsigned=True))
