@@ -703,7 +703,7 @@ def _edgetpu(
     tflite: Path, t: Target, tdir: Path, entry: dict[str, Any]
 ) -> tuple[Path | None, dict[str, Any], dict[str, Path]]:
     """Analyse the int8 model for the Edge TPU and compile it when the compiler is installed."""
-    from toolchain import edgetpu
+    from toolchain.steps import edgetpu
 
     assert t.edgetpu is not None
     rep = edgetpu.analyze(tflite, t.edgetpu)

@@ -63,7 +63,7 @@ def measure_arena(path: Path) -> dict[str, Any]:
 
 def _tflite_arena(path: Path) -> dict[str, Any]:
     from device_agent.runtimes.litert import _interpreter_module
-    from toolchain.edgetpu import read_tflite
+    from toolchain.steps.edgetpu import read_tflite
 
     model = read_tflite(path)
     constant = {t.index for t in model.tensors if t.is_constant}

@@ -58,7 +58,7 @@ def artifact_sparsity(path: Path) -> float | None:
 
 def _tflite_sparsity(path: Path) -> float | None:
     from device_agent.runtimes.litert import _interpreter_module
-    from toolchain.edgetpu import read_tflite
+    from toolchain.steps.edgetpu import read_tflite
 
     model = read_tflite(path)
     interp = _interpreter_module().Interpreter(model_path=str(path))
