@@ -7,7 +7,6 @@ Everything here runs in the device runtimes (LiteRT, ONNX Runtime, OpenVINO) thr
 from __future__ import annotations
 
 import gzip
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +193,3 @@ def evaluate_bundle(
 def model_format(path: Path) -> ModelFormat:
     """Return the format of a model file by suffix."""
     return ModelFormat.TFLITE if Path(path).suffix == ".tflite" else ModelFormat.ONNX
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy a file, creating parents."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
