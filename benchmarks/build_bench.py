@@ -107,7 +107,8 @@ def float_latencies(model_path: Path, sample: np.ndarray, work: Path) -> dict[st
     Measured at 1, 2 and 4 threads.
     """
     from device_agent.formats.manifest import ModelFormat
-    from toolchain.steps.convert import convert_float, measure_latency
+    from toolchain.steps.convert import convert_float
+    from toolchain.steps.latency import measure_latency
     from toolchain.steps.models import load_model
 
     lm = load_model(model_path)

@@ -267,8 +267,8 @@ def built(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_target_records_its_arena_and_coral_says_ops_run_on_the_cpu(built: dict[str, Any]) -> None:
-    from toolchain.edgetpu import read_tflite
     from toolchain.report import summary_table
+    from toolchain.steps.edgetpu import read_tflite
 
     rep = built["report"]
     coral, mobile = rep["targets"]["coral"], rep["targets"]["mobile"]

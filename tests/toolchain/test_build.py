@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +20,10 @@ from toolchain.steps.data import load_dataset
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+# report.json key paths captured from the build before it ran as typed steps (issue #13)
+REPORT_KEYS = json.loads((Path(__file__).parent / "report_keys.json").read_text())
+RUNTIMES = {"litert", "onnxruntime", "openvino"}
+BY_DATA = {"per_class", "float_per_class", "ops", "tensor_dtypes"}  # keyed by labels, op names, dtypes
 DIGITS = REPO / "calibration_data" / "digits.npz"
 DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 TARGETS = ["coral", "mobile", "raspberry-pi", "x86"]
@@ -119,6 +125,49 @@ def test_report_has_the_promised_fields(digits_bundles: Path, report: dict) -> N
     assert html.count("<svg") == 3 and "<script" not in html
 
 
+def key_paths(obj: Any, prefix: str = "", parent: str = "") -> set[str]:
+    """Return every dotted key path of a JSON document; runtime names read <runtime>, data keys *.
+
+    Left out: what only a machine with edgetpu_compiler writes (compiler_ops_*), and the reasons
+    under runtimes_excluded (keyed by whichever runtime the parity check happened to exclude).
+    """
+    out: set[str] = set()
+    if not isinstance(obj, dict):
+        return out
+    for k, v in obj.items():
+        if k in RUNTIMES or re.fullmatch(r"\w+@\d+", k):
+            name = "<runtime>"
+        else:
+            name = "*" if parent in BY_DATA else k
+        path = f"{prefix}.{name}" if prefix else name
+        if k in ("compiler_ops_total", "compiler_ops_mapped") or parent == "runtimes_excluded":
+            continue
+        out.add(path)
+        out |= key_paths(v, path, k)
+    return out
+
+
+def test_key_paths_reads_runtime_and_data_keys() -> None:
+    doc = {
+        "a": {"litert@2": {"p50_ms": 1}, "per_class": {"cat": {"recall": 1.0}}, "runtimes_excluded": {"x": 1}}
+    }
+    assert key_paths(doc) == {
+        "a",
+        "a.<runtime>",
+        "a.<runtime>.p50_ms",
+        "a.per_class",
+        "a.per_class.*",
+        "a.per_class.*.recall",
+        "a.runtimes_excluded",
+    }
+
+
+def test_report_keys_are_those_of_the_build_before_typed_records(report: dict) -> None:
+    """report.json is written from BuildContext/TargetResult; its keys are the untyped build's."""
+    got, want = key_paths(report), set(REPORT_KEYS["digits_all_targets"])
+    assert got == want, {"new": sorted(got - want), "lost": sorted(want - got)}
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "out"
     shutil.copytree(src, dst)
@@ -171,15 +220,15 @@ def test_rerunning_the_same_build_is_allowed_and_a_different_model_is_refused(
 def test_accuracy_budget_fails_the_target_unless_allowed(
     digits_cnn_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import toolchain.steps.convert as convert
+    from toolchain.steps import target as target_steps
 
-    real = convert.predict_artifact
+    real = target_steps.predict_artifact
 
     def degraded(artifact, runtime, x):  # type: ignore[no-untyped-def]
         scores = real(artifact, runtime, x)
         return np.roll(scores, 1, axis=1) if len(x) > 200 else scores  # break the eval-set predictions only
 
-    monkeypatch.setattr(convert, "predict_artifact", degraded)
+    monkeypatch.setattr(target_steps, "predict_artifact", degraded)
     out = tmp_path / "out"
     with pytest.raises(
         BuildError, match=r"points below float .* budget is 1.00 points .*--allow-accuracy-drop"
@@ -280,6 +329,8 @@ def test_pruned_build_reaches_the_sparsity_in_the_artifact(digits_cnn_path: Path
         allow_accuracy_drop=True,
     )
     assert rep["prune"]["reached_in_keras"] >= 0.45
+    got, want = key_paths(rep), set(REPORT_KEYS["digits_pruned_mobile_x86"])
+    assert got == want, {"new": sorted(got - want), "lost": sorted(want - got)}  # keys as before #13
     for t in ("mobile", "x86"):
         e = rep["targets"][t]
         assert e["status"] == "ok", e.get("error")

@@ -23,11 +23,9 @@ from toolchain.steps.convert import (
     VerificationError,
     convert_float,
     convert_for_target,
-    predict_artifact,
     read_io_specs,
-    verify_artifact,
 )
-from toolchain.steps.verify import SQNR_CAP_DB, sqnr_db, top1_agreement
+from toolchain.steps.verify import SQNR_CAP_DB, predict_artifact, sqnr_db, top1_agreement, verify_artifact
 from toolchain.targets import load_target
 
 TARGETS = ["mobile", "raspberry-pi", "coral", "x86"]
@@ -248,7 +246,7 @@ def test_latency_is_measured_per_runtime_and_thread_count(name: str, artifacts: 
 def test_measure_latency_on_a_bare_file(
     artifacts: dict[str, Artifact], digits: dict[str, np.ndarray]
 ) -> None:
-    from toolchain.steps.convert import measure_latency
+    from toolchain.steps.latency import measure_latency
 
     m = measure_latency(artifacts["raspberry-pi"].path, "litert", digits["x"][0], threads=2, repeats=15)
     assert m["runs"] == 15 and m["threads"] == 2 and 0 < m["p50_ms"] <= m["p95_ms"]

@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from toolchain import edgetpu
-from toolchain.edgetpu import (
+from toolchain.errors import ToolchainError
+from toolchain.steps import edgetpu
+from toolchain.steps.edgetpu import (
     AFTER_UNMAPPED,
     DATA_TYPE,
     LIMITATION,
@@ -36,7 +37,6 @@ from toolchain.edgetpu import (
     analyze,
     read_tflite,
 )
-from toolchain.errors import ToolchainError
 from toolchain.targets import EdgeTPU, load_target
 
 schema = pytest.importorskip("ai_edge_litert.schema_py_generated")
@@ -473,7 +473,9 @@ def test_compiler_timeout_is_failed(
     tmp_path: Path, coral: EdgeTPU, fake_compiler: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_ETPU_MODE", "hang")
-    monkeypatch.setattr(edgetpu, "COMPILER_TIMEOUT_S", 1.0)
+    from toolchain.steps.edgetpu import compiler
+
+    monkeypatch.setattr(compiler, "COMPILER_TIMEOUT_S", 1.0)
     result = edgetpu.compile(write(tmp_path, chain((OP.RELU, 1))), tmp_path / "out", coral)
     assert result.status == "failed" and "did not finish within 1 s" in result.message
     assert not (tmp_path / "out" / "model_edgetpu.tflite").exists()

@@ -193,13 +193,12 @@ def test_cell_builds_and_keeps_accuracy_sample_by_sample(
     cell: tuple[Any, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from device_agent.formats.manifest import load_manifest
-    from toolchain import build
     from toolchain.build import BuildError, build_bundles
-    from toolchain.steps import latency
+    from toolchain.steps import latency, reference
     from toolchain.targets import load_target
 
     monkeypatch.setattr(latency, "LATENCY_REPEATS", LATENCY_REPEATS)
-    monkeypatch.setattr(build, "FLOAT_LATENCY_REPEATS", LATENCY_REPEATS)
+    monkeypatch.setattr(reference, "FLOAT_LATENCY_REPEATS", LATENCY_REPEATS)
     data, ch, k, arch, quantize, prune, targets = cell
     n_train = max(MIN_TRAIN, PER_CLASS[arch] * k)
     n_eval = max(100, 10 * k)

@@ -50,7 +50,7 @@ def _break_batch_1(monkeypatch: pytest.MonkeyPatch, runtime_module: str, cls: st
 
 def _float_scores(bundle: Path, x: np.ndarray) -> np.ndarray:
     """Scores of the bundle's model in ONNX Runtime on the whole batch (a stand-in float reference)."""
-    from device_agent.inference import Predictor
+    from device_agent.agent import Predictor
 
     return Predictor(bundle, runtime="onnxruntime").predict(x)
 
@@ -151,7 +151,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 import device_agent.runtimes.openvino as ov_adapter
-from device_agent.inference import Predictor
+from device_agent.agent import Predictor
 from toolchain.steps.parity import check_parity
 bundle, data = Path(sys.argv[1]), np.load(sys.argv[2])
 x, y, ref = data["x"], data["y"], data["ref"]
@@ -189,7 +189,7 @@ def _bundle_of(model: Path, x: np.ndarray, ref: np.ndarray, out: Path) -> Path:
     """Assemble an unsigned x86 bundle around a bare .onnx file (labels: one per output value)."""
     from device_agent.formats.manifest import ModelFormat
     from device_agent.formats.stats import baseline_to_dict, build_baseline
-    from toolchain.steps.convert import read_io_specs
+    from toolchain.steps.artifact import read_io_specs
     from toolchain.steps.package import assemble_bundle
 
     labels = [f"c{i}" for i in range(ref.shape[1])]

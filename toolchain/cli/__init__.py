@@ -20,7 +20,9 @@ from toolchain.errors import USER_ERRORS
 # module -> names of the click commands/groups it defines
 COMMANDS: dict[str, tuple[str, ...]] = {
     "toolchain.cli.train": ("train",),
-    "toolchain.cli.build": ("build", "evaluate", "report", "targets"),
+    "toolchain.cli.build": ("build", "report"),
+    "toolchain.cli.evaluate": ("evaluate",),
+    "toolchain.cli.targets": ("targets",),
     "toolchain.cli.fleet": ("fleet",),
     "toolchain.cli.flash": ("keys", "verify", "flash", "serve"),
     "toolchain.cli.demo": ("demo",),

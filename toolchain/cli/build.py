@@ -1,52 +1,20 @@
-"""``edgefleet build | evaluate | report | targets``: thin layers over the Python API (train: cli/train.py).
+"""``edgefleet build | report``: thin layers over ``toolchain.build.build_bundles`` and its report.
 
 Only this layer prints. With ``--json`` the result goes to stdout as one JSON document and nothing
-else does (library chatter on file descriptor 1 is redirected to stderr while the work runs).
-Heavy modules (TensorFlow, the runtimes) are imported inside the commands.
+else does (``toolchain.cli.output``). Heavy modules (TensorFlow, the runtimes) are imported inside the
+commands. ``evaluate`` is in cli/evaluate.py, ``targets`` in cli/targets.py, ``train`` in cli/train.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 
+from toolchain.cli.output import emit_json, stdout_to_stderr
 from toolchain.steps.per_class import DEFAULT_MAX_CLASS_DROP_POINTS
 
 DEFAULT_OUT = "bundles"
-
-
-@contextlib.contextmanager
-def stdout_to_stderr(active: bool) -> Iterator[None]:
-    """While active, send everything written to stdout (Python and C level) to stderr."""
-    if not active:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def emit_json(doc: Any) -> None:
-    """Print one JSON document to stdout."""
-    click.echo(json.dumps(doc, indent=2, allow_nan=False))
-
-
-# --------------------------------------------------------------------------------------------------
-# build
 
 
 @click.command("build")
@@ -156,70 +124,6 @@ def build_cmd(
     click.echo(f"\nbundles in {out_dir}/<target>/; report: {Path(out_dir) / 'report.html'}")
 
 
-# --------------------------------------------------------------------------------------------------
-# evaluate
-
-
-@click.command("evaluate")
-@click.argument("bundle")
-@click.option(
-    "--data", "data_path", required=True, help="Labelled test data (.npz, .csv with --label, image folder)."
-)
-@click.option("--label", default=None, help="Label column (CSV) or label array name (.npz).")
-@click.option(
-    "--runtime",
-    "runtimes",
-    multiple=True,
-    help="Measure only this runtime (repeatable; default: all the bundle lists).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON on stdout.")
-def evaluate_cmd(
-    bundle: str, data_path: str, label: str | None, runtimes: tuple[str, ...], as_json: bool
-) -> None:
-    """Re-measure a BUNDLE on labelled data: accuracy, per-class metrics and latency in each runtime."""
-    from toolchain.report import MAX_TEXT_MATRIX_CLASSES, confusion_text, per_class_rows, text_table
-    from toolchain.steps.data import load_dataset
-    from toolchain.steps.evaluate import evaluate_bundle
-
-    with stdout_to_stderr(as_json):
-        ds = load_dataset(data_path, label)
-        res = evaluate_bundle(bundle, ds, runtimes=list(runtimes) or None, progress=not as_json)
-    if as_json:
-        emit_json(res)
-        return
-    rows = []
-    for rt, v in res["per_runtime"].items():
-        lat = v["latency"]
-        rows.append(
-            [
-                rt,
-                f"{100 * v['accuracy']:.2f}%",
-                f"{lat['threads_1']['p50_ms']:.3f}",
-                f"{lat['threads_N']['p50_ms']:.3f} ({lat['threads_N']['threads']})",
-                f"{lat['threads_N']['p95_ms']:.3f}",
-            ]
-        )
-    click.echo(
-        f"{res['name']} v{res['version']} ({res['target']}, {res['format']}, {res['size_bytes']} bytes) on "
-        f"{res['samples']} samples of {res['data']}"
-    )
-    click.echo(text_table(["runtime", "accuracy", "p50 ms 1 thread", "p50 ms (threads)", "p95 ms"], rows))
-    if res.get("build_accuracy") is not None:
-        click.echo(f"accuracy at build time: {100 * res['build_accuracy']:.2f}%")
-    if res.get("per_class"):
-        click.echo(f"\nper class ({res['preferred_runtime']}):")
-        click.echo(
-            text_table(["class", "support", "precision", "recall", "F1"], per_class_rows(res["per_class"]))
-        )
-        if len(res["labels"]) <= MAX_TEXT_MATRIX_CLASSES:
-            click.echo("\nconfusion matrix (rows true, columns predicted):")
-            click.echo(confusion_text(res["confusion_matrix"], res["labels"]))
-
-
-# --------------------------------------------------------------------------------------------------
-# report
-
-
 @click.command("report")
 @click.argument("out_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
@@ -235,74 +139,3 @@ def report_cmd(out_dir: str, as_json: bool) -> None:
         return
     click.echo(summary_table(report))
     click.echo(f"\nreport: {html_path}")
-
-
-# --------------------------------------------------------------------------------------------------
-# targets
-
-
-@click.group("targets")
-def targets_cmd() -> None:
-    """List and show hardware target profiles (targets/*.toml)."""
-
-
-@targets_cmd.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON on stdout.")
-def targets_list(as_json: bool) -> None:
-    """List the target profiles found."""
-    from toolchain.report import text_table
-    from toolchain.targets import list_targets
-
-    found = list_targets()
-    if as_json:
-        emit_json([t.to_dict() for t in found.values()])
-        return
-    rows = [
-        [
-            t.name,
-            t.format.value,
-            f"{t.quantization.input_dtype.value}/{t.quantization.output_dtype.value}",
-            ", ".join(r.value for r in t.runtimes),
-            str(t.threads),
-            f"{100 * t.limits.max_accuracy_drop:.2f}",
-            t.description,
-        ]
-        for t in found.values()
-    ]
-    click.echo(
-        text_table(["name", "format", "I/O", "runtimes", "threads", "max drop (pts)", "description"], rows)
-    )
-
-
-@targets_cmd.command("show")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout.")
-def targets_show(name: str, as_json: bool) -> None:
-    """Show one target profile in full."""
-    from toolchain.targets import load_target
-
-    t = load_target(name)
-    d = t.to_dict()
-    if as_json:
-        emit_json(d)
-        return
-    for k in ("name", "description", "format", "runtimes", "threads", "quantization", "limits", "path"):
-        v = d[k]
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={b}" for a, b in v.items())
-        elif isinstance(v, list):
-            v = ", ".join(map(str, v))
-        click.echo(f"{k:13} {v}")
-    if d.get("budget"):
-        set_keys = {k: v for k, v in d["budget"].items() if v is not None}
-        click.echo(f"{'budget':13} " + (", ".join(f"{k}={v}" for k, v in set_keys.items()) or "none set"))
-    if d["edgetpu"]:
-        e = d["edgetpu"]
-        click.echo(
-            f"{'edgetpu':13} compiler={e['compiler']}, static_batch={e['static_batch']}, "
-            f"max_on_chip_bytes={e['max_on_chip_bytes']}"
-        )
-        ops = e["supported_ops"]
-        click.echo(
-            f"{'':13} supported ops: " + ", ".join(f"{k}" + (f"<=v{v}" if v else "") for k, v in ops.items())
-        )

@@ -51,7 +51,7 @@ def profile_cmd(
     as_json: bool,
 ) -> None:
     """Run 'edgefleet-agent bench' for BUNDLE on a device; write BUNDLE/device_profile.json and the report."""
-    from toolchain.cli.build import emit_json
+    from toolchain.cli.output import emit_json
     from toolchain.profile import profile_bundle
     from toolchain.report import device_profile_line
     from toolchain.steps.budget import BudgetError

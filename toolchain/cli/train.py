@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from toolchain.cli.build import emit_json, stdout_to_stderr
+from toolchain.cli.output import emit_json, stdout_to_stderr
 from toolchain.steps.train import CLASS_WEIGHT_MODES, DEFAULT_EPOCHS, DEFAULT_SEED, check_out_path
 
 

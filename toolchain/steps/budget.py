@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import ToolchainError
+from toolchain.steps.context import TargetResult
 from toolchain.targets import Budget, Target
 
 ARENA_LITERT = "litert-arena"
@@ -63,7 +64,7 @@ def measure_arena(path: Path) -> dict[str, Any]:
 
 def _tflite_arena(path: Path) -> dict[str, Any]:
     from device_agent.runtimes.litert import interpreter_module
-    from toolchain.edgetpu import read_tflite
+    from toolchain.steps.edgetpu import read_tflite
 
     model = read_tflite(path)
     constant = {t.index for t in model.tensors if t.is_constant}
@@ -284,24 +285,24 @@ def _show(key: str, v: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# The build's two calls (toolchain.build, once per target)
+# The build's two calls (toolchain.steps.target.apply_gates, once per target)
 
 
-def record_measurements(model_path: Path, entry: dict[str, Any]) -> None:
-    """Add ``arena_bytes`` (+ method), the Edge TPU op share and CPU-op warnings to a target entry."""
-    entry.update(measure_arena(model_path))
-    et = entry.get("edgetpu")
+def record_measurements(model_path: Path, result: TargetResult) -> None:
+    """Record ``arena_bytes`` (+ method), the Edge TPU op share and CPU-op warnings in a target's result."""
+    result.arena = measure_arena(model_path)
+    et = result.edgetpu
     if et:
-        entry["edgetpu_op_share"] = edgetpu_op_share(et)
+        result.edgetpu_op_share = edgetpu_op_share(et)
         warning = cpu_ops_warning(et)
         if warning:
-            entry.setdefault("warnings", []).append(warning)
+            result.warnings.append(warning)
 
 
-def enforce(target: Target, entry: dict[str, Any]) -> None:
-    """Check the entry against the target's ``[budget]``; record the verdict in ``entry["budget"]``."""
+def enforce(target: Target, result: TargetResult) -> None:
+    """Check the result against the target's ``[budget]``; record the verdict in ``result.budget``."""
     try:
-        entry["budget"] = check_budget(target, budget_measurements(entry))
+        result.budget = check_budget(target, budget_measurements(result.raw_dict()))
     except BudgetError as e:
-        entry["budget"] = e.verdict
+        result.budget = e.verdict
         raise

@@ -7,7 +7,8 @@ named in ``BACKENDS`` and imported on first use, so adding a format adds a modul
 Conversion never trusts the converter's flags: every artifact is re-read in the runtimes the device
 will use (LiteRT, ONNX Runtime, OpenVINO; never TensorFlow) and checked against the target's promise
 (``toolchain.steps.verify``), and its latency is measured in each candidate runtime
-(``toolchain.steps.latency``).
+(``toolchain.steps.latency``). The ``Artifact`` record and the errors live in
+``toolchain.steps.artifact``, which those two modules share with this one (and import nothing back).
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from __future__ import annotations
 import importlib
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from device_agent.formats.manifest import DType, ModelFormat, Quantization, TensorSpec
-from toolchain.errors import ToolchainError
+from device_agent.formats.manifest import ModelFormat
+from toolchain.steps.artifact import Artifact, ConversionError, VerificationError, read_io_specs
+from toolchain.steps.latency import measure_runtimes
+from toolchain.steps.verify import inspect_artifact
 from toolchain.targets import Target
 
 # How many calibration samples PTQ uses (drawn with a fixed seed when more are given), and the
@@ -47,47 +49,6 @@ MODEL_FILES: dict[ModelFormat, str] = {ModelFormat.TFLITE: "model.tflite", Model
 # A tf_keras model (maybe a tfmot QAT model or a pruning-stripped one) or a SavedModel directory
 # (how Keras 3 ``.keras`` files arrive: the pipeline exports them with ``model.export(dir)`` first).
 ModelSource = Any
-
-
-class ConversionError(ToolchainError):
-    """A model could not be converted for a target, or its calibration data is unusable."""
-
-
-class VerificationError(ToolchainError):
-    """A converted artifact does not keep the target's promise (dtype, float op, runtime failure)."""
-
-
-@dataclass
-class Artifact:
-    """A converted model file and what the runtimes report about it.
-
-    ``inputs``/``outputs`` are as the runtime reports them (batch axis included, -1 when dynamic).
-    ``runtimes`` is in order of preference; for several candidates it is ordered by the measured
-    p50 latency at the target's thread count, fastest first. ``latency`` maps runtime ->
-    ``{"threads_1": {"p50_ms", "p95_ms", ...}, "threads_N": {"p50_ms", "p95_ms", "threads": N, ...}}``.
-    """
-
-    path: Path
-    format: ModelFormat
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    runtimes: list[str]
-    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
-    checks: dict[str, Any] = field(default_factory=dict)
-    size_bytes: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready view (paths as strings, tensor specs as manifest dicts)."""
-        return {
-            "path": str(self.path),
-            "format": self.format.value,
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
-            "runtimes": list(self.runtimes),
-            "latency": self.latency,
-            "checks": self.checks,
-            "size_bytes": self.size_bytes,
-        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,9 +156,6 @@ def convert_for_target(
     Raises ConversionError (conversion failed, bad calibration data) or VerificationError (the
     artifact breaks the target's promise, e.g. a float op left in a full-int8 model).
     """
-    from toolchain.steps.latency import measure_runtimes
-    from toolchain.steps.verify import inspect_artifact
-
     calib = check_calibration(calib_x)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,74 +212,6 @@ def usable_runtimes(target: Target) -> list[str]:
     return names
 
 
-# --------------------------------------------------------------------------------------------------
-# Tensor specs as the runtimes report them
-
-_NP_DTYPES = {
-    np.dtype(np.float32): DType.FLOAT32,
-    np.dtype(np.int8): DType.INT8,
-    np.dtype(np.uint8): DType.UINT8,
-    np.dtype(np.int32): DType.INT32,
-    np.dtype(np.int64): DType.INT64,
-}
-
-
-def to_dtype(dt: Any, where: str) -> DType:
-    """Map a numpy dtype to the manifest's DType vocabulary."""
-    d = np.dtype(dt)
-    if d not in _NP_DTYPES:
-        raise ConversionError(
-            f"{where} has dtype {d}, which bundles cannot carry (float32, int8, uint8, int32, int64)"
-        )
-    return _NP_DTYPES[d]
-
-
-def read_io_specs(path: Path, fmt: ModelFormat) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Return (inputs, outputs) of a model file as its runtime reports them."""
-    if fmt == ModelFormat.TFLITE:
-        return _tflite_specs(path)
-    return _onnx_specs(path)
-
-
-def _tflite_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    from device_agent.runtimes.litert import interpreter_module, quiet_delegate_note
-
-    try:
-        with quiet_delegate_note():
-            interp = interpreter_module().Interpreter(model_path=str(path))
-    except (ValueError, RuntimeError) as e:
-        raise ConversionError(f"LiteRT cannot load {path} ({str(e).splitlines()[0]})") from None
-
-    def spec(d: dict[str, Any]) -> TensorSpec:
-        shape = tuple(int(v) for v in d.get("shape_signature", d["shape"]))
-        scale, zp = d["quantization"]
-        quant = Quantization(float(scale), int(zp)) if scale else None
-        return TensorSpec(d["name"], shape, to_dtype(d["dtype"], f"tensor {d['name']!r}"), quant)
-
-    return [spec(d) for d in interp.get_input_details()], [spec(d) for d in interp.get_output_details()]
-
-
-def _onnx_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    import onnxruntime as ort
-
-    from device_agent.runtimes.onnxruntime import TENSOR_TYPES
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception classes
-        raise ConversionError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0]})") from None
-
-    def spec(a: Any) -> TensorSpec:
-        shape = tuple(d if isinstance(d, int) else -1 for d in a.shape)
-        if a.type not in TENSOR_TYPES:
-            raise ConversionError(f"ONNX tensor {a.name!r} has type {a.type}, which bundles cannot carry")
-        return TensorSpec(a.name, shape, to_dtype(TENSOR_TYPES[a.type], f"tensor {a.name!r}"), None)
-
-    return [spec(a) for a in sess.get_inputs()], [spec(a) for a in sess.get_outputs()]
-
-
 def remove_quietly(path: Path) -> None:
     """Delete a file or folder left behind by a failed conversion."""
     p = Path(path)
@@ -340,31 +230,3 @@ def first_line(e: BaseException, limit: int = 300) -> str:
         if "error:" in low and "loc(" not in low[:5]:
             return ln[:limit]
     return (lines[0] if lines else type(e).__name__)[:limit]
-
-
-# Re-exported for callers that import everything from here.
-def verify_artifact(
-    artifact: Artifact, target: Target, x: np.ndarray, float_scores: np.ndarray
-) -> dict[str, Any]:
-    """Run the artifact in every runtime it lists and check it (see ``toolchain.steps.verify``)."""
-    from toolchain.steps.verify import verify_artifact as _verify
-
-    return _verify(artifact, target, x, float_scores)
-
-
-def measure_latency(
-    path: Path, runtime: str, sample: np.ndarray, threads: int, repeats: int | None = None
-) -> dict:
-    """Time one batch-1 inference (see ``toolchain.steps.latency``)."""
-    from toolchain.steps.latency import measure_latency as _measure
-
-    return _measure(path, runtime, sample, threads, repeats)
-
-
-def predict_artifact(
-    artifact_or_bundle_path: Artifact | Path | str, runtime: str | None, x: np.ndarray
-) -> np.ndarray:
-    """Return float scores (n, K) of an artifact or a bundle in one runtime (``toolchain.steps.verify``)."""
-    from toolchain.steps.verify import predict_artifact as _predict
-
-    return _predict(artifact_or_bundle_path, runtime, x)

@@ -7,7 +7,6 @@ Everything here runs in the device runtimes (LiteRT, ONNX Runtime, OpenVINO) thr
 from __future__ import annotations
 
 import gzip
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ def artifact_sparsity(path: Path) -> float | None:
 
 def _tflite_sparsity(path: Path) -> float | None:
     from device_agent.runtimes.litert import interpreter_module
-    from toolchain.edgetpu import read_tflite
+    from toolchain.steps.edgetpu import read_tflite
 
     model = read_tflite(path)
     interp = interpreter_module().Interpreter(model_path=str(path))
@@ -129,7 +128,7 @@ def evaluate_bundle(
     top-level ``per_class`` and ``confusion_matrix`` are the preferred runtime's.
     """
     from device_agent.agent import Predictor
-    from toolchain.steps.convert import measure_latency
+    from toolchain.steps.latency import measure_latency
 
     root = Path(bundle_dir)
     manifest = verify_bundle(root, VerifyPolicy(allow_unsigned=True))
@@ -194,9 +193,3 @@ def evaluate_bundle(
 def model_format(path: Path) -> ModelFormat:
     """Return the format of a model file by suffix."""
     return ModelFormat.TFLITE if Path(path).suffix == ".tflite" else ModelFormat.ONNX
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy a file, creating parents."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

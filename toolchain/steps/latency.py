@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.formats.manifest import ModelFormat
-from toolchain.steps.convert import VerificationError, read_io_specs
+from toolchain.steps.artifact import VerificationError, read_io_specs
 
 LATENCY_REPEATS = 200
 WARMUP_RUNS = 20

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.formats.manifest import DType, ModelFormat
-from toolchain.steps.convert import Artifact, VerificationError, read_io_specs
+from toolchain.steps.artifact import Artifact, VerificationError, read_io_specs
 from toolchain.targets import Target
 
 # An artifact identical to the float model has infinite SQNR; JSON (and the manifest) cannot carry
