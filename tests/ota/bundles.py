@@ -126,7 +126,7 @@ def repackage(
     labels: list[str] | None = None,
 ) -> Path:
     """Copy a bundle under a new version (and optionally target/labels), then sign it with ``key``."""
-    from toolchain.signing import sign_bundle
+    from toolchain.shipping.signing import sign_bundle
 
     if dst.exists():
         shutil.rmtree(dst)

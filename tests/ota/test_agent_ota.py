@@ -22,7 +22,7 @@ from device_agent.store import BundleStore
 from device_agent.updater import bundle_topic
 from tests.ota.agent_proc import Agent, wait_for, write_agent_config
 from toolchain.cli import main
-from toolchain.serve import BundleHTTPServer
+from toolchain.shipping.serve import BundleHTTPServer
 
 
 def run_cli(*args: str) -> tuple[int, str]:

@@ -26,7 +26,7 @@ def keys_cmd() -> None:
 def keys_create_cmd(out: str, name: str, force: bool) -> None:
     """Create a key pair: NAME.key (keep secret, 0600) signs bundles; NAME.pub goes to devices."""
     from device_agent.bundle import key_id
-    from toolchain.signing import create_keys, load_public_key
+    from toolchain.shipping.signing import create_keys, load_public_key
 
     priv, pub = create_keys(out, name, force=force)
     click.echo(f"private key: {priv}  (keep it secret; sign with 'edgefleet build --sign-key {priv}')")
@@ -35,7 +35,7 @@ def keys_create_cmd(out: str, name: str, force: bool) -> None:
 
 
 def _existing_bundle(path: str) -> Path:
-    from toolchain.flash import FlashError
+    from toolchain.shipping.flash import FlashError
 
     p = Path(path)
     if not p.is_dir():
@@ -53,7 +53,7 @@ def _existing_bundle(path: str) -> Path:
 def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) -> None:
     """Check a bundle on the host: every file's hash and size, no extra files, and the signature with --key."""
     from device_agent.bundle import SIGNATURE_FILE, VerifyPolicy, manifest_sha256, verify_bundle
-    from toolchain.signing import load_public_key
+    from toolchain.shipping.signing import load_public_key
 
     b = _existing_bundle(bundle)
     keys = (load_public_key(key),) if key else ()
@@ -138,8 +138,8 @@ def flash_cmd(
     import dataclasses
     import os
 
-    from toolchain import flash as F
     from toolchain.cli.passwords import URL_PASSWORD_WARNING
+    from toolchain.shipping import flash as F
 
     d = F.parse_destination(dest)
     if isinstance(d, F.MqttDest) and d.password is not None:
@@ -199,7 +199,7 @@ def flash_cmd(
 @click.option("--verbose", is_flag=True, help="Log every request.")
 def serve_cmd(bundle_dir: str, host: str, port: int, verbose: bool) -> None:
     """Serve a bundle (or a folder of bundles) over HTTP with Range support, for over-the-air downloads."""
-    from toolchain.serve import BundleHTTPServer
+    from toolchain.shipping.serve import BundleHTTPServer
 
     srv = BundleHTTPServer(bundle_dir, host, port, verbose=verbose)
     for prefix in srv.bundles:
@@ -282,8 +282,8 @@ def fleet_deploy_cmd(
     import sys
     from urllib.parse import urlsplit
 
-    from toolchain.flash import MqttDest
-    from toolchain.fleet.deploy import DeployError, deploy
+    from toolchain.shipping.deploy import DeployError, deploy
+    from toolchain.shipping.flash import MqttDest
 
     password = resolve_password(password, password_file)
     parts = urlsplit(broker_url)

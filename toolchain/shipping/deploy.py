@@ -24,7 +24,7 @@ from device_agent.bundle import Manifest, manifest_sha256
 from device_agent.telemetry import TelemetryError, check_id, decode_status, topic
 from device_agent.updater import HttpSource, MqttSource
 from toolchain.errors import ToolchainError
-from toolchain.flash import (
+from toolchain.shipping.flash import (
     CHUNK_BYTES,
     EventWatch,
     MqttDest,
