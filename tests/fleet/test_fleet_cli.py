@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from tests.conftest import render_page
 from toolchain.cli import main
-from toolchain.fleet.collector import Incoming, Ingestor
+from toolchain.fleet.ingest import Incoming, Ingestor
 from toolchain.fleet.registry import BaselineCache, register_bundle
 from toolchain.fleet.sim import stats_payload, status_payload
 from toolchain.fleet.storage import open_store

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from device_agent.stats import Profile
 from toolchain.cli import main
 from toolchain.fleet.alerts import Evaluator
-from toolchain.fleet.collector import Incoming, Ingestor
 from toolchain.fleet.compact import HOUR_S, compact
+from toolchain.fleet.ingest import Incoming, Ingestor
 from toolchain.fleet.queries import drift_from_evaluations, drift_table, status_rows
 from toolchain.fleet.registry import BaselineCache, register_bundle
 from toolchain.fleet.sim import stats_payload

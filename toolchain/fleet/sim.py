@@ -191,15 +191,10 @@ class Publisher:
     def __init__(
         self, broker_url: str, client_id: str = "", max_inflight: int = 200, protocol: str = "5"
     ) -> None:
-        import paho.mqtt.client as mqtt
-
         from toolchain.fleet.collector import parse_broker_url
 
         addr = parse_broker_url(broker_url)
-        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
-        self.client.max_inflight_messages_set(max_inflight)
-        self.client.max_queued_messages_set(0)
+        self.client = _mqtt_client(client_id, protocol, max_inflight)
         self._acked = 0
         self._sent = 0
         self._cv = threading.Condition()
@@ -238,3 +233,18 @@ class Publisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _mqtt_client(client_id: str, protocol: str, max_inflight: int) -> Any:
+    """A paho client for the simulator: MQTT ``protocol`` ("5" or "3.1.1"), no auth, no TLS.
+
+    Up to ``max_inflight`` QoS 1 messages unacknowledged at a time; the rest wait in paho's queue,
+    which has no limit (``max_queued_messages_set(0)``), so no message of a simulation is dropped.
+    """
+    import paho.mqtt.client as mqtt
+
+    proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
+    client.max_inflight_messages_set(max_inflight)
+    client.max_queued_messages_set(0)
+    return client

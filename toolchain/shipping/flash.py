@@ -341,12 +341,7 @@ def mqtt_connect(dest: MqttDest, client_id: str | None = None) -> Any:
 
     cid = client_id or f"edgefleet-host-{uuid.uuid4().hex[:8]}"
     for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
-        client.user_data_set({"refused": {}})
-        if dest.username:
-            client.username_pw_set(dest.username, dest.password)
-        if dest.tls or dest.ca_file:
-            client.tls_set(ca_certs=dest.ca_file)
+        client = _mqtt_client(dest, cid, proto)
         connected = threading.Event()
         answer: dict[str, Any] = {}
 
@@ -383,6 +378,19 @@ def mqtt_connect(dest: MqttDest, client_id: str | None = None) -> Any:
             f"MQTT broker {dest.host}:{dest.port} did not accept the connection{why}; check credentials"
         )
     raise FlashError(f"MQTT broker {dest.host}:{dest.port} speaks neither MQTT 5 nor 3.1.1")
+
+
+def _mqtt_client(dest: MqttDest, client_id: str, protocol: Any) -> Any:
+    """A paho client with the destination's auth and TLS, speaking ``protocol`` (paho's MQTTv5/MQTTv311)."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    client.user_data_set({"refused": {}})
+    if dest.username:
+        client.username_pw_set(dest.username, dest.password)
+    if dest.tls or dest.ca_file:
+        client.tls_set(ca_certs=dest.ca_file)
+    return client
 
 
 def _record_refusal(client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any = None) -> None:
