@@ -1,4 +1,4 @@
-"""The options of ``edgefleet fleet ...``, ``keys``, ``verify``, ``flash`` and ``serve`` stay what they were.
+"""The options of ``edgefleet fleet ...``, ``keys``, ``verify``, ``flash``, ``serve`` and ``profile`` stay what they were.
 
 The list below was captured from the commands before their shared option groups became one decorator
 each (issue #13); a command that loses, renames or gains an option, or changes its environment
@@ -122,6 +122,19 @@ EXPECTED: dict[str, list[tuple[str, str | None, bool, bool, bool]]] = {
         ("--chunk-bytes", None, False, False, False),
         ("--password-file", "EDGEFLEET_MQTT_PASSWORD_FILE", False, False, False),
     ],
+    "profile": [
+        ("BUNDLE", None, True, False, False),
+        ("--on", None, True, False, False),
+        ("--eval-data", None, False, False, False),
+        ("--label", None, False, False, False),
+        ("--runs", None, False, False, False),
+        ("--runtime", None, False, False, False),
+        ("--key", None, False, False, False),
+        ("--ssh-option", None, False, True, False),
+        ("--agent-command", None, False, False, False),
+        ("--no-budget-check", None, False, False, True),
+        ("--json", None, False, False, True),
+    ],
     "serve": [
         ("BUNDLE_DIR", None, True, False, False),
         ("--host", None, False, False, False),
@@ -156,7 +169,7 @@ def _commands() -> dict[str, click.Command]:
                 assert sub is not None, name
                 walk(sub, [*path, name])
 
-    for top in ("fleet", "keys", "verify", "flash", "serve"):
+    for top in ("fleet", "keys", "verify", "flash", "serve", "profile"):
         cmd = main.get_command(ctx, top)
         assert cmd is not None, top
         walk(cmd, [top])
