@@ -135,8 +135,9 @@ class _Judged:
         key = (row.fleet, row.device_id)
         self.wins.append(_Win(key, stream, row.seq, row.count, row.model_sha256, row.ints is not None))
         prev = self.seen.get(key)
-        dropped = max(seen.dropped_windows, prev.dropped_windows if prev else 0)
-        self.seen[key] = seen._replace(dropped_windows=dropped)
+        if prev is not None and prev.dropped_windows > seen.dropped_windows:
+            seen = seen._replace(dropped_windows=prev.dropped_windows)
+        self.seen[key] = seen
 
 
 @dataclass
@@ -455,7 +456,8 @@ class Ingestor:
         if store.dialect != "sqlite" or not rows:
             return store.insert_each(WINDOW_SQL, rows)
         top = int(store.query("SELECT COALESCE(MAX(id), 0) FROM windows")[0][0])
-        if store.executemany(WINDOW_SQL, rows) == len(rows):
+        # Plain tuples: sqlite3 binds a tuple subclass item by item through the sequence protocol.
+        if store.executemany(WINDOW_SQL, [tuple(r) for r in rows]) == len(rows):
             return [True] * len(rows)
         new = {
             (str(f), str(d), str(st), int(q))
