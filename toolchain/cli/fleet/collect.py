@@ -107,7 +107,8 @@ def collect_cmd(
     no_broker_drops: bool,
 ) -> None:
     """Run the collector daemon: MQTT stats/status/events into the database, drift alerts out."""
-    from toolchain.fleet.collector import MAX_PACKET_BYTES, Collector, CollectorConfigError
+    from toolchain.fleet.collector import Collector, CollectorConfigError
+    from toolchain.fleet.quarantine import MAX_PACKET_BYTES
     from toolchain.fleet.queries import QueryError, parse_age
 
     try:
