@@ -10,7 +10,8 @@ seq)`` makes the redelivery a no-op.
 
 Validation and storage of a batch is ``toolchain.fleet.ingest`` (rows: ``rows``; refused messages:
 ``quarantine``); the broker's $SYS drop counters are ``brokerdrops``. This module is the daemon
-around them: the MQTT session, the worker loop, acknowledgements, evaluation and compaction rounds.
+around them: the MQTT session, the worker loop, acknowledgements, evaluation and compaction rounds
+(about 600 lines: the session and the worker share the acknowledgement generation and the stop).
 
 Subscriptions: ``stats`` and ``events`` through ``$share/<group>/...`` when a shared group is set, so
 several collectors split them; ``status`` always directly, because brokers do not send retained
