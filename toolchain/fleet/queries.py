@@ -2,9 +2,9 @@
 
 All functions take an open ``Store`` or a database URL and return JSON-ready dicts.
 
-One module at a little over 600 lines on purpose: it is the whole read side, and the status and
-drift queries share the time parsing, the window selection (raw windows and hourly rollups alike)
-and the stored-evaluation reading, so a change of the schema is made to one file.
+One module at a little over 600 lines on purpose: it is the whole read side of one schema. The
+drift table and drift over time share the time parsing and the window selection (raw windows and
+hourly rollups alike), and status reads the same tables, so a change of the schema is made here.
 """
 
 from __future__ import annotations
