@@ -311,7 +311,7 @@ def _db_bytes(url: str) -> int:
 
 def _ingest(url: str, msgs: list[tuple[str, bytes]], label: str) -> float:
     """Store messages through the collector's Ingestor (fast path, batches of 500); return seconds."""
-    from toolchain.fleet.collector import Incoming, Ingestor
+    from toolchain.fleet.ingest import Incoming, Ingestor
     from toolchain.fleet.registry import BaselineCache
     from toolchain.fleet.storage import open_store
 

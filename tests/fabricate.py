@@ -171,7 +171,7 @@ def write_bundle(
 ) -> Path:
     """Write ``manifest.json`` (listing every file it writes) around ``root/model_file``.
 
-    ``baseline``: a ``device_agent.stats.Profile`` (written as ``baseline.json`` with
+    ``baseline``: a ``device_agent.formats.stats.Profile`` (written as ``baseline.json`` with
     ``baseline_source``), a string (written as it is), or None (no file). ``labels_file`` adds
     ``labels.txt``. ``schema`` pins the manifest schema (default: the current one).
     """
@@ -226,7 +226,7 @@ def repackage(
 ) -> Path:
     """Copy a bundle under a new version (and optionally target/labels), then sign it with ``key``."""
     from device_agent.formats.manifest import MANIFEST_FILE, SIGNATURE_FILE, load_manifest
-    from toolchain.signing import sign_bundle
+    from toolchain.shipping.signing import sign_bundle
 
     if dst.exists():
         shutil.rmtree(dst)

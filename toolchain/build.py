@@ -65,10 +65,10 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
 
 def _sign(staging: Path, sign_key: Path) -> None:
     try:
-        from toolchain.signing import sign_bundle
+        from toolchain.shipping.signing import sign_bundle
     except ImportError:
         raise ToolchainError(
-            "--sign-key needs toolchain.signing, which this installation lacks; update edgefleet"
+            "--sign-key needs toolchain.shipping.signing, which this installation lacks; update edgefleet"
         ) from None
     sign_bundle(staging, Path(sign_key))
 
@@ -80,10 +80,10 @@ def _check_sign_key(key: Path) -> None:
             f"--sign-key {str(key)!r} does not exist; create a pair with 'edgefleet keys create --out DIR'"
         )
     try:
-        from toolchain.signing import load_private_key
+        from toolchain.shipping.signing import load_private_key
     except ImportError:
         raise ToolchainError(
-            "--sign-key needs toolchain.signing, which this installation lacks; update edgefleet"
+            "--sign-key needs toolchain.shipping.signing, which this installation lacks; update edgefleet"
         ) from None
     load_private_key(key)
 

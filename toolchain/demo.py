@@ -166,7 +166,7 @@ def run_demo(
 
     # 2. Build every target, signed ------------------------------------------------------------------
     echo("==> 2/5 build: signed int8 bundles for every target, verified in LiteRT / ONNX Runtime / OpenVINO")
-    from toolchain.signing import create_keys
+    from toolchain.shipping.signing import create_keys
 
     keys = out / "keys"
     priv, pub = keys / "fleet.key", keys / "fleet.pub"

@@ -116,7 +116,7 @@ def bench_local(
     bundle: Path, m: Manifest, data: Path | None, label: str | None, runs: int, runtime: str | None
 ) -> dict[str, Any]:
     """Run the bench in a fresh process on this machine, on a clean copy of the bundle."""
-    from toolchain.flash import copy_clean
+    from toolchain.shipping.flash import copy_clean
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as tmp:
         clean = Path(tmp) / "bundle"
@@ -145,7 +145,7 @@ def bench_ssh(
     agent_command: str = DEFAULT_AGENT_COMMAND,
 ) -> dict[str, Any]:
     """Copy the clean bundle and the data into a fresh folder under the device's DIR, bench, clean up."""
-    from toolchain.flash import FlashError, _run, _ssh_base, copy_clean
+    from toolchain.shipping.flash import FlashError, _run, _ssh_base, copy_clean
 
     q = shlex.quote
     ssh = _ssh_base(dest, ssh_options)
@@ -228,7 +228,7 @@ def profile_bundle(
     check_budget: bool = True,
 ) -> ProfileResult:
     """Bench ``bundle`` on ``on`` (``local`` or ``ssh://...``), write the profile; see the module doc."""
-    from toolchain.flash import SshDest, check_bundle, parse_destination
+    from toolchain.shipping.flash import SshDest, check_bundle, parse_destination
     from toolchain.steps.budget import BudgetError
 
     b = Path(bundle)

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from device_agent.formats.stats import Profile
 from toolchain.cli import main
-from toolchain.fleet.alerts import Evaluator, ListSink
-from toolchain.fleet.collector import Incoming, Ingestor
+from toolchain.fleet.alerts import Evaluator
 from toolchain.fleet.compact import HOUR_S, compact
+from toolchain.fleet.ingest import Incoming, Ingestor
 from toolchain.fleet.queries import drift_from_evaluations, drift_table, status_rows
 from toolchain.fleet.registry import BaselineCache, register_bundle
 from toolchain.fleet.sim import stats_payload
@@ -22,6 +22,16 @@ from toolchain.fleet.storage import Layout, merge_packed, open_store
 DEVICES = ["cam-1", "cam-2", "cam-3"]
 WINDOW_S = 600.0
 N_WINDOWS = 24  # 4 hours of 10-minute windows
+
+
+class ListSink:
+    """An AlertSink that keeps what is published (the collector publishes on its MQTT connection)."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, dict[str, object]]] = []
+
+    def publish_alert(self, topic: str, payload: bytes) -> None:
+        self.published.append((topic, json.loads(payload)))
 
 
 @pytest.fixture(

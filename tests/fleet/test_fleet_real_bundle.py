@@ -52,7 +52,7 @@ def test_class_prior_shift_and_confidence_decay_on_the_real_model(real, digits) 
 
 def test_register_a_built_bundle_and_judge_its_windows(real, digits, sqlite_url) -> None:
     from device_agent.formats.telemetry import ModelRef
-    from toolchain.fleet.collector import Incoming, Ingestor
+    from toolchain.fleet.ingest import Incoming, Ingestor
     from toolchain.fleet.registry import BaselineCache
     from toolchain.fleet.sim import stats_payload
     from toolchain.fleet.storage import open_store

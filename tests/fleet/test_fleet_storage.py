@@ -8,7 +8,7 @@ import time
 import pytest
 
 from device_agent.formats.telemetry import encode_event
-from toolchain.fleet.collector import Incoming, Ingestor
+from toolchain.fleet.ingest import Incoming, Ingestor
 from toolchain.fleet.migrations import MIGRATIONS
 from toolchain.fleet.queries import drift_table, status_rows
 from toolchain.fleet.registry import BaselineCache, register_bundle

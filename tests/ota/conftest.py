@@ -17,7 +17,7 @@ from tests.fabricate import fit_softmax, flat_onnx_bundle, onnx_dense, repackage
 @pytest.fixture(scope="session")
 def ota_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A trusted key pair and a second, untrusted one."""
-    from toolchain.signing import create_keys
+    from toolchain.shipping.signing import create_keys
 
     d = tmp_path_factory.mktemp("keys")
     priv, pub = create_keys(d, "fleet")

@@ -22,7 +22,7 @@ from device_agent.formats.manifest import VerifyPolicy, manifest_sha256, verify_
 from device_agent.store import BundleStore
 from tests.ota.agent_proc import Agent, wait_for, write_agent_config
 from toolchain.cli import main
-from toolchain.serve import BundleHTTPServer
+from toolchain.shipping.serve import BundleHTTPServer
 
 
 def run_cli(*args: str) -> tuple[int, str]:

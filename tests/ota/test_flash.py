@@ -20,7 +20,7 @@ from device_agent.formats.manifest import (
 from device_agent.store import BundleStore
 from tests.ota.harness import Serving, make_updater
 from toolchain.cli import main
-from toolchain.flash import FlashError, LocalDest, MqttDest, SshDest, parse_destination
+from toolchain.shipping.flash import FlashError, LocalDest, MqttDest, SshDest, parse_destination
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from tests.ota.agent_proc import Agent, wait_for, write_agent_config
 from toolchain.cli import main
-from toolchain.fleet.deploy import DeployError, plan_waves
+from toolchain.shipping.deploy import DeployError, plan_waves
 
 
 def test_plan_waves() -> None:

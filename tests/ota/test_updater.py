@@ -32,7 +32,7 @@ from device_agent.formats.manifest import (
 from device_agent.store import BundleStore
 from device_agent.update import Updater
 from tests.ota.harness import Serving, make_updater
-from toolchain.serve import BundleHTTPServer
+from toolchain.shipping.serve import BundleHTTPServer
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def _truncate(b: Path) -> None:
 
 
 def _resign_with_path(b: Path, key: Path, rel: str) -> None:
-    from toolchain.signing import sign_bundle
+    from toolchain.shipping.signing import sign_bundle
 
     doc = json.loads((b / MANIFEST_FILE).read_text())
     doc["files"][1]["path"] = rel
@@ -479,7 +479,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[Path, int], None]]:
 
 
 def _with_padding(b: Path, key: Path, size: int) -> Path:
-    from toolchain.signing import sign_bundle
+    from toolchain.shipping.signing import sign_bundle
 
     (b / "padding.bin").write_bytes(os.urandom(size))
     m = load_manifest(b)

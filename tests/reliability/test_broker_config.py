@@ -34,7 +34,7 @@ from toolchain.fleet.brokerconf import (
     hash_password,
     queue_size,
 )
-from toolchain.fleet.collector import MAX_PACKET_BYTES
+from toolchain.fleet.quarantine import MAX_PACKET_BYTES
 
 pytestmark = [pytest.mark.timeout(180)]
 FLEET = "lab"

@@ -19,7 +19,7 @@ import pytest
 
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.helpers import EDGEFLEET, run_edgefleet, wait_for
-from toolchain.fleet.collector import MAX_PACKET_BYTES, QUARANTINE_LOG_EVERY_S
+from toolchain.fleet.quarantine import MAX_PACKET_BYTES, QUARANTINE_LOG_EVERY_S
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, status_payload
 from toolchain.fleet.storage import open_store

@@ -32,7 +32,7 @@ from tests.ota import conftest as ota_fixtures
 from tests.ota.agent_proc import Agent, write_agent_config
 from tests.ota.harness import Serving
 from tests.ota.test_agent_ota import run_cli
-from toolchain.serve import BundleHTTPServer
+from toolchain.shipping.serve import BundleHTTPServer
 
 # the OTA tests' fixtures (signing keys, signed bundles v1, v2, ...), shared rather than copied
 base_bundle = ota_fixtures.base_bundle

@@ -22,7 +22,7 @@ from tests.helpers import wait_for
 from toolchain.cli import main
 from toolchain.cli.passwords import CMDLINE_WARNING, password_options, resolve_password
 from toolchain.cli.terminal import safe_text
-from toolchain.signing import SigningError, create_keys, sign_bundle
+from toolchain.shipping.signing import SigningError, create_keys, sign_bundle
 
 pytestmark = [pytest.mark.timeout(120)]
 EDGEFLEET = [sys.executable, "-m", "toolchain.cli"]

@@ -261,7 +261,7 @@ def test_held_out_split_when_no_eval_data(digits_cnn_path: Path, tmp_path: Path)
 
 
 def test_signed_build(digits_cnn_path: Path, tmp_path: Path) -> None:
-    signing = pytest.importorskip("toolchain.signing")
+    signing = pytest.importorskip("toolchain.shipping.signing")
     priv, pub = signing.create_keys(tmp_path / "keys")
     from device_agent.formats.keys import load_public_key_file
 

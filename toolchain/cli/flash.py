@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from toolchain.cli.passwords import password_options, resolve_password
+from toolchain.cli.options import json_option, public_key_option, ssh_option
+from toolchain.cli.passwords import password_file_option, resolve_password
 from toolchain.cli.terminal import safe_text
 
 
@@ -26,7 +27,7 @@ def keys_cmd() -> None:
 def keys_create_cmd(out: str, name: str, force: bool) -> None:
     """Create a key pair: NAME.key (keep secret, 0600) signs bundles; NAME.pub goes to devices."""
     from device_agent.formats.manifest import key_id
-    from toolchain.signing import create_keys, load_public_key
+    from toolchain.shipping.signing import create_keys, load_public_key
 
     priv, pub = create_keys(out, name, force=force)
     click.echo(f"private key: {priv}  (keep it secret; sign with 'edgefleet build --sign-key {priv}')")
@@ -34,8 +35,9 @@ def keys_create_cmd(out: str, name: str, force: bool) -> None:
     click.echo(f"key id:      {key_id(load_public_key(pub))}")
 
 
-def _existing_bundle(path: str) -> Path:
-    from toolchain.flash import FlashError
+def existing_bundle(path: str) -> Path:
+    """The bundle folder ``path``; a FlashError when it is not a folder."""
+    from toolchain.shipping.flash import FlashError
 
     p = Path(path)
     if not p.is_dir():
@@ -45,17 +47,15 @@ def _existing_bundle(path: str) -> Path:
 
 @click.command("verify")
 @click.argument("bundle")
-@click.option(
-    "--key", "key", type=click.Path(dir_okay=False), help="Public key (.pub) the signature must verify with."
-)
+@public_key_option("Public key (.pub) the signature must verify with.")
 @click.option("--target", help="Also require this target.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON.")
 def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) -> None:
     """Check a bundle on the host: every file's hash and size, no extra files, and the signature with --key."""
     from device_agent.formats.manifest import SIGNATURE_FILE, VerifyPolicy, manifest_sha256, verify_bundle
-    from toolchain.signing import load_public_key
+    from toolchain.shipping.signing import load_public_key
 
-    b = _existing_bundle(bundle)
+    b = existing_bundle(bundle)
     keys = (load_public_key(key),) if key else ()
     m = verify_bundle(b, VerifyPolicy(trusted_keys=keys, allow_unsigned=not keys, target=target))
     signed = (b / SIGNATURE_FILE).is_file()
@@ -94,9 +94,7 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
     required=True,
     help="A local agent state_dir, ssh://user@host[:port]/state_dir, or mqtt://broker[:port]/FLEET[/DEVICE].",
 )
-@click.option(
-    "--key", "key", type=click.Path(dir_okay=False), help="Check the signature with this .pub before sending."
-)
+@public_key_option("Check the signature with this .pub before sending.")
 @click.option(
     "--wait",
     "wait_s",
@@ -107,9 +105,7 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
 @click.option(
     "--url", help="mqtt:// only: devices fetch the bundle from this HTTP(S) URL instead of MQTT chunks."
 )
-@click.option(
-    "--ssh-option", "ssh_options", multiple=True, help="ssh:// only: an extra 'ssh -o' option (repeatable)."
-)
+@ssh_option
 @click.option(
     "--chunk-bytes",
     type=click.IntRange(1024, 256 * 1024),
@@ -117,12 +113,8 @@ def verify_cmd(bundle: str, key: str | None, target: str | None, as_json: bool) 
     show_default=True,
     help="mqtt:// only: size of each retained chunk.",
 )
-@click.option(
-    "--password-file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    envvar="EDGEFLEET_MQTT_PASSWORD_FILE",
-    help="mqtt:// only: file holding the MQTT password (or EDGEFLEET_MQTT_PASSWORD); keeps it out of --to.",
+@password_file_option(
+    "mqtt:// only: file holding the MQTT password (or EDGEFLEET_MQTT_PASSWORD); keeps it out of --to."
 )
 def flash_cmd(
     bundle: str,
@@ -138,13 +130,13 @@ def flash_cmd(
     import dataclasses
     import os
 
-    from toolchain import flash as F
     from toolchain.cli.passwords import URL_PASSWORD_WARNING
+    from toolchain.shipping import flash as F
 
     d = F.parse_destination(dest)
     if isinstance(d, F.MqttDest) and d.password is not None:
         click.echo(URL_PASSWORD_WARNING, err=True)  # before anything else can fail
-    b = _existing_bundle(bundle)
+    b = existing_bundle(bundle)
     if isinstance(d, F.MqttDest):
         password = resolve_password(d.password or os.environ.get("EDGEFLEET_MQTT_PASSWORD"), password_file)
         if password is not None and d.username is None:
@@ -199,7 +191,7 @@ def flash_cmd(
 @click.option("--verbose", is_flag=True, help="Log every request.")
 def serve_cmd(bundle_dir: str, host: str, port: int, verbose: bool) -> None:
     """Serve a bundle (or a folder of bundles) over HTTP with Range support, for over-the-air downloads."""
-    from toolchain.serve import BundleHTTPServer
+    from toolchain.shipping.serve import BundleHTTPServer
 
     srv = BundleHTTPServer(bundle_dir, host, port, verbose=verbose)
     for prefix in srv.bundles:
@@ -209,113 +201,3 @@ def serve_cmd(bundle_dir: str, host: str, port: int, verbose: bool) -> None:
         srv.serve_forever()
     finally:
         srv.server_close()
-
-
-@click.command("deploy")
-@click.argument("bundle")
-@click.option(
-    "--broker",
-    "broker_url",
-    required=True,
-    envvar="EDGEFLEET_BROKER",
-    help="MQTT broker: mqtt://HOST:PORT or mqtts://HOST:PORT (TLS).",
-)
-@click.option(
-    "--device", "devices", multiple=True, help="Device id (repeatable); needs --fleet for the topic root."
-)
-@click.option(
-    "--fleet", "fleet", required=True, help="Fleet name; without --device: every online device of the fleet."
-)
-@click.option(
-    "--canary",
-    type=click.IntRange(0, None),
-    default=1,
-    show_default=True,
-    help="Devices in the first wave; the rest follow only when they report deployed and healthy.",
-)
-@click.option(
-    "--wave-size", type=click.IntRange(1, None), default=None, help="Devices per later wave (default: all)."
-)
-@click.option(
-    "--max-failures",
-    type=click.IntRange(0, None),
-    default=0,
-    show_default=True,
-    help="Stop the rollout when more devices than this fail.",
-)
-@click.option("--url", help="Devices fetch the bundle from this HTTP(S) URL instead of retained MQTT chunks.")
-@click.option(
-    "--key", "key", type=click.Path(dir_okay=False), help="Check the signature with this .pub first."
-)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=float,
-    default=300.0,
-    show_default=True,
-    help="Seconds to wait for each wave's answers.",
-)
-@click.option("--username", default=None, envvar="EDGEFLEET_MQTT_USERNAME", help="MQTT user name.")
-@password_options
-@click.option(
-    "--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA certificate file (enables TLS)."
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the rollout result as JSON.")
-def fleet_deploy_cmd(
-    bundle: str,
-    broker_url: str,
-    devices: tuple[str, ...],
-    fleet: str,
-    canary: int,
-    wave_size: int | None,
-    max_failures: int,
-    url: str | None,
-    key: str | None,
-    timeout_s: float,
-    username: str | None,
-    password: str | None,
-    password_file: str | None,
-    tls_ca: str | None,
-    as_json: bool,
-) -> None:
-    """Roll a bundle out in waves: canaries first, stop when failures pass --max-failures."""
-    import sys
-    from urllib.parse import urlsplit
-
-    from toolchain.flash import MqttDest
-    from toolchain.fleet.deploy import DeployError, deploy
-
-    password = resolve_password(password, password_file)
-    parts = urlsplit(broker_url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise DeployError(f"--broker {broker_url!r} must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    try:
-        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-    except ValueError:
-        raise DeployError(f"--broker {broker_url!r} has an invalid port") from None
-    dest = MqttDest(parts.hostname, port, parts.scheme == "mqtts", username, password, fleet, None, tls_ca)
-    b = _existing_bundle(bundle)
-    roll = deploy(
-        b,
-        dest,
-        devices=list(devices) or None,
-        canary=canary,
-        wave_size=wave_size,
-        max_failures=max_failures,
-        url=url,
-        public_key=Path(key) if key else None,
-        wave_timeout_s=timeout_s,
-        on_progress=None if as_json else (lambda s: click.echo(s, err=True)),
-    )
-    if as_json:
-        click.echo(json.dumps(roll.to_dict(), indent=2))
-    else:
-        click.echo(f"deployment {roll.deployment_id}: {roll.name} v{roll.version}")
-        width = max(len(d) for d in roll.results) if roll.results else 6
-        for d, r in sorted(roll.results.items(), key=lambda kv: (kv[1].wave or 99, kv[0])):
-            wave = "-" if r.wave is None else str(r.wave)
-            click.echo(f"  {d:<{width}}  wave {wave:>2}  {safe_text(r.state):<11}  {safe_text(r.reason)}")
-        if roll.stopped:
-            click.echo(f"rollout STOPPED: {safe_text(roll.stop_reason)}")
-    if not roll.ok:
-        sys.exit(1)

@@ -26,15 +26,25 @@ URL_PASSWORD_WARNING = (
 )
 
 
-def password_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--password`` (with the env var) and ``--password-file`` to a click command."""
-    f = click.option(
+PASSWORD_FILE_HELP = "File holding the MQTT password (first line), or EDGEFLEET_MQTT_PASSWORD_FILE."
+
+
+def password_file_option(
+    help: str = PASSWORD_FILE_HELP,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--password-file FILE`` (``EDGEFLEET_MQTT_PASSWORD_FILE``); read it with ``resolve_password``."""
+    return click.option(
         "--password-file",
         type=click.Path(dir_okay=False),
         default=None,
         envvar="EDGEFLEET_MQTT_PASSWORD_FILE",
-        help="File holding the MQTT password (first line), or EDGEFLEET_MQTT_PASSWORD_FILE.",
-    )(f)
+        help=help,
+    )
+
+
+def password_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--password`` (with the env var) and ``--password-file`` to a click command."""
+    f = password_file_option()(f)
     return click.option(
         "--password",
         default=None,

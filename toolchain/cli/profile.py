@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from toolchain.cli.options import json_option, public_key_option, ssh_option
+
 
 @click.command("profile")
 @click.argument("bundle")
@@ -21,12 +23,8 @@ import click
     type=click.Choice(["litert", "onnxruntime", "openvino"]),
     help="Runtime on the device (default: the bundle's first one installed there).",
 )
-@click.option(
-    "--key", "key", type=click.Path(dir_okay=False), help="Public key (.pub) the signature must verify with."
-)
-@click.option(
-    "--ssh-option", "ssh_options", multiple=True, help="ssh:// only: an extra 'ssh -o' option (repeatable)."
-)
+@public_key_option("Public key (.pub) the signature must verify with.")
+@ssh_option
 @click.option(
     "--agent-command",
     default="edgefleet-agent",
@@ -36,7 +34,7 @@ import click
 @click.option(
     "--no-budget-check", is_flag=True, help="Only record; do not fail when over the target's [budget]."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print device_profile.json to stdout.")
+@json_option("Print device_profile.json to stdout.")
 def profile_cmd(
     bundle: str,
     on: str,

@@ -54,16 +54,6 @@ class AlertSink(Protocol):
     def publish_alert(self, topic: str, payload: bytes) -> None: ...
 
 
-class ListSink:
-    """An in-memory sink for tests and in-process use."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, dict[str, Any]]] = []
-
-    def publish_alert(self, topic: str, payload: bytes) -> None:
-        self.published.append((topic, json.loads(payload)))
-
-
 @dataclass
 class Evaluation:
     """One evaluation of a device: its verdict, the state after hysteresis, and any alert raised."""

@@ -105,7 +105,7 @@ def max_packet_size() -> int:
     It sits above the stats payload limit (MAX_PAYLOAD_BYTES) so that a payload just over it still
     reaches the collector, which quarantines and counts it; anything larger stops at the broker.
     """
-    from toolchain.fleet.collector import MAX_PACKET_BYTES
+    from toolchain.fleet.quarantine import MAX_PACKET_BYTES
 
     return max(MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES)
 

@@ -1,6 +1,10 @@
 """Read side of the fleet database: device status, the drift table, drift over time.
 
 All functions take an open ``Store`` or a database URL and return JSON-ready dicts.
+
+One module at a little over 600 lines on purpose: it is the whole read side of one schema. The
+drift table and drift over time share the time parsing and the window selection (raw windows and
+hourly rollups alike), and status reads the same tables, so a change of the schema is made here.
 """
 
 from __future__ import annotations

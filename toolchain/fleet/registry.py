@@ -28,13 +28,14 @@ from device_agent.formats.stats import Profile, StatsError, baseline_from_dict
 from device_agent.formats.telemetry import ModelRef, StatsMessage, TelemetryError
 from toolchain.errors import ToolchainError
 from toolchain.fleet.drift import DriftConfig
+from toolchain.fleet.quarantine import QUARANTINE_HEAD_BYTES, REASON_MAX_CHARS
+from toolchain.fleet.rows import COUNTER_SQL, QUARANTINE_SQL, CounterRow, QuarantineRow
 from toolchain.fleet.storage import Layout, Store, dumps, open_store, pack_profile
 
 log = logging.getLogger("edgefleet.fleet")
 
 BASELINE_MAX_BYTES = 64 << 20
 NEGATIVE_CACHE_S = 5.0  # how long "no baseline for this model" is believed before asking the database again
-QUARANTINE_HEAD_BYTES = 512
 
 
 class RegistryError(ToolchainError):
@@ -161,12 +162,11 @@ def resolve_pending(store: Store, sha: str, baseline: Profile) -> tuple[int, int
             except TelemetryError as e:
                 store.execute("DELETE FROM windows WHERE id = ?", (wid,))
                 store.execute(
-                    "INSERT INTO quarantine (received_at, topic, reason, payload_head, payload_bytes)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (
+                    QUARANTINE_SQL,
+                    QuarantineRow(
                         now,
                         f"edgefleet/{fleet}/{device}/stats",
-                        f"after registration: {e}"[:500],
+                        f"after registration: {e}"[:REASON_MAX_CHARS],
                         pending[:QUARANTINE_HEAD_BYTES],
                         len(pending),
                     ),
@@ -186,12 +186,7 @@ def resolve_pending(store: Store, sha: str, baseline: Profile) -> tuple[int, int
             )
             packed += 1
         if bad:
-            store.execute(
-                "INSERT INTO collector_counters (name, value, updated_at) VALUES ('quarantined', ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = collector_counters.value + excluded.value,"
-                " updated_at = excluded.updated_at",
-                (bad, now),
-            )
+            store.execute(COUNTER_SQL, CounterRow("quarantined", bad, now))
     if bad:
         log.warning(
             "quarantined %d pending window(s) of model %s that do not fit its baseline", bad, sha[:12]

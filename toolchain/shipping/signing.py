@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 
 from device_agent.formats.keys import KeyFileError, load_public_key_file
-from device_agent.formats.manifest import SIGNATURE_FILE, key_id, read_manifest_bytes, sign_manifest
+from device_agent.formats.manifest import SIGNATURE_FILE, read_manifest_bytes, sign_manifest
 from toolchain.errors import ToolchainError
 
 PRIVATE_KEY_MAX_BYTES = 16 * 1024
@@ -148,18 +148,6 @@ def load_public_key(path: str | os.PathLike[str]) -> bytes:
         raise SigningError(str(e)) from None
 
 
-def public_from_private(private_raw: bytes) -> bytes:
-    """Return the raw public key of a raw private key."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    return (
-        Ed25519PrivateKey.from_private_bytes(private_raw)
-        .public_key()
-        .public_bytes(Encoding.Raw, PublicFormat.Raw)
-    )
-
-
 def sign_bundle(bundle_dir: Path, key_path: Path) -> None:
     """Sign the exact bytes of ``bundle_dir/manifest.json`` with ``key_path``; write ``manifest.sig``."""
     private_raw = load_private_key(key_path)
@@ -171,15 +159,3 @@ def sign_bundle(bundle_dir: Path, key_path: Path) -> None:
         os.replace(tmp, Path(bundle_dir) / SIGNATURE_FILE)
     except OSError as e:
         raise SigningError(f"cannot write {SIGNATURE_FILE} in {str(bundle_dir)!r} ({e.strerror})") from None
-
-
-def signing_key_id(key_path: str | os.PathLike[str]) -> str:
-    """Return the key id (as written in manifest.sig) of a private or public key file."""
-    p = Path(key_path)
-    try:
-        head = p.read_bytes()[:PRIVATE_KEY_MAX_BYTES]
-    except OSError as e:
-        raise SigningError(f"cannot read key {str(p)!r} ({e.strerror})") from None
-    if b"PRIVATE KEY" in head:
-        return key_id(public_from_private(load_private_key(p)))
-    return key_id(load_public_key(p))

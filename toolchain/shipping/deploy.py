@@ -24,7 +24,7 @@ from device_agent.formats.deploy import HttpSource, MqttSource
 from device_agent.formats.manifest import Manifest, manifest_sha256
 from device_agent.formats.telemetry import TelemetryError, check_id, decode_status, topic
 from toolchain.errors import ToolchainError
-from toolchain.flash import (
+from toolchain.shipping.flash import (
     CHUNK_BYTES,
     EventWatch,
     MqttDest,

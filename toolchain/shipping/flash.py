@@ -133,7 +133,7 @@ def parse_destination(dest: str) -> Dest:
 
 def check_bundle(bundle: Path, public_key: Path | None) -> Manifest:
     """Verify the bundle on the host before sending it (every hash; the signature with ``public_key``)."""
-    from toolchain.signing import load_public_key
+    from toolchain.shipping.signing import load_public_key
 
     keys = (load_public_key(public_key),) if public_key else ()
     return verify_bundle(bundle, VerifyPolicy(trusted_keys=keys, allow_unsigned=not keys))

@@ -1,0 +1,167 @@
+"""The rows the collector writes, one NamedTuple per table, and the one INSERT statement of each.
+
+The field names are the column names, so a statement is made from its row type and cannot list the
+columns in another order than the values. The statements use ``?`` placeholders and SQL that SQLite
+and PostgreSQL both run (``Store`` turns ``?`` into ``%s`` for psycopg); only the two-argument maximum
+differs and comes from ``Store.greatest``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class WindowRow(NamedTuple):
+    """A stats window (``windows``): packed in its baseline's layout, or pending without a baseline."""
+
+    fleet: str
+    device_id: str
+    stream: str  # "" for schema 1 windows (agents without a stream id)
+    seq: int
+    window_start: float  # epoch seconds
+    window_end: float
+    received_at: float
+    model_sha256: str
+    spec_hash: str
+    count: int  # type: ignore[assignment]  # the column; shadows tuple.count, which no caller uses
+    dropped_windows: int
+    violations_json: str
+    ints: bytes | None  # packed int64 (None: a heartbeat, or pending)
+    floats: bytes | None  # packed float64
+    pending_json: str | None  # the raw statistics while the model has no registered baseline
+
+
+class DeviceSeen(NamedTuple):
+    """A device's upsert from the windows of one batch (``devices``).
+
+    The first nine fields come from its newest window of the batch; the rest are what the batch
+    changed once stored (windows, predictions and duplicates add up; the stream fields are set when
+    it started a new stream).
+    """
+
+    fleet: str
+    device_id: str
+    first_seen: float
+    last_seen: float
+    model_sha256: str
+    model_name: str
+    model_version: int
+    agent_version: str
+    dropped_windows: int  # the highest count the device reported
+    windows: int = 0
+    predictions: int = 0
+    duplicates: int = 0
+    stream: str | None = None
+    stream_changes: int = 0
+    stream_started: float | None = None
+
+
+class StatusRow(NamedTuple):
+    """A device's retained status message (``devices``); model fields None when it serves none."""
+
+    fleet: str
+    device_id: str
+    state: str
+    status_ts: float
+    first_seen: float
+    last_seen: float
+    model_sha256: str | None
+    model_name: str | None
+    model_version: int | None
+    agent_version: str
+    target: str | None
+    deployment_json: str | None
+
+
+class EventRow(NamedTuple):
+    """A device event (``events``), unique per (fleet, device, event, ts)."""
+
+    fleet: str
+    device_id: str
+    event: str
+    ts: float
+    message: str
+    detail_json: str
+    received_at: float
+
+
+class StreamRow(NamedTuple):
+    """The first window of a device's stream (``device_streams``)."""
+
+    fleet: str
+    device_id: str
+    stream: str
+    first_seen: float
+    first_seq: int
+
+
+class QuarantineRow(NamedTuple):
+    """A refused message (``quarantine``): why, and its first bytes."""
+
+    received_at: float
+    topic: str
+    reason: str
+    payload_head: str
+    payload_bytes: int
+
+
+class CounterRow(NamedTuple):
+    """A rise of one of the collector's totals (``collector_counters``)."""
+
+    name: str
+    value: int
+    updated_at: float
+
+
+def _insert(table: str, cols: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+
+
+WINDOW_SQL = _insert("windows", WindowRow._fields) + " ON CONFLICT (fleet, device_id, stream, seq) DO NOTHING"
+STREAM_SQL = (
+    _insert("device_streams", StreamRow._fields) + " ON CONFLICT (fleet, device_id, stream) DO NOTHING"
+)
+EVENT_SQL = _insert("events", EventRow._fields) + " ON CONFLICT (fleet, device_id, event, ts) DO NOTHING"
+QUARANTINE_SQL = _insert("quarantine", QuarantineRow._fields)
+# Oldest rows go first; the subquery is NULL (nothing deleted) while there are fewer rows.
+QUARANTINE_TRIM_SQL = (
+    "DELETE FROM quarantine WHERE id <= (SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)"
+)
+COUNTER_SQL = (
+    _insert("collector_counters", CounterRow._fields) + " ON CONFLICT (name)"
+    " DO UPDATE SET value = collector_counters.value + excluded.value, updated_at = excluded.updated_at"
+)
+
+
+def device_seen_sql(greatest: Callable[[str, str], str]) -> str:
+    """The upsert of ``DeviceSeen`` rows (``greatest``: the dialect's two-argument maximum)."""
+    g = greatest
+    return (
+        _insert("devices", DeviceSeen._fields) + " ON CONFLICT (fleet, device_id)"
+        f" DO UPDATE SET last_seen = {g('devices.last_seen', 'excluded.last_seen')},"
+        " model_sha256 = excluded.model_sha256, model_name = excluded.model_name,"
+        " model_version = excluded.model_version, agent_version = excluded.agent_version,"
+        f" dropped_windows = {g('devices.dropped_windows', 'excluded.dropped_windows')},"
+        " windows = devices.windows + excluded.windows,"
+        " predictions = devices.predictions + excluded.predictions,"
+        " duplicates = devices.duplicates + excluded.duplicates,"
+        " stream = COALESCE(excluded.stream, devices.stream),"
+        " stream_changes = devices.stream_changes + excluded.stream_changes,"
+        " stream_started = COALESCE(excluded.stream_started, devices.stream_started)"
+    )
+
+
+def status_sql(greatest: Callable[[str, str], str]) -> str:
+    """The upsert of ``StatusRow`` rows: a model field left None keeps the stored one."""
+    return (
+        _insert("devices", StatusRow._fields)
+        + " ON CONFLICT (fleet, device_id) DO UPDATE SET state = excluded.state,"
+        " status_ts = excluded.status_ts,"
+        f" last_seen = {greatest('devices.last_seen', 'excluded.last_seen')},"
+        " model_sha256 = COALESCE(excluded.model_sha256, devices.model_sha256),"
+        " model_name = COALESCE(excluded.model_name, devices.model_name),"
+        " model_version = COALESCE(excluded.model_version, devices.model_version),"
+        " agent_version = excluded.agent_version, target = COALESCE(excluded.target, devices.target),"
+        " deployment_json = COALESCE(excluded.deployment_json, devices.deployment_json)"
+    )
