@@ -105,7 +105,8 @@ class Daemon:
         self.status_deployment: dict[str, Any] | None = None
         self.started_at = time.time()
         self.windows_written = 0
-        self.window_errors = 0
+        self.window_errors = 0  # closed windows the outbox could not store (disk full, I/O error)
+        self._unreported_errors = 0  # ... not yet reported in a stored window's dropped_windows
         self.last_window_bytes = 0
         self.reloads_failed = 0
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
@@ -411,7 +412,9 @@ class Daemon:
                 window_end=w.window_end,
                 model=w.model,
                 profile=w.profile,
-                dropped_windows=dropped,
+                # Windows lost before the outbox (it could not store them) are reported like the ones it
+                # dropped when full, so the fleet sees them in dropped_windows.
+                dropped_windows=dropped + self._unreported_errors,
                 agent_version=agent_version(),
                 stream=self.outbox.stream,
             )
@@ -422,8 +425,15 @@ class Daemon:
             seq = self.outbox.add(self.stats_topic, encode)
         except (OutboxError, TelemetryError) as e:
             self.window_errors += 1
-            log.error("window (%d predictions) not stored: %s", w.count, e)
+            self._unreported_errors += 1
+            log.error(
+                "window (%d predictions) not stored (%d so far; the next stored window reports them): %s",
+                w.count,
+                self.window_errors,
+                e,
+            )
             return
+        self._unreported_errors = 0
         self.windows_written += 1
         self.last_window_bytes = size
         log.debug("window seq %d stored (%d predictions, %d bytes)", seq, w.count, size)
@@ -459,6 +469,7 @@ class Daemon:
                 "bytes": nbytes,
                 "dropped_windows": self.outbox.dropped_total,
                 "next_seq": self.outbox.next_seq,
+                "write_errors": self.window_errors,
             },
             "window": {
                 "count": self.agent.window_count(),
@@ -484,6 +495,7 @@ class Daemon:
             "outbox_bytes": nbytes,
             "dropped_windows_total": self.outbox.dropped_total,
             "windows_total": self.windows_written,
+            "windows_not_stored_total": self.window_errors,
             "mqtt_connected": 1.0 if (self.publisher is not None and self.publisher.connected) else 0.0,
             "predictions_total": self.agent.predictions_total,
             "schema_violations_total": self.agent.violations_total,
