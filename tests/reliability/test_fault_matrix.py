@@ -193,12 +193,33 @@ class Rig:
         self.agent.kill()
         self.agent = None
 
-    def wait_saved(self) -> None:
-        """Wait until the broker saved its state (sessions, queues) to its persistence file once more."""
-        path = self.broker.workdir / "mosquitto.log"
-        n = path.read_text(errors="replace").count("Saving in-memory database")
+    def wait_saved(self, now: bool = False) -> None:
+        """Wait until the broker wrote its state (sessions, queues) to its persistence file once more.
+
+        Mosquitto logs "Saving in-memory database" *before* it writes ``mosquitto.db.new`` and renames
+        it over ``mosquitto.db``. With ``now`` (SIGUSR1: save at once; no autosave in between), the
+        save is done when the file is a new one; otherwise (autosave every second) when the save
+        after the next one starts: saves run one after the other.
+        """
+        log = self.broker.workdir / "mosquitto.log"
+        db = self.broker.workdir / "mosquitto.db"
+
+        def ident() -> tuple[int, int] | None:
+            try:
+                st = db.stat()
+            except FileNotFoundError:
+                return None
+            return (st.st_ino, st.st_mtime_ns)
+
+        if now:
+            before = ident()
+            assert self.broker.proc is not None
+            self.broker.proc.send_signal(signal.SIGUSR1)
+            wait_for(lambda: ident() not in (None, before), 30, "the state written")
+            return
+        n = log.read_text(errors="replace").count("Saving in-memory database")
         wait_for(
-            lambda: path.read_text(errors="replace").count("Saving in-memory database") > n, 30, "a save"
+            lambda: log.read_text(errors="replace").count("Saving in-memory database") >= n + 2, 30, "a save"
         )
 
     def wait_collector_acked(self) -> None:
@@ -488,9 +509,7 @@ def test_broker_restart_while_the_collector_is_offline(
         rig.wait_stored(6)
         if "persistence true" in conf:  # the collector's session is on disk (SIGUSR1: save now)
             rig.wait_collector_acked()  # with nothing in flight to it
-            assert rig.broker.proc is not None
-            rig.broker.proc.send_signal(signal.SIGUSR1)
-            rig.wait_saved()
+            rig.wait_saved(now=True)
         rig.stop_collector()
         rig.windows(12)
         rig.wait_drained()  # acknowledged by the broker: deleted from the agent's outbox
@@ -575,6 +594,7 @@ def test_full_disk_for_the_outbox(tmp_path: Path) -> None:
         rig.start_agent()
         rig.windows(5)
         rig.wait_stored(5)
+        rig.wait_collector_acked()  # (else the broker redelivers those after its restart: duplicates)
         rig.broker.stop()  # windows must be written, not only passed on
         filler = fill(fs)
         rig.windows(30)  # the WAL has some room left; the rest cannot be stored
