@@ -138,9 +138,8 @@ class Outbox:
                         )
                         self._set_meta("next_seq", seq + 1)
                         self._set_meta("dropped_pending", 0)
+                        self._evict(keep_seq=seq)  # row by row: as many single adds would
                         seqs.append(seq)
-                    if seqs:
-                        self._evict(keep_seq=seqs[-1])
                     self._db.execute("COMMIT")
                 except BaseException:
                     # SQLite rolls back by itself on some errors (SQLITE_FULL): keep the real error.
