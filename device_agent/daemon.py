@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 BUNDLE_POLL_S = 2.0
 WRITER_TICK_S = 0.5
+WRITE_BATCH_MAX = 256  # closed windows committed to the outbox in one transaction at most
 SHUTDOWN_FLUSH_S = 3.0
 RECENT_EVENTS = 20
 EX_CONFIG = 78
@@ -108,7 +109,8 @@ class Daemon:
         self.status_deployment: dict[str, Any] | None = None
         self.started_at = time.time()
         self.windows_written = 0
-        self.window_errors = 0
+        self.window_errors = 0  # closed windows the outbox could not store (disk full, I/O error)
+        self._unreported_errors = 0  # ... not yet reported in a stored window's dropped_windows
         self.last_window_bytes = 0
         self.reloads_failed = 0
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
@@ -395,51 +397,80 @@ class Daemon:
             except queue.Empty:
                 item = None
             if item is _STOP:
-                while True:  # drain what closed before the stop
+                rest = []  # what closed before the stop
+                while True:
                     try:
-                        rest = self._windows.get_nowait()
+                        nxt = self._windows.get_nowait()
                     except queue.Empty:
-                        return
-                    if rest is not _STOP:
-                        self._write_window(rest)
+                        break
+                    if nxt is not _STOP:
+                        rest.append(nxt)
+                if rest:
+                    self._write_windows(rest)
+                return
             if item is not None:
-                self._write_window(item)
+                # Every window closed meanwhile goes in the same transaction: one commit for many, so
+                # the windows waiting in memory (lost on a kill) stay few however fast they close.
+                batch = [item]
+                while len(batch) < WRITE_BATCH_MAX:
+                    try:
+                        nxt = self._windows.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        self._windows.put(_STOP)  # handled on the next turn, after this batch
+                        break
+                    batch.append(nxt)
+                self._write_windows(batch)
             if not self._stopping.is_set():
                 try:
                     self.agent.poll_window()
                 except Exception:
                     log.exception("closing a window failed")
 
-    def _write_window(self, w: ClosedWindow) -> None:
+    def _write_windows(self, ws: list[ClosedWindow]) -> None:
         cfg = self.config
-        size = 0
+        sizes: list[int] = []
 
-        def encode(seq: int, dropped: int) -> bytes:
-            nonlocal size
-            raw = encode_stats(
-                device_id=cfg.device_id,
-                fleet=cfg.fleet,
-                seq=seq,
-                window_start=w.window_start,
-                window_end=w.window_end,
-                model=w.model,
-                profile=w.profile,
-                dropped_windows=dropped,
-                agent_version=agent_version(),
-                stream=self.outbox.stream,
-            )
-            size = len(raw)
-            return raw
+        def encoder(w: ClosedWindow, first: bool) -> Callable[[int, int], bytes]:
+            def encode(seq: int, dropped: int) -> bytes:
+                raw = encode_stats(
+                    device_id=cfg.device_id,
+                    fleet=cfg.fleet,
+                    seq=seq,
+                    window_start=w.window_start,
+                    window_end=w.window_end,
+                    model=w.model,
+                    profile=w.profile,
+                    # Windows lost before the outbox (it could not store them) are reported like the
+                    # ones it dropped when full, so the fleet sees them in dropped_windows.
+                    dropped_windows=dropped + (self._unreported_errors if first else 0),
+                    agent_version=agent_version(),
+                    stream=self.outbox.stream,
+                )
+                sizes.append(len(raw))
+                return raw
+
+            return encode
 
         try:
-            seq = self.outbox.add(self.stats_topic, encode)
+            seqs = self.outbox.add_many(self.stats_topic, [encoder(w, i == 0) for i, w in enumerate(ws)])
         except (OutboxError, TelemetryError) as e:
-            self.window_errors += 1
-            log.error("window (%d predictions) not stored: %s", w.count, e)
+            self.window_errors += len(ws)
+            self._unreported_errors += len(ws)
+            log.error(
+                "%d window(s) (%d predictions) not stored (%d so far; the next stored window reports"
+                " them): %s",
+                len(ws),
+                sum(w.count for w in ws),
+                self.window_errors,
+                e,
+            )
             return
-        self.windows_written += 1
-        self.last_window_bytes = size
-        log.debug("window seq %d stored (%d predictions, %d bytes)", seq, w.count, size)
+        self._unreported_errors = 0
+        self.windows_written += len(ws)
+        self.last_window_bytes = sizes[-1]
+        log.debug("windows seq %d-%d stored (%d predictions)", seqs[0], seqs[-1], sum(w.count for w in ws))
         if self.publisher is not None:
             self.publisher.wake()
 
@@ -472,6 +503,7 @@ class Daemon:
                 "bytes": nbytes,
                 "dropped_windows": self.outbox.dropped_total,
                 "next_seq": self.outbox.next_seq,
+                "write_errors": self.window_errors,
             },
             "window": {
                 "count": self.agent.window_count(),
@@ -497,6 +529,7 @@ class Daemon:
             "outbox_bytes": nbytes,
             "dropped_windows_total": self.outbox.dropped_total,
             "windows_total": self.windows_written,
+            "windows_not_stored_total": self.window_errors,
             "mqtt_connected": 1.0 if (self.publisher is not None and self.publisher.connected) else 0.0,
             "predictions_total": self.agent.predictions_total,
             "schema_violations_total": self.agent.violations_total,

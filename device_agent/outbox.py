@@ -115,28 +115,40 @@ class Outbox:
         windows dropped since the last stored one, which this message reports. Then the oldest rows
         are dropped while the queue is over its bounds (the new row is always kept).
         """
+        return self.add_many(topic, [encode])[0]
+
+    def add_many(self, topic: str, encoders: list[Callable[[int, int], bytes]]) -> list[int]:
+        """Store several messages in one transaction (one fsync); return their seqs, in order.
+
+        The first message reports the windows dropped since the last stored one; the others 0.
+        """
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    seq = self._meta("next_seq")
-                    dropped = self._meta("dropped_pending")
-                    payload = encode(seq, dropped)
-                    self._db.execute(
-                        "INSERT INTO outbox (seq, topic, payload, size_bytes, dropped, created_at)"
-                        " VALUES (?,?,?,?,?,?)",
-                        (seq, topic, payload, len(payload), dropped, time.time()),
-                    )
-                    self._set_meta("next_seq", seq + 1)
-                    self._set_meta("dropped_pending", 0)
-                    self._evict(keep_seq=seq)
+                    seqs = []
+                    for encode in encoders:
+                        seq = self._meta("next_seq")
+                        dropped = self._meta("dropped_pending")
+                        payload = encode(seq, dropped)
+                        self._db.execute(
+                            "INSERT INTO outbox (seq, topic, payload, size_bytes, dropped, created_at)"
+                            " VALUES (?,?,?,?,?,?)",
+                            (seq, topic, payload, len(payload), dropped, time.time()),
+                        )
+                        self._set_meta("next_seq", seq + 1)
+                        self._set_meta("dropped_pending", 0)
+                        self._evict(keep_seq=seq)  # row by row: as many single adds would
+                        seqs.append(seq)
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    # SQLite rolls back by itself on some errors (SQLITE_FULL): keep the real error.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as e:
                 raise OutboxError(f"cannot write outbox {str(self.path)!r}: {e}") from None
-            return seq
+            return seqs
 
     def _evict(self, keep_seq: int) -> None:
         rows, nbytes = self._db.execute(
