@@ -257,10 +257,6 @@ class FeatureSetProfile:
         """Return the population standard deviation per feature."""
         return np.sqrt(self.variance())
 
-    def spec_dict(self) -> dict[str, Any]:
-        """Return the frozen part (names and edges) that baselines carry."""
-        return {"names": list(self.names), "edges": [self.edge_list(j) for j in range(self.n_features)]}
-
     def state_dict(self) -> dict[str, Any]:
         """Return the mergeable state as JSON-ready lists (no names or edges)."""
         return {
