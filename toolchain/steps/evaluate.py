@@ -124,12 +124,15 @@ def evaluate_bundle(
 ) -> dict[str, Any]:
     """Re-measure a bundle on labelled data: accuracy, per-class metrics and latency in each runtime.
 
-    Per runtime: ``accuracy``, ``per_class`` (``{label: {precision, recall, f1, support}}``),
+    Accuracy and the per-class figures come from the device's path (``device_eval.evaluate_on_agent``:
+    the agent, batch 1 and its batch size, the bundle's pinned precision); ``accuracy`` is the worse
+    path's, as in the build's report. Per runtime: ``accuracy``, ``paths``, ``latency_ms_p50``/``p95``
+    (one ``Agent.predict`` call), ``threads``, ``precision``, ``per_class`` (``{label: {precision, recall, f1, support}}``),
     ``confusion_matrix`` (rows true, columns predicted, in ``labels`` order) and ``latency``; the
     top-level ``per_class`` and ``confusion_matrix`` are the preferred runtime's.
     """
-    from device_agent.inference import Predictor
     from toolchain.steps.convert import measure_latency
+    from toolchain.steps.device_eval import evaluate_on_agent
 
     root = Path(bundle_dir)
     manifest = verify_bundle(root, VerifyPolicy(allow_unsigned=True))
@@ -150,8 +153,8 @@ def evaluate_bundle(
     model_path = root / manifest.model.path
     per_runtime: dict[str, Any] = {}
     for rt in usable:
-        pred = Predictor(root, manifest=manifest, runtime=rt, threads=1)
-        scores = pred.predict(data.x)
+        # As the device runs it (the agent, one sample at a time and in its batches), like the build.
+        device, scores = evaluate_on_agent(root, rt, data.x, data.y)
         one = measure_latency(model_path, rt, data.x[:1], 1, repeats)
         many = (
             one
@@ -159,7 +162,7 @@ def evaluate_bundle(
             else measure_latency(model_path, rt, data.x[:1], manifest.threads, repeats)
         )
         per_runtime[rt] = {
-            "accuracy": accuracy(scores, data.y),
+            **device,
             "latency": {"threads_1": one, "threads_N": dict(many, threads=manifest.threads)},
         }
         if data.y is not None:  # per_class, confusion_matrix (rows true, columns predicted)
