@@ -47,13 +47,18 @@ def evaluate_cmd(
                 f"{lat['threads_1']['p50_ms']:.3f}",
                 f"{lat['threads_N']['p50_ms']:.3f} ({lat['threads_N']['threads']})",
                 f"{lat['threads_N']['p95_ms']:.3f}",
+                f"{v['latency_ms_p50']:.3f}" if v.get("latency_ms_p50") is not None else "-",
             ]
         )
     click.echo(
         f"{res['name']} v{res['version']} ({res['target']}, {res['format']}, {res['size_bytes']} bytes) on "
         f"{res['samples']} samples of {res['data']}"
     )
-    click.echo(text_table(["runtime", "accuracy", "p50 ms 1 thread", "p50 ms (threads)", "p95 ms"], rows))
+    click.echo(
+        text_table(
+            ["runtime", "accuracy", "p50 ms 1 thread", "p50 ms (threads)", "p95 ms", "agent p50 ms"], rows
+        )
+    )
     if res.get("build_accuracy") is not None:
         click.echo(f"accuracy at build time: {100 * res['build_accuracy']:.2f}%")
     if res.get("per_class"):

@@ -27,14 +27,6 @@ class EvaluateError(ToolchainError):
     """A bundle or artifact cannot be measured."""
 
 
-def accuracy(scores: np.ndarray, y: np.ndarray) -> float:
-    """Return top-1 accuracy of scores (n, K) against labels (n,)."""
-    scores = np.asarray(scores)
-    if len(scores) == 0:
-        return float("nan")
-    return float(np.mean(np.argmax(scores.reshape(len(scores), -1), axis=1) == np.asarray(y)))
-
-
 def gzip_size(path: Path) -> int:
     """Return the size in bytes of ``path`` compressed with gzip -9 (what pruning buys on the wire)."""
     with open(path, "rb") as fh:
@@ -123,11 +115,14 @@ def evaluate_bundle(
 ) -> dict[str, Any]:
     """Re-measure a bundle on labelled data: accuracy, per-class metrics and latency in each runtime.
 
-    Per runtime: ``accuracy``, ``per_class`` (``{label: {precision, recall, f1, support}}``),
+    Accuracy and the per-class figures come from the device's path (``device_eval.evaluate_on_agent``:
+    the agent, batch 1 and its batch size, the bundle's pinned precision); ``accuracy`` is the worse
+    path's, as in the build's report. Per runtime: ``accuracy``, ``paths``, ``latency_ms_p50``/``p95``
+    (one ``Agent.predict`` call), ``threads``, ``precision``, ``per_class`` (``{label: {precision, recall, f1, support}}``),
     ``confusion_matrix`` (rows true, columns predicted, in ``labels`` order) and ``latency``; the
     top-level ``per_class`` and ``confusion_matrix`` are the preferred runtime's.
     """
-    from device_agent.agent import Predictor
+    from toolchain.steps.device_eval import evaluate_on_agent
     from toolchain.steps.latency import measure_latency
 
     root = Path(bundle_dir)
@@ -149,8 +144,8 @@ def evaluate_bundle(
     model_path = root / manifest.model.path
     per_runtime: dict[str, Any] = {}
     for rt in usable:
-        pred = Predictor(root, manifest=manifest, runtime=rt, threads=1)
-        scores = pred.predict(data.x)
+        # As the device runs it (the agent, one sample at a time and in its batches), like the build.
+        device, scores = evaluate_on_agent(root, rt, data.x, data.y)
         one = measure_latency(model_path, rt, data.x[:1], 1, repeats)
         many = (
             one
@@ -158,7 +153,7 @@ def evaluate_bundle(
             else measure_latency(model_path, rt, data.x[:1], manifest.threads, repeats)
         )
         per_runtime[rt] = {
-            "accuracy": accuracy(scores, data.y),
+            **device,
             "latency": {"threads_1": one, "threads_N": dict(many, threads=manifest.threads)},
         }
         if data.y is not None:  # per_class, confusion_matrix (rows true, columns predicted)

@@ -119,7 +119,7 @@ def check_parity(
     agent's job), ``y`` their labels, ``float_scores`` the float model's scores on them (n, K).
     Raises ParityError (one line) when no runtime is left.
     """
-    from toolchain.steps.evaluate import accuracy
+    from toolchain.steps.per_class import accuracy
     from toolchain.steps.verify import top1_agreement
 
     sizes = tuple(batch_sizes or agent_batch_sizes())

@@ -30,6 +30,14 @@ MIN_LOST_SAMPLES = 2
 LOW_SUPPORT_SAMPLES = 20
 
 
+def accuracy(scores: np.ndarray, y: np.ndarray) -> float:
+    """Return top-1 accuracy of scores (n, K) against labels (n,)."""
+    scores = np.asarray(scores)
+    if len(scores) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(scores.reshape(len(scores), -1), axis=1) == np.asarray(y)))
+
+
 def predicted_classes(scores: np.ndarray) -> np.ndarray:
     """Return the top-1 class index (n,) int64 of scores (n, K) (any trailing shape is flattened)."""
     s = np.asarray(scores)

@@ -19,10 +19,10 @@ import numpy as np
 from device_agent.formats.manifest import ModelFormat
 from device_agent.formats.stats import baseline_to_dict, build_baseline
 from toolchain.steps.context import BuildContext, FloatReference
-from toolchain.steps.evaluate import accuracy, gzip_size
+from toolchain.steps.evaluate import gzip_size
 from toolchain.steps.inputs import model_input
 from toolchain.steps.models import LoadedModel, fold_input_normalization
-from toolchain.steps.per_class import class_report, predicted_classes
+from toolchain.steps.per_class import accuracy, class_report, predicted_classes
 
 # Repeats for the float reference's latency (the artifacts use the converter's default).
 FLOAT_LATENCY_REPEATS = 200

@@ -23,9 +23,9 @@ from toolchain.steps import budget
 from toolchain.steps.artifact import Artifact
 from toolchain.steps.context import BuildContext, Measurement, TargetResult, finite
 from toolchain.steps.convert import convert_for_target
-from toolchain.steps.evaluate import accuracy, artifact_sparsity, gzip_size
+from toolchain.steps.evaluate import artifact_sparsity, gzip_size
 from toolchain.steps.package import EDGETPU_LOG_FILE, assemble_bundle
-from toolchain.steps.per_class import predicted_classes, target_class_evaluation
+from toolchain.steps.per_class import accuracy, predicted_classes, target_class_evaluation
 from toolchain.steps.reference import float_latency
 from toolchain.steps.verify import predict_artifact, verify_artifact
 from toolchain.targets import Target
