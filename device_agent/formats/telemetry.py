@@ -307,7 +307,7 @@ class StatsMessage:
         prof = spec.new_profile()
         prof.schema_violations = dict(self.schema_violations)
         if self.feedback is not None:
-            self._check_feedback(len(spec.labels))
+            self.check_feedback(len(spec.labels))
         if self.heartbeat:
             prof.feedback = self.feedback
             return prof
@@ -328,7 +328,7 @@ class StatsMessage:
         prof.feedback = self.feedback
         return prof
 
-    def _check_feedback(self, n_labels: int) -> None:
+    def check_feedback(self, n_labels: int) -> None:
         """The confusion matrix must be K x K for the baseline's K labels (or absent above the limit)."""
         fb = self.feedback
         assert fb is not None
