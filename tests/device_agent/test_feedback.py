@@ -53,7 +53,12 @@ def test_book_tells_unknown_expired_and_already_labelled_apart() -> None:
     assert book.claim("b", "s1") == (Outcome.ALREADY, None)
     assert book.claim("c", "s2") == (Outcome.MODEL_CHANGED, None)
     snap = book.snapshot()
-    assert (snap["expired"], snap["unknown_id"], snap["already_labelled"], snap["model_changed"]) == (1, 1, 1, 1)
+    assert (snap["expired"], snap["unknown_id"], snap["already_labelled"], snap["model_changed"]) == (
+        1,
+        1,
+        1,
+        1,
+    )
 
 
 def test_feedback_merge_adds_exactly_and_is_associative() -> None:
