@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.formats.telemetry import ModelRef, topic
+from device_agent.formats.telemetry import ModelRef
 from tests.device_agent.agent_helpers import AgentProcess, http, write_config
 from tests.fabricate import tabular_data, tabular_onnx_bundle
 from tests.helpers import wait_for
