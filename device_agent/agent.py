@@ -145,6 +145,13 @@ def _smoke(predictor: Predictor, spec: ProfileSpec, n_labels: int) -> None:
         )
 
 
+def prediction_ids(n: int) -> list[str]:
+    """``n`` new prediction ids: 22 URL-safe characters of 128 random bits each."""
+    import secrets
+
+    return [secrets.token_urlsafe(16) for _ in range(n)]
+
+
 class Agent:
     """Run a bundle with statistics: ``Agent("bundle/").predict(x)``.
 
@@ -330,6 +337,22 @@ class Agent:
         top = scores.argmax(axis=1)
         return scores, top.tolist(), scores[np.arange(len(top)), top].tolist()
 
+    def record_label(self, true_label: str, predicted: int, model_sha256: str) -> bool | None:
+        """Count the true label of an earlier prediction (top-1 index ``predicted``) in the open window.
+
+        Returns True when the prediction was right, False when wrong, and None (nothing counted)
+        when ``model_sha256`` is not the model serving now. Raises ``ValueError`` for a label the
+        model does not have.
+        """
+        with self._lock:
+            m = self._model
+            labels = m.manifest.labels
+            if true_label not in labels:
+                raise ValueError(true_label)
+            if m.ref.sha256 != model_sha256:
+                return None
+            return self._window.profile.add_label(labels.index(true_label), predicted)
+
     def record_violation(self, kind: str) -> None:
         """Count a refused request that never reached the model (bad JSON, for instance)."""
         with self._lock:
@@ -433,6 +456,7 @@ __all__ = [
     "Predictor",
     "PREDICT_BATCH",
     "agent_version",
+    "prediction_ids",
     "dequantize",
     "load_model",
     "quantize",

@@ -207,7 +207,7 @@ def predict_cmd(
     import numpy as np
 
     try:
-        from device_agent.agent import PREDICT_BATCH, Agent
+        from device_agent.agent import PREDICT_BATCH, Agent, prediction_ids
         from device_agent.bench import as_batch
 
         keys = _trusted_keys(trusted_keys)
@@ -242,9 +242,12 @@ def predict_cmd(
         "model": {**m.ref.to_dict(), "runtime": m.runtime},
         "count": int(scores.shape[0]),
         "accuracy": accuracy,
+        # ids as POST /v1/predict gives them (this process's own: a running agent cannot label them)
         "predictions": [
-            {"label": lab, "score": s, "scores": [float(v) for v in row]}
-            for lab, s, row in zip(pred_labels, top_scores, scores, strict=False)
+            {"id": pid, "label": lab, "score": s, "scores": [float(v) for v in row]}
+            for pid, lab, s, row in zip(
+                prediction_ids(len(pred_labels)), pred_labels, top_scores, scores, strict=False
+            )
         ],
     }
     if output is not None:

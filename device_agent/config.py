@@ -51,6 +51,7 @@ class ApiSettings:
         64 * 1024 * 1024
     )  # request bodies held in memory at once, all connections (503 beyond)
     token_file: Path | None = None  # bearer token required on every request when set
+    feedback_max_ids: int = 10_000  # recent prediction ids /v1/feedback can label (older ones: 409)
 
 
 # [api] key -> (type, minimum, maximum)
@@ -64,6 +65,7 @@ API_LIMITS: dict[str, tuple[type, float, float]] = {
     "max_batch": (int, 1, 1_000_000),
     "max_json_depth": (int, 2, 1000),
     "buffer_bytes": (int, 1 << 20, 1 << 34),
+    "feedback_max_ids": (int, 16, 10_000_000),
 }
 
 
@@ -183,6 +185,7 @@ SCHEMA: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
         "max_batch": (False, (int,)),
         "max_json_depth": (False, (int,)),
         "buffer_bytes": (False, (int,)),
+        "feedback_max_ids": (False, (int,)),
         "token_file": (False, (str,)),
     },
     "update": {  # over-the-air updates; validated further by device_agent.update.parse_update_section

@@ -242,3 +242,47 @@ def repackage(
     if key is not None:
         sign_bundle(dst, key)
     return dst
+
+
+TABULAR_LABELS = ["normal", "fault"]
+TABULAR_SCALES = np.array([0.001, 1.0, 50.0, 4000.0], dtype=np.float32)
+
+
+def tabular_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Data unlike the digits: 4 tabular columns from about 0.001 to 4000 and two unbalanced classes
+    (about 1 in 5 is ``fault``: its last column runs high). Returns x (n, 4) float32 and y (n,) int."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.2).astype(np.int64)
+    x = rng.random((n, 4)).astype(np.float32) * TABULAR_SCALES
+    x[:, 3] += y * 3000.0 * rng.random(n).astype(np.float32)
+    return x, y
+
+
+def tabular_onnx_bundle(out: Path, *, name: str = "pump", version: int = 1) -> Path:
+    """An ONNX bundle of a two-class model of ``tabular_data`` (``fault`` when column 3 is above
+    about 3000), with its baseline from 400 rows in ONNX Runtime."""
+    import onnxruntime as ort
+
+    from device_agent.formats.stats import build_baseline
+
+    w = np.zeros((4, 2), np.float32)
+    w[3] = [0.0, 0.01]
+    b = np.array([0.0, -30.0], np.float32)
+    model = onnx_dense(w, b, ["n", 4], name=name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.onnx").write_bytes(model)
+    x, _ = tabular_data(400, seed=1)
+    probs = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(["probs"], {"x": x})[0]
+    return write_bundle(
+        out,
+        model_file="model.onnx",
+        fmt="onnx",
+        runtimes=["onnxruntime"],
+        inputs=[tensor("x", (-1, 4), "float32")],
+        outputs=[tensor("probs", (-1, 2), "float32")],
+        labels=TABULAR_LABELS,
+        baseline=build_baseline(x, probs, TABULAR_LABELS, feature_names=["flow", "temp", "rpm", "vib"]),
+        baseline_source={"data": "tabular_data(400, seed=1)"},
+        name=name,
+        version=version,
+    )

@@ -2,7 +2,9 @@
 
 ``POST /v1/predict`` with ``{"inputs": [...]}`` (one sample or a batch), an ``application/x-npy``
 body, or raw tensor bytes (``application/octet-stream`` with ``X-Shape`` and ``X-Dtype`` headers) ->
-``{"outputs", "labels", "scores", "model"}``; ``GET /v1/health``; ``GET /metrics`` (Prometheus text
+``{"outputs", "labels", "scores", "model", "ids"}`` (one prediction id per sample, for any body type);
+``POST /v1/feedback`` with ``{"id", "label"}`` or ``{"items": [...]}`` counts true labels of recent
+predictions in the statistics window (``device_agent.feedback``); ``GET /v1/health``; ``GET /metrics`` (Prometheus text
 format 0.0.4). Listens on ``HOST:PORT`` (127.0.0.1 by default) or a Unix socket (``unix:/path``).
 
 The server holds what a client can make it hold to fixed bounds (``[api]`` in the config): one I/O
@@ -32,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.agent import Agent
-from device_agent.api.bodies import BadBody, JsonInputs, _dumps, load_npy, load_raw
+from device_agent.agent import Agent, prediction_ids
+from device_agent.api.bodies import BadBody, JsonInputs, _dumps, _loads, json_depth, load_npy, load_raw
 from device_agent.api.server import HttpServer, Request, Response
 from device_agent.config import ApiSettings, read_token
 from device_agent.errors import AgentError
+from device_agent.feedback import HTTP_CODE, FeedbackBook, Outcome
 from device_agent.inference import InputError
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 PREFIX = "edgefleet_agent"
 JSON_BYTES_PER_VALUE = 32  # "-1.2345678901234567e-05, " and then some: what one number costs in JSON
 BODY_SLACK_BYTES = 4096  # the JSON object around the numbers, the .npy header
+FEEDBACK_MAX_ITEMS = 4096  # labels in one POST /v1/feedback {"items": [...]}
+FEEDBACK_ID_MAX_CHARS = 64
 
 
 class Metrics:
@@ -134,6 +139,20 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+_FEEDBACK_OUTCOMES = {o.value for o in Outcome}
+_FEEDBACK_REASONS = {
+    Outcome.UNKNOWN: "id {id!r} was not issued by this agent since it started (ids do not survive a restart)",
+    Outcome.EXPIRED: "id {id!r} is too old: only the {max} most recent prediction ids can be labelled"
+    " ([api] feedback_max_ids)",
+    Outcome.ALREADY: "id {id!r} was labelled before; the first label counts",
+    Outcome.MODEL_CHANGED: "id {id!r} was predicted by a model that no longer serves; its label is not counted",
+}
+
+
+def _id_of(item: Any) -> Any:
+    return item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), (str, int)) else None
+
+
 def _esc(s: str) -> str:
     return str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -158,6 +177,7 @@ class ApiServer:
         self.token = read_token(self.settings.token_file) if self.settings.token_file else None
         self._json = JsonInputs(self.settings.max_json_depth)
         self._limit: tuple[Any, int] = (None, 0)
+        self.feedback = FeedbackBook(self.settings.feedback_max_ids)
         self.server = HttpServer(self, listen, self.settings)
         self._serving = False
 
@@ -191,6 +211,7 @@ class ApiServer:
             "body_limit_bytes": self.body_limit(),
             "auth": self.token is not None,
             "errors": dict(self.metrics.errors),
+            "feedback": self.feedback.snapshot(),
         }
 
     def health(self) -> dict[str, Any]:
@@ -212,6 +233,9 @@ class ApiServer:
             }
         )
         gauges = {**gauges, "http_connections": len(self.server.conns), "http_workers": self.settings.workers}
+        for outcome, n in self.feedback.snapshot().items():
+            if outcome in _FEEDBACK_OUTCOMES:
+                gauges[f"feedback_{outcome}_total"] = n
         return self.metrics.render(gauges, {**m.ref.to_dict(), "runtime": m.runtime})
 
     # ------------------------------------------------------------------ requests
@@ -248,9 +272,14 @@ class ApiServer:
                 "other",
             )
         if req.method == "POST":
+            if path == "/v1/feedback":
+                return self._feedback(req, path)
             if path != "/v1/predict":
                 return self._fail(
-                    404, f"no such endpoint {path[:100]!r}; POST to /v1/predict", "not_found", "other"
+                    404,
+                    f"no such endpoint {path[:100]!r}; POST to /v1/predict or /v1/feedback",
+                    "not_found",
+                    "other",
                 )
             return self._predict(req, path)
         return self._fail(
@@ -293,17 +322,95 @@ class ApiServer:
         except Exception as e:  # the daemon keeps serving whatever one request does
             log.exception("predict failed")
             return self._fail(500, f"internal error: {type(e).__name__}", "internal", path)
+        outputs = np.asarray(pred.outputs)
+        ids = prediction_ids(len(pred.labels))
+        self.feedback.remember(ids, outputs.argmax(axis=1).tolist(), pred.model.sha256)
         # pred.to_dict(), with the score matrix converted in one call (the same Python floats)
         payload = _dumps(
             {
-                "outputs": np.asarray(pred.outputs).tolist(),
+                "outputs": outputs.tolist(),
                 "labels": pred.labels,
                 "scores": pred.scores,
                 "model": pred.model.to_dict(),
+                "ids": ids,
             }
         )
         self.metrics.observe(path, 200, seconds=time.perf_counter() - t0)
         return Response(200, payload)
+
+    def _feedback(self, req: Request, path: str) -> Response:
+        """``POST /v1/feedback``: count true labels of earlier predictions (one, or ``items``)."""
+        try:
+            if json_depth(req.body) > 4:
+                raise ValueError("nests too deep")
+            doc = _loads(req.body)
+        except ValueError as e:
+            return self._fail(400, f"body is not a JSON object ({str(e)[:60]})", "feedback_body", path)
+        if isinstance(doc, dict) and set(doc) == {"items"}:
+            items = doc["items"]
+            if not isinstance(items, list) or not 1 <= len(items) <= FEEDBACK_MAX_ITEMS:
+                return self._fail(
+                    400,
+                    f'"items" must be a list of 1 to {FEEDBACK_MAX_ITEMS} {{"id", "label"}} objects',
+                    "feedback_body",
+                    path,
+                )
+            results = []
+            for item in items:
+                outcome, message = self._label_one(item)
+                results.append(
+                    {"id": _id_of(item), "outcome": outcome.value, **({"error": message} if message else {})}
+                )
+            counted = sum(r["outcome"] in ("correct", "incorrect") for r in results)
+            self.metrics.observe(path, 200)
+            return Response(
+                200, _dumps({"counted": counted, "refused": len(results) - counted, "results": results})
+            )
+        outcome, message = self._label_one(doc)
+        code = HTTP_CODE[outcome]
+        if code != 200:
+            self.metrics.observe(path, code, error=f"feedback_{outcome.value}")
+            return Response(code, _dumps({"error": message, "outcome": outcome.value}))
+        self.metrics.observe(path, 200)
+        return Response(200, _dumps({"id": _id_of(doc), "outcome": outcome.value}))
+
+    def _label_one(self, item: Any) -> tuple[Outcome, str]:
+        """Count one ``{"id", "label"}``; return its outcome and, when refused, the one-line reason."""
+        if not isinstance(item, dict) or set(item) != {"id", "label"}:
+            got = sorted(item)[:4] if isinstance(item, dict) else type(item).__name__
+            return Outcome.BAD_LABEL, f'send {{"id": "<id from /v1/predict>", "label": "<label>"}}, got {got}'
+        pid, label = item["id"], item["label"]
+        if not isinstance(pid, str) or not 1 <= len(pid) <= FEEDBACK_ID_MAX_CHARS:
+            self.feedback.count(Outcome.UNKNOWN)
+            return Outcome.UNKNOWN, f"id {str(pid)[:70]!r} is not a prediction id of this agent"
+        if isinstance(label, int) and not isinstance(label, bool):
+            label = str(label)
+        labels = self.agent.labels
+        if not isinstance(label, str) or label not in labels:
+            self.feedback.count(Outcome.BAD_LABEL)
+            self.server.trouble.note("feedback_bad_label", f"refused feedback label {str(label)[:40]!r}")
+            shown = ", ".join(labels[:12]) + (f", ... ({len(labels)} in all)" if len(labels) > 12 else "")
+            return Outcome.BAD_LABEL, f"label {str(label)[:40]!r} is not one of the model's labels: {shown}"
+        refused, issued = self.feedback.claim(pid, self.agent.model.ref.sha256)
+        if refused is None and issued is not None:
+            try:
+                right = self.agent.record_label(label, issued.predicted, issued.model_sha256)
+            except ValueError:  # the model switched to one without this label meanwhile
+                right = None
+            if right is not None:
+                outcome = Outcome.CORRECT if right else Outcome.INCORRECT
+                self.feedback.count(outcome)
+                return outcome, ""
+            self.feedback.release(pid)
+            self.feedback.count(Outcome.MODEL_CHANGED)
+            refused = Outcome.MODEL_CHANGED
+        assert refused is not None
+        self.server.trouble.note(
+            f"feedback_{refused.value}", f"refused feedback: {refused.value} ({pid[:24]})"
+        )
+        return refused, _FEEDBACK_REASONS[refused].format(
+            id=pid[:FEEDBACK_ID_MAX_CHARS], max=self.feedback.max_ids
+        )
 
     def start(self) -> threading.Thread:
         """Serve in daemon threads (the I/O thread and the workers); return the I/O thread."""

@@ -50,6 +50,7 @@ _REASONS = {
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
     408: "Request Timeout",
     411: "Length Required",
     413: "Content Too Large",

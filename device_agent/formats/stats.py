@@ -46,6 +46,9 @@ CONFIDENCE_EDGES = tuple(float(x) for x in np.linspace(0.0, 1.0, 21))
 LATENCY_EDGES_MS = tuple(float(x) for x in np.round(np.logspace(-2, 4, 25), 6))
 # Wire precision for float summaries (min/max are kept exactly): 10 significant digits.
 FLOAT_DIGITS = 10
+# A window's ground-truth counts carry a (true, predicted) confusion matrix up to this many labels
+# (32 x 32 counts stay a few KB of JSON); above it only the labelled and correct counts.
+CONFUSION_MAX_LABELS = 32
 
 
 class StatsError(AgentError, ValueError):
@@ -466,6 +469,96 @@ class FeatureSpec:
 
 
 # --------------------------------------------------------------------------------------------------
+# Ground truth: labels that arrived for earlier predictions (``POST /v1/feedback`` on the agent).
+
+
+@dataclass
+class Feedback:
+    """Counts of labelled predictions: how many, how many were right, and who was taken for whom.
+
+    ``confusion[t, p]`` counts predictions of label index ``p`` whose true label was ``t`` (None for
+    models with more than ``CONFUSION_MAX_LABELS`` labels). Merges add every count, so they are exact,
+    associative and commutative; ``correct`` is the confusion matrix's trace when it has one.
+    """
+
+    labelled: int = 0
+    correct: int = 0
+    confusion: np.ndarray | None = None  # (K, K) int64, rows true label, columns predicted
+
+    @classmethod
+    def empty(cls, n_labels: int) -> Feedback:
+        """No labels yet, for a model with ``n_labels`` classes."""
+        conf = np.zeros((n_labels, n_labels), dtype=np.int64) if n_labels <= CONFUSION_MAX_LABELS else None
+        return cls(0, 0, conf)
+
+    def add(self, true_index: int, predicted_index: int) -> bool:
+        """Count one label for a prediction; return True when the prediction was right."""
+        right = int(true_index) == int(predicted_index)
+        self.labelled += 1
+        self.correct += int(right)
+        if self.confusion is not None:
+            self.confusion[true_index, predicted_index] += 1
+        return right
+
+    def merge(self, other: Feedback | None) -> Feedback:
+        """Return the sum of both (either may be None or empty)."""
+        if other is None:
+            return Feedback(
+                self.labelled, self.correct, None if self.confusion is None else self.confusion.copy()
+            )
+        a, b = self.confusion, other.confusion
+        if a is not None and b is not None:
+            if a.shape != b.shape:
+                raise StatsError("feedback confusion matrices have different shapes; different label sets")
+            conf: np.ndarray | None = a + b
+        elif a is None and b is None:
+            conf = None
+        elif (a is None and self.labelled) or (b is None and other.labelled):
+            raise StatsError("feedback counts disagree on having a confusion matrix; different label sets")
+        else:
+            conf = (a if a is not None else b).copy()  # type: ignore[union-attr]
+        return Feedback(self.labelled + other.labelled, self.correct + other.correct, conf)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Share of labelled predictions that were right; None without labels."""
+        return self.correct / self.labelled if self.labelled else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: ``{"labelled", "correct", "confusion"}`` (confusion a list of rows or null)."""
+        return {
+            "labelled": int(self.labelled),
+            "correct": int(self.correct),
+            "confusion": None if self.confusion is None else [[int(v) for v in r] for r in self.confusion],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, n_labels: int | None = None) -> Feedback:
+        """Validate and load ``to_dict`` output; with ``n_labels`` the matrix must be that size."""
+        if not isinstance(d, Mapping) or set(d) != {"labelled", "correct", "confusion"}:
+            got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
+            raise StatsError(f"feedback keys {got} != ['confusion', 'correct', 'labelled']")
+        labelled, correct = (_ints([d[k]], f"feedback.{k}")[0] for k in ("labelled", "correct"))
+        if correct > labelled:
+            raise StatsError(f"feedback.correct {correct} exceeds feedback.labelled {labelled}")
+        conf = None
+        if d["confusion"] is not None:
+            rows = d["confusion"]
+            k = len(rows) if isinstance(rows, list) else -1
+            if k < 1 or (n_labels is not None and k != n_labels) or k > CONFUSION_MAX_LABELS:
+                want = n_labels if n_labels is not None else f"1..{CONFUSION_MAX_LABELS}"
+                raise StatsError(f"feedback.confusion must be a {want} x {want} list of counts")
+            if not all(isinstance(r, list) and len(r) == k for r in rows):
+                raise StatsError(f"feedback.confusion must be a {k} x {k} list of counts")
+            conf = np.stack([_ints(r, "feedback.confusion") for r in rows])
+            if int(conf.sum()) != labelled or int(np.trace(conf)) != correct:
+                raise StatsError("feedback.confusion does not add up to feedback.labelled and .correct")
+        elif n_labels is not None and n_labels <= CONFUSION_MAX_LABELS and labelled:
+            raise StatsError(f"feedback.confusion is missing (the model has {n_labels} labels)")
+        return cls(int(labelled), int(correct), conf)
+
+
+# --------------------------------------------------------------------------------------------------
 # The full profile of a model: inputs, outputs, latency, schema violations.
 
 
@@ -552,6 +645,8 @@ class Profile:
     confidence: FeatureSetProfile
     latency_ms: FeatureSetProfile
     schema_violations: dict[str, int]
+    # Labels that arrived for predictions while this window was open (None: none came).
+    feedback: Feedback | None = None
 
     @property
     def count(self) -> int:
@@ -598,6 +693,12 @@ class Profile:
         """Count ``n`` refused inputs of a kind (``shape``, ``dtype``, ``nan``, ...)."""
         self.schema_violations[kind] = self.schema_violations.get(kind, 0) + int(n)
 
+    def add_label(self, true_index: int, predicted_index: int) -> bool:
+        """Count the true label of one earlier prediction; return True when it was right."""
+        if self.feedback is None:
+            self.feedback = Feedback.empty(len(self.spec.labels))
+        return self.feedback.add(true_index, predicted_index)
+
     def merge(self, other: Profile) -> Profile:
         """Return a new profile holding both windows (same spec required)."""
         if self.spec.spec_hash() != other.spec.spec_hash():
@@ -605,6 +706,7 @@ class Profile:
         viol = dict(self.schema_violations)
         for k, v in other.schema_violations.items():
             viol[k] = viol.get(k, 0) + v
+        fb = other.feedback if self.feedback is None else self.feedback.merge(other.feedback)
         return Profile(
             spec=self.spec,
             inputs=self.inputs.merge(other.inputs),
@@ -612,25 +714,33 @@ class Profile:
             confidence=self.confidence.merge(other.confidence),
             latency_ms=self.latency_ms.merge(other.latency_ms),
             schema_violations=viol,
+            feedback=None if fb is None else fb.merge(None),
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the mergeable state (what a telemetry window carries), without the spec."""
-        return {
+        """Return the mergeable state (what a telemetry window carries), without the spec.
+
+        ``feedback`` is there only when labels arrived, so profiles without them (every baseline)
+        keep the form older readers know.
+        """
+        out = {
             "inputs": self.inputs.state_dict(),
             "class_counts": [int(v) for v in self.class_counts],
             "confidence": self.confidence.state_dict(),
             "latency_ms": self.latency_ms.state_dict(),
             "schema_violations": {str(k): int(v) for k, v in sorted(self.schema_violations.items())},
         }
+        if self.feedback is not None and self.feedback.labelled:
+            out["feedback"] = self.feedback.to_dict()
+        return out
 
     @classmethod
     def from_state(cls, spec: ProfileSpec, state: Mapping[str, Any]) -> Profile:
         """Rebuild a profile from ``state_dict()`` output and its spec, validating strictly."""
         keys = {"inputs", "class_counts", "confidence", "latency_ms", "schema_violations"}
-        if not isinstance(state, Mapping) or set(state) != keys:
+        if not isinstance(state, Mapping) or set(state) - {"feedback"} != keys:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise StatsError(f"profile keys {got} != {sorted(keys)}")
+            raise StatsError(f"profile keys {got} != {sorted(keys)} (and optionally 'feedback')")
         prof = spec.new_profile()
         for name in ("inputs", "confidence", "latency_ms"):
             if not isinstance(state[name], Mapping):
@@ -653,6 +763,8 @@ class Profile:
             ):
                 raise StatsError("schema_violations must map short names to non-negative integers")
         prof.schema_violations = {str(k): int(v) for k, v in sv.items()}
+        if "feedback" in state:
+            prof.feedback = Feedback.from_dict(state["feedback"], len(spec.labels))
         return prof
 
 

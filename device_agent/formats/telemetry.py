@@ -11,7 +11,11 @@ Topics (lowercase, no leading slash)::
 
 Every payload carries ``schema`` (integer) and ``type``. ``stats`` is at schema 2 (``stream``
 added: the outbox's random id, so windows of a device that lost its state are not mistaken for
-duplicates); schema 1 stats (older agents) still decode, with ``stream`` None. ``status`` and
+duplicates); schema 1 stats (older agents) still decode, with ``stream`` None. A window in which
+ground-truth labels arrived (``POST /v1/feedback``) is sent at schema 3: schema 2 plus a required
+``feedback`` object (``labelled``, ``correct``, ``confusion``); windows without labels stay at
+schema 2, so a collector that predates labels keeps taking them (and refuses, counts and
+quarantines the labelled ones by their schema). ``status`` and
 ``event`` are at schema 1. Decoding checks, in order: size limit,
 UTF-8 JSON without NaN/Infinity, nesting depth, schema, known keys, types and finite numbers.
 The profile's histogram lengths are checked later against the registered baseline
@@ -29,12 +33,20 @@ from datetime import datetime, timezone
 from typing import Any
 
 from device_agent.errors import AgentError
-from device_agent.formats.stats import FeatureSetProfile, Profile, ProfileSpec, StatsError
+from device_agent.formats.stats import (
+    CONFUSION_MAX_LABELS,
+    FeatureSetProfile,
+    Feedback,
+    Profile,
+    ProfileSpec,
+    StatsError,
+)
 from device_agent.formats.strict import bounded_int, check_keys
 
 SCHEMA = 1  # status and event payloads
 STATS_SCHEMA = 2  # stats payloads: 2 added the required ``stream``
-STATS_SCHEMAS = (1, 2)  # what decode_stats accepts (1: older agents, no stream)
+STATS_SCHEMA_FEEDBACK = 3  # a window that carries ground-truth counts: schema 2 plus ``feedback``
+STATS_SCHEMAS = (1, 2, 3)  # what decode_stats accepts (1: older agents, no stream)
 TOPIC_ROOT = "edgefleet"
 DEFAULT_WINDOW_S = (
     60.0  # a device closes a stats window this often unless [telemetry] window_s says otherwise
@@ -257,6 +269,7 @@ STATS_REQUIRED = {
     "agent_version",
 }
 STATS_REQUIRED_V1 = STATS_REQUIRED - {"stream"}
+STATS_REQUIRED_V3 = STATS_REQUIRED | {"feedback"}
 
 
 @dataclass
@@ -278,6 +291,7 @@ class StatsMessage:
     dropped_windows: int
     agent_version: str
     stream: str | None = None  # the outbox's id (schema 2); None for schema 1 payloads
+    feedback: Feedback | None = None  # ground-truth counts (schema 3); None: no labels arrived
 
     @property
     def heartbeat(self) -> bool:
@@ -292,7 +306,10 @@ class StatsMessage:
             )
         prof = spec.new_profile()
         prof.schema_violations = dict(self.schema_violations)
+        if self.feedback is not None:
+            self.check_feedback(len(spec.labels))
         if self.heartbeat:
+            prof.feedback = self.feedback
             return prof
         assert self.outputs is not None and self.latency_ms is not None
         try:
@@ -308,7 +325,19 @@ class StatsMessage:
             raise TelemetryError(f"stats profile does not fit the baseline: {e}") from None
         if prof.count != self.count:
             raise TelemetryError(f"stats count {self.count} != {prof.count} predictions in the class counts")
+        prof.feedback = self.feedback
         return prof
+
+    def check_feedback(self, n_labels: int) -> None:
+        """The confusion matrix must be K x K for the baseline's K labels (or absent above the limit)."""
+        fb = self.feedback
+        assert fb is not None
+        want = n_labels <= CONFUSION_MAX_LABELS
+        if (fb.confusion is not None) != want or (
+            fb.confusion is not None and fb.confusion.shape[0] != n_labels
+        ):
+            shape = f"{n_labels} x {n_labels}" if want else "null"
+            raise TelemetryError(f"feedback.confusion must be {shape} for the baseline's {n_labels} labels")
 
 
 def encode_stats(
@@ -332,8 +361,9 @@ def encode_stats(
     check_stream(stream)
     empty = profile.count == 0 and int(profile.inputs.count.sum()) == 0
     state = profile.state_dict()
+    fb = state.get("feedback")
     doc = {
-        "schema": STATS_SCHEMA,
+        "schema": STATS_SCHEMA if fb is None else STATS_SCHEMA_FEEDBACK,
         "type": "stats",
         "device_id": check_id(device_id, "device_id"),
         "fleet": check_id(fleet, "fleet"),
@@ -353,6 +383,8 @@ def encode_stats(
         "dropped_windows": int(dropped_windows),
         "agent_version": agent_version,
     }
+    if fb is not None:
+        doc["feedback"] = fb
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise TelemetryError(
@@ -382,9 +414,18 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
     d = load_json(raw, schemas=STATS_SCHEMAS)
     if d.get("type") != "stats":
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'stats'")
-    _keys(
-        d, STATS_REQUIRED if d["schema"] >= 2 else STATS_REQUIRED_V1, set(), f"stats (schema {d['schema']})"
-    )
+    required = {1: STATS_REQUIRED_V1, 2: STATS_REQUIRED, 3: STATS_REQUIRED_V3}[d["schema"]]
+    _keys(d, required, set(), f"stats (schema {d['schema']})")
+    feedback = None
+    if d["schema"] >= 3:
+        try:
+            feedback = Feedback.from_dict(d["feedback"])
+        except StatsError as e:
+            raise TelemetryError(str(e)) from None
+        if feedback.labelled == 0:
+            raise TelemetryError(
+                "feedback.labelled must be > 0 (a window without labels is sent at schema 2)"
+            )
     stream = check_stream(d["stream"]) if d["schema"] >= 2 else None
     device, fleet = _origin(d, topic_device, topic_fleet)
     start = parse_utc(d["window_start"], "window_start")
@@ -432,6 +473,7 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
         dropped_windows=_int(d["dropped_windows"], "dropped_windows"),
         agent_version=_str(d["agent_version"], "agent_version", 40),
         stream=stream,
+        feedback=feedback,
     )
 
 
@@ -578,6 +620,7 @@ __all__ = [
     "SCHEMA",
     "STATS_SCHEMA",
     "STATS_SCHEMAS",
+    "STATS_SCHEMA_FEEDBACK",
     "MAX_PAYLOAD_BYTES",
     "TelemetryError",
     "ModelRef",

@@ -38,7 +38,7 @@ def test_predict_batch_and_single(server, x_test: np.ndarray) -> None:
     srv, base = server
     code, out = http(base, "/v1/predict", {"inputs": x_test[:4].tolist()})
     assert code == 200
-    assert set(out) == {"outputs", "labels", "scores", "model"}
+    assert set(out) == {"outputs", "labels", "scores", "model", "ids"}
     assert len(out["outputs"]) == 4 and len(out["outputs"][0]) == 10
     assert out["labels"] == srv.agent.predict(x_test[:4]).labels
     assert out["model"] == srv.agent.model.ref.to_dict()

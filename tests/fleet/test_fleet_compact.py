@@ -208,3 +208,31 @@ def test_collector_compacts_after_the_given_age(
     assert c.counters.stored == 13
     (row,) = status_rows(sqlite_url)
     assert row["windows"] == 13 and row["predictions"] == 13 * 50
+
+
+def test_compaction_keeps_ground_truth_counts_exactly(db_url, bundle, model_ref, make_window) -> None:
+    """Labelled windows folded into rollups: status and drift show the same accuracy after."""
+    register_bundle(db_url, bundle[0])
+    t0 = (np.floor(time.time() / HOUR_S) - 5) * HOUR_S + 120.0
+    msgs = []
+    for seq in range(8):
+        prof = make_window(20, seed=seq)
+        if seq % 2 == 0:  # every other window carries labels; the others are the old format
+            for t, p in [(1, 1), (2, 2), (4, 7)][: 1 + seq % 3]:
+                prof.add_label(t, p)
+        msgs.append(stats_payload("cam-1", seq, model_ref, prof, t0=t0, window_s=WINDOW_S))
+    with open_store(db_url) as s:
+        Ingestor(s, BaselineCache(s)).process(
+            [Incoming(t, p, i, 1, 0, time.time()) for i, (t, p) in enumerate(msgs)]
+        )
+        before = {k: status_rows(s)[0][k] for k in ("labelled", "correct", "accuracy")}
+        drift_before = drift_table(s, since="all")[0]["accuracy"]
+        out = compact(s, t0 + 5 * HOUR_S)
+        assert out.windows == 8 and int(s.query("SELECT COUNT(*) FROM windows")[0][0]) == 0
+        after = {k: status_rows(s)[0][k] for k in ("labelled", "correct", "accuracy")}
+        conf = [json.loads(c) for (c,) in s.query("SELECT confusion_json FROM window_rollups") if c]
+    # seq 0, 2, 4, 6 carry 1, 3, 2, 1 labels: (1,1) | (1,1),(2,2),(4,7) | (1,1),(2,2) | (1,1)
+    assert before == after == {"labelled": 7, "correct": 6, "accuracy": 6 / 7}
+    assert drift_before == pytest.approx(6 / 7)
+    total = np.sum([np.asarray(c) for c in conf], axis=0)
+    assert total[1, 1] == 4 and total[2, 2] == 2 and total[4, 7] == 1 and total.sum() == 7

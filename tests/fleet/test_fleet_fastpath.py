@@ -170,3 +170,28 @@ def test_window_with_a_feature_that_saw_only_nan_packs_like_the_contract(setup, 
     assert json.loads(raw)["inputs"]["min"][0] is None
     got = decode_window(raw, "lab", "dev-1", lookup)
     assert (got.ints, got.floats) == contract(raw, base)
+
+
+def test_labelled_windows_agree_on_both_paths_and_bad_feedback_is_refused(setup, make_window) -> None:
+    """Schema 3 (ground truth): the fast path keeps the same counts as the contract decoder."""
+    base, _, ref, lookup = setup
+    prof = make_window(30, seed=11)
+    for t, p in [(3, 3), (3, 5), (0, 0), (9, 9)]:
+        prof.add_label(t, p)
+    _, raw = stats_payload("dev-1", 1, ref, prof)
+    assert json.loads(raw)["schema"] == 3
+    got = decode_window(raw, "lab", "dev-1", lookup)
+    msg = decode_stats(raw, topic_device="dev-1", topic_fleet="lab")
+    assert (got.ints, got.floats) == contract(raw, base)
+    assert got.feedback is not None and msg.feedback is not None
+    assert got.feedback.to_dict() == msg.feedback.to_dict()
+    assert (got.feedback.labelled, got.feedback.correct) == (4, 3)
+    doc = json.loads(raw)
+    doc["feedback"]["confusion"] = [[0] * 3 for _ in range(3)]  # not the baseline's 10 x 10
+    with pytest.raises(Refused):
+        decode_window(json.dumps(doc).encode(), "lab", "dev-1", lookup)
+    doc["feedback"] = {"labelled": 4, "correct": 5, "confusion": None}
+    with pytest.raises(Refused):
+        decode_window(json.dumps(doc).encode(), "lab", "dev-1", lookup)
+    with pytest.raises(TelemetryError):
+        decode_stats(json.dumps(doc).encode())

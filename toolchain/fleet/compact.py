@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from toolchain.fleet.registry import BaselineCache
 from toolchain.fleet.storage import Store, dumps, merge_packed_groups, pack_profile
 
@@ -80,7 +82,8 @@ def _compact_chunk(
             marks = ", ".join("?" * len(devs))
             for r in store.query(
                 "SELECT id, device_id, model_sha256, spec_hash, window_start, window_end, count,"
-                " dropped_windows, violations_json, ints, floats FROM windows WHERE fleet = ? AND device_id"
+                " dropped_windows, violations_json, ints, floats, labelled, correct, confusion_json"
+                " FROM windows WHERE fleet = ? AND device_id"
                 f" IN ({marks}) AND window_end < ? AND pending_json IS NULL",
                 (fleet, *devs, cutoff),
             ):
@@ -100,7 +103,8 @@ def _compact_chunk(
                 continue
             for r in store.query(
                 "SELECT id, device_id, model_sha256, hour, spec_hash, window_start, window_end, windows, count,"
-                " dropped_windows, violations_json, ints, floats FROM window_rollups WHERE fleet = ? AND"
+                " dropped_windows, violations_json, ints, floats, labelled, correct, confusion_json"
+                " FROM window_rollups WHERE fleet = ? AND"
                 f" device_id IN ({marks}) AND hour >= ? AND hour <= ?",
                 (fleet, *devs, hours[0], hours[-1]),
             ):
@@ -114,8 +118,8 @@ def _compact_chunk(
             store.execute(f"DELETE FROM window_rollups WHERE id IN ({', '.join('?' * len(part))})", part)
         store.executemany(
             "INSERT INTO window_rollups (fleet, device_id, model_sha256, spec_hash, hour, window_start,"
-            " window_end, windows, count, dropped_windows, violations_json, ints, floats)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " window_end, windows, count, dropped_windows, violations_json, ints, floats, labelled, correct,"
+            " confusion_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         for i in range(0, len(ids), 500):
@@ -129,7 +133,8 @@ def _compact_chunk(
 def _merge(
     baselines: BaselineCache, groups: dict[tuple[str, str, str, float], list[tuple[Any, ...]]]
 ) -> list[tuple[Any, ...]]:
-    """Merge each group's windows (``(n, spec_hash, start, end, count, dropped, viol, ints, floats)``)."""
+    """Merge each group's windows (``(n, spec_hash, start, end, count, dropped, viol, ints, floats,
+    labelled, correct, confusion_json)``); ground-truth counts add up."""
     rows: list[tuple[Any, ...]] = []
     by_model: dict[str, list[tuple[str, str, str, float]]] = {}
     for key in sorted(groups):
@@ -181,6 +186,24 @@ def _merge(
                     dumps(violations),
                     ints,
                     floats,
+                    *_sum_labels(g),
                 )
             )
     return rows
+
+
+def _sum_labels(parts: list[tuple[Any, ...]]) -> tuple[int | None, int | None, str | None]:
+    """The group's (labelled, correct, confusion_json): sums, or None where no part had labels."""
+    labelled = [p for p in parts if p[9] is not None]
+    if not labelled:
+        return None, None, None
+    confusion: np.ndarray | None = None
+    for p in labelled:
+        if p[11] is not None:
+            m = np.asarray(json.loads(p[11]), dtype=np.int64)
+            confusion = m if confusion is None else confusion + m
+    return (
+        sum(int(p[9]) for p in labelled),
+        sum(int(p[10]) for p in labelled),
+        None if confusion is None else dumps(confusion.tolist()),
+    )

@@ -9,7 +9,7 @@ packed arrays the database stores directly.
 The JSON parser is orjson when it is installed (the ``host`` extra installs it), else ``json``.
 
 Rules (those of the contract): size limit; UTF-8 JSON without NaN/Infinity; an object with
-``schema`` 2 (with a ``stream`` id) or 1 (without) and ``type`` "stats"; exactly the known keys; ids valid and equal to the topic's;
+``schema`` 2 (with a ``stream`` id), 3 (2 plus ``feedback``) or 1 (without) and ``type`` "stats"; exactly the known keys; ids valid and equal to the topic's;
 ISO-8601 UTC times, end not before start; integers where integers belong (no booleans, no floats);
 finite numbers; every histogram as long as the baseline's and summing to its count; per-feature
 lists of the right length; non-negative M2; class counts summing to ``count``. Nesting depth needs no
@@ -35,11 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.formats.stats import CONFUSION_MAX_LABELS, Feedback, StatsError
 from device_agent.formats.telemetry import (
     ID_RE,
     MAX_PAYLOAD_BYTES,
     STATS_REQUIRED,
     STATS_REQUIRED_V1,
+    STATS_REQUIRED_V3,
     STREAM_RE,
 )
 from toolchain.fleet.storage import Layout
@@ -72,6 +74,7 @@ class FastWindow:
     ints: bytes | None
     floats: bytes | None
     stream: str | None = None  # None: a schema 1 payload (older agent)
+    feedback: Feedback | None = None  # ground-truth counts (schema 3)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -274,8 +277,8 @@ def decode_window(
     schema = d.get("schema")
     if type(schema) is not int or d.get("type") != "stats":
         raise Refused("schema")
-    if schema == 2:
-        if d.keys() != STATS_REQUIRED:
+    if schema == 2 or schema == 3:
+        if d.keys() != (STATS_REQUIRED if schema == 2 else STATS_REQUIRED_V3):
             raise Refused("keys")
         stream = d["stream"]
         if type(stream) is not str or not STREAM_RE.match(stream):
@@ -322,6 +325,16 @@ def decode_window(
     count = _int(d["count"])
     seq = _int(d["seq"])
     dropped = _int(d["dropped_windows"])
+    feedback = None
+    if schema == 3:
+        try:
+            feedback = Feedback.from_dict(d["feedback"], layout.n_classes)
+        except StatsError:
+            raise Refused("feedback") from None
+        if feedback.labelled == 0 or (feedback.confusion is None) != (
+            layout.n_classes > CONFUSION_MAX_LABELS
+        ):
+            raise Refused("feedback")
     nulls = [d[k] is None for k in ("inputs", "outputs", "latency_ms")]
     ints_b = floats_b = None
     if all(nulls):
@@ -354,4 +367,5 @@ def decode_window(
         ints_b,
         floats_b,
         stream,
+        feedback,
     )

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from device_agent.formats.stats import Feedback
 from device_agent.formats.telemetry import (
     TelemetryError,
     decode_event,
@@ -265,6 +266,7 @@ class Ingestor:
                 fw.ints,
                 fw.floats,
                 None,
+                *_label_columns(fw.feedback),
             )
             seen = DeviceSeen(
                 fleet,
@@ -296,6 +298,8 @@ class Ingestor:
             raise TelemetryError(
                 f"heartbeat spec_hash {msg.spec_hash[:12]} does not match the registered baseline"
             )
+        if base is not None and msg.heartbeat and msg.feedback is not None:
+            msg.check_feedback(len(base.profile.spec.labels))
         row = WindowRow(
             fleet,
             device,
@@ -312,6 +316,7 @@ class Ingestor:
             ints,
             floats,
             pending,
+            *_label_columns(msg.feedback),
         )
         seen = DeviceSeen(
             fleet,
@@ -584,3 +589,11 @@ class Ingestor:
                 legacy[worst],
                 events=n,
             )
+
+
+def _label_columns(fb: Feedback | None) -> tuple[int | None, int | None, str | None]:
+    """A window's ``labelled``, ``correct`` and ``confusion_json`` columns (None: it carried no labels)."""
+    if fb is None:
+        return None, None, None
+    conf = None if fb.confusion is None else dumps(fb.confusion.tolist())
+    return fb.labelled, fb.correct, conf

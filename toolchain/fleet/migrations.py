@@ -281,6 +281,23 @@ MIGRATIONS: list[tuple[int, str, list[str | Only]]] = [
             "ALTER TABLE drift_state ADD COLUMN detail_json TEXT",
         ],
     ),
+    (
+        5,
+        "ground truth: labelled and correct counts (and the confusion matrix) of windows and rollups",
+        [
+            # NULL: the window carried no labels (every window of older agents).
+            "ALTER TABLE windows ADD COLUMN labelled {BIGINT}",
+            "ALTER TABLE windows ADD COLUMN correct {BIGINT}",
+            "ALTER TABLE windows ADD COLUMN confusion_json TEXT",
+            "ALTER TABLE window_rollups ADD COLUMN labelled {BIGINT}",
+            "ALTER TABLE window_rollups ADD COLUMN correct {BIGINT}",
+            "ALTER TABLE window_rollups ADD COLUMN confusion_json TEXT",
+            # Accuracy reads only the labelled rows.
+            "CREATE INDEX windows_labelled ON windows (fleet, device_id, model_sha256) WHERE labelled IS NOT NULL",
+            "CREATE INDEX window_rollups_labelled ON window_rollups (fleet, device_id, model_sha256)"
+            " WHERE labelled IS NOT NULL",
+        ],
+    ),
 ]
 
 

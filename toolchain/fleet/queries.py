@@ -115,6 +115,7 @@ def status_rows(
         )
         args = [now - OFFLINE_AFTER_S, notable_limit]
     with _opened(db) as store:
+        labels = label_totals(store)
         rows = []
         for (
             fleet,
@@ -166,6 +167,7 @@ def status_rows(
                     "stream_started": float(stream_started) if stream_started is not None else None,
                     "drift_state": dstate,
                     "last_verdict": verdict,
+                    **accuracy_fields(labels.get((fleet, device, sha))),
                     "deployment": deployment,
                     "deployment_state": (deployment or {}).get("state")
                     if isinstance(deployment, dict)
@@ -173,6 +175,70 @@ def status_rows(
                 }
             )
         return rows
+
+
+def label_totals(
+    store: Store,
+    since: float | None = None,
+    until: float | None = None,
+    fleet: str | None = None,
+    device: str | None = None,
+) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """Ground truth per (fleet, device, model): (labelled, correct) summed over windows and rollups.
+
+    Only windows that carried labels (stats schema 3) are read; with ``since``/``until`` those that
+    end at or after ``since`` and start at or before ``until``, as the drift queries choose windows.
+    """
+    where = " WHERE labelled IS NOT NULL"
+    args: list[Any] = []
+    for cond, value in (
+        (" AND window_end >= ?", since),
+        (" AND window_start <= ?", until),
+        (" AND fleet = ?", fleet),
+        (" AND device_id = ?", device),
+    ):
+        if value is not None:
+            where += cond
+            args.append(value)
+    part = "SELECT fleet, device_id, model_sha256, SUM(labelled), SUM(correct) FROM {t}" + where
+    part += " GROUP BY fleet, device_id, model_sha256"
+    out: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for f, d, sha, n, c in store.query(
+        part.format(t="windows") + " UNION ALL " + part.format(t="window_rollups"), args + args
+    ):
+        key = (str(f), str(d), str(sha))
+        old = out.get(key, (0, 0))
+        out[key] = (old[0] + int(n), old[1] + int(c))
+    return out
+
+
+def accuracy_fields(totals: tuple[int, int] | None) -> dict[str, Any]:
+    """``labelled``, ``correct`` and ``accuracy`` (correct / labelled; None without labels)."""
+    n, c = totals or (0, 0)
+    return {"labelled": n, "correct": c, "accuracy": c / n if n else None}
+
+
+def attach_accuracy(
+    store: Store,
+    rows: list[dict[str, Any]],
+    since: float | None = None,
+    until: float | None = None,
+) -> list[dict[str, Any]]:
+    """Add ground-truth accuracy to drift rows: per device and model, fleet rows over all devices."""
+    totals = label_totals(store, since, until)
+    fleet_totals: dict[tuple[str, str], tuple[int, int]] = {}
+    for (f, _d, sha), (n, c) in totals.items():
+        old = fleet_totals.get((f, sha), (0, 0))
+        fleet_totals[(f, sha)] = (old[0] + n, old[1] + c)
+    for r in rows:
+        sha = (r.get("model") or {}).get("sha256", "")
+        got = (
+            fleet_totals.get((r["fleet"], sha))
+            if r["device_id"] == "*"
+            else totals.get((r["fleet"], r["device_id"], sha))
+        )
+        r.update(accuracy_fields(got))
+    return rows
 
 
 def status_summary(db: str | Store, now: float | None = None) -> dict[str, Any]:
@@ -445,6 +511,7 @@ def drift_table(
             _row(g, bases[g.model_sha256], r, feature)
             for g, r in zip(groups, compare_groups(groups, bases), strict=True)
         ]
+        attach_accuracy(store, rows, t0, t1)
     rows.sort(key=lambda r: (-SEVERITY[r["state"]], -(r["max_psi"] or 0.0), r["device_id"]))
     return rows
 
@@ -565,7 +632,8 @@ def drift_from_evaluations(
                 "features": worst,
             }
         )
-    out = rows + list(fleets.values())
+    with _opened(db) as store:
+        out = attach_accuracy(store, rows + list(fleets.values()), t0)
     out.sort(key=lambda r: (-SEVERITY.get(r["state"], 0), -(r["max_psi"] or 0.0), r["device_id"]))
     return out
 

@@ -341,7 +341,7 @@ def _drift_table_html(rows: list[dict[str, Any]]) -> str:
     out = [
         '<table id="drift"><tr><th>scope</th><th>device</th><th>model</th><th>predictions</th><th>state</th>'
         "<th>max PSI</th><th>worst feature</th><th>features in alert</th><th>class PSI</th>"
-        "<th>confidence shift</th><th>out of range</th><th>violations</th></tr>"
+        "<th>confidence shift</th><th>out of range</th><th>violations</th><th>accuracy (labelled)</th></tr>"
     ]
     for r in rows:
         out.append(
@@ -352,7 +352,7 @@ def _drift_table_html(rows: list[dict[str, Any]]) -> str:
             f"<td>{_fmt(r['class_psi'])}</td><td>{_fmt(r['confidence_shift'])}</td>"
             f"<td>{_fmt(r['out_of_range_rate'] * 100, 1)} %</td>"
             f"<td>{_fmt(r['schema_violation_rate'] * 100, 1)} %</td>"
-            "</tr>"
+            f"<td>{_accuracy(r)}</td></tr>"
         )
     out.append("</table>")
     return "".join(out)
@@ -361,7 +361,7 @@ def _drift_table_html(rows: list[dict[str, Any]]) -> str:
 def _devices_html(devices: list[dict[str, Any]], now: float) -> str:
     out = [
         '<table id="devices"><tr><th>device</th><th>state</th><th>last seen</th><th>model</th><th>agent</th>'
-        "<th>windows</th><th>dropped</th><th>drift</th><th>deployment</th></tr>"
+        "<th>windows</th><th>dropped</th><th>drift</th><th>accuracy (labelled)</th><th>deployment</th></tr>"
     ]
     for d in devices:
         model = f"{d['model']['name']} v{d['model']['version']}" if d["model"] else "-"
@@ -371,10 +371,17 @@ def _devices_html(devices: list[dict[str, Any]], now: float) -> str:
             f"<td>{_e(d['agent_version'] or '-')}</td>"
             f"<td>{d['windows']}</td><td>{d['dropped_windows']}</td>"
             f'<td class="state-{_e(d["map_state"])}">{_e(d["map_state"])}</td>'
-            f"<td>{_e(d['deployment_state'] or '-')}</td></tr>"
+            f"<td>{_accuracy(d)}</td><td>{_e(d['deployment_state'] or '-')}</td></tr>"
         )
     out.append("</table>")
     return "".join(out)
+
+
+def _accuracy(r: dict[str, Any]) -> str:
+    """Accuracy on the labelled predictions with their count (``-``: no ground truth arrived)."""
+    if not r.get("labelled"):
+        return "-"
+    return f"{r['accuracy'] * 100:.1f} % ({r['correct']:,} of {r['labelled']:,})"
 
 
 def _alerts_html(alerts: list[dict[str, Any]]) -> str:

@@ -30,6 +30,9 @@ class WindowRow(NamedTuple):
     ints: bytes | None  # packed int64 (None: a heartbeat, or pending)
     floats: bytes | None  # packed float64
     pending_json: str | None  # the raw statistics while the model has no registered baseline
+    labelled: int | None = None  # ground truth (stats schema 3): labels counted in the window
+    correct: int | None = None  # ... of which the prediction was right
+    confusion_json: str | None = None  # [[true x predicted counts]] or None (no labels, or > 32 labels)
 
 
 class DeviceSeen(NamedTuple):

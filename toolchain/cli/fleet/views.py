@@ -101,6 +101,9 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         "restarts",
         "drift",
     ]
+    show_acc = any(r["labelled"] for r in rows)
+    if show_acc:
+        headers.append("accuracy (labelled)")
     if show_dep:
         headers.append("deployment")
     out = []
@@ -119,6 +122,8 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             r["stream_changes"],
             r["drift_state"],
         ]
+        if show_acc:
+            line.append(accuracy_cell(r))
         if show_dep:
             line.append(r["deployment_state"])
         out.append([safe_text(v) for v in line])  # agent_version, deployment: device-reported text
@@ -259,7 +264,15 @@ def drift_cmd(
             ]
             for r in rows
         ]
+    if any(r["labelled"] for r in rows):  # ground truth beside the label-free signals
+        headers.append("accuracy (labelled)")
+        out = [[*line, accuracy_cell(r)] for line, r in zip(out, rows, strict=True)]
     click.echo(text_table(headers, [[safe_text(v) for v in row] for row in out]))
+
+
+def accuracy_cell(r: dict[str, Any]) -> str:
+    """``0.700 (10)``: accuracy on the labelled predictions and how many; ``-`` without labels."""
+    return "-" if not r["labelled"] else f"{r['accuracy']:.3f} ({r['labelled']:,})"
 
 
 def _print_stored_drift(rows: list[dict[str, Any]], as_json: bool, since: str) -> None:
@@ -309,6 +322,9 @@ def _print_stored_drift(rows: list[dict[str, Any]], as_json: bool, since: str) -
                 f"{r['out_of_range_rate']:.1%}" if r.get("out_of_range_rate") is not None else "-",
             ]
         )
+    if any(r["labelled"] for r in rows):  # ground truth beside the label-free signals
+        headers.append("accuracy (labelled)")
+        out = [[*line, accuracy_cell(r)] for line, r in zip(out, rows, strict=True)]
     click.echo(text_table(headers, out))
     more = sum(r["devices"] for r in rows if r["scope"] == "fleet") - sum(
         r["scope"] == "device" for r in rows
