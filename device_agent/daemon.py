@@ -74,6 +74,12 @@ class Daemon:
         except OutboxError as e:
             raise ConfigError(str(e)) from None
         self._windows: queue.Queue[Any] = queue.Queue()
+        if config.capture.enabled:
+            # The samples format, limits and device_agent.capture.Capturer exist; the daemon does not
+            # feed or publish them yet (docs/agent.md, [capture]): say so rather than stay silent.
+            log.warning(
+                "[capture] is set, but this agent does not capture samples yet: nothing leaves the device"
+            )
         # OTA updates (device_agent.update): recover an interrupted update before loading any model, then
         # serve the bundle store's active slot, or the configured bundle while the store holds none.
         from device_agent.update import updater_for_agent
