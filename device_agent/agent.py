@@ -145,6 +145,13 @@ def _smoke(predictor: Predictor, spec: ProfileSpec, n_labels: int) -> None:
         )
 
 
+def prediction_ids(n: int) -> list[str]:
+    """``n`` new prediction ids: 22 URL-safe characters of 128 random bits each."""
+    import secrets
+
+    return [secrets.token_urlsafe(16) for _ in range(n)]
+
+
 class Agent:
     """Run a bundle with statistics: ``Agent("bundle/").predict(x)``.
 
@@ -191,6 +198,8 @@ class Agent:
         self._closed_predictions = 0  # in windows closed so far (predictions_total adds the open one)
         self._last_batch_n = 0  # size of the last batch that took the general path
         self.violations_total = 0
+        # Called with (input as given, Prediction) after each successful predict (capture); never raises into it.
+        self.on_predict: Callable[[Any, Prediction], None] | None = None
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -247,8 +256,18 @@ class Agent:
             if got is not None:
                 if self.window_max_samples is not None:
                     self._rotate_if_full()
-                return got
-        return self._predict(x)
+                return got if self.on_predict is None else self._observed(x, got)
+        got = self._predict(x)
+        return got if self.on_predict is None else self._observed(x, got)
+
+    def _observed(self, x: Any, got: Prediction) -> Prediction:
+        hook = self.on_predict
+        if hook is not None:
+            try:
+                hook(x, got)
+            except Exception:  # capture must never break inference
+                log.exception("on_predict hook failed")
+        return got
 
     def _predict(self, x: Any) -> Prediction:
         """``predict`` for anything but a single float32 sample on the native path."""
