@@ -114,3 +114,28 @@ def test_broker_down_during_capture_delivered_after(tmp_path: Path, mosquitto) -
         d.stop()
         col.close()
     assert [g.tobytes() for g in _samples(col)] == [r.tobytes() for r in x]
+
+
+@pytest.mark.timeout(60)
+def test_disk_cap_through_the_daemon_drops_oldest_and_counts(tmp_path: Path) -> None:
+    # no [mqtt]: samples stay on disk, the cap applies
+    cfg = write_config(tmp_path / "agent.toml", bundle=cached_onnx_bundle(), state_dir=tmp_path / "state")
+    cfg.write_text(cfg.read_text() + "\n[capture]\nsample_rate = 1.0\nmax_disk_bytes = 65536\n")
+    d = Daemon(load_config(cfg)).start()
+    x = np.random.default_rng(4).random((600, 8, 8, 1))  # float64, ~700 bytes per sample as text
+    try:
+        for i in range(0, 600, 100):
+            d.agent.predict(x[i : i + 100])
+            d._flush_capture()
+        h = d.health()["capture"]
+        assert h["captured"] == 600
+        assert h["dropped_messages_disk_cap"] > 0 and h["pending_bytes"] <= 65536
+        kept = [
+            np.frombuffer(s.data, dtype=s.dtype).reshape(s.shape)
+            for row in d.capturer.outbox.pending(limit=1000)
+            for s in decode_samples(row.payload, "pi-001", "lab").samples
+        ]
+    finally:
+        d.stop()
+    assert 0 < len(kept) < 600
+    assert [k.tobytes() for k in kept] == [r.tobytes() for r in x[600 - len(kept) :]]  # the newest, in order
