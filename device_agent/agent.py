@@ -198,6 +198,9 @@ class Agent:
         self._closed_predictions = 0  # in windows closed so far (predictions_total adds the open one)
         self._last_batch_n = 0  # size of the last batch that took the general path
         self.violations_total = 0
+        # Called with (input as given, Prediction, the caller's prediction ids or None) after each
+        # successful predict (capture); never raises into it.
+        self.on_predict: Callable[[Any, Prediction, list[str] | None], None] | None = None
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -234,8 +237,11 @@ class Agent:
             return False
         return w.bind(runner, self._lock, Prediction, tuple(model.manifest.labels), model.ref)
 
-    def predict(self, x: Any) -> Prediction:
+    def predict(self, x: Any, ids: list[str] | None = None) -> Prediction:
         """Return scores, top-1 labels and scores for one sample or a batch of float inputs.
+
+        ``ids``: the prediction ids the caller gives back for these samples (the HTTP API's), handed
+        to ``on_predict`` so a captured sample carries the id its feedback will name.
 
         Raises ``InputError`` (kind ``shape``, ``dtype`` or ``nan``) for inputs that do not fit the
         model; each is counted as a schema violation in the current window.
@@ -254,8 +260,18 @@ class Agent:
             if got is not None:
                 if self.window_max_samples is not None:
                     self._rotate_if_full()
-                return got
-        return self._predict(x)
+                return got if self.on_predict is None else self._observed(x, got, ids)
+        got = self._predict(x)
+        return got if self.on_predict is None else self._observed(x, got, ids)
+
+    def _observed(self, x: Any, got: Prediction, ids: list[str] | None) -> Prediction:
+        hook = self.on_predict
+        if hook is not None:
+            try:
+                hook(x, got, ids)
+            except Exception:  # capture must never break inference
+                log.exception("on_predict hook failed")
+        return got
 
     def _predict(self, x: Any) -> Prediction:
         """``predict`` for anything but a single float32 sample on the native path."""

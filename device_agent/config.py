@@ -118,6 +118,38 @@ def broker_settings(m: MqttSettings, client_id: str | None = None) -> BrokerSett
 
 
 @dataclass(frozen=True)
+class CaptureSettings:
+    """``[capture]``: which raw inputs leave the device. Off by default (both rates 0)."""
+
+    sample_rate: float = 0.0
+    on_alert_rate: float = 0.0  # used while the fleet has told this device it is in alert
+    max_samples_per_hour: int = 600
+    max_disk_bytes: int = 16 * 1024 * 1024
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample_rate > 0 or self.on_alert_rate > 0
+
+
+def _parse_capture(sec: dict[str, Any] | None) -> CaptureSettings:
+    if sec is None:
+        return CaptureSettings()
+    d = CaptureSettings()
+    rate = float(sec.get("sample_rate", d.sample_rate))
+    alert = float(sec.get("on_alert_rate", d.on_alert_rate))
+    for key, v in (("sample_rate", rate), ("on_alert_rate", alert)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"[capture] {key} must be between 0 and 1, got {v}")
+    per_hour = sec.get("max_samples_per_hour", d.max_samples_per_hour)
+    if per_hour < 1:
+        raise ConfigError(f"[capture] max_samples_per_hour must be >= 1, got {per_hour}")
+    disk = sec.get("max_disk_bytes", d.max_disk_bytes)
+    if disk < 64 * 1024:
+        raise ConfigError(f"[capture] max_disk_bytes must be >= 65536, got {disk}")
+    return CaptureSettings(rate, alert, int(per_hour), int(disk))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """A validated agent configuration."""
 
@@ -138,6 +170,7 @@ class AgentConfig:
     outbox_max_bytes: int = DEFAULT_OUTBOX_MAX_BYTES
     listen: str | None = DEFAULT_LISTEN
     api: ApiSettings = field(default_factory=ApiSettings)
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -187,6 +220,12 @@ SCHEMA: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
         "buffer_bytes": (False, (int,)),
         "feedback_max_ids": (False, (int,)),
         "token_file": (False, (str,)),
+    },
+    "capture": {  # opt-in sample capture; off unless sample_rate or on_alert_rate > 0
+        "sample_rate": (False, (int, float)),
+        "on_alert_rate": (False, (int, float)),
+        "max_samples_per_hour": (False, (int,)),
+        "max_disk_bytes": (False, (int,)),
     },
     "update": {  # over-the-air updates; validated further by device_agent.update.parse_update_section
         "health_window_s": (False, (int, float)),
@@ -317,6 +356,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path, path: Path | None = None) 
         outbox_max_bytes=int(nbytes),
         listen=listen,
         api=api,
+        capture=_parse_capture(sections.get("capture")),
         extra={"update": _parse_update(sections.get("update"), rel)},
     )
 

@@ -101,6 +101,17 @@ class Daemon:
         except AgentError as e:
             self.outbox.close()
             raise ConfigError(f"[agent] bundle {str(config.bundle)!r} cannot be served: {e}") from None
+        self.capturer = None
+        if config.capture.enabled:
+            from device_agent.capture import Capturer, open_samples_outbox
+
+            try:
+                box = open_samples_outbox(config.state_dir, config.capture)
+            except OutboxError as e:
+                self.outbox.close()
+                raise ConfigError(str(e)) from None
+            self.capturer = Capturer(config.capture, box, fleet=config.fleet, device_id=config.device_id)
+            self.agent.on_predict = self._capture
         self.floor = self.updater.floor
         if not self.floor.serving_below_floor:  # what serves now was activated: the floor follows it
             self._raise_floor(fallback=Path(self.agent.model.path) == Path(config.bundle))
@@ -133,6 +144,8 @@ class Daemon:
                 device_id=config.device_id,
                 status_payload=self.status_payload,
             )
+        if self.publisher is not None and self.capturer is not None:
+            self.publisher.samples_outbox = self.capturer.outbox
         self.api = None
         if config.listen:
             from device_agent.api import ApiServer
@@ -196,9 +209,12 @@ class Daemon:
         self._windows.put(_STOP)
         for t in self._threads:
             t.join(10)
+        self._flush_capture()
         if self.publisher is not None:
             self.publisher.stop(SHUTDOWN_FLUSH_S)
         self.outbox.close()
+        if self.capturer is not None:
+            self.capturer.outbox.close()
         log.info("stopped")
 
     def run_forever(self) -> int:
@@ -389,8 +405,39 @@ class Daemon:
                 self.switch_bundle(self.config.bundle)
 
     # ------------------------------------------------------------------ telemetry writer
+    def _capture(self, x: Any, pred: Any, given: list[str] | None = None) -> None:
+        """Agent.on_predict: offer the raw input (as given to predict) to the capturer.
+
+        ``given``: the ids the HTTP API returned for these samples, so feedback and samples join.
+        """
+        c = self.capturer
+        if c is None or c.rate <= 0.0:
+            return
+        import numpy as np
+
+        from device_agent.agent import prediction_ids
+
+        raw = np.asarray(x)
+        outs = np.asarray(pred.outputs)
+        if raw.ndim == len(self.agent.model.predictor.sample_shape):
+            raw = raw[None]
+        labels = outs.argmax(axis=1).tolist()
+        ids = given if given is not None and len(given) == len(labels) else prediction_ids(len(labels))
+        ref = pred.model
+        c.offer(raw, outs, labels, list(ids), ref.sha256, str(ref.version))
+
+    def _flush_capture(self) -> None:
+        if self.capturer is None:
+            return
+        try:
+            if self.capturer.flush() and self.publisher is not None:
+                self.publisher.wake()
+        except Exception:  # noqa: BLE001 - a full disk must not stop the windows
+            log.exception("storing captured samples failed")
+
     def _writer(self) -> None:
         while True:
+            self._flush_capture()
             timeout = max(0.0, min(self.agent.window_due_in(), WRITER_TICK_S))
             try:
                 item = self._windows.get(timeout=timeout)
@@ -519,6 +566,9 @@ class Daemon:
             "rollback_floor": self.floor.status(),
             "store": {"stale_partials_removed": self.updater.stale_partials_removed},
             "recent_events": list(self.recent_events),
+            "capture": {"enabled": False}
+            if self.capturer is None
+            else {"enabled": True, **self.capturer.counts()},
         }
 
     def gauges(self) -> dict[str, float]:

@@ -88,6 +88,10 @@ class MqttPublisher:
         self._connecting_since = 0.0
         self._inflight: dict[int, int] = {}
         self._cursor = 0
+        # captured samples (device_agent.capture): a second outbox, drained after the windows
+        self.samples_outbox: Outbox | None = None
+        self._sinflight: dict[int, int] = {}
+        self._scursor = 0
         self._more = True
         self._backoff = RECONNECT_MIN_S
         self._next_attempt = 0.0
@@ -213,6 +217,7 @@ class MqttPublisher:
         self._client = c
         self._connecting_since = time.monotonic()
         self._inflight.clear()
+        self._sinflight.clear()
         try:
             if self.protocol == "5":
                 c.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=True)
@@ -228,6 +233,8 @@ class MqttPublisher:
         with self._state_lock:
             self.connected = False
         self._inflight.clear()
+        self._sinflight.clear()
+        self._scursor = 0
         if c is not None:
             try:
                 c.on_disconnect = None
@@ -267,6 +274,8 @@ class MqttPublisher:
         self._cursor = 0
         self._more = True
         self._inflight.clear()
+        self._scursor = 0
+        self._sinflight.clear()
         client.subscribe([(t, 1) for t in self.cmd_topics])
         self._publish_status("online")
         log.info("mqtt connected to %s (%s)", self.settings.safe_url, self.protocol)
@@ -293,14 +302,18 @@ class MqttPublisher:
         if client is not self._client:
             return
         seq = self._inflight.pop(mid, None)
+        box = self.outbox
         if seq is None:
-            return  # status or event
+            seq = self._sinflight.pop(mid, None)
+            if seq is None or self.samples_outbox is None:
+                return  # status or event
+            box = self.samples_outbox
         if reason_code.is_failure:
             # The broker refused this window (quota, not authorized): keep it, retry after a backoff.
             self._drop_client(backoff=True, error=f"broker refused stats seq {seq}: {reason_code}")
             return
         try:
-            self.outbox.ack(seq)
+            box.ack(seq)
         except OutboxError as e:
             self._set_error(str(e))
         with self._state_lock:
@@ -344,8 +357,11 @@ class MqttPublisher:
         if self._wake.is_set():
             self._wake.clear()
             self._more = True
-        room = MAX_INFLIGHT - len(self._inflight)
-        if room <= 0 or not self._more:
+        room = MAX_INFLIGHT - len(self._inflight) - len(self._sinflight)
+        if room <= 0:
+            return
+        if not self._more:
+            self._send_samples(c, room)
             return
         rows = self.outbox.pending(after_seq=self._cursor, limit=room)
         if len(rows) < room:
@@ -359,6 +375,21 @@ class MqttPublisher:
             self._cursor = row.seq
             with self._state_lock:
                 self.published += 1
+        if not self._more:
+            self._send_samples(c, MAX_INFLIGHT - len(self._inflight) - len(self._sinflight))
+
+    def _send_samples(self, c: Any, room: int) -> None:
+        """Publish captured samples once every window is sent: windows go first."""
+        box = self.samples_outbox
+        if box is None or room <= 0:
+            return
+        for row in box.pending(after_seq=self._scursor, limit=room):
+            info = c.publish(row.topic, row.payload, qos=1)
+            if info.rc != 0:
+                self._drop_client(backoff=True, error=f"publish failed: {_rc_name(info.rc)}")
+                return
+            self._sinflight[info.mid] = row.seq
+            self._scursor = row.seq
 
     def _shutdown(self) -> None:
         """Flush what the broker will take before the deadline, then publish "offline" and disconnect."""

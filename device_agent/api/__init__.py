@@ -149,6 +149,16 @@ _FEEDBACK_REASONS = {
 }
 
 
+def _samples_in(x: Any, sample_ndim: int) -> int:
+    """How many samples a parsed body holds (a batch has one axis more than a sample); 1 otherwise."""
+    if isinstance(x, np.ndarray):
+        return int(x.shape[0]) if x.ndim == sample_ndim + 1 else 1
+    depth, v = 0, x
+    while isinstance(v, list) and v:
+        v, depth = v[0], depth + 1
+    return len(x) if depth == sample_ndim + 1 and isinstance(x, list) else 1
+
+
 def _id_of(item: Any) -> Any:
     return item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), (str, int)) else None
 
@@ -312,8 +322,9 @@ class ApiServer:
             agent.record_violation(e.kind)
             log.warning("bad /v1/predict body (%s): %r", e, req.body[:120])
             return self._fail(400, str(e), e.kind, path)
+        ids = prediction_ids(_samples_in(x, len(agent.model.predictor.sample_shape)))
         try:
-            pred = agent.predict(x)
+            pred = agent.predict(x, ids)
         except InputError as e:
             log.warning("refused input (%s): %s", e.kind, e)
             return self._fail(400, str(e), e.kind, path)
@@ -323,7 +334,8 @@ class ApiServer:
             log.exception("predict failed")
             return self._fail(500, f"internal error: {type(e).__name__}", "internal", path)
         outputs = np.asarray(pred.outputs)
-        ids = prediction_ids(len(pred.labels))
+        if len(ids) != len(pred.labels):
+            ids = prediction_ids(len(pred.labels))
         self.feedback.remember(ids, outputs.argmax(axis=1).tolist(), pred.model.sha256)
         # pred.to_dict(), with the score matrix converted in one call (the same Python floats)
         payload = _dumps(

@@ -1,0 +1,178 @@
+"""Opt-in capture of raw inputs for retraining (``[capture]``), off by default.
+
+``Capturer.offer`` runs on the inference path and only decides: one random draw against the
+current rate (``on_alert_rate`` while the fleet has told the device it is in alert, else
+``sample_rate``), an hourly budget (``max_samples_per_hour``), then a copy of the raw input into a
+bounded in-memory queue. ``Capturer.flush`` (the daemon's writer thread) packs queued samples into
+samples messages under ``MAX_SAMPLES_PACKET_BYTES`` and stores them in their own outbox
+(``state_dir/samples.sqlite3``, capped at ``max_disk_bytes``, oldest dropped first and counted), so
+captured samples never evict statistics windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.config import CaptureSettings
+from device_agent.formats.telemetry import (
+    Sample,
+    TelemetryError,
+    encode_samples,
+    pack_samples,
+    sample_fits,
+    topic,
+)
+from device_agent.outbox import Outbox
+
+log = logging.getLogger("edgefleet.capture")
+QUEUE_MAX = 1024  # samples waiting for the writer; beyond this the newest offer is dropped and counted
+LOG_EVERY_S = 60.0
+
+
+class Capturer:
+    """Decide cheaply which predictions to capture and hand them to a samples outbox."""
+
+    def __init__(
+        self,
+        settings: CaptureSettings,
+        outbox: Outbox,
+        *,
+        fleet: str,
+        device_id: str,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.fleet = fleet
+        self.device_id = device_id
+        self.topic = topic(fleet, device_id, "samples")
+        self.in_alert = False
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._queue: deque[Sample] = deque()
+        self._hour = -1
+        self._hour_count = 0
+        self.captured_total = 0
+        self.skipped_budget = 0  # over max_samples_per_hour
+        self.skipped_queue = 0  # the writer fell behind
+        self.skipped_too_large = 0  # one sample would not fit in a samples message
+        self._last_log = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.settings.on_alert_rate if self.in_alert else self.settings.sample_rate
+
+    def set_alert(self, on: bool) -> None:
+        """The fleet said this device is (or is no longer) in alert: switch to on_alert_rate."""
+        self.in_alert = bool(on)
+
+    def offer(
+        self,
+        raw: np.ndarray,
+        outputs: np.ndarray,
+        labels: list[int],
+        ids: list[str],
+        model_sha256: str,
+        model_version: str | None,
+    ) -> int:
+        """Capture some rows of one request; return how many were queued. Never raises."""
+        rate = self.rate
+        if rate <= 0.0:
+            return 0
+        n = 0
+        now = self._clock()
+        for i in range(len(ids)):
+            if rate < 1.0 and self._rng.random() >= rate:
+                continue
+            with self._lock:
+                hour = int(now // 3600)
+                if hour != self._hour:
+                    self._hour, self._hour_count = hour, 0
+                if self._hour_count >= self.settings.max_samples_per_hour:
+                    self.skipped_budget += 1
+                    self._note_skip()
+                    continue
+                if len(self._queue) >= QUEUE_MAX:
+                    self.skipped_queue += 1
+                    self._note_skip()
+                    continue
+                row = np.ascontiguousarray(raw[i])
+                s = Sample(
+                    ids[i],
+                    now,
+                    model_sha256,
+                    model_version,
+                    str(row.dtype),
+                    tuple(int(d) for d in row.shape),
+                    row.tobytes(),
+                    int(labels[i]),
+                    tuple(float(v) for v in outputs[i]),
+                )
+                if not sample_fits(s):
+                    self.skipped_too_large += 1
+                    self._note_skip()
+                    continue
+                self._hour_count += 1
+                self._queue.append(s)
+                n += 1
+        return n
+
+    def _note_skip(self) -> None:
+        now = self._clock()
+        if now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            log.warning("capture skipped samples: %s", self.counts())
+
+    def flush(self) -> int:
+        """Store queued samples in the samples outbox (off the inference path); return messages written."""
+        with self._lock:
+            items = list(self._queue)
+            self._queue.clear()
+        if not items:
+            return 0
+        try:
+            batches = pack_samples(items)
+        except TelemetryError:  # sample_fits already refused these; keep the rest
+            log.exception("capture: cannot pack samples")
+            return 0
+
+        def encoder(b: list[Sample]) -> Callable[[int, int], bytes]:
+            return lambda seq, _dropped: encode_samples(
+                device_id=self.device_id, fleet=self.fleet, stream=self.outbox.stream, seq=seq, samples=b
+            )
+
+        self.outbox.add_many(self.topic, [encoder(b) for b in batches])
+        with self._lock:
+            self.captured_total += len(items)
+        return len(batches)
+
+    def counts(self) -> dict[str, Any]:
+        rows, nbytes = self.outbox.depth()
+        return {
+            "rate": self.rate,
+            "in_alert": self.in_alert,
+            "captured": self.captured_total,
+            "queued": len(self._queue),
+            "pending_messages": rows,
+            "pending_bytes": nbytes,
+            "dropped_messages_disk_cap": self.outbox.dropped_total,
+            "skipped_hourly_budget": self.skipped_budget,
+            "skipped_queue_full": self.skipped_queue,
+            "skipped_too_large": self.skipped_too_large,
+        }
+
+
+def open_samples_outbox(state_dir: Path, settings: CaptureSettings) -> Outbox:
+    """The samples outbox: its own file and disk cap, so samples never evict windows."""
+    return Outbox(state_dir / "samples.sqlite3", max_rows=1_000_000, max_bytes=settings.max_disk_bytes)
