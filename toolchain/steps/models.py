@@ -269,15 +269,12 @@ def _load_onnx(p: Path) -> LoadedModel:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
-    out_shape = [d.dim_value if d.HasField("dim_value") else None for d in out_dims][1:]
-    if any(d is None for d in out_shape):
-        probe = np.zeros((1, *shape[1:]), np.float32)
-        out_shape = list(np.asarray(session.run(None, {inputs[0].name: probe})[0]).shape[1:])
-    n_out = int(np.prod(out_shape)) if out_shape else 1
-    return LoadedModel(
-        p, "onnx", session, tuple(int(d) for d in shape[1:]), n_out, _input_name=inputs[0].name
-    )
+    sample_shape = tuple(int(d or 0) for d in shape[1:])
+    # The output's size from one probe run: exports often leave every output axis symbolic.
+    probe = np.zeros((1, *sample_shape), np.float32)
+    out = np.asarray(session.run(None, {inputs[0].name: probe})[0])
+    n_out = int(np.prod(out.shape[1:])) if out.ndim > 1 else 1
+    return LoadedModel(p, "onnx", session, sample_shape, n_out, _input_name=inputs[0].name)
 
 
 def _model_io(model: Any, where: Path) -> tuple[tuple[int, ...], int]:
