@@ -70,7 +70,9 @@ def train_weights(x: np.ndarray, y: np.ndarray, epochs: int = 25) -> list[np.nda
     return [np.asarray(w) for w in model.get_weights()]
 
 
-def write_onnx(weights: list[np.ndarray], path: Path, opset: int = 17) -> Path:
+def write_onnx(
+    weights: list[np.ndarray], path: Path, opset: int = 17, input_shape: tuple[int | str, ...] | None = None
+) -> Path:
     """Write the CNN as ``torch.onnx.export`` would: NCHW input ``input`` (N, 3, 16, 16), output ``output``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -99,7 +101,11 @@ def write_onnx(weights: list[np.ndarray], path: Path, opset: int = 17) -> Path:
     graph = helper.make_graph(
         nodes,
         "tiny_cnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", CHANNELS, SIDE, SIDE])],
+        [
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, input_shape or ("batch", CHANNELS, SIDE, SIDE)
+            )
+        ],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", len(CLASSES)])],
         inits,
     )

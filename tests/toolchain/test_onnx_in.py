@@ -24,11 +24,12 @@ AGENT = [sys.executable, "-c", "from device_agent.cli import main; main()"]
 CLI_TIMEOUT_S = 300
 
 
-def _random_onnx(path: Path) -> Path:
+def _random_onnx(path: Path, input_shape: tuple[int | str, ...] | None = None) -> Path:
     """An untrained model of the same graph (enough for the checks that run before any conversion)."""
     rng = np.random.default_rng(0)
     shapes = [(3, 3, 3, 8), (8,), (3, 3, 8, 8), (8,), (8, len(CLASSES)), (len(CLASSES),)]
-    return write_onnx([rng.normal(0, 0.1, s).astype(np.float32) for s in shapes], path)
+    weights = [rng.normal(0, 0.1, s).astype(np.float32) for s in shapes]
+    return write_onnx(weights, path, input_shape=input_shape)
 
 
 def _edgefleet(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -193,6 +194,28 @@ def test_onnx_refuses_keras_only_work_in_one_line(flags: list[str], message: str
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], r.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((1, 3, 16, 16), "fixed batch of 1; export it with a dynamic batch axis"),
+        (("batch", 3, "h", "w"), "only the batch axis (the first) may be dynamic"),
+    ],
+)
+def test_onnx_with_fixed_batch_or_free_sample_axes_is_refused(
+    shape: tuple[int | str, ...], message: str, tmp_path: Path
+) -> None:
+    from toolchain.steps.models import ModelError, load_model
+
+    with pytest.raises(ModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_model(_random_onnx(tmp_path / "m.onnx", shape))
+
+
+def test_onnx_input_layout_is_read_from_the_graph(tmp_path: Path) -> None:
+    from toolchain.steps.models import onnx_input_layout
+
+    assert onnx_input_layout(_random_onnx(tmp_path / "m.onnx")) == "NCHW"
 
 
 def test_manifest_without_input_layout_still_loads(tmp_path: Path) -> None:

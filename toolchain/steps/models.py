@@ -255,10 +255,11 @@ def _load_onnx(p: Path) -> LoadedModel:
             f"ONNX model {str(p)!r} has input shape {shape}; only the batch axis (the first) may be"
             " dynamic: export with fixed sample dimensions"
         )
-    if shape[0] not in (None, 1):
+    if shape[0] is not None:
+        # Calibration and the parity check run batches; the device runs batch 1 and more.
         raise ModelError(
             f"ONNX model {str(p)!r} has a fixed batch of {shape[0]}; export it with a dynamic batch axis"
-            " (dynamic_axes={'input': {0: 'batch'}}) or batch 1"
+            " (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))"
         )
     elem = inputs[0].type.tensor_type.elem_type
     if elem != onnx.TensorProto.FLOAT:
