@@ -16,7 +16,7 @@ import numpy as np
 
 from device_agent import kernels
 from device_agent.errors import AgentError
-from device_agent.formats.manifest import Manifest, TensorSpec, load_manifest
+from device_agent.formats.manifest import BundleError, Manifest, TensorSpec, load_manifest
 from device_agent.kernels import Summary
 from device_agent.runtimes import RuntimeModel, choose_runtime, load_runtime_model
 
@@ -132,6 +132,13 @@ class Predictor:
             accelerator_path=accel,
             precision=m.model.precision.value,
         )
+        layout = m.input_layout
+        if layout is not None and layout["caller"] != layout["model"]:
+            # Refuse rather than feed transposed pixels: the scores would be silently wrong.
+            raise BundleError(
+                f"bundle {m.name!r} takes {layout['model']} inputs from {layout['caller']} callers; this agent"
+                " does not transpose inputs: update the agent or rebuild the bundle"
+            )
         self.input_spec = m.inputs[0]
         self.output_spec = m.outputs[0]
         self._in_codec = TensorCodec(self.input_spec)

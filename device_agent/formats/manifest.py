@@ -31,6 +31,10 @@ from device_agent.formats.strict import check_keys
 # what the build verified them in).
 MANIFEST_SCHEMA = 2
 READ_MANIFEST_SCHEMAS = (1, 2)
+# Manifest keys a reader accepts when absent (added after schema 2 without a bump; old meaning kept).
+OPTIONAL_KEYS = {"input_layout"}
+# Image layouts ``input_layout`` names: batch, channels, height, width.
+LAYOUTS = ("NCHW", "NHWC")
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 # Written by ``edgefleet profile`` beside the signed files: measurements, not part of the bundle. It
@@ -166,6 +170,9 @@ class Manifest:
     threads: int = 1
     edgetpu: dict[str, Any] | None = None
     schema: int = MANIFEST_SCHEMA
+    # Optional (absent in older manifests, which mean "feed the model's own layout"): the image layout
+    # the caller sends and the one the model file takes, e.g. {"caller": "NCHW", "model": "NCHW"}.
+    input_layout: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         model: dict[str, Any] = {
@@ -192,7 +199,7 @@ class Manifest:
             "metrics": self.metrics,
             "threads": self.threads,
             "edgetpu": self.edgetpu,
-        }
+        } | ({"input_layout": dict(self.input_layout)} if self.input_layout is not None else {})
 
     def to_bytes(self) -> bytes:
         """Return the canonical bytes written to ``manifest.json`` (and signed)."""
@@ -210,7 +217,13 @@ class Manifest:
                 f"manifest schema {schema!r} is not supported (this agent reads schemas {known});"
                 " update the agent, or rebuild the bundle with a matching edgefleet"
             )
-        _keys(d, set(cls.__dataclass_fields__), "manifest")
+        check_keys(
+            d,
+            sorted(set(cls.__dataclass_fields__) - OPTIONAL_KEYS),
+            OPTIONAL_KEYS,
+            "manifest",
+            error=BundleError,
+        )
         name = d["name"]
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise BundleError(f"manifest name {name!r} must match {NAME_RE.pattern}")
@@ -266,6 +279,9 @@ class Manifest:
             if not isinstance(d[k], Mapping):
                 raise BundleError(f"manifest.{k} must be an object")
         check_preprocessing(d["preprocessing"])
+        layout = d.get("input_layout")
+        if layout is not None:
+            check_input_layout(layout)
         return cls(
             name=name,
             version=int(d["version"]),
@@ -282,6 +298,7 @@ class Manifest:
             threads=int(d["threads"]),
             edgetpu=d["edgetpu"],
             schema=int(schema),
+            input_layout=dict(layout) if layout is not None else None,
         )
 
     def file(self, path: str) -> FileEntry:
@@ -290,6 +307,14 @@ class Manifest:
             if f.path == path:
                 return f
         raise BundleError(f"{path!r} is not listed in the manifest")
+
+
+def check_input_layout(layout: Any) -> None:
+    """Validate ``input_layout``: ``{"caller": L, "model": L}`` with L one of ``LAYOUTS``."""
+    _keys(layout, {"caller", "model"}, "input_layout")
+    for k in ("caller", "model"):
+        if layout[k] not in LAYOUTS:
+            raise BundleError(f"input_layout.{k} {layout[k]!r} is unknown. Known: {', '.join(LAYOUTS)}")
 
 
 def check_preprocessing(pre: Mapping[str, Any]) -> None:

@@ -148,6 +148,8 @@ class BuildContext:
     pruned_accuracy: float | None = None
     prune_report: dict[str, Any] | None = None
     preprocessing: dict[str, Any] | None = None
+    # The image layout the caller sends and the artifact takes (ONNX models only; see the manifest).
+    input_layout: dict[str, str] | None = None
     source_model: Any = None
     deployed_eval: np.ndarray | None = None
     baseline: dict[str, Any] = field(default_factory=dict)

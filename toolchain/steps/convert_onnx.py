@@ -34,7 +34,15 @@ INPUT_NAME = "input"
 
 
 def export_float(model: Any, out_path: Path) -> tuple[Path, tuple[int, ...]]:
-    """Write the model as float ONNX (dynamic batch) with tf2onnx; return (path, sample_shape)."""
+    """Write the model as float ONNX (dynamic batch) with tf2onnx; return (path, sample_shape).
+
+    An ONNX model the user brought (``OnnxSource``) is copied as it is: its layout (NCHW from
+    PyTorch) and names stay, so the bundle takes inputs exactly as the user's model did.
+    """
+    from toolchain.steps.models import OnnxSource
+
+    if isinstance(model, OnnxSource):
+        return copy_user_onnx(model, Path(out_path))
     tf = import_tf()
     import tf2onnx
 
@@ -59,6 +67,19 @@ def export_float(model: Any, out_path: Path) -> tuple[Path, tuple[int, ...]]:
     inline_captured_inputs(Path(out_path), consts)
     del keep
     return Path(out_path), sample_shape  # type: ignore[return-value]
+
+
+def copy_user_onnx(source: Any, out_path: Path) -> tuple[Path, tuple[int, ...]]:
+    """Copy a user's float ONNX model to ``out_path``; return (path, sample_shape)."""
+    import onnx
+
+    m = onnx.load(str(source.path))
+    inits = {i.name for i in m.graph.initializer}
+    graph_input = next(i for i in m.graph.input if i.name not in inits)
+    dims = graph_input.type.tensor_type.shape.dim
+    sample_shape = tuple(int(d.dim_value) for d in dims[1:])
+    onnx.save(m, str(out_path))
+    return Path(out_path), sample_shape
 
 
 def captured_constants(concrete: Any) -> dict[str, np.ndarray]:

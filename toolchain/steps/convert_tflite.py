@@ -101,10 +101,22 @@ def concrete_function(model: Any, batch: int | None) -> tuple[Any, Any, tuple[in
 _TF_TYPES = {DType.FLOAT32: "float32", DType.INT8: "int8", DType.UINT8: "uint8"}
 
 
+def refuse_onnx(model: Any) -> None:
+    """Raise ConversionError for an ONNX model: no ONNX -> TFLite converter installs beside our TensorFlow."""
+    from toolchain.steps.models import OnnxSource
+
+    if isinstance(model, OnnxSource):
+        raise ConversionError(
+            f"cannot convert ONNX model {model.path.name!r} to TFLite (no ONNX -> TensorFlow converter works"
+            " with this TensorFlow; see docs/conversion.md); build it for x86 or pass the Keras model"
+        )
+
+
 def convert(
     model: Any, target: Target, calib: np.ndarray, out_path: Path, *, qat: bool, progress: bool
 ) -> Path:
     """Write the target's full-integer .tflite (int8 weights and activations, the target's I/O dtypes)."""
+    refuse_onnx(model)
     tf = import_tf()
     batch = 1 if target.edgetpu is not None and target.edgetpu.static_batch else None
     fn, keep, sample_shape = concrete_function(model, batch)
@@ -172,6 +184,7 @@ def _graph_ops(fn: Any) -> list[Any]:
 
 def convert_float(model: Any, out_path: Path) -> Path:
     """Write the float32 .tflite reference (dynamic batch, no optimizations)."""
+    refuse_onnx(model)
     tf = import_tf()
     fn, keep, _ = concrete_function(model, None)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], keep)

@@ -13,9 +13,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from device_agent.formats.manifest import ModelFormat
 from toolchain.steps.context import BuildContext, BuildOptions
 from toolchain.steps.data import DataError, Dataset, check_finite, check_fits, conform, load_dataset
-from toolchain.steps.models import apply_preprocessing, load_model, read_model_meta
+from toolchain.steps.models import (
+    ModelError,
+    apply_preprocessing,
+    load_model,
+    onnx_input_layout,
+    onnx_keras_only,
+    read_model_meta,
+)
 from toolchain.steps.package import bundle_name, check_destination, check_name, check_output_dir, utc_now
 from toolchain.targets import Target
 
@@ -51,6 +59,8 @@ def load_inputs(
         else bundle_name(model_path.stem if model_path.is_file() else model_path.name)
     )
 
+    if model_path.suffix.lower() == ".onnx":
+        check_onnx_options(model_path, options, targets)
     lm = load_model(model_path)
     meta = read_model_meta(model_path)
     # Calibration data needs only x; labels are needed only where accuracy is measured.
@@ -102,7 +112,32 @@ def load_inputs(
         labels=labels,
         labels_source=labels_source,
         created_at=utc_now(),
+        input_layout=_layout(onnx_input_layout(model_path)) if lm.kind == "onnx" else None,
     )
+
+
+def check_onnx_options(model_path: Path, options: BuildOptions, targets: list[Target]) -> None:
+    """Refuse what an ONNX model cannot do, in one line: pruning, QAT, and TFLite targets.
+
+    TFLite targets would need an ONNX -> TensorFlow converter that installs beside the TensorFlow pin;
+    none does today (docs/conversion.md, "ONNX models").
+    """
+    if options.prune is not None:
+        raise ModelError(onnx_keras_only("pruning (--prune)", model_path))
+    if options.qat:
+        raise ModelError(onnx_keras_only("QAT (--quantize qat)", model_path))
+    tflite = [t.name for t in targets if t.format is ModelFormat.TFLITE]
+    if tflite:
+        raise ModelError(
+            f"target(s) {', '.join(tflite)} need a TFLite model, which edgefleet cannot make from ONNX"
+            f" {model_path.name!r} yet; build ONNX models for x86 only, or pass the Keras model"
+            " (see docs/conversion.md)"
+        )
+
+
+def _layout(layout: str | None) -> dict[str, str] | None:
+    """The manifest's ``input_layout``: the ONNX path ships the user's graph, so both sides agree."""
+    return None if layout is None else {"caller": layout, "model": layout}
 
 
 def model_input(ds: Dataset, preprocessing: dict[str, Any] | None) -> Dataset:

@@ -45,7 +45,7 @@ class ModelError(ToolchainError):
 
 @dataclass
 class LoadedModel:
-    """A model ready for the pipeline; ``kind`` is ``tf_keras``, ``keras3`` or ``savedmodel``."""
+    """A model ready for the pipeline; ``kind`` is ``tf_keras``, ``keras3``, ``savedmodel`` or ``onnx``."""
 
     path: Path
     kind: str
@@ -54,6 +54,7 @@ class LoadedModel:
     n_outputs: int
     _export_dir: Path | None = field(default=None, repr=False)
     _serve: Any = field(default=None, repr=False)
+    _input_name: str = field(default="", repr=False)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return the float model's scores (n, K) for raw inputs (n, *input_shape)."""
@@ -61,7 +62,9 @@ class LoadedModel:
         outs = []
         for i in range(0, x.shape[0], PREDICT_BATCH):
             chunk = x[i : i + PREDICT_BATCH]
-            if self.kind == "savedmodel":
+            if self.kind == "onnx":
+                outs.append(np.asarray(self.model.run(None, {self._input_name: chunk})[0]))
+            elif self.kind == "savedmodel":
                 tf = import_tf()
                 res = self._serve(tf.constant(chunk))
                 val = next(iter(res.values())) if isinstance(res, Mapping) else res
@@ -77,6 +80,8 @@ class LoadedModel:
             return self.model
         if self.kind == "savedmodel":
             return self.path
+        if self.kind == "onnx":
+            return OnnxSource(self.path, self._input_name)
         if self._export_dir is None:
             d = Path(tempfile.mkdtemp(prefix="keras3-export-", dir=workdir))
             try:
@@ -93,12 +98,30 @@ class LoadedModel:
         """Return a tf_keras model (rebuilt from Keras 3 when its layers allow) for pruning/QAT."""
         if self.kind == "tf_keras":
             return self.model
+        if self.kind == "onnx":
+            raise ModelError(onnx_keras_only(purpose, self.path))
         if self.kind == "savedmodel":
             raise ModelError(
                 f"{purpose} needs a Keras model, but {str(self.path)!r} is a plain SavedModel;"
                 " pass the .keras/.h5 file it was exported from, or build with --quantize ptq and no --prune"
             )
         return rebuild_as_tf_keras(self.model, self.path, purpose)
+
+
+@dataclass(frozen=True)
+class OnnxSource:
+    """A float ONNX model given by the user, as the converters take it (the ONNX back end quantizes it)."""
+
+    path: Path
+    input_name: str
+
+
+def onnx_keras_only(purpose: str, path: Path) -> str:
+    """Return the one-line error for pruning/QAT asked of an ONNX model."""
+    return (
+        f"{purpose} needs the Keras model; {str(path)!r} is ONNX, which builds with --quantize ptq and no"
+        " --prune only (pass the .keras/.h5 file to prune or fine-tune)"
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -146,6 +169,8 @@ def load_model(path: str | Path) -> LoadedModel:
             )
         return _load_savedmodel(p)
     suffix = p.suffix.lower()
+    if suffix == ".onnx":
+        return _load_onnx(p)
     if suffix == ".keras":
         version = keras_file_version(p)
         if version.startswith("3"):
@@ -166,7 +191,91 @@ def load_model(path: str | Path) -> LoadedModel:
                 f"model file {str(p)!r} is not a valid HDF5 file (truncated or corrupt?); re-save it"
             ) from None
         return _load_tf_keras(p)
-    raise ModelError(f"model {str(p)!r} has an unknown format; use .keras, .h5 or a SavedModel folder")
+    raise ModelError(f"model {str(p)!r} has an unknown format; use .keras, .h5, .onnx or a SavedModel folder")
+
+
+# ONNX operators whose first input is NCHW by the ONNX spec (a rank-4 graph input they read directly is).
+NCHW_OPS = (
+    "Conv",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "BatchNormalization",
+    "InstanceNormalization",
+)
+
+
+def onnx_input_layout(path: Path) -> str | None:
+    """Return ``NCHW`` or ``NHWC`` for a rank-4 ONNX input, from the operator that reads it; else None.
+
+    ONNX convolutions and pools take NCHW, so an input read directly by one is NCHW (PyTorch exports);
+    an input read by ``Transpose(perm=[0, 3, 1, 2])`` is NHWC (tf2onnx exports of Keras models).
+    """
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    graph_input = next(i for i in m.graph.input if i.name not in inits)
+    if len(graph_input.type.tensor_type.shape.dim) != 4:
+        return None
+    readers = [n for n in m.graph.node if graph_input.name in n.input]
+    if readers and all(n.op_type in NCHW_OPS for n in readers):
+        return "NCHW"
+    perms = [
+        list(a.ints) for n in readers if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"
+    ]
+    if readers and len(perms) == len(readers) and all(p == [0, 3, 1, 2] for p in perms):
+        return "NHWC"
+    return None
+
+
+def _load_onnx(p: Path) -> LoadedModel:
+    """Load a float ONNX model (one input with a free or fixed batch axis, one output) in ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+        onnx.checker.check_model(proto)
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError, ValidationError, OSError...
+        raise ModelError(
+            f"cannot load ONNX model {str(p)!r} ({_first_line(e)}); re-export it (torch.onnx.export)"
+        ) from None
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(proto.graph.output) != 1:
+        raise ModelError(
+            f"model {str(p)!r} must have exactly one input and one output (it has {len(inputs)} and"
+            f" {len(proto.graph.output)}); multi-tensor models are not supported"
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(shape) < 2 or any(d is None for d in shape[1:]):
+        raise ModelError(
+            f"ONNX model {str(p)!r} has input shape {shape}; only the batch axis (the first) may be"
+            " dynamic: export with fixed sample dimensions"
+        )
+    if shape[0] is not None:
+        # Calibration and the parity check run batches; the device runs batch 1 and more.
+        raise ModelError(
+            f"ONNX model {str(p)!r} has a fixed batch of {shape[0]}; export it with a dynamic batch axis"
+            " (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))"
+        )
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise ModelError(
+            f"ONNX model {str(p)!r} takes {onnx.TensorProto.DataType.Name(elem)} input; export the float32"
+            " model (edgefleet quantizes it)"
+        )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+    sample_shape = tuple(int(d or 0) for d in shape[1:])
+    # The output's size from one probe run: exports often leave every output axis symbolic.
+    probe = np.zeros((1, *sample_shape), np.float32)
+    out = np.asarray(session.run(None, {inputs[0].name: probe})[0])
+    n_out = int(np.prod(out.shape[1:])) if out.ndim > 1 else 1
+    return LoadedModel(p, "onnx", session, sample_shape, n_out, _input_name=inputs[0].name)
 
 
 def _model_io(model: Any, where: Path) -> tuple[tuple[int, ...], int]:

@@ -280,6 +280,7 @@ def bundle_fields(ctx: BuildContext, t: Target, artifact: Artifact) -> dict[str,
         "baseline": ctx.baseline,
         "threads": t.threads,
         "preprocessing": ctx.preprocessing or {"type": "none"},
+        "input_layout": ctx.input_layout,
     }
 
 
