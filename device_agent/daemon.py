@@ -219,10 +219,12 @@ class Daemon:
 
     def run_forever(self) -> int:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads. Return the exit code."""
-        self.start()
+        # Handlers first: once start() has the API up, a client may signal at once (a SIGHUP that
+        # came before the handler would kill the agent, or be lost where SIGHUP is ignored (nohup)).
         signal.signal(signal.SIGTERM, lambda *_: self._stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self._stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
+        self.start()
         try:
             while not self._stopping.is_set():
                 if self._hup.wait(0.2):

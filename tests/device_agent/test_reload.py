@@ -123,3 +123,26 @@ def test_sighup_rereads_the_config_and_switches(tmp_path: Path, v2: Path, x_test
         assert agent.wait(60) == 0
     finally:
         agent.kill()
+
+
+def test_signal_handlers_are_in_place_before_the_api_listens(tmp_path: Path, monkeypatch) -> None:
+    """A SIGHUP sent as soon as /v1/health answers must reach the handler (not kill the agent)."""
+    cfg = write_config(tmp_path / "agent.toml", bundle=cached_onnx_bundle(), state_dir=tmp_path / "state")
+    seen: dict[str, object] = {}
+
+    def start(self: Daemon) -> Daemon:
+        seen["hup"] = signal.getsignal(signal.SIGHUP)
+        seen["term"] = signal.getsignal(signal.SIGTERM)
+        self._stopping.set()
+        return self
+
+    monkeypatch.setattr(Daemon, "start", start)
+    monkeypatch.setattr(Daemon, "stop", lambda self: None)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert Daemon(load_config(cfg)).run_forever() == 0
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    for name in ("hup", "term"):
+        assert callable(seen[name]) and seen[name] not in (signal.SIG_DFL, signal.SIG_IGN), name
