@@ -24,7 +24,6 @@ import logging
 import os
 import queue
 import socket
-import ssl
 import threading
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from device_agent.formats.broker import BrokerSettings, new_client
 from device_agent.formats.telemetry import TelemetryError
 from toolchain.errors import ToolchainError
 from toolchain.fleet.alerts import Evaluator
@@ -248,19 +248,25 @@ class Collector:
         return "5"
 
     def _new_client(self, client_id: str, protocol: str, *, persistent: bool) -> Any:
+        """A paho client with the collector's auth, TLS and MQTT version ("5" or "3.1.1").
+
+        ``persistent``: the collector's own session, acknowledged by hand after each commit; else
+        a throwaway connection (the protocol probe).
+        """
         ca, cert, key, insecure = self.tls
-        return _mqtt_client(
-            client_id,
-            protocol,
-            username=self.username,
+        settings = BrokerSettings(
+            host=self.broker.host,
+            port=self.broker.port,
+            username=self.username or None,
             password=self.password,
             tls=self.broker.tls,
-            tls_ca=ca,
-            tls_cert=cert,
-            tls_key=key,
+            ca_file=ca,
+            cert_file=cert,
+            key_file=key,
+            client_id=client_id,
             tls_insecure=insecure,
-            persistent=persistent,
         )
+        return new_client(settings, protocol, persistent=persistent)
 
     def _make_client(self) -> Any:
         from paho.mqtt.packettypes import PacketTypes
@@ -576,44 +582,3 @@ class Collector:
             log.error("auto-registration of %s failed: %s", path, e)
         except Exception as e:  # noqa: BLE001 - a bad bundle in the directory must not stop the collector
             log.error("auto-registration of %s failed: %s", path, e)
-
-
-def _mqtt_client(
-    client_id: str,
-    protocol: str,
-    *,
-    username: str | None,
-    password: str | None,
-    tls: bool,
-    tls_ca: str | None,
-    tls_cert: str | None,
-    tls_key: str | None,
-    tls_insecure: bool,
-    persistent: bool,
-) -> Any:
-    """A paho client with the collector's auth, TLS and MQTT version ("5" or "3.1.1").
-
-    ``persistent``: the collector's own session, acknowledged by hand after each commit (in MQTT
-    3.1.1 a persistent session, clean_session=False, keeps the same guarantees as MQTT 5's session
-    expiry); else a throwaway connection (the protocol probe).
-    """
-    import paho.mqtt.client as mqtt
-
-    kw: dict[str, Any] = {}
-    if persistent:
-        kw["manual_ack"] = True
-        if protocol != "5":
-            kw["clean_session"] = False
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
-        **kw,
-    )
-    if username:
-        client.username_pw_set(username, password)
-    if tls or tls_ca:
-        client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key, cert_reqs=ssl.CERT_REQUIRED)
-        if tls_insecure:
-            client.tls_insecure_set(True)
-    return client
