@@ -128,12 +128,16 @@ class FeatureSetProfile:
             if not np.isfinite(arr).all() or not (np.diff(arr) > 0).all():
                 raise StatsError(f"edges of feature {names[i]!r} must be finite and strictly increasing")
             pad[i, : arr.size] = arr
+        return cls._zeroed(list(names), pad, nedges)
+
+    @classmethod
+    def _zeroed(cls, names: list[str], edges: np.ndarray, nedges: np.ndarray) -> FeatureSetProfile:
         f = len(names)
         return cls(
-            names=list(names),
-            edges=pad,
+            names=names,
+            edges=edges,
             nedges=nedges,
-            counts=np.zeros((f, bmax + 1), dtype=np.int64),
+            counts=np.zeros((f, edges.shape[1] + 1), dtype=np.int64),
             count=np.zeros(f, dtype=np.int64),
             nan_count=np.zeros(f, dtype=np.int64),
             min=np.full(f, np.inf),
@@ -141,6 +145,10 @@ class FeatureSetProfile:
             mean=np.zeros(f),
             m2=np.zeros(f),
         )
+
+    def empty_like(self) -> FeatureSetProfile:
+        """Return an empty profile with this one's names and (shared, read-only) edges."""
+        return self._zeroed(self.names, self.edges, self.nedges)
 
     @property
     def n_features(self) -> int:

@@ -279,28 +279,12 @@ class Layout:
         t = self.template
         return Profile(
             spec=self.spec,
-            inputs=_empty_like(t.inputs),
+            inputs=t.inputs.empty_like(),
             class_counts=np.zeros_like(t.class_counts),
-            confidence=_empty_like(t.confidence),
-            latency_ms=_empty_like(t.latency_ms),
+            confidence=t.confidence.empty_like(),
+            latency_ms=t.latency_ms.empty_like(),
             schema_violations={},
         )
-
-
-def _empty_like(fp: FeatureSetProfile) -> FeatureSetProfile:
-    f = fp.n_features
-    return FeatureSetProfile(
-        names=fp.names,
-        edges=fp.edges,
-        nedges=fp.nedges,
-        counts=np.zeros_like(fp.counts),
-        count=np.zeros(f, dtype=np.int64),
-        nan_count=np.zeros(f, dtype=np.int64),
-        min=np.full(f, np.inf),
-        max=np.full(f, -np.inf),
-        mean=np.zeros(f),
-        m2=np.zeros(f),
-    )
 
 
 def pack_profile(profile: Profile) -> tuple[bytes, bytes]:
