@@ -259,6 +259,23 @@ def test_calibration_sample_shape_must_fit_the_model(keras_model: Any, tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobile", "x86"])
+def test_a_free_spatial_axis_is_refused_for_every_back_end(name: str, tmp_path: Path) -> None:
+    from toolchain.tfenv import import_keras
+
+    keras = import_keras()
+    inp = keras.Input(shape=(None, 3))  # a sequence of any length: no fixed sample shape to quantize for
+    pooled = keras.layers.GlobalAveragePooling1D()(inp)
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(pooled))
+    x = np.random.default_rng(0).uniform(0.0, 1.0, (40, 5, 3)).astype(np.float32)
+    with pytest.raises(
+        ConversionError, match=r"unknown dimensions besides the batch; give it a fixed input shape"
+    ):
+        convert_for_target(model, load_target(name), x, tmp_path, progress=False)
+    assert not list(tmp_path.glob("model.*"))
+
+
+@pytest.mark.slow
 def test_a_folder_that_is_not_a_savedmodel_is_a_clear_error(
     digits: dict[str, np.ndarray], tmp_path: Path
 ) -> None:

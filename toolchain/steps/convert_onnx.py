@@ -48,11 +48,6 @@ def export_float(model: Any, out_path: Path) -> tuple[Path, tuple[int, ...]]:
 
     call, shape, keep = model_signature(model)
     sample_shape = tuple(shape[1:])
-    if any(d is None for d in sample_shape):
-        raise ConversionError(
-            f"the model's input shape {shape} has unknown dimensions besides the batch;"
-            " give it a fixed input shape"
-        )
     spec = (tf.TensorSpec([None, *sample_shape], tf.float32, name=INPUT_NAME),)
     fn = tf.function(call)
     try:

@@ -30,7 +30,8 @@ def model_signature(model: Any) -> tuple[Any, tuple[int | None, ...], Any]:
     """Return ``(call, input_shape, keep_alive)`` for a tf_keras model or a SavedModel directory.
 
     ``call`` maps one float32 tensor to one output tensor; ``input_shape`` includes the batch axis
-    (``None`` when dynamic); ``keep_alive`` must outlive the conversion (it owns the variables).
+    (``None`` when dynamic; every other axis must be fixed); ``keep_alive`` must outlive the
+    conversion (it owns the variables).
     """
     tf = import_tf()
     if isinstance(model, (str, Path)):
@@ -63,7 +64,7 @@ def model_signature(model: Any) -> tuple[Any, tuple[int | None, ...], Any]:
         def call_saved(x: Any) -> Any:
             return sig(**{in_key: x})[out_key]
 
-        return call_saved, shape, loaded
+        return call_saved, _fixed(shape), loaded
     if not hasattr(model, "input_shape") or not callable(model):
         raise ConversionError(
             f"cannot convert a {type(model).__name__}; pass a tf_keras model or a SavedModel directory"
@@ -79,7 +80,17 @@ def model_signature(model: Any) -> tuple[Any, tuple[int | None, ...], Any]:
     def call_keras(x: Any) -> Any:
         return model(x, training=False)
 
-    return call_keras, tuple(shape), model
+    return call_keras, _fixed(tuple(shape)), model
+
+
+def _fixed(shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+    """Return ``shape`` when only its batch axis may be unknown; refuse it otherwise."""
+    if any(d is None for d in shape[1:]):
+        raise ConversionError(
+            f"the model's input shape {shape} has unknown dimensions besides the batch;"
+            " give it a fixed input shape"
+        )
+    return shape
 
 
 def concrete_function(model: Any, batch: int | None) -> tuple[Any, Any, tuple[int, ...]]:
@@ -87,11 +98,6 @@ def concrete_function(model: Any, batch: int | None) -> tuple[Any, Any, tuple[in
     tf = import_tf()
     call, shape, keep = model_signature(model)
     sample_shape = tuple(shape[1:])
-    if any(d is None for d in sample_shape):
-        raise ConversionError(
-            f"the model's input shape {shape} has unknown dimensions besides the batch;"
-            " give it a fixed input shape"
-        )
     fn = tf.function(call).get_concrete_function(
         tf.TensorSpec([batch, *sample_shape], tf.float32, name="input")
     )
