@@ -240,7 +240,13 @@ def test_bundle_symlink_flip_to_an_older_bundle_is_refused(
         assert d.reload() is False and d.floor.refused_total == 2
         # a newer bundle goes through and raises the floor
         flip(v4)
-        wait_for(lambda: d.agent.model.ref.version == 4, 20, "the flip to v4")
+        # the model_loaded event follows the floor's rise (the model itself is swapped just before it)
+        wait_for(
+            lambda: any(e["event"] == "model_loaded" and e["message"].endswith(" v4") for e in events),
+            20,
+            "the flip to v4",
+        )
+        assert d.agent.model.ref.version == 4
         assert d.floor.version == 4 and RollbackFloor(state / "bundles").version == 4
         flip(v3)
         wait_for(lambda: d.floor.refused_total == 3, 20, "the flip back to v3 refused")
