@@ -538,6 +538,20 @@ def test_broker_restart_while_the_collector_is_offline(
         # an unsaved queue the session is there and only the seq gap shows the loss.
         present = "session present: True" in rig.collector_log().rsplit("connected to", 1)[-1]
         assert present == ("persistence true" in conf)
+        # A lost session is counted (once), logged and shown by fleet status; a kept one is not.
+        from toolchain.fleet.queries import broker_sessions
+
+        (session,) = broker_sessions(rig.url)
+        assert session["connections"] == 2 and session["lost"] == (0 if present else 1)
+        assert rig.collector_log().count("had no session for collector") == (0 if present else 1)
+        out = subprocess.run(
+            [sys.executable, "-m", "toolchain.cli", "fleet", "status", "--db", rig.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert ("session 1 time(s), with the windows queued for it" in out.stdout) == (not present)
     finally:
         rig.close()
 

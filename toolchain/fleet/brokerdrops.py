@@ -5,7 +5,15 @@ of an offline persistent session) in ``$SYS/broker/publish/messages/dropped``. T
 subscribes to it (QoS 0, beside the fleet's topics); every rise is counted, logged (rate-limited),
 stored per broker in ``broker_counters`` and published as a ``broker_drops`` alert to each fleet.
 
-paho's network thread calls ``note``; the collector's worker calls ``flush`` between batches.
+A broker can also lose the collector's whole persistent session, queue and all: restarted without
+persistence, or with changes not yet saved, or after the session expired while the collector was away.
+No ``$SYS`` counter says so; the CONNACK does (``session present`` is false). ``note_session`` counts
+every connection of a persistent session as ``session/<client id>`` (value: connections; rises:
+sessions found lost), so a loss is counted, logged and alerted like a drop. The first connection a
+database has seen for a client id has no session to lose.
+
+paho's network thread calls ``note`` and ``note_session``; the collector's worker calls ``flush``
+between batches.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ log = logging.getLogger("edgefleet.fleet.collector")
 BROKER_DROP_LOG_EVERY_S = 10.0
 # Broker counters of messages dropped after they were acknowledged to the publisher (Mosquitto).
 SYS_DROP_TOPICS = ("$SYS/broker/publish/messages/dropped",)
+SESSION_PREFIX = "session/"  # broker_counters.topic of a collector's session: session/<client id>
 
 
 class BrokerDrops:
@@ -73,6 +82,31 @@ class BrokerDrops:
                 events=rise,
             )
 
+    def note_session(self, client_id: str, present: bool) -> bool:
+        """Note a connection of the persistent session ``client_id``; True when the session was lost.
+
+        Lost: the broker has no session for a client id this database saw connect before.
+        """
+        topic = SESSION_PREFIX + client_id
+        with self._lock:
+            last = self._last.get(topic)
+            lost = last is not None and not present
+            value = (last or 0) + 1
+            self._last[topic] = value
+            prev = self._updates.get(topic, (0, 0))[1]
+            self._updates[topic] = (value, prev + int(lost))
+        if lost:
+            self.log.log(
+                logging.WARNING,
+                "the broker at %s had no session for collector %r (connection %d): windows queued for it"
+                " while it was away are lost; the broker restarted without saving its sessions"
+                " (persistence, autosave) or the session expired (see docs/fleet.md)",
+                self.broker_key,
+                client_id,
+                value,
+            )
+        return lost
+
     def flush(self, store: Store, fleet: str, publish: Callable[[str, bytes], None]) -> int:
         """Store the counters noted since the last call; publish an alert for each rise.
 
@@ -112,14 +146,13 @@ class BrokerDrops:
                 self._alerts.append(
                     {
                         "schema": 1,
-                        "type": "broker_drops",
+                        "type": "broker_session_lost" if topic.startswith(SESSION_PREFIX) else "broker_drops",
                         "broker": self.broker_key,
                         "counter": topic,
                         "value": value,
                         "rise": rise,
                         "ts": utc_iso(now),
-                        "message": f"the broker dropped {rise} acknowledged message(s);"
-                        " raise max_queued_messages (docs/fleet.md)",
+                        "message": "the broker " + describe(topic, rise),
                     }
                 )
         if not fleets:
@@ -134,3 +167,13 @@ class BrokerDrops:
                 except Exception as e:  # noqa: BLE001 - stored and logged; publishing is best effort
                     log.error("could not publish the broker-drops alert for fleet %s: %s", f, e)
         return published
+
+
+def describe(counter: str, rise: int) -> str:
+    """What a rise of a broker counter means, and the fix, in one line."""
+    if counter.startswith(SESSION_PREFIX):
+        return (
+            f"lost collector {counter[len(SESSION_PREFIX) :]!r}'s session {rise} time(s), with the windows"
+            " queued for it; turn on persistence and keep sessions long enough (docs/fleet.md)"
+        )
+    return f"dropped {rise} message(s) after acknowledging them; raise max_queued_messages (docs/fleet.md)"

@@ -298,13 +298,16 @@ class Collector:
             # Separately: a broker that refuses $SYS (ACL, no such topics) must not stop collection.
             self._sys_mid = client.subscribe([(t, 0) for t in SYS_DROP_TOPICS])[1]
         self._connected.set()
+        present = bool(getattr(flags, "session_present", False))
         log.info(
             "connected to %s:%d as %s (session present: %s)",
             self.broker.host,
             self.broker.port,
             self.client_id,
-            getattr(flags, "session_present", "?"),
+            present,
         )
+        if self.drops.note_session(self.client_id, present):
+            self.counters.broker_sessions_lost += 1
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         bad = [r for r in reasons if getattr(r, "is_failure", False)]
@@ -493,6 +496,7 @@ class Collector:
             self._maybe_compact(store)
         if rounds is not None:
             rounds.finish()
+        self._flush_broker_counters(store)
 
     def _store_batch(
         self,

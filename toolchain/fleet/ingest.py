@@ -88,6 +88,7 @@ class Counters:
     alerts: int = 0
     db_errors: int = 0
     broker_dropped: int = 0  # rise of the broker's $SYS drop counters seen by this collector
+    broker_sessions_lost: int = 0  # connections on which the broker had lost this collector's session
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

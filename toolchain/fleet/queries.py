@@ -301,7 +301,26 @@ def broker_counters(db: str | Store) -> list[dict[str, Any]]:
         return [
             {"broker": b, "counter": t, "value": int(v), "dropped_seen": int(r), "updated_at": float(u)}
             for b, t, v, r, u in store.query(
-                "SELECT broker, topic, value, rises, updated_at FROM broker_counters ORDER BY broker, topic"
+                "SELECT broker, topic, value, rises, updated_at FROM broker_counters"
+                " WHERE topic NOT LIKE 'session/%' ORDER BY broker, topic"
+            )
+        ]
+
+
+def broker_sessions(db: str | Store) -> list[dict[str, Any]]:
+    """Return the collectors' persistent sessions per broker: connections, and how often the broker had lost one."""
+    with _opened(db) as store:
+        return [
+            {
+                "broker": b,
+                "client_id": t[len("session/") :],
+                "connections": int(v),
+                "lost": int(r),
+                "updated_at": float(u),
+            }
+            for b, t, v, r, u in store.query(
+                "SELECT broker, topic, value, rises, updated_at FROM broker_counters"
+                " WHERE topic LIKE 'session/%' ORDER BY broker, topic"
             )
         ]
 

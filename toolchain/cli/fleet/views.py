@@ -54,8 +54,10 @@ def _f(v: Any, fmt: str = "{:.3f}") -> str:
 )
 def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
     """Devices: online/offline, last seen, model, windows received, dropped windows, drift state."""
+    from toolchain.fleet.brokerdrops import describe
     from toolchain.fleet.queries import (
         broker_counters,
+        broker_sessions,
         collector_counters,
         quarantine_summary,
         status_rows,
@@ -76,6 +78,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         rows = status_rows(store, now, notable_limit=STATUS_NOTABLE_ROWS if large else None)
         q = quarantine_summary(store)
         brokers = broker_counters(store)
+        sessions = broker_sessions(store)
         totals = collector_counters(store)
     if as_json:
         doc = {
@@ -84,6 +87,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             "quarantine": {k: q[k] for k in ("count", "total", "evicted")},
             "collector": totals,
             "broker_drops": brokers,
+            "broker_sessions": sessions,
         }
         echo_json(doc)
         return
@@ -153,10 +157,12 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         )
     for b in brokers:
         if b["dropped_seen"]:
-            click.echo(
-                f"\nbroker {b['broker']} dropped {b['dropped_seen']} message(s) after acknowledging them"
-                f" ({b['counter']} = {b['value']}); raise max_queued_messages (docs/fleet.md)"
-            )
+            what = describe(b["counter"], b["dropped_seen"])
+            click.echo(f"\nbroker {b['broker']} {what} ({b['counter']} = {b['value']})")
+    for se in sessions:
+        if se["lost"]:
+            what = describe("session/" + se["client_id"], se["lost"])
+            click.echo(f"\nbroker {se['broker']} {what} ({se['connections']} connections)")
 
 
 @click.command("drift")
