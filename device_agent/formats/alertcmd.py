@@ -33,7 +33,7 @@ ALERT_COMMAND_KIND = "cmd/alert"  # the topic's tail under edgefleet/<fleet>/<de
 ALERT_COMMAND_MAX_BYTES = 2048  # a command is a few hundred bytes; anything larger is refused unread
 REASON_MAX_CHARS = 500
 STATES = ("ok", "warn", "alert")
-SEQ_MAX = 2**63 - 1
+SEQ_MAX = 253_402_300_799_000_000  # 9999-12-31T23:59:59Z in microseconds (a datetime still formats it)
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _REQUIRED = ("schema", "type", "fleet", "device_id", "in_alert", "seq")
 _OPTIONAL = ("ts", "state", "reason", "score", "model_sha256")
@@ -99,6 +99,7 @@ def encode_alert_command(
     model_sha256: str | None = None,
 ) -> bytes:
     """Encode an alert command; the result always decodes (it is checked with ``decode_alert_command``)."""
+    bounded_int(seq, "alert command seq", 1, SEQ_MAX, error=_err)
     doc: dict[str, Any] = {
         "schema": ALERT_COMMAND_SCHEMA,
         "type": ALERT_COMMAND_TYPE,
