@@ -108,3 +108,17 @@ def test_without_a_sink_the_command_is_counted_and_logged(
     assert ev.commands.as_dict() == {"sent": 0, "queued_offline": 0, "unsent": 1}
     (line,) = [r.getMessage() for r in caplog.records]
     assert "edgefleet/lab/pi-1/cmd/alert NOT published" in line and "database-only" in line
+
+
+def test_a_collector_without_an_mqtt_client_counts_the_command_unsent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from toolchain.fleet.collector import Collector
+
+    col = Collector("sqlite:///unused.db", "mqtt://127.0.0.1:1")  # never started: no client
+    from device_agent.formats.alertcmd import encode_alert_command
+
+    cmd = encode_alert_command(fleet="lab", device_id="pi-001", in_alert=True, seq=5_000)
+    col.publish_alert("edgefleet/lab/pi-001/cmd/alert", cmd)
+    assert col.alert_commands.as_dict() == {"sent": 0, "queued_offline": 0, "unsent": 1}
+    assert any("NOT published" in r.getMessage() for r in caplog.records)
