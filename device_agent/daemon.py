@@ -16,7 +16,9 @@ Hooks for other components (the OTA updater):
 * ``Daemon.set_deployment_status(status)``: a dict published in the retained status (``deployment``).
 * ``Daemon.served_bundle()``: the folder of the bundle served now.
 
-The updater meets the daemon through exactly these (``device_agent.update.UpdaterHost``).
+The updater meets the daemon through exactly these (``device_agent.update.UpdaterHost``). The
+fleet's alert command (``.../cmd/alert``) goes to ``device_agent.alertfollow.AlertFollower``, which
+switches the capturer between ``sample_rate`` and ``on_alert_rate``.
 """
 
 from __future__ import annotations
