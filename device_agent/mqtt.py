@@ -89,6 +89,8 @@ class MqttPublisher:
         self.acked = 0
         self.commands = 0
         self.bad_commands = 0
+        self.subscribe_refused: list[str] = []  # command topics the broker would not let us read
+        self._sub_topics: dict[int, list[str]] = {}
         # per connection
         self._client: Any = None
         self._connecting_since = 0.0
@@ -143,6 +145,7 @@ class MqttPublisher:
                 "connects": self.connects,
                 "published": self.published,
                 "acked": self.acked,
+                "subscribe_refused": list(self.subscribe_refused),
             }
 
     # ------------------------------------------------------------------ publisher thread
@@ -215,6 +218,7 @@ class MqttPublisher:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         return c
 
     def _connect(self) -> None:
@@ -282,9 +286,28 @@ class MqttPublisher:
         self._inflight.clear()
         self._scursor = 0
         self._sinflight.clear()
-        client.subscribe([(t, 1) for t in (*self.cmd_topics, self.alert_topic)])
+        wanted = [*self.cmd_topics, self.alert_topic]
+        _rc, mid = client.subscribe([(t, 1) for t in wanted])
+        self._sub_topics = {mid: wanted}
         self._publish_status("online")
         log.info("mqtt connected to %s (%s)", self.settings.safe_url, self.protocol)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        """A broker that refuses a command topic (an ACL from before ``cmd/alert``): say so, once per topic."""
+        topics = self._sub_topics.pop(mid, [])
+        for t, rc in zip(topics, reason_codes, strict=False):
+            if getattr(rc, "is_failure", False):
+                with self._state_lock:
+                    new = t not in self.subscribe_refused
+                    if new:
+                        self.subscribe_refused.append(t)
+                if new:
+                    log.warning(
+                        "the broker refused the subscription to %s (%s): commands there will not arrive;"
+                        " allow this device to read it (edgefleet fleet broker-config writes the rule)",
+                        t,
+                        rc,
+                    )
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any

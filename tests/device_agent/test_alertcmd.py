@@ -241,3 +241,38 @@ def test_a_failing_hook_does_not_undo_the_state(tmp_path: Path) -> None:
     f = AlertFollower(tmp_path, fleet="lab", device_id="pi-001", on_change=boom)
     assert f.handle("t", _cmd(3, True))
     assert f.in_alert
+
+
+def test_a_refused_command_subscription_is_logged_once_and_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Brokers that check ACLs at SUBSCRIBE time (EMQX, HiveMQ) answer 0x87 for a topic a device may not
+    read; the publisher names it in health and logs it once (Mosquitto grants and filters instead)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from device_agent.config import MqttSettings
+    from device_agent.mqtt import MqttPublisher
+    from device_agent.outbox import Outbox
+
+    box = Outbox(tmp_path / "o.sqlite3", 10, 1 << 20)
+    pub = MqttPublisher(
+        MqttSettings("mqtt://127.0.0.1:1", "127.0.0.1", 1, False),
+        box,
+        fleet="lab",
+        device_id="pi-001",
+        status_payload=lambda s: b"{}",
+    )
+    caplog.set_level(logging.WARNING, "device_agent.mqtt")
+    topics = [*pub.cmd_topics, pub.alert_topic]
+    granted, refused = (
+        ReasonCode(PacketTypes.SUBACK, identifier=1),
+        ReasonCode(PacketTypes.SUBACK, identifier=0x87),
+    )
+    for mid in (5, 6):  # two connections, the same refusal
+        pub._sub_topics = {mid: topics}
+        pub._on_subscribe(None, None, mid, [granted, granted, refused], None)
+    assert pub.health()["subscribe_refused"] == ["edgefleet/lab/pi-001/cmd/alert"]
+    lines = [r.getMessage() for r in caplog.records if "refused the subscription" in r.getMessage()]
+    assert len(lines) == 1 and "edgefleet/lab/pi-001/cmd/alert" in lines[0]
+    box.close()

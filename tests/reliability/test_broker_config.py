@@ -820,3 +820,47 @@ def test_alert_commands_only_the_collector_writes_and_each_device_reads_its_own(
     assert f"topic read edgefleet/{FLEET}/cam-a/cmd/alert" in acl
     for c in (a, b, col):
         c.close()
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(120)
+def test_a_real_agent_follows_its_retained_alert_command_through_the_generated_acl(
+    locked: tuple[Path, GeneratedBroker], tmp_path: Path
+) -> None:
+    """The agent, configured with its generated snippet, reads the retained ``cmd/alert`` the collector
+    user wrote before it connected, and the broker grants every subscription it makes."""
+    import device_agent.mqtt as mqtt_mod
+    from device_agent.daemon import Daemon
+    from device_agent.formats.alertcmd import alert_command_topic, encode_alert_command
+    from tests.device_agent.agent_bundles import cached_onnx_bundle
+
+    out, broker = locked
+    creds = credentials(out)
+    topic = alert_command_topic(FLEET, "cam-c")
+    cfg_path = out / "agents" / "run-cam-c.toml"  # beside cam-c.password, as the snippet says
+    cfg_path.write_text(
+        f'[agent]\ndevice_id = "cam-c"\nfleet = "{FLEET}"\nbundle = "{cached_onnx_bundle()}"\n'
+        f'state_dir = "{tmp_path / "state"}"\nallow_unsigned = true\n\n[api]\nlisten = "off"\n\n'
+        + (out / "agents" / "cam-c.toml").read_text()
+    )
+    col = Client(broker.port, COLLECTOR_USER, creds["collector"]["password"], "alert-writer")
+    mid = col.c.publish(
+        topic, encode_alert_command(fleet=FLEET, device_id="cam-c", in_alert=True, seq=77), qos=1, retain=True
+    ).mid
+    wait_for(lambda: mid in col.puback, 10, "the PUBACK")
+    col.close()
+    saved = mqtt_mod.RECONNECT_MAX_S
+    mqtt_mod.RECONNECT_MAX_S = 0.5
+    try:
+        d = Daemon(load_config(cfg_path)).start()
+        try:
+            wait_for(
+                lambda: d.health()["alert_commands"]["in_alert"], 20, "the retained alert command applied"
+            )
+            h = d.health()
+            assert h["alert_commands"]["seq"] == 77 and h["alert_commands"]["refused_total"] == 0
+            assert h["mqtt"]["subscribe_refused"] == []
+        finally:
+            d.stop()
+    finally:
+        mqtt_mod.RECONNECT_MAX_S = saved
