@@ -1,8 +1,8 @@
 """The ``edgefleet-agent`` command line: ``predict`` (offline), ``bench`` (on-device profile), ``run``
-(the daemon), ``check`` (config).
+(the daemon), ``check`` (config), ``status`` (ask the running daemon).
 
-Only this layer prints. Exit codes: 0 ok, 1 bad input (predict), 2 bad flags (click), 78 bad daemon
-config (EX_CONFIG) for ``run`` and ``check``.
+Only this layer prints. Exit codes: 0 ok, 1 bad input (predict) or agent unreachable (status), 2 bad
+flags (click), 78 bad daemon config (EX_CONFIG) for ``run``, ``check`` and ``status``.
 """
 
 from __future__ import annotations
@@ -437,6 +437,31 @@ def check_cmd(ctx: click.Context, config_path: Path, as_json: bool) -> None:
         f"OK: {cfg.fleet}/{cfg.device_id} serves {model.ref.name} v{model.ref.version} with {model.runtime}; "
         f"mqtt {result['mqtt'] or 'off'}; api {cfg.listen or 'off'}{warn}"
     )
+
+
+@main.command("status")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="agent.toml")
+@click.option("--json", "as_json", is_flag=True, help="Print the agent's /v1/health document as JSON.")
+@click.pass_context
+def status_cmd(ctx: click.Context, config_path: Path, as_json: bool) -> None:
+    """Ask the running agent (GET /v1/health at [api] listen): model, MQTT, capture, alert state."""
+    from device_agent.config import load_config
+    from device_agent.statuscmd import StatusError, fetch_health, render
+
+    try:
+        cfg = load_config(config_path)
+    except AgentError as e:
+        _fail(ctx, e, EX_CONFIG)
+        return
+    try:
+        health = fetch_health(cfg)
+    except ConfigError as e:  # the token file
+        _fail(ctx, e, EX_CONFIG)
+        return
+    except StatusError as e:
+        _fail(ctx, e, 1)
+        return
+    click.echo(json.dumps(health, indent=1) if as_json else render(health))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ Hooks for other components (the OTA updater):
 * ``Daemon.set_deployment_status(status)``: a dict published in the retained status (``deployment``).
 * ``Daemon.served_bundle()``: the folder of the bundle served now.
 
-The updater meets the daemon through exactly these (``device_agent.update.UpdaterHost``).
+The updater meets the daemon through exactly these (``device_agent.update.UpdaterHost``). The
+fleet's alert command (``.../cmd/alert``) goes to ``device_agent.alertfollow.AlertFollower``, which
+switches the capturer between ``sample_rate`` and ``on_alert_rate``.
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ class Daemon:
                 raise ConfigError(str(e)) from None
             self.capturer = Capturer(config.capture, box, fleet=config.fleet, device_id=config.device_id)
             self.agent.on_predict = self._capture
+        from device_agent.alertfollow import AlertFollower
+
+        # The fleet's retained word on .../cmd/alert (restored from state_dir first, so a restart keeps it).
+        self.alert_follower = AlertFollower(
+            config.state_dir, fleet=config.fleet, device_id=config.device_id, on_change=self._set_alert
+        )
+        self._set_alert(self.alert_follower.in_alert)
         self.floor = self.updater.floor
         if not self.floor.serving_below_floor:  # what serves now was activated: the floor follows it
             self._raise_floor(fallback=Path(self.agent.model.path) == Path(config.bundle))
@@ -146,6 +155,8 @@ class Daemon:
             )
         if self.publisher is not None and self.capturer is not None:
             self.publisher.samples_outbox = self.capturer.outbox
+        if self.publisher is not None:
+            self.publisher.alert_handler = self.alert_follower.handle
         self.api = None
         if config.listen:
             from device_agent.api import ApiServer
@@ -407,6 +418,11 @@ class Daemon:
                 self.switch_bundle(self.config.bundle)
 
     # ------------------------------------------------------------------ telemetry writer
+    def _set_alert(self, on: bool) -> None:
+        """The fleet's alert command was applied: capture at on_alert_rate while in alert."""
+        if self.capturer is not None:
+            self.capturer.set_alert(on)
+
     def _capture(self, x: Any, pred: Any, given: list[str] | None = None) -> None:
         """Agent.on_predict: offer the raw input (as given to predict) to the capturer.
 
@@ -571,6 +587,7 @@ class Daemon:
             "capture": {"enabled": False}
             if self.capturer is None
             else {"enabled": True, **self.capturer.counts()},
+            "alert_commands": self.alert_follower.status(),
         }
 
     def gauges(self) -> dict[str, float]:
@@ -588,6 +605,9 @@ class Daemon:
             "reloads_failed_total": self.reloads_failed,
             "rollback_floor_version": self.floor.version,
             "rollback_refused_total": self.floor.refused_total,
+            "in_alert": 1.0 if self.alert_follower.in_alert else 0.0,
+            "alert_commands_applied_total": self.alert_follower.applied,
+            "alert_commands_refused_total": sum(self.alert_follower.refused.values()),
         }
 
 

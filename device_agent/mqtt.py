@@ -12,7 +12,9 @@ retried at once with MQTT 3.1.1, and the agent stays on 3.1.1 while that works.
 
 Status: a retained birth message "online" (model name, version, sha256, agent version) on every
 connect, and a retained Last Will "offline". Commands: ``edgefleet/<fleet>/<device_id>/cmd`` and
-``edgefleet/<fleet>/cmd`` are subscribed (QoS 1) and passed to the registered handler.
+``edgefleet/<fleet>/cmd`` are subscribed (QoS 1) and passed to the registered handler; the fleet's
+retained alert command on ``edgefleet/<fleet>/<device_id>/cmd/alert`` goes to ``alert_handler``
+(``device_agent.alertfollow``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from device_agent.config import MqttSettings, broker_settings
+from device_agent.formats.alertcmd import alert_command_topic
 from device_agent.formats.broker import new_client
 from device_agent.formats.telemetry import fleet_topic, topic, utc_iso
 from device_agent.outbox import Outbox, OutboxError
@@ -43,6 +46,7 @@ EVENT_QUEUE_MAX = 100
 OFFLINE_ACK_TIMEOUT_S = 2.0
 
 CommandHandler = Callable[[str, bytes], None]
+AlertHandler = Callable[[str, bytes], object]  # the follower returns whether it applied the command
 
 
 class MqttPublisher:
@@ -66,6 +70,8 @@ class MqttPublisher:
         self.events_topic = topic(fleet, device_id, "events")
         self.cmd_topics = [topic(fleet, device_id, "cmd"), fleet_topic(fleet, "cmd")]
         self.command_handler: CommandHandler | None = None
+        self.alert_topic = alert_command_topic(fleet, device_id)
+        self.alert_handler: AlertHandler | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -83,6 +89,8 @@ class MqttPublisher:
         self.acked = 0
         self.commands = 0
         self.bad_commands = 0
+        self.subscribe_refused: list[str] = []  # command topics the broker would not let us read
+        self._sub_topics: dict[int, list[str]] = {}
         # per connection
         self._client: Any = None
         self._connecting_since = 0.0
@@ -137,6 +145,7 @@ class MqttPublisher:
                 "connects": self.connects,
                 "published": self.published,
                 "acked": self.acked,
+                "subscribe_refused": list(self.subscribe_refused),
             }
 
     # ------------------------------------------------------------------ publisher thread
@@ -209,6 +218,7 @@ class MqttPublisher:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         return c
 
     def _connect(self) -> None:
@@ -276,9 +286,28 @@ class MqttPublisher:
         self._inflight.clear()
         self._scursor = 0
         self._sinflight.clear()
-        client.subscribe([(t, 1) for t in self.cmd_topics])
+        wanted = [*self.cmd_topics, self.alert_topic]
+        _rc, mid = client.subscribe([(t, 1) for t in wanted])
+        self._sub_topics = {mid: wanted}
         self._publish_status("online")
         log.info("mqtt connected to %s (%s)", self.settings.safe_url, self.protocol)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        """A broker that refuses a command topic (an ACL from before ``cmd/alert``): say so, once per topic."""
+        topics = self._sub_topics.pop(mid, [])
+        for t, rc in zip(topics, reason_codes, strict=False):
+            if getattr(rc, "is_failure", False):
+                with self._state_lock:
+                    new = t not in self.subscribe_refused
+                    if new:
+                        self.subscribe_refused.append(t)
+                if new:
+                    log.warning(
+                        "the broker refused the subscription to %s (%s): commands there will not arrive;"
+                        " allow this device to read it (edgefleet fleet broker-config writes the rule)",
+                        t,
+                        rc,
+                    )
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any
@@ -320,6 +349,9 @@ class MqttPublisher:
             self.acked += 1
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if msg.topic == self.alert_topic:
+            self._on_alert_command(bytes(msg.payload))
+            return
         if msg.topic not in self.cmd_topics:
             # Some brokers (amqtt) hand a subscriber retained messages of other topics; never treat
             # those as commands.
@@ -341,6 +373,17 @@ class MqttPublisher:
             log.warning(
                 "command handler failed on %s: %s (payload %r)", msg.topic, e, bytes(msg.payload)[:200]
             )
+
+    def _on_alert_command(self, payload: bytes) -> None:
+        handler = self.alert_handler
+        if handler is None:
+            log.debug("alert command ignored: no follower registered")
+            return
+        try:
+            handler(self.alert_topic, payload)
+        except Exception as e:  # the follower counts its refusals; a bug in it must not stop telemetry
+            self.bad_commands += 1
+            log.warning("alert command handler failed: %s (payload %r)", e, payload[:200])
 
     def _publish_status(self, state: str) -> Any:
         c = self._client

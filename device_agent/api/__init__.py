@@ -122,6 +122,12 @@ class Metrics:
                 "counter",
                 "Bundles refused as below the anti-rollback floor since start.",
             ),
+            "in_alert": ("gauge", "1 while the fleet's alert command says this device is in drift alert."),
+            "alert_commands_applied_total": ("counter", "Alert commands from the fleet applied since start."),
+            "alert_commands_refused_total": (
+                "counter",
+                "Alert commands refused since start (malformed, for another device, or stale).",
+            ),
             "http_connections": ("gauge", "Open HTTP connections."),
             "http_workers": ("gauge", "HTTP request worker threads (a fixed pool)."),
         }

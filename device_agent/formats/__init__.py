@@ -4,6 +4,7 @@
 ``stats``      input/output profiles, their merge and the baseline encoding
 ``telemetry``  the MQTT payloads (stats, status, events) and topics
 ``deploy``     the OTA deploy command and its sources' wire format
+``alertcmd``   the fleet's retained per-device alert command (``.../cmd/alert``)
 ``keys``       trusted public key files
 ``files``      the store files the host writes onto a device (``.partial`` drops, fsync, the floor)
 ``strict``     the one strict-keys validator and bounded integer every decoder here uses

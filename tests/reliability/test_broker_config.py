@@ -781,3 +781,86 @@ def test_the_real_collector_stores_every_window_sent_while_it_was_away(
     with open_store(db) as s:
         seqs = [r[0] for r in s.query("SELECT seq FROM windows WHERE device_id = 'cam-a' ORDER BY seq")]
     assert seqs == list(range(1, N_WINDOWS + 1)) and back.counters.duplicates == 0
+
+
+@pytest.mark.broker
+def test_alert_commands_only_the_collector_writes_and_each_device_reads_its_own(
+    locked: tuple[Path, GeneratedBroker],
+) -> None:
+    """The retained ``.../cmd/alert``: the collector user writes any device's; a device reads only its
+    own and can write none (not even its own: it cannot put itself in or out of alert)."""
+    from device_agent.formats.alertcmd import alert_command_topic, encode_alert_command
+
+    out, broker = locked
+    creds = credentials(out)
+    dev = creds["devices"]
+    col = Client(broker.port, COLLECTOR_USER, creds["collector"]["password"], "alert-writer")
+    a = Client(broker.port, "cam-a", dev["cam-a"]["password"], dev["cam-a"]["client_id"])
+    b = Client(broker.port, "cam-b", dev["cam-b"]["password"], dev["cam-b"]["client_id"])
+    topic_b = alert_command_topic(FLEET, "cam-b")
+    cmd = encode_alert_command(fleet=FLEET, device_id="cam-b", in_alert=True, seq=17)
+    mid = col.c.publish(topic_b, cmd, qos=1, retain=True).mid
+    wait_for(lambda: mid in col.puback, 10, "the PUBACK")
+    assert not col.puback[mid].is_failure
+    forged = encode_alert_command(fleet=FLEET, device_id="cam-b", in_alert=False, seq=18)
+    assert all(rc.is_failure for rc in a.publish_acked(topic_b, [forged]))  # a neighbour cannot clear it
+    own = alert_command_topic(FLEET, "cam-a")
+    assert all(rc.is_failure for rc in a.publish_acked(own, [forged]))  # nor write its own
+    a.subscribe(f"edgefleet/{FLEET}/+/cmd/alert")
+    b.subscribe(topic_b)
+    wait_for(lambda: b.received(topic_b), 10, "cam-b's retained alert command")
+    assert b.received(topic_b) == [(topic_b, cmd)]  # the collector's, not the forgery
+    col.publish_acked(f"edgefleet/{FLEET}/cmd", [b"sentinel"])  # a sentinel cam-a may read
+    a.subscribe(f"edgefleet/{FLEET}/cmd")
+    col.publish_acked(f"edgefleet/{FLEET}/cmd", [b"sentinel"])
+    wait_for(lambda: a.received(f"edgefleet/{FLEET}/cmd"), 10, "the sentinel")
+    assert a.received(topic_b) == []
+    acl = (out / "acl").read_text()
+    assert f"topic write edgefleet/{FLEET}/+/cmd/alert" in acl
+    assert f"topic read edgefleet/{FLEET}/cam-a/cmd/alert" in acl
+    for c in (a, b, col):
+        c.close()
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(120)
+def test_a_real_agent_follows_its_retained_alert_command_through_the_generated_acl(
+    locked: tuple[Path, GeneratedBroker], tmp_path: Path
+) -> None:
+    """The agent, configured with its generated snippet, reads the retained ``cmd/alert`` the collector
+    user wrote before it connected, and the broker grants every subscription it makes."""
+    import device_agent.mqtt as mqtt_mod
+    from device_agent.daemon import Daemon
+    from device_agent.formats.alertcmd import alert_command_topic, encode_alert_command
+    from tests.device_agent.agent_bundles import cached_onnx_bundle
+
+    out, broker = locked
+    creds = credentials(out)
+    topic = alert_command_topic(FLEET, "cam-c")
+    cfg_path = out / "agents" / "run-cam-c.toml"  # beside cam-c.password, as the snippet says
+    cfg_path.write_text(
+        f'[agent]\ndevice_id = "cam-c"\nfleet = "{FLEET}"\nbundle = "{cached_onnx_bundle()}"\n'
+        f'state_dir = "{tmp_path / "state"}"\nallow_unsigned = true\n\n[api]\nlisten = "off"\n\n'
+        + (out / "agents" / "cam-c.toml").read_text()
+    )
+    col = Client(broker.port, COLLECTOR_USER, creds["collector"]["password"], "alert-writer")
+    mid = col.c.publish(
+        topic, encode_alert_command(fleet=FLEET, device_id="cam-c", in_alert=True, seq=77), qos=1, retain=True
+    ).mid
+    wait_for(lambda: mid in col.puback, 10, "the PUBACK")
+    col.close()
+    saved = mqtt_mod.RECONNECT_MAX_S
+    mqtt_mod.RECONNECT_MAX_S = 0.5
+    try:
+        d = Daemon(load_config(cfg_path)).start()
+        try:
+            wait_for(
+                lambda: d.health()["alert_commands"]["in_alert"], 20, "the retained alert command applied"
+            )
+            h = d.health()
+            assert h["alert_commands"]["seq"] == 77 and h["alert_commands"]["refused_total"] == 0
+            assert h["mqtt"]["subscribe_refused"] == []
+        finally:
+            d.stop()
+    finally:
+        mqtt_mod.RECONNECT_MAX_S = saved

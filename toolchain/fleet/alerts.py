@@ -9,6 +9,10 @@ feeds the verdict to the hysteresis (``drift.step``): ``raise_after`` evaluation
     {"schema": 1, "type": "alert", "fleet": ..., "device_id": ..., "model": {sha256, name, version},
      "state": "alert", "previous": "ok", "ts": "...Z", "reasons": [...],
      "features": [{"name", "psi", "js"}, ...]}     # the five worst features
+
+When the device enters or leaves ``alert`` (also when its state starts over for a new model), a
+retained per-device command follows on ``edgefleet/<fleet>/<device_id>/cmd/alert``
+(``toolchain.fleet.alertcmds``): the device captures at ``on_alert_rate`` while it is in alert.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from device_agent.formats.telemetry import SCHEMA, fleet_topic, utc_iso
+from toolchain.fleet.alertcmds import CommandTally, command_for
 from toolchain.fleet.drift import AlertState, compare_many, step
 from toolchain.fleet.registry import BaselineCache
 from toolchain.fleet.storage import Store, dumps, merge_packed_groups
@@ -81,6 +86,7 @@ class Evaluator:
         self.baselines = baselines
         self.sink = sink
         self.clock = clock
+        self.commands = CommandTally()  # alert commands this evaluator could not hand to a sink
 
     def evaluate(self, fleet: str, device_id: str) -> Evaluation | None:
         """Evaluate a device if at least ``min_count`` new predictions are stored; else return None."""
@@ -100,6 +106,7 @@ class Evaluator:
         todo: dict[str, list[tuple[tuple[str, str], AlertState, list[tuple[Any, ...]]]]] = {}
         out: dict[tuple[str, str], Evaluation] = {}
         alerts: list[dict[str, Any]] = []
+        commands: list[tuple[str, bytes]] = []
         with store.transaction():
             if store.dialect == "postgresql":
                 # The collectors of a shared group may evaluate the same devices: one at a time.
@@ -216,6 +223,21 @@ class Evaluator:
                             (now, fleet, device, model, new.state, prev.state, message, dumps(alert))
                         )
                         alerts.append({**alert, "_message": message})
+                    st = states.get((fleet, device))
+                    cmd = command_for(
+                        fleet=fleet,
+                        device_id=device,
+                        stored_state=str(st[1]) if st else None,
+                        new_state=new.state,
+                        ts=now,
+                        model_changed=st is not None and st[0] != model,
+                        reasons=result.reasons,
+                        score=_finite(result.max_psi),
+                        model_sha256=model,
+                        model_label=f"{base.name} v{base.version}",
+                    )
+                    if cmd is not None:
+                        commands.append(cmd)
                     out[(fleet, device)] = Evaluation(
                         fleet, device, result.state, new.state, changed, total, alert
                     )
@@ -253,4 +275,14 @@ class Evaluator:
                     self.sink.publish_alert(fleet_topic(a["fleet"], "alerts"), json.dumps(a).encode())
                 except Exception as e:  # noqa: BLE001 - the alert is stored; a publish failure must not stop ingestion
                     log.error("could not publish alert for %s: %s", a["device_id"], e)
+        for topic, payload in commands:
+            if self.sink is None:
+                self.commands.note_unsent(
+                    topic, "no MQTT connection to publish on (database-only evaluation)"
+                )
+                continue
+            try:
+                self.sink.publish_alert(topic, payload)
+            except Exception as e:  # noqa: BLE001 - the state is stored; publishing must not stop ingestion
+                self.commands.note_unsent(topic, f"{type(e).__name__}: {e}")
         return out

@@ -9,8 +9,9 @@ What it writes into ``DIR`` (see docs/fleet.md, *Locking the broker down*):
 * ``passwd``: Mosquitto's hashed password format (``$7$``: PBKDF2-HMAC-SHA512, 101 iterations, a
   12-byte random salt, as ``mosquitto_passwd`` writes it); never a plain-text password;
 * ``acl``: each device may publish only ``edgefleet/<fleet>/<its id>/{stats,status,events}`` and read
-  its own command topic, the fleet-wide one and the bundle chunks; the collector user reads everything
-  of the fleet (and ``$SYS``) and writes alerts, commands and bundle chunks;
+  its own command topics (``cmd`` and the retained ``cmd/alert``), the fleet-wide one and the bundle
+  chunks; the collector user reads everything of the fleet (and ``$SYS``) and writes alerts,
+  commands (each device's ``cmd/alert`` too) and bundle chunks;
 * ``credentials.json`` (mode 0600) and one password file per user (0600): the collector's
   ``collector.password`` and ``agents/<id>.password``;
 * ``agents/<id>.toml``: the ``[mqtt]`` section of that device's agent config.
@@ -235,6 +236,7 @@ def _acl_text(fleet: str, devices: list[str]) -> str:
         f"topic write {root}/alerts",
         f"topic write {root}/cmd",
         f"topic write {root}/+/cmd",
+        f"topic write {root}/+/cmd/alert",
         f"topic write {root}/bundles/#",
         "topic read $SYS/#",
     ]
@@ -247,6 +249,7 @@ def _acl_text(fleet: str, devices: list[str]) -> str:
             f"topic write {root}/{d}/status",
             f"topic write {root}/{d}/events",
             f"topic read {root}/{d}/cmd",
+            f"topic read {root}/{d}/cmd/alert",
             f"topic read {root}/cmd",
             f"topic read {root}/bundles/#",
         ]

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 from device_agent.formats.broker import BrokerSettings, new_client
 from device_agent.formats.telemetry import TelemetryError
 from toolchain.errors import ToolchainError
+from toolchain.fleet.alertcmds import CommandTally, is_alert_command_topic
 from toolchain.fleet.alerts import Evaluator
 from toolchain.fleet.brokerdrops import SYS_DROP_TOPICS, BrokerDrops
 from toolchain.fleet.evalrounds import EvalRounds
@@ -56,6 +57,7 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 PROBE_TIMEOUT_S = 5.0  # how long to wait for a CONNACK when finding out the broker's MQTT version
 COMPACT_EVERY_S = 600.0  # `fleet collect --compact-after`: a compaction round at most this often
 QUEUE_MAX_MESSAGES = 2 * RECEIVE_MAXIMUM  # received, not yet stored; paho's thread waits when full
+MQTT_ERR_NO_CONN = 4  # paho: not connected; a QoS 1 message is queued and sent on reconnect
 
 
 class CollectorFailure(ToolchainError):
@@ -181,6 +183,7 @@ class Collector:
             default_workers(os.cpu_count()) if worker_processes is None else worker_processes
         )
         self.counters = Counters()
+        self.alert_commands = CommandTally()
         self.drops = BrokerDrops(self.broker_key, self._count_broker_drops)
         self._q: queue.Queue[Incoming] = queue.Queue(QUEUE_MAX_MESSAGES)
         self._stop = threading.Event()
@@ -343,9 +346,20 @@ class Collector:
         self.counters.broker_dropped += rise
 
     def publish_alert(self, topic: str, payload: bytes) -> None:
-        """AlertSink: publish an alert with QoS 1 on the collector's connection."""
-        if self._client is not None:
-            self._client.publish(topic, payload, qos=1)
+        """AlertSink: publish an alert with QoS 1 on the collector's connection (a device's alert
+        command retained, counted in ``alert_commands``; see ``toolchain.fleet.alertcmds``)."""
+        if not is_alert_command_topic(topic):
+            if self._client is not None:
+                self._client.publish(topic, payload, qos=1)
+            return
+        if self._client is None:
+            self.alert_commands.note_unsent(topic, "the collector has no MQTT client")
+            return
+        rc = self._client.publish(topic, payload, qos=1, retain=True).rc
+        if rc in (0, MQTT_ERR_NO_CONN):  # NO_CONN: queued in the client, sent on reconnect
+            self.alert_commands.note_sent(queued_offline=rc != 0)
+        else:
+            self.alert_commands.note_unsent(topic, f"the MQTT client refused it (rc {rc})")
 
     # ---------------------------------------------------------------------------------------------
     # Lifecycle

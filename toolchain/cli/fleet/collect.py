@@ -159,4 +159,5 @@ def collect_cmd(
     except CollectorConfigError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(EX_CONFIG)
-    click.echo(f"collector stopped: {json.dumps(collector.counters.as_dict())}", err=True)
+    done = {**collector.counters.as_dict(), "alert_commands": collector.alert_commands.as_dict()}
+    click.echo(f"collector stopped: {json.dumps(done)}", err=True)
