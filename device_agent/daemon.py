@@ -112,6 +112,7 @@ class Daemon:
                 raise ConfigError(str(e)) from None
             self.capturer = Capturer(config.capture, box, fleet=config.fleet, device_id=config.device_id)
             self.agent.on_predict = self._capture
+            self.agent.on_label = self.capturer.label
         self.floor = self.updater.floor
         if not self.floor.serving_below_floor:  # what serves now was activated: the floor follows it
             self._raise_floor(fallback=Path(self.agent.model.path) == Path(config.bundle))
