@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -28,7 +28,6 @@ from toolchain.fleet.ratelog import Throttle
 from toolchain.fleet.rows import COUNTER_SQL, CounterRow
 
 if TYPE_CHECKING:
-    from toolchain.fleet.ingest import Counters, Incoming
     from toolchain.fleet.storage import Store
 
 log = logging.getLogger("edgefleet.fleet.collector")
@@ -95,8 +94,9 @@ class SampleIngest:
         """Forget the rows of a previous (committed or failed) batch."""
         self._b = _Batch()
 
-    def judge(self, m: Incoming, fleet: str, device: str) -> None:
-        """Decode one samples-topic message into rows; raise TelemetryError when it is refused."""
+    def judge(self, m: Any, fleet: str, device: str) -> None:
+        """Decode one samples-topic message (an ``ingest.Incoming``) into rows; raise TelemetryError
+        when it is refused."""
         if payload_type(m.payload) == LABELS_TYPE:
             lm = decode_sample_labels(m.payload, topic_device=device, topic_fleet=fleet)
             for x in lm.labels:
@@ -141,8 +141,8 @@ class SampleIngest:
             COUNTER_SQL, [CounterRow(k, n, now) for k, n in zip(names, b.stored, strict=True) if n]
         )
 
-    def count(self, c: Counters) -> None:
-        """Add a committed batch to the collector's counters; log duplicates (rate-limited)."""
+    def count(self, c: Any) -> None:
+        """Add a committed batch to the collector's ``ingest.Counters``; log duplicates (rate-limited)."""
         s_new, s_dup, l_new, l_dup = self._b.stored
         c.samples_stored += s_new
         c.samples_duplicate += s_dup
