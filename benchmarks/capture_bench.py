@@ -83,7 +83,7 @@ def agent_rates(bundle: Path, xs: np.ndarray, work: Path, seconds: float) -> lis
     from device_agent.agent import Daemon, load_config
 
     cases = {"capture off": None, "capture at 0.1": 0.1, "capture at 1.0": 1.0}
-    daemons = {}
+    daemons: dict[str, Any] = {}
     for name, rate in cases.items():
         state = work / f"state-{len(daemons)}"
         text = (
@@ -189,7 +189,7 @@ def collector_rates(
     from toolchain.fleet.registry import BaselineCache, register_bundle
     from toolchain.fleet.storage import open_store
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, rate in (("capture off", None), ("capture at 0.1", 0.1), ("capture at 1.0", 1.0)):
         msgs = traffic(sha, base, xs, n_windows, rate)
         db = work / f"col-{len(rows)}.db"

@@ -96,3 +96,24 @@ def test_capturer_sends_labels_of_captured_ids_and_counts_the_rest(tmp_path: Pat
     c.label("p0", "a", 0)  # a label after its sample left: sent alone
     assert c.flush() == 1
     assert payload_type(c.outbox.pending(limit=10)[-1].payload) == LABELS_TYPE
+
+
+def test_sample_size_without_encoding_agrees_with_the_encoding() -> None:
+    """The capture path sizes samples arithmetically (sample_fits, pack_samples): it must be exact."""
+    from device_agent.formats.telemetry import Sample, _sample_json, _sample_size
+
+    rng = np.random.default_rng(0)
+    versions = [None, "1", 'é"x', "a\\b", "12345678", "\x01"]
+    for i in range(1500):
+        dt = str(rng.choice(["uint8", "float32", "float64", "int16"]))
+        shape = tuple(int(v) for v in rng.integers(0, 60, rng.integers(0, 4)))
+        n = int(np.prod(shape)) if shape else 1
+        data = rng.integers(0, 256, n * np.dtype(dt).itemsize, dtype=np.uint8).tobytes()
+        scores = tuple(
+            float(v) for v in rng.normal(0, 10.0 ** float(rng.integers(-30, 30)), rng.integers(0, 12))
+        )
+        ts = float(rng.uniform(-1e9, 2.5e11))  # before 1970 and after 9999 too
+        s = Sample(
+            f"id{i}", ts, "ab" * 32, versions[i % 6], dt, shape, data, int(rng.integers(0, 10**6)), scores
+        )
+        assert _sample_size(s) == len(_sample_json(s)), s
