@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.agent import prediction_ids
 from device_agent.config import CaptureSettings
 from device_agent.formats.samplelabels import SampleLabel, encode_sample_labels, pack_labels
 from device_agent.formats.telemetry import (
@@ -93,17 +94,20 @@ class Capturer:
         raw: np.ndarray,
         outputs: np.ndarray,
         labels: list[int],
-        ids: list[str],
+        ids: list[str] | None,
         model_sha256: str,
         model_version: str | None,
     ) -> int:
-        """Capture some rows of one request; return how many were queued. Never raises."""
+        """Capture some rows of one request; return how many were queued. Never raises.
+
+        ``ids``: the prediction ids the caller got, one per row; None: a fresh id is made for each
+        captured row only (``device_agent.agent.prediction_ids``)."""
         rate = self.rate
         if rate <= 0.0:
             return 0
         n = 0
         now = self._clock()
-        for i in range(len(ids)):
+        for i in range(len(labels)):
             if rate < 1.0 and self._rng.random() >= rate:
                 continue
             with self._lock:
@@ -120,7 +124,7 @@ class Capturer:
                     continue
                 row = np.ascontiguousarray(raw[i])
                 s = Sample(
-                    ids[i],
+                    ids[i] if ids is not None else _new_id(),
                     now,
                     model_sha256,
                     model_version,
@@ -215,6 +219,10 @@ class Capturer:
             "labels_sent": self.labels_queued,
             "labels_not_captured": self.labels_not_captured,
         }
+
+
+def _new_id() -> str:
+    return prediction_ids(1)[0]
 
 
 def open_samples_outbox(state_dir: Path, settings: CaptureSettings) -> Outbox:

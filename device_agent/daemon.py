@@ -418,16 +418,16 @@ class Daemon:
             return
         import numpy as np
 
-        from device_agent.agent import prediction_ids
-
         raw = np.asarray(x)
         outs = np.asarray(pred.outputs)
         if raw.ndim == len(self.agent.model.predictor.sample_shape):
             raw = raw[None]
         labels = outs.argmax(axis=1).tolist()
-        ids = given if given is not None and len(given) == len(labels) else prediction_ids(len(labels))
+        ids = (
+            list(given) if given is not None and len(given) == len(labels) else None
+        )  # None: made on capture
         ref = pred.model
-        c.offer(raw, outs, labels, list(ids), ref.sha256, str(ref.version))
+        c.offer(raw, outs, labels, ids, ref.sha256, str(ref.version))
 
     def _flush_capture(self) -> None:
         if self.capturer is None:
