@@ -332,3 +332,12 @@ def test_only_alerting_and_missing_out_directory(tmp_path: Path, sqlite_url: str
     r = cli("export", "--db", sqlite_url, "--device", "c-1", "--out", str(tmp_path / "c.npz"))
     assert r.exit_code == 1 and "no captured samples match (device c-1)" in r.output
     assert not (tmp_path / "c.npz").exists()
+
+
+def test_samples_are_shared_like_stats_when_the_collector_is_in_a_group() -> None:
+    from toolchain.fleet.collector import Collector
+
+    shared = Collector("sqlite:///unused.db", "mqtt://127.0.0.1:1", shared_group="g").topics()
+    assert "$share/g/edgefleet/+/+/samples" in shared and "edgefleet/+/+/status" in shared
+    alone = Collector("sqlite:///unused.db", "mqtt://127.0.0.1:1", fleet="lab").topics()
+    assert "edgefleet/lab/+/samples" in alone
