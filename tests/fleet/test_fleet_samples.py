@@ -332,6 +332,21 @@ def test_only_alerting_and_missing_out_directory(tmp_path: Path, sqlite_url: str
     assert [[int(row[f"x_{j}"]) for j in range(4)] for row in rows] == x.tolist()
     r = cli("export", "--db", sqlite_url, "--out", str(tmp_path / "no" / "a.npz"))
     assert r.exit_code == 1 and "does not exist" in r.output and r.output.count("\n") == 1
+    with open_store(sqlite_url) as s, s.transaction():  # a 2-D input: .npz only
+        s.execute(
+            SAMPLE_SQL,
+            SampleRow("lab", "d-1", "d-1-0", STREAM, 1, 0, 30.0, 30.0, "ee" * 32, "2", 0, np.zeros(2).tobytes(),
+                      "uint8", "[2, 2]", x[0].tobytes()),
+        )  # fmt: skip
+    r = cli("export", "--db", sqlite_url, "--device", "d-1", "--out", str(tmp_path / "d.csv"))
+    assert (
+        r.exit_code == 1 and "CSV holds 1-D (tabular) inputs only" in r.output and r.output.count("\n") == 1
+    )
+    assert not (tmp_path / "d.csv").exists()
+    assert (
+        cli("export", "--db", sqlite_url, "--device", "d-1", "--out", str(tmp_path / "d.npz")).exit_code == 0
+    )
+    assert np.load(tmp_path / "d.npz")["x"].tolist() == [[[0, 1], [2, 3]]]
     r = cli("export", "--db", sqlite_url, "--device", "c-1", "--out", str(tmp_path / "c.npz"))
     assert r.exit_code == 1 and "no captured samples match (device c-1)" in r.output
     assert not (tmp_path / "c.npz").exists()
