@@ -262,6 +262,17 @@ def test_redelivery_stores_nothing_new_and_bad_payloads_are_quarantined(
     assert "does not match the topic" in reasons[1]
     assert counters["samples_stored"] == 10 and counters["samples_duplicate"] == 4
 
+    status = CliRunner().invoke(main, ["fleet", "status", "--db", db])
+    assert (
+        "captured samples: 10 stored (4 resent and not stored again), 2 label(s) from feedback"
+        in status.output
+    )
+    assert (
+        json.loads(CliRunner().invoke(main, ["fleet", "status", "--db", db, "--json"]).stdout)["collector"][
+            "samples_duplicate"
+        ]
+        == 4
+    )
     r = cli("list", "--db", db, "--json")
     dev = json.loads(r.stdout)["devices"]
     assert [(d["device_id"], d["samples"], d["labelled"], d["labels_without_sample"]) for d in dev] == [

@@ -157,6 +157,12 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
                 f"\nbroker {b['broker']} dropped {b['dropped_seen']} message(s) after acknowledging them"
                 f" ({b['counter']} = {b['value']}); raise max_queued_messages (docs/fleet.md)"
             )
+    if totals.get("samples_stored"):
+        click.echo(
+            f"\ncaptured samples: {totals['samples_stored']:,} stored"
+            f" ({totals.get('samples_duplicate', 0):,} resent and not stored again),"
+            f" {totals.get('sample_labels_stored', 0):,} label(s) from feedback; see 'edgefleet fleet samples list'"
+        )
 
 
 @click.command("drift")
