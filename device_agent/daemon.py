@@ -423,9 +423,8 @@ class Daemon:
         if raw.ndim == len(self.agent.model.predictor.sample_shape):
             raw = raw[None]
         labels = outs.argmax(axis=1).tolist()
-        ids = (
-            list(given) if given is not None and len(given) == len(labels) else None
-        )  # None: made on capture
+        # None: the capturer makes ids for the rows it captures only
+        ids = list(given) if given is not None and len(given) == len(labels) else None
         ref = pred.model
         c.offer(raw, outs, labels, ids, ref.sha256, str(ref.version))
 
