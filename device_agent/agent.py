@@ -201,6 +201,9 @@ class Agent:
         # Called with (input as given, Prediction, the caller's prediction ids or None) after each
         # successful predict (capture); never raises into it.
         self.on_predict: Callable[[Any, Prediction, list[str] | None], None] | None = None
+        # Called with (prediction id, true label, its class index) after feedback counted a label
+        # (capture sends it to the fleet store when the sample was captured); never raises into it.
+        self.on_label: Callable[[str, str, int], None] | None = None
 
     # ---------------------------------------------------------------------------------------------
     @property

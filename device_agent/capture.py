@@ -7,6 +7,11 @@ bounded in-memory queue. ``Capturer.flush`` (the daemon's writer thread) packs q
 samples messages under ``MAX_SAMPLES_PACKET_BYTES`` and stores them in their own outbox
 (``state_dir/samples.sqlite3``, capped at ``max_disk_bytes``, oldest dropped first and counted), so
 captured samples never evict statistics windows.
+
+Ground truth: ``Capturer.label`` (called when ``POST /v1/feedback`` counted a label) queues a
+``sample_labels`` record (``device_agent.formats.samplelabels``) for an id it captured, sent on the
+same topic and outbox after the samples; a label for an id it did not capture (not drawn, over the
+budget, too old to remember) is only counted (``labels_not_captured``).
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from device_agent.agent import prediction_ids
 from device_agent.config import CaptureSettings
+from device_agent.formats.samplelabels import SampleLabel, encode_sample_labels, pack_labels
 from device_agent.formats.telemetry import (
     Sample,
     TelemetryError,
@@ -36,6 +43,7 @@ from device_agent.outbox import Outbox
 log = logging.getLogger("edgefleet.capture")
 QUEUE_MAX = 1024  # samples waiting for the writer; beyond this the newest offer is dropped and counted
 LOG_EVERY_S = 60.0
+CAPTURED_IDS_MAX = 50_000  # ids of captured samples a later label can name (oldest forgotten first)
 
 
 class Capturer:
@@ -68,6 +76,10 @@ class Capturer:
         self.skipped_queue = 0  # the writer fell behind
         self.skipped_too_large = 0  # one sample would not fit in a samples message
         self._last_log = 0.0
+        self._captured_ids: OrderedDict[str, None] = OrderedDict()
+        self._labels: deque[SampleLabel] = deque()
+        self.labels_queued = 0  # labels of captured samples handed to the outbox
+        self.labels_not_captured = 0  # labels for ids this capturer did not capture (or forgot)
 
     @property
     def rate(self) -> float:
@@ -82,17 +94,20 @@ class Capturer:
         raw: np.ndarray,
         outputs: np.ndarray,
         labels: list[int],
-        ids: list[str],
+        ids: list[str] | None,
         model_sha256: str,
         model_version: str | None,
     ) -> int:
-        """Capture some rows of one request; return how many were queued. Never raises."""
+        """Capture some rows of one request; return how many were queued. Never raises.
+
+        ``ids``: the prediction ids the caller got, one per row; None: a fresh id is made for each
+        captured row only (``device_agent.agent.prediction_ids``)."""
         rate = self.rate
         if rate <= 0.0:
             return 0
         n = 0
         now = self._clock()
-        for i in range(len(ids)):
+        for i in range(len(labels)):
             if rate < 1.0 and self._rng.random() >= rate:
                 continue
             with self._lock:
@@ -109,7 +124,7 @@ class Capturer:
                     continue
                 row = np.ascontiguousarray(raw[i])
                 s = Sample(
-                    ids[i],
+                    ids[i] if ids is not None else _new_id(),
                     now,
                     model_sha256,
                     model_version,
@@ -125,8 +140,20 @@ class Capturer:
                     continue
                 self._hour_count += 1
                 self._queue.append(s)
+                self._captured_ids[s.id] = None
+                if len(self._captured_ids) > CAPTURED_IDS_MAX:
+                    self._captured_ids.popitem(last=False)
                 n += 1
         return n
+
+    def label(self, pid: str, label: str, index: int) -> None:
+        """Queue the true label of prediction ``pid`` if its sample was captured; else count it."""
+        with self._lock:
+            if pid not in self._captured_ids or len(self._labels) >= QUEUE_MAX:
+                self.labels_not_captured += 1
+                return
+            del self._captured_ids[pid]  # the device takes one label per id
+            self._labels.append(SampleLabel(pid, label, int(index), self._clock()))
 
     def _note_skip(self) -> None:
         now = self._clock()
@@ -139,8 +166,11 @@ class Capturer:
         with self._lock:
             items = list(self._queue)
             self._queue.clear()
+            labels = list(self._labels)
+            self._labels.clear()
+        written = self._flush_labels(labels) if not items else 0
         if not items:
-            return 0
+            return written
         try:
             batches = pack_samples(items)
         except TelemetryError:  # sample_fits already refused these; keep the rest
@@ -155,6 +185,22 @@ class Capturer:
         self.outbox.add_many(self.topic, [encoder(b) for b in batches])
         with self._lock:
             self.captured_total += len(items)
+        return len(batches) + self._flush_labels(labels)
+
+    def _flush_labels(self, labels: list[SampleLabel]) -> int:
+        """Store queued labels after the samples they name; return messages written."""
+        if not labels:
+            return 0
+
+        def encoder(b: list[SampleLabel]) -> Callable[[int, int], bytes]:
+            return lambda seq, _dropped: encode_sample_labels(
+                device_id=self.device_id, fleet=self.fleet, stream=self.outbox.stream, seq=seq, labels=b
+            )
+
+        batches = pack_labels(labels)
+        self.outbox.add_many(self.topic, [encoder(b) for b in batches])
+        with self._lock:
+            self.labels_queued += len(labels)
         return len(batches)
 
     def counts(self) -> dict[str, Any]:
@@ -170,7 +216,13 @@ class Capturer:
             "skipped_hourly_budget": self.skipped_budget,
             "skipped_queue_full": self.skipped_queue,
             "skipped_too_large": self.skipped_too_large,
+            "labels_sent": self.labels_queued,
+            "labels_not_captured": self.labels_not_captured,
         }
+
+
+def _new_id() -> str:
+    return prediction_ids(1)[0]
 
 
 def open_samples_outbox(state_dir: Path, settings: CaptureSettings) -> Outbox:

@@ -114,6 +114,7 @@ class Daemon:
                 raise ConfigError(str(e)) from None
             self.capturer = Capturer(config.capture, box, fleet=config.fleet, device_id=config.device_id)
             self.agent.on_predict = self._capture
+            self.agent.on_label = self.capturer.label
         from device_agent.alertfollow import AlertFollower
 
         # The fleet's retained word on .../cmd/alert (restored from state_dir first, so a restart keeps it).
@@ -433,16 +434,15 @@ class Daemon:
             return
         import numpy as np
 
-        from device_agent.agent import prediction_ids
-
         raw = np.asarray(x)
         outs = np.asarray(pred.outputs)
         if raw.ndim == len(self.agent.model.predictor.sample_shape):
             raw = raw[None]
         labels = outs.argmax(axis=1).tolist()
-        ids = given if given is not None and len(given) == len(labels) else prediction_ids(len(labels))
+        # None: the capturer makes ids for the rows it captures only
+        ids = list(given) if given is not None and len(given) == len(labels) else None
         ref = pred.model
-        c.offer(raw, outs, labels, list(ids), ref.sha256, str(ref.version))
+        c.offer(raw, outs, labels, ids, ref.sha256, str(ref.version))
 
     def _flush_capture(self) -> None:
         if self.capturer is None:

@@ -418,6 +418,7 @@ class ApiServer:
             if right is not None:
                 outcome = Outcome.CORRECT if right else Outcome.INCORRECT
                 self.feedback.count(outcome)
+                self._labelled(pid, label)
                 return outcome, ""
             self.feedback.release(pid)
             self.feedback.count(Outcome.MODEL_CHANGED)
@@ -429,6 +430,16 @@ class ApiServer:
         return refused, _FEEDBACK_REASONS[refused].format(
             id=pid[:FEEDBACK_ID_MAX_CHARS], max=self.feedback.max_ids
         )
+
+    def _labelled(self, pid: str, label: str) -> None:
+        """Hand a counted label to ``Agent.on_label`` (capture); a failure there is logged, not raised."""
+        hook = self.agent.on_label
+        if hook is None:
+            return
+        try:
+            hook(pid, label, self.agent.labels.index(label))
+        except Exception:  # noqa: BLE001 - capture must never break feedback
+            log.exception("on_label hook failed")
 
     def start(self) -> threading.Thread:
         """Serve in daemon threads (the I/O thread and the workers); return the I/O thread."""

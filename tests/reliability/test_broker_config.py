@@ -728,6 +728,52 @@ def test_only_the_collector_reads_the_brokers_sys_counters(locked: tuple[Path, G
 
 
 @pytest.mark.broker
+def test_devices_publish_captured_samples_on_their_own_topic_only(
+    locked: tuple[Path, GeneratedBroker], tmp_path: Path
+) -> None:
+    """[capture] with a generated config: a device's samples reach the collector; a neighbour's forgery does not."""
+    import numpy as np
+
+    from device_agent.formats.telemetry import Sample, encode_samples
+    from toolchain.fleet.collector import Collector
+
+    out, broker = locked
+    creds = credentials(out)
+    x = np.arange(6, dtype=np.float32)
+    s = Sample("id-a1", 1_800_000_000.0, "ab" * 32, "1", "float32", (6,), x.tobytes(), 0, (1.0, 0.0))
+
+    def payload(device: str) -> bytes:
+        return encode_samples(device_id=device, fleet=FLEET, stream="0123456789abcdef", seq=1, samples=[s])
+
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    cc = creds["collector"]
+    col = Collector(
+        db,
+        f"mqtt://127.0.0.1:{broker.port}",
+        fleet=FLEET,
+        client_id=cc["client_id"],
+        username=cc["username"],
+        password=(out / "collector.password").read_text().strip(),
+        evaluate=False,
+        worker_processes=0,
+    ).start()
+    try:
+        assert col.wait_ready(20)
+        dev = creds["devices"]["cam-a"]
+        a = Client(broker.port, "cam-a", dev["password"], dev["client_id"])
+        assert not any(
+            rc.is_failure for rc in a.publish_acked("edgefleet/lab/cam-a/samples", [payload("cam-a")])
+        )
+        forged = a.publish_acked("edgefleet/lab/cam-b/samples", [payload("cam-b")])
+        assert all(rc.is_failure for rc in forged)
+        wait_for(lambda: col.counters.samples_stored >= 1, 20, "cam-a's sample stored")
+        a.close()
+    finally:
+        col.stop()
+    assert col.counters.samples_stored == 1 and col.counters.quarantined == 0
+
+
+@pytest.mark.broker
 def test_the_real_collector_stores_every_window_sent_while_it_was_away(
     locked: tuple[Path, GeneratedBroker], tmp_path: Path
 ) -> None:

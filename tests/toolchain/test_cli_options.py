@@ -53,6 +53,22 @@ EXPECTED: dict[str, list[tuple[str, str | None, bool, bool, bool]]] = {
         ("--compact-after", None, False, False, False),
         ("--no-broker-drops", None, False, False, True),
     ],
+    "fleet samples": [],
+    "fleet samples list": [
+        ("--db", "EDGEFLEET_DB", False, False, False),
+        ("--device", None, False, False, False),
+        ("--since", None, False, False, False),
+        ("--only-alerting", None, False, False, True),
+        ("--json", None, False, False, True),
+    ],
+    "fleet samples export": [
+        ("--db", "EDGEFLEET_DB", False, False, False),
+        ("--device", None, False, False, False),
+        ("--since", None, False, False, False),
+        ("--only-alerting", None, False, False, True),
+        ("--out", None, True, False, False),
+        ("--json", None, False, False, True),
+    ],
     "fleet compact": [
         ("--db", "EDGEFLEET_DB", False, False, False),
         ("--older-than", None, True, False, False),

@@ -138,6 +138,22 @@ EXPECTED: dict[str, list[str]] = {
         "option:--out",
         "option:--since",
     ],
+    "edgefleet fleet samples": [],
+    "edgefleet fleet samples export": [
+        "option:--db",
+        "option:--device",
+        "option:--json",
+        "option:--only-alerting",
+        "option:--out",
+        "option:--since",
+    ],
+    "edgefleet fleet samples list": [
+        "option:--db",
+        "option:--device",
+        "option:--json",
+        "option:--only-alerting",
+        "option:--since",
+    ],
     "edgefleet fleet status": [
         "option:--all",
         "option:--db",

@@ -8,9 +8,9 @@ What it writes into ``DIR`` (see docs/fleet.md, *Locking the broker down*):
   collector's payload limit, one listener (TLS when given certificate files);
 * ``passwd``: Mosquitto's hashed password format (``$7$``: PBKDF2-HMAC-SHA512, 101 iterations, a
   12-byte random salt, as ``mosquitto_passwd`` writes it); never a plain-text password;
-* ``acl``: each device may publish only ``edgefleet/<fleet>/<its id>/{stats,status,events}`` and read
-  its own command topics (``cmd`` and the retained ``cmd/alert``), the fleet-wide one and the bundle
-  chunks; the collector user reads everything of the fleet (and ``$SYS``) and writes alerts,
+* ``acl``: each device may publish only ``edgefleet/<fleet>/<its id>/{stats,status,events,samples}`` and
+  read its own command topics (``cmd`` and the retained ``cmd/alert``), the fleet-wide one and the
+  bundle chunks; the collector user reads everything of the fleet (and ``$SYS``) and writes alerts,
   commands (each device's ``cmd/alert`` too) and bundle chunks;
 * ``credentials.json`` (mode 0600) and one password file per user (0600): the collector's
   ``collector.password`` and ``agents/<id>.password``;
@@ -248,6 +248,7 @@ def _acl_text(fleet: str, devices: list[str]) -> str:
             f"topic write {root}/{d}/stats",
             f"topic write {root}/{d}/status",
             f"topic write {root}/{d}/events",
+            f"topic write {root}/{d}/samples",  # [capture]: captured inputs and their labels
             f"topic read {root}/{d}/cmd",
             f"topic read {root}/{d}/cmd/alert",
             f"topic read {root}/cmd",

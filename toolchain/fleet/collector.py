@@ -13,7 +13,7 @@ Validation and storage of a batch is ``toolchain.fleet.ingest`` (rows: ``rows``;
 around them: the MQTT session, the worker loop, acknowledgements, evaluation and compaction rounds
 (about 600 lines: the session and the worker share the acknowledgement generation and the stop).
 
-Subscriptions: ``stats`` and ``events`` through ``$share/<group>/...`` when a shared group is set, so
+Subscriptions: ``stats``, ``events`` and ``samples`` through ``$share/<group>/...`` when a shared group is set, so
 several collectors split them; ``status`` always directly, because brokers do not send retained
 messages to shared subscriptions and every collector should know every device's state.
 """
@@ -206,7 +206,12 @@ class Collector:
         """The subscriptions this collector makes."""
         share = f"$share/{self.shared_group}/" if self.shared_group else ""
         f = self.fleet
-        return [f"{share}edgefleet/{f}/+/stats", f"{share}edgefleet/{f}/+/events", f"edgefleet/{f}/+/status"]
+        return [
+            f"{share}edgefleet/{f}/+/stats",
+            f"{share}edgefleet/{f}/+/events",
+            f"edgefleet/{f}/+/status",
+            f"{share}edgefleet/{f}/+/samples",  # captured inputs and their labels (sampleingest)
+        ]
 
     def probe_protocol(self, timeout_s: float = PROBE_TIMEOUT_S) -> str:
         """Return "5" or "3.1.1": what the broker speaks (MQTT 5 when it cannot be told).

@@ -45,6 +45,7 @@ from toolchain.fleet.rows import (
     device_seen_sql,
     status_sql,
 )
+from toolchain.fleet.sampleingest import SampleIngest
 from toolchain.fleet.storage import Store, dumps, pack_profile
 
 log = logging.getLogger("edgefleet.fleet.collector")
@@ -89,6 +90,10 @@ class Counters:
     db_errors: int = 0
     broker_dropped: int = 0  # rise of the broker's $SYS drop counters seen by this collector
     broker_sessions_lost: int = 0  # connections on which the broker had lost this collector's session
+    samples_stored: int = 0  # captured samples (toolchain.fleet.sampleingest) and their labels
+    samples_duplicate: int = 0
+    sample_labels_stored: int = 0
+    sample_labels_duplicate: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -186,6 +191,7 @@ class Ingestor:
         self._streams: set[tuple[str, str, str]] = set()  # (fleet, device, stream) stored (a cache)
         self._sql_seen = device_seen_sql(store.greatest)
         self._sql_status = status_sql(store.greatest)
+        self.samples = SampleIngest()
 
     def process(self, batch: list[Incoming], decoded: list[FastWindow | None] | None = None) -> BatchResult:
         """Decode, validate and store a batch in one transaction; raise on a database error.
@@ -194,6 +200,7 @@ class Ingestor:
         for "judge it here with the contract decoders" (a non-stats message, a refusal, a worker
         without the baseline). Without it the fast path runs here.
         """
+        self.samples.begin()
         judged = self._judge_all(batch, decoded)
         now = self.clock()
         self._load_streams({(*w.key, w.stream) for w in judged.wins if w.stream is not None})
@@ -205,6 +212,7 @@ class Ingestor:
         for key, stream in learned:  # only once committed: a retried batch must register them again
             self._streams.add((*key, stream))
         self._count(len(batch), judged, done)
+        self.samples.count(self.counters)
         judged.result.stored = done.stored
         self._log_batch(done.per, done.legacy_dups)
         return judged.result
@@ -242,6 +250,8 @@ class Ingestor:
             judged.events.append(
                 EventRow(fleet, device, ev.event, ev.ts, ev.message, dumps(ev.detail), m.received_at)
             )
+        elif kind == "samples":
+            self.samples.judge(m, fleet, device)
         else:
             raise TelemetryError(f"the collector does not accept messages on {kind!r} topics")
 
@@ -389,6 +399,7 @@ class Ingestor:
         self.store.executemany(self._sql_status, judged.statuses)
         self.store.executemany(EVENT_SQL, judged.events)
         evicted = self.quarantine.store(self.store, judged.bad)
+        self.samples.store(self.store, now)
         done = _Stored(per, legacy_dups, changes, sum(flags), evicted)
         counts = [
             CounterRow(name, n, now)

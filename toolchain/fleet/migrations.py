@@ -298,6 +298,55 @@ MIGRATIONS: list[tuple[int, str, list[str | Only]]] = [
             " WHERE labelled IS NOT NULL",
         ],
     ),
+    (
+        6,
+        "captured samples (raw inputs in the row) and their ground-truth labels",
+        [
+            # One row per captured input, unique per device and prediction id (a redelivered samples
+            # message stores nothing). ``data`` is the raw C-order input (at most ~48 KB: one sample
+            # fits a 64 KB message): SQLite keeps it in the row, PostgreSQL moves it out of line
+            # (TOAST) by itself; docs/fleet.md says why not files beside the database.
+            """CREATE TABLE samples (
+                id {ID},
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                sample_id TEXT NOT NULL,
+                stream TEXT NOT NULL,
+                seq {BIGINT} NOT NULL,
+                pos INTEGER NOT NULL,
+                ts {REAL} NOT NULL,
+                received_at {REAL} NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                model_version TEXT,
+                predicted INTEGER NOT NULL,
+                scores {BLOB} NOT NULL,
+                dtype TEXT NOT NULL,
+                shape TEXT NOT NULL,
+                data {BLOB} NOT NULL,
+                UNIQUE (fleet, device_id, sample_id)
+            )""",
+            "CREATE INDEX samples_ts ON samples (ts, fleet, device_id)",
+            "CREATE INDEX samples_device_ts ON samples (fleet, device_id, ts)",
+            # Kept apart from samples: a label may arrive for a sample the device dropped at its disk
+            # cap (or before a redelivered sample); the export joins them.
+            """CREATE TABLE sample_labels (
+                fleet TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                sample_id TEXT NOT NULL,
+                label TEXT NOT NULL,
+                label_index INTEGER NOT NULL,
+                ts {REAL} NOT NULL,
+                received_at {REAL} NOT NULL,
+                PRIMARY KEY (fleet, device_id, sample_id)
+            )""",
+            Only(
+                "postgresql",
+                "ALTER TABLE samples ALTER COLUMN data SET COMPRESSION lz4",
+                "SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression'"
+                " AND 'lz4' = ANY(enumvals)",
+            ),
+        ],
+    ),
 ]
 
 

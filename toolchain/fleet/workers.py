@@ -157,7 +157,10 @@ class DecodePool(_Workers):
         is no working pool."""
         if not self.usable:
             return None
-        return self._submit(decode_batch, [(m.topic, m.payload) for m in batch])
+        # Only stats go through the fast path: other payloads (samples: up to 64 KB) are not shipped.
+        return self._submit(
+            decode_batch, [(m.topic, m.payload if m.topic.endswith("/stats") else b"") for m in batch]
+        )
 
     def result(self, fut: Future[list[FastWindow | None]] | None) -> list[FastWindow | None] | None:
         """The decoded batch, or None (decode in the collector's process) when the pool failed."""

@@ -1,7 +1,8 @@
 """``edgefleet fleet ...``: collect device statistics, register baselines, watch drift, write the report.
 
 One module per group of sub-commands: ``collect`` (the daemon), ``manage`` (register, compact),
-``views`` (status, drift, report), ``deploy`` (canary rollouts), ``brokerconf`` (broker-config).
+``views`` (status, drift, report), ``deploy`` (canary rollouts), ``brokerconf`` (broker-config),
+``samples`` (captured inputs: list, export).
 Never imports TensorFlow: the fleet side needs numpy, paho-mqtt and (for PostgreSQL) psycopg only.
 """
 
@@ -13,6 +14,7 @@ from toolchain.cli.fleet.brokerconf import broker_config_cmd
 from toolchain.cli.fleet.collect import collect_cmd
 from toolchain.cli.fleet.deploy import fleet_deploy_cmd
 from toolchain.cli.fleet.manage import compact_cmd, register_cmd
+from toolchain.cli.fleet.samples import samples_cmd
 from toolchain.cli.fleet.views import drift_cmd, report_cmd, status_cmd
 
 
@@ -30,5 +32,6 @@ for _cmd in (
     report_cmd,
     fleet_deploy_cmd,
     broker_config_cmd,
+    samples_cmd,
 ):
     fleet_cmd.add_command(_cmd)

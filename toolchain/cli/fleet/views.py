@@ -163,6 +163,12 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         if se["lost"]:
             what = describe("session/" + se["client_id"], se["lost"])
             click.echo(f"\nbroker {se['broker']} {what} ({se['connections']} connections)")
+    if totals.get("samples_stored"):
+        click.echo(
+            f"\ncaptured samples: {totals['samples_stored']:,} stored"
+            f" ({totals.get('samples_duplicate', 0):,} resent and not stored again),"
+            f" {totals.get('sample_labels_stored', 0):,} label(s) from feedback; see 'edgefleet fleet samples list'"
+        )
 
 
 @click.command("drift")
