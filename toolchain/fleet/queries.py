@@ -22,6 +22,7 @@ import numpy as np
 
 from device_agent.formats.stats import Profile
 from toolchain.errors import ToolchainError
+from toolchain.fleet.brokerdrops import SESSION_PREFIX
 from toolchain.fleet.drift import SEVERITY, DriftResult, compare, compare_many
 from toolchain.fleet.registry import Baseline, load_baseline
 from toolchain.fleet.storage import Store, merge_packed, merge_packed_groups, open_store
@@ -302,7 +303,8 @@ def broker_counters(db: str | Store) -> list[dict[str, Any]]:
             {"broker": b, "counter": t, "value": int(v), "dropped_seen": int(r), "updated_at": float(u)}
             for b, t, v, r, u in store.query(
                 "SELECT broker, topic, value, rises, updated_at FROM broker_counters"
-                " WHERE topic NOT LIKE 'session/%' ORDER BY broker, topic"
+                " WHERE topic NOT LIKE ? ORDER BY broker, topic",
+                (SESSION_PREFIX + "%",),
             )
         ]
 
@@ -313,14 +315,15 @@ def broker_sessions(db: str | Store) -> list[dict[str, Any]]:
         return [
             {
                 "broker": b,
-                "client_id": t[len("session/") :],
+                "client_id": t[len(SESSION_PREFIX) :],
                 "connections": int(v),
                 "lost": int(r),
                 "updated_at": float(u),
             }
             for b, t, v, r, u in store.query(
                 "SELECT broker, topic, value, rises, updated_at FROM broker_counters"
-                " WHERE topic LIKE 'session/%' ORDER BY broker, topic"
+                " WHERE topic LIKE ? ORDER BY broker, topic",
+                (SESSION_PREFIX + "%",),
             )
         ]
 

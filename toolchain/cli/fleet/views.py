@@ -54,7 +54,7 @@ def _f(v: Any, fmt: str = "{:.3f}") -> str:
 )
 def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
     """Devices: online/offline, last seen, model, windows received, dropped windows, drift state."""
-    from toolchain.fleet.brokerdrops import describe
+    from toolchain.fleet.brokerdrops import SESSION_PREFIX, describe
     from toolchain.fleet.queries import (
         broker_counters,
         broker_sessions,
@@ -161,7 +161,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             click.echo(f"\nbroker {b['broker']} {what} ({b['counter']} = {b['value']})")
     for se in sessions:
         if se["lost"]:
-            what = describe("session/" + se["client_id"], se["lost"])
+            what = describe(SESSION_PREFIX + se["client_id"], se["lost"])
             click.echo(f"\nbroker {se['broker']} {what} ({se['connections']} connections)")
     if totals.get("samples_stored"):
         click.echo(
