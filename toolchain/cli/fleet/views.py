@@ -14,6 +14,7 @@ from toolchain.report import text_table
 
 STATUS_TABLE_MAX = 200  # `fleet status` in a terminal lists every device up to this many
 STATUS_NOTABLE_ROWS = 50  # beyond: a summary and this many devices that need a look
+STATUS_GATE_ROWS = 10  # `fleet status`: the latest canary gate decisions
 STORED_DRIFT_ROWS = 50  # `fleet drift` in a terminal: the worst rows (all of them with --json)
 
 
@@ -61,6 +62,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         status_rows,
         status_summary,
     )
+    from toolchain.fleet.rollouts import gate_events
     from toolchain.fleet.storage import open_store, sqlite_path_exists
 
     if not sqlite_path_exists(db_url):
@@ -77,6 +79,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         q = quarantine_summary(store)
         brokers = broker_counters(store)
         totals = collector_counters(store)
+        gates = gate_events(store, STATUS_GATE_ROWS)
     if as_json:
         doc = {
             "devices": rows,
@@ -84,6 +87,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             "quarantine": {k: q[k] for k in ("count", "total", "evicted")},
             "collector": totals,
             "broker_drops": brokers,
+            "canary_gates": gates,
         }
         echo_json(doc)
         return
@@ -151,12 +155,44 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             f"\n{len(restarted)} device(s) restarted with lost state (new stream): {names}{more};"
             " their new windows are stored"
         )
+    if gates:
+        click.echo(f"\ncanary gates (latest {STATUS_GATE_ROWS}, newest first):")
+        click.echo(text_table(*gate_table(gates, now)))
     for b in brokers:
         if b["dropped_seen"]:
             click.echo(
                 f"\nbroker {b['broker']} dropped {b['dropped_seen']} message(s) after acknowledging them"
                 f" ({b['counter']} = {b['value']}); raise max_queued_messages (docs/fleet.md)"
             )
+
+
+def gate_table(gates: list[dict[str, Any]], now: float) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of the canary gate decisions (``fleet status``)."""
+    rows = []
+    for g in gates:
+        nums = "; ".join(d["reason"] for d in g["detail"].get("devices", []))
+        model = f"{g['model']['name']} v{g['model']['version']}"
+        line = [
+            _ago(g["ts"], now),
+            g["fleet"],
+            model,
+            g["gate"],
+            g["windows"],
+            g["outcome"],
+            g["action"],
+            nums,
+        ]
+        rows.append([safe_text(v) for v in line])
+    return [
+        "when",
+        "fleet",
+        "model",
+        "gate",
+        "windows",
+        "outcome",
+        "action",
+        "canaries: before -> after",
+    ], rows
 
 
 @click.command("drift")
