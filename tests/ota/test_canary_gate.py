@@ -247,13 +247,13 @@ def test_drift_gate_passes_when_the_alert_clears_and_promotes(fleet, bundle_of, 
     gate = doc["gate"]
     assert gate["outcome"] == "passed" and gate["action"] == "promoted", gate
     (cam1,) = gate["devices"]
-    assert cam1["before"]["state"] == "alert" and cam1["after"]["state"] == "ok"
-    assert cam1["after"]["value"] < cam1["before"]["value"]
+    assert cam1["before"]["state"] == "alert" and cam1["after"]["state"] in ("ok", "warn")  # cleared
+    assert cam1["after"]["value"] < cam1["before"]["value"] / 2
     assert cam1["before"]["windows"] == K and cam1["after"]["windows"] == K
     assert cam1["after"]["count"] == K * WIN
     assert doc["devices"]["cam-2"]["state"] == "deployed"
     wait_for(lambda: f.agents["cam-2"].model_version() == 2, 60, "cam-2 on v2")
-    assert "windows on v2: cam-1 0/3" in err and "cam-1 3/3" in err  # progress while waiting
+    assert "windows on v2: cam-1 3/3" in err  # progress (earlier counts depend on timing)
     (ev,) = f.events()
     assert ev["outcome"] == "passed" and ev["action"] == "promoted" and ev["model"]["version"] == 2
     r = CliRunner().invoke(main, ["fleet", "status", "--db", f.db, "--json"])
@@ -278,9 +278,9 @@ def test_drift_gate_fails_and_rolls_the_canary_back(fleet, bundle_of, mosquitto,
     gate = doc["gate"]
     assert gate["outcome"] == "failed" and gate["action"] == "rolled_back", gate
     (cam1,) = gate["devices"]
-    assert cam1["before"]["state"] == "ok" and cam1["after"]["state"] == "alert"
+    assert cam1["before"]["state"] in ("ok", "warn") and cam1["after"]["state"] == "alert"
     assert gate["rollback"]["devices"] == {"cam-1": "deployed"} and gate["rollback"]["version"] == 3
-    assert doc["stopped"] and "ok -> alert" in doc["stop_reason"]
+    assert doc["stopped"] and "-> alert" in doc["stop_reason"] and "rolled back to v3" in doc["stop_reason"]
     assert doc["devices"]["cam-2"]["state"] == "not_reached"
     assert f.agents["cam-1"].model_version() == 3 and f.agents["cam-2"].model_version() == 1
     (ev,) = f.events()
