@@ -394,3 +394,19 @@ def test_without_a_rollback_bundle_the_canaries_keep_the_model_and_the_way_back_
     action, note, detail = g._roll_back(["cam-1", "cam-2"])
     assert action == "kept" and detail["bundle"] is None
     assert "keep v4" in note and "--version 5" in note and "--device cam-1 --device cam-2" in note
+
+
+def test_a_database_lost_while_waiting_fails_the_gate_safe(make_version, sqlite_url) -> None:
+    from toolchain.shipping.canary import GateOptions, MetricGate
+    from toolchain.shipping.flash import MqttDest
+
+    dest = MqttDest("127.0.0.1", 1, False, None, None, "lab", None, None)
+    g = MetricGate(GateOptions("drift", sqlite_url, windows=2), make_version(2), dest)
+    g.before = {"cam-1": m(0.01, "ok", windows=2)}
+    Path(sqlite_url.removeprefix("sqlite:///")).unlink()
+    d = g._decide(["cam-1"])
+    assert (
+        d.outcome == "failed"
+        and "cannot read the fleet database" in d.message
+        and "failing safe" in d.message
+    )

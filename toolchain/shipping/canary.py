@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.formats.manifest import Manifest, manifest_sha256
+from toolchain.errors import ToolchainError
 from toolchain.fleet.registry import RegistryError, register_bundle
 from toolchain.fleet.rollouts import current_model, measure, record_gate, window_count
 from toolchain.fleet.storage import Store, open_store, sqlite_path_exists
 from toolchain.shipping.deploy import DeployError, Rollout, deploy
 from toolchain.shipping.flash import MqttDest, check_bundle
-from toolchain.shipping.gate import GATES, GateDecision, Measure, decide
+from toolchain.shipping.gate import GATES, DeviceVerdict, GateDecision, Measure, decide
 
 POLL_S = 1.0  # how often the fleet database is read while waiting for the canaries' windows
 
@@ -168,44 +169,60 @@ class MetricGate:
                 return True
             time.sleep(self.poll_s)
 
-    def judge(self, roll: Rollout, canaries: list[str]) -> str | None:
+    def _decide(self, canaries: list[str]) -> GateDecision:
+        """Wait for the windows and decide; a database that fails meanwhile fails the gate (safe side)."""
         fleet, gate, k = self.broker.fleet, self.opts.gate, self.opts.windows
+        try:
+            with self._store() as store:
+                timed_out = self._wait(store, canaries)
+                after = {d: measure(store, gate, fleet, d, self.sha, k, newest=False) for d in canaries}
+        except Exception as e:  # noqa: BLE001 - whatever breaks the reading, the canaries are rolled back
+            why = f"cannot read the fleet database ({type(e).__name__}: {e}); failing safe"
+            return GateDecision(
+                gate, k, "failed", [DeviceVerdict(d, self.before.get(d), None, False, why) for d in canaries]
+            )
+        if timed_out:
+            self.say(
+                f"gate {gate}: not every canary sent {k} window(s) within {self.opts.timeout_s:g} s;"
+                " failing safe (rollback)"
+            )
+        return decide(gate, k, {d: (self.before.get(d), after[d]) for d in canaries}, timed_out)
+
+    def judge(self, roll: Rollout, canaries: list[str]) -> str | None:
+        gate, k = self.opts.gate, self.opts.windows
         if not canaries:
             return "no canary installed the bundle; the gate has nothing to judge"
-        with self._store() as store:
-            timed_out = self._wait(store, canaries)
-            after = {d: measure(store, gate, fleet, d, self.sha, k, newest=False) for d in canaries}
-            decision = decide(gate, k, {d: (self.before.get(d), after[d]) for d in canaries}, timed_out)
-            doc: dict[str, Any] = decision.to_dict()
-            why: str | None = None
-            if decision.passed:
-                action = "promoted"
-                self.say(decision.message + "; promoting")
-            else:
-                if decision.outcome == "timeout":
-                    self.say(
-                        f"gate {gate}: not every canary sent {k} window(s) within {self.opts.timeout_s:g} s;"
-                        " failing safe (rollback)"
-                    )
-                self.say(decision.message)
-                action, note, back = self._roll_back(canaries)
-                doc["rollback"] = back
-                why = f"{decision.message}; {note}"
-            roll.gate = {**doc, "action": action}
-            record_gate(
-                store,
-                fleet=fleet,
-                deployment_id=roll.deployment_id,
-                name=roll.name,
-                version=roll.version,
-                sha256=roll.sha256,
-                gate=gate,
-                outcome=decision.outcome,
-                action=action,
-                windows=k,
-                message=decision.message,
-                detail=roll.gate,
-            )
+        decision = self._decide(canaries)
+        doc: dict[str, Any] = decision.to_dict()
+        why: str | None = None
+        if decision.passed:
+            action = "promoted"
+            self.say(decision.message + "; promoting")
+        else:
+            self.say(decision.message)
+            action, note, back = self._roll_back(canaries)
+            doc["rollback"] = back
+            why = f"{decision.message}; {note}"
+        roll.gate = {**doc, "action": action}
+        try:
+            with self._store() as store:
+                record_gate(
+                    store,
+                    fleet=self.broker.fleet,
+                    deployment_id=roll.deployment_id,
+                    name=roll.name,
+                    version=roll.version,
+                    sha256=roll.sha256,
+                    gate=gate,
+                    outcome=decision.outcome,
+                    action=action,
+                    windows=k,
+                    message=decision.message,
+                    detail=roll.gate,
+                )
+        except Exception as e:  # noqa: BLE001 - the rollout's result is printed even when it cannot be stored
+            roll.gate["recorded"] = False
+            self.say(f"gate {gate}: the decision could not be stored in the fleet database ({e})")
         return why
 
     def _roll_back(self, canaries: list[str]) -> tuple[str, str, dict[str, Any]]:
@@ -222,15 +239,19 @@ class MetricGate:
             )
             return "kept", note, {"bundle": None, "devices": {}}
         self.say(f"rolling the canaries back to {m.name} v{m.version}: {', '.join(canaries)}")
-        back = deploy(
-            rb,
-            self.broker,
-            devices=canaries,
-            canary=0,
-            public_key=self.public_key,
-            wave_timeout_s=self.wave_timeout_s,
-            on_progress=self.say,
-        )
+        try:
+            back = deploy(
+                rb,
+                self.broker,
+                devices=canaries,
+                canary=0,
+                public_key=self.public_key,
+                wave_timeout_s=self.wave_timeout_s,
+                on_progress=self.say,
+            )
+        except ToolchainError as e:
+            detail = {"bundle": str(rb), "name": m.name, "version": m.version, "error": str(e), "devices": {}}
+            return "rollback_failed", f"ROLLBACK to v{m.version} FAILED: {e}", detail
         states = {d: r.state for d, r in back.results.items()}
         detail = {
             "bundle": str(rb),
