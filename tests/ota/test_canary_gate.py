@@ -87,22 +87,26 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def model(digits: dict[str, np.ndarray]) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """(the ONNX model every version runs, training inputs (n, 64), held-out inputs (n, 64))."""
+def model(digits: dict[str, np.ndarray]) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray, bytes]:
+    """(the ONNX model, training inputs (n, 64), held-out inputs (n, 64), their labels, a model that
+    answers the next class: ``(true + 1) % 10`` where the first is right, so nearly always wrong)."""
     x = digits["x"].reshape(len(digits["x"]), -1).astype(np.float32)
     w, b = fit_softmax(x, digits["y"])
     xt = digits["x_test"].reshape(len(digits["x_test"]), -1).astype(np.float32)
-    return onnx_dense(w, b, ["n", w.shape[0]]), x, xt
+    shift = np.roll(np.arange(w.shape[1]), 1)  # output j takes the logits of class j - 1
+    wrong = onnx_dense(w[:, shift], b[shift], ["n", w.shape[0]])
+    return onnx_dense(w, b, ["n", w.shape[0]]), x, xt, np.asarray(digits["y_test"]), wrong
 
 
 @pytest.fixture
-def bundle_of(tmp_path: Path, model, ota_keys) -> Callable[[int, float], Path]:
-    """``make(version, scale)``: a signed bundle of the same model whose baseline saw inputs * scale."""
+def bundle_of(tmp_path: Path, model, ota_keys) -> Callable[..., Path]:
+    """``make(version, scale, wrong=False)``: a signed bundle of the model (or the wrong one) whose
+    baseline saw inputs * scale."""
     from toolchain.shipping.signing import sign_bundle
 
-    def make(version: int, scale: float) -> Path:
-        out = tmp_path / "bundles" / f"v{version}-x{scale:g}"
-        flat_onnx_bundle(out, model[0], model[1][:400] * scale, version=version)
+    def make(version: int, scale: float, wrong: bool = False) -> Path:
+        out = tmp_path / "bundles" / f"v{version}-x{scale:g}{'-wrong' if wrong else ''}"
+        flat_onnx_bundle(out, model[4] if wrong else model[0], model[1][:400] * scale, version=version)
         sign_bundle(out, ota_keys["key"])
         return out
 
@@ -110,8 +114,8 @@ def bundle_of(tmp_path: Path, model, ota_keys) -> Callable[[int, float], Path]:
 
 
 class Fleet:
-    def __init__(self, db: str, agents: dict[str, Agent], feed: np.ndarray) -> None:
-        self.db, self.agents, self.feed = db, agents, feed
+    def __init__(self, db: str, agents: dict[str, Agent], feed: np.ndarray, truth: np.ndarray) -> None:
+        self.db, self.agents, self.feed, self.truth = db, agents, feed, truth
 
     def windows(self, device: str, version: int) -> int:
         with open_store(self.db, migrate=False) as s:
@@ -130,6 +134,22 @@ class Fleet:
             rows = self.feed[(i * WIN) % len(self.feed) :][:WIN]
             assert len(rows) == WIN
             self.agents[device].predict(rows.tolist())
+        wait_for(lambda: self.windows(device, version) >= start + n, 60, f"{n} windows of {device} stored")
+
+    def send_labelled_windows(self, device: str, n: int, version: int) -> None:
+        """``n`` windows whose first half is labelled (the label arrives while the window is open)."""
+        from tests.ota.agent_proc import call
+
+        a = self.agents[device]
+        start = self.windows(device, version)
+        half = WIN // 2
+        for i in range(n):
+            lo = (i * WIN) % len(self.feed)
+            ids = a.predict(self.feed[lo : lo + half].tolist())["ids"]
+            items = [{"id": p, "label": int(y)} for p, y in zip(ids, self.truth[lo : lo + half], strict=True)]
+            code, doc = call(a.base + "/v1/feedback", {"items": items})
+            assert code == 200 and doc["counted"] == half, doc
+            a.predict(self.feed[lo + half : lo + WIN].tolist())
         wait_for(lambda: self.windows(device, version) >= start + n, 60, f"{n} windows of {device} stored")
 
     def events(self) -> list[dict[str, Any]]:
@@ -174,7 +194,7 @@ def fleet(
         for a in agents.values():
             assert a.model_version() == 1
             wait_for(lambda a=a: a.health()["mqtt"]["connected"], 30, "the agent's MQTT connection")
-        f = Fleet(db, agents, model[2] * feed_scale)
+        f = Fleet(db, agents, model[2] * feed_scale, model[3])
         for dev in devices:
             f.send_windows(dev, K, 1)
         return f
@@ -323,6 +343,29 @@ def test_gate_timeout_fails_safe_and_rolls_back_on_postgres(fleet, bundle_of, mo
     assert f.agents["cam-1"].model_version() == 3 and f.agents["cam-2"].model_version() == 1
     (ev,) = f.events()
     assert ev["outcome"] == "timeout" and ev["windows"] == K
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(400)
+def test_accuracy_gate_fails_on_a_worse_model_and_rolls_back(fleet, bundle_of, mosquitto, ota_keys) -> None:
+    """Labels from /v1/feedback: v1 is right on most digits, v2 answers the next class (inputs unchanged)."""
+    f = fleet("sqlite", 1.0)
+    f.send_labelled_windows("cam-1", K, 1)
+    v2 = bundle_of(2, 1.0, wrong=True)
+    v3 = bundle_of(3, 1.0)
+    proc = start_deploy(v2, mosquitto, f.db, ota_keys, "--gate", "accuracy", "--rollback-bundle", str(v3))
+    canary_on(f, 2, proc)
+    f.send_windows("cam-1", 1, 2)  # windows without labels do not count for the accuracy gate
+    f.send_labelled_windows("cam-1", K, 2)
+    code, doc, err = finish(proc)
+    assert code == 1, err[-2000:]
+    gate = doc["gate"]
+    assert gate["outcome"] == "failed" and gate["action"] == "rolled_back", gate
+    (cam1,) = gate["devices"]
+    before, after = cam1["before"], cam1["after"]
+    assert before["labelled"] == after["labelled"] == K * WIN // 2
+    assert before["value"] > 0.8 and after["value"] < 0.2, cam1
+    assert f.agents["cam-1"].model_version() == 3 and f.agents["cam-2"].model_version() == 1
 
 
 @pytest.mark.broker

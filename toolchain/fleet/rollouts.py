@@ -29,8 +29,9 @@ def current_model(store: Store, fleet: str, device: str) -> tuple[str, int | Non
 
 
 def _where(labelled_only: bool) -> str:
-    w = " WHERE fleet = ? AND device_id = ? AND model_sha256 = ? AND count > 0 AND ints IS NOT NULL"
-    return w + (" AND labelled > 0" if labelled_only else "")
+    """Windows with predictions; with labels (accuracy), or else stored packed (a registered baseline)."""
+    w = " WHERE fleet = ? AND device_id = ? AND model_sha256 = ? AND count > 0"
+    return w + (" AND labelled > 0" if labelled_only else " AND ints IS NOT NULL")
 
 
 def window_count(store: Store, fleet: str, device: str, sha: str, labelled_only: bool = False) -> int:
