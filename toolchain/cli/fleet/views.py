@@ -170,7 +170,7 @@ def gate_table(gates: list[dict[str, Any]], now: float) -> tuple[list[str], list
     """Headers and rows of the canary gate decisions (``fleet status``)."""
     rows = []
     for g in gates:
-        nums = "; ".join(d["reason"] for d in g["detail"].get("devices", []))
+        nums = "; ".join(f"{d['device_id']}: {d['reason']}" for d in g["detail"].get("devices", []))
         model = f"{g['model']['name']} v{g['model']['version']}"
         line = [
             _ago(g["ts"], now),
