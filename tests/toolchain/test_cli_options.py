@@ -89,6 +89,11 @@ EXPECTED: dict[str, list[tuple[str, str | None, bool, bool, bool]]] = {
         ("--password", "EDGEFLEET_MQTT_PASSWORD", False, False, False),
         ("--password-file", "EDGEFLEET_MQTT_PASSWORD_FILE", False, False, False),
         ("--tls-ca", None, False, False, False),
+        ("--gate", None, False, False, False),
+        ("--db", "EDGEFLEET_DB", False, False, False),
+        ("--gate-windows", None, False, False, False),
+        ("--gate-timeout", None, False, False, False),
+        ("--rollback-bundle", None, False, False, False),
         ("--json", None, False, False, True),
     ],
     "fleet drift": [

@@ -5,7 +5,9 @@ Each migration is ``(version, name, statements)``; statements use placeholders t
 A statement may also be ``Only(dialect, sql, guard)``: it runs on that dialect only, and only when
 the ``guard`` query (if any) returns a row.
 Append new migrations with the next version number; never edit one that has shipped, because the
-``schema_migrations`` table records which versions a database already holds.
+``schema_migrations`` table records which versions a database already holds. Every version missing
+from that table is applied, in order, also one below the highest applied: two branches may add
+versions 6 and 7 at once, and a database migrated to 1-5 and 7 later gets 6.
 """
 
 from __future__ import annotations
@@ -345,6 +347,28 @@ MIGRATIONS: list[tuple[int, str, list[str | Only]]] = [
                 "SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression'"
                 " AND 'lz4' = ANY(enumvals)",
             ),
+        ],
+    ),
+    (
+        7,
+        "rollout events: canary gate decisions with their numbers",
+        [
+            """CREATE TABLE rollout_events (
+                id {ID},
+                ts {REAL} NOT NULL,
+                fleet TEXT NOT NULL,
+                deployment_id TEXT NOT NULL,
+                model_name TEXT NOT NULL,
+                model_version INTEGER NOT NULL,
+                model_sha256 TEXT NOT NULL,
+                gate TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                action TEXT NOT NULL,
+                windows INTEGER NOT NULL,
+                message TEXT NOT NULL,
+                detail_json TEXT NOT NULL
+            )""",
+            "CREATE INDEX rollout_events_ts ON rollout_events (fleet, ts)",
         ],
     ),
 ]

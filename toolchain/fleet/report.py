@@ -23,6 +23,7 @@ from toolchain.fleet.queries import (
     status_rows,
 )
 from toolchain.fleet.registry import load_baseline
+from toolchain.fleet.rollouts import gate_events
 from toolchain.fleet.storage import Store, open_store
 
 COLOURS = {
@@ -245,6 +246,7 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
         series = drift_series(store, since=since)
         alerts = recent_alerts(store, 30)
         quarantine = quarantine_summary(store)
+        gates = gate_events(store, 30)
         # The map shows the alerting state (with hysteresis) when the collector evaluated the device,
         # otherwise the verdict of the drift table over the report's time range.
         verdicts = {(r["fleet"], r["device_id"]): r["state"] for r in table if r["scope"] == "device"}
@@ -326,6 +328,8 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
         _devices_html(devices, now),
         "<h2>Recent alerts</h2>",
         _alerts_html(alerts),
+        "<h2>Canary gates</h2>",
+        _gates_html(gates),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -393,6 +397,27 @@ def _alerts_html(alerts: list[dict[str, Any]]) -> str:
             f"<tr><td>{_e(utc_iso(a['ts']))}</td><td>{_e(a['fleet'])}/{_e(a['device_id'])}</td>"
             f'<td class="state-{_e(a["state"])}">{_e(a["previous"])} &rarr; {_e(a["state"])}</td>'
             f"<td>{_e(a['message'])}</td></tr>"
+        )
+    out.append("</table>")
+    return "".join(out)
+
+
+def _gates_html(gates: list[dict[str, Any]]) -> str:
+    """The canary gate decisions with each canary's metric before and after the install."""
+    if not gates:
+        return "<p>No gated rollouts.</p>"
+    out = [
+        '<table id="canary-gates"><tr><th>time</th><th>fleet</th><th>model</th><th>gate</th><th>windows</th>'
+        "<th>outcome</th><th>action</th><th>canaries: before &rarr; after</th></tr>"
+    ]
+    for g in gates:
+        state = "ok" if g["outcome"] == "passed" else "alert"
+        nums = "<br>".join(f"{_e(d['device_id'])}: {_e(d['reason'])}" for d in g["detail"].get("devices", []))
+        out.append(
+            f"<tr><td>{_e(utc_iso(g['ts']))}</td><td>{_e(g['fleet'])}</td>"
+            f"<td>{_e(g['model']['name'])} v{_e(g['model']['version'])}</td><td>{_e(g['gate'])}</td>"
+            f'<td>{_e(g["windows"])}</td><td class="state-{state}">{_e(g["outcome"])}</td>'
+            f"<td>{_e(g['action'])}</td><td>{nums}</td></tr>"
         )
     out.append("</table>")
     return "".join(out)

@@ -9,6 +9,9 @@
    or no answer within ``wave_timeout_s`` counts as a failure.
 4. The next wave starts only while failures stay within ``max_failures``; otherwise the rollout stops
    and the devices not reached keep their model. Retained chunks are removed at the end.
+5. With a ``gate`` (``toolchain.shipping.canary``), the canary wave must also pass it: ``prepare`` runs
+   before anything is published (it may refuse the rollout), ``judge`` after the canaries installed;
+   a reason from ``judge`` stops the rollout like failures do.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from device_agent.formats.deploy import HttpSource, MqttSource
 from device_agent.formats.manifest import Manifest, manifest_sha256
@@ -44,6 +47,16 @@ class DeployError(ToolchainError):
     """A rollout cannot start (no devices, bad bundle, unreachable broker)."""
 
 
+class CanaryCheck(Protocol):
+    """A check of the canary wave beyond a healthy install (a metric gate)."""
+
+    def prepare(self, canaries: list[str]) -> None:
+        """Refuse (raise DeployError) before anything is published, or get ready."""
+
+    def judge(self, roll: Rollout, canaries: list[str]) -> str | None:
+        """Return None to promote, or why the rollout stops (after undoing what is needed)."""
+
+
 @dataclass
 class DeviceResult:
     """One device's outcome in a rollout."""
@@ -67,6 +80,7 @@ class Rollout:
     results: dict[str, DeviceResult] = field(default_factory=dict)
     stopped: bool = False
     stop_reason: str = ""
+    gate: dict[str, Any] | None = None
 
     @property
     def failures(self) -> int:
@@ -86,6 +100,7 @@ class Rollout:
             "stopped": self.stopped,
             "stop_reason": self.stop_reason,
             "failures": self.failures,
+            "gate": self.gate,
             "devices": {d: r.__dict__ for d, r in sorted(self.results.items())},
         }
 
@@ -150,6 +165,7 @@ def deploy(
     wave_timeout_s: float = 300.0,
     chunk_bytes: int = CHUNK_BYTES,
     on_progress: Callable[[str], None] | None = None,
+    gate: CanaryCheck | None = None,
 ) -> Rollout:
     """Roll ``bundle`` out to ``devices`` (or the whole fleet) in waves; see the module docstring."""
     say = on_progress or (lambda s: None)
@@ -187,6 +203,10 @@ def deploy(
         if not devices:
             raise DeployError("no device to deploy to; pass --device ID (repeatable) or --fleet NAME")
         waves = plan_waves(devices, canary, wave_size)
+        if gate is not None:
+            if not canary:
+                raise DeployError("a canary gate needs canaries: pass --canary N (N >= 1)")
+            gate.prepare(waves[0])
         if url:
             src = HttpSource(url if url.endswith("/") else url + "/")
         else:
@@ -240,6 +260,15 @@ def deploy(
                     for d in later:
                         roll.results[d] = DeviceResult(d, None, "not_reached", "rollout stopped")
                 break
+            if gate is not None and i == 1:
+                verdict = gate.judge(roll, [d for d in wave if roll.results[d].state == "deployed"])
+                if verdict:
+                    roll.stopped = True
+                    roll.stop_reason = verdict
+                    for later in waves[1:]:
+                        for d in later:
+                            roll.results[d] = DeviceResult(d, None, "not_reached", "canary gate failed")
+                    break
         return roll
     finally:
         if isinstance(src, MqttSource):

@@ -14,6 +14,7 @@ from toolchain.report import text_table
 
 STATUS_TABLE_MAX = 200  # `fleet status` in a terminal lists every device up to this many
 STATUS_NOTABLE_ROWS = 50  # beyond: a summary and this many devices that need a look
+STATUS_GATE_ROWS = 10  # `fleet status`: the latest canary gate decisions
 STORED_DRIFT_ROWS = 50  # `fleet drift` in a terminal: the worst rows (all of them with --json)
 
 
@@ -63,6 +64,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         status_rows,
         status_summary,
     )
+    from toolchain.fleet.rollouts import gate_events
     from toolchain.fleet.storage import open_store, sqlite_path_exists
 
     if not sqlite_path_exists(db_url):
@@ -80,6 +82,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         brokers = broker_counters(store)
         sessions = broker_sessions(store)
         totals = collector_counters(store)
+        gates = gate_events(store, STATUS_GATE_ROWS)
     if as_json:
         doc = {
             "devices": rows,
@@ -88,6 +91,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             "collector": totals,
             "broker_drops": brokers,
             "broker_sessions": sessions,
+            "canary_gates": gates,
         }
         echo_json(doc)
         return
@@ -155,6 +159,9 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             f"\n{len(restarted)} device(s) restarted with lost state (new stream): {names}{more};"
             " their new windows are stored"
         )
+    if gates:
+        click.echo(f"\ncanary gates (latest {STATUS_GATE_ROWS}, newest first):")
+        click.echo(text_table(*gate_table(gates, now)))
     for b in brokers:
         if b["dropped_seen"]:
             what = describe(b["counter"], b["dropped_seen"])
@@ -169,6 +176,35 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             f" ({totals.get('samples_duplicate', 0):,} resent and not stored again),"
             f" {totals.get('sample_labels_stored', 0):,} label(s) from feedback; see 'edgefleet fleet samples list'"
         )
+
+
+def gate_table(gates: list[dict[str, Any]], now: float) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of the canary gate decisions (``fleet status``)."""
+    rows = []
+    for g in gates:
+        nums = "; ".join(f"{d['device_id']}: {d['reason']}" for d in g["detail"].get("devices", []))
+        model = f"{g['model']['name']} v{g['model']['version']}"
+        line = [
+            _ago(g["ts"], now),
+            g["fleet"],
+            model,
+            g["gate"],
+            g["windows"],
+            g["outcome"],
+            g["action"],
+            nums,
+        ]
+        rows.append([safe_text(v) for v in line])
+    return [
+        "when",
+        "fleet",
+        "model",
+        "gate",
+        "windows",
+        "outcome",
+        "action",
+        "canaries: before -> after",
+    ], rows
 
 
 @click.command("drift")
