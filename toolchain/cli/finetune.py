@@ -41,19 +41,22 @@ def run_finetune(
         old_part = load_labelled(data_paths[0], label) if len(data_paths) > 1 else None
         new_parts = [load_labelled(p, label) for p in data_paths[1:] or data_paths]
         dropped_new = sum(p.unlabelled for p in new_parts)
-        for part in ([old_part] if old_part else []) + new_parts:
-            if part.unlabelled:
-                click.echo(
-                    f"dropped {part.unlabelled} unlabelled samples (y = -1) of {part.data.source};"
-                    f" {part.data.n} labelled samples kept",
-                    err=True,
-                )
+        said = [
+            f"dropped {part.unlabelled} unlabelled samples (y = -1) of {part.data.source};"
+            f" {part.data.n} labelled samples kept"
+            for part in ([old_part] if old_part else []) + new_parts
+            if part.unlabelled
+        ]
         if old_part is None:
-            click.echo(
+            said.append(
                 "no OLD data: fine-tuning on NEW only, nothing replayed (pass --data OLD --data NEW so the"
-                " model keeps what it knew)",
-                err=True,
+                " model keeps what it knew)"
             )
+
+        def ready(notes: list[str]) -> None:  # every check passed: say what was dropped, then train
+            for line in [*said, *notes]:
+                click.echo(line, err=True)
+
         result = finetune_model(
             init_from,
             old_part.data if old_part else None,
@@ -67,9 +70,8 @@ def run_finetune(
             seed=seed,
             unlabelled_dropped=(old_part.unlabelled if old_part else 0, dropped_new),
             progress=not as_json,
+            on_ready=ready,
         )
-        for note in result.notes:
-            click.echo(note, err=True)
     weights = (
         {result.class_names[k]: round(v, 4) for k, v in result.class_weight.items()}
         if result.class_weight

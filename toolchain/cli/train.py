@@ -130,11 +130,6 @@ def train_cmd(
 
     with stdout_to_stderr(as_json):
         parts = [load_labelled(p, label) for p in data_paths]
-        for part in parts:
-            if part.unlabelled:
-                click.echo(
-                    f"dropped {part.unlabelled} unlabelled samples (y = -1) of {part.data.source}", err=True
-                )
         ds = combine([part.data for part in parts])
         result = train_model(
             ds,
@@ -146,6 +141,11 @@ def train_cmd(
             learning_rate=learning_rate if learning_rate is not None else LEARNING_RATE,
             progress=not as_json,
         )
+        for part in parts:  # said after training, so a refusal stays one line
+            if part.unlabelled:
+                click.echo(
+                    f"dropped {part.unlabelled} unlabelled samples (y = -1) of {part.data.source}", err=True
+                )
     weights = (
         {ds.class_names[k]: round(v, 4) for k, v in result.class_weight.items()}
         if result.class_weight

@@ -17,6 +17,7 @@ steps do not undo the deployed weights; the schedule, determinism (``--seed``) a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,12 +270,15 @@ def finetune_model(
     lr_patience: int = LR_PATIENCE_EPOCHS,
     unlabelled_dropped: tuple[int, int] = (0, 0),
     progress: bool = True,
+    on_ready: Callable[[list[str]], None] | None = None,
 ) -> FineTuneResult:
     """Continue training ``init_from`` on ``new`` with ``replay`` x len(new) rows of ``old``; save to ``out_path``.
 
     Every check (paths, replay, architecture, input shape, class names, sample counts) runs before the
     first epoch and raises TrainError in one line. ``unlabelled_dropped`` = rows dropped from (OLD, NEW)
-    while loading, recorded in the metadata. Same inputs and ``seed`` give bit-identical weights.
+    while loading, recorded in the metadata. ``on_ready`` gets the notes (one line each: classes
+    reordered, replay capped) once every check has passed, before the first epoch. Same inputs and
+    ``seed`` give bit-identical weights.
     """
     out = check_out_path(out_path)
     init = Path(init_from)
@@ -325,6 +329,8 @@ def finetune_model(
         "all": _accuracy(model, val),
     }
     pre_before = preprocessing_state(model)
+    if on_ready is not None:
+        on_ready(notes)
     weights = class_weights(train.y, len(names), class_weight)
     history = fit(
         model,
