@@ -25,7 +25,7 @@ from toolchain.steps.trainset import combine, load_labelled
 NAMES = ["ok", "fault"]
 UNITS = np.array([0.001, 0.05, 2.0, 40.0, 700.0, 4000.0])
 SHAPES = ["bar", "column", "cross"]
-EPOCHS = 40  # the most per fine-tune here; early stopping may end sooner
+EPOCHS = 100  # the default: the most per fine-tune; early stopping may end sooner
 
 
 def _regime(seed: int, n: int, new: bool) -> tuple[np.ndarray, np.ndarray]:
