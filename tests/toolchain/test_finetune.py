@@ -135,6 +135,10 @@ def test_exports_nobody_labelled_or_with_stray_labels_are_refused(tmp_path: Path
     np.savez(tmp_path / "stray.npz", x=x, y=np.r_[y[:-1], 2], labels=np.array(NAMES))
     with pytest.raises(DataError, match="label 2 is neither -1"):
         load_labelled(tmp_path / "stray.npz")
+    # Without class names -1 is a class of its own (labels -1/1), as `train` always read it.
+    np.savez(tmp_path / "pm.npz", x=x, y=np.where(y == 1, 1, -1))
+    pm = load_labelled(tmp_path / "pm.npz")
+    assert pm.unlabelled == 0 and pm.data.n == 20 and pm.data.class_names == ["-1", "1"]
     with pytest.raises(DataError, match="shape"):
         combine([Dataset(x, y, None, NAMES, "a"), Dataset(x[:, :3], y, None, NAMES, "b")])
 

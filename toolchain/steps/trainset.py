@@ -32,6 +32,9 @@ class Labelled:
 def load_labelled(path: str | Path, label: str | None = None) -> Labelled:
     """Load ``path`` as ``load_dataset`` does, dropping the unlabelled rows (``y == -1``) of an ``.npz``.
 
+    -1 means unlabelled in an ``.npz`` that names its classes (``labels`` as an export writes it, or
+    ``class_names``); without names -1 stays a class label, as ``load_dataset`` reads it.
+
     Raises DataError (one line) when nothing labelled is left, or for anything ``load_dataset`` refuses.
     """
     p = Path(path)
@@ -43,16 +46,21 @@ def load_labelled(path: str | Path, label: str | None = None) -> Labelled:
             files = set(z.files)
             y_raw = np.asarray(z[ykey]).reshape(-1) if ykey in files else None
             names = None
-            if "class_names" not in files and "labels" in files and ykey != "labels":
-                names = [str(v) for v in np.asarray(z["labels"]).reshape(-1).tolist()]
+            for key in ("class_names", "labels"):
+                if key in files and key != ykey:
+                    names = [str(v) for v in np.asarray(z[key]).reshape(-1).tolist()]
+                    break
             x = z["x"] if (y_raw is not None and "x" in files) else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(
             f"cannot read {str(p)!r} as .npz ({str(e)[:80]}); save it with numpy.savez(x=..., y=...)"
         ) from None
-    exported = names is not None
-    has_unlabelled = y_raw is not None and y_raw.dtype.kind in "iu" and bool((y_raw < 0).any())
-    if x is None or y_raw is None or not (exported or has_unlabelled):
+    # -1 means "unlabelled" only in a file that names its classes (an export: ``labels``): without
+    # names, -1 is a class of its own (labels -1/1 are common), as load_dataset reads it.
+    exported = names is not None and (
+        "labels" in files or (y_raw is not None and y_raw.dtype.kind in "iu" and bool((y_raw < 0).any()))
+    )
+    if x is None or y_raw is None or names is None or not exported:
         return Labelled(load_dataset(p, label))  # a plain training file (or one load_dataset explains)
     if y_raw.dtype.kind not in "iu":
         raise DataError(
@@ -65,11 +73,11 @@ def load_labelled(path: str | Path, label: str | None = None) -> Labelled:
         )
     keep = y_raw != UNLABELLED
     bad = y_raw[keep]
-    bad = bad[(bad < 0) | (bad >= len(names or []))] if names is not None else bad[bad < 0]
+    bad = bad[(bad < 0) | (bad >= len(names))]
     if bad.size:
         raise DataError(
-            f"{str(p)!r}: label {int(bad[0])} is neither -1 (unlabelled) nor a class index"
-            + (f" 0..{len(names) - 1} of its labels {names[:10]}" if names is not None else "")
+            f"{str(p)!r}: label {int(bad[0])} is neither -1 (unlabelled) nor a class index 0..{len(names) - 1}"
+            f" of its class names {names[:10]}"
         )
     dropped = int((~keep).sum())
     if not keep.any():
@@ -78,9 +86,6 @@ def load_labelled(path: str | Path, label: str | None = None) -> Labelled:
             " (POST /v1/feedback on the device, or set y in the file) before training on it"
         )
     y = y_raw[keep].astype(np.int64)
-    if names is None:
-        k = int(y.max()) + 1
-        names = [str(i) for i in range(k)]
     ds = Dataset(x[keep].astype(np.float32), y, None, names, str(p), "array")
     check_finite(ds.x, str(p))
     return Labelled(ds, dropped)
