@@ -281,6 +281,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ("case", "fragments"),
     [
         ("missing", ["--init-from", "does not exist"]),
+        ("corrupt", ["--init-from", "not a valid .keras archive"]),
         ("replay-high", ["--replay 1.5 is outside [0, 1]"]),
         ("replay-nan", ["outside [0, 1]"]),
         ("replay-no-old", ["needs old data"]),
@@ -301,6 +302,9 @@ def test_bad_fine_tune_requests_fail_in_one_line_before_training(
     args: list[object] = ["train", "--init-from", m, "--data", old, "--data", new, "--out", out]
     if case == "missing":
         args[2] = tmp_path / "nope.keras"
+    elif case == "corrupt":
+        args[2] = tmp_path / "bad.keras"
+        (tmp_path / "bad.keras").write_bytes(m.read_bytes()[:300])
     elif case == "replay-high":
         args += ["--replay", "1.5"]
     elif case == "replay-nan":
