@@ -336,3 +336,16 @@ def test_bad_fine_tune_requests_fail_in_one_line_before_training(
 def test_train_without_arch_or_init_from_is_a_usage_error(tmp_path: Path) -> None:
     code, _, err = _run("train", "--data", tmp_path / "d.npz", "--out", tmp_path / "m.keras")
     assert code == 2 and "--arch" in err and "--init-from" in err
+
+
+@pytest.mark.slow
+def test_train_from_scratch_combines_data_and_drops_unlabelled(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.keras"
+    code, stdout, err = _run(
+        "train", "--arch", "mlp", "--data", small / "old.npz", "--data", small / "new.npz",
+        "--epochs", 1, "--out", out, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["samples"] == 100 and doc["unlabelled_dropped"] == 3 and doc["classes"] == NAMES
+    assert "dropped 3 unlabelled samples" in err
