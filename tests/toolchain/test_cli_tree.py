@@ -206,9 +206,12 @@ EXPECTED: dict[str, list[str]] = {
         "option:--class-weight",
         "option:--data",
         "option:--epochs",
+        "option:--init-from",
         "option:--json",
         "option:--label",
+        "option:--learning-rate",
         "option:--out",
+        "option:--replay",
         "option:--seed",
     ],
     "edgefleet verify": [

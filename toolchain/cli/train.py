@@ -1,4 +1,5 @@
-"""``edgefleet train``: train a built-in architecture on the user's data, repeatably (``--seed``).
+"""``edgefleet train``: train a built-in architecture on the user's data, repeatably (``--seed``), or
+fine-tune a deployed model on new data (``--init-from MODEL --data OLD --data NEW [--replay F]``).
 
 The ``--out`` path is checked (suffix, folder, writable) before the data is read or TensorFlow is
 imported (``toolchain.steps.train`` imports TensorFlow only inside its functions), so a typo costs
@@ -10,19 +11,53 @@ from __future__ import annotations
 import click
 
 from toolchain.cli.output import emit_json, stdout_to_stderr
-from toolchain.steps.train import CLASS_WEIGHT_MODES, DEFAULT_EPOCHS, DEFAULT_SEED, check_out_path
+from toolchain.steps.finetune import DEFAULT_REPLAY
+from toolchain.steps.finetune import LEARNING_RATE as FINETUNE_LEARNING_RATE
+from toolchain.steps.train import (
+    CLASS_WEIGHT_MODES,
+    DEFAULT_EPOCHS,
+    DEFAULT_SEED,
+    LEARNING_RATE,
+    TrainError,
+    check_out_path,
+)
 
 
 @click.command("train")
 @click.option(
     "--data",
-    "data_path",
+    "data_paths",
     required=True,
-    help="Training data: .npz (x, y), .csv (with --label) or an image folder.",
+    multiple=True,
+    help="Training data: .npz (x, y), .csv (with --label) or an image folder; repeat to combine. With"
+    " --init-from the first is OLD (replayed) and the rest NEW, e.g. a 'fleet samples export'.",
 )
 @click.option("--label", default=None, help="Label column (CSV) or label array name (.npz, default y).")
 @click.option(
-    "--arch", type=click.Choice(["mlp", "cnn", "mobilenetv2"]), required=True, help="Built-in architecture."
+    "--arch",
+    type=click.Choice(["mlp", "cnn", "mobilenetv2"]),
+    default=None,
+    help="Built-in architecture (required unless --init-from, which keeps the model's).",
+)
+@click.option(
+    "--init-from",
+    "init_from",
+    default=None,
+    help="Fine-tune this model (.keras/.h5, e.g. the deployed one): same architecture, preprocessing and"
+    " class names.",
+)
+@click.option(
+    "--replay",
+    type=float,
+    default=None,
+    help=f"With --init-from: OLD rows mixed in per NEW row, 0..1 [default: {DEFAULT_REPLAY}; 0 without OLD].",
+)
+@click.option(
+    "--learning-rate",
+    "learning_rate",
+    type=float,
+    default=None,
+    help=f"Starting learning rate [default: {LEARNING_RATE:g}; {FINETUNE_LEARNING_RATE:g} with --init-from].",
 )
 @click.option(
     "--epochs",
@@ -49,25 +84,68 @@ from toolchain.steps.train import CLASS_WEIGHT_MODES, DEFAULT_EPOCHS, DEFAULT_SE
 @click.option("--out", "out_path", required=True, help="Where to save the model (.keras or .h5).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_cmd(
-    data_path: str,
+    data_paths: tuple[str, ...],
     label: str | None,
-    arch: str,
+    arch: str | None,
+    init_from: str | None,
+    replay: float | None,
+    learning_rate: float | None,
     epochs: int,
     seed: int,
     class_weight: str,
     out_path: str,
     as_json: bool,
 ) -> None:
-    """Train a built-in architecture on your data (seeded, repeatable; early stopping on validation loss)."""
+    """Train a built-in architecture on your data (seeded, repeatable; early stopping on validation loss).
+
+    With --init-from MODEL, fine-tune that model instead: --data OLD --data NEW [--replay F].
+    """
+    if init_from is None and arch is None:
+        raise click.UsageError("Missing option '--arch' (needed unless --init-from MODEL)")
+    if init_from is None and replay is not None:
+        raise TrainError("--replay applies to fine-tuning; pass --init-from MODEL (the deployed model)")
+    if learning_rate is not None and not (0 < learning_rate < float("inf")):
+        raise TrainError(f"--learning-rate must be a positive number, got {learning_rate}")
     out = check_out_path(out_path)  # before reading data or importing TensorFlow
-    from toolchain.steps.data import load_dataset
+    if init_from is not None:
+        from toolchain.cli.finetune import run_finetune
+
+        run_finetune(
+            init_from,
+            data_paths,
+            label,
+            arch,
+            replay,
+            learning_rate if learning_rate is not None else FINETUNE_LEARNING_RATE,
+            epochs,
+            seed,
+            class_weight,
+            out,
+            as_json,
+        )
+        return
+    assert arch is not None
     from toolchain.steps.train import train_model
+    from toolchain.steps.trainset import combine, load_labelled
 
     with stdout_to_stderr(as_json):
-        ds = load_dataset(data_path, label)
+        parts = [load_labelled(p, label) for p in data_paths]
+        ds = combine([part.data for part in parts])
         result = train_model(
-            ds, arch, epochs, out, seed=seed, class_weight=class_weight, progress=not as_json
+            ds,
+            arch,
+            epochs,
+            out,
+            seed=seed,
+            class_weight=class_weight,
+            learning_rate=learning_rate if learning_rate is not None else LEARNING_RATE,
+            progress=not as_json,
         )
+        for part in parts:  # said after training, so a refusal stays one line
+            if part.unlabelled:
+                click.echo(
+                    f"dropped {part.unlabelled} unlabelled samples (y = -1) of {part.data.source}", err=True
+                )
     weights = (
         {ds.class_names[k]: round(v, 4) for k, v in result.class_weight.items()}
         if result.class_weight
@@ -79,12 +157,13 @@ def train_cmd(
         "arch": arch,
         "seed": seed,
         "samples": ds.n,
+        "unlabelled_dropped": sum(part.unlabelled for part in parts),
         "input_shape": list(ds.sample_shape),
         "classes": ds.class_names,
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
-        "val_accuracy": _finite(result.val_accuracy),
-        "val_loss": _finite(result.val_loss),
+        "val_accuracy": finite(result.val_accuracy),
+        "val_loss": finite(result.val_loss),
         "val_recall": result.val_recall,
         "train_accuracy": result.train_accuracy,
         "class_weight": weights,
@@ -106,5 +185,8 @@ def train_cmd(
         click.echo(f"class names and training settings: {result.meta_path}")
 
 
-def _finite(v: float) -> float | None:
+def finite(v: float | None) -> float | None:
+    """Return ``v``, or None for NaN, infinity or None (strict JSON)."""
+    if v is None:
+        return None
     return v if v == v and v not in (float("inf"), float("-inf")) else None

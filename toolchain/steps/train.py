@@ -311,7 +311,7 @@ def fit(
     return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
-def _best_epoch(history: dict[str, list[float]], monitor: str, start_epoch: int = 0) -> int:
+def best_epoch(history: dict[str, list[float]], monitor: str, start_epoch: int = 0) -> int:
     """Return the 1-based epoch whose weights EarlyStopping restored (its improvement rule, min_delta)."""
     vals = history.get(monitor)
     if not vals:
@@ -324,6 +324,62 @@ def _best_epoch(history: dict[str, list[float]], monitor: str, start_epoch: int 
         if sign * v + EARLY_STOP_MIN_DELTA < best:
             best, best_i = sign * v, i
     return best_i + 1
+
+
+def measure(model: Any, data: Dataset, class_names: list[str]) -> tuple[float, float, dict[str, float]]:
+    """Return ``(accuracy, cross-entropy, recall per class name)`` of ``model`` on ``data`` (NaN when empty)."""
+    if not data.n:
+        return float("nan"), float("nan"), {}
+    scores = np.asarray(model.predict(data.x, verbose=0))
+    pred = scores.argmax(1)
+    accuracy = float(np.mean(pred == data.y))
+    p_true = np.clip(scores[np.arange(data.n), data.y], 1e-7, 1.0)
+    loss = float(-np.mean(np.log(p_true)))
+    recall: dict[str, float] = {}
+    for c, name in enumerate(class_names):
+        sel = data.y == c
+        if sel.any():
+            recall[name] = float(np.mean(pred[sel] == c))
+    return accuracy, loss, recall
+
+
+def training_settings(
+    *,
+    epochs: int,
+    epochs_run: int,
+    best: int,
+    batch_size: int,
+    learning_rate: float,
+    lr_patience: int,
+    patience: int,
+    min_epochs: int,
+    monitor: str = XENT_MONITOR,
+) -> dict[str, Any]:
+    """Return the optimiser, schedule and early-stopping settings a model's metadata records."""
+    return {
+        "epochs_max": epochs,
+        "epochs_run": epochs_run,
+        "best_epoch": best,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "lr_schedule": {
+            "type": "reduce_on_plateau",
+            "monitor": XENT_MONITOR,
+            "factor": LR_FACTOR,
+            "patience": lr_patience,
+            "min_lr": MIN_LEARNING_RATE,
+        },
+        "early_stopping": {
+            "monitor": monitor,
+            "patience": patience,
+            "min_epochs": min_epochs,
+            "min_delta": EARLY_STOP_MIN_DELTA,
+            "restore_best_weights": True,
+        },
+        "optimizer": "adam",
+        "loss": "sparse_categorical_crossentropy",
+        "op_determinism": True,
+    }
 
 
 def data_sha256(data: Dataset) -> str:
@@ -399,21 +455,9 @@ def train_model(
     )
     epochs_run = len(history.get("loss", []))
     start = max(0, min(min_epochs, epochs) - patience) if patience else 0
-    best = _best_epoch(history, monitor, start) if val.n and patience else epochs_run
-    val_accuracy = float("nan")
-    val_loss = float("nan")
-    val_recall: dict[str, float] = {}
-    if val.n:
-        # The restored weights are those of the best epoch; measure them rather than trusting the log.
-        scores = np.asarray(model.predict(val.x, verbose=0))
-        pred = scores.argmax(1)
-        val_accuracy = float(np.mean(pred == val.y))
-        p_true = np.clip(scores[np.arange(val.n), val.y], 1e-7, 1.0)
-        val_loss = float(-np.mean(np.log(p_true)))
-        for c, name in enumerate(data.class_names):
-            sel = val.y == c
-            if sel.any():
-                val_recall[name] = float(np.mean(pred[sel] == c))
+    best = best_epoch(history, monitor, start) if val.n and patience else epochs_run
+    # The restored weights are those of the best epoch; measure them rather than trusting the log.
+    val_accuracy, val_loss, val_recall = measure(model, val, data.class_names)
     train_acc = float(np.mean(np.argmax(model.predict(train.x, verbose=0), axis=1) == train.y))
     save_model(model, out_path)
     meta = {
@@ -430,32 +474,21 @@ def train_model(
             "sha256": data_sha256(data),
         },
         "training": {
-            "epochs_max": epochs,
-            "epochs_run": epochs_run,
-            "best_epoch": best,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "lr_schedule": {
-                "type": "reduce_on_plateau",
-                "monitor": XENT_MONITOR,
-                "factor": LR_FACTOR,
-                "patience": lr_patience,
-                "min_lr": MIN_LEARNING_RATE,
-            },
-            "early_stopping": {
-                "monitor": monitor,
-                "patience": patience,
-                "min_epochs": min_epochs,
-                "min_delta": EARLY_STOP_MIN_DELTA,
-                "restore_best_weights": True,
-            },
+            **training_settings(
+                epochs=epochs,
+                epochs_run=epochs_run,
+                best=best,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                lr_patience=lr_patience,
+                patience=patience,
+                min_epochs=min_epochs,
+                monitor=monitor,
+            ),
             "validation_fraction": validation_fraction,
             "validation_split": "stratified",
             "class_weight_mode": class_weight,
             "class_weight": {data.class_names[k]: v for k, v in weights.items()} if weights else None,
-            "optimizer": "adam",
-            "loss": "sparse_categorical_crossentropy",
-            "op_determinism": True,
         },
         "metrics": {
             "val_accuracy": val_accuracy,
@@ -463,9 +496,9 @@ def train_model(
             "val_recall": val_recall,
             "train_accuracy": train_acc,
         },
-        "versions": _versions(),
+        "versions": library_versions(),
     }
-    meta_path = write_model_meta(out_path, _json_safe(meta))
+    meta_path = write_model_meta(out_path, json_safe(meta))
     return TrainResult(
         model,
         out_path,
@@ -482,7 +515,7 @@ def train_model(
     )
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import importlib.metadata
 
     out = {}
@@ -494,12 +527,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _json_safe(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
     """Replace NaN/inf by None (strict JSON) throughout nested dicts and lists."""
     if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_json_safe(x) for x in v]
+        return [json_safe(x) for x in v]
     if isinstance(v, float) and not np.isfinite(v):
         return None
     return v
