@@ -122,6 +122,7 @@ class _Win:
     count: int
     sha: str
     packed: bool
+    dropped: int  # windows the device dropped since its previous stored one (reported once)
 
 
 @dataclass
@@ -137,13 +138,12 @@ class _Judged:
     result: BatchResult = field(default_factory=BatchResult)
 
     def add_window(self, row: WindowRow, stream: str | None, seen: DeviceSeen) -> None:
-        """Add a window row and fold it into its device's row (the highest dropped count wins)."""
+        """Add a window row; its device's row takes the newest window's fields (drops add up in _tally)."""
         self.windows.append(row)
         key = (row.fleet, row.device_id)
-        self.wins.append(_Win(key, stream, row.seq, row.count, row.model_sha256, row.ints is not None))
-        prev = self.seen.get(key)
-        if prev is not None and prev.dropped_windows > seen.dropped_windows:
-            seen = seen._replace(dropped_windows=prev.dropped_windows)
+        self.wins.append(
+            _Win(key, stream, row.seq, row.count, row.model_sha256, row.ints is not None, row.dropped_windows)
+        )
         self.seen[key] = seen
 
 
@@ -151,7 +151,7 @@ class _Judged:
 class _Stored:
     """What storing a batch did, for the counters and the log."""
 
-    per: dict[DeviceKey, list[int]]  # -> [stored, predictions, duplicates]
+    per: dict[DeviceKey, list[int]]  # -> [stored, predictions, duplicates, dropped]
     legacy_dups: dict[DeviceKey, int]
     changes: dict[DeviceKey, tuple[str, int]]  # -> (newest stream, stream changes)
     stored: int
@@ -418,16 +418,21 @@ class Ingestor:
     def _tally(
         self, judged: _Judged, flags: list[bool]
     ) -> tuple[dict[DeviceKey, list[int]], dict[DeviceKey, int], dict[tuple[DeviceKey, str], int]]:
-        """Per device: [stored, predictions, duplicates], legacy duplicates; new streams -> first seq."""
+        """Per device: [stored, predictions, duplicates, dropped], legacy duplicates; new streams -> first seq.
+
+        ``dropped`` adds up the drops reported by the windows stored now: each window reports the drops
+        since the device's previous stored window, so a resent duplicate's count is already in.
+        """
         per: dict[DeviceKey, list[int]] = {}
         legacy_dups: dict[DeviceKey, int] = {}
         new_streams: dict[tuple[DeviceKey, str], int] = {}  # -> first seq in this batch
         touched = judged.result.touched
         for w, ok in zip(judged.wins, flags, strict=True):
-            acc = per.setdefault(w.key, [0, 0, 0])
+            acc = per.setdefault(w.key, [0, 0, 0, 0])
             if ok:
                 acc[0] += 1
                 acc[1] += w.count
+                acc[3] += w.dropped
                 if w.packed:
                     touched[w.key] = (touched.get(w.key, (0, w.sha))[0] + w.count, w.sha)
             else:
@@ -448,12 +453,13 @@ class Ingestor:
     ) -> list[DeviceSeen]:
         rows = []
         for key in sorted(seen):  # a stable order: concurrent collectors lock rows in the same order
-            stored, preds, dups = per.get(key, (0, 0, 0))
+            stored, preds, dups, dropped = per.get(key, (0, 0, 0, 0))
             stream, n_changes = changes.get(key, (None, 0))
             rows.append(
                 seen[key]._replace(
                     windows=stored,
                     predictions=preds,
+                    dropped_windows=dropped,
                     duplicates=dups,
                     stream=stream,
                     stream_changes=n_changes,

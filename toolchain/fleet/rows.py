@@ -51,7 +51,7 @@ class DeviceSeen(NamedTuple):
     model_name: str
     model_version: int
     agent_version: str
-    dropped_windows: int  # the highest count the device reported
+    dropped_windows: int  # windows the device reported dropped, added up over the stored windows
     windows: int = 0
     predictions: int = 0
     duplicates: int = 0
@@ -145,7 +145,7 @@ def device_seen_sql(greatest: Callable[[str, str], str]) -> str:
         f" DO UPDATE SET last_seen = {g('devices.last_seen', 'excluded.last_seen')},"
         " model_sha256 = excluded.model_sha256, model_name = excluded.model_name,"
         " model_version = excluded.model_version, agent_version = excluded.agent_version,"
-        f" dropped_windows = {g('devices.dropped_windows', 'excluded.dropped_windows')},"
+        " dropped_windows = devices.dropped_windows + excluded.dropped_windows,"
         " windows = devices.windows + excluded.windows,"
         " predictions = devices.predictions + excluded.predictions,"
         " duplicates = devices.duplicates + excluded.duplicates,"
