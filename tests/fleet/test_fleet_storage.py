@@ -291,3 +291,47 @@ def test_throttle_counts_what_it_holds_back(caplog) -> None:
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["bad 1", "bad 99 (and 100 more since the previous such line: 50 line(s) held back)"]
     assert t.lines == 2
+
+
+def test_windows_missing_from_a_stream_are_counted_and_shown(db_url, bundle, model_ref, make_window) -> None:
+    """Seqs between the lowest and highest stored that are neither stored nor reported dropped are missing;
+    a late window fills its gap, a redelivery changes nothing, and a new stream counts on its own."""
+    from toolchain.fleet.queries import status_summary
+
+    register_bundle(db_url, bundle[0])
+
+    def win(seq: int, dropped: int = 0, stream: str | None = None, device: str = "dev-1") -> Incoming:
+        return incoming(
+            *stats_payload(device, seq, model_ref, make_window(20, seed=seq), dropped=dropped, stream=stream)
+        )
+
+    with open_store(db_url) as s:
+        ing = Ingestor(s, BaselineCache(s))
+        # seqs 1-3, then 4-6 never arrive, 7 reports 1 drop (the outbox overflowed), 8-10 arrive
+        ing.process([win(q) for q in (1, 2, 3)])
+        ing.process([win(7, dropped=1)] + [win(q) for q in (8, 9, 10)])
+        ing.process([win(2), win(9)])  # redelivered: nothing changes
+        (row,) = status_rows(s)
+        assert row["missing_windows"] == 10 - 7 - 1
+        ing.process([win(5)])  # late, after a reconnect: its gap closes
+        (row,) = status_rows(s)
+        assert row["missing_windows"] == 1
+        # the device lost its state: a new stream from seq 1, with its own accounting (2 of 4 missing)
+        ing.process([win(1, stream="b" * 16), win(4, stream="b" * 16)])
+        (row,) = status_rows(s)
+        assert row["missing_windows"] == 1 + 2 and row["stream_changes"] == 1
+        # a second device without gaps
+        ing.process([win(q, device="dev-2") for q in (1, 2, 3)])
+        rows = {r["device_id"]: r for r in status_rows(s)}
+        assert rows["dev-2"]["missing_windows"] == 0
+        assert "dev-1" in [r["device_id"] for r in status_rows(s, notable_limit=10)]
+        assert status_summary(s)["missing_windows"] == 3
+        # migration 8 computes the same numbers from the stored windows (databases from before it)
+        (backfill,) = [st for v, _, sts in MIGRATIONS if v == 8 for st in sts if str(st).startswith("UPDATE")]
+        before = s.query("SELECT stream, min_seq, max_seq, stored, dropped FROM device_streams ORDER BY 1, 2")
+        s.execute("UPDATE device_streams SET min_seq = NULL, max_seq = NULL, stored = 0, dropped = 0")
+        s.execute(str(backfill))
+        assert (
+            s.query("SELECT stream, min_seq, max_seq, stored, dropped FROM device_streams ORDER BY 1, 2")
+            == before
+        )

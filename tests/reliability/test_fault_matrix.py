@@ -552,6 +552,19 @@ def test_broker_restart_while_the_collector_is_offline(
         )
         assert out.returncode == 0, out.stderr
         assert ("session 1 time(s), with the windows queued for it" in out.stdout) == (not present)
+        # Whatever the broker did, the windows it lost are missing from the device's seq, and status says so
+        # (the unsaved queue is the case no broker counter and no session flag shows).
+        doc = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "toolchain.cli", "fleet", "status", "--db", rig.url, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+        )
+        (dev,) = doc["devices"]
+        assert dev["missing_windows"] == lost
+        assert (f"{lost} window(s) missing from the seq of 1 device(s)" in out.stdout) == (lost > 0)
     finally:
         rig.close()
 

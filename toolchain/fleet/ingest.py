@@ -44,6 +44,7 @@ from toolchain.fleet.rows import (
     WindowRow,
     device_seen_sql,
     status_sql,
+    stream_seq_sql,
 )
 from toolchain.fleet.sampleingest import SampleIngest
 from toolchain.fleet.storage import Store, dumps, pack_profile
@@ -191,6 +192,7 @@ class Ingestor:
         self._streams: set[tuple[str, str, str]] = set()  # (fleet, device, stream) stored (a cache)
         self._sql_seen = device_seen_sql(store.greatest)
         self._sql_status = status_sql(store.greatest)
+        self._sql_stream_seq = stream_seq_sql(store.greatest, store.least)
         self.samples = SampleIngest()
 
     def process(self, batch: list[Incoming], decoded: list[FastWindow | None] | None = None) -> BatchResult:
@@ -395,6 +397,7 @@ class Ingestor:
         flags = self._insert_windows(judged.windows)
         per, legacy_dups, new_streams = self._tally(judged, flags)
         changes = self._register_streams(new_streams, now, learned)
+        self.store.executemany(self._sql_stream_seq, _stream_seqs(judged.wins, flags))
         self.store.executemany(self._sql_seen, self._device_rows(judged.seen, per, changes, now))
         self.store.executemany(self._sql_status, judged.statuses)
         self.store.executemany(EVENT_SQL, judged.events)
@@ -607,6 +610,20 @@ class Ingestor:
                 legacy[worst],
                 events=n,
             )
+
+
+def _stream_seqs(wins: list[_Win], flags: list[bool]) -> list[tuple[Any, ...]]:
+    """Per (device, stream) of the windows stored now: parameters of ``stream_seq_sql``."""
+    acc: dict[tuple[str, str, str], list[int]] = {}  # -> [lowest, highest, stored, dropped]
+    for w, ok in zip(wins, flags, strict=True):
+        if not ok or w.stream is None:  # schema 1 windows have no stream to count within
+            continue
+        a = acc.get((*w.key, w.stream))
+        if a is None:
+            acc[(*w.key, w.stream)] = [w.seq, w.seq, 1, w.dropped]
+        else:
+            a[0], a[1], a[2], a[3] = min(a[0], w.seq), max(a[1], w.seq), a[2] + 1, a[3] + w.dropped
+    return [(lo, lo, hi, hi, n, d, f, dev, st) for (f, dev, st), (lo, hi, n, d) in sorted(acc.items())]
 
 
 def _label_columns(fb: Feedback | None) -> tuple[int | None, int | None, str | None]:

@@ -371,6 +371,29 @@ MIGRATIONS: list[tuple[int, str, list[str | Only]]] = [
             "CREATE INDEX rollout_events_ts ON rollout_events (fleet, ts)",
         ],
     ),
+    (
+        8,
+        "seq accounting per stream: lowest and highest seq stored, windows stored, drops the device reported",
+        [
+            # A device's outbox numbers its windows 1, 2, 3 ... per stream, so a stream's
+            # max_seq - min_seq + 1 - stored - dropped windows are missing: lost between the device
+            # and the database (a broker that dropped or lost them) or still on their way.
+            "ALTER TABLE device_streams ADD COLUMN min_seq {BIGINT}",
+            "ALTER TABLE device_streams ADD COLUMN max_seq {BIGINT}",
+            "ALTER TABLE device_streams ADD COLUMN stored {BIGINT} NOT NULL DEFAULT 0",
+            "ALTER TABLE device_streams ADD COLUMN dropped {BIGINT} NOT NULL DEFAULT 0",
+            "UPDATE device_streams SET"
+            " min_seq = (SELECT MIN(w.seq) FROM windows w WHERE w.fleet = device_streams.fleet"
+            " AND w.device_id = device_streams.device_id AND w.stream = device_streams.stream),"
+            " max_seq = (SELECT MAX(w.seq) FROM windows w WHERE w.fleet = device_streams.fleet"
+            " AND w.device_id = device_streams.device_id AND w.stream = device_streams.stream),"
+            " stored = (SELECT COUNT(*) FROM windows w WHERE w.fleet = device_streams.fleet"
+            " AND w.device_id = device_streams.device_id AND w.stream = device_streams.stream),"
+            " dropped = (SELECT COALESCE(SUM(w.dropped_windows), 0) FROM windows w"
+            " WHERE w.fleet = device_streams.fleet AND w.device_id = device_streams.device_id"
+            " AND w.stream = device_streams.stream)",
+        ],
+    ),
 ]
 
 

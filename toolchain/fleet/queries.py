@@ -92,13 +92,25 @@ def parse_age(value: str) -> float:
 # Status
 
 
+# Windows missing from each device's streams: the seqs between the lowest and the highest stored that
+# are neither stored nor reported dropped by the device. They were lost between the device's outbox
+# and the database (a broker that dropped them after acknowledging, or lost its queue) or are still on
+# their way (a resend after a reconnect). A lower bound: drops the device reported before the lowest
+# stored seq count against the gaps too.
+MISSING_SQL = (
+    "SELECT fleet, device_id, SUM(CASE WHEN max_seq - min_seq + 1 - stored - dropped > 0"
+    " THEN max_seq - min_seq + 1 - stored - dropped ELSE 0 END) AS missing FROM device_streams"
+    " WHERE max_seq IS NOT NULL GROUP BY fleet, device_id"
+)
+
+
 def status_rows(
     db: str | Store, now: float | None = None, notable_limit: int | None = None
 ) -> list[dict[str, Any]]:
     """Return one dict per device: state, last seen, model, windows received, dropped, drift state.
 
     Also what the collector did not store for the device: ``duplicates`` (windows that were already
-    stored) and ``stream_changes`` (times the device started over with a new stream: its state was
+    stored), ``missing_windows`` (see ``MISSING_SQL``) and ``stream_changes`` (times the device started over with a new stream: its state was
     lost), with the current ``stream`` and when it started. One row per device is read (the counters
     are kept at ingestion). With ``notable_limit`` only that many devices that need a look are
     returned, most urgent first (drift alert, warn, restarts, offline or stale, duplicates).
@@ -108,7 +120,7 @@ def status_rows(
     if notable_limit is not None:
         where = (
             " WHERE COALESCE(s.state, '') IN ('alert', 'warn') OR d.stream_changes > 0 OR d.state <> 'online'"
-            " OR d.last_seen < ? OR d.duplicates > 0"
+            " OR d.last_seen < ? OR d.duplicates > 0 OR COALESCE(m.missing, 0) > 0"
         )
         order = (
             " ORDER BY CASE s.state WHEN 'alert' THEN 0 WHEN 'warn' THEN 1 ELSE 2 END, d.stream_changes DESC,"
@@ -138,12 +150,16 @@ def status_rows(
             stream_started,
             dstate,
             verdict,
+            missing,
         ) in store.query(
             "SELECT d.fleet, d.device_id, d.state, d.last_seen, d.model_sha256, d.model_name,"
             " d.model_version, d.agent_version, d.target, d.deployment_json, d.dropped_windows, d.windows,"
             " d.predictions, d.duplicates, d.stream, d.stream_changes, d.stream_started,"
-            " COALESCE(s.state, 'unknown'), COALESCE(s.verdict, 'unknown') FROM devices d LEFT JOIN"
-            " drift_state s ON s.fleet = d.fleet AND s.device_id = d.device_id" + where + order,
+            " COALESCE(s.state, 'unknown'), COALESCE(s.verdict, 'unknown'), COALESCE(m.missing, 0)"
+            " FROM devices d LEFT JOIN drift_state s ON s.fleet = d.fleet AND s.device_id = d.device_id"
+            f" LEFT JOIN ({MISSING_SQL}) m ON m.fleet = d.fleet AND m.device_id = d.device_id"
+            + where
+            + order,
             args,
         ):
             deployment = json.loads(dep) if dep else None
@@ -163,6 +179,7 @@ def status_rows(
                     "predictions": int(preds),
                     "dropped_windows": int(dropped),
                     "duplicates": int(dups),
+                    "missing_windows": int(missing),
                     "stream": stream,
                     "stream_changes": int(changes),
                     "stream_started": float(stream_started) if stream_started is not None else None,
@@ -253,6 +270,7 @@ def status_summary(db: str | Store, now: float | None = None) -> dict[str, Any]:
             " COALESCE(SUM(CASE WHEN stream_changes > 0 THEN 1 ELSE 0 END), 0) FROM devices",
             (now - OFFLINE_AFTER_S, now - OFFLINE_AFTER_S),
         )[0]
+        missing = store.query(f"SELECT COALESCE(SUM(missing), 0) FROM ({MISSING_SQL}) m")[0][0]
         drift = {
             str(k): int(v) for k, v in store.query("SELECT state, COUNT(*) FROM drift_state GROUP BY state")
         }
@@ -264,6 +282,7 @@ def status_summary(db: str | Store, now: float | None = None) -> dict[str, Any]:
         "windows": int(windows),
         "predictions": int(preds),
         "duplicates": int(dups),
+        "missing_windows": int(missing),
         "restarted": int(restarted),
         "drift": drift,
     }

@@ -155,6 +155,19 @@ def device_seen_sql(greatest: Callable[[str, str], str]) -> str:
     )
 
 
+def stream_seq_sql(greatest: Callable[[str, str], str], least: Callable[[str, str], str]) -> str:
+    """Fold a batch's stored windows of one stream into ``device_streams``' seq accounting.
+
+    Parameters: lowest seq twice, highest seq twice, windows stored, drops reported, fleet, device,
+    stream.
+    """
+    return (
+        f"UPDATE device_streams SET min_seq = {least('COALESCE(min_seq, ?)', '?')},"
+        f" max_seq = {greatest('COALESCE(max_seq, ?)', '?')}, stored = stored + ?, dropped = dropped + ?"
+        " WHERE fleet = ? AND device_id = ? AND stream = ?"
+    )
+
+
 def status_sql(greatest: Callable[[str, str], str]) -> str:
     """The upsert of ``StatusRow`` rows: a model field left None keeps the stored one."""
     return (

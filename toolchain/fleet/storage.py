@@ -164,6 +164,10 @@ class Store:
         """Return the dialect's two-argument maximum of SQL expressions."""
         return f"max({a}, {b})" if self.dialect == "sqlite" else f"GREATEST({a}, {b})"
 
+    def least(self, a: str, b: str) -> str:
+        """Return the dialect's two-argument minimum of SQL expressions."""
+        return f"min({a}, {b})" if self.dialect == "sqlite" else f"LEAST({a}, {b})"
+
     def close(self) -> None:
         try:
             self.conn.close()

@@ -109,6 +109,9 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         "restarts",
         "drift",
     ]
+    show_missing = any(r["missing_windows"] for r in rows)
+    if show_missing:
+        headers.insert(headers.index("dups"), "missing")
     show_acc = any(r["labelled"] for r in rows)
     if show_acc:
         headers.append("accuracy (labelled)")
@@ -126,6 +129,7 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
             r["agent_version"],
             r["windows"],
             r["dropped_windows"],
+            *([r["missing_windows"]] if show_missing else []),
             r["duplicates"],
             r["stream_changes"],
             r["drift_state"],
@@ -141,8 +145,8 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         click.echo(
             f"{summary['devices']:,} devices: {summary['online']:,} online, {summary['stale']:,} stale,"
             f" {summary['offline']:,} offline or unknown; drift: {drift}; {summary['windows']:,} windows,"
-            f" {summary['predictions']:,} predictions, {summary['duplicates']:,} duplicates;"
-            f" {summary['restarted']:,} restarted with lost state\n"
+            f" {summary['predictions']:,} predictions, {summary['duplicates']:,} duplicates,"
+            f" {summary['missing_windows']:,} missing; {summary['restarted']:,} restarted with lost state\n"
         )
         click.echo(f"devices that need a look (at most {STATUS_NOTABLE_ROWS}; --all lists every device):")
     click.echo(text_table(headers, out) if rows else ("none" if large else "no devices yet"))
@@ -158,6 +162,15 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         click.echo(
             f"\n{len(restarted)} device(s) restarted with lost state (new stream): {names}{more};"
             " their new windows are stored"
+        )
+    gaps = [r for r in rows if r["missing_windows"]]
+    if gaps and not large:
+        names = ", ".join(safe_text(f"{r['fleet']}/{r['device_id']}") for r in gaps[:5])
+        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
+        click.echo(
+            f"\n{sum(r['missing_windows'] for r in gaps):,} window(s) missing from the seq of {len(gaps)}"
+            f" device(s): {names}{more}; lost between the device and the database (the broker dropped or"
+            " lost them) unless they are still on their way (docs/fleet.md, 'Missing windows')"
         )
     if gates:
         click.echo(f"\ncanary gates (latest {STATUS_GATE_ROWS}, newest first):")
