@@ -142,7 +142,8 @@ def traffic(
     sha: str, base: Any, xs: np.ndarray, n_windows: int, rate: float | None
 ) -> list[tuple[str, bytes]]:
     """Windows of 100 predictions from 20 devices and, with ``rate``, the samples capture adds."""
-    from device_agent.formats.telemetry import ModelRef, Sample, encode_samples, pack_samples, topic
+    from device_agent.formats.samples import Sample, encode_samples, pack_samples
+    from device_agent.formats.telemetry import ModelRef, topic
     from toolchain.fleet.sim import sim_stream, stats_payload, window_profile
 
     ref = ModelRef("digits", 1, sha)

@@ -30,14 +30,8 @@ import numpy as np
 from device_agent.agent import prediction_ids
 from device_agent.config import CaptureSettings
 from device_agent.formats.samplelabels import SampleLabel, encode_sample_labels, pack_labels
-from device_agent.formats.telemetry import (
-    Sample,
-    TelemetryError,
-    encode_samples,
-    pack_samples,
-    sample_fits,
-    topic,
-)
+from device_agent.formats.samples import Sample, encode_samples, pack_samples, sample_fits
+from device_agent.formats.telemetry import TelemetryError, topic
 from device_agent.outbox import Outbox
 
 log = logging.getLogger("edgefleet.capture")

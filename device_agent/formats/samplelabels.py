@@ -20,17 +20,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from device_agent.formats.samples import SAMPLE_ID_RE
 from device_agent.formats.telemetry import (
-    SAMPLE_ID_RE,
     TelemetryError,
-    _int,
-    _keys,
-    _origin,
-    _str,
     check_id,
+    check_origin,
     check_stream,
+    int_field,
     load_json,
     parse_utc,
+    require_keys,
+    str_field,
     utc_iso,
 )
 
@@ -83,7 +83,7 @@ def encode_sample_labels(
         "device_id": check_id(device_id, "device_id"),
         "fleet": check_id(fleet, "fleet"),
         "stream": check_stream(stream),
-        "seq": _int(seq, "seq"),
+        "seq": int_field(seq, "seq"),
         "labels": [_doc(x) for x in labels],
     }
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
@@ -99,23 +99,25 @@ def decode_sample_labels(
     d = load_json(raw, max_bytes=MAX_LABELS_PACKET_BYTES, schemas=(LABELS_SCHEMA,))
     if d.get("type") != LABELS_TYPE:
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not {LABELS_TYPE!r}")
-    _keys(d, {"schema", "type", "device_id", "fleet", "stream", "seq", "labels"}, set(), LABELS_TYPE)
-    device, fleet = _origin(d, topic_device, topic_fleet)
+    require_keys(d, {"schema", "type", "device_id", "fleet", "stream", "seq", "labels"}, set(), LABELS_TYPE)
+    device, fleet = check_origin(d, topic_device, topic_fleet)
     items = d["labels"]
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_LABELS_PER_MESSAGE:
         raise TelemetryError(f"labels must be a list of 1..{MAX_LABELS_PER_MESSAGE} labels")
     out = []
     for i, it in enumerate(items):
         where = f"labels[{i}]"
-        _keys(it, {"id", "label", "index", "ts"}, set(), where)
-        sid = _str(it["id"], f"{where}.id", 64)
+        require_keys(it, {"id", "label", "index", "ts"}, set(), where)
+        sid = str_field(it["id"], f"{where}.id", 64)
         if not SAMPLE_ID_RE.match(sid):
             raise TelemetryError(f"{where}.id must be 1..64 of A-Z a-z 0-9 _ -")
-        label = _str(it["label"], f"{where}.label", LABEL_MAX_CHARS)
+        label = str_field(it["label"], f"{where}.label", LABEL_MAX_CHARS)
         out.append(
-            SampleLabel(sid, label, _int(it["index"], f"{where}.index"), parse_utc(it["ts"], f"{where}.ts"))
+            SampleLabel(
+                sid, label, int_field(it["index"], f"{where}.index"), parse_utc(it["ts"], f"{where}.ts")
+            )
         )
-    return SampleLabelsMessage(device, fleet, check_stream(d["stream"]), _int(d["seq"], "seq"), out)
+    return SampleLabelsMessage(device, fleet, check_stream(d["stream"]), int_field(d["seq"], "seq"), out)
 
 
 def pack_labels(labels: list[SampleLabel]) -> list[list[SampleLabel]]:

@@ -6,7 +6,7 @@ Topics (lowercase, no leading slash)::
     edgefleet/<fleet>/<device_id>/status   retained; birth "online" with the model, Last Will "offline"
     edgefleet/<fleet>/<device_id>/events   model loaded, errors, deployments
     edgefleet/<fleet>/<device_id>/cmd      commands to the device (deployments)
-    edgefleet/<fleet>/<device_id>/samples  QoS 1, captured inputs (opt-in ``[capture]``), see encode_samples
+    edgefleet/<fleet>/<device_id>/samples  QoS 1, captured inputs (opt-in ``[capture]``), see device_agent.formats.samples
     edgefleet/<fleet>/cmd                  fleet-wide commands
     edgefleet/<fleet>/alerts               drift alerts published by the collector
 
@@ -20,7 +20,9 @@ quarantines the labelled ones by their schema). ``status`` and
 ``event`` are at schema 1. Decoding checks, in order: size limit,
 UTF-8 JSON without NaN/Infinity, nesting depth, schema, known keys, types and finite numbers.
 The profile's histogram lengths are checked later against the registered baseline
-(``StatsMessage.profile``), because only the baseline knows them.
+(``StatsMessage.profile``), because only the baseline knows them. Captured samples and their labels
+ride the ``samples`` topic in their own formats: ``device_agent.formats.samples`` and
+``device_agent.formats.samplelabels``, which decode with this module's public helpers.
 """
 
 from __future__ import annotations
@@ -57,12 +59,6 @@ MAX_DEPTH = 8
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 STREAM_RE = re.compile(r"^[0-9a-f]{16}$")
 KINDS = ("stats", "status", "events", "cmd", "samples")
-SAMPLES_SCHEMA = 1  # captured-samples payloads
-# A device keeps each samples message under this, below the collector's packet limit
-# (toolchain.fleet.quarantine.MAX_PACKET_BYTES) with room for the MQTT header and topic.
-MAX_SAMPLES_PACKET_BYTES = 64 * 1024
-MAX_SAMPLES_PER_MESSAGE = 256
-DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 EVENT_NAMES_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 
@@ -195,11 +191,11 @@ def load_json(
     return doc
 
 
-def _keys(d: Any, required: set[str], optional: set[str], where: str) -> None:
+def require_keys(d: Any, required: set[str], optional: set[str], where: str) -> None:
     check_keys(d, sorted(required), sorted(optional), where, error=TelemetryError)
 
 
-def _int(v: Any, what: str, minimum: int = 0) -> int:
+def int_field(v: Any, what: str, minimum: int = 0) -> int:
     return bounded_int(
         v,
         what,
@@ -209,13 +205,13 @@ def _int(v: Any, what: str, minimum: int = 0) -> int:
     )
 
 
-def _str(v: Any, what: str, max_len: int = 256) -> str:
+def str_field(v: Any, what: str, max_len: int = 256) -> str:
     if not isinstance(v, str) or len(v) > max_len:
         raise TelemetryError(f"{what} must be a string of at most {max_len} characters")
     return v
 
 
-def _origin(d: Mapping[str, Any], topic_device: str | None, topic_fleet: str | None) -> tuple[str, str]:
+def check_origin(d: Mapping[str, Any], topic_device: str | None, topic_fleet: str | None) -> tuple[str, str]:
     """Return the payload's (device_id, fleet), which must equal the topic's when it is known."""
     device = check_id(d["device_id"], "device_id")
     fleet = check_id(d["fleet"], "fleet")
@@ -245,11 +241,13 @@ class ModelRef:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "model") -> ModelRef:
-        _keys(d, {"name", "version", "sha256"}, set(), where)
-        sha = _str(d["sha256"], f"{where}.sha256", 64)
+        require_keys(d, {"name", "version", "sha256"}, set(), where)
+        sha = str_field(d["sha256"], f"{where}.sha256", 64)
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise TelemetryError(f"{where}.sha256 must be 64 lowercase hex digits")
-        return cls(_str(d["name"], f"{where}.name", 64), _int(d["version"], f"{where}.version", 1), sha)
+        return cls(
+            str_field(d["name"], f"{where}.name", 64), int_field(d["version"], f"{where}.version", 1), sha
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +399,7 @@ def encode_stats(
 
 
 def _check_fsp(d: Any, where: str) -> dict[str, Any]:
-    _keys(d, {"count", "nan", "min", "max", "mean", "m2", "hist"}, set(), where)
+    require_keys(d, {"count", "nan", "min", "max", "mean", "m2", "hist"}, set(), where)
     n = None
     for k in ("count", "nan", "min", "max", "mean", "m2", "hist"):
         if not isinstance(d[k], list):
@@ -422,7 +420,7 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
     if d.get("type") != "stats":
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'stats'")
     required = {1: STATS_REQUIRED_V1, 2: STATS_REQUIRED, 3: STATS_REQUIRED_V3}[d["schema"]]
-    _keys(d, required, set(), f"stats (schema {d['schema']})")
+    require_keys(d, required, set(), f"stats (schema {d['schema']})")
     feedback = None
     if d["schema"] >= 3:
         try:
@@ -434,24 +432,27 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
                 "feedback.labelled must be > 0 (a window without labels is sent at schema 2)"
             )
     stream = check_stream(d["stream"]) if d["schema"] >= 2 else None
-    device, fleet = _origin(d, topic_device, topic_fleet)
+    device, fleet = check_origin(d, topic_device, topic_fleet)
     start = parse_utc(d["window_start"], "window_start")
     end = parse_utc(d["window_end"], "window_end")
     if end < start:
         raise TelemetryError("window_end is before window_start")
-    spec_hash = _str(d["spec_hash"], "spec_hash", 64)
+    spec_hash = str_field(d["spec_hash"], "spec_hash", 64)
     sv = d["schema_violations"]
     if not isinstance(sv, dict) or len(sv) > 32:
         raise TelemetryError("schema_violations must be an object of at most 32 counters")
-    viol = {_str(k, "schema_violations key", 64): _int(v, f"schema_violations.{k}") for k, v in sv.items()}
+    viol = {
+        str_field(k, "schema_violations key", 64): int_field(v, f"schema_violations.{k}")
+        for k, v in sv.items()
+    }
     nulls = [d[k] is None for k in ("inputs", "outputs", "latency_ms")]
     if any(nulls) and not all(nulls):
         raise TelemetryError("inputs, outputs and latency_ms must be all present or all null (heartbeat)")
     inputs = outputs = latency = None
-    count = _int(d["count"], "count")
+    count = int_field(d["count"], "count")
     if not all(nulls):
         inputs = _check_fsp(d["inputs"], "inputs")
-        _keys(d["outputs"], {"class_counts", "confidence"}, set(), "outputs")
+        require_keys(d["outputs"], {"class_counts", "confidence"}, set(), "outputs")
         cc = d["outputs"]["class_counts"]
         if not isinstance(cc, list) or not all(
             isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cc
@@ -467,7 +468,7 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
     return StatsMessage(
         device_id=device,
         fleet=fleet,
-        seq=_int(d["seq"], "seq"),
+        seq=int_field(d["seq"], "seq"),
         window_start=start,
         window_end=end,
         model=ModelRef.from_dict(d["model"]),
@@ -477,8 +478,8 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
         outputs=outputs,
         latency_ms=latency,
         schema_violations=viol,
-        dropped_windows=_int(d["dropped_windows"], "dropped_windows"),
-        agent_version=_str(d["agent_version"], "agent_version", 40),
+        dropped_windows=int_field(d["dropped_windows"], "dropped_windows"),
+        agent_version=str_field(d["agent_version"], "agent_version", 40),
         stream=stream,
         feedback=feedback,
     )
@@ -538,13 +539,13 @@ def decode_status(
     d = load_json(raw)
     if d.get("type") != "status":
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'status'")
-    _keys(
+    require_keys(
         d,
         {"schema", "type", "device_id", "fleet", "state", "ts", "model", "agent_version"},
         {"target", "deployment"},
         "status",
     )
-    device, fleet = _origin(d, topic_device, topic_fleet)
+    device, fleet = check_origin(d, topic_device, topic_fleet)
     if d["state"] not in ("online", "offline"):
         raise TelemetryError(f"status state {str(d['state'])[:20]!r} must be 'online' or 'offline'")
     dep = d.get("deployment")
@@ -552,14 +553,14 @@ def decode_status(
         raise TelemetryError("status.deployment must be an object or null")
     target = d.get("target")
     if target is not None:
-        _str(target, "target", 64)
+        str_field(target, "target", 64)
     return StatusMessage(
         device_id=device,
         fleet=fleet,
         state=d["state"],
         ts=parse_utc(d["ts"], "ts"),
         model=ModelRef.from_dict(d["model"]) if d["model"] is not None else None,
-        agent_version=_str(d["agent_version"], "agent_version", 40),
+        agent_version=str_field(d["agent_version"], "agent_version", 40),
         target=target,
         deployment=dep,
     )
@@ -607,9 +608,11 @@ def decode_event(raw: bytes, topic_device: str | None = None, topic_fleet: str |
     d = load_json(raw)
     if d.get("type") != "event":
         raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'event'")
-    _keys(d, {"schema", "type", "device_id", "fleet", "event", "ts", "message", "detail"}, set(), "event")
-    device, fleet = _origin(d, topic_device, topic_fleet)
-    ev = _str(d["event"], "event", 41)
+    require_keys(
+        d, {"schema", "type", "device_id", "fleet", "event", "ts", "message", "detail"}, set(), "event"
+    )
+    device, fleet = check_origin(d, topic_device, topic_fleet)
+    ev = str_field(d["event"], "event", 41)
     if not EVENT_NAMES_RE.match(ev):
         raise TelemetryError("event name must be lowercase snake_case")
     detail = d["detail"]
@@ -619,228 +622,12 @@ def decode_event(raw: bytes, topic_device: str | None = None, topic_fleet: str |
         if len(k) > 64 or not (v is None or isinstance(v, (str, int, float, bool))):
             raise TelemetryError("event.detail values must be strings, numbers, booleans or null")
     return EventMessage(
-        device, fleet, ev, parse_utc(d["ts"], "ts"), _str(d["message"], "message", 1000), detail
+        device, fleet, ev, parse_utc(d["ts"], "ts"), str_field(d["message"], "message", 1000), detail
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Captured samples
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One captured input as the device received it (before preprocessing), bit-exact.
-
-    ``data`` is the raw C-order bytes of an array of ``dtype`` and ``shape``; ``scores`` are the
-    model's outputs for it and ``label`` the predicted class index."""
-
-    id: str
-    ts: float
-    model_sha256: str
-    model_version: str | None
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-    label: int
-    scores: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise TelemetryError(f"sample dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if len(self.shape) > 8 or any(type(d) is not int or d < 0 for d in self.shape):
-            raise TelemetryError("sample shape must be at most 8 non-negative integers")
-        n = 1
-        for d in self.shape:
-            n *= d
-        size = int(self.dtype.lstrip("uintfloa") or "8") // 8
-        if n * size != len(self.data):
-            raise TelemetryError(
-                f"sample {self.id!r}: {len(self.data)} bytes do not match dtype {self.dtype} shape {self.shape}"
-            )
-
-
-@dataclass
-class SamplesMessage:
-    """A batch of captured samples from one device and outbox stream, numbered by ``seq``."""
-
-    device_id: str
-    fleet: str
-    stream: str
-    seq: int
-    samples: list[Sample]
-
-
-def _sample_doc(s: Sample) -> dict[str, Any]:
-    import base64
-
-    return {
-        "id": s.id,
-        "ts": utc_iso(s.ts),
-        "model_sha256": s.model_sha256,
-        "model_version": s.model_version,
-        "dtype": s.dtype,
-        "shape": list(s.shape),
-        "data": base64.b64encode(s.data).decode("ascii"),
-        "label": s.label,
-        "scores": [float(v) for v in s.scores],
-    }
-
-
-def encode_samples(*, device_id: str, fleet: str, stream: str, seq: int, samples: list[Sample]) -> bytes:
-    """Encode one samples message; raise TelemetryError if it exceeds MAX_SAMPLES_PACKET_BYTES
-    (split with ``pack_samples``)."""
-    if not 1 <= len(samples) <= MAX_SAMPLES_PER_MESSAGE:
-        raise TelemetryError(
-            f"a samples message holds 1..{MAX_SAMPLES_PER_MESSAGE} samples, got {len(samples)}"
-        )
-    doc = {
-        "schema": SAMPLES_SCHEMA,
-        "type": "samples",
-        "device_id": check_id(device_id, "device_id"),
-        "fleet": check_id(fleet, "fleet"),
-        "stream": check_stream(stream),
-        "seq": _int(seq, "seq"),
-        "samples": [_sample_doc(s) for s in samples],
-    }
-    raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    if len(raw) > MAX_SAMPLES_PACKET_BYTES:
-        raise TelemetryError(
-            f"samples message of {len(raw)} bytes exceeds the {MAX_SAMPLES_PACKET_BYTES}-byte packet limit"
-        )
-    return raw
-
-
-def sample_fits(s: Sample) -> bool:
-    """Whether one sample alone fits in a samples message (a larger input is not captured)."""
-    return _sample_size(s) + 512 <= MAX_SAMPLES_PACKET_BYTES
-
-
-def _sample_json(s: Sample) -> bytes:
-    return json.dumps(_sample_doc(s), separators=(",", ":"), allow_nan=False).encode()
-
-
-def _sample_size(s: Sample) -> int:
-    """``len(_sample_json(s))`` without encoding it (the capture path runs this for every sample;
-    encoding costs about 30 us, this a few). ``tests/device_agent/test_sample_labels.py`` checks that
-    the two agree."""
-    if not 0 <= s.ts < 253_402_300_800:  # utc_iso is 24 characters for years 1970..9999
-        return len(_sample_json(s))
-    n = 4 * ((len(s.data) + 2) // 3)  # base64
-    n += sum(len(repr(float(v))) for v in s.scores) + max(len(s.scores) - 1, 0)
-    n += _json_len(s.id) + _json_len(s.model_sha256) + _json_len(s.dtype) + len(str(s.label))
-    n += 4 if s.model_version is None else _json_len(s.model_version)
-    n += sum(len(str(d)) for d in s.shape) + max(len(s.shape) - 1, 0) + 2
-    # {"id":,"ts":"<24>","model_sha256":,"model_version":,"dtype":,"shape":,"data":"","label":,"scores":[]}
-    return n + 121
-
-
-def _json_len(v: str) -> int:
-    """Length of ``v`` as a JSON string."""
-    if v.isascii() and v.isprintable() and '"' not in v and "\\" not in v:
-        return len(v) + 2
-    return len(json.dumps(v))
-
-
-def pack_samples(samples: list[Sample]) -> list[list[Sample]]:
-    """Group samples, in order, into batches whose encoded message stays under the packet limit.
-
-    A sample never spans two messages: one larger than the limit raises TelemetryError (the agent
-    checks ``sample_fits`` before capturing and counts what it skips)."""
-    out: list[list[Sample]] = []
-    cur: list[Sample] = []
-    size = 512  # envelope: schema, type, ids, stream, seq
-    for s in samples:
-        n = _sample_size(s) + 1
-        if n + 512 > MAX_SAMPLES_PACKET_BYTES:
-            raise TelemetryError(
-                f"sample {s.id!r} of {len(s.data)} bytes does not fit in one samples message"
-            )
-        if cur and (size + n > MAX_SAMPLES_PACKET_BYTES or len(cur) >= MAX_SAMPLES_PER_MESSAGE):
-            out.append(cur)
-            cur, size = [], 512
-        cur.append(s)
-        size += n
-    if cur:
-        out.append(cur)
-    return out
-
-
-_SAMPLE_KEYS = {"id", "ts", "model_sha256", "model_version", "dtype", "shape", "data", "label", "scores"}
-_B64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
-SAMPLE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def decode_samples(
-    raw: bytes, topic_device: str | None = None, topic_fleet: str | None = None
-) -> SamplesMessage:
-    """Decode an untrusted samples payload strictly: every sample's bytes must match its dtype and shape."""
-    import base64
-    import binascii
-
-    d = load_json(raw, max_bytes=MAX_SAMPLES_PACKET_BYTES, schemas=(SAMPLES_SCHEMA,))
-    if d.get("type") != "samples":
-        raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not 'samples'")
-    _keys(d, {"schema", "type", "device_id", "fleet", "stream", "seq", "samples"}, set(), "samples")
-    device, fleet = _origin(d, topic_device, topic_fleet)
-    items = d["samples"]
-    if not isinstance(items, list) or not 1 <= len(items) <= MAX_SAMPLES_PER_MESSAGE:
-        raise TelemetryError(f"samples must be a list of 1..{MAX_SAMPLES_PER_MESSAGE} samples")
-    out: list[Sample] = []
-    for i, it in enumerate(items):
-        where = f"samples[{i}]"
-        _keys(it, _SAMPLE_KEYS, set(), where)
-        sid = _str(it["id"], f"{where}.id", 64)
-        if not SAMPLE_ID_RE.match(sid):
-            raise TelemetryError(f"{where}.id must be 1..64 of A-Z a-z 0-9 _ -")
-        sha = _str(it["model_sha256"], f"{where}.model_sha256", 64)
-        ver = it["model_version"]
-        if ver is not None:
-            ver = _str(ver, f"{where}.model_version", 64)
-        shape = it["shape"]
-        if not isinstance(shape, list):
-            raise TelemetryError(f"{where}.shape must be a list of integers")
-        data = _str(it["data"], f"{where}.data", MAX_SAMPLES_PACKET_BYTES)
-        if not _B64_RE.match(data):
-            raise TelemetryError(f"{where}.data must be base64")
-        try:
-            blob = base64.b64decode(data, validate=True)
-        except binascii.Error:
-            raise TelemetryError(f"{where}.data must be base64") from None
-        scores = it["scores"]
-        if not isinstance(scores, list) or len(scores) > 4096:
-            raise TelemetryError(f"{where}.scores must be a list of at most 4096 numbers")
-        for v in scores:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TelemetryError(f"{where}.scores must be numbers")
-        dtype = it["dtype"]
-        if not isinstance(dtype, str):
-            raise TelemetryError(f"{where}.dtype must be a string")
-        out.append(
-            Sample(
-                sid,
-                parse_utc(it["ts"], f"{where}.ts"),
-                sha,
-                ver,
-                dtype,
-                tuple(shape),
-                blob,
-                _int(it["label"], f"{where}.label"),
-                tuple(float(v) for v in scores),
-            )
-        )
-    return SamplesMessage(device, fleet, check_stream(d["stream"]), _int(d["seq"], "seq"), out)
 
 
 __all__ = [
     "SCHEMA",
-    "SAMPLES_SCHEMA",
-    "MAX_SAMPLES_PACKET_BYTES",
-    "Sample",
-    "SamplesMessage",
-    "encode_samples",
-    "decode_samples",
-    "pack_samples",
-    "sample_fits",
     "STATS_SCHEMA",
     "STATS_SCHEMAS",
     "STATS_SCHEMA_FEEDBACK",
@@ -858,6 +645,10 @@ __all__ = [
     "utc_iso",
     "parse_utc",
     "load_json",
+    "require_keys",
+    "int_field",
+    "str_field",
+    "check_origin",
     "encode_stats",
     "decode_stats",
     "encode_status",

@@ -9,7 +9,7 @@ import numpy as np
 
 from device_agent.capture import Capturer, open_samples_outbox
 from device_agent.config import CaptureSettings
-from device_agent.formats.telemetry import decode_samples
+from device_agent.formats.samples import decode_samples
 
 
 def _capturer(tmp_path: Path, **kw: float) -> Capturer:

@@ -13,7 +13,7 @@ import device_agent.daemon as daemon_mod
 import device_agent.mqtt as mqtt_mod
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
-from device_agent.formats.telemetry import decode_samples
+from device_agent.formats.samples import decode_samples
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.device_agent.agent_helpers import Collector, http, persist, wait_for, write_config
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from device_agent.config import ConfigError, parse_config
-from device_agent.formats.telemetry import (
+from device_agent.formats.samples import (
     MAX_SAMPLES_PACKET_BYTES,
     Sample,
-    TelemetryError,
     decode_samples,
     encode_samples,
     pack_samples,
 )
+from device_agent.formats.telemetry import TelemetryError
 
 STREAM = "0123456789abcdef"
 

@@ -20,7 +20,8 @@ from device_agent.formats.samplelabels import (
     pack_labels,
     payload_type,
 )
-from device_agent.formats.telemetry import TelemetryError, decode_samples
+from device_agent.formats.samples import decode_samples
+from device_agent.formats.telemetry import TelemetryError
 
 STREAM = "0123456789abcdef"
 
@@ -100,7 +101,7 @@ def test_capturer_sends_labels_of_captured_ids_and_counts_the_rest(tmp_path: Pat
 
 def test_sample_size_without_encoding_agrees_with_the_encoding() -> None:
     """The capture path sizes samples arithmetically (sample_fits, pack_samples): it must be exact."""
-    from device_agent.formats.telemetry import Sample, _sample_json, _sample_size
+    from device_agent.formats.samples import Sample, _sample_json, _sample_size
 
     rng = np.random.default_rng(0)
     versions = [None, "1", 'é"x', "a\\b", "12345678", "\x01"]

@@ -20,7 +20,7 @@ import device_agent.mqtt as mqtt_mod
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.formats.alertcmd import alert_command_topic, decode_alert_command, encode_alert_command
-from device_agent.formats.telemetry import decode_samples
+from device_agent.formats.samples import decode_samples
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.device_agent.agent_helpers import Collector as Listener
 from tests.device_agent.agent_helpers import http, wait_for, write_config

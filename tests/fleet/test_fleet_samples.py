@@ -23,7 +23,7 @@ import device_agent.mqtt as mqtt_mod
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.formats.samplelabels import SampleLabel, encode_sample_labels
-from device_agent.formats.telemetry import Sample, encode_samples
+from device_agent.formats.samples import Sample, encode_samples
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.device_agent.agent_helpers import http, write_config
 from tests.fabricate import tabular_data, tabular_onnx_bundle

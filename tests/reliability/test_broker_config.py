@@ -734,7 +734,7 @@ def test_devices_publish_captured_samples_on_their_own_topic_only(
     """[capture] with a generated config: a device's samples reach the collector; a neighbour's forgery does not."""
     import numpy as np
 
-    from device_agent.formats.telemetry import Sample, encode_samples
+    from device_agent.formats.samples import Sample, encode_samples
     from toolchain.fleet.collector import Collector
 
     out, broker = locked

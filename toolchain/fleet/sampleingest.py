@@ -1,6 +1,6 @@
 """Captured samples and their labels into the fleet store (the collector's ``+/samples`` topic).
 
-Two message types share the topic (``device_agent.formats.telemetry.decode_samples`` and
+Two message types share the topic (``device_agent.formats.samples.decode_samples`` and
 ``device_agent.formats.samplelabels.decode_sample_labels``, both strict: a refused payload raises
 ``TelemetryError`` and the ingestor quarantines and counts it like a bad window). Rows go in the
 ingestor's transaction, before the broker is acknowledged:
@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from device_agent.formats.samplelabels import LABELS_TYPE, decode_sample_labels, payload_type
-from device_agent.formats.telemetry import TelemetryError, decode_samples
+from device_agent.formats.samples import decode_samples
+from device_agent.formats.telemetry import TelemetryError
 from toolchain.fleet.ratelog import Throttle
 from toolchain.fleet.rows import COUNTER_SQL, CounterRow
 
