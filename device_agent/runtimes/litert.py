@@ -70,7 +70,7 @@ def new_interpreter(mod: Any, **kwargs: Any) -> Any:
     return interp
 
 
-def xnnpack_refusal(e: RuntimeError, path: Path) -> RuntimeError:
+def xnnpack_refusal(e: RuntimeError, path: Path) -> Exception:
     """Return one clear line for XNNPACK refusing ``path`` (else ``e`` as it was).
 
     LiteRT's message runs two of its log lines together ("failed to create XNNPACK runtimeNode number
