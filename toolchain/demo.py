@@ -9,6 +9,7 @@ sensor noise; the collector must flag the second and not the first.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -105,32 +106,46 @@ def _wait_soft(predicate: Callable[[], bool], timeout_s: float) -> None:
 
 
 def cli_command() -> str:
-    """Return how to call ``edgefleet`` from a fresh shell: the absolute path of this installation's script.
+    """Return how to call ``edgefleet`` from a fresh shell, quoted for the shell: the absolute path of
+    this installation's script (``'/my work/.venv/bin/edgefleet'``).
 
-    Hints must work in a new terminal, where a virtual environment is not active: so never a bare
-    ``edgefleet`` unless the one on PATH is this installation's.
+    Hints must work when pasted into a new terminal, where a virtual environment is not active and
+    paths may hold spaces: so never a bare ``edgefleet`` unless the one on PATH is this installation's.
     """
     here = Path(sys.executable).parent / "edgefleet"
     on_path = shutil.which("edgefleet")
     if on_path and here.exists() and Path(on_path).resolve() == here.resolve():
         return "edgefleet"
     if here.exists():
-        return str(here)
-    return f"{sys.executable} -m toolchain.cli"
+        return shlex.quote(str(here))
+    return f"{shlex.quote(sys.executable)} -m toolchain.cli"
 
 
-def path_hint() -> str | None:
-    """Return one line telling how to put ``edgefleet`` on PATH, or None when it already is."""
+def path_hint() -> list[str] | None:
+    """Return the lines telling how to put ``edgefleet`` on PATH (commands after ``$ ``, quoted for
+    the shell), or None when it already is."""
     if cli_command() == "edgefleet":
         return None
     bindir = Path(sys.executable).parent
     activate = bindir / "activate"
     if activate.exists():
-        return (
-            f"edgefleet is not on your PATH: run 'source {activate}' in each new shell"
-            f" (or call {bindir / 'edgefleet'}); then try 'edgefleet --help'"
-        )
-    return f"edgefleet is not on your PATH: add {bindir} to PATH, or call {cli_command()}"
+        return [
+            "edgefleet is not on your PATH; in each new shell run",
+            f"  $ source {shlex.quote(str(activate))} && edgefleet --help",
+            "or call it by its path:",
+            f"  $ {cli_command()} --help",
+        ]
+    return [
+        "edgefleet is not on your PATH; add its folder in each new shell",
+        f'  $ export PATH={shlex.quote(str(bindir))}:"$PATH" && edgefleet --help',
+        "or call it by its path:",
+        f"  $ {cli_command()} --help",
+    ]
+
+
+def fleet_status_hint(db_url: str) -> str:
+    """Return the command that shows the demo's fleet again (pasteable in a fresh shell)."""
+    return f"{cli_command()} fleet status --db {shlex.quote(db_url)}"
 
 
 def run_demo(
@@ -315,7 +330,8 @@ def run_demo(
     echo(f"build report:  {bundles / 'report.html'}")
     echo(f"fleet report:  {report_path}")
     cmd = cli_command()
-    echo(f"fleet db:      {db_path}  (try: {cmd} fleet status --db {db_url})")
+    echo(f"fleet db:      {db_path}")
+    echo(f"  $ {fleet_status_hint(db_url)}")
     ok = states.get("pi-clean") not in ("alert",) and states.get("pi-shifted") in ("alert", "warn")
     echo(
         "result:        "
@@ -323,7 +339,9 @@ def run_demo(
     )
     hint = path_hint()
     if hint:
-        echo(f"next:          {hint}")
+        echo(f"next:          {hint[0]}")
+        for line in hint[1:]:
+            echo(f"               {line}")
     summary["cli"] = cmd
     summary["ok"] = ok
     return summary

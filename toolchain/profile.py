@@ -58,6 +58,8 @@ def check_eval_data(path: str | Path | None, label: str | None) -> tuple[Path | 
     p = Path(path)
     if not p.is_file():
         raise ProfileError(f"--eval-data {str(p)!r} is not a file; pass a .npz (x, y), .npy or .csv")
+    # absolute: the local bench runs in a folder of its own, where a relative path means nothing
+    p = p.resolve()
     if p.suffix.lower() not in EVAL_SUFFIXES:
         raise ProfileError(
             f"--eval-data {str(p)!r}: use a .npz (arrays x and y), .npy or .csv (with --label)"

@@ -70,6 +70,30 @@ def new_interpreter(mod: Any, **kwargs: Any) -> Any:
     return interp
 
 
+def xnnpack_refusal(e: RuntimeError, path: Path) -> Exception:
+    """Return one clear line for XNNPACK refusing ``path`` (else ``e`` as it was).
+
+    LiteRT's message runs two of its log lines together ("failed to create XNNPACK runtimeNode number
+    4 (TfLiteXNNPackDelegate) failed to prepare."). XNNPACK's int8 kernels refuse some quantization
+    scales, such as a fully-connected layer whose output scale is 256 or more times smaller than its
+    input scale times its weight scale: a layer on raw inputs of very different units.
+    """
+    import re
+
+    from device_agent.runtimes import RuntimeError_
+
+    text = str(e)
+    if "XNNPACK" not in text and "XNNPack" not in text:
+        return e
+    node = re.search(r"Node number (\d+)", text)
+    where = f"node {node.group(1)} of {path.name}" if node else path.name
+    return RuntimeError_(
+        f"XNNPACK refuses {where}: an int8 layer's output range is tiny next to its inputs times its"
+        " weights (raw features of very different units?); put a Normalization layer first (as"
+        " 'edgefleet train' does) or build for x86"
+    )
+
+
 def interpreter_module() -> Any:
     """Return the LiteRT interpreter module installed here (ai_edge_litert, else tflite_runtime)."""
     try:
@@ -110,7 +134,10 @@ class LiteRTModel:
                     "Edge TPU delegate %s not usable (%s); running the CPU int8 model", EDGETPU_LIBRARY, e
                 )
         if interp is None:
-            interp = new_interpreter(mod, model_path=str(path), num_threads=threads)
+            try:
+                interp = new_interpreter(mod, model_path=str(path), num_threads=threads)
+            except RuntimeError as e:
+                raise xnnpack_refusal(e, Path(path)) from None
         self._interp = interp
         # ``Interpreter.invoke`` is the wrapper's ``Invoke`` after a check that no numpy view of a
         # tensor is alive (it counts references to the wrapper). A native runner holds views of

@@ -16,6 +16,7 @@ Two things are pinned here rather than left to the machine (see docs/conversion.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,19 @@ class OpenVINOModel:
         self._one_batch = 1 if self._dynamic or self.input_shape[:1] == (1,) else self.input_shape[0]
         if STATIC_BATCH_1 and self._dynamic and all(d.is_static for d in list(ps)[1:]):
             model.reshape([1, *self.input_shape[1:]])  # single samples: a static batch of 1
-        self._compiled = core.compile_model(model, "CPU", self._config)
+        try:
+            self._compiled = core.compile_model(model, "CPU", self._config)
+        except RuntimeError as e:
+            if precision == DEFAULT_PRECISION:
+                raise
+            # oneDNN has no kernels for this precision here (bf16 on an AVX2-only CPU): say so in one
+            # line instead of OpenVINO's multi-line "could not create a primitive descriptor".
+            from device_agent.runtimes import RuntimeError_
+
+            raise RuntimeError_(
+                f"OpenVINO cannot compute {Path(path).name!r} in {precision} on this CPU"
+                f" ({_first_line(e)}); run a bundle verified in {DEFAULT_PRECISION} or another runtime"
+            ) from None
         self._req = self._compiled.create_infer_request()
         # Batches of other sizes: the model as read (dynamic batch), compiled on the first batch.
         self._batch_req: Any = None
@@ -74,6 +87,40 @@ class OpenVINOModel:
             self._batch_req = compiled.create_infer_request()
         self._batch_req.infer({0: x})
         return np.array(self._batch_req.get_output_tensor(0).data, copy=True)
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of an OpenVINO exception that says what went wrong (not its source locations)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    first = lines[0] if lines else type(e).__name__
+    return first.split(". ")[0].rstrip(".")[:160]  # drop "Run workload with ONEDNN_VERBOSE..." advice
+
+
+@functools.cache
+def precision_problem(precision: str) -> str | None:
+    """Return None when the CPU plugin really computes in ``precision`` here, else why not (one line).
+
+    Asked of the runtime itself: a one-layer model is compiled with the hint and run once. The CPU's
+    flags alone do not tell (OpenVINO emulates bf16 on AVX-512 CPUs without AVX512-BF16, and lists
+    BF16 among its capabilities where a capped oneDNN, ``ONEDNN_MAX_CPU_ISA``, has no bf16 kernel).
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    if precision not in PRECISIONS:
+        return f"precision {precision!r} is unknown"
+    param = ops.parameter([1, 8], np.float32)
+    weights = ops.constant(np.linspace(-1.0, 1.0, 32, dtype=np.float32).reshape(8, 4))
+    probe = ov.Model([ops.matmul(param, weights, False, False)], [param], "precision-probe")
+    try:
+        compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        compiled.create_infer_request().infer({0: np.ones((1, 8), np.float32)})
+    except RuntimeError as e:
+        return f"the CPU plugin has no {precision} kernels here ({_first_line(e)})"
+    got = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    if got != precision:
+        return f"the CPU plugin computes in {got} when asked for {precision} (no {precision} support)"
+    return None
 
 
 def _precision_name(value: Any) -> str:

@@ -157,6 +157,49 @@ def test_profile_local_and_bad_arguments(make_version, tmp_path, eval_npz) -> No
     assert code == 1 and "is not a folder" in err
 
 
+def _relative_layout(bundle: Path, eval_npz: Path, root: Path) -> Path:
+    """A working folder with the bundle and the data in it, to name them relative to it."""
+    work = root / "my work"
+    work.mkdir()
+    shutil.copytree(bundle, work / "bundle")
+    shutil.copy(eval_npz, work / "eval.npz")
+    return work
+
+
+def test_profile_local_takes_paths_relative_to_the_caller(
+    make_version, tmp_path, eval_npz, monkeypatch
+) -> None:
+    """The local bench runs in a folder of its own: relative --eval-data and BUNDLE are the caller's."""
+    work = _relative_layout(make_version(3, key=None), eval_npz, tmp_path)
+    monkeypatch.chdir(work)
+    code, out, err = run(
+        "profile", "bundle", "--on", "local", "--eval-data", "eval.npz", "--runs", "20", "--json"
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["eval_data"] == "eval.npz" and doc["bench"]["samples"] == 80 and doc["bench"]["accuracy"] > 0.8
+    assert (work / "bundle" / DEVICE_PROFILE_FILE).is_file()
+
+
+@pytest.mark.ssh
+@pytest.mark.timeout(240)
+def test_profile_over_ssh_takes_paths_relative_to_the_caller(
+    sshd, make_version, tmp_path, eval_npz, monkeypatch
+) -> None:
+    work = _relative_layout(make_version(2, key=None), eval_npz, tmp_path)
+    device = tmp_path / "device"
+    device.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = run(
+        "profile", "bundle", "--on", sshd.url(device), "--eval-data", "eval.npz", "--runs", "20", "--json",
+        *_ssh(sshd),
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["bench"]["samples"] == 80 and doc["bench"]["accuracy"] > 0.8
+    assert (work / "bundle" / DEVICE_PROFILE_FILE).is_file() and list(device.iterdir()) == []
+
+
 def test_a_listed_device_profile_is_refused_and_other_extra_files_still_are(make_version) -> None:
     from device_agent.formats.manifest import check_relpath
 

@@ -231,10 +231,19 @@ def budget_measurements(entry: Mapping[str, Any]) -> dict[str, float | int | Non
     }
 
 
+# What to try per key. Pruning is not among them for size and latency: it zeroes weights but the
+# int8 .tflite/.onnx stores them all the same (only the gzip size, what an OTA download costs,
+# shrinks), and none of the runtimes skips zeros, so it makes the model neither smaller nor faster.
 ADVICE = {
-    "max_model_bytes": "prune it (--prune 0.5), use a smaller architecture or fewer input features",
+    "max_model_bytes": (
+        "use a smaller architecture (fewer filters or units) or fewer input features; --prune does not"
+        " shrink the model file (only its gzip size for OTA)"
+    ),
     "max_arena_bytes": "use a smaller input size or fewer filters in the early layers (they hold the largest tensors)",
-    "max_latency_ms": "use a smaller architecture, prune it, or raise the target's threads",
+    "max_latency_ms": (
+        "use a smaller architecture or input size, or raise the target's threads; --prune does not make"
+        " it faster (the runtimes compute the zeros too)"
+    ),
     "min_edgetpu_op_share": "replace the first unmapped op (see the Edge TPU table in report.html; e.g. GELU -> ReLU)",
 }
 

@@ -91,6 +91,34 @@ class BuildOptions:
         }
 
 
+def accuracy_tries(
+    options: BuildOptions,
+    *,
+    float_accuracy: float | None = None,
+    pruned_accuracy: float | None = None,
+    class_label: str | None = None,
+) -> str:
+    """Return what to try when a target misses its accuracy budget (or a class its recall), given what
+    this build already did: never "try --quantize qat" to a QAT build, and a lower ``--prune`` first
+    when pruning alone cost accuracy (``float_accuracy``/``pruned_accuracy``, the float model's before
+    and after pruning). ``class_label`` names the class whose recall dropped."""
+    tries: list[str] = []
+    if options.prune is not None:
+        cost = ""
+        if float_accuracy is not None and pruned_accuracy is not None:
+            cost = f" (pruning alone took the float model from {float_accuracy:.4f} to {pruned_accuracy:.4f})"
+        tries.append(f"a lower --prune than {options.prune:g}{cost}")
+    if not options.qat:
+        tries.append("--quantize qat")
+    more = f"more samples of class {class_label!r}" if class_label is not None else "more samples"
+    if options.qat:
+        tries.append(f"{more} in --data (QAT fine-tunes on it)")
+        tries.append("a model with more capacity (more filters or units)")
+    else:
+        tries.append(f"{more} in --data" if class_label is not None else "more representative --data")
+    return "try " + ", ".join(tries[:-1]) + " or " + tries[-1] if len(tries) > 1 else "try " + tries[0]
+
+
 @dataclass
 class FloatReference:
     """The plain float32 model in one format: its file and sizes, and latencies measured beside artifacts.

@@ -82,6 +82,8 @@ def load_inputs(
         eval_note = evald.source
     labels, labels_source = _model_labels(meta, ds, evald, lm.n_outputs)
     evald = conform(evald, labels) if evald.class_names != labels else evald
+    if options.prune is not None or options.qat:
+        calib = finetune_data(calib, labels, options)
     minimum = min_calibration()
     if calib.n < minimum:
         raise DataError(
@@ -114,6 +116,23 @@ def load_inputs(
         created_at=utc_now(),
         input_layout=_layout(onnx_input_layout(model_path)) if lm.kind == "onnx" else None,
     )
+
+
+def finetune_data(calib: Dataset, labels: list[str], options: BuildOptions) -> Dataset:
+    """Return the calibration data pruning and QAT fine-tune on, labels in the model's class order.
+
+    Both train on it, so it needs labels (only there: PTQ calibrates on ``x`` alone); refused in one
+    line before any work when it has none.
+    """
+    if not calib.labelled:
+        flags = " and ".join(
+            f for f, on in (("--prune", options.prune is not None), ("--quantize qat", options.qat)) if on
+        )
+        raise DataError(
+            f"{flags} fine-tune the model on --data, but {calib.source!r} has no labels (no 'y');"
+            " pass labelled --data, or build with --quantize ptq and no --prune"
+        )
+    return conform(calib, labels) if calib.class_names != labels else calib
 
 
 def check_onnx_options(model_path: Path, options: BuildOptions, targets: list[Target]) -> None:

@@ -112,12 +112,14 @@ def check_parity(
     max_accuracy_drop: float,
     apply_budget: bool = True,
     batch_sizes: Sequence[int] | None = None,
+    tries: str = "try --quantize qat",
 ) -> ParityResult:
     """Run a bundle in each runtime through the agent at its batch sizes; decide which to keep.
 
     ``x`` holds raw float inputs as the device receives them (the manifest's preprocessing is the
     agent's job), ``y`` their labels, ``float_scores`` the float model's scores on them (n, K).
-    Raises ParityError (one line) when no runtime is left.
+    Raises ParityError (one line) when no runtime is left; ``tries`` is what that line tells the user to
+    try when every runtime missed the accuracy budget (``toolchain.steps.context.accuracy_tries``).
     """
     from toolchain.steps.per_class import accuracy
     from toolchain.steps.verify import top1_agreement
@@ -166,7 +168,7 @@ def check_parity(
     if not kept:
         reasons = "; ".join(f"{rt}: {why}" for rt, why in excluded.items())
         hint = (
-            " (pass --allow-accuracy-drop to ship it anyway, or try --quantize qat)"
+            f" ({tries}, or pass --allow-accuracy-drop to ship it anyway)"
             if apply_budget and all("below float" in why for why in excluded.values())
             else ""
         )

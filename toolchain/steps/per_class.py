@@ -16,7 +16,7 @@ therefore never fail the gate; ``low_support`` lists every class with fewer than
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +194,7 @@ def target_class_evaluation(
     labels: Sequence[str],
     max_points: float,
     min_lost: int = MIN_LOST_SAMPLES,
+    tries: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """Return one target's per-class report fields and the gate's failure text (None when it passes).
 
@@ -243,8 +244,9 @@ def target_class_evaluation(
         return fields, None
     rt, d = ranked[0]
     more = f" (and {len(ranked) - 1} more class{'es' if len(ranked) > 2 else ''})" if len(ranked) > 1 else ""
-    message = (
-        f"{describe_drop(d, rt)}{more}, over the {max_points:g}-point limit of --max-class-drop;"
-        f" try --quantize qat or more samples of class {d.label!r} in --data"
+    message = f"{describe_drop(d, rt)}{more}, over the {max_points:g}-point limit of --max-class-drop; " + (
+        tries(d.label)
+        if tries is not None
+        else f"try --quantize qat or more samples of class {d.label!r} in --data"
     )
     return fields, message

@@ -94,8 +94,13 @@ def prune_model(
     learning_rate: float = PRUNE_LEARNING_RATE,
     progress: bool = True,
     seed: int = 0,
+    class_weight: dict[int, float] | None = None,
 ) -> PruneResult:
-    """Prune ``model`` (tf_keras) to ``sparsity`` with ConstantSparsity, fine-tune, strip, measure."""
+    """Prune ``model`` (tf_keras) to ``sparsity`` with ConstantSparsity, fine-tune, strip, measure.
+
+    ``class_weight`` is the weighting ``train`` used (``toolchain.steps.finetune``), so the fine-tune
+    does not undo it on unbalanced labels.
+    """
     import tensorflow_model_optimization as tfmot
 
     from toolchain.steps.train import fit
@@ -138,6 +143,7 @@ def prune_model(
         desc=f"prune {sparsity:.0%}",
         progress=progress,
         seed=seed,
+        class_weight=class_weight,
     )
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
     return PruneResult(stripped, sparsity, kernel_sparsity(stripped), pruned_names, frequency, epochs)

@@ -137,8 +137,13 @@ def qat_finetune(
     batch_size: int = BATCH_SIZE,
     progress: bool = True,
     seed: int = 0,
+    class_weight: dict[int, float] | None = None,
 ) -> Any:
-    """Fine-tune a quantization-aware copy of ``model`` on ``data``; return the QAT model."""
+    """Fine-tune a quantization-aware copy of ``model`` on ``data``; return the QAT model.
+
+    ``class_weight`` is the weighting ``train`` used (``toolchain.steps.finetune``): without it a
+    fine-tune on unbalanced labels pulls the model back towards the majority class.
+    """
     from toolchain.steps.train import fit
 
     qat = quantize_aware_model(model, pruned=pruned)
@@ -152,5 +157,6 @@ def qat_finetune(
         desc="QAT" + (" (prune-preserving)" if pruned else ""),
         progress=progress,
         seed=seed,
+        class_weight=class_weight,
     )
     return qat

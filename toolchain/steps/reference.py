@@ -60,19 +60,32 @@ def prepare_reference(ctx: BuildContext) -> None:
     # What the converted model takes: raw values, or standardised ones when normalisation was folded out.
     calib_m = ctx.model_calib = model_input(calib, ctx.preprocessing)
     eval_m = ctx.model_eval = model_input(evald, ctx.preprocessing)
+    weights: dict[int, float] | None = None
+    if opts.prune is not None or opts.qat:
+        from toolchain.steps.classweights import finetune_class_weights
+        from toolchain.steps.models import read_model_meta
+
+        # the weighting train used, so the fine-tunes do not undo it on unbalanced labels
+        weights, weight_mode = finetune_class_weights(
+            calib_m, len(ctx.labels), read_model_meta(ctx.model_path)
+        )
     if opts.prune is not None:
         from toolchain.steps.prune import prune_model
 
-        pr = prune_model(tf_model, calib_m, opts.prune, progress=opts.progress)
+        pr = prune_model(tf_model, calib_m, opts.prune, progress=opts.progress, class_weight=weights)
         tf_model = pr.model
-        ctx.prune_report = pr.to_dict()
+        ctx.prune_report = dict(
+            pr.to_dict(),
+            class_weight_mode=weight_mode,
+            class_weight={ctx.labels[k]: v for k, v in weights.items()} if weights else None,
+        )
         ctx.pruned_accuracy = accuracy(float_outputs(lm, tf_model, eval_m.x), evald.y)
     deployed_float = tf_model  # the float model that gets quantized (pruned or the original)
     if opts.qat:
         from toolchain.steps.qat import qat_finetune
 
         ctx.source_model = qat_finetune(
-            tf_model, calib_m, pruned=opts.prune is not None, progress=opts.progress
+            tf_model, calib_m, pruned=opts.prune is not None, progress=opts.progress, class_weight=weights
         )
     else:
         ctx.source_model = tf_model if tf_model is not None else lm.conversion_source(ctx.work)

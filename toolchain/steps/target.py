@@ -21,7 +21,7 @@ import numpy as np
 from toolchain.errors import ToolchainError
 from toolchain.steps import budget
 from toolchain.steps.artifact import Artifact
-from toolchain.steps.context import BuildContext, Measurement, TargetResult, finite
+from toolchain.steps.context import BuildContext, Measurement, TargetResult, accuracy_tries, finite
 from toolchain.steps.convert import convert_for_target
 from toolchain.steps.evaluate import artifact_sparsity, gzip_size
 from toolchain.steps.package import EDGETPU_LOG_FILE, assemble_bundle
@@ -152,6 +152,7 @@ def runtime_parity(
             float_accuracy=ctx.float_accuracy,
             max_accuracy_drop=t.limits.max_accuracy_drop,
             apply_budget=not ctx.options.allow_accuracy_drop,
+            tries=_tries(ctx),
         )
     finally:
         scratch_bundle(scratch)
@@ -177,6 +178,7 @@ def evaluate_classes(ctx: BuildContext, result: TargetResult, rt_pred: dict[str,
         result.measured.preferred_runtime,
         ctx.labels,
         ctx.options.max_class_drop,
+        tries=lambda label: _tries(ctx, label),
     )
     result.classes = class_fields
     return class_failure
@@ -244,9 +246,7 @@ def apply_gates(
             f" the {t.name} budget is {100 * t.limits.max_accuracy_drop:.2f} points"
         )
         if not allow:
-            raise ToolchainError(
-                msg + " (pass --allow-accuracy-drop to ship it anyway, or try --quantize qat)"
-            )
+            raise ToolchainError(msg + f" ({_tries(ctx)}, or pass --allow-accuracy-drop to ship it anyway)")
         result.accuracy_budget = "exceeded, allowed by --allow-accuracy-drop: " + msg
     else:
         result.accuracy_budget = "ok"
@@ -259,10 +259,19 @@ def apply_gates(
     if artifact.size_bytes > t.limits.max_model_bytes:
         raise ToolchainError(
             f"model is {artifact.size_bytes} bytes, over the {t.name} limit of "
-            f"{t.limits.max_model_bytes};"
-            " prune it (--prune) or use a smaller architecture"
+            f"{t.limits.max_model_bytes}; {budget.ADVICE['max_model_bytes']}"
         )
     budget.enforce(t, result)
+
+
+def _tries(ctx: BuildContext, class_label: str | None = None) -> str:
+    """What to try when this build misses its accuracy budget (``context.accuracy_tries``)."""
+    return accuracy_tries(
+        ctx.options,
+        float_accuracy=ctx.float_accuracy,
+        pruned_accuracy=ctx.pruned_accuracy,
+        class_label=class_label,
+    )
 
 
 def bundle_fields(ctx: BuildContext, t: Target, artifact: Artifact) -> dict[str, Any]:
