@@ -349,8 +349,12 @@ def train_model(
     class_weight: str = "auto",
     seed: int = DEFAULT_SEED,
     progress: bool = True,
+    arch_options: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train built-in ``arch`` on ``data``, save it (tf_keras .keras or .h5) and its metadata sidecar.
+
+    ``arch_options`` are ``build_architecture``'s knobs (width, depth, resolution, alpha); none gives
+    the fixed architecture.
 
     Same ``data`` and ``seed`` give bit-identical weights. Raises TrainError for a bad ``out_path``
     before any work, and for too little data.
@@ -378,7 +382,7 @@ def train_model(
     # a native "NodeDef mentions attribute use_unbounded_threadpool" error line (harmless, but printed),
     # and adapt's mean and variance do not depend on it. Statistics come from the training split only.
     import_keras().utils.set_random_seed(seed)
-    model = build_architecture(arch, train.x, data.n_classes, seed=seed)
+    model = build_architecture(arch, train.x, data.n_classes, seed=seed, **(arch_options or {}))
     monitor = XENT_MONITOR
     history = fit(
         model,
@@ -421,6 +425,7 @@ def train_model(
         "feature_names": list(data.feature_names) if data.feature_names else None,
         "input_shape": list(data.sample_shape),
         "arch": arch,
+        "arch_options": dict(arch_options or {}),
         "seed": seed,
         "data": {
             "source": data.source,
