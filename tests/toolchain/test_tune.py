@@ -270,3 +270,21 @@ def test_impossible_budget_is_one_line_and_keeps_the_trials(tmp_path: Path, cli_
     assert not (out / "best").exists()
     _check_candidates(out, doc)
     assert os.path.getsize(out / "report.html") > 0
+
+
+@pytest.mark.slow
+def test_architecture_knobs_change_the_model_as_documented() -> None:
+    from toolchain.steps.models import build_architecture
+
+    x = np.random.default_rng(0).uniform(0, 1, (10, 16, 16, 3)).astype(np.float32)
+    m = build_architecture("cnn", x, 2, width=2.0, depth=3, resolution=0.5)
+    convs = [layer for layer in m.layers if type(layer).__name__ == "Conv2D"]
+    assert [c.filters for c in convs] == [32, 64, 128]
+    assert tuple(m.get_layer("resize").output_shape[1:3]) == (8, 8)
+    assert m.input_shape[1:] == (16, 16, 3)  # the device still sends full-size images
+    mlp = build_architecture("mlp", x, 2, width=0.5, depth=3)
+    assert [d.units for d in mlp.layers if type(d).__name__ == "Dense"] == [32, 16, 8, 2]
+    mn = build_architecture("mobilenetv2", x, 2, alpha=0.5, resolution=0.5)
+    assert tuple(mn.get_layer("resize").output_shape[1:3]) == (32, 32)  # never below MobileNetV2's 32
+    with pytest.raises(Exception, match="resolution"):
+        build_architecture("cnn", x, 2, resolution=1.5)
