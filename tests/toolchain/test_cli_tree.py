@@ -189,6 +189,7 @@ EXPECTED: dict[str, list[str]] = {
         "option:--label",
         "option:--out",
         "option:--seed",
+        "option:--workers",
     ],
     "edgefleet tune": [
         "option:--arch",

@@ -46,6 +46,13 @@ from toolchain.steps.train import CLASS_WEIGHT_MODES, DEFAULT_EPOCHS, DEFAULT_SE
     show_default=True,
     help="Weight classes by inverse frequency: auto = when the largest class is 1.5x the smallest.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train data-parallel in this many local worker processes (MultiWorkerMirroredStrategy).",
+)
 @click.option("--out", "out_path", required=True, help="Where to save the model (.keras or .h5).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_cmd(
@@ -55,6 +62,7 @@ def train_cmd(
     epochs: int,
     seed: int,
     class_weight: str,
+    workers: int,
     out_path: str,
     as_json: bool,
 ) -> None:
@@ -65,9 +73,24 @@ def train_cmd(
 
     with stdout_to_stderr(as_json):
         ds = load_dataset(data_path, label)
-        result = train_model(
-            ds, arch, epochs, out, seed=seed, class_weight=class_weight, progress=not as_json
-        )
+        if workers > 1:
+            from toolchain.steps.distributed import train_workers
+
+            result = train_workers(
+                data_path,
+                label,
+                arch,
+                epochs,
+                out,
+                workers=workers,
+                seed=seed,
+                class_weight=class_weight,
+                progress=not as_json,
+            )
+        else:
+            result = train_model(
+                ds, arch, epochs, out, seed=seed, class_weight=class_weight, progress=not as_json
+            )
     weights = (
         {ds.class_names[k]: round(v, 4) for k, v in result.class_weight.items()}
         if result.class_weight
@@ -78,6 +101,7 @@ def train_cmd(
         "metadata": str(result.meta_path) if result.meta_path else None,
         "arch": arch,
         "seed": seed,
+        "workers": workers,
         "samples": ds.n,
         "input_shape": list(ds.sample_shape),
         "classes": ds.class_names,
