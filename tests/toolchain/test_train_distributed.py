@@ -56,7 +56,8 @@ def test_two_local_workers_match_one_worker(tmp_path: Path, cli_env: dict[str, s
     assert one["workers"] == 1 and two["workers"] == 2 and two["epochs_run"] == int(EPOCHS)
     meta = read_model_meta(tmp_path / "two.keras")
     assert meta is not None
-    assert meta["training"]["distribution"] == {"strategy": "MultiWorkerMirroredStrategy", "replicas": 2}
+    # MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy in TensorFlow
+    assert meta["training"]["distribution"] == {"strategy": "CollectiveAllReduceStrategy", "replicas": 2}
     test = np.load(DIGITS / "digits_test.npz")
     acc = {}
     for name in ("one", "two"):

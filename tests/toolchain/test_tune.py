@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +184,8 @@ def test_bad_input_is_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
 def _check_candidates(out: Path, doc: dict[str, Any]) -> None:
     """Every candidate's figures are its build report's; bundles exist only within budget."""
     for c in doc["candidates"]:
-        assert c["status"] in ("within_budget", "over_budget", "failed"), c
-        if c["status"] == "failed":
+        assert c["status"] in ("within_budget", "over_budget", "failed", "interrupted"), c
+        if c["status"] in ("failed", "interrupted"):
             assert c["reason"]
             continue
         entry = json.loads((out / c["report"]).read_text())["targets"]["mobile"]
@@ -232,12 +234,41 @@ def test_tune_writes_pareto_best_bundle_and_resumes(tmp_path: Path, cli_env: dic
     res = _tune([*_common(train, evald, out), "--trials", "3"], cli_env)
     assert res.returncode == 1 and "pass --resume" in res.stderr.strip().splitlines()[-1]
 
-    res = _tune([*_common(train, evald, out), "--trials", "3", "--resume", "--json"], cli_env)
+    # resume towards 4 and interrupt it (Ctrl-C) while trial 2 trains
+    env = {**cli_env, "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "toolchain.cli", "tune", *_common(train, evald, out), "--trials", "4"]
+    proc = subprocess.Popen(
+        [*args, "--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + TUNE_TIMEOUT_S
+        while not (out / "trials" / "0002" / "model.keras.tmp").parent.is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read() if proc.stderr else ""
+            )
+            time.sleep(0.2)
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TUNE_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    stopped = json.loads((out / "pareto.json").read_text())
+    assert [c["status"] for c in stopped["candidates"]][2] == "interrupted"
+
+    # resume again, with two workers: 0 and 1 are not re-run, the interrupted one stays recorded and
+    # does not count, so two more trials make the 4
+    res = _tune(
+        [*_common(train, evald, out), "--trials", "4", "--workers", "2", "--resume", "--json"], cli_env
+    )
     assert res.returncode == 0, res.stderr
     doc2 = json.loads(res.stdout)
-    assert [c["trial"] for c in doc2["candidates"]] == [0, 1, 2]
+    assert [c["trial"] for c in doc2["candidates"]] == [0, 1, 2, 3, 4]
+    assert doc2["candidates"][2]["status"] == "interrupted" and doc2["trials"]["interrupted"] == 1
+    assert doc2["trials"]["total"] - doc2["trials"]["interrupted"] == 4
     for n, c in first.items():  # not re-run: same records, same report files
-        assert {k: v for k, v in doc2["candidates"][n].items()} == c
+        assert doc2["candidates"][n] == c
         assert (out / c["report"]).stat().st_mtime_ns == stamps[n]
     _check_candidates(out, doc2)
 
