@@ -150,7 +150,9 @@ tr.failed td {{ color: {FAIL_COLOR}; }}
 </style></head><body>
 <h1>Tuning report: target {e(doc["target"])}</h1>
 <p>{t["total"]} trials ({t["requested"]} requested): {t["within_budget"]} within budget,
-{t["over_budget"]} over budget, {t["failed"]} failed, {t["interrupted"]} interrupted. Budget: {e(budget)}.</p>
+{t["over_budget"]} over budget, {t["failed"]} failed, {t["interrupted"]} interrupted. Budget (the target's
+<code>[budget]</code> and the command line, the tighter per key): {e(budget)}; every build also checks the
+target's <code>[limits]</code> (model size, accuracy drop from float) and the per-class recall gate.</p>
 <p>Honest selection: <code>--eval-data</code> was split (stratified, seed {doc["selection"]["seed"]}) into a
 selection part ({doc["selection"]["samples"]} samples) that ranks the candidates and a held-out part
 ({doc["holdout"]["samples"]} samples) that only measures the winner.</p>

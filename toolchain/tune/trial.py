@@ -184,6 +184,12 @@ def violation(status: str, verdict: dict[str, Any] | None) -> float:
     return over if over > 0 else 1.0
 
 
+def _release_keras() -> None:
+    """Drop the Keras graph state of the trial that ended, so a worker's memory does not grow per trial."""
+    if "tf_keras" in sys.modules:
+        sys.modules["tf_keras"].backend.clear_session()
+
+
 def make_objective(spec: TuneSpec, data: TuneData, out_dir: Path, worker: int, sign_key: str | None) -> Any:
     """Return the Optuna objective: accuracy (selection part), size_bytes, latency_ms (p95)."""
 
@@ -204,6 +210,8 @@ def make_objective(spec: TuneSpec, data: TuneData, out_dir: Path, worker: int, s
             log.warning("trial %d failed: %s", trial.number, e, exc_info=log.isEnabledFor(logging.DEBUG))
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             attrs = {"status": "failed", "reason": f"{type(e).__name__}: {first}", "constraint": 1.0}
+        finally:
+            _release_keras()
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         if attrs["status"] == "failed":
