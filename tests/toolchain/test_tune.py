@@ -323,3 +323,28 @@ def test_architecture_knobs_change_the_model_as_documented() -> None:
     assert tuple(mn.get_layer("resize").output_shape[1:3]) == (32, 32)  # never below MobileNetV2's 32
     with pytest.raises(Exception, match="resolution"):
         build_architecture("cnn", x, 2, resolution=1.5)
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # ask/tell here, optimize in tune
+def test_study_on_postgresql_is_shared_and_guarded(postgres_url: str, tmp_path: Path) -> None:
+    """The many-machines path: a study in PostgreSQL (psycopg 3), joined with --resume, same spec only."""
+    import dataclasses
+
+    from toolchain.tune.study import TuneSpec, open_storage, open_study
+
+    url = storage_url(postgres_url, tmp_path)
+    assert url.startswith("postgresql+psycopg://")
+    spec = TuneSpec("mobile", {"max_model_bytes": 5000}, ["cnn"], 2, 0, 0.5, "a" * 64, "b" * 64, True, "s")
+    study = open_study(open_storage(url), "cam", spec, resume=False)
+    trial = study.ask()
+    trial.set_user_attr("status", "within_budget")
+    study.tell(trial, (0.9, 1000.0, 1.0))
+    # another machine joins: same spec with --resume sees the trial; without --resume it is refused
+    joined = open_study(open_storage(url), "cam", spec, resume=True)
+    assert [t.user_attrs["status"] for t in joined.trials] == ["within_budget"]
+    with pytest.raises(TuneError, match="pass --resume"):
+        open_study(open_storage(url), "cam", spec, resume=False)
+    other = dataclasses.replace(spec, data_sha256="c" * 64)
+    with pytest.raises(TuneError, match="data_sha256"):
+        open_study(open_storage(url), "cam", other, resume=True)
