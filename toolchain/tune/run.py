@@ -182,7 +182,9 @@ def tune(
             bar.close()
     doc = _finish(out, spec, study, trials, tdata, warnings, url, name)
     doc["search_s"] = round(time.perf_counter() - t0, 2)
-    (out / "pareto.json").write_text(json.dumps(doc, indent=2, allow_nan=False))
+    tmp = out / ".pareto.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False))
+    tmp.replace(out / "pareto.json")
     if interrupted:
         raise KeyboardInterrupt
     if doc["best"] is None:
