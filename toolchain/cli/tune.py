@@ -103,6 +103,7 @@ def tune_cmd(
     as_json: bool,
 ) -> None:
     """Search architecture, training and compression for the best model within a device budget."""
+    from toolchain.cli.terminal import safe_text
     from toolchain.report import text_table
     from toolchain.tune.html import settings_text
     from toolchain.tune.run import tune
@@ -145,6 +146,9 @@ def tune_cmd(
         for c in doc["candidates"]
     ]
     click.echo(text_table(["trial", "status", "settings", "accuracy", "size KB", "p95 ms", "Pareto"], rows))
+    for c in doc["candidates"]:
+        if c.get("reason"):
+            click.echo(f"trial {c['trial']} {c['status']}: {safe_text(c['reason'])}")
     for w in doc.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     best = doc["best"]
