@@ -1,4 +1,4 @@
-"""The options of ``edgefleet fleet ...``, ``keys``, ``verify``, ``flash``, ``serve`` and ``profile`` stay what they were.
+"""The options of ``edgefleet fleet ...``, ``keys``, ``verify``, ``flash``, ``serve``, ``profile`` and ``tune`` stay what they were.
 
 The list below was captured from the commands before their shared option groups became one decorator
 each (issue #13); a command that loses, renames or gains an option, or changes its environment
@@ -156,6 +156,26 @@ EXPECTED: dict[str, list[tuple[str, str | None, bool, bool, bool]]] = {
         ("--no-budget-check", None, False, False, True),
         ("--json", None, False, False, True),
     ],
+    "tune": [
+        ("--data", None, True, False, False),
+        ("--eval-data", None, True, False, False),
+        ("--target", None, True, False, False),
+        ("--max-model-bytes", None, False, False, False),
+        ("--max-arena-bytes", None, False, False, False),
+        ("--max-latency-ms", None, False, False, False),
+        ("--trials", None, True, False, False),
+        ("--workers", None, False, False, False),
+        ("--out", None, True, False, False),
+        ("--resume", None, False, False, True),
+        ("--storage", None, False, False, False),
+        ("--study", None, False, False, False),
+        ("--arch", None, False, True, False),
+        ("--epochs", None, False, False, False),
+        ("--label", None, False, False, False),
+        ("--seed", None, False, False, False),
+        ("--sign-key", None, False, False, False),
+        ("--json", None, False, False, True),
+    ],
     "serve": [
         ("BUNDLE_DIR", None, True, False, False),
         ("--host", None, False, False, False),
@@ -190,7 +210,7 @@ def _commands() -> dict[str, click.Command]:
                 assert sub is not None, name
                 walk(sub, [*path, name])
 
-    for top in ("fleet", "keys", "verify", "flash", "serve", "profile"):
+    for top in ("fleet", "keys", "verify", "flash", "serve", "profile", "tune"):
         cmd = main.get_command(ctx, top)
         assert cmd is not None, top
         walk(cmd, [top])

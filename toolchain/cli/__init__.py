@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "toolchain.cli.flash": ("keys", "verify", "flash", "serve"),
     "toolchain.cli.demo": ("demo",),
     "toolchain.cli.profile": ("profile",),
+    "toolchain.cli.tune": ("tune",),
 }
 
 

@@ -81,6 +81,13 @@ from toolchain.steps.train import (
     show_default=True,
     help="Weight classes by inverse frequency: auto = when the largest class is 1.5x the smallest.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train data-parallel in this many local worker processes (MultiWorkerMirroredStrategy).",
+)
 @click.option("--out", "out_path", required=True, help="Where to save the model (.keras or .h5).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_cmd(
@@ -93,6 +100,7 @@ def train_cmd(
     epochs: int,
     seed: int,
     class_weight: str,
+    workers: int,
     out_path: str,
     as_json: bool,
 ) -> None:
@@ -109,6 +117,9 @@ def train_cmd(
     out = check_out_path(out_path)  # before reading data or importing TensorFlow
     if init_from is not None:
         from toolchain.cli.finetune import run_finetune
+
+        if workers > 1:
+            raise TrainError("--workers applies to training from scratch, not to --init-from fine-tuning")
 
         run_finetune(
             init_from,
@@ -131,21 +142,42 @@ def train_cmd(
     with stdout_to_stderr(as_json):
         parts = [load_labelled(p, label) for p in data_paths]
         ds = combine([part.data for part in parts])
-        result = train_model(
-            ds,
-            arch,
-            epochs,
-            out,
-            seed=seed,
-            class_weight=class_weight,
-            learning_rate=learning_rate if learning_rate is not None else LEARNING_RATE,
-            progress=not as_json,
-        )
-        for part in parts:  # said after training, so a refusal stays one line
-            if part.unlabelled:
-                click.echo(
-                    f"dropped {part.unlabelled} unlabelled samples (y = -1) of {part.data.source}", err=True
+        if workers > 1:
+            from toolchain.steps.distributed import train_workers
+
+            if len(data_paths) != 1 or learning_rate is not None or parts[0].unlabelled:
+                raise TrainError(
+                    "--workers trains on one fully labelled --data with the default learning rate;"
+                    " combine the files into one, drop unlabelled rows, or train with --workers 1"
                 )
+            result = train_workers(
+                data_paths[0],
+                label,
+                arch,
+                epochs,
+                out,
+                workers=workers,
+                seed=seed,
+                class_weight=class_weight,
+                progress=not as_json,
+            )
+        else:
+            result = train_model(
+                ds,
+                arch,
+                epochs,
+                out,
+                seed=seed,
+                class_weight=class_weight,
+                learning_rate=learning_rate if learning_rate is not None else LEARNING_RATE,
+                progress=not as_json,
+            )
+            for part in parts:  # said after training, so a refusal stays one line
+                if part.unlabelled:
+                    click.echo(
+                        f"dropped {part.unlabelled} unlabelled samples (y = -1) of {part.data.source}",
+                        err=True,
+                    )
     weights = (
         {ds.class_names[k]: round(v, 4) for k, v in result.class_weight.items()}
         if result.class_weight
@@ -156,6 +188,7 @@ def train_cmd(
         "metadata": str(result.meta_path) if result.meta_path else None,
         "arch": arch,
         "seed": seed,
+        "workers": workers,
         "samples": ds.n,
         "unlabelled_dropped": sum(part.unlabelled for part in parts),
         "input_shape": list(ds.sample_shape),

@@ -508,11 +508,27 @@ def rebuild_as_tf_keras(model3: Any, path: Path, purpose: str) -> Any:
 # Built-in architectures
 
 
-def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) -> Any:
+def build_architecture(
+    arch: str,
+    x: np.ndarray,
+    n_classes: int,
+    seed: int = 0,
+    *,
+    width: float = 1.0,
+    depth: int = 2,
+    resolution: float = 1.0,
+    alpha: float = MOBILENET_ALPHA,
+) -> Any:
     """Return an uncompiled tf_keras model for raw inputs like ``x`` (n, *shape) with ``n_classes`` outputs.
 
     ``mlp`` (tabular or small images, flattened), ``cnn`` (images (h, w, c)), ``mobilenetv2`` (images,
-    alpha 0.35, random init). Normalisation is the first layer, so the model takes raw values.
+    random init). Normalisation is the first layer, so the model takes raw values.
+
+    The knobs ``edgefleet tune`` searches (the defaults give the fixed architectures): ``width``
+    multiplies the units (mlp: 64, 32, ...) or filters (cnn: 16, 32, ...), ``depth`` is the number of
+    hidden layers (mlp) or conv blocks (cnn), each half (mlp) or twice (cnn) the previous one;
+    ``resolution`` (0..1] scales the image's height and width by a resize inside the model (the device
+    still sends full-size images); ``alpha`` is MobileNetV2's width multiplier.
     """
     keras = import_keras()
     tf = import_tf()
@@ -530,8 +546,8 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
         norm = L.Normalization(axis=-1, name="normalize")
         norm.adapt(flat)
         h = norm(h)
-        h = L.Dense(64, activation="relu")(h)
-        h = L.Dense(32, activation="relu")(h)
+        for i in range(depth):
+            h = L.Dense(max(4, round(64 * width / 2**i)), activation="relu")(h)
         out = L.Dense(n_classes, activation="softmax", name="scores")(h)
         return keras.Model(inp, out, name="mlp")
     if len(shape) != 3:
@@ -542,10 +558,13 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
     scale = float(np.max(np.abs(x))) or 1.0
     if arch == "cnn":
         h = L.Rescaling(1.0 / scale, name="rescale")(inp)
-        h = L.Conv2D(16, 3, padding="same", activation="relu")(h)
-        h = L.MaxPooling2D(2)(h) if min(shape[:2]) >= 4 else h
-        h = L.Conv2D(32, 3, padding="same", activation="relu")(h)
-        h = L.MaxPooling2D(2)(h) if min(shape[:2]) >= 8 else h
+        work_hw = _scaled_side(shape, resolution, 1)
+        if work_hw != shape[:2]:
+            h = L.Resizing(*work_hw, name="resize")(h)
+        for i in range(depth):
+            h = L.Conv2D(max(4, round(16 * width * 2**i)), 3, padding="same", activation="relu")(h)
+            # pool while the feature map is at least 4 pixels on its short side
+            h = L.MaxPooling2D(2)(h) if min(int(h.shape[1]), int(h.shape[2])) >= 4 else h
         spatial = int(np.prod(h.shape[1:3]))
         h = L.Flatten()(h) if spatial <= 64 else L.GlobalAveragePooling2D()(h)
         h = L.Dense(64, activation="relu")(h)
@@ -554,17 +573,18 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
         return keras.Model(inp, out, name="cnn")
     # mobilenetv2: scale raw values to [-1, 1] as MobileNetV2 expects; resize tiny images up.
     h = L.Rescaling(2.0 / scale, offset=-1.0, name="rescale")(inp)
-    side = max(MOBILENET_MIN_SIDE, shape[0], shape[1])
-    if min(shape[:2]) < MOBILENET_MIN_SIDE:
-        h = L.Resizing(side, side, name="resize")(h)
-        side_shape = (side, side, shape[2])
-    else:
-        side_shape = shape
+    hw = _scaled_side(shape, resolution, 1)
+    if min(hw) < MOBILENET_MIN_SIDE:
+        side = max(MOBILENET_MIN_SIDE, *hw)
+        hw = (side, side)
+    if hw != shape[:2]:
+        h = L.Resizing(*hw, name="resize")(h)
+    side_shape = (*hw, shape[2])
     # input_tensor keeps every MobileNetV2 layer in this one flat graph (tfmot refuses nested models).
     base = keras.applications.MobileNetV2(
         input_shape=side_shape,
         input_tensor=h,
-        alpha=MOBILENET_ALPHA,
+        alpha=alpha,
         include_top=False,
         weights=None,
         pooling="avg",
@@ -578,6 +598,13 @@ def build_architecture(arch: str, x: np.ndarray, n_classes: int, seed: int = 0) 
     h = base.output
     out = L.Dense(n_classes, activation="softmax", name="scores")(h)
     return keras.Model(inp, out, name="mobilenetv2")
+
+
+def _scaled_side(shape: tuple[int, ...], resolution: float, least: int) -> tuple[int, int]:
+    """Return (height, width) of an image shape scaled by ``resolution`` (each at least ``least``)."""
+    if not 0 < resolution <= 1:
+        raise ModelError(f"resolution {resolution} must be in (0, 1] (a fraction of the image's side)")
+    return (max(least, round(shape[0] * resolution)), max(least, round(shape[1] * resolution)))
 
 
 def save_model(model: Any, out_path: Path) -> Path:

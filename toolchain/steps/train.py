@@ -250,6 +250,7 @@ def fit(
     progress: bool = True,
     seed: int = DEFAULT_SEED,
     validation: Dataset | None = None,
+    strategy: Any = None,
 ) -> dict[str, list[float]]:
     """Compile and fit ``model`` on ``data`` deterministically; return the Keras history.
 
@@ -269,14 +270,16 @@ def fit(
     # native_quiet: under op determinism TensorFlow's runtime logs a harmless native error line
     # ("NodeDef mentions attribute use_unbounded_threadpool ...") the first time it rewrites Keras's
     # input pipeline; it goes to NATIVE_LOG (or the terminal with --debug) instead of the user's screen.
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with deterministic(seed), native_quiet():
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
-            loss="sparse_categorical_crossentropy",
-            # The data part of the loss alone: Keras's val_loss adds any regularisation penalty (L2),
-            # which shrinks epoch after epoch whether or not the model gets better on unseen data.
-            metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="xent")],
-        )
+        with scope:  # a tf.distribute strategy makes the optimizer's variables (toolchain.steps.distributed)
+            model.compile(
+                optimizer=keras.optimizers.Adam(learning_rate),
+                loss="sparse_categorical_crossentropy",
+                # The data part of the loss alone: Keras's val_loss adds any regularisation penalty (L2),
+                # which shrinks epoch after epoch whether or not the model gets better on unseen data.
+                metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="xent")],
+            )
         callbacks = [epoch_bar_callback(keras, epochs, desc, show), *(extra_callbacks or [])]
         if has_val and lr_patience:
             callbacks.append(
@@ -405,8 +408,14 @@ def train_model(
     class_weight: str = "auto",
     seed: int = DEFAULT_SEED,
     progress: bool = True,
+    arch_options: dict[str, Any] | None = None,
+    strategy: Any = None,
 ) -> TrainResult:
     """Train built-in ``arch`` on ``data``, save it (tf_keras .keras or .h5) and its metadata sidecar.
+
+    ``arch_options`` are ``build_architecture``'s knobs (width, depth, resolution, alpha); none gives
+    the fixed architecture. ``strategy`` (a ``tf.distribute`` strategy, see
+    ``toolchain.steps.distributed``) holds the model's variables; ``batch_size`` is then the global batch.
 
     Same ``data`` and ``seed`` give bit-identical weights. Raises TrainError for a bad ``out_path``
     before any work, and for too little data.
@@ -434,7 +443,8 @@ def train_model(
     # a native "NodeDef mentions attribute use_unbounded_threadpool" error line (harmless, but printed),
     # and adapt's mean and variance do not depend on it. Statistics come from the training split only.
     import_keras().utils.set_random_seed(seed)
-    model = build_architecture(arch, train.x, data.n_classes, seed=seed)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = build_architecture(arch, train.x, data.n_classes, seed=seed, **(arch_options or {}))
     monitor = XENT_MONITOR
     history = fit(
         model,
@@ -452,6 +462,7 @@ def train_model(
         desc=f"train {arch}",
         progress=progress,
         seed=seed,
+        strategy=strategy,
     )
     epochs_run = len(history.get("loss", []))
     start = max(0, min(min_epochs, epochs) - patience) if patience else 0
@@ -465,6 +476,7 @@ def train_model(
         "feature_names": list(data.feature_names) if data.feature_names else None,
         "input_shape": list(data.sample_shape),
         "arch": arch,
+        "arch_options": dict(arch_options or {}),
         "seed": seed,
         "data": {
             "source": data.source,
@@ -489,6 +501,11 @@ def train_model(
             "validation_split": "stratified",
             "class_weight_mode": class_weight,
             "class_weight": {data.class_names[k]: v for k, v in weights.items()} if weights else None,
+            "distribution": (
+                {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)}
+                if strategy is not None
+                else None
+            ),
         },
         "metrics": {
             "val_accuracy": val_accuracy,
