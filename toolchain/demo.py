@@ -325,15 +325,19 @@ def run_demo(
     # 5. Report ---------------------------------------------------------------------------------------
     echo("==> 5/5 report: drift per device")
     drift_rows = [r for r in drift_table(db_url) if r.get("device_id") in DEVICES]
+    if loop:  # one row per (device, model) after the rollout: the newest model's last, as the states use it
+        drift_rows.sort(key=lambda r: (r["device_id"], r["model"]["version"]))
     from toolchain.report import text_table
 
     table_rows = []
     for r in drift_rows:
         table_rows.append(
             [
-                r["device_id"],
+                r["device_id"] + (f" v{r['model']['version']}" if loop else ""),
                 DEVICES[r["device_id"]],
-                f"{100 * correct[r['device_id']] / total:.1f}%",
+                f"{100 * correct[r['device_id']] / total:.1f}%"
+                if r["model"]["version"] == version
+                else "-",  # the monitor stage measured the first model only (--loop: see the loop line)
                 r["state"],
                 f"{r.get('max_psi') or 0:.3f}",
                 str(r.get("worst_feature") or ""),

@@ -186,11 +186,13 @@ def _windows_stored(db_url: str, device: str) -> int:
     return next((int(r["windows"]) for r in status_rows(db_url) if r["device_id"] == device), 0)
 
 
-def _drift_state(db_url: str) -> str | None:
+def _drift_state(ctx: LoopContext) -> str | None:
+    """The collector's drift verdict for pi-shifted on the model it serves now (None: no windows yet)."""
     from toolchain.fleet import drift_table
 
-    for r in drift_table(db_url):
-        if r.get("device_id") == SHIFTED:
+    sha = ctx.daemons[SHIFTED].agent.model.ref.sha256
+    for r in drift_table(ctx.db_url, device=SHIFTED):
+        if r.get("scope") == "device" and r["model"]["sha256"] == sha:
             return str(r["state"])
     return None
 
@@ -378,11 +380,11 @@ def _run(ctx: LoopContext, epochs: int, step: list[str]) -> dict[str, Any]:
     with _Feeder(ctx) as feeder:
         deadline = time.monotonic() + ARRIVAL_WAIT_S
         while feeder.windows < CLEAR_WINDOWS_MAX and time.monotonic() < deadline:
-            if not shifted.alert_follower.in_alert and _drift_state(ctx.db_url) != "alert":
+            if not shifted.alert_follower.in_alert and _drift_state(ctx) != "alert":
                 cleared = True
                 break
             time.sleep(0.3)
-    state = _drift_state(ctx.db_url)
+    state = _drift_state(ctx)
     if cleared:
         ctx.note("cleared", f"{SHIFTED} drift {state}; the alert command says not in alert")
     else:
