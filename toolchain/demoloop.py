@@ -84,9 +84,10 @@ class LoopContext:
     debug: bool = False
     timeline: list[tuple[float, str, str]] = field(default_factory=list)
 
-    def note(self, what: str, detail: str) -> None:
-        self.timeline.append((time.time(), what, detail))
-        self.echo(f"    [{time.strftime('%H:%M:%S')}] {what}: {detail}")
+    def note(self, what: str, detail: str, ts: float | None = None) -> None:
+        ts = time.time() if ts is None else ts
+        self.timeline.append((ts, what, detail))
+        self.echo(f"    [{time.strftime('%H:%M:%S', time.localtime(ts))}] {what}: {detail}")
 
 
 def _post(url: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():
         if time.monotonic() > deadline:
-            raise LoopError(f"demo --loop: timed out after {timeout_s:.0f} s waiting for {what}")
+            raise LoopError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.2)
 
 
@@ -232,9 +233,16 @@ def _run(ctx: LoopContext, epochs: int, step: list[str]) -> dict[str, Any]:
     if shifted.capturer is None:
         raise LoopError(f"{SHIFTED} has no [capture] section")
     _wait(lambda: bool(shifted.alert_follower.in_alert), ALERT_WAIT_S, f"the alert command on {SHIFTED}")
-    ctx.note(
+    from toolchain.fleet.queries import recent_alerts
+
+    raised = [a for a in recent_alerts(ctx.db_url) if a["device_id"] == SHIFTED and a["state"] == "alert"]
+    ctx.note(  # at the time the collector raised it (the newest raise, before the loop started)
         "alert",
-        f"{SHIFTED} in drift alert; the alert command set its capture rate to {shifted.capturer.rate:g}",
+        f"collector: {SHIFTED} drift {raised[0]['previous']} -> alert; its alert command set the capture"
+        f" rate to {shifted.capturer.rate:g}"
+        if raised
+        else f"{SHIFTED} in alert; capture rate {shifted.capturer.rate:g}",
+        ts=float(raised[0]["ts"]) if raised else None,
     )
 
     # 2. accuracy before ------------------------------------------------------------------------------
@@ -366,7 +374,8 @@ def _run(ctx: LoopContext, epochs: int, step: list[str]) -> dict[str, Any]:
     versions = {d: _serving_version(ctx.daemons[d]) for d in (SHIFTED, CLEAN)}
     ctx.note(
         "gate",
-        f"{g.get('message', 'no decision')}; {g.get('action', '')}; rollout {states}; serving {versions}",
+        f"{g.get('message', 'no decision')}; {g.get('action', '')}; "
+        + ", ".join(f"{d} {st}, serving v{versions[d]}" for d, st in states.items() if d in versions),
     )
     promoted = v1.version + 1 if passed and all(v == v1.version + 1 for v in versions.values()) else None
 
