@@ -50,8 +50,27 @@ def shift_digits(x: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def _agent_config(
-    path: Path, device: str, bundle: Path, state_dir: Path, broker_url: str, pub_key: Path
+    path: Path,
+    device: str,
+    bundle: Path,
+    state_dir: Path,
+    broker_url: str,
+    pub_key: Path,
+    capture: bool = False,
 ) -> Path:
+    # demo --loop: pi-shifted captures only while the fleet says it is in alert, and serves the HTTP
+    # API (an ephemeral loopback port) so its captured samples can be labelled through /v1/feedback.
+    extra = (
+        [
+            "[capture]",
+            "sample_rate = 0",
+            "on_alert_rate = 1.0",
+            "max_samples_per_hour = 100000",
+            "",
+        ]
+        if capture
+        else []
+    )
     path.write_text(
         "\n".join(
             [
@@ -71,8 +90,9 @@ def _agent_config(
                 f"window_max_samples = {WINDOW_SAMPLES}",
                 "",
                 "[api]",
-                'listen = "off"',
+                'listen = "127.0.0.1:0"' if capture else 'listen = "off"',
                 "",
+                *extra,
             ]
         )
     )
@@ -155,8 +175,14 @@ def run_demo(
     echo: Callable[[str], None] = print,
     progress: bool = True,
     fresh: bool = False,
+    loop: bool = False,
+    debug: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole loop into ``out_dir``; return a summary dict (also written to summary.json)."""
+    """Run the whole loop into ``out_dir``; return a summary dict (also written to summary.json).
+
+    ``loop``: after the drift alert, capture, label, fine-tune, build v2 and canary it
+    (``toolchain.demoloop``); the summary gets ``loop``.
+    """
     from toolchain.build import build_bundles
     from toolchain.report import summary_table
     from toolchain.steps.data import load_dataset
@@ -227,6 +253,7 @@ def run_demo(
     test = load_dataset(DIGITS_TEST)
     inputs = {"pi-clean": test.x, "pi-shifted": shift_digits(test.x)}
     daemons: dict[str, Daemon] = {}
+    timeline: list[tuple[float, str, str]] | None = None
     with EmbeddedBroker() as broker:
         collector = Collector(db_url, broker.url, fleet=DEMO_FLEET)
         collector.start()
@@ -238,7 +265,13 @@ def run_demo(
                     shutil.rmtree(state)
                 state.mkdir(parents=True)
                 cfg = _agent_config(
-                    state / "agent.toml", device, bundles / DEMO_TARGET, state / "state", broker.url, pub
+                    state / "agent.toml",
+                    device,
+                    bundles / DEMO_TARGET,
+                    state / "state",
+                    broker.url,
+                    pub,
+                    capture=loop and device == "pi-shifted",
                 )
                 daemons[device] = Daemon.from_file(cfg, watch_bundle=False).start()
 
@@ -271,6 +304,34 @@ def run_demo(
                         for d in DEVICES
                     )
                 )
+            if loop:
+                from toolchain.demoloop import LoopContext, run_loop
+
+                echo(
+                    "==> loop: capture on pi-shifted, label, export, fine-tune, build v2, canary --gate drift"
+                )
+                loop_ctx = LoopContext(
+                    out=out,
+                    db_url=db_url,
+                    broker_url=broker.url,
+                    model_path=model_path,
+                    bundle=bundles / DEMO_TARGET,
+                    priv=priv,
+                    pub=pub,
+                    daemons=daemons,
+                    collector=collector,
+                    test=test,
+                    inputs=inputs,
+                    window_samples=WINDOW_SAMPLES,
+                    train_path=Path(DIGITS_TRAIN),
+                    shift=shift_digits,
+                    fleet=DEMO_FLEET,
+                    echo=echo,
+                    progress=progress,
+                    debug=debug,
+                )
+                summary["loop"] = run_loop(loop_ctx)
+                timeline = loop_ctx.timeline
         finally:
             for d in daemons.values():
                 d.stop()
@@ -279,15 +340,19 @@ def run_demo(
     # 5. Report ---------------------------------------------------------------------------------------
     echo("==> 5/5 report: drift per device")
     drift_rows = [r for r in drift_table(db_url) if r.get("device_id") in DEVICES]
+    if loop:  # one row per (device, model) after the rollout: the newest model's last, as the states use it
+        drift_rows.sort(key=lambda r: (r["device_id"], r["model"]["version"]))
     from toolchain.report import text_table
 
     table_rows = []
     for r in drift_rows:
         table_rows.append(
             [
-                r["device_id"],
+                r["device_id"] + (f" v{r['model']['version']}" if loop else ""),
                 DEVICES[r["device_id"]],
-                f"{100 * correct[r['device_id']] / total:.1f}%",
+                f"{100 * correct[r['device_id']] / total:.1f}%"
+                if r["model"]["version"] == version
+                else "-",  # the monitor stage measured the first model only (--loop: see the loop line)
                 r["state"],
                 f"{r.get('max_psi') or 0:.3f}",
                 str(r.get("worst_feature") or ""),
@@ -316,7 +381,7 @@ def run_demo(
             f"    alert on edgefleet/{a['fleet']}/alerts: {a['device_id']} {a['previous']} -> {a['state']}: {a['message']}"
         )
     report_path = out / "fleet-report.html"
-    write_report(db_url, report_path)
+    write_report(db_url, report_path, timeline=timeline)
     states = {r["device_id"]: r["state"] for r in drift_rows}
     summary.update(
         {
@@ -333,10 +398,22 @@ def run_demo(
     echo(f"fleet db:      {db_path}")
     echo(f"  $ {fleet_status_hint(db_url)}")
     ok = states.get("pi-clean") not in ("alert",) and states.get("pi-shifted") in ("alert", "warn")
+    if loop:  # the loop may clear pi-shifted's alert: what counts is that it was raised on it alone
+        flagged = {a["device_id"] for a in alerts if a["state"] in ("alert", "warn")}
+        ok = states.get("pi-clean") != "alert" and flagged == {"pi-shifted"}
     echo(
         "result:        "
         + ("drift flagged on pi-shifted only, as expected" if ok else f"UNEXPECTED drift states {states}")
     )
+    if loop and "loop" in summary:
+        lp = summary["loop"]
+        promoted = f"promoted v{lp['promoted_version']}" if lp["promoted_version"] else "not promoted"
+        cleared = "alert cleared" if lp["alert_cleared"] else "alert not cleared"
+        echo(
+            f"loop:          {lp['captured']} captured; accuracy on shifted digits"
+            f" {100 * lp['accuracy_shifted_before']:.1f}% -> {100 * lp['accuracy_shifted_after']:.1f}%;"
+            f" canary gate {lp['gate']['outcome']} ({lp['gate']['action']}); {promoted}; {cleared}"
+        )
     hint = path_hint()
     if hint:
         echo(f"next:          {hint[0]}")

@@ -120,6 +120,19 @@ def test_python_api(filled_db, tmp_path) -> None:
     assert fleet.write_report(filled_db, tmp_path / "r.html").exists()
 
 
+def test_report_timeline_is_in_time_order_escaped_and_absent_by_default(filled_db, tmp_path) -> None:
+    from toolchain.fleet.report import write_report
+
+    plain = write_report(filled_db, tmp_path / "plain.html").read_text()
+    assert 'id="timeline"' not in plain
+    steps = [(2000.0, "deploy", "v2 to <cam-3>"), (1000.0, "alert", "cam-3 & co"), (3000.0, "gate", "passed")]
+    page = write_report(filled_db, tmp_path / "t.html", timeline=steps).read_text()
+    table = page[page.index('id="timeline"') :]
+    assert table.index("<td>alert</td>") < table.index("<td>deploy</td>") < table.index("<td>gate</td>")
+    assert "v2 to &lt;cam-3&gt;" in table and "cam-3 &amp; co" in table and "<cam-3>" not in table
+    assert "1970-01-01T00:16:40" in table  # times in UTC ISO, like the other tables
+
+
 @pytest.mark.browser
 @pytest.mark.timeout(300)
 def test_report_renders_in_headless_chromium(filled_db, chromium, tmp_path) -> None:

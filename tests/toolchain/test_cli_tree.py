@@ -38,6 +38,7 @@ EXPECTED: dict[str, list[str]] = {
         "option:--epochs",
         "option:--fresh",
         "option:--json",
+        "option:--loop",
         "option:--out",
     ],
     "edgefleet evaluate": [

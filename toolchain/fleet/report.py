@@ -236,8 +236,13 @@ th{background:#f5f5f5}.t{font-size:13px;font-weight:600}.a{font-size:11px;fill:#
 """
 
 
-def build_report(db: str | Store, since: str | float | None = None, now: float | None = None) -> str:
-    """Return the report page as a string."""
+def build_report(
+    db: str | Store,
+    since: str | float | None = None,
+    now: float | None = None,
+    timeline: list[tuple[float, str, str]] | None = None,
+) -> str:
+    """Return the report page as a string; ``timeline`` (time, step, detail) adds a Timeline table."""
     now = time.time() if now is None else now
     store = open_store(db) if isinstance(db, str) else db
     try:
@@ -330,6 +335,7 @@ def build_report(db: str | Store, since: str | float | None = None, now: float |
         _alerts_html(alerts),
         "<h2>Canary gates</h2>",
         _gates_html(gates),
+        *(["<h2>Timeline</h2>", _timeline_html(timeline)] if timeline else []),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -423,13 +429,25 @@ def _gates_html(gates: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def _timeline_html(rows: list[tuple[float, str, str]]) -> str:
+    """Steps in time order (``edgefleet demo --loop``: alert, capture, deploy, gate, cleared)."""
+    out = ['<table id="timeline"><tr><th>time</th><th>step</th><th>detail</th></tr>']
+    for ts, step, detail in sorted(rows):
+        out.append(f"<tr><td>{_e(utc_iso(ts))}</td><td>{_e(step)}</td><td>{_e(detail)}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
 def write_report(
-    db_url: str | Store, out_path: str | os.PathLike[str], since: str | float | None = None
+    db_url: str | Store,
+    out_path: str | os.PathLike[str],
+    since: str | float | None = None,
+    timeline: list[tuple[float, str, str]] | None = None,
 ) -> Path:
     """Write the self-contained HTML report to ``out_path`` (atomically); return the path."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    page = build_report(db_url, since=since)
+    page = build_report(db_url, since=since, timeline=timeline)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
