@@ -134,7 +134,12 @@ def cluster_model(
             return layer  # nothing to gain: the kernel has no more values than centroids
         names.append(layer.name)
         if preserve_sparsity:
-            return ck.experimental.cluster_weights(
+            # tfmot 0.8 does not export the sparsity-preserving variant in its public API
+            from tensorflow_model_optimization.python.core.clustering.keras.experimental import (
+                cluster as experimental_cluster,
+            )
+
+            return experimental_cluster.cluster_weights(
                 layer, number_of_clusters=clusters, cluster_centroids_init=init, preserve_sparsity=True
             )
         return ck.cluster_weights(layer, number_of_clusters=clusters, cluster_centroids_init=init)
@@ -265,6 +270,7 @@ def compression_report(
         "size_bytes": size,
         "gzip_size_bytes": gz,
         "float_size_bytes": float_size,
+        "float_gzip_size_bytes": float_gz,
         "float_format": Path(float_path).suffix.lstrip("."),
         "size_ratio": round(size / float_size, 4),
         "gzip_ratio": round(gz / float_size, 4),
