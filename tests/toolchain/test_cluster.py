@@ -221,6 +221,9 @@ def test_accuracy_budget_still_fails_a_target_clustered_too_far(
     report = json.loads((out / "report.json").read_text())
     entry = report["targets"]["mobile"]
     assert code == 1 and entry["status"] == "failed", err
-    assert "accuracy" in entry["error"] and entry["accuracy_drop"] > entry["max_accuracy_drop"]
+    # measured against the float model as given (not the clustered one), and refused
+    assert f"points below float {report['float']['accuracy']:.4f}" in entry["error"], entry["error"]
+    assert report["float"]["clustered_accuracy"] < report["float"]["accuracy"]
+    assert "--allow-accuracy-drop" in entry["error"]
     assert not (out / "mobile" / "manifest.json").exists()
     assert "Traceback" not in err

@@ -31,8 +31,8 @@ from toolchain.tfenv import import_keras
 
 CLUSTER_MIN = 2
 CLUSTER_MAX = 256
-CLUSTER_EPOCHS = 3
-CLUSTER_LEARNING_RATE = 1e-4
+CLUSTER_EPOCHS = 5
+CLUSTER_LEARNING_RATE = 3e-4
 BATCH_SIZE = 32
 GZIP_LEVEL = 9
 # Layers whose kernels are clustered (tfmot's clustering registry supports these; biases stay float).

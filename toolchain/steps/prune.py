@@ -19,9 +19,9 @@ from toolchain.errors import ToolchainError
 from toolchain.steps.data import Dataset
 from toolchain.tfenv import import_keras
 
-PRUNE_EPOCHS = 4
+PRUNE_EPOCHS = 8
 PRUNE_UPDATES_PER_EPOCH = 4
-PRUNE_LEARNING_RATE = 3e-4
+PRUNE_LEARNING_RATE = 1e-3
 # Share of the fine-tune over which sparsity ramps from 0 to the target (the rest recovers).
 PRUNE_RAMP_FRACTION = 0.5
 BATCH_SIZE = 32
