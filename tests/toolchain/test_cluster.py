@@ -227,3 +227,12 @@ def test_accuracy_budget_still_fails_a_target_clustered_too_far(
     assert "--allow-accuracy-drop" in entry["error"]
     assert not (out / "mobile" / "manifest.json").exists()
     assert "Traceback" not in err
+
+
+def test_onnx_models_refuse_clustering_in_one_line(tmp_path: Path) -> None:
+    from toolchain.steps.inputs import check_onnx_options
+    from toolchain.targets import resolve_targets
+
+    with pytest.raises(ToolchainError) as e:
+        check_onnx_options(tmp_path / "m.onnx", BuildOptions(cluster=8), resolve_targets(["x86"]))
+    assert "clustering (--cluster)" in str(e.value) and "\n" not in str(e.value)
