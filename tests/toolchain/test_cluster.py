@@ -236,3 +236,15 @@ def test_onnx_models_refuse_clustering_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ToolchainError) as e:
         check_onnx_options(tmp_path / "m.onnx", BuildOptions(cluster=8), resolve_targets(["x86"]))
     assert "clustering (--cluster)" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_summary_and_html_show_the_compression(clustered: dict, plain: dict) -> None:
+    from toolchain.report import render_html, summary_table
+
+    text = summary_table(clustered)
+    for t in TARGETS:
+        assert f"{t}: clustered to 4: gzip " in text and "uncompressed" in text
+    assert "clustered to" not in summary_table(plain)
+    assert "Model size after gzip" in render_html(clustered)
+    assert "Model size after gzip" not in render_html(plain)
