@@ -5,14 +5,15 @@ typed records (``toolchain.steps.context``: ``BuildOptions``, ``BuildContext``, 
 
 1. check options and targets, load the model and data (bad input fails here, before any work), and
    check every destination (``DIR/<target>``) may receive the bundle (``toolchain.steps.inputs``);
-2. the float model's scores, optional pruning (tfmot, measured), optional QAT fine-tuning
-   (prune-preserving when pruned), the baseline, and float references (.tflite/.onnx) for size,
+2. the float model's scores, optional pruning (tfmot, measured), optional weight clustering
+   (``toolchain.steps.cluster``, sparsity-preserving when pruned), optional QAT fine-tuning
+   (prune- and/or cluster-preserving), the baseline, and float references (.tflite/.onnx) for size,
    accuracy and latency comparisons (``toolchain.steps.reference``);
 3. per target (``toolchain.steps.target``): convert, verify in the device runtimes, measure
    accuracy/size/sparsity/latency, check each runtime through the agent, per-class metrics, Edge TPU
    analysis and compile (coral), the gates (accuracy budget, per-class recall ``--max-class-drop``,
    size, ``[budget]``); then assemble the bundle in a staging folder next to its destination, sign
-   it (``sign_key``), and rename it into place;
+   it (``sign_key``), rename it into place, and measure its compression and OTA cost;
 4. write ``DIR/report.json`` and ``DIR/report.html`` from the records.
 
 A target that fails (conversion, verification, accuracy budget, size limit) leaves no bundle; the
@@ -29,6 +30,7 @@ from typing import Any
 
 from toolchain.errors import USER_ERRORS, ToolchainError
 from toolchain.report import merge_previous, write_report
+from toolchain.steps.cluster import compression_report
 from toolchain.steps.context import BuildContext, BuildOptions, TargetResult
 from toolchain.steps.data import Dataset
 from toolchain.steps.inputs import load_inputs
@@ -96,6 +98,7 @@ def build_bundles(
     *,
     quantize: str = "ptq",
     prune: float | None = None,
+    cluster: int | None = None,
     eval_data: str | Path | Dataset | None = None,
     label: str | None = None,
     version: int = 1,
@@ -110,6 +113,7 @@ def build_bundles(
     options = BuildOptions(
         quantize=quantize,
         prune=prune,
+        cluster=cluster,
         version=version,
         sign_key=Path(sign_key) if sign_key else None,
         allow_accuracy_drop=allow_accuracy_drop,
@@ -180,6 +184,9 @@ def _build_target(ctx: BuildContext, t: Target) -> TargetResult:
         staging = None
         result.bundle = t.name
         result.bundle_bytes = sum(p.stat().st_size for p in dest.iterdir() if p.is_file())
+        result.compression = compression_report(
+            artifact.path, ctx.float_refs[t.format].path, dest, ctx.options.cluster
+        )
         result.status = "ok"
     except USER_ERRORS as e:
         result.error = str(e)

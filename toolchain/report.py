@@ -2,7 +2,7 @@
 
 The report is plain data written by ``toolchain.build``; this module renders it: the terminal summary
 table, the HTML page with a table and three charts (size, accuracy, latency of each target against
-its float reference) and per target the float and int8 confusion matrices as heatmap tables, and
+its float reference; a fourth, gzip size against the float file, when the build clustered) and per target the float and int8 confusion matrices as heatmap tables, and
 ``edgefleet report DIR`` re-renders both from ``report.json``.
 """
 
@@ -173,7 +173,28 @@ def summary_table(report: dict[str, Any]) -> str:
             out.append(f"{name}: on device {device_profile_line(dp)}")
         for rt, why in (e.get("runtimes_excluded") or {}).items():
             out.append(f"{name}: runtime {rt} left out of the bundle (as the device runs it): {why}")
+        line = compression_line(e.get("compression"))
+        if line:
+            out.append(f"{name}: {line}")
     return "\n".join(out)
+
+
+def compression_line(c: dict[str, Any] | None) -> str | None:
+    """Return ``clustered to 8: gzip 12.3 KB = 0.139x ...`` for a clustered target, or None."""
+    if not c or not c.get("clusters"):
+        return None
+    uw = c.get("unique_weights_per_channel") or {}
+    line = (
+        f"clustered to {c['clusters']}: gzip {_fmt(c.get('gzip_size_bytes'), 'kb')} ="
+        f" {c.get('gzip_ratio')}x the float .{c.get('float_format')} file; at most {uw.get('max')} values"
+        " per channel in the shipped file"
+    )
+    if c.get("ota_bytes") is not None:
+        line += (
+            f"; an update sends {_fmt(c['ota_bytes'], 'kb')} uncompressed"
+            f" ({_fmt(c.get('ota_gzip_bytes'), 'kb')} if gzip-compressed)"
+        )
+    return line
 
 
 def worst_class_line(entry: dict[str, Any]) -> str | None:
@@ -426,6 +447,18 @@ def render_html(report: dict[str, Any]) -> str:
             [(n, t.get("size_bytes"), t.get("float_size_bytes")) for n, t in ok.items()],
             1 / 1024,
         ),
+        _bar_chart(
+            "Model size after gzip -9 (what a compressed transfer carries)",
+            "KB",
+            [
+                (n, t["compression"].get("gzip_size_bytes"), t["compression"].get("float_size_bytes"))
+                for n, t in ok.items()
+                if t.get("compression")
+            ],
+            1 / 1024,
+        )
+        if (report.get("options") or {}).get("cluster")
+        else "",
         _bar_chart(
             "Accuracy", "%", [(n, t.get("accuracy"), t.get("float_accuracy")) for n, t in ok.items()], 100.0
         ),

@@ -21,6 +21,7 @@ EXPECTED: dict[str, list[str]] = {
     "edgefleet build": [
         "argument:model",
         "option:--allow-accuracy-drop",
+        "option:--cluster",
         "option:--data",
         "option:--eval-data",
         "option:--json",

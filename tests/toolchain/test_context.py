@@ -108,6 +108,8 @@ def test_edgetpu_op_share_and_warnings_follow_the_edgetpu_summary() -> None:
     [
         (BuildOptions(quantize="int4"), "--quantize 'int4' is unknown"),
         (BuildOptions(prune=1.0), "--prune 1.0 must be between 0 and 1"),
+        (BuildOptions(cluster=1), "--cluster 1 must be a whole number of clusters from 2 to 256"),
+        (BuildOptions(cluster=300), "--cluster 300 must be a whole number"),
         (BuildOptions(version=0), "--version 0 must be a positive integer"),
         (BuildOptions(version=True), "--version True must be a positive integer"),
         (BuildOptions(max_class_drop=101), "--max-class-drop 101 must be between 0 and 100"),
@@ -122,12 +124,13 @@ def test_options_out_of_range_fail_in_one_line_naming_the_flag(options: BuildOpt
 def test_options_report_section() -> None:
     from pathlib import Path
 
-    o = BuildOptions(quantize="qat", prune=0.5, sign_key=Path("k"), max_class_drop=5)
+    o = BuildOptions(quantize="qat", prune=0.5, cluster=16, sign_key=Path("k"), max_class_drop=5)
     o.check()
     assert o.qat
     assert o.to_dict() == {
         "quantize": "qat",
         "prune": 0.5,
+        "cluster": 16,
         "allow_accuracy_drop": False,
         "max_class_drop": 5.0,
         "signed": True,

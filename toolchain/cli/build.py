@@ -41,6 +41,14 @@ DEFAULT_OUT = "bundles"
     default=None,
     help="Prune to this sparsity (0.5 = half the weights) with a short fine-tune.",
 )
+@click.option(
+    "--cluster",
+    type=click.IntRange(2, 256),
+    default=None,
+    metavar="K",
+    help="Cluster each kernel's weights to K shared values (2..256) with a short fine-tune; with --prune"
+    " the zeros are kept, with --quantize qat the clusters are (smaller after gzip).",
+)
 @click.option("--eval-data", default=None, help="Labelled test data (default: hold out 20% of --data).")
 @click.option("--label", default=None, help="Label column (CSV) or label array name (.npz).")
 @click.option(
@@ -78,6 +86,7 @@ def build_cmd(
     targets: tuple[str, ...],
     quantize: str,
     prune: float | None,
+    cluster: int | None,
     eval_data: str | None,
     label: str | None,
     version: int,
@@ -101,6 +110,7 @@ def build_cmd(
                 out_dir,
                 quantize=quantize,
                 prune=prune,
+                cluster=cluster,
                 eval_data=eval_data,
                 label=label,
                 version=version,

@@ -49,6 +49,7 @@ class BuildOptions:
 
     quantize: str = "ptq"
     prune: float | None = None
+    cluster: int | None = None
     version: int = 1
     sign_key: Path | None = None
     allow_accuracy_drop: bool = False
@@ -70,6 +71,10 @@ class BuildOptions:
             raise ToolchainError(
                 f"--prune {self.prune} must be between 0 and 1 (0.5 prunes half the weights)"
             )
+        if self.cluster is not None:
+            from toolchain.steps.cluster import check_clusters
+
+            check_clusters(self.cluster)
         v = self.version
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ToolchainError(f"--version {v!r} must be a positive integer")
@@ -85,6 +90,7 @@ class BuildOptions:
         return {
             "quantize": self.quantize,
             "prune": self.prune,
+            "cluster": self.cluster,
             "allow_accuracy_drop": self.allow_accuracy_drop,
             "max_class_drop": float(self.max_class_drop),
             "signed": self.sign_key is not None,
@@ -175,6 +181,8 @@ class BuildContext:
     float_classes: dict[str, Any] = field(default_factory=dict)
     pruned_accuracy: float | None = None
     prune_report: dict[str, Any] | None = None
+    clustered_accuracy: float | None = None
+    cluster_report: dict[str, Any] | None = None
     preprocessing: dict[str, Any] | None = None
     # The image layout the caller sends and the artifact takes (ONNX models only; see the manifest).
     input_layout: dict[str, str] | None = None
@@ -212,6 +220,8 @@ class BuildContext:
             doc["preprocessing"] = self.preprocessing
         if self.prune_report is not None:
             doc["prune"] = self.prune_report
+        if self.cluster_report is not None:
+            doc["cluster"] = self.cluster_report
         doc["build_s"] = build_s
         return doc
 
@@ -220,6 +230,8 @@ class BuildContext:
         doc: dict[str, Any] = {"accuracy": self.float_accuracy, **self.float_classes}
         if self.pruned_accuracy is not None:
             doc["pruned_accuracy"] = self.pruned_accuracy
+        if self.clustered_accuracy is not None:
+            doc["clustered_accuracy"] = self.clustered_accuracy
         for fmt, ref in self.float_refs.items():
             doc[fmt.value] = ref.to_dict()
         return doc
@@ -322,6 +334,8 @@ class TargetResult:
     accuracy_budget: str | None = None
     class_drop_budget: str | None = None
     budget: dict[str, Any] | None = None
+    # sizes, ratios, unique weights per channel and OTA cost (toolchain.steps.cluster.compression_report)
+    compression: dict[str, Any] | None = None
     bundle_action: str | None = None
     bundle_bytes: int | None = None
     build_s: float | None = None
@@ -357,6 +371,7 @@ class TargetResult:
             "accuracy_budget",
             "class_drop_budget",
             "budget",
+            "compression",
             "bundle_action",
             "bundle_bytes",
             "build_s",

@@ -143,6 +143,8 @@ def check_onnx_options(model_path: Path, options: BuildOptions, targets: list[Ta
     """
     if options.prune is not None:
         raise ModelError(onnx_keras_only("pruning (--prune)", model_path))
+    if options.cluster is not None:
+        raise ModelError(onnx_keras_only("clustering (--cluster)", model_path))
     if options.qat:
         raise ModelError(onnx_keras_only("QAT (--quantize qat)", model_path))
     tflite = [t.name for t in targets if t.format is ModelFormat.TFLITE]

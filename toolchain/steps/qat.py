@@ -66,8 +66,12 @@ def _output_only_config_class() -> Any:
     return OutputOnlyQuantizeConfig
 
 
-def quantize_aware_model(model: Any, pruned: bool = False) -> Any:
-    """Return an (untrained) quantization-aware copy of a tf_keras model."""
+def quantize_aware_model(model: Any, pruned: bool = False, clustered: bool = False) -> Any:
+    """Return an (untrained) quantization-aware copy of a tf_keras model.
+
+    ``clustered`` uses tfmot's cluster-preserving scheme (CQAT; PCQAT when also ``pruned``), which
+    keeps each clustered kernel's values on its centroids while the centroids train.
+    """
     import tensorflow_model_optimization as tfmot
     from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
         default_8bit_quantize_registry,
@@ -99,6 +103,11 @@ def quantize_aware_model(model: Any, pruned: bool = False) -> Any:
     try:
         annotated = keras.models.clone_model(drop_identity_layers(copy_model(model)), clone_function=annotate)
         with qk.quantize_scope({"OutputOnlyQuantizeConfig": output_only}):
+            if clustered:
+                scheme = tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
+                    preserve_sparsity=pruned
+                )
+                return refresh_adapted_state(qk.quantize_apply(annotated, scheme))
             if pruned:
                 scheme = qk.collab_opts.Default8BitPrunePreserveQuantizeScheme()
                 return refresh_adapted_state(qk.quantize_apply(annotated, scheme))
@@ -132,6 +141,7 @@ def qat_finetune(
     data: Dataset,
     *,
     pruned: bool = False,
+    clustered: bool = False,
     epochs: int = QAT_EPOCHS,
     learning_rate: float = QAT_LEARNING_RATE,
     batch_size: int = BATCH_SIZE,
@@ -141,12 +151,12 @@ def qat_finetune(
 ) -> Any:
     """Fine-tune a quantization-aware copy of ``model`` on ``data``; return the QAT model.
 
-    ``class_weight`` is the weighting ``train`` used (``toolchain.steps.finetune``): without it a
+    ``class_weight`` is the weighting ``train`` used (``toolchain.steps.classweights``): without it a
     fine-tune on unbalanced labels pulls the model back towards the majority class.
     """
     from toolchain.steps.train import fit
 
-    qat = quantize_aware_model(model, pruned=pruned)
+    qat = quantize_aware_model(model, pruned=pruned, clustered=clustered)
     fit(
         qat,
         data,
@@ -154,7 +164,7 @@ def qat_finetune(
         learning_rate=learning_rate,
         batch_size=batch_size,
         patience=None,
-        desc="QAT" + (" (prune-preserving)" if pruned else ""),
+        desc="QAT" + (" (cluster-preserving)" if clustered else " (prune-preserving)" if pruned else ""),
         progress=progress,
         seed=seed,
         class_weight=class_weight,

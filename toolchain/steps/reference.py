@@ -47,8 +47,8 @@ def prepare_reference(ctx: BuildContext) -> None:
 
     # a tf_keras model for pruning/QAT (Keras 3 rebuilt) and for folding the input normalisation
     tf_model: Any = None
-    if opts.prune is not None or opts.qat:
-        purpose = "pruning" if opts.prune is not None else "QAT"
+    if opts.prune is not None or opts.cluster is not None or opts.qat:
+        purpose = "pruning" if opts.prune is not None else "clustering" if opts.cluster else "QAT"
         tf_model = lm.as_tf_keras(purpose)
     elif lm.kind == "tf_keras":
         tf_model = lm.model
@@ -61,7 +61,7 @@ def prepare_reference(ctx: BuildContext) -> None:
     calib_m = ctx.model_calib = model_input(calib, ctx.preprocessing)
     eval_m = ctx.model_eval = model_input(evald, ctx.preprocessing)
     weights: dict[int, float] | None = None
-    if opts.prune is not None or opts.qat:
+    if opts.prune is not None or opts.qat or opts.cluster is not None:
         from toolchain.steps.classweights import finetune_class_weights
         from toolchain.steps.models import read_model_meta
 
@@ -80,12 +80,31 @@ def prepare_reference(ctx: BuildContext) -> None:
             class_weight={ctx.labels[k]: v for k, v in weights.items()} if weights else None,
         )
         ctx.pruned_accuracy = accuracy(float_outputs(lm, tf_model, eval_m.x), evald.y)
-    deployed_float = tf_model  # the float model that gets quantized (pruned or the original)
+    if opts.cluster is not None:
+        from toolchain.steps.cluster import cluster_model
+
+        cr = cluster_model(
+            tf_model,
+            calib_m,
+            opts.cluster,
+            preserve_sparsity=opts.prune is not None,
+            progress=opts.progress,
+            class_weight=weights,
+        )
+        tf_model = cr.model
+        ctx.cluster_report = cr.to_dict()
+        ctx.clustered_accuracy = accuracy(float_outputs(lm, tf_model, eval_m.x), evald.y)
+    deployed_float = tf_model  # the float model that gets quantized (pruned/clustered or the original)
     if opts.qat:
         from toolchain.steps.qat import qat_finetune
 
         ctx.source_model = qat_finetune(
-            tf_model, calib_m, pruned=opts.prune is not None, progress=opts.progress, class_weight=weights
+            tf_model,
+            calib_m,
+            pruned=opts.prune is not None,
+            clustered=opts.cluster is not None,
+            progress=opts.progress,
+            class_weight=weights,
         )
     else:
         ctx.source_model = tf_model if tf_model is not None else lm.conversion_source(ctx.work)
