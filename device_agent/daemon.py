@@ -179,12 +179,10 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Daemon:
-        """Start the writer, publisher, API and bundle watcher threads."""
+        """Start the writer, publisher and bundle watcher threads, the updater, then the API."""
         self._spawn("telemetry-writer", self._writer)
         if self.publisher is not None:
             self.publisher.start()
-        if self.api is not None:
-            self._threads.append(self.api.start())
         if self._watch:
             self._spawn("bundle-watch", self._watcher)
         m = self.agent.model
@@ -201,6 +199,10 @@ class Daemon:
         from device_agent.update import attach_to_daemon
 
         attach_to_daemon(self.updater, self)  # deploy commands, the incoming drop box, deployment status
+        # The API last: its first answer already holds the start-up events (store_fallback, a
+        # deployment's outcome) and the deployment status.
+        if self.api is not None:
+            self._threads.append(self.api.start())
         return self
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:

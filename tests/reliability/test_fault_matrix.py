@@ -512,6 +512,9 @@ def test_broker_restart_while_the_collector_is_offline(
             rig.wait_saved(now=True)
         rig.stop_collector()
         rig.windows(12)
+        # all 12 committed by the writer thread (else the outbox can look drained before the last are
+        # written, and those reach the broker only after its restart), then acknowledged by the broker
+        wait_for(lambda: rig.sent() == 6 + 12, 30, "the 12 windows in the outbox")
         rig.wait_drained()  # acknowledged by the broker: deleted from the agent's outbox
         if "autosave_interval 1" in conf:
             rig.wait_saved()  # the queued windows are on disk
