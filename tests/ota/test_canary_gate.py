@@ -40,7 +40,9 @@ def m(value: float | None, state: str | None = None, windows: int = K, labelled:
 def test_drift_gate_rules() -> None:
     assert judge_device("drift", K, m(0.5, "alert"), m(0.9, "warn"))[0]  # the alert cleared
     assert judge_device("drift", K, m(0.01, "ok"), m(0.09, "ok"))[0]  # ok on both sides
-    assert judge_device("drift", K, m(0.30, "alert"), m(0.31, "alert"))[0]  # within the tolerance
+    assert judge_device("drift", K, m(0.30, "alert"), m(0.25, "alert"))[0]  # still alert, score fell
+    ok, why = judge_device("drift", K, m(0.30, "alert"), m(0.30, "alert"))  # no better: not promoted
+    assert not ok and "the alert did not clear and the drift score did not fall" in why
     ok, why = judge_device("drift", K, m(0.30, "alert"), m(0.40, "alert"))
     assert not ok and "0.300 -> 0.400" in why
     ok, why = judge_device("drift", K, m(0.05, "ok"), m(0.04, "alert"))

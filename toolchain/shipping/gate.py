@@ -5,8 +5,9 @@ with the same metric over its last K windows on the model it ran before (before)
 
 ``drift``       the drift verdict (ok < warn < alert) and the highest input-feature PSI over the windows,
                 each side against its own model's baseline. Passes when the verdict falls (an alert
-                clears), when it is ``ok`` on both sides, or when it stays the same and the max PSI rises
-                by at most ``DRIFT_PSI_TOLERANCE``. Fails when too few predictions to judge drift.
+                clears), when it is ``ok`` on both sides, or when it stays ``warn``/``alert`` and the
+                max PSI falls: a canary whose drift did not improve is not promoted. Fails when too few
+                predictions to judge drift.
 ``confidence``  the mean top-1 confidence; passes when it drops by at most ``CONFIDENCE_TOLERANCE``.
 ``accuracy``    correct / labelled from feedback; passes when it drops by at most ``ACCURACY_TOLERANCE``;
                 fails when the after windows carry no labels.
@@ -22,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 GATES = ("drift", "confidence", "accuracy")
-DRIFT_PSI_TOLERANCE = 0.02  # PSI; the sampling noise of a few hundred predictions per window
 CONFIDENCE_TOLERANCE = 0.02  # mean top-1 confidence, absolute
 ACCURACY_TOLERANCE = 0.02  # accuracy on labelled predictions, absolute
 SEVERITY = {"insufficient": -1, "ok": 0, "warn": 1, "alert": 2}
@@ -108,10 +108,9 @@ def judge_device(gate: str, windows: int, before: Measure | None, after: Measure
             return False, nums
         if sa == "ok":
             return True, nums
-        if before.value is not None and after.value is not None:
-            if after.value <= before.value + DRIFT_PSI_TOLERANCE:
-                return True, nums
-        return False, f"{nums} (tolerance {DRIFT_PSI_TOLERANCE})"
+        if before.value is not None and after.value is not None and after.value < before.value:
+            return True, f"{nums}: the drift score fell"
+        return False, f"{nums}: the {sa} did not clear and the drift score did not fall"
     if gate == "accuracy":
         nums = (
             f"accuracy {_num(before.value)} ({before.labelled} labelled) -> {_num(after.value)}"
