@@ -243,7 +243,7 @@ def run_demo(
     )
     from device_agent.agent import Daemon, EmbeddedBroker
     from toolchain.fleet import Collector, drift_table, register_bundle, status_rows, write_report
-    from toolchain.fleet.queries import recent_alerts
+    from toolchain.fleet.status import recent_alerts
 
     db_path = out / "fleet.db"
     for suffix in ("", "-wal", "-shm"):

@@ -233,7 +233,7 @@ def _run(ctx: LoopContext, epochs: int, step: list[str]) -> dict[str, Any]:
     if shifted.capturer is None:
         raise LoopError(f"{SHIFTED} has no [capture] section")
     _wait(lambda: bool(shifted.alert_follower.in_alert), ALERT_WAIT_S, f"the alert command on {SHIFTED}")
-    from toolchain.fleet.queries import recent_alerts
+    from toolchain.fleet.status import recent_alerts
 
     raised = [a for a in recent_alerts(ctx.db_url) if a["device_id"] == SHIFTED and a["state"] == "alert"]
     ctx.note(  # at the time the collector raised it (the newest raise, before the loop started)

@@ -103,7 +103,7 @@ def test_fleet_commands_do_not_import_tensorflow(cli_env) -> None:
     code = (
         "import sys; from click.testing import CliRunner; from toolchain.cli import main;"
         "r = CliRunner().invoke(main, ['fleet', '--help']); assert r.exit_code == 0, r.output;"
-        "import toolchain.fleet.collector, toolchain.fleet.report, toolchain.fleet.queries;"
+        "import toolchain.fleet.collector, toolchain.fleet.report, toolchain.fleet.queries, toolchain.fleet.status;"
         "print('tensorflow' in sys.modules)"
     )
     out = subprocess.run(

@@ -90,7 +90,7 @@ def test_malformed_payloads_are_quarantined_and_collection_goes_on(
 def test_status_and_events_reach_the_devices_table(
     mosquitto, sqlite_url, model_ref, collector_factory
 ) -> None:
-    from toolchain.fleet.queries import status_rows
+    from toolchain.fleet.status import status_rows
 
     collector_factory(sqlite_url, mosquitto.url, client_id="status-test")
     pub = Publisher(mosquitto.url)

@@ -14,9 +14,10 @@ from toolchain.cli import main
 from toolchain.fleet.alerts import Evaluator
 from toolchain.fleet.compact import HOUR_S, compact
 from toolchain.fleet.ingest import Incoming, Ingestor
-from toolchain.fleet.queries import drift_from_evaluations, drift_table, status_rows
+from toolchain.fleet.queries import drift_from_evaluations, drift_table
 from toolchain.fleet.registry import BaselineCache, register_bundle
 from toolchain.fleet.sim import stats_payload
+from toolchain.fleet.status import status_rows
 from toolchain.fleet.storage import Layout, merge_packed, open_store
 
 DEVICES = ["cam-1", "cam-2", "cam-3"]

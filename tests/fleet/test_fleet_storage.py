@@ -10,9 +10,10 @@ import pytest
 from device_agent.formats.telemetry import encode_event
 from toolchain.fleet.ingest import Incoming, Ingestor
 from toolchain.fleet.migrations import MIGRATIONS
-from toolchain.fleet.queries import drift_table, status_rows
+from toolchain.fleet.queries import drift_table
 from toolchain.fleet.registry import BaselineCache, register_bundle
 from toolchain.fleet.sim import stats_payload, status_payload
+from toolchain.fleet.status import status_rows
 from toolchain.fleet.storage import StorageError, open_store, parse_db_url
 
 
@@ -296,7 +297,7 @@ def test_throttle_counts_what_it_holds_back(caplog) -> None:
 def test_windows_missing_from_a_stream_are_counted_and_shown(db_url, bundle, model_ref, make_window) -> None:
     """Seqs between the lowest and highest stored that are neither stored nor reported dropped are missing;
     a late window fills its gap, a redelivery changes nothing, and a new stream counts on its own."""
-    from toolchain.fleet.queries import status_summary
+    from toolchain.fleet.status import status_summary
 
     register_bundle(db_url, bundle[0])
 

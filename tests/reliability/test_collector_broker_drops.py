@@ -22,9 +22,9 @@ from tests.conftest import Mosquitto, missing_service, mosquitto_binary
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.helpers import run_edgefleet, wait_for
 from toolchain.fleet.collector import Collector
-from toolchain.fleet.queries import broker_counters
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, digits_baseline, load_digits, stats_payload, window_profile
+from toolchain.fleet.status import broker_counters
 from toolchain.fleet.storage import open_store
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]

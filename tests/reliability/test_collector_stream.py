@@ -23,8 +23,8 @@ from tests.device_agent.agent_bundles import cached_onnx_bundle, digits
 from tests.device_agent.agent_helpers import write_config
 from tests.helpers import wait_for
 from toolchain.fleet.collector import Collector
-from toolchain.fleet.queries import status_rows
 from toolchain.fleet.registry import register_bundle
+from toolchain.fleet.status import status_rows
 from toolchain.fleet.storage import open_store
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]

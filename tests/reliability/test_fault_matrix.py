@@ -542,7 +542,7 @@ def test_broker_restart_while_the_collector_is_offline(
         present = "session present: True" in rig.collector_log().rsplit("connected to", 1)[-1]
         assert present == ("persistence true" in conf)
         # A lost session is counted (once), logged and shown by fleet status; a kept one is not.
-        from toolchain.fleet.queries import broker_sessions
+        from toolchain.fleet.status import broker_sessions
 
         (session,) = broker_sessions(rig.url)
         assert session["connections"] == 2 and session["lost"] == (0 if present else 1)

@@ -33,7 +33,7 @@ _WHERE = {
     "DriftConfig": "toolchain.fleet.drift",
     "register_bundle": "toolchain.fleet.registry",
     "drift_table": "toolchain.fleet.queries",
-    "status_rows": "toolchain.fleet.queries",
+    "status_rows": "toolchain.fleet.status",
     "write_report": "toolchain.fleet.report",
     "open_store": "toolchain.fleet.storage",
 }

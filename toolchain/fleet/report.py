@@ -14,16 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.formats.telemetry import utc_iso
-from toolchain.fleet.queries import (
-    drift_series,
-    drift_table,
-    merge_groups,
-    quarantine_summary,
-    recent_alerts,
-    status_rows,
-)
+from toolchain.fleet.queries import drift_series, drift_table, merge_groups
 from toolchain.fleet.registry import load_baseline
 from toolchain.fleet.rollouts import gate_events
+from toolchain.fleet.status import quarantine_summary, recent_alerts, status_rows
 from toolchain.fleet.storage import Store, open_store
 
 COLOURS = {

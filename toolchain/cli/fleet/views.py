@@ -56,7 +56,8 @@ def _f(v: Any, fmt: str = "{:.3f}") -> str:
 def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
     """Devices: online/offline, last seen, model, windows received, dropped windows, drift state."""
     from toolchain.fleet.brokerdrops import SESSION_PREFIX, describe
-    from toolchain.fleet.queries import (
+    from toolchain.fleet.rollouts import gate_events
+    from toolchain.fleet.status import (
         broker_counters,
         broker_sessions,
         collector_counters,
@@ -64,7 +65,6 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         status_rows,
         status_summary,
     )
-    from toolchain.fleet.rollouts import gate_events
     from toolchain.fleet.storage import open_store, sqlite_path_exists
 
     if not sqlite_path_exists(db_url):
