@@ -178,8 +178,8 @@ def run_edgefleet(s: Split, seed: int, work: Path) -> tuple[np.ndarray, int]:
 
 def run_previous_defaults(s: Split, seed: int, work: Path) -> tuple[np.ndarray, int]:
     """The training settings `edgefleet train` had before issue 11, on the same architecture."""
+    from toolchain.steps.architectures import build_architecture
     from toolchain.steps.data import Dataset
-    from toolchain.steps.models import build_architecture
     from toolchain.steps.train import fit
 
     ds = Dataset(s.x, s.y, None, s.class_names, s.name)

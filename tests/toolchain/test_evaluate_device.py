@@ -34,8 +34,9 @@ def _agent_batch_1(bundle: Path, runtime: str, x: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_evaluate_reports_the_agents_batch_1_accuracy_per_runtime(tmp_path: Path) -> None:
     from toolchain.build import build_bundles
+    from toolchain.steps.architectures import build_architecture
     from toolchain.steps.evaluate import evaluate_bundle
-    from toolchain.steps.models import build_architecture, save_model
+    from toolchain.steps.models import save_model
     from toolchain.steps.train import deterministic
     from toolchain.tfenv import import_keras
 

@@ -262,7 +262,8 @@ def test_image_cnn_finetune_keeps_rescaling_and_learns_inverted_images(tmp_path:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An untrained built-in mlp with its sidecar (no epoch needed to test refusals), and data files."""
-    from toolchain.steps.models import build_architecture, save_model, write_model_meta
+    from toolchain.steps.architectures import build_architecture
+    from toolchain.steps.models import save_model, write_model_meta
 
     d = tmp_path_factory.mktemp("small")
     x, y = _regime(0, 60, new=False)

@@ -160,7 +160,8 @@ def make_data(kind: str, channels: int, classes: int, n: int, seed: int) -> Data
 
 def train_cell_model(data: Dataset, arch: str, path: Path) -> Path:
     """Train built-in ``arch`` on ``data`` (fixed seed) and save it where ``edgefleet train`` would."""
-    from toolchain.steps.models import build_architecture, save_model
+    from toolchain.steps.architectures import build_architecture
+    from toolchain.steps.models import save_model
     from toolchain.steps.train import deterministic
     from toolchain.tfenv import import_keras
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolchain.steps.models import ModelError, build_architecture, keras_file_version, load_model
+from toolchain.steps.architectures import build_architecture
+from toolchain.steps.models import ModelError, keras_file_version, load_model
 
 pytestmark = pytest.mark.slow
 

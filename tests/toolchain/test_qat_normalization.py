@@ -25,7 +25,7 @@ def _images(n: int, seed: int) -> Dataset:
 
 @pytest.mark.slow
 def test_qat_model_normalises_its_input_as_the_float_model_does() -> None:
-    from toolchain.steps.models import build_architecture
+    from toolchain.steps.architectures import build_architecture
     from toolchain.steps.qat import qat_finetune, quantize_aware_model
     from toolchain.tfenv import import_keras
 

@@ -299,7 +299,7 @@ def test_impossible_budget_is_one_line_and_keeps_the_trials(tmp_path: Path, cli_
 
 @pytest.mark.slow
 def test_architecture_knobs_change_the_model_as_documented() -> None:
-    from toolchain.steps.models import build_architecture
+    from toolchain.steps.architectures import build_architecture
 
     x = np.random.default_rng(0).uniform(0, 1, (10, 16, 16, 3)).astype(np.float32)
     m = build_architecture("cnn", x, 2, width=2.0, depth=3, resolution=0.5)

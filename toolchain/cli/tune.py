@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from toolchain.cli.output import emit_json, stdout_to_stderr
-from toolchain.steps.models import ARCHITECTURES
+from toolchain.steps.architectures import ARCHITECTURES
 
 
 @click.command("tune")

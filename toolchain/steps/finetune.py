@@ -24,15 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from toolchain.steps.architectures import ARCHITECTURES
 from toolchain.steps.data import DataError, Dataset, check_fits, conform
-from toolchain.steps.models import (
-    ARCHITECTURES,
-    ModelError,
-    load_model,
-    read_model_meta,
-    save_model,
-    write_model_meta,
-)
+from toolchain.steps.models import ModelError, load_model, read_model_meta, save_model, write_model_meta
 from toolchain.steps.train import (
     BATCH_SIZE,
     DEFAULT_SEED,

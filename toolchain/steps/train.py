@@ -24,13 +24,9 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import ToolchainError
+from toolchain.steps.architectures import build_architecture
 from toolchain.steps.data import Dataset
-from toolchain.steps.models import (
-    build_architecture,
-    model_meta_path,
-    save_model,
-    write_model_meta,
-)
+from toolchain.steps.models import model_meta_path, save_model, write_model_meta
 from toolchain.tfenv import import_keras, import_tf, native_quiet, terminal_stderr
 
 DEFAULT_SEED = 0

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from toolchain.steps.models import ARCHITECTURES
+from toolchain.steps.architectures import ARCHITECTURES
 
 WIDTHS = (0.5, 1.0, 1.5, 2.0)  # mlp/cnn: multiplies the units or filters of the fixed architecture
 DEPTHS = (1, 3)  # mlp hidden layers / cnn conv blocks, inclusive range (the fixed ones have 2)
