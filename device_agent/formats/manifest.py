@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -32,7 +32,9 @@ from device_agent.formats.strict import check_keys
 MANIFEST_SCHEMA = 2
 READ_MANIFEST_SCHEMAS = (1, 2)
 # Manifest keys a reader accepts when absent (added after schema 2 without a bump; old meaning kept).
-OPTIONAL_KEYS = {"input_layout"}
+OPTIONAL_KEYS = {"input_layout", "task"}
+# What the model does. Absent ``task`` means classification (every manifest before issue 15).
+TASKS = ("classification", "regression", "anomaly")
 # Image layouts ``input_layout`` names: batch, channels, height, width.
 LAYOUTS = ("NCHW", "NHWC")
 MANIFEST_FILE = "manifest.json"
@@ -173,6 +175,13 @@ class Manifest:
     # Optional (absent in older manifests, which mean "feed the model's own layout"): the image layout
     # the caller sends and the one the model file takes, e.g. {"caller": "NCHW", "model": "NCHW"}.
     input_layout: dict[str, str] | None = None
+    # Optional: ``{"type": one of TASKS, ...}`` with the task's own keys (see ``check_task``).
+    task: dict[str, Any] | None = None
+
+    @property
+    def task_type(self) -> str:
+        """``classification``, ``regression`` or ``anomaly`` (absent ``task`` is classification)."""
+        return "classification" if self.task is None else str(self.task["type"])
 
     def to_dict(self) -> dict[str, Any]:
         model: dict[str, Any] = {
@@ -183,7 +192,7 @@ class Manifest:
         }
         if self.schema >= 2:
             model["precision"] = self.model.precision.value
-        return {
+        d: dict[str, Any] = {
             "schema": self.schema,
             "name": self.name,
             "version": self.version,
@@ -199,7 +208,12 @@ class Manifest:
             "metrics": self.metrics,
             "threads": self.threads,
             "edgetpu": self.edgetpu,
-        } | ({"input_layout": dict(self.input_layout)} if self.input_layout is not None else {})
+        }
+        if self.input_layout is not None:
+            d["input_layout"] = dict(self.input_layout)
+        if self.task is not None:
+            d["task"] = dict(self.task)
+        return d
 
     def to_bytes(self) -> bytes:
         """Return the canonical bytes written to ``manifest.json`` (and signed)."""
@@ -282,6 +296,9 @@ class Manifest:
         layout = d.get("input_layout")
         if layout is not None:
             check_input_layout(layout)
+        task = d.get("task")
+        if task is not None:
+            check_task(task)
         return cls(
             name=name,
             version=int(d["version"]),
@@ -299,6 +316,7 @@ class Manifest:
             edgetpu=d["edgetpu"],
             schema=int(schema),
             input_layout=dict(layout) if layout is not None else None,
+            task=dict(task) if task is not None else None,
         )
 
     def file(self, path: str) -> FileEntry:
@@ -315,6 +333,28 @@ def check_input_layout(layout: Any) -> None:
     for k in ("caller", "model"):
         if layout[k] not in LAYOUTS:
             raise BundleError(f"input_layout.{k} {layout[k]!r} is unknown. Known: {', '.join(LAYOUTS)}")
+
+
+def check_task(task: Any) -> None:
+    """Validate ``task``: an object whose ``type`` is one of ``TASKS``.
+
+    Each task's own keys are checked by the function for that type in ``TASK_CHECKS``; a task
+    without one takes ``type`` alone.
+    """
+    if not isinstance(task, Mapping):
+        raise BundleError("manifest.task must be an object with a 'type'")
+    kind = task.get("type")
+    if kind not in TASKS:
+        raise BundleError(f"manifest task.type {kind!r} is unknown. Known: {', '.join(TASKS)}")
+    check = TASK_CHECKS.get(str(kind))
+    if check is None:
+        _keys(task, {"type"}, "task")
+    else:
+        check(task)
+
+
+# Per-task validation of ``manifest.task`` beyond its ``type``: one function per task with keys.
+TASK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {}
 
 
 def check_preprocessing(pre: Mapping[str, Any]) -> None:

@@ -169,3 +169,27 @@ def test_file_entry_hashes(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"abc")
     e = file_entry(tmp_path, "f")
     assert e == FileEntry("f", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", 3)
+
+
+def test_manifest_task_is_optional_and_strict(tmp_path: Path) -> None:
+    """``task`` (issue 15): absent means classification and stays absent; a bad one is refused."""
+    from device_agent.formats.manifest import BundleError, Manifest, load_manifest
+    from tests.fabricate import digits, fit_softmax, flat_onnx_bundle, onnx_dense
+
+    d = digits()
+    w, b = fit_softmax(d["x"].reshape(len(d["x"]), -1), d["y"])
+    m = load_manifest(flat_onnx_bundle(tmp_path / "b", onnx_dense(w, b, ["n", 64]), d["x"][:50]))
+    assert m.task is None and m.task_type == "classification"
+    assert "task" not in m.to_dict()  # agents from before issue 15 read it unchanged
+    doc = m.to_dict()
+    doc["task"] = {"type": "classification"}
+    assert Manifest.from_dict(doc).task_type == "classification"
+    for bad in (
+        "regression",
+        {"type": "clustering"},
+        {"kind": "regression"},
+        {"type": "classification", "x": 1},
+    ):
+        doc["task"] = bad
+        with pytest.raises(BundleError, match="task"):
+            Manifest.from_dict(doc)

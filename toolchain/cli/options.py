@@ -108,3 +108,16 @@ def ssh_option(f: Command) -> Command:
         multiple=True,
         help="ssh:// only: an extra 'ssh -o' option (repeatable).",
     )(f)
+
+
+def task_option(f: Command) -> Command:
+    """``--task classification|regression|anomaly`` (train, build, evaluate; issue 15)."""
+    from device_agent.formats.manifest import TASKS
+
+    return click.option(
+        "--task",
+        type=click.Choice(TASKS),
+        default="classification",
+        show_default=True,
+        help="What the model does: classes, a number (regression) or normal/anomaly.",
+    )(f)
