@@ -1,10 +1,11 @@
 """The agent daemon: a model, statistics windows, a disk outbox, an MQTT publisher and a local API.
 
 Threads: HTTP handler threads call ``Agent.predict`` (serialized by the Agent's lock); the
-``telemetry-writer`` thread closes windows on time and writes every closed window to the outbox
-(encode + SQLite commit); the ``mqtt-publisher`` thread drains the outbox to the broker; the
-``bundle-watch`` thread notices a change of the configured bundle path. Inference never waits on
-the network or the disk.
+``telemetry-writer`` thread (``device_agent.windowwriter.WindowWriter``) closes windows on time and
+writes every closed window to the outbox (encode + SQLite commit); the ``mqtt-publisher`` thread
+drains the outbox to the broker; the ``bundle-watch`` thread notices a change of the configured
+bundle path. Inference never waits on the network or the disk. This module is the wiring and the
+lifecycle: it builds those parts from the config, switches bundles and answers health.
 
 Hooks for other components (the OTA updater):
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -37,20 +37,17 @@ from typing import Any
 from device_agent.agent import Agent, agent_version
 from device_agent.config import AgentConfig, check_files, load_config
 from device_agent.errors import AgentError, ConfigError
-from device_agent.formats.telemetry import TelemetryError, encode_event, encode_stats, encode_status, topic
+from device_agent.formats.telemetry import TelemetryError, encode_event, encode_status, topic
 from device_agent.outbox import Outbox, OutboxError
 from device_agent.store import RollbackError
-from device_agent.windows import ClosedWindow
+from device_agent.windowwriter import WindowWriter
 
 log = logging.getLogger(__name__)
 
 BUNDLE_POLL_S = 2.0
-WRITER_TICK_S = 0.5
-WRITE_BATCH_MAX = 256  # closed windows committed to the outbox in one transaction at most
 SHUTDOWN_FLUSH_S = 3.0
 RECENT_EVENTS = 20
 EX_CONFIG = 78
-_STOP = object()
 
 
 class Daemon:
@@ -75,7 +72,12 @@ class Daemon:
             self.outbox = Outbox(config.outbox_path, config.outbox_max_rows, config.outbox_max_bytes)
         except OutboxError as e:
             raise ConfigError(str(e)) from None
-        self._windows: queue.Queue[Any] = queue.Queue()
+        self.writer = WindowWriter(
+            self.outbox,
+            fleet=config.fleet,
+            device_id=config.device_id,
+            stats_topic=topic(config.fleet, config.device_id, "stats"),
+        )
         # OTA updates (device_agent.update): recover an interrupted update before loading any model, then
         # serve the bundle store's active slot, or the configured bundle while the store holds none.
         from device_agent.update import updater_for_agent
@@ -98,7 +100,7 @@ class Daemon:
                 target=config.target,
                 window_s=config.window_s,
                 window_max_samples=config.window_max_samples,
-                on_window=self._windows.put,
+                on_window=self.writer.put,
             )
         except AgentError as e:
             self.outbox.close()
@@ -115,6 +117,7 @@ class Daemon:
             self.capturer = Capturer(config.capture, box, fleet=config.fleet, device_id=config.device_id)
             self.agent.on_predict = self._capture
             self.agent.on_label = self.capturer.label
+            self.writer.capturer = self.capturer
         from device_agent.alertfollow import AlertFollower
 
         # The fleet's retained word on .../cmd/alert (restored from state_dir first, so a restart keeps it).
@@ -125,14 +128,9 @@ class Daemon:
         self.floor = self.updater.floor
         if not self.floor.serving_below_floor:  # what serves now was activated: the floor follows it
             self._raise_floor(fallback=Path(self.agent.model.path) == Path(config.bundle))
-        self.stats_topic = topic(config.fleet, config.device_id, "stats")
         self.events_topic = topic(config.fleet, config.device_id, "events")
         self.status_deployment: dict[str, Any] | None = None
         self.started_at = time.time()
-        self.windows_written = 0
-        self.window_errors = 0  # closed windows the outbox could not store (disk full, I/O error)
-        self._unreported_errors = 0  # ... not yet reported in a stored window's dropped_windows
-        self.last_window_bytes = 0
         self.reloads_failed = 0
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._event_listeners: list[Callable[[bytes], None]] = []
@@ -158,6 +156,7 @@ class Daemon:
             self.publisher.samples_outbox = self.capturer.outbox
         if self.publisher is not None:
             self.publisher.alert_handler = self.alert_follower.handle
+            self.writer.wake = self.publisher.wake
         self.api = None
         if config.listen:
             from device_agent.api import ApiServer
@@ -180,7 +179,7 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Daemon:
         """Start the writer, publisher and bundle watcher threads, the updater, then the API."""
-        self._spawn("telemetry-writer", self._writer)
+        self._spawn("telemetry-writer", lambda: self.writer.run(self.agent, self._stopping))
         if self.publisher is not None:
             self.publisher.start()
         if self._watch:
@@ -220,10 +219,10 @@ class Daemon:
         if self.api is not None:
             self.api.shutdown()
         self.agent.close_window()
-        self._windows.put(_STOP)
+        self.writer.stop()
         for t in self._threads:
             t.join(10)
-        self._flush_capture()
+        self.writer.flush_capture()
         if self.publisher is not None:
             self.publisher.stop(SHUTDOWN_FLUSH_S)
         self.outbox.close()
@@ -420,7 +419,7 @@ class Daemon:
                 log.info("bundle path %s changed; reloading", self.config.bundle)
                 self.switch_bundle(self.config.bundle)
 
-    # ------------------------------------------------------------------ telemetry writer
+    # ------------------------------------------------------------------ capture
     def _set_alert(self, on: bool) -> None:
         """The fleet's alert command was applied: capture at on_alert_rate while in alert."""
         if self.capturer is not None:
@@ -446,102 +445,12 @@ class Daemon:
         ref = pred.model
         c.offer(raw, outs, labels, ids, ref.sha256, str(ref.version))
 
-    def _flush_capture(self) -> None:
-        if self.capturer is None:
-            return
-        try:
-            if self.capturer.flush() and self.publisher is not None:
-                self.publisher.wake()
-        except Exception:  # noqa: BLE001 - a full disk must not stop the windows
-            log.exception("storing captured samples failed")
-
-    def _writer(self) -> None:
-        while True:
-            self._flush_capture()
-            timeout = max(0.0, min(self.agent.window_due_in(), WRITER_TICK_S))
-            try:
-                item = self._windows.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                rest = []  # what closed before the stop
-                while True:
-                    try:
-                        nxt = self._windows.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is not _STOP:
-                        rest.append(nxt)
-                if rest:
-                    self._write_windows(rest)
-                return
-            if item is not None:
-                # Every window closed meanwhile goes in the same transaction: one commit for many, so
-                # the windows waiting in memory (lost on a kill) stay few however fast they close.
-                batch = [item]
-                while len(batch) < WRITE_BATCH_MAX:
-                    try:
-                        nxt = self._windows.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is _STOP:
-                        self._windows.put(_STOP)  # handled on the next turn, after this batch
-                        break
-                    batch.append(nxt)
-                self._write_windows(batch)
-            if not self._stopping.is_set():
-                try:
-                    self.agent.poll_window()
-                except Exception:
-                    log.exception("closing a window failed")
-
-    def _write_windows(self, ws: list[ClosedWindow]) -> None:
-        cfg = self.config
-        sizes: list[int] = []
-
-        def encoder(w: ClosedWindow, first: bool) -> Callable[[int, int], bytes]:
-            def encode(seq: int, dropped: int) -> bytes:
-                raw = encode_stats(
-                    device_id=cfg.device_id,
-                    fleet=cfg.fleet,
-                    seq=seq,
-                    window_start=w.window_start,
-                    window_end=w.window_end,
-                    model=w.model,
-                    profile=w.profile,
-                    # Windows lost before the outbox (it could not store them) are reported like the
-                    # ones it dropped when full, so the fleet sees them in dropped_windows.
-                    dropped_windows=dropped + (self._unreported_errors if first else 0),
-                    agent_version=agent_version(),
-                    stream=self.outbox.stream,
-                )
-                sizes.append(len(raw))
-                return raw
-
-            return encode
-
-        try:
-            seqs = self.outbox.add_many(self.stats_topic, [encoder(w, i == 0) for i, w in enumerate(ws)])
-        except (OutboxError, TelemetryError) as e:
-            self.window_errors += len(ws)
-            self._unreported_errors += len(ws)
-            log.error(
-                "%d window(s) (%d predictions) not stored (%d so far; the next stored window reports"
-                " them): %s",
-                len(ws),
-                sum(w.count for w in ws),
-                self.window_errors,
-                e,
-            )
-            return
-        self._unreported_errors = 0
-        self.windows_written += len(ws)
-        self.last_window_bytes = sizes[-1]
-        log.debug("windows seq %d-%d stored (%d predictions)", seqs[0], seqs[-1], sum(w.count for w in ws))
-        if self.publisher is not None:
-            self.publisher.wake()
-
     # ------------------------------------------------------------------ health and metrics
+    @property
+    def windows_written(self) -> int:
+        """Closed windows stored in the outbox since start."""
+        return self.writer.windows_written
+
     def health(self) -> dict[str, Any]:
         """What /v1/health returns."""
         m = self.agent.model
@@ -570,15 +479,15 @@ class Daemon:
                 "bytes": nbytes,
                 "dropped_windows": self.outbox.dropped_total,
                 "next_seq": self.outbox.next_seq,
-                "write_errors": self.window_errors,
+                "write_errors": self.writer.window_errors,
             },
             "window": {
                 "count": self.agent.window_count(),
                 "window_s": self.agent.window_s,
                 "window_max_samples": self.agent.window_max_samples,
             },
-            "windows_written": self.windows_written,
-            "last_window_bytes": self.last_window_bytes,
+            "windows_written": self.writer.windows_written,
+            "last_window_bytes": self.writer.last_window_bytes,
             "predictions_total": self.agent.predictions_total,
             "schema_violations_total": self.agent.violations_total,
             "reloads_failed": self.reloads_failed,
@@ -599,8 +508,8 @@ class Daemon:
             "outbox_depth": rows,
             "outbox_bytes": nbytes,
             "dropped_windows_total": self.outbox.dropped_total,
-            "windows_total": self.windows_written,
-            "windows_not_stored_total": self.window_errors,
+            "windows_total": self.writer.windows_written,
+            "windows_not_stored_total": self.writer.window_errors,
             "mqtt_connected": 1.0 if (self.publisher is not None and self.publisher.connected) else 0.0,
             "predictions_total": self.agent.predictions_total,
             "schema_violations_total": self.agent.violations_total,

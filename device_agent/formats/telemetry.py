@@ -23,6 +23,11 @@ The profile's histogram lengths are checked later against the registered baselin
 (``StatsMessage.profile``), because only the baseline knows them. Captured samples and their labels
 ride the ``samples`` topic in their own formats: ``device_agent.formats.samples`` and
 ``device_agent.formats.samplelabels``, which decode with this module's public helpers.
+
+Over 600 lines on purpose: this is one cohesive thing, the telemetry wire format. The topics, the
+strict JSON reader and field checks, and the three payloads (stats, status, event) with their
+encoders and decoders change together (a field or a schema bump touches the payload, its decoder
+and often a check), so they stay in one file to read top to bottom.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def test_disk_cap_through_the_daemon_drops_oldest_and_counts(tmp_path: Path) -> 
     try:
         for i in range(0, 600, 100):
             d.agent.predict(x[i : i + 100])
-            d._flush_capture()
+            d.writer.flush_capture()
         h = d.health()["capture"]
         assert h["captured"] == 600
         assert h["dropped_messages_disk_cap"] > 0 and h["pending_bytes"] <= 65536
