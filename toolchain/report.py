@@ -93,13 +93,15 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
 # Terminal
 
 
-def _fmt(v: Any, kind: str = "") -> str:
+def format_value(v: Any, kind: str = "") -> str:
+    """Return ``v`` as a report cell: "-" for None; ``kind`` pct (a fraction as %), kb (bytes as KB),
+    kb_num (the same without the unit), ms, db; other floats to 3 significant digits. Not escaped."""
     if v is None:
         return "-"
     if kind == "pct":
         return f"{100 * float(v):.2f}%"
-    if kind == "kb":
-        return f"{float(v) / 1024:.1f} KB"
+    if kind in ("kb", "kb_num"):
+        return f"{float(v) / 1024:.1f}" + (" KB" if kind == "kb" else "")
     if kind == "ms":
         return f"{float(v):.3f}"
     if kind == "db":
@@ -133,7 +135,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
     for name, e in report.get("targets", {}).items():
         row = []
         for _, key, kind in SUMMARY_COLUMNS:
-            row.append(name if key == "target" else _fmt(e.get(key), kind))
+            row.append(name if key == "target" else format_value(e.get(key), kind))
         rows.append(row)
     return rows
 
@@ -185,14 +187,14 @@ def compression_line(c: dict[str, Any] | None) -> str | None:
         return None
     uw = c.get("unique_weights_per_channel") or {}
     line = (
-        f"clustered to {c['clusters']}: gzip {_fmt(c.get('gzip_size_bytes'), 'kb')} ="
+        f"clustered to {c['clusters']}: gzip {format_value(c.get('gzip_size_bytes'), 'kb')} ="
         f" {c.get('gzip_ratio')}x the float .{c.get('float_format')} file; at most {uw.get('max')} values"
         " per channel in the shipped file"
     )
     if c.get("ota_bytes") is not None:
         line += (
-            f"; an update sends {_fmt(c['ota_bytes'], 'kb')} uncompressed"
-            f" ({_fmt(c.get('ota_gzip_bytes'), 'kb')} if gzip-compressed)"
+            f"; an update sends {format_value(c['ota_bytes'], 'kb')} uncompressed"
+            f" ({format_value(c.get('ota_gzip_bytes'), 'kb')} if gzip-compressed)"
         )
     return line
 
@@ -209,8 +211,8 @@ def worst_class_line(entry: dict[str, Any]) -> str | None:
     low = cd.get("low_support") or []
     note = f"; {len(low)} class(es) have under {cd.get('low_support_samples')} eval samples" if low else ""
     return (
-        f"worst class {w.get('label')!r}: recall {_fmt(w.get('float_recall'), 'pct')} float -> "
-        f"{_fmt(w.get('recall'), 'pct')} int8 ({w.get('runtime')}), -{float(w['drop_points']):.2f} points"
+        f"worst class {w.get('label')!r}: recall {format_value(w.get('float_recall'), 'pct')} float -> "
+        f"{format_value(w.get('recall'), 'pct')} int8 ({w.get('runtime')}), -{float(w['drop_points']):.2f} points"
         f" ({w['lost_samples']} of {w.get('support')} samples; {limit}{note})"
     )
 
@@ -221,9 +223,9 @@ def per_class_rows(per_class: dict[str, Any]) -> list[list[str]]:
         [
             label,
             str(m.get("support")),
-            _fmt(m.get("precision"), "pct"),
-            _fmt(m.get("recall"), "pct"),
-            _fmt(m.get("f1"), "pct"),
+            format_value(m.get("precision"), "pct"),
+            format_value(m.get("recall"), "pct"),
+            format_value(m.get("f1"), "pct"),
         ]
         for label, m in per_class.items()
     ]
@@ -244,11 +246,11 @@ def device_profile_line(dp: dict[str, Any]) -> str:
     mib = (b.get("peak_rss_bytes") or 0) / 2**20
     line = (
         f"{dp.get('host', '?')} ({b.get('cpu', {}).get('model') or '?'}, {b.get('runtime')}"
-        f" @{b.get('threads')} threads): p50 {_fmt(b.get('latency_ms_p50'), 'ms')} ms,"
-        f" p95 {_fmt(b.get('latency_ms_p95'), 'ms')} ms, peak RSS {mib:.1f} MiB"
+        f" @{b.get('threads')} threads): p50 {format_value(b.get('latency_ms_p50'), 'ms')} ms,"
+        f" p95 {format_value(b.get('latency_ms_p95'), 'ms')} ms, peak RSS {mib:.1f} MiB"
     )
     if acc is not None:
-        line += f", accuracy {_fmt(acc, 'pct')} on {b.get('samples')} samples"
+        line += f", accuracy {format_value(acc, 'pct')} on {b.get('samples')} samples"
     verdict = dp.get("budget_error")
     return line + (f"; OVER BUDGET: {verdict}" if verdict else "")
 
@@ -369,10 +371,10 @@ def _per_class_html(name: str, t: dict[str, Any], labels: Sequence[str]) -> str:
         change = "-" if fr is None or qr is None else f"{100 * (qr - fr):+.2f}"
         cls = ' class="failed"' if label in failing else ""
         rows.append(
-            f"<tr{cls}><td>{e(label)}</td><td>{q.get('support', '-')}</td><td>{_fmt(fr, 'pct')}</td>"
-            f"<td>{_fmt(qr, 'pct')}</td><td>{change}</td><td>{_fmt(f.get('precision'), 'pct')}</td>"
-            f"<td>{_fmt(q.get('precision'), 'pct')}</td><td>{_fmt(f.get('f1'), 'pct')}</td>"
-            f"<td>{_fmt(q.get('f1'), 'pct')}</td></tr>"
+            f"<tr{cls}><td>{e(label)}</td><td>{q.get('support', '-')}</td><td>{format_value(fr, 'pct')}</td>"
+            f"<td>{format_value(qr, 'pct')}</td><td>{change}</td><td>{format_value(f.get('precision'), 'pct')}</td>"
+            f"<td>{format_value(q.get('precision'), 'pct')}</td><td>{format_value(f.get('f1'), 'pct')}</td>"
+            f"<td>{format_value(q.get('f1'), 'pct')}</td></tr>"
         )
     out.append(
         "<table><tr><th>class</th><th>support</th><th>float recall</th><th>int8 recall</th>"
@@ -411,8 +413,8 @@ def _device_profiles_html(targets: dict[str, Any]) -> str:
             f"<tr><td>{e(n)}</td><td>{e(str(dp.get('host')))}</td><td>{e(str(cpu.get('model')))}"
             f" ({e(' '.join(cpu.get('numeric_flags') or []))})</td>"
             f"<td>{e(str(b.get('runtime')))} {e(str(b.get('runtime_version') or ''))} @{b.get('threads')}</td>"
-            f"<td>{_fmt(b.get('latency_ms_p50'), 'ms')}</td><td>{_fmt(b.get('latency_ms_p95'), 'ms')}</td>"
-            f"<td>{'-' if peak is None else f'{peak / 2**20:.1f}'}</td><td>{_fmt(b.get('accuracy'), 'pct')}</td>"
+            f"<td>{format_value(b.get('latency_ms_p50'), 'ms')}</td><td>{format_value(b.get('latency_ms_p95'), 'ms')}</td>"
+            f"<td>{'-' if peak is None else f'{peak / 2**20:.1f}'}</td><td>{format_value(b.get('accuracy'), 'pct')}</td>"
             f"<td>{b.get('samples')}</td><td>{e(verdict)}</td><td>{e(str(dp.get('profiled_at')))}</td></tr>"
         )
     if not rows:
@@ -515,21 +517,21 @@ def render_html(report: dict[str, Any]) -> str:
             fl = (t.get("float_latency") or {}).get(rt, {})
             acc = (t.get("per_runtime") or {}).get(rt, {}).get("accuracy")
             rt_rows += (
-                f"<tr><td>{e(n)}</td><td>{e(rt)}</td><td>{_fmt(acc, 'pct')}</td>"
-                f"<td>{_fmt(lat.get('threads_1', {}).get('p50_ms'), 'ms')}</td>"
-                f"<td>{_fmt(lat.get('threads_N', {}).get('p50_ms'), 'ms')} "
+                f"<tr><td>{e(n)}</td><td>{e(rt)}</td><td>{format_value(acc, 'pct')}</td>"
+                f"<td>{format_value(lat.get('threads_1', {}).get('p50_ms'), 'ms')}</td>"
+                f"<td>{format_value(lat.get('threads_N', {}).get('p50_ms'), 'ms')} "
                 f"({lat.get('threads_N', {}).get('threads', '-')})</td>"
-                f"<td>{_fmt(lat.get('threads_N', {}).get('p95_ms'), 'ms')}</td>"
-                f"<td>{_fmt(fl.get('threads_1', {}).get('p50_ms'), 'ms')}</td>"
-                f"<td>{_fmt(fl.get('threads_N', {}).get('p50_ms'), 'ms')}</td></tr>"
+                f"<td>{format_value(lat.get('threads_N', {}).get('p95_ms'), 'ms')}</td>"
+                f"<td>{format_value(fl.get('threads_1', {}).get('p50_ms'), 'ms')}</td>"
+                f"<td>{format_value(fl.get('threads_N', {}).get('p50_ms'), 'ms')}</td></tr>"
             )
     device_html = _device_profiles_html(targets)
     opts = report.get("options", {})
     data = report.get("data", {})
     prune = report.get("prune")
     prune_html = (
-        f"<p>Pruning: requested {_fmt(prune.get('requested'), 'pct')}, reached "
-        f"{_fmt(prune.get('reached_in_keras'), 'pct')}"
+        f"<p>Pruning: requested {format_value(prune.get('requested'), 'pct')}, reached "
+        f"{format_value(prune.get('reached_in_keras'), 'pct')}"
         " in the Keras kernels (the table shows the sparsity of each shipped artifact).</p>"
         if prune
         else ""
@@ -555,7 +557,7 @@ table.cm td.c {{ min-width: 1.8em; }}
 ({e(str(report.get("model", {}).get("kind")))}); quantization {e(str(opts.get("quantize")))};
 calibration on {data.get("calibration_samples")} samples of <code>{e(str(data.get("path")))}</code>;
 evaluated on {data.get("eval", {}).get("samples")} samples ({e(str(data.get("eval", {}).get("source")))});
-float accuracy {_fmt(report.get("float", {}).get("accuracy"), "pct")};
+float accuracy {format_value(report.get("float", {}).get("accuracy"), "pct")};
 total build {report.get("build_s", "-")} s.</p>
 {prune_html}
 <table><tr>{head}</tr>{body}</table>

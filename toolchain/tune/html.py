@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.report import FAIL_COLOR, INT8_COLOR
+from toolchain.report import format_value as fmt
 
 BEST_COLOR = "#2f855a"
 
@@ -87,18 +88,6 @@ def _scatter(title: str, xkey: str, xunit: str, xscale: float, doc: dict[str, An
     return "\n".join(parts)
 
 
-def _fmt(v: Any, kind: str = "") -> str:
-    if v is None:
-        return "-"
-    if kind == "pct":
-        return f"{100 * float(v):.2f}%"
-    if kind == "kb":
-        return f"{float(v) / 1024:.1f}"
-    if kind == "ms":
-        return f"{float(v):.3f}"
-    return html.escape(str(v))
-
-
 def settings_text(s: dict[str, Any]) -> str:
     """Return a candidate's settings in one short line."""
     opts = " ".join(f"{k}={v}" for k, v in (s.get("arch_options") or {}).items())
@@ -119,18 +108,18 @@ def render_html(doc: dict[str, Any]) -> str:
         front = "yes" if c["trial"] in doc.get("pareto_front", []) else ""
         rows.append(
             f"<tr{cls}><td>{c['trial']}{mark}</td><td>{e(c['status'])}</td>"
-            f"<td>{e(settings_text(c['settings']))}</td><td>{_fmt(c['accuracy'], 'pct')}</td>"
-            f"<td>{_fmt(c['size_bytes'], 'kb')}</td><td>{_fmt(c['arena_bytes'], 'kb')}</td>"
-            f"<td>{_fmt(c['latency_ms'], 'ms')}</td><td>{front}</td><td>{_fmt(c.get('reason'))}</td></tr>"
+            f"<td>{e(settings_text(c['settings']))}</td><td>{fmt(c['accuracy'], 'pct')}</td>"
+            f"<td>{fmt(c['size_bytes'], 'kb_num')}</td><td>{fmt(c['arena_bytes'], 'kb_num')}</td>"
+            f"<td>{fmt(c['latency_ms'], 'ms')}</td><td>{front}</td><td>{e(fmt(c.get('reason')))}</td></tr>"
         )
     if best:
         best_html = (
             f"<p><b>Best within budget: trial {best['trial']}</b> ({e(settings_text(best['settings']))}):"
-            f" held-out accuracy <b>{_fmt(best['holdout_accuracy'], 'pct')}</b> on"
+            f" held-out accuracy <b>{fmt(best['holdout_accuracy'], 'pct')}</b> on"
             f" {doc['holdout']['samples']} samples no trial saw (selection accuracy"
-            f" {_fmt(best['selection_accuracy'], 'pct')}, which picked it and is biased upwards);"
-            f" {_fmt(best['size_bytes'], 'kb')} KB, arena {_fmt(best['arena_bytes'], 'kb')} KB,"
-            f" p95 {_fmt(best['latency_ms'], 'ms')} ms; bundle <code>{_fmt(best.get('bundle'))}</code>"
+            f" {fmt(best['selection_accuracy'], 'pct')}, which picked it and is biased upwards);"
+            f" {fmt(best['size_bytes'], 'kb_num')} KB, arena {fmt(best['arena_bytes'], 'kb_num')} KB,"
+            f" p95 {fmt(best['latency_ms'], 'ms')} ms; bundle <code>{e(fmt(best.get('bundle')))}</code>"
             f"{(' - ' + e(best['note'])) if best.get('note') else ''}.</p>"
         )
     else:
