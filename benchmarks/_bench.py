@@ -21,13 +21,19 @@ import importlib.metadata
 import os
 import platform
 import re
+import shutil
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+DIGITS = REPO / "calibration_data" / "digits.npz"
+DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 DEFAULT_LIBRARIES = (
     "numpy",
     "tensorflow",
@@ -169,3 +175,58 @@ def write_section(
 def progress_print(*args: Any) -> None:
     """Print a progress line to stderr (benchmarks keep stdout for results)."""
     print(*args, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """Return a free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mosquitto(work: Path, extra_conf: str = "") -> tuple[subprocess.Popen[bytes] | None, str | None]:
+    """Start Mosquitto on a free port (anonymous, no persistence, ``extra_conf`` lines appended).
+
+    Return (process, ``mqtt://`` URL), or (None, None) when it is not installed or does not listen in 10 s.
+    """
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
+    if not binary:
+        return None, None
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    user = "user root\n" if os.geteuid() == 0 else ""
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}{extra_conf}")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"mqtt://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None, None
+
+
+def train_cached(
+    arch: str, data: Path, out: Path, epochs: int, cache: Path | None, *, patience: int
+) -> tuple[Path, float]:
+    """Train ``arch`` on ``data`` into ``out`` (or copy it from ``cache``); return it and the seconds taken.
+
+    The seconds are NaN for a model copied from ``cache``.
+    """
+    from toolchain.steps.data import load_dataset
+    from toolchain.steps.train import train_model
+
+    cached = cache / out.name if cache is not None else None
+    if cached is not None and cached.is_file():
+        shutil.copyfile(cached, out)
+        return out, float("nan")
+    t0 = time.perf_counter()
+    train_model(load_dataset(data), arch, epochs, out, patience=patience, progress=sys.stderr.isatty())
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, cached)
+    return out, time.perf_counter() - t0

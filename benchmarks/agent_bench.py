@@ -46,11 +46,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _bench  # noqa: E402
 from benchmarks._bench import markdown_table, progress_print, write_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DIGITS = REPO / "calibration_data" / "digits.npz"
-DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 CNN_EPOCHS = 8
 MOBILENET_EPOCHS = 1  # throughput does not depend on accuracy; one epoch keeps the run short
 MOBILENET_UPSAMPLE = 12  # 8x8 -> 96x96
@@ -99,34 +97,6 @@ def build(arch: str, data: Path, test: Path, epochs: int, work: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # Measurements (child process, no TensorFlow)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-    )
-    if not binary:
-        return None, None
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    user = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    return None, None
 
 
 def write_config(
@@ -230,7 +200,7 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
         itb.invoke()
         return itb.get_tensor(outb["index"])
 
-    mosq, url = start_mosquitto(work)
+    mosq, url = _bench.start_mosquitto(work)
     res["telemetry"] = "outbox + MQTT (Mosquitto)" if url else "outbox only (no Mosquitto here)"
     try:
         cfg = write_config(work / "agent.toml", bundle, work / "state", url, "127.0.0.1:0", WINDOW_S)
@@ -403,9 +373,9 @@ def measure(bundle: Path, data: Path) -> dict[str, Any]:
 
 def daemon_process(bundle: Path, xs: np.ndarray, work: Path) -> dict[str, Any]:
     """Start ``edgefleet-agent run``; time to the first 200 from /v1/predict; RSS after HTTP_REQUESTS."""
-    port = free_port()
+    port = _bench.free_port()
     cfg = write_config(work / "proc.toml", bundle, work / "proc-state", None, f"127.0.0.1:{port}", 60)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(_bench.REPO))
     body = json.dumps({"inputs": xs[0].tolist()}).encode()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -443,7 +413,7 @@ def first_python_prediction(bundle: Path, data: Path) -> dict[str, Any]:
         "import numpy as np; from device_agent import Agent; "
         f"x = np.load({str(data)!r})['x'][:1]; Agent({str(bundle)!r}).predict(x); print('ok')"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(_bench.REPO))
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     return {"first_python_s": time.perf_counter() - t0 if r.stdout.strip() == "ok" else None}
@@ -562,10 +532,10 @@ def measure_api(bundle: Path, data: Path) -> dict[str, Any]:
         it.invoke()
         return it.get_tensor(out["index"])
 
-    mosq, url = start_mosquitto(work)
+    mosq, url = _bench.start_mosquitto(work)
     res["telemetry"] = "outbox + MQTT (Mosquitto)" if url else "outbox only (no Mosquitto here)"
     try:
-        port = free_port()
+        port = _bench.free_port()
         cfg = write_config(work / "agent.toml", bundle, work / "state", url, f"127.0.0.1:{port}", WINDOW_S)
         proc = start_agent(cfg, port)
         try:
@@ -628,7 +598,7 @@ def start_agent(cfg: Path, port: int) -> subprocess.Popen[bytes]:
     """``edgefleet-agent run --config cfg`` (errors only in its log); return once it accepts connections."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "device_agent.cli", "--log-level", "error", "run", "--config", str(cfg)],
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=dict(os.environ, PYTHONPATH=str(_bench.REPO)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -660,7 +630,7 @@ def idle_connections(bundle: Path, xs: np.ndarray, work: Path) -> dict[str, Any]
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * IDLE_CONNECTIONS + 256)), hard))
-    port = free_port()
+    port = _bench.free_port()
     cfg = write_config(work / "idle.toml", bundle, work / "idle-state", None, f"127.0.0.1:{port}", 60)
     cfg.write_text(
         cfg.read_text() + f"max_connections = {2 * IDLE_CONNECTIONS}\n"
@@ -858,10 +828,16 @@ def run_api(quick: bool, bundle: Path | None, data: Path | None, as_json: bool) 
         models.append((f"{load_name(bundle)} (given bundle)", bundle, data))
     else:
         progress_print("== digits CNN (8x8): training and building the raspberry-pi bundle ...")
-        models.append(("digits CNN (8x8)", build("cnn", DIGITS, DIGITS_TEST, CNN_EPOCHS, work), DIGITS_TEST))
+        models.append(
+            (
+                "digits CNN (8x8)",
+                build("cnn", _bench.DIGITS, _bench.DIGITS_TEST, CNN_EPOCHS, work),
+                _bench.DIGITS_TEST,
+            )
+        )
         if not quick:
-            d96 = upsampled(DIGITS, work / "d96.npz", MOBILENET_UPSAMPLE)
-            t96 = upsampled(DIGITS_TEST, work / "d96_test.npz", MOBILENET_UPSAMPLE)
+            d96 = upsampled(_bench.DIGITS, work / "d96.npz", MOBILENET_UPSAMPLE)
+            t96 = upsampled(_bench.DIGITS_TEST, work / "d96_test.npz", MOBILENET_UPSAMPLE)
             progress_print("== MobileNetV2 0.35 (96x96x1): training and building the raspberry-pi bundle ...")
             models.append(
                 ("MobileNetV2 0.35 (96x96x1)", build("mobilenetv2", d96, t96, MOBILENET_EPOCHS, work), t96)
@@ -874,8 +850,8 @@ def run_api(quick: bool, bundle: Path | None, data: Path | None, as_json: bool) 
             [sys.executable, "-m", "benchmarks.agent_bench", "--measure-api", str(b), str(t)],
             capture_output=True,
             text=True,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-            cwd=str(REPO),
+            env=dict(os.environ, PYTHONPATH=str(_bench.REPO)),
+            cwd=str(_bench.REPO),
             timeout=1800,
         )
         if r.returncode != 0:
@@ -901,14 +877,14 @@ def load_name(bundle: Path) -> str:
 
 def run(quick: bool, as_json: bool) -> None:
     work = Path(tempfile.mkdtemp(prefix="agent-bench-build-"))
-    models = [("digits CNN (8x8)", "cnn", DIGITS, DIGITS_TEST, CNN_EPOCHS)]
+    models = [("digits CNN (8x8)", "cnn", _bench.DIGITS, _bench.DIGITS_TEST, CNN_EPOCHS)]
     if not quick:
         models.append(
             (
                 "MobileNetV2 0.35 (96x96x1)",
                 "mobilenetv2",
-                upsampled(DIGITS, work / "d96.npz", MOBILENET_UPSAMPLE),
-                upsampled(DIGITS_TEST, work / "d96_test.npz", MOBILENET_UPSAMPLE),
+                upsampled(_bench.DIGITS, work / "d96.npz", MOBILENET_UPSAMPLE),
+                upsampled(_bench.DIGITS_TEST, work / "d96_test.npz", MOBILENET_UPSAMPLE),
                 MOBILENET_EPOCHS,
             )
         )
@@ -925,13 +901,13 @@ def run(quick: bool, as_json: bool) -> None:
         # without a C compiler runs), so the two sit side by side from one run.
         for suffix, native in (("", "1"), (NUMPY_SUFFIX, "0")):
             progress_print(f"== {label}{suffix}: measuring (child process without TensorFlow) ...")
-            env = dict(os.environ, PYTHONPATH=str(REPO), EDGEFLEET_NATIVE_KERNELS=native)
+            env = dict(os.environ, PYTHONPATH=str(_bench.REPO), EDGEFLEET_NATIVE_KERNELS=native)
             r = subprocess.run(
                 [sys.executable, "-m", "benchmarks.agent_bench", "--measure", str(bundle), str(test)],
                 capture_output=True,
                 text=True,
                 env=env,
-                cwd=str(REPO),
+                cwd=str(_bench.REPO),
                 timeout=1800,
             )
             if r.returncode != 0:

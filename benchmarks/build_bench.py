@@ -30,11 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _bench  # noqa: E402
 from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DIGITS = REPO / "calibration_data" / "digits.npz"
-DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 CNN_EPOCHS = 30
 MOBILENET_EPOCHS = 40
 PATIENCE = 8
@@ -83,22 +81,6 @@ def upsampled(src: Path, dst: Path) -> Path:
     x = np.kron(d["x"], np.ones((1, UPSAMPLE, UPSAMPLE, 1), dtype=np.float32)).astype(np.float32)
     np.savez(dst, x=x, y=d["y"], class_names=d["class_names"])
     return dst
-
-
-def train(arch: str, data: Path, out: Path, epochs: int, cache: Path | None) -> tuple[Path, float]:
-    from toolchain.steps.data import load_dataset
-    from toolchain.steps.train import train_model
-
-    cached = cache / out.name if cache is not None else None
-    if cached is not None and cached.is_file():
-        shutil.copyfile(cached, out)
-        return out, float("nan")
-    t0 = time.perf_counter()
-    train_model(load_dataset(data), arch, epochs, out, patience=PATIENCE, progress=sys.stderr.isatty())
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, cached)
-    return out, time.perf_counter() - t0
 
 
 def float_latencies(model_path: Path, sample: np.ndarray, work: Path) -> dict[str, dict[int, float]]:
@@ -171,21 +153,25 @@ def run(
     goals: list[str] = []
     notes: list[str] = []
     why: set[str] = set()
-    models: list[tuple[str, str, Path, Path, int]] = [("digits CNN", "cnn", DIGITS, DIGITS_TEST, CNN_EPOCHS)]
+    models: list[tuple[str, str, Path, Path, int]] = [
+        ("digits CNN", "cnn", _bench.DIGITS, _bench.DIGITS_TEST, CNN_EPOCHS)
+    ]
     if not quick:
         models.append(
             (
                 "MobileNetV2 0.35 (32x32)",
                 "mobilenetv2",
-                upsampled(DIGITS, work / "digits32.npz"),
-                upsampled(DIGITS_TEST, work / "digits32_test.npz"),
+                upsampled(_bench.DIGITS, work / "digits32.npz"),
+                upsampled(_bench.DIGITS_TEST, work / "digits32_test.npz"),
                 MOBILENET_EPOCHS,
             )
         )
     try:
         for label, arch, data, test, epochs in models:
             progress_print(f"== {label}: training {arch} ...")
-            model, train_s = train(arch, data, work / f"{arch}.keras", epochs, cache)
+            model, train_s = _bench.train_cached(
+                arch, data, work / f"{arch}.keras", epochs, cache, patience=PATIENCE
+            )
             if train_s == train_s:  # not NaN: trained in this run
                 notes.append(f"{label}: trained in {train_s:.0f} s (up to {epochs} epochs, early stopping).")
             else:

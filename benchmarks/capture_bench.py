@@ -130,7 +130,7 @@ def agent_rates(bundle: Path, xs: np.ndarray, work: Path, seconds: float) -> lis
                     }
                 )
                 if d.capturer is not None:  # the next batch size starts from zero
-                    d._flush_capture()
+                    d.writer.flush_capture()
                     d.capturer.captured_total = d.capturer.skipped_queue = 0
     finally:
         for d in daemons.values():

@@ -28,11 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _bench  # noqa: E402
 from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DIGITS = REPO / "calibration_data" / "digits.npz"
-DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 CNN_EPOCHS = 30
 MOBILENET_EPOCHS = 40
 PATIENCE = 8
@@ -82,23 +80,6 @@ def colour_digits(src: Path, dst: Path, seed: int) -> Path:
     return dst
 
 
-def train(arch: str, data: Path, out: Path, epochs: int, cache: Path | None) -> tuple[Path, float]:
-    """Train ``arch`` on ``data`` into ``out`` (or copy it from ``cache``); return it and the seconds taken."""
-    from toolchain.steps.data import load_dataset
-    from toolchain.steps.train import train_model
-
-    cached = cache / out.name if cache is not None else None
-    if cached is not None and cached.is_file():
-        shutil.copyfile(cached, out)
-        return out, float("nan")
-    t0 = time.perf_counter()
-    train_model(load_dataset(data), arch, epochs, out, patience=PATIENCE, progress=sys.stderr.isatty())
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, cached)
-    return out, time.perf_counter() - t0
-
-
 def model_configs(label: str) -> tuple[int, list[tuple[str, str, float | None, int | None]]]:
     """Return (K, builds) for a model: (row label, quantize, prune, clusters) per build."""
     k = 8 if label == "digits CNN" else 16
@@ -120,15 +101,15 @@ def run(quick: bool, cache: Path | None, md: Path = BENCHMARKS_MD) -> None:
     goals: list[str] = []
     notes: list[str] = []
     models: list[tuple[str, str, Path, Path, int, list[str]]] = [
-        ("digits CNN", "cnn", DIGITS, DIGITS_TEST, CNN_EPOCHS, ["mobile", "x86"])
+        ("digits CNN", "cnn", _bench.DIGITS, _bench.DIGITS_TEST, CNN_EPOCHS, ["mobile", "x86"])
     ]
     if not quick:
         models.append(
             (
                 "MobileNetV2 0.35 (32x32x3)",
                 "mobilenetv2",
-                colour_digits(DIGITS, work / "colour32.npz", SEED),
-                colour_digits(DIGITS_TEST, work / "colour32_test.npz", SEED + 1),
+                colour_digits(_bench.DIGITS, work / "colour32.npz", SEED),
+                colour_digits(_bench.DIGITS_TEST, work / "colour32_test.npz", SEED + 1),
                 MOBILENET_EPOCHS,
                 ["mobile"],
             )
@@ -136,7 +117,9 @@ def run(quick: bool, cache: Path | None, md: Path = BENCHMARKS_MD) -> None:
     try:
         for label, arch, data, test, epochs, targets in models:
             progress_print(f"== {label}: training {arch} ...")
-            model, train_s = train(arch, data, work / f"{arch}.keras", epochs, cache)
+            model, train_s = _bench.train_cached(
+                arch, data, work / f"{arch}.keras", epochs, cache, patience=PATIENCE
+            )
             notes.append(
                 f"{label}: trained in {train_s:.0f} s (up to {epochs} epochs, early stopping)."
                 if train_s == train_s

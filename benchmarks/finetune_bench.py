@@ -41,9 +41,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
+from tests.fabricate import shifted_images, shifted_regime  # noqa: E402  (the data test_finetune uses)
 
 SEEDS = 1
-UNITS = np.array([0.001, 0.05, 2.0, 40.0, 700.0, 4000.0])
 METHODS = (
     "deployed",
     "fine-tune, replay 0",
@@ -66,38 +66,9 @@ class Shift:
     n_test: int
 
 
-def make_tabular(seed: int, n: int, new: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(x, y)``: 'fault' for the top quarter of a score whose rule differs in the NEW regime."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(n, 6))
-    if new:
-        z[:, 4] += 4.0
-        s = z[:, 0] - z[:, 1] + 0.3 * z[:, 2]
-    else:
-        s = z[:, 0] + z[:, 1] + 0.3 * z[:, 2]
-    y = (s > np.quantile(s, 0.75)).astype(np.int64)
-    return ((z * 0.25 + 1.0) * UNITS).astype(np.float32), y
-
-
-def make_images(seed: int, n: int, new: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(x, y)``: 10x10x1 images in [0, 1] of a row, column or cross (60/25/15); NEW inverted."""
-    rng = np.random.default_rng(seed)
-    y = rng.choice(3, size=n, p=[0.6, 0.25, 0.15]).astype(np.int64)
-    x = rng.uniform(0, 0.3, size=(n, 10, 10, 1))
-    pos = rng.integers(2, 8, size=n)
-    for i in range(n):
-        if y[i] in (0, 2):
-            x[i, pos[i], :, 0] = rng.uniform(0.7, 1.0)
-        if y[i] in (1, 2):
-            x[i, :, pos[i], 0] = rng.uniform(0.7, 1.0)
-    if new:
-        x = 1.0 - x
-    return x.astype(np.float32), y
-
-
 SHIFTS = {
-    "tabular": Shift("tabular", "mlp", ["ok", "fault"], make_tabular, 600, 200, 600),
-    "images": Shift("images", "cnn", ["row", "column", "cross"], make_images, 500, 240, 300),
+    "tabular": Shift("tabular", "mlp", ["ok", "fault"], shifted_regime, 600, 200, 600),
+    "images": Shift("images", "cnn", ["row", "column", "cross"], shifted_images, 500, 240, 300),
 }
 
 

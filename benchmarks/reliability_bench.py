@@ -36,22 +36,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._bench import markdown_table, progress_print, write_section  # noqa: E402
+from benchmarks import _bench  # noqa: E402
+from benchmarks._bench import markdown_table, progress_print, start_mosquitto, write_section  # noqa: E402
 from benchmarks.agent_bench import (  # noqa: E402
     CNN_EPOCHS,
-    DIGITS,
-    DIGITS_TEST,
     IDLE_CONNECTIONS,
     LATENCY_REQUESTS,
     _proc_status,
     build,
-    free_port,
     http_poster,
     start_agent,
     write_config,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 FLOOD = 10_000
 QUARANTINE_CAP = 1_000
 FLOOD_TIMEOUT_S = 600.0
@@ -59,32 +56,6 @@ FLOOD_TIMEOUT_S = 600.0
 # messages (1000 in flight + 1000 queued) ahead of the collector, even while it is connected; the
 # flood gets a queue as `fleet broker-config` sizes one (a day of windows), so every message arrives.
 BROKER_QUEUE = 100_000
-
-
-def start_mosquitto(work: Path, max_queued: int) -> tuple[subprocess.Popen[bytes] | None, str | None]:
-    """A Mosquitto on a free port with ``max_queued_messages``; return (process, URL) or (None, None)."""
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-    )
-    if not binary:
-        return None, None
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    user = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}"
-        f"max_queued_messages {max_queued}\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    return None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,8 +75,8 @@ def fault_matrix(work: Path) -> tuple[list[dict[str, Any]], str]:
             "-p",
             "no:cacheprovider",
         ],
-        env=dict(os.environ, PYTHONPATH=str(REPO), EDGEFLEET_FAULT_COUNTS=str(counts)),
-        cwd=str(REPO),
+        env=dict(os.environ, PYTHONPATH=str(_bench.REPO), EDGEFLEET_FAULT_COUNTS=str(counts)),
+        cwd=str(_bench.REPO),
         capture_output=True,
         text=True,
         timeout=900,
@@ -135,7 +106,7 @@ def idle_api(bundle: Path, data: Path, work: Path) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * IDLE_CONNECTIONS + 256)), hard))
     xs = np.load(data)["x"][:50].astype(np.float32)
-    port = free_port()
+    port = _bench.free_port()
     cfg = write_config(work / "idle.toml", bundle, work / "idle-state", None, f"127.0.0.1:{port}", 60)
     cfg.write_text(cfg.read_text() + f"max_connections = {2 * IDLE_CONNECTIONS}\n")
     proc = start_agent(cfg, port)
@@ -252,12 +223,12 @@ def flood(work: Path) -> dict[str, Any]:
         write_bundle,
     )
 
-    broker, url = start_mosquitto(work, BROKER_QUEUE)
+    broker, url = start_mosquitto(work, f"max_queued_messages {BROKER_QUEUE}\n")
     if broker is None or url is None:
         raise RuntimeError("mosquitto is not installed")
     db = work / "flood.db"
     db_url = f"sqlite:///{db}"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(_bench.REPO))
     edgefleet = [sys.executable, "-c", "from toolchain.cli import main; main()"]
     base, model = digits_baseline()
     bundle, sha = write_bundle(work / "bundle", base)
@@ -470,7 +441,10 @@ def main() -> None:
         bundle, data = args.bundle, args.data
         if bundle is None:
             progress_print("== digits CNN: training and building the raspberry-pi bundle ...")
-            bundle, data = build("cnn", DIGITS, DIGITS_TEST, CNN_EPOCHS, work), DIGITS_TEST
+            bundle, data = (
+                build("cnn", _bench.DIGITS, _bench.DIGITS_TEST, CNN_EPOCHS, work),
+                _bench.DIGITS_TEST,
+            )
         assert data is not None
         progress_print(f"== agent API under {IDLE_CONNECTIONS:,} idle connections ...")
         api = idle_api(bundle, data, work)

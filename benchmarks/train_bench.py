@@ -45,11 +45,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _bench  # noqa: E402
 from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DIGITS = REPO / "calibration_data" / "digits.npz"
-DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 SEEDS = 5
 DATA_SEED = 0
 TEST_FRACTION = 0.2
@@ -130,7 +128,7 @@ def stratified_test_split(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any, Any, 
 
 def load_splits(seed: int = DATA_SEED) -> list[Split]:
     """Return the three data sets: the tabular ones drawn with ``seed``, the digits as shipped."""
-    tr, te = np.load(DIGITS), np.load(DIGITS_TEST)
+    tr, te = np.load(_bench.DIGITS), np.load(_bench.DIGITS_TEST)
     digits = Split(
         "digits (8x8, 10 classes)",
         "cnn",

@@ -34,11 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _bench  # noqa: E402
 from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DIGITS = REPO / "calibration_data" / "digits.npz"
-DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 TARGET = "mobile"
 TRIALS = 4
 EPOCHS = 10
@@ -149,7 +147,7 @@ def main() -> None:
         s_train, s_test = shapes32(work / "s_train.npz", 600, 1), shapes32(work / "s_test.npz", 300, 2)
         archs = ["mlp", "cnn"] + (["mobilenetv2"] if args.with_mobilenet else [])
         plan: list[tuple[str, Path, Path, list[str]]] = [
-            ("digits", DIGITS, DIGITS_TEST, ["cnn"]),
+            ("digits", _bench.DIGITS, _bench.DIGITS_TEST, ["cnn"]),
             ("shapes32", s_train, s_test, ["cnn", "mobilenetv2"]),
         ]
         for name, train, test, fixed in plan:

@@ -72,12 +72,7 @@ class Daemon:
             self.outbox = Outbox(config.outbox_path, config.outbox_max_rows, config.outbox_max_bytes)
         except OutboxError as e:
             raise ConfigError(str(e)) from None
-        self.writer = WindowWriter(
-            self.outbox,
-            fleet=config.fleet,
-            device_id=config.device_id,
-            stats_topic=topic(config.fleet, config.device_id, "stats"),
-        )
+        self.writer = WindowWriter(self.outbox, fleet=config.fleet, device_id=config.device_id)
         # OTA updates (device_agent.update): recover an interrupted update before loading any model, then
         # serve the bundle store's active slot, or the configured bundle while the store holds none.
         from device_agent.update import updater_for_agent

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from device_agent.agent import agent_version
-from device_agent.formats.telemetry import TelemetryError, encode_stats
+from device_agent.formats.telemetry import TelemetryError, encode_stats, topic
 from device_agent.outbox import Outbox, OutboxError
 from device_agent.windows import ClosedWindow
 
@@ -40,15 +40,12 @@ class WindowWriter:
         *,
         fleet: str,
         device_id: str,
-        stats_topic: str,
         capturer: Capturer | None = None,
         wake: Callable[[], None] | None = None,
     ) -> None:
-        self.outbox = outbox
-        self.fleet = fleet
-        self.device_id = device_id
-        self.stats_topic = stats_topic
-        self.capturer = capturer
+        self.outbox, self.capturer = outbox, capturer
+        self.fleet, self.device_id = fleet, device_id
+        self.stats_topic = topic(fleet, device_id, "stats")
         self.wake = wake  # the publisher's: rows are waiting
         self._queue: queue.Queue[Any] = queue.Queue()
         self.windows_written = 0

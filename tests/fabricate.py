@@ -286,3 +286,36 @@ def tabular_onnx_bundle(out: Path, *, name: str = "pump", version: int = 1) -> P
         name=name,
         version=version,
     )
+
+
+# Units from 0.001 to 4000: a tabular set far from the shipped digits' 0..16.
+REGIME_UNITS = np.array([0.001, 0.05, 2.0, 40.0, 700.0, 4000.0])
+
+
+def shifted_regime(seed: int, n: int, new: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Tabular samples: 'fault' for the top quarter of a score whose rule differs in the NEW regime."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 6))
+    if new:
+        z[:, 4] += 4.0  # the NEW operating point, far from anything OLD held
+        s = z[:, 0] - z[:, 1] + 0.3 * z[:, 2]
+    else:
+        s = z[:, 0] + z[:, 1] + 0.3 * z[:, 2]
+    y = (s > np.quantile(s, 0.75)).astype(np.int64)
+    return ((z * 0.25 + 1.0) * REGIME_UNITS).astype(np.float32), y
+
+
+def shifted_images(seed: int, n: int, new: bool) -> tuple[np.ndarray, np.ndarray]:
+    """10x10x1 images in [0, 1]: a bright row, column or cross (60/25/15) on noise; NEW ones inverted."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(3, size=n, p=[0.6, 0.25, 0.15]).astype(np.int64)
+    x = rng.uniform(0, 0.3, size=(n, 10, 10, 1))
+    pos = rng.integers(2, 8, size=n)
+    for i in range(n):
+        if y[i] in (0, 2):
+            x[i, pos[i], :, 0] = rng.uniform(0.7, 1.0)
+        if y[i] in (1, 2):
+            x[i, :, pos[i], 0] = rng.uniform(0.7, 1.0)
+    if new:
+        x = 1.0 - x
+    return x.astype(np.float32), y

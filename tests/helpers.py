@@ -64,6 +64,7 @@ class AgentRun:
     (which patches module constants, then calls the CLI), with its output in ``log_path``."""
 
     def __init__(self, prelude: str, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(

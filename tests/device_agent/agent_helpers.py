@@ -101,6 +101,18 @@ class Collector:
         self.client.disconnect()
 
 
+def fast_mqtt(monkeypatch: Any) -> None:
+    """Patch the agent's reconnect, connect and shutdown-flush constants short for an in-process test."""
+    import device_agent.daemon as daemon_mod
+    import device_agent.mqtt as mqtt_mod
+
+    monkeypatch.setattr(mqtt_mod, "RECONNECT_MIN_S", 0.1)
+    monkeypatch.setattr(mqtt_mod, "RECONNECT_MAX_S", 0.5)
+    monkeypatch.setattr(mqtt_mod, "CONNECT_TIMEOUT_S", 1.5)
+    monkeypatch.setattr(mqtt_mod, "V5_CONNACK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(daemon_mod, "SHUTDOWN_FLUSH_S", 1.0)
+
+
 def reconfigure(mosquitto: Any, extra: str, drop: str = "") -> None:
     """Restart the test's Mosquitto with ``extra`` config lines (and without the line ``drop``)."""
     mosquitto.stop()

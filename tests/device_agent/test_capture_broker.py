@@ -9,24 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import device_agent.daemon as daemon_mod
-import device_agent.mqtt as mqtt_mod
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.formats.samples import decode_samples
 from tests.device_agent.agent_bundles import cached_onnx_bundle
-from tests.device_agent.agent_helpers import Collector, http, persist, wait_for, write_config
+from tests.device_agent.agent_helpers import Collector, fast_mqtt, http, persist, wait_for, write_config
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture(autouse=True)
 def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mqtt_mod, "RECONNECT_MIN_S", 0.1)
-    monkeypatch.setattr(mqtt_mod, "RECONNECT_MAX_S", 0.5)
-    monkeypatch.setattr(mqtt_mod, "CONNECT_TIMEOUT_S", 1.5)
-    monkeypatch.setattr(mqtt_mod, "V5_CONNACK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(daemon_mod, "SHUTDOWN_FLUSH_S", 1.0)
+    fast_mqtt(monkeypatch)
 
 
 def _daemon(tmp_path: Path, url: str, capture: str) -> Daemon:

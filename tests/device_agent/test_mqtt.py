@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import device_agent.daemon as daemon_mod
-import device_agent.mqtt as mqtt_mod
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.formats.telemetry import decode_stats, decode_status
 from tests.device_agent.agent_bundles import cached_onnx_bundle, digits
 from tests.device_agent.agent_helpers import (
     Collector,
+    fast_mqtt,
     http,
     make_tls,
     persist,
@@ -33,11 +32,7 @@ pytestmark = pytest.mark.broker
 
 @pytest.fixture(autouse=True)
 def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mqtt_mod, "RECONNECT_MIN_S", 0.1)
-    monkeypatch.setattr(mqtt_mod, "RECONNECT_MAX_S", 0.5)
-    monkeypatch.setattr(mqtt_mod, "CONNECT_TIMEOUT_S", 1.5)
-    monkeypatch.setattr(mqtt_mod, "V5_CONNACK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(daemon_mod, "SHUTDOWN_FLUSH_S", 1.0)
+    fast_mqtt(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,16 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'fleet.db'}"
 
 
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.timeout(120)])]
+)
+def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """A fresh database URL: SQLite, then the PostgreSQL server (tests that take it run on both)."""
+    if request.param == "sqlite":
+        return sqlite_url
+    return str(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
 def make_window(
     digits_model: tuple[Profile, Any], digits_data: dict[str, np.ndarray]

@@ -15,15 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import device_agent.daemon as daemon_mod
-import device_agent.mqtt as mqtt_mod
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.formats.alertcmd import alert_command_topic, decode_alert_command, encode_alert_command
 from device_agent.formats.samples import decode_samples
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.device_agent.agent_helpers import Collector as Listener
-from tests.device_agent.agent_helpers import http, wait_for, write_config
+from tests.device_agent.agent_helpers import fast_mqtt, http, wait_for, write_config
 from tests.fabricate import digits
 from toolchain.fleet.registry import register_bundle
 
@@ -35,11 +33,7 @@ TOPIC = alert_command_topic("lab", "pi-001")
 
 @pytest.fixture(autouse=True)
 def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mqtt_mod, "RECONNECT_MIN_S", 0.1)
-    monkeypatch.setattr(mqtt_mod, "RECONNECT_MAX_S", 0.5)
-    monkeypatch.setattr(mqtt_mod, "CONNECT_TIMEOUT_S", 1.5)
-    monkeypatch.setattr(mqtt_mod, "V5_CONNACK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(daemon_mod, "SHUTDOWN_FLUSH_S", 1.0)
+    fast_mqtt(monkeypatch)
 
 
 def _daemon(tmp_path: Path, url: str, *, start: bool = True) -> Daemon:
@@ -134,10 +128,10 @@ def test_drift_alert_switches_capture_and_survives_restart_and_clear(
             d.agent.predict(_held_out(N, seed))
         wait_for(lambda: not d.health()["alert_commands"]["in_alert"], 60, what="the alert cleared")
         assert d.capturer.rate == 0.0
-        d._flush_capture()
+        d.writer.flush_capture()
         captured = d.capturer.counts()["captured"]
         d.agent.predict(_unlike_digits(5, 5))  # back at sample_rate (0): nothing captured
-        d._flush_capture()
+        d.writer.flush_capture()
         assert d.capturer.counts()["captured"] == captured
         # In alert until the clear arrived: the first window surely captured, the second unless the
         # clear (judged on the first) came in between.

@@ -35,15 +35,6 @@ class ListSink:
         self.published.append((topic, json.loads(payload)))
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.timeout(120)])]
-)
-def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
-    if request.param == "sqlite":
-        return sqlite_url
-    return str(request.getfixturevalue("postgres_url"))
-
-
 @pytest.fixture
 def filled(db_url, bundle, model_ref, make_window) -> tuple[str, float, dict]:
     """Three devices, 24 windows each over the last four hours (cam-3 drifts), one heartbeat each."""

@@ -21,15 +21,6 @@ def incoming(topic: str, payload: bytes, mid: int = 1) -> Incoming:
     return Incoming(topic, payload, mid, 1, 0, time.time())
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.timeout(120)])]
-)
-def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
-    if request.param == "sqlite":
-        return sqlite_url
-    return str(request.getfixturevalue("postgres_url"))
-
-
 def test_parse_db_url_errors_name_the_fix() -> None:
     assert parse_db_url("sqlite:///x.db") == ("sqlite", "x.db")
     assert parse_db_url("postgresql://u@h/db")[0] == "postgresql"

@@ -13,15 +13,6 @@ from toolchain.fleet.rollouts import gate_events, measure, record_gate, window_c
 from toolchain.fleet.storage import open_store
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.timeout(120)])]
-)
-def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
-    if request.param == "sqlite":
-        return sqlite_url
-    return str(request.getfixturevalue("postgres_url"))
-
-
 def test_a_migration_missing_below_the_highest_is_applied_later(db_url, monkeypatch) -> None:
     """A database migrated to 1-5 and 7 (two branches added 6 and 7 at once) later gets 6."""
     import toolchain.fleet.migrations as migrations

@@ -130,3 +130,54 @@ class Agent(AgentRun):
 
 def call(url: str, body: Any = None) -> tuple[int, Any]:
     return http_call(url, body)
+
+
+def damage_active_slot(state: Path) -> None:
+    """Flip one byte of the active slot's model, as a worn SD card would."""
+    from device_agent.store import BundleStore
+
+    slot = BundleStore(state).active_dir()
+    assert slot is not None
+    model = slot / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0xFF
+    model.write_bytes(bytes(data))
+
+
+def start_fleet_agents(
+    tmp_path: Path,
+    devices: dict[str, Path],
+    *,
+    pub: Path,
+    mqtt_url: str,
+    targets: dict[str, str] | None = None,
+    extra_config: str = "",
+    started: list[Any] | None = None,
+) -> dict[str, Agent]:
+    """Start one agent per device (id -> its v1 bundle; ``targets``: id -> target, x86 otherwise).
+
+    Each serves v1 and is connected to the broker on return; every one is appended to ``started``
+    first, so the caller stops them even when one fails to come up.
+    """
+    out = {}
+    for dev, v1 in devices.items():
+        cfg = write_agent_config(
+            tmp_path / f"{dev}.toml",
+            bundle=v1,
+            state_dir=tmp_path / dev,
+            pub=pub,
+            mqtt_url=mqtt_url,
+            device_id=dev,
+            target=(targets or {}).get(dev, "x86"),
+        )
+        if extra_config:
+            with cfg.open("a") as fh:
+                fh.write(extra_config)
+        a = Agent(cfg, tmp_path / f"{dev}.log")
+        if started is not None:
+            started.append(a)
+        out[dev] = a
+    for a in out.values():
+        assert a.model_version() == 1
+        wait_for(lambda a=a: a.health()["mqtt"]["connected"], 30, "the agent's MQTT connection")
+    return out

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.fabricate import fit_softmax, flat_onnx_bundle, onnx_dense, repackage
+from tests.ota.agent_proc import Agent, write_agent_config
 
 
 @pytest.fixture(scope="session")
@@ -152,3 +153,39 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    """Start agent processes (``start(config, name, pause_at)``); every one is stopped at the end."""
+    started: list[Agent] = []
+
+    def start(config: Path, name: str = "agent", pause_at: str | None = None) -> Agent:
+        a = Agent(config, tmp_path / f"{name}-{len(started)}.log", pause_at)
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        a.stop()
+
+
+@pytest.fixture
+def agent_v1(
+    agents: Callable[..., Agent], make_version: Callable[..., Path], ota_keys: dict[str, Path], tmp_path: Path
+) -> Callable[..., Agent]:
+    """Start an agent serving signed v1 (``tmp_path/agent.toml``, state in ``tmp_path/state``); MQTT with a URL."""
+
+    def start(mqtt_url: str | None = None) -> Agent:
+        cfg = write_agent_config(
+            tmp_path / "agent.toml",
+            bundle=make_version(1),
+            state_dir=tmp_path / "state",
+            pub=ota_keys["pub"],
+            mqtt_url=mqtt_url,
+        )
+        agent = agents(cfg)
+        assert agent.model_version() == 1
+        return agent
+
+    return start

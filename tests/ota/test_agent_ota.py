@@ -20,7 +20,7 @@ from device_agent.formats.deploy import bundle_topic
 from device_agent.formats.keys import load_trusted_keys
 from device_agent.formats.manifest import VerifyPolicy, manifest_sha256, verify_bundle
 from device_agent.store import BundleStore
-from tests.ota.agent_proc import Agent, wait_for, write_agent_config
+from tests.ota.agent_proc import damage_active_slot, wait_for, write_agent_config
 from toolchain.cli import main
 from toolchain.shipping.serve import BundleHTTPServer
 
@@ -74,20 +74,6 @@ def watch(mosquitto) -> Iterator[Watch]:
     w = Watch(mosquitto.port)
     yield w
     w.close()
-
-
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
-    started: list[Agent] = []
-
-    def start(config: Path, name: str = "agent", pause_at: str | None = None) -> Agent:
-        a = Agent(config, tmp_path / f"{name}-{len(started)}.log", pause_at)
-        started.append(a)
-        return a
-
-    yield start
-    for a in started:
-        a.stop()
 
 
 @pytest.fixture
@@ -162,18 +148,8 @@ def test_ota_over_mosquitto_from_edgefleet_serve(
 
 @pytest.mark.broker
 @pytest.mark.timeout(180)
-def test_ota_with_chunks_over_mqtt(
-    mosquitto, watch, agents, make_version, ota_keys, tmp_path, digits
-) -> None:
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
-        bundle=make_version(1),
-        state_dir=tmp_path / "state",
-        pub=ota_keys["pub"],
-        mqtt_url=mosquitto.url,
-    )
-    agent = agents(cfg)
-    assert agent.model_version() == 1
+def test_ota_with_chunks_over_mqtt(mosquitto, watch, agent_v1, make_version, digits) -> None:
+    agent = agent_v1(mosquitto.url)
     wait_for(lambda: watch.last_status("pi-001"), what="the agent's birth status")
     v2 = make_version(2)
     code, out = run_cli(
@@ -206,17 +182,9 @@ def test_ota_with_chunks_over_mqtt(
 @pytest.mark.broker
 @pytest.mark.timeout(180)
 def test_bad_commands_and_bundles_over_the_air_never_stop_the_agent(
-    mosquitto, watch, agents, server, make_version, ota_keys, tmp_path, digits
+    mosquitto, watch, agent_v1, server, make_version, digits
 ) -> None:
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
-        bundle=make_version(1),
-        state_dir=tmp_path / "state",
-        pub=ota_keys["pub"],
-        mqtt_url=mosquitto.url,
-    )
-    agent = agents(cfg)
-    assert agent.model_version() == 1
+    agent = agent_v1(mosquitto.url)
     wait_for(lambda: watch.last_status("pi-001"), what="birth status")
     for junk in (
         b"not json",
@@ -268,14 +236,11 @@ def test_bad_commands_and_bundles_over_the_air_never_stop_the_agent(
 
 @pytest.mark.timeout(120)
 def test_local_flash_is_activated_by_the_running_agent(
-    agents, make_version, ota_keys, tmp_path, digits
+    agents, agent_v1, make_version, tmp_path, digits
 ) -> None:
     state = tmp_path / "state"
-    cfg = write_agent_config(
-        tmp_path / "agent.toml", bundle=make_version(1), state_dir=state, pub=ota_keys["pub"]
-    )
-    agent = agents(cfg)
-    assert agent.model_version() == 1
+    agent = agent_v1()
+    cfg = agent.config
     v2 = make_version(2)
     code, out = run_cli("flash", str(v2), "--to", str(state))
     assert code == 0, out
@@ -289,23 +254,15 @@ def test_local_flash_is_activated_by_the_running_agent(
 
 @pytest.mark.timeout(120)
 def test_damaged_active_slot_falls_back_to_the_configured_bundle(
-    agents, make_version, ota_keys, tmp_path
+    agents, agent_v1, make_version, tmp_path
 ) -> None:
     state = tmp_path / "state"
-    cfg = write_agent_config(
-        tmp_path / "agent.toml", bundle=make_version(1), state_dir=state, pub=ota_keys["pub"]
-    )
-    agent = agents(cfg)
-    assert agent.model_version() == 1
+    agent = agent_v1()
+    cfg = agent.config
     code, out = run_cli("flash", str(make_version(2)), "--to", str(state), "--wait", "60")
     assert code == 0, out
     agent.stop()
-    slot = BundleStore(state).active_dir()
-    assert slot is not None
-    model = slot / "model.onnx"
-    data = bytearray(model.read_bytes())
-    data[-10] ^= 0xFF  # the SD card rotted
-    model.write_bytes(bytes(data))
+    damage_active_slot(state)  # the SD card rotted
     again = agents(cfg, "after-rot")
     assert again.model_version() == 1
     assert BundleStore(state).active() is None

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from tests.fabricate import fit_softmax, flat_onnx_bundle, onnx_dense
 from tests.helpers import EDGEFLEET
-from tests.ota.agent_proc import Agent, wait_for, write_agent_config
+from tests.ota.agent_proc import Agent, start_fleet_agents, wait_for
 from toolchain.cli import main
 from toolchain.fleet.storage import open_store
 from toolchain.shipping.gate import Measure, decide, judge_device
@@ -178,24 +178,14 @@ def fleet(
         collector.start()
         started.append(collector)
         assert collector.wait_ready(15)
-        agents = {}
-        for dev in devices:
-            cfg = write_agent_config(
-                tmp_path / f"{dev}.toml",
-                bundle=v1,
-                state_dir=tmp_path / dev,
-                pub=ota_keys["pub"],
-                mqtt_url=mosquitto.url,
-                device_id=dev,
-            )
-            with cfg.open("a") as fh:
-                fh.write(f"\n[telemetry]\nwindow_s = 3600\nwindow_max_samples = {WIN}\n")
-            a = Agent(cfg, tmp_path / f"{dev}.log")
-            started.append(a)
-            agents[dev] = a
-        for a in agents.values():
-            assert a.model_version() == 1
-            wait_for(lambda a=a: a.health()["mqtt"]["connected"], 30, "the agent's MQTT connection")
+        agents = start_fleet_agents(
+            tmp_path,
+            dict.fromkeys(devices, v1),
+            pub=ota_keys["pub"],
+            mqtt_url=mosquitto.url,
+            extra_config=f"\n[telemetry]\nwindow_s = 3600\nwindow_max_samples = {WIN}\n",
+            started=started,
+        )
         f = Fleet(db, agents, model[2] * feed_scale, model[3])
         for dev in devices:
             f.send_windows(dev, K, 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.ota.agent_proc import Agent, wait_for, write_agent_config
+from tests.ota.agent_proc import Agent, start_fleet_agents, wait_for
 from toolchain.cli import main
 from toolchain.shipping.deploy import DeployError, plan_waves
 
@@ -31,33 +31,21 @@ def fleet(tmp_path: Path, make_version, ota_keys, mosquitto) -> Iterator[Callabl
 
     def start(devices: dict[str, str]) -> dict[str, Agent]:
         """devices: id -> target it is configured for."""
-        out = {}
-        for dev, target in devices.items():
-            v1 = make_version(1, target=target)  # each device starts from a v1 built for its own target
-            cfg = write_agent_config(
-                tmp_path / f"{dev}.toml",
-                bundle=v1,
-                state_dir=tmp_path / dev,
-                pub=ota_keys["pub"],
-                mqtt_url=mosquitto.url,
-                device_id=dev,
-                target=target,
-            )
-            a = Agent(cfg, tmp_path / f"{dev}.log")
-            started.append(a)
-            out[dev] = a
-        for a in out.values():
-            assert a.model_version() == 1
-            wait_for(lambda a=a: a.health()["mqtt"]["connected"], 30, "the agent's MQTT connection")
-        return out
+        # each device starts from a v1 built for its own target
+        v1s = {dev: make_version(1, target=target) for dev, target in devices.items()}
+        return start_fleet_agents(
+            tmp_path, v1s, pub=ota_keys["pub"], mqtt_url=mosquitto.url, targets=devices, started=started
+        )
 
     yield start
     for a in started:
         a.stop()
 
 
-def deploy(*args: str) -> tuple[int, str]:
-    r = CliRunner().invoke(main, ["fleet", "deploy", *args])
+def deploy(bundle: Path, broker: str, options: str) -> tuple[int, str]:
+    """Run ``edgefleet fleet deploy BUNDLE --broker BROKER --fleet lab OPTIONS`` (split on spaces)."""
+    args = ["fleet", "deploy", str(bundle), "--broker", broker, "--fleet", "lab", *options.split()]
+    r = CliRunner().invoke(main, args)
     return r.exit_code, r.output
 
 
@@ -66,20 +54,7 @@ def deploy(*args: str) -> tuple[int, str]:
 def test_canary_then_rest_over_the_whole_fleet(fleet, mosquitto, make_version, ota_keys) -> None:
     agents = fleet({"cam-1": "x86", "cam-2": "x86", "cam-3": "x86"})
     v2 = make_version(2)
-    code, out = deploy(
-        str(v2),
-        "--broker",
-        mosquitto.url,
-        "--fleet",
-        "lab",
-        "--canary",
-        "1",
-        "--key",
-        str(ota_keys["pub"]),
-        "--timeout",
-        "120",
-        "--json",
-    )
+    code, out = deploy(v2, mosquitto.url, f"--canary 1 --key {ota_keys['pub']} --timeout 120 --json")
     assert code == 0, out
     doc = json.loads(out)
     assert doc["waves"] == [["cam-1"], ["cam-2", "cam-3"]]
@@ -95,21 +70,7 @@ def test_failing_canary_stops_the_rollout(fleet, mosquitto, make_version) -> Non
     agents = fleet({"cam-0": "coral", "cam-1": "x86", "cam-2": "x86"})
     v2 = make_version(2)
     code, out = deploy(
-        str(v2),
-        "--broker",
-        mosquitto.url,
-        "--fleet",
-        "lab",
-        "--device",
-        "cam-0",
-        "--device",
-        "cam-1",
-        "--device",
-        "cam-2",
-        "--canary",
-        "1",
-        "--timeout",
-        "120",
+        v2, mosquitto.url, "--device cam-0 --device cam-1 --device cam-2 --canary 1 --timeout 120"
     )
     assert code == 1, out
     assert "rollout STOPPED" in out
@@ -128,26 +89,9 @@ def test_failure_threshold_lets_the_rollout_continue(fleet, mosquitto, make_vers
     agents = fleet({"cam-0": "x86", "cam-1": "coral", "cam-2": "x86"})
     v2 = make_version(2)
     code, out = deploy(
-        str(v2),
-        "--broker",
+        v2,
         mosquitto.url,
-        "--fleet",
-        "lab",
-        "--device",
-        "cam-0",
-        "--device",
-        "cam-1",
-        "--device",
-        "cam-2",
-        "--canary",
-        "1",
-        "--wave-size",
-        "1",
-        "--max-failures",
-        "1",
-        "--timeout",
-        "120",
-        "--json",
+        "--device cam-0 --device cam-1 --device cam-2 --canary 1 --wave-size 1 --max-failures 1 --timeout 120 --json",
     )
     doc = json.loads(out)
     assert code == 1 and not doc["stopped"] and doc["failures"] == 1, (
@@ -163,9 +107,7 @@ def test_failure_threshold_lets_the_rollout_continue(fleet, mosquitto, make_vers
 def test_fleet_discovery_skips_other_targets_and_offline_devices(fleet, mosquitto, make_version) -> None:
     agents = fleet({"cam-1": "x86", "cam-2": "x86", "tpu-1": "coral"})
     agents["cam-1"].stop()  # offline: its shutdown status says so
-    code, out = deploy(
-        str(make_version(2)), "--broker", mosquitto.url, "--fleet", "lab", "--timeout", "60", "--json"
-    )
+    code, out = deploy(make_version(2), mosquitto.url, "--timeout 60 --json")
     assert code == 0, out
     devs = json.loads(out)["devices"]
     assert devs["cam-2"]["state"] == "deployed"
@@ -173,7 +115,7 @@ def test_fleet_discovery_skips_other_targets_and_offline_devices(fleet, mosquitt
     assert devs["tpu-1"]["state"] == "skipped" and "target" in devs["tpu-1"]["reason"]
     assert agents["tpu-1"].model_version() == 1
     agents["cam-2"].stop()
-    code, out = deploy(str(make_version(3)), "--broker", mosquitto.url, "--fleet", "lab", "--timeout", "30")
+    code, out = deploy(make_version(3), mosquitto.url, "--timeout 30")
     assert code == 1 and "no online device" in out, out
 
 
@@ -188,21 +130,9 @@ def test_fleet_status_shows_each_devices_deployment_state(fleet, mosquitto, make
     try:
         agents = fleet({"cam-1": "x86", "tpu-1": "coral"})
         code, out = deploy(
-            str(make_version(2)),
-            "--broker",
+            make_version(2),
             mosquitto.url,
-            "--fleet",
-            "lab",
-            "--device",
-            "cam-1",
-            "--device",
-            "tpu-1",
-            "--canary",
-            "0",
-            "--max-failures",
-            "1",
-            "--timeout",
-            "60",
+            "--device cam-1 --device tpu-1 --canary 0 --max-failures 1 --timeout 60",
         )
         assert code == 1, out  # tpu-1 refuses an x86 bundle
 

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from device_agent.store import BundleStore, RollbackFloor
 from device_agent.update import Updater, UpdaterConfig
 from tests.helpers import wait_for
 from tests.ota import conftest as ota_fixtures
-from tests.ota.agent_proc import Agent, write_agent_config
+from tests.ota.agent_proc import damage_active_slot
 from tests.ota.harness import Serving
 from tests.ota.test_agent_ota import run_cli
 from toolchain.shipping.serve import BundleHTTPServer
@@ -38,29 +37,8 @@ from toolchain.shipping.serve import BundleHTTPServer
 base_bundle = ota_fixtures.base_bundle
 make_version = ota_fixtures.make_version
 ota_keys = ota_fixtures.ota_keys
-
-
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
-    started: list[Agent] = []
-
-    def start(config: Path, name: str = "agent") -> Agent:
-        a = Agent(config, tmp_path / f"{name}-{len(started)}.log")
-        started.append(a)
-        return a
-
-    yield start
-    for a in started:
-        a.stop()
-
-
-def damage_active_slot(state: Path) -> None:
-    slot = BundleStore(state).active_dir()
-    assert slot is not None
-    model = slot / "model.onnx"
-    data = bytearray(model.read_bytes())
-    data[-10] ^= 0xFF  # one byte, as a worn SD card would
-    model.write_bytes(bytes(data))
+agents = ota_fixtures.agents
+agent_v1 = ota_fixtures.agent_v1
 
 
 def drop(bundle: Path, state: Path, name: str) -> Path:
@@ -78,14 +56,11 @@ def update_doc(state: Path) -> dict[str, Any]:
 
 @pytest.mark.timeout(240)
 def test_damaged_slot_fallback_keeps_the_floor_for_flash_and_drops(
-    agents, make_version, ota_keys, tmp_path, digits
+    agents, agent_v1, make_version, tmp_path, digits
 ) -> None:
     state = tmp_path / "state"
-    cfg = write_agent_config(
-        tmp_path / "agent.toml", bundle=make_version(1), state_dir=state, pub=ota_keys["pub"]
-    )
-    agent = agents(cfg)
-    assert agent.model_version() == 1
+    agent = agent_v1()
+    cfg = agent.config
     code, out = run_cli("flash", str(make_version(3)), "--to", str(state), "--wait", "60")
     assert code == 0, out
     assert agent.health()["rollback_floor"]["version"] == 3

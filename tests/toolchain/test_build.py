@@ -168,6 +168,13 @@ def test_report_keys_are_those_of_the_build_before_typed_records(report: dict) -
     assert got == want, {"new": sorted(got - want), "lost": sorted(want - got)}
 
 
+def build_digits(model: Path, targets: list[str], out: Path, **kw: Any) -> dict[str, Any]:
+    """``build_bundles`` on the digits with the shipped test split for evaluation, accuracy drop allowed."""
+    return build_bundles(
+        model, DIGITS, targets, out, eval_data=DIGITS_TEST, progress=False, allow_accuracy_drop=True, **kw
+    )
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "out"
     shutil.copytree(src, dst)
@@ -178,15 +185,7 @@ def test_rerunning_the_same_build_is_allowed_and_a_different_model_is_refused(
     digits_bundles: Path, digits_cnn_path: Path, tmp_path: Path
 ) -> None:
     out = _copy(digits_bundles, tmp_path)
-    rep = build_bundles(
-        digits_cnn_path,
-        DIGITS,
-        ["mobile"],
-        out,
-        eval_data=DIGITS_TEST,
-        progress=False,
-        allow_accuracy_drop=True,
-    )
+    rep = build_digits(digits_cnn_path, ["mobile"], out)
     assert rep["targets"]["mobile"]["bundle_action"] == "rebuilt"
     assert set(rep["targets"]) == set(TARGETS)  # the report keeps the other targets' entries
     # Same name and version, different weights: refused, nothing touched.
@@ -198,21 +197,10 @@ def test_rerunning_the_same_build_is_allowed_and_a_different_model_is_refused(
     model.save(other)
     before = (out / "mobile" / "manifest.json").read_bytes()
     with pytest.raises(BuildError, match=r"differs in baseline.json, model.tflite.*--version 2"):
-        build_bundles(
-            other, DIGITS, ["mobile"], out, eval_data=DIGITS_TEST, progress=False, allow_accuracy_drop=True
-        )
+        build_digits(other, ["mobile"], out)
     assert (out / "mobile" / "manifest.json").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
-    rep = build_bundles(
-        other,
-        DIGITS,
-        ["mobile"],
-        out,
-        eval_data=DIGITS_TEST,
-        progress=False,
-        allow_accuracy_drop=True,
-        version=2,
-    )
+    rep = build_digits(other, ["mobile"], out, version=2)
     assert rep["targets"]["mobile"]["bundle_action"] == "upgraded"
     assert load_manifest(out / "mobile").version == 2
 
@@ -237,15 +225,7 @@ def test_accuracy_budget_fails_the_target_unless_allowed(
     assert ei.value.report is not None and ei.value.report["targets"]["mobile"]["status"] == "failed"
     assert not (out / "mobile").exists()
     assert json.loads((out / "report.json").read_text())["targets"]["mobile"]["status"] == "failed"
-    rep = build_bundles(
-        digits_cnn_path,
-        DIGITS,
-        ["mobile"],
-        out,
-        eval_data=DIGITS_TEST,
-        progress=False,
-        allow_accuracy_drop=True,
-    )
+    rep = build_digits(digits_cnn_path, ["mobile"], out)
     assert rep["targets"]["mobile"]["status"] == "ok"
     assert rep["targets"]["mobile"]["accuracy_budget"].startswith("exceeded, allowed")
     assert (out / "mobile" / "manifest.json").is_file()
@@ -266,32 +246,14 @@ def test_signed_build(digits_cnn_path: Path, tmp_path: Path) -> None:
     from device_agent.formats.keys import load_public_key_file
 
     out = tmp_path / "o"
-    build_bundles(
-        digits_cnn_path,
-        DIGITS,
-        ["mobile"],
-        out,
-        eval_data=DIGITS_TEST,
-        progress=False,
-        sign_key=priv,
-        allow_accuracy_drop=True,
-    )
+    build_digits(digits_cnn_path, ["mobile"], out, sign_key=priv)
     assert (out / "mobile" / "manifest.sig").is_file()
     m = verify_bundle(out / "mobile", VerifyPolicy(trusted_keys=(load_public_key_file(pub),)))
     assert m.name == "digits_cnn"
 
 
 def test_qat_build(digits_cnn_path: Path, tmp_path: Path) -> None:
-    rep = build_bundles(
-        digits_cnn_path,
-        DIGITS,
-        ["mobile", "x86"],
-        tmp_path / "o",
-        eval_data=DIGITS_TEST,
-        quantize="qat",
-        progress=False,
-        allow_accuracy_drop=True,
-    )
+    rep = build_digits(digits_cnn_path, ["mobile", "x86"], tmp_path / "o", quantize="qat")
     for t in ("mobile", "x86"):
         e = rep["targets"][t]
         assert e["status"] == "ok", e.get("error")
@@ -301,33 +263,14 @@ def test_qat_build(digits_cnn_path: Path, tmp_path: Path) -> None:
 
 def test_pruned_qat_build_for_x86(digits_cnn_path: Path, tmp_path: Path) -> None:
     """Prune-preserving QAT exported through tf2onnx (its dead scale inputs once broke quantization)."""
-    rep = build_bundles(
-        digits_cnn_path,
-        DIGITS,
-        ["x86"],
-        tmp_path / "o",
-        eval_data=DIGITS_TEST,
-        quantize="qat",
-        prune=0.5,
-        progress=False,
-        allow_accuracy_drop=True,
-    )
+    rep = build_digits(digits_cnn_path, ["x86"], tmp_path / "o", quantize="qat", prune=0.5)
     e = rep["targets"]["x86"]
     assert e["status"] == "ok", e.get("error")
     assert e["sparsity"] >= 0.45 and e["top1_agreement"] > 0.9
 
 
 def test_pruned_build_reaches_the_sparsity_in_the_artifact(digits_cnn_path: Path, tmp_path: Path) -> None:
-    rep = build_bundles(
-        digits_cnn_path,
-        DIGITS,
-        ["mobile", "x86"],
-        tmp_path / "o",
-        eval_data=DIGITS_TEST,
-        prune=0.5,
-        progress=False,
-        allow_accuracy_drop=True,
-    )
+    rep = build_digits(digits_cnn_path, ["mobile", "x86"], tmp_path / "o", prune=0.5)
     assert rep["prune"]["reached_in_keras"] >= 0.45
     got, want = key_paths(rep), set(REPORT_KEYS["digits_pruned_mobile_x86"])
     assert got == want, {"new": sorted(got - want), "lost": sorted(want - got)}  # keys as before #13

@@ -18,43 +18,15 @@ import pytest
 from click.testing import CliRunner
 
 from device_agent.formats.manifest import load_manifest
+from tests.fabricate import shifted_images as _images
+from tests.fabricate import shifted_regime as _regime
 from toolchain.cli import main
 from toolchain.steps.data import DataError, Dataset
 from toolchain.steps.trainset import combine, load_labelled
 
 NAMES = ["ok", "fault"]
-UNITS = np.array([0.001, 0.05, 2.0, 40.0, 700.0, 4000.0])
 SHAPES = ["bar", "column", "cross"]
 EPOCHS = 100  # the default: the most per fine-tune; early stopping may end sooner
-
-
-def _regime(seed: int, n: int, new: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Tabular samples: 'fault' for the top quarter of a score whose rule differs in the NEW regime."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(n, 6))
-    if new:
-        z[:, 4] += 4.0  # the NEW operating point, far from anything OLD held
-        s = z[:, 0] - z[:, 1] + 0.3 * z[:, 2]
-    else:
-        s = z[:, 0] + z[:, 1] + 0.3 * z[:, 2]
-    y = (s > np.quantile(s, 0.75)).astype(np.int64)
-    return ((z * 0.25 + 1.0) * UNITS).astype(np.float32), y
-
-
-def _images(seed: int, n: int, new: bool) -> tuple[np.ndarray, np.ndarray]:
-    """10x10x1 images in [0, 1]: a bright row, column or cross (60/25/15) on noise; NEW ones inverted."""
-    rng = np.random.default_rng(seed)
-    y = rng.choice(3, size=n, p=[0.6, 0.25, 0.15]).astype(np.int64)
-    x = rng.uniform(0, 0.3, size=(n, 10, 10, 1))
-    pos = rng.integers(2, 8, size=n)
-    for i in range(n):
-        if y[i] in (0, 2):
-            x[i, pos[i], :, 0] = rng.uniform(0.7, 1.0)
-        if y[i] in (1, 2):
-            x[i, :, pos[i], 0] = rng.uniform(0.7, 1.0)
-    if new:
-        x = 1.0 - x
-    return x.astype(np.float32), y
 
 
 def _export(path: Path, x: np.ndarray, y: np.ndarray, names: list[str], unlabelled: int) -> Path:
