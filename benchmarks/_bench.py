@@ -172,6 +172,13 @@ def write_section(
     return path
 
 
+def publish_section(name: str, title: str, body: str, intro: str = "", path: Path = BENCHMARKS_MD) -> Path:
+    """Write one benchmark's section of BENCHMARKS.md (``write_section``) and print its table to stdout."""
+    out = write_section(name, title, body, intro=intro, path=path)
+    print(body)
+    return out
+
+
 def progress_print(*args: Any) -> None:
     """Print a progress line to stderr (benchmarks keep stdout for results)."""
     print(*args, file=sys.stderr, flush=True)

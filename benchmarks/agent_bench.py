@@ -155,21 +155,37 @@ def best_us_per_call(run: Callable[[Any], Any], n: int, prepare: Callable[[], An
     return best
 
 
-def measure(bundle: Path, data: Path) -> dict[str, Any]:
+def open_idle_connections(port: int, socks: list[socket.socket]) -> None:
+    """Open ``IDLE_CONNECTIONS`` connections to the agent's API, every other one a body left unfinished."""
+    for i in range(IDLE_CONNECTIONS):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if i % 2:
+            s.sendall(b'POST /v1/predict HTTP/1.1\r\nContent-Length: 20000\r\n\r\n{"inputs": [')
+        socks.append(s)
+    time.sleep(1.0)
+
+
+def bench_setup(bundle: Path, data: Path, prefix: str) -> tuple[Path, Any, np.ndarray, dict[str, Any]]:
+    """Quiet logging; return (a work folder, the manifest, 200 float32 samples, the result dict)."""
     import logging
 
+    from device_agent.formats.manifest import load_manifest
+
     logging.disable(logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    manifest = load_manifest(bundle)
+    xs = np.load(data)["x"][:200].astype(np.float32)
+    return work, manifest, xs, {"bundle": manifest.name, "input_shape": list(xs.shape[1:])}
+
+
+def measure(bundle: Path, data: Path) -> dict[str, Any]:
     from ai_edge_litert.interpreter import Interpreter
 
     from device_agent.agent import Daemon, dequantize, load_config, quantize
-    from device_agent.formats.manifest import load_manifest
     from device_agent.formats.telemetry import encode_stats
     from device_agent.windows import Window
 
-    work = Path(tempfile.mkdtemp(prefix="agent-bench-"))
-    manifest = load_manifest(bundle)
-    xs = np.load(data)["x"][:200].astype(np.float32)
-    res: dict[str, Any] = {"bundle": manifest.name, "input_shape": list(xs.shape[1:])}
+    work, manifest, xs, res = bench_setup(bundle, data, "agent-bench-")
 
     # bare interpreter loop, pre-quantized inputs
     it = Interpreter(model_path=str(bundle / manifest.model.path), num_threads=1)
@@ -508,19 +524,12 @@ def http_pair_poster(
 
 def measure_api(bundle: Path, data: Path) -> dict[str, Any]:
     """The bare loop and the HTTP API with raw, .npy and JSON bodies, interleaved in one run."""
-    import logging
-
-    logging.disable(logging.WARNING)
     from ai_edge_litert.interpreter import Interpreter
 
     from device_agent.agent import quantize
     from device_agent.api import bodies as api_mod
-    from device_agent.formats.manifest import load_manifest
 
-    work = Path(tempfile.mkdtemp(prefix="agent-api-bench-"))
-    manifest = load_manifest(bundle)
-    xs = np.load(data)["x"][:200].astype(np.float32)
-    res: dict[str, Any] = {"bundle": manifest.name, "input_shape": list(xs.shape[1:])}
+    work, manifest, xs, res = bench_setup(bundle, data, "agent-api-bench-")
     res["json_parser"] = "orjson" if api_mod._orjson is not None else "json (stdlib)"
     it = Interpreter(model_path=str(bundle / manifest.model.path), num_threads=1)
     it.allocate_tensors()
@@ -644,12 +653,7 @@ def idle_connections(bundle: Path, xs: np.ndarray, work: Path) -> dict[str, Any]
         for i in range(50):
             raw(xs[i].tobytes())
         before = _proc_status(proc.pid)
-        for i in range(IDLE_CONNECTIONS):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            if i % 2:
-                s.sendall(b'POST /v1/predict HTTP/1.1\r\nContent-Length: 20000\r\n\r\n{"inputs": [')
-            socks.append(s)
-        time.sleep(1.0)
+        open_idle_connections(port, socks)
         during = _proc_status(proc.pid)
         lat: dict[str, list[float]] = {"raw": [], "json": []}
         post_json = http_poster(f"127.0.0.1:{port}", "application/json")

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _bench  # noqa: E402
-from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
+from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, publish_section  # noqa: E402
 
 CNN_EPOCHS = 30
 MOBILENET_EPOCHS = 40
@@ -367,8 +367,7 @@ def run(
         "ratios are "
         "against the float TFLite file. `sparsity` is the share of zero weights in the shipped artifact."
     )
-    write_section("build", "Build pipeline: int8 bundles vs float", body, intro=intro, path=md)
-    print(body)
+    publish_section("build", "Build pipeline: int8 bundles vs float", body, intro=intro, path=md)
 
 
 def main() -> None:

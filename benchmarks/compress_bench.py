@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _bench  # noqa: E402
-from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
+from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, publish_section  # noqa: E402
 
 CNN_EPOCHS = 30
 MOBILENET_EPOCHS = 40
@@ -238,8 +238,7 @@ def run(quick: bool, cache: Path | None, md: Path = BENCHMARKS_MD) -> None:
         "as transferred today (uncompressed) and with each file gzip-compressed. `float after fine-tune` is "
         "the float model after pruning/clustering, before quantization."
     )
-    write_section("compress", "Compression: pruning, clustering, QAT", body, intro=intro, path=md)
-    print(body)
+    publish_section("compress", "Compression: pruning, clustering, QAT", body, intro=intro, path=md)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
+from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, publish_section  # noqa: E402
 from tests.fabricate import shifted_images, shifted_regime  # noqa: E402  (the data test_finetune uses)
 
 SEEDS = 1
@@ -164,14 +164,13 @@ def main() -> None:
     )
     headers = ["data", "method", "old test acc %", "new test acc %", "epochs", "s"]
     body = markdown_table(headers, rows)
-    write_section(
+    publish_section(
         "finetune",
         "Fine-tuning after a shift: replay vs none vs from scratch",
         body,
         intro=intro,
         path=args.md,
     )
-    print(body)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _bench  # noqa: E402
-from benchmarks._bench import markdown_table, progress_print, start_mosquitto, write_section  # noqa: E402
+from benchmarks._bench import markdown_table, progress_print, publish_section, start_mosquitto  # noqa: E402
 from benchmarks.agent_bench import (  # noqa: E402
     CNN_EPOCHS,
     IDLE_CONNECTIONS,
@@ -45,9 +45,11 @@ from benchmarks.agent_bench import (  # noqa: E402
     _proc_status,
     build,
     http_poster,
+    open_idle_connections,
     start_agent,
     write_config,
 )
+from tests.helpers import child_pids  # noqa: E402
 
 FLOOD = 10_000
 QUARANTINE_CAP = 1_000
@@ -129,12 +131,7 @@ def idle_api(bundle: Path, data: Path, work: Path) -> dict[str, Any]:
         before = _proc_status(proc.pid)
         for kind, (post, bodies) in posts.items():
             res[f"alone_{kind}"] = latencies(post, bodies, LATENCY_REQUESTS)
-        for i in range(IDLE_CONNECTIONS):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            if i % 2:
-                s.sendall(b'POST /v1/predict HTTP/1.1\r\nContent-Length: 20000\r\n\r\n{"inputs": [')
-            socks.append(s)
-        time.sleep(1.0)
+        open_idle_connections(port, socks)
         during = _proc_status(proc.pid)
         for kind, (post, bodies) in posts.items():
             res[f"idle_{kind}"] = latencies(post, bodies, LATENCY_REQUESTS)
@@ -168,18 +165,6 @@ def rss_kib(pids: list[int]) -> tuple[float, float]:
         rss += st.get("VmRSS", 0.0)
         hwm += st.get("VmHWM", 0.0)
     return rss, hwm
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
 
 
 def counter(db: Path, name: str) -> int:
@@ -267,7 +252,7 @@ def flood(work: Path) -> dict[str, Any]:
         pub.publish_all(bad[:100])
         pub.publish_all(stats_payload(f"dev-{i}", 100_000 + i, ref, prof, fleet="bench") for i in range(100))
         _wait(lambda: counter(db, "quarantined") >= 100 and counter(db, "windows_stored") >= 100, col)
-        pids = [col.pid, *children(col.pid)]
+        pids = [col.pid, *child_pids(col.pid)]
         res["rss_before_mb"] = rss_kib(pids)[0] / 1024
         t = time.perf_counter()
         pub.publish_all(bad)
@@ -416,8 +401,7 @@ def report(
         " stored them."
     )
     body = "\n\n".join(parts)
-    write_section("reliability", "Reliability", body, intro=intro)
-    print(body)
+    publish_section("reliability", "Reliability", body, intro=intro)
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _bench  # noqa: E402
-from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
+from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, publish_section  # noqa: E402
 
 SEEDS = 5
 DATA_SEED = 0
@@ -329,8 +329,7 @@ def main() -> None:
     )
     headers = ["data", "method", "test acc %", "balanced acc %", "worst %", "epochs", "s", "seeds"]
     body = markdown_table(headers, rows)
-    write_section("train", "Training: edgefleet train vs plain baselines", body, intro=intro, path=args.md)
-    print(body)
+    publish_section("train", "Training: edgefleet train vs plain baselines", body, intro=intro, path=args.md)
     print(goal)
 
 

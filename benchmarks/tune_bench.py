@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _bench  # noqa: E402
-from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, write_section  # noqa: E402
+from benchmarks._bench import BENCHMARKS_MD, markdown_table, progress_print, publish_section  # noqa: E402
 
 TARGET = "mobile"
 TRIALS = 4
@@ -180,14 +180,13 @@ def main() -> None:
         " or of the whole search (tune). The 1 vs 2 worker rows are the same search on the digits; on a"
         " machine whose cores are busy with other work, two workers share the same cores."
     )
-    write_section(
+    publish_section(
         "tune",
         "Tuning: edgefleet tune vs the fixed architectures (tune_bench.py)",
         body,
         intro=intro,
         path=args.md,
     )
-    print(body)
 
 
 if __name__ == "__main__":

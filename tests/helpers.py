@@ -18,6 +18,30 @@ REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 30.0
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float = 10.0) -> None:
+    """Terminate ``proc`` if it runs (a clean stop), killing it after ``timeout_s``."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 EDGEFLEET = [sys.executable, "-c", "from toolchain.cli import main; main()"]  # `edgefleet` in a subprocess
 
 

@@ -20,19 +20,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from device_agent.formats import telemetry as wire  # the strict JSON reader and field checks
 from device_agent.formats.samples import SAMPLE_ID_RE
-from device_agent.formats.telemetry import (
-    TelemetryError,
-    check_id,
-    check_origin,
-    check_stream,
-    int_field,
-    load_json,
-    parse_utc,
-    require_keys,
-    str_field,
-    utc_iso,
-)
 
 LABELS_SCHEMA = 1
 LABELS_TYPE = "sample_labels"
@@ -76,19 +65,21 @@ def encode_sample_labels(
 ) -> bytes:
     """Encode one sample_labels message (1..MAX_LABELS_PER_MESSAGE labels)."""
     if not 1 <= len(labels) <= MAX_LABELS_PER_MESSAGE:
-        raise TelemetryError(f"a sample_labels message holds 1..{MAX_LABELS_PER_MESSAGE} labels")
+        raise wire.TelemetryError(f"a sample_labels message holds 1..{MAX_LABELS_PER_MESSAGE} labels")
     doc = {
         "schema": LABELS_SCHEMA,
         "type": LABELS_TYPE,
-        "device_id": check_id(device_id, "device_id"),
-        "fleet": check_id(fleet, "fleet"),
-        "stream": check_stream(stream),
-        "seq": int_field(seq, "seq"),
+        "device_id": wire.check_id(device_id, "device_id"),
+        "fleet": wire.check_id(fleet, "fleet"),
+        "stream": wire.check_stream(stream),
+        "seq": wire.int_field(seq, "seq"),
         "labels": [_doc(x) for x in labels],
     }
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if len(raw) > MAX_LABELS_PACKET_BYTES:
-        raise TelemetryError(f"sample_labels message of {len(raw)} bytes exceeds {MAX_LABELS_PACKET_BYTES}")
+        raise wire.TelemetryError(
+            f"sample_labels message of {len(raw)} bytes exceeds {MAX_LABELS_PACKET_BYTES}"
+        )
     return raw
 
 
@@ -96,28 +87,35 @@ def decode_sample_labels(
     raw: bytes, topic_device: str | None = None, topic_fleet: str | None = None
 ) -> SampleLabelsMessage:
     """Decode an untrusted sample_labels payload strictly."""
-    d = load_json(raw, max_bytes=MAX_LABELS_PACKET_BYTES, schemas=(LABELS_SCHEMA,))
+    d = wire.load_json(raw, max_bytes=MAX_LABELS_PACKET_BYTES, schemas=(LABELS_SCHEMA,))
     if d.get("type") != LABELS_TYPE:
-        raise TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not {LABELS_TYPE!r}")
-    require_keys(d, {"schema", "type", "device_id", "fleet", "stream", "seq", "labels"}, set(), LABELS_TYPE)
-    device, fleet = check_origin(d, topic_device, topic_fleet)
+        raise wire.TelemetryError(f"payload type {str(d.get('type'))[:20]!r} is not {LABELS_TYPE!r}")
+    wire.require_keys(
+        d, {"schema", "type", "device_id", "fleet", "stream", "seq", "labels"}, set(), LABELS_TYPE
+    )
+    device, fleet = wire.check_origin(d, topic_device, topic_fleet)
     items = d["labels"]
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_LABELS_PER_MESSAGE:
-        raise TelemetryError(f"labels must be a list of 1..{MAX_LABELS_PER_MESSAGE} labels")
+        raise wire.TelemetryError(f"labels must be a list of 1..{MAX_LABELS_PER_MESSAGE} labels")
     out = []
     for i, it in enumerate(items):
         where = f"labels[{i}]"
-        require_keys(it, {"id", "label", "index", "ts"}, set(), where)
-        sid = str_field(it["id"], f"{where}.id", 64)
+        wire.require_keys(it, {"id", "label", "index", "ts"}, set(), where)
+        sid = wire.str_field(it["id"], f"{where}.id", 64)
         if not SAMPLE_ID_RE.match(sid):
-            raise TelemetryError(f"{where}.id must be 1..64 of A-Z a-z 0-9 _ -")
-        label = str_field(it["label"], f"{where}.label", LABEL_MAX_CHARS)
+            raise wire.TelemetryError(f"{where}.id must be 1..64 of A-Z a-z 0-9 _ -")
+        label = wire.str_field(it["label"], f"{where}.label", LABEL_MAX_CHARS)
         out.append(
             SampleLabel(
-                sid, label, int_field(it["index"], f"{where}.index"), parse_utc(it["ts"], f"{where}.ts")
+                sid,
+                label,
+                wire.int_field(it["index"], f"{where}.index"),
+                wire.parse_utc(it["ts"], f"{where}.ts"),
             )
         )
-    return SampleLabelsMessage(device, fleet, check_stream(d["stream"]), int_field(d["seq"], "seq"), out)
+    return SampleLabelsMessage(
+        device, fleet, wire.check_stream(d["stream"]), wire.int_field(d["seq"], "seq"), out
+    )
 
 
 def pack_labels(labels: list[SampleLabel]) -> list[list[SampleLabel]]:
@@ -138,7 +136,7 @@ def pack_labels(labels: list[SampleLabel]) -> list[list[SampleLabel]]:
 
 
 def _doc(x: SampleLabel) -> dict[str, Any]:
-    return {"id": x.id, "label": x.label, "index": int(x.index), "ts": utc_iso(x.ts)}
+    return {"id": x.id, "label": x.label, "index": int(x.index), "ts": wire.utc_iso(x.ts)}
 
 
 __all__ = [

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.formats.telemetry import encode_event
-from tests.helpers import wait_for
+from tests.helpers import child_pids, wait_for
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, stats_payload, status_payload
 from toolchain.fleet.storage import open_store
@@ -211,20 +211,6 @@ def _start_cli_collector(
     )
 
 
-def _children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (from /proc)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-@pytest.mark.timeout(240)
 def test_sigkill_and_restart_loses_no_acknowledged_window(
     mosquitto, sqlite_url, bundle, model_ref, make_window, cli_env, tmp_path, count_rows
 ) -> None:
@@ -248,7 +234,7 @@ def test_sigkill_and_restart_loses_no_acknowledged_window(
             wait_for(
                 lambda k=kill_at: count_rows(sqlite_url, "windows") >= k, 120, f"{kill_at} stored windows"
             )
-            workers = _children(proc.pid)
+            workers = child_pids(proc.pid)
             assert workers, f"kill at {kill_at}: no decode worker; log: {log.read_text()[-1500:]}"
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)

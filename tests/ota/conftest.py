@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.fabricate import fit_softmax, flat_onnx_bundle, onnx_dense, repackage
+from tests.helpers import stop_process
 from tests.ota.agent_proc import Agent, write_agent_config
 
 
@@ -122,13 +123,7 @@ class Sshd:
         wait_port(self.port)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"

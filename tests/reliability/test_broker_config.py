@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from device_agent.config import load_config
 from device_agent.formats.telemetry import MAX_PAYLOAD_BYTES, ModelRef
 from tests.conftest import Mosquitto, free_port, missing_service, mosquitto_binary, wait_port
-from tests.helpers import wait_for
+from tests.helpers import stop_process, wait_for
 from toolchain.cli import main
 from toolchain.fleet.brokerconf import (
     COLLECTOR_USER,
@@ -76,13 +76,7 @@ class GeneratedBroker:
             raise AssertionError(f"mosquitto did not start: {self.log.read_text()[-2000:]}") from None
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # a clean stop: Mosquitto saves its persistence file
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)  # a clean stop: Mosquitto saves its persistence file
         self.proc = None
 
 
