@@ -209,11 +209,3 @@ def cached_tflite_bundle() -> Path:
 def cached_tflite_image_bundle() -> Path:
     """One int8 TFLite bundle on 24x24 images (per-channel summary statistics) per test process."""
     return tflite_bundle(_CACHE / "tflite-24", name="digits-24-int8", upsample=3)
-
-
-def shared_bundles(request: object) -> Path | None:
-    """Return the shared ``digits_bundles`` folder when tests/conftest.py provides it, else None."""
-    try:
-        return request.getfixturevalue("digits_bundles")  # type: ignore[attr-defined,no-any-return]
-    except Exception:
-        return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -151,11 +150,6 @@ class AgentProcess(AgentRun):
 
     def __init__(self, config: Path, log_path: Path) -> None:
         super().__init__(FAST_PRELUDE, config, log_path)
-
-
-def copy_bundle(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def make_tls(d: Path) -> dict[str, Path]:

@@ -31,7 +31,6 @@ from device_agent.formats.stats import FeatureSetProfile, Profile, ProfileSpec
 from toolchain.errors import ToolchainError
 from toolchain.fleet.migrations import MIGRATIONS, Only, render
 
-DEFAULT_DB_URL = "sqlite:///fleet.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_MIGRATION_LOCK = 4_711_042  # advisory lock id: two collectors starting together migrate once
 

@@ -30,7 +30,6 @@ from toolchain.targets import Target
 # infinity, so values are capped here.
 SQNR_CAP_DB = 120.0
 ONNX_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
-_FLOAT_TYPES = (np.float32, np.float16, np.float64)
 
 
 def _is_float(dt: Any) -> bool:

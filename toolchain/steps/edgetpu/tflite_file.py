@@ -54,8 +54,6 @@ BUILTIN_OPS: dict[int, str] = {
 }
 # fmt: on
 CUSTOM_CODE = 32
-# OperatorCode.deprecated_builtin_code is an int8; codes above 126 live only in builtin_code.
-PLACEHOLDER_FOR_GREATER_OP_CODES = 127
 
 _ALL_BUILTIN_OPS: dict[int, str] | None = None
 
@@ -238,7 +236,9 @@ def _parse_model(buf: bytes) -> TFLiteModel:
     for oc in model.tables(1):
         deprecated = int(oc.scalar(0, "<b", 0))
         builtin = int(oc.scalar(3, "<i", 0))
-        code = max(deprecated, builtin)  # the schema's documented rule for the two code fields
+        # deprecated_builtin_code is an int8 (127 is a placeholder): codes above 126 live only in
+        # builtin_code, so the schema's documented rule takes the larger of the two.
+        code = max(deprecated, builtin)
         codes.append((code, int(oc.scalar(2, "<i", 1)), oc.string(1)))
     buffer_bytes = []
     for b in model.tables(4):
