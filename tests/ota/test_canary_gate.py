@@ -197,31 +197,11 @@ def fleet(
 
 
 def start_deploy(bundle: Path, mosquitto, db: str, ota_keys, *extra: str) -> subprocess.Popen[str]:
-    args = [
-        "fleet",
-        "deploy",
-        str(bundle),
-        "--broker",
-        mosquitto.url,
-        "--fleet",
-        "lab",
-        "--device",
-        "cam-1",
-        "--device",
-        "cam-2",
-        "--canary",
-        "1",
-        "--key",
-        str(ota_keys["pub"]),
-        "--timeout",
-        "120",
-        "--db",
-        db,
-        "--gate-windows",
-        str(K),
-        "--json",
-        *extra,
-    ]
+    options = (
+        f"--device cam-1 --device cam-2 --canary 1 --key {ota_keys['pub']} --timeout 120 --gate-windows {K}"
+    )
+    args = ["fleet", "deploy", str(bundle), "--broker", mosquitto.url, "--fleet", "lab", "--db", db, "--json"]
+    args += [*options.split(), *extra]
     return subprocess.Popen([*EDGEFLEET, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -366,23 +346,8 @@ def test_accuracy_gate_without_labels_is_refused_in_one_line(fleet, bundle_of, m
     f = fleet("sqlite", 1.0, devices=("cam-1",))
     r = CliRunner().invoke(
         main,
-        [
-            "fleet",
-            "deploy",
-            str(bundle_of(2, 1.0)),
-            "--broker",
-            mosquitto.url,
-            "--fleet",
-            "lab",
-            "--device",
-            "cam-1",
-            "--key",
-            str(ota_keys["pub"]),
-            "--db",
-            f.db,
-            "--gate",
-            "accuracy",
-        ],
+        ["fleet", "deploy", str(bundle_of(2, 1.0)), "--broker", mosquitto.url, "--db", f.db]
+        + f"--fleet lab --device cam-1 --key {ota_keys['pub']} --gate accuracy".split(),
     )
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()

@@ -9,6 +9,7 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -246,6 +247,18 @@ def _publish(port: int, items: list[tuple[str, bytes]]) -> None:
     c.disconnect()
 
 
+def _mqtt_updater(
+    port: int, tmp_path: Path, make_version: Any, ota_keys: dict[str, Path]
+) -> tuple[Any, Serving]:
+    """An updater serving signed v1 that fetches chunks from the broker on ``port``; and what it serves."""
+    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
+    serving = Serving(pol)
+    up = make_updater(
+        tmp_path / "state", serving, pol, fallback=make_version(1), mqtt=MqttSettings("127.0.0.1", port)
+    )
+    return up, serving
+
+
 def _chunked(bundle: Path, chunk: int) -> tuple[MqttSource, list[bytes], DeployCommand]:
     from device_agent.formats.deploy import bundle_stream
 
@@ -262,15 +275,7 @@ def _chunked(bundle: Path, chunk: int) -> tuple[MqttSource, list[bytes], DeployC
 @pytest.mark.broker
 @pytest.mark.timeout(60)
 def test_chunks_arriving_in_any_order_install(mosquitto, tmp_path, make_version, ota_keys) -> None:
-    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
-    serving = Serving(pol)
-    up = make_updater(
-        tmp_path / "state",
-        serving,
-        pol,
-        fallback=make_version(1),
-        mqtt=MqttSettings("127.0.0.1", mosquitto.port),
-    )
+    up, serving = _mqtt_updater(mosquitto.port, tmp_path, make_version, ota_keys)
     src, parts, cmd = _chunked(make_version(2), 2048)
     _publish(mosquitto.port, [(f"{src.topic}/{i}", parts[i]) for i in reversed(range(len(parts)))])
     assert up.deploy(cmd) is True
@@ -288,15 +293,7 @@ def test_bad_chunks_fail_cleanly(
     import device_agent.update.fetch as U
 
     monkeypatch.setattr(U, "DOWNLOAD_STALL_S", 1.0)
-    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
-    serving = Serving(pol)
-    up = make_updater(
-        tmp_path / "state",
-        serving,
-        pol,
-        fallback=make_version(1),
-        mqtt=MqttSettings("127.0.0.1", mosquitto.port),
-    )
+    up, serving = _mqtt_updater(mosquitto.port, tmp_path, make_version, ota_keys)
     src, parts, cmd = _chunked(make_version(2), 2048)
     items = [(f"{src.topic}/{i}", p) for i, p in enumerate(parts)]
     if fault == "missing":

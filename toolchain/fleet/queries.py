@@ -182,20 +182,7 @@ def _windows(
     Row: fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json,
     windows (1 for a raw window, the number folded for a rollup).
     """
-    where = " WHERE ints IS NOT NULL"
-    args: list[Any] = []
-    if since is not None:
-        where += " AND window_end >= ?"
-        args.append(since)
-    if until is not None:
-        where += " AND window_start <= ?"
-        args.append(until)
-    if device is not None:
-        where += " AND device_id = ?"
-        args.append(device)
-    if fleet is not None:
-        where += " AND fleet = ?"
-        args.append(fleet)
+    where, args = _window_filter(since, until, device, fleet)
     cols = "fleet, device_id, model_sha256, window_start, window_end, ints, floats, violations_json"
     return store.query(
         f"SELECT {cols}, 1 FROM windows{where} UNION ALL SELECT {cols}, windows FROM window_rollups{where}",
@@ -203,15 +190,26 @@ def _windows(
     )
 
 
-def _counts(store: Store, since: float | None, until: float | None) -> list[int]:
+def _window_filter(
+    since: float | None, until: float | None, device: str | None = None, fleet: str | None = None
+) -> tuple[str, list[Any]]:
+    """Return the WHERE clause (packed windows overlapping [since, until]) and its arguments."""
     where = " WHERE ints IS NOT NULL"
     args: list[Any] = []
-    if since is not None:
-        where += " AND window_end >= ?"
-        args.append(since)
-    if until is not None:
-        where += " AND window_start <= ?"
-        args.append(until)
+    for value, clause in (
+        (since, "window_end >= ?"),
+        (until, "window_start <= ?"),
+        (device, "device_id = ?"),
+        (fleet, "fleet = ?"),
+    ):
+        if value is not None:
+            where += f" AND {clause}"
+            args.append(value)
+    return where, args
+
+
+def _counts(store: Store, since: float | None, until: float | None) -> list[int]:
+    where, args = _window_filter(since, until)
     return [
         int(r[0])
         for r in store.query(

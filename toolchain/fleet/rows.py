@@ -117,22 +117,25 @@ class CounterRow(NamedTuple):
     updated_at: float
 
 
-def _insert(table: str, cols: tuple[str, ...]) -> str:
+def insert_sql(table: str, cols: tuple[str, ...]) -> str:
+    """Return ``INSERT INTO table (cols) VALUES (?, ...)`` (SQLite style; the PostgreSQL store rewrites ``?``)."""
     return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
 
 
-WINDOW_SQL = _insert("windows", WindowRow._fields) + " ON CONFLICT (fleet, device_id, stream, seq) DO NOTHING"
-STREAM_SQL = (
-    _insert("device_streams", StreamRow._fields) + " ON CONFLICT (fleet, device_id, stream) DO NOTHING"
+WINDOW_SQL = (
+    insert_sql("windows", WindowRow._fields) + " ON CONFLICT (fleet, device_id, stream, seq) DO NOTHING"
 )
-EVENT_SQL = _insert("events", EventRow._fields) + " ON CONFLICT (fleet, device_id, event, ts) DO NOTHING"
-QUARANTINE_SQL = _insert("quarantine", QuarantineRow._fields)
+STREAM_SQL = (
+    insert_sql("device_streams", StreamRow._fields) + " ON CONFLICT (fleet, device_id, stream) DO NOTHING"
+)
+EVENT_SQL = insert_sql("events", EventRow._fields) + " ON CONFLICT (fleet, device_id, event, ts) DO NOTHING"
+QUARANTINE_SQL = insert_sql("quarantine", QuarantineRow._fields)
 # Oldest rows go first; the subquery is NULL (nothing deleted) while there are fewer rows.
 QUARANTINE_TRIM_SQL = (
     "DELETE FROM quarantine WHERE id <= (SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)"
 )
 COUNTER_SQL = (
-    _insert("collector_counters", CounterRow._fields) + " ON CONFLICT (name)"
+    insert_sql("collector_counters", CounterRow._fields) + " ON CONFLICT (name)"
     " DO UPDATE SET value = collector_counters.value + excluded.value, updated_at = excluded.updated_at"
 )
 
@@ -141,7 +144,7 @@ def device_seen_sql(greatest: Callable[[str, str], str]) -> str:
     """The upsert of ``DeviceSeen`` rows (``greatest``: the dialect's two-argument maximum)."""
     g = greatest
     return (
-        _insert("devices", DeviceSeen._fields) + " ON CONFLICT (fleet, device_id)"
+        insert_sql("devices", DeviceSeen._fields) + " ON CONFLICT (fleet, device_id)"
         f" DO UPDATE SET last_seen = {g('devices.last_seen', 'excluded.last_seen')},"
         " model_sha256 = excluded.model_sha256, model_name = excluded.model_name,"
         " model_version = excluded.model_version, agent_version = excluded.agent_version,"
@@ -171,7 +174,7 @@ def stream_seq_sql(greatest: Callable[[str, str], str], least: Callable[[str, st
 def status_sql(greatest: Callable[[str, str], str]) -> str:
     """The upsert of ``StatusRow`` rows: a model field left None keeps the stored one."""
     return (
-        _insert("devices", StatusRow._fields)
+        insert_sql("devices", StatusRow._fields)
         + " ON CONFLICT (fleet, device_id) DO UPDATE SET state = excluded.state,"
         " status_ts = excluded.status_ts,"
         f" last_seen = {greatest('devices.last_seen', 'excluded.last_seen')},"

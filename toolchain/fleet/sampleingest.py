@@ -26,7 +26,7 @@ from device_agent.formats.samplelabels import LABELS_TYPE, decode_sample_labels,
 from device_agent.formats.samples import decode_samples
 from device_agent.formats.telemetry import TelemetryError
 from toolchain.fleet.ratelog import Throttle
-from toolchain.fleet.rows import COUNTER_SQL, CounterRow
+from toolchain.fleet.rows import COUNTER_SQL, CounterRow, insert_sql
 
 if TYPE_CHECKING:
     from toolchain.fleet.storage import Store
@@ -67,13 +67,11 @@ class LabelRow(NamedTuple):
     received_at: float
 
 
-def _insert(table: str, cols: tuple[str, ...]) -> str:
-    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-
-
-SAMPLE_SQL = _insert("samples", SampleRow._fields) + " ON CONFLICT (fleet, device_id, sample_id) DO NOTHING"
+SAMPLE_SQL = (
+    insert_sql("samples", SampleRow._fields) + " ON CONFLICT (fleet, device_id, sample_id) DO NOTHING"
+)
 LABEL_SQL = (
-    _insert("sample_labels", LabelRow._fields) + " ON CONFLICT (fleet, device_id, sample_id) DO NOTHING"
+    insert_sql("sample_labels", LabelRow._fields) + " ON CONFLICT (fleet, device_id, sample_id) DO NOTHING"
 )
 
 

@@ -185,19 +185,10 @@ def _gz(blob: bytes) -> int:
 
 def _tflite_kernels(path: Path) -> list[tuple[str, np.ndarray, int]]:
     """Return (name, stored values, output-channel axis) of every constant tensor with >= 2 axes."""
-    from device_agent.runtimes.litert import interpreter_module
-    from toolchain.steps.edgetpu import read_tflite
+    from toolchain.steps.evaluate import tflite_constants
 
-    model = read_tflite(path)
-    interp = interpreter_module().Interpreter(model_path=str(path))
     out = []
-    for t in model.tensors:
-        if not t.is_constant or len(t.shape) < 2 or t.dtype not in ("int8", "uint8", "float32"):
-            continue
-        try:
-            arr = np.asarray(interp.get_tensor(t.index))
-        except ValueError:
-            continue
+    for t, arr in tflite_constants(path):
         if arr.dtype.kind in "iu" and t.zero_point and len(t.zero_point) > 1:
             axis = int(t.quantized_dimension)
         else:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from toolchain.steps.latency import latency_figures
+
 
 def evaluate_on_agent(
     bundle_dir: Path,
@@ -45,9 +47,7 @@ def evaluate_on_agent(
         figures.update(settings)
         figures["paths"][f"batch_{b}"] = {"accuracy": accuracy(scores, y) if y is not None else None}
         if times is not None:
-            figures["latency_ms_p50"] = round(float(np.percentile(times, 50)), 4)
-            figures["latency_ms_p95"] = round(float(np.percentile(times, 95)), 4)
-            figures["latency_runs"] = int(len(times))
+            figures.update(latency_figures(times))
         if b == 1:
             one = scores
     assert one is not None

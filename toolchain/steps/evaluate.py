@@ -7,6 +7,7 @@ Everything here runs in the device runtimes (LiteRT, ONNX Runtime, OpenVINO) thr
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +48,25 @@ def artifact_sparsity(path: Path) -> float | None:
     raise EvaluateError(f"cannot measure sparsity of {path.name}: not a .tflite or .onnx file")
 
 
-def _tflite_sparsity(path: Path) -> float | None:
+def tflite_constants(path: Path) -> Iterator[tuple[Any, np.ndarray]]:
+    """Yield (tensor record, stored values) of every int8/uint8/float32 constant with >= 2 axes in a .tflite."""
     from device_agent.runtimes.litert import interpreter_module
     from toolchain.steps.edgetpu import read_tflite
 
     model = read_tflite(path)
     interp = interpreter_module().Interpreter(model_path=str(path))
-    zeros = total = 0
     for t in model.tensors:
         if not t.is_constant or len(t.shape) < 2 or t.dtype not in ("int8", "uint8", "float32"):
             continue
         try:
-            arr = np.asarray(interp.get_tensor(t.index))
+            yield t, np.asarray(interp.get_tensor(t.index))
         except ValueError:
             continue
+
+
+def _tflite_sparsity(path: Path) -> float | None:
+    zeros = total = 0
+    for t, arr in tflite_constants(path):
         zp: np.ndarray = np.asarray(t.zero_point, dtype=np.int64) if t.zero_point else np.zeros(1, np.int64)
         if arr.dtype.kind in "iu" and zp.size > 1:
             shape = [1] * arr.ndim

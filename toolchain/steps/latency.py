@@ -71,3 +71,12 @@ def measure_runtimes(
         many = one if threads == 1 else measure_latency(path, rt, sample, threads)
         out[rt] = {"threads_1": one, "threads_N": dict(many, threads=threads)}
     return out
+
+
+def latency_figures(times: Any) -> dict[str, Any]:
+    """Return ``latency_ms_p50``, ``latency_ms_p95`` and ``latency_runs`` of call times in ms."""
+    return {
+        "latency_ms_p50": round(float(np.percentile(times, 50)), 4),
+        "latency_ms_p95": round(float(np.percentile(times, 95)), 4),
+        "latency_runs": int(len(times)),
+    }

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import ToolchainError
+from toolchain.steps.latency import latency_figures
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,7 @@ def check_parity(
                 "top1_agreement": top1_agreement(scores, ref),
             }
             if times is not None:
-                entry["latency_ms_p50"] = round(float(np.percentile(times, 50)), 4)
-                entry["latency_ms_p95"] = round(float(np.percentile(times, 95)), 4)
-                entry["latency_runs"] = int(len(times))
+                entry.update(latency_figures(times))
             if b == 1:
                 one = scores
                 classes[rt] = np.argmax(scores.reshape(len(scores), -1), axis=1)
