@@ -24,6 +24,11 @@ def run(*args: str) -> tuple[int, str, str]:
     return r.exit_code, r.stdout, r.stderr
 
 
+def predict(*args: str) -> tuple[int, str, str]:
+    """``edgefleet-agent predict --bundle <the cached ONNX bundle> ARGS``."""
+    return run("predict", "--bundle", str(cached_onnx_bundle()), *args)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = digits()
@@ -38,9 +43,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_predict_npz_with_labels_reports_accuracy(files: dict[str, Path]) -> None:
-    code, out, err = run(
-        "predict", "--bundle", str(cached_onnx_bundle()), "--input", str(files["npz"]), "--label", "y"
-    )
+    code, out, err = predict("--input", str(files["npz"]), "--label", "y")
     assert code == 0, err
     assert "digits-dense v1 (onnxruntime), 60 inputs" in out
     acc = float(out.strip().splitlines()[-1].split()[1])
@@ -49,22 +52,11 @@ def test_predict_npz_with_labels_reports_accuracy(files: dict[str, Path]) -> Non
 
 
 def test_predict_csv_and_npy_agree_and_json(files: dict[str, Path]) -> None:
-    code, out, _ = run(
-        "predict",
-        "--bundle",
-        str(cached_onnx_bundle()),
-        "--input",
-        str(files["csv"]),
-        "--label",
-        "digit",
-        "--json",
-    )
+    code, out, _ = predict("--input", str(files["csv"]), "--label", "digit", "--json")
     assert code == 0
     doc = json.loads(out)
     assert doc["count"] == 60 and doc["accuracy"] > 0.85 and doc["model"]["runtime"] == "onnxruntime"
-    code, out2, _ = run(
-        "predict", "--bundle", str(cached_onnx_bundle()), "--input", str(files["npy"]), "--json"
-    )
+    code, out2, _ = predict("--input", str(files["npy"]), "--json")
     assert code == 0
     labels_npy = [p["label"] for p in json.loads(out2)["predictions"]]
     assert labels_npy == [p["label"] for p in doc["predictions"]]
@@ -73,15 +65,7 @@ def test_predict_csv_and_npy_agree_and_json(files: dict[str, Path]) -> None:
 @pytest.mark.parametrize("suffix", ["csv", "json", "npy"])
 def test_predict_output_file(files: dict[str, Path], tmp_path: Path, suffix: str) -> None:
     out_path = tmp_path / f"pred.{suffix}"
-    code, out, _ = run(
-        "predict",
-        "--bundle",
-        str(cached_onnx_bundle()),
-        "--input",
-        str(files["npz"]),
-        "--output",
-        str(out_path),
-    )
+    code, out, _ = predict("--input", str(files["npz"]), "--output", str(out_path))
     assert code == 0 and f"wrote {out_path}" in out
     if suffix == "csv":
         lines = out_path.read_text().splitlines()
@@ -114,7 +98,7 @@ def test_predict_bad_input_exits_1_with_one_line(
         "short": tmp_path / "short.npy",
     }
     args = [a.format(**subs) for a in args]
-    code, out, err = run("predict", "--bundle", str(cached_onnx_bundle()), *args)
+    code, out, err = predict(*args)
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("Error: ") and msg in last
@@ -123,15 +107,7 @@ def test_predict_bad_input_exits_1_with_one_line(
 def test_predict_bad_bundle_and_bad_flags(files: dict[str, Path], tmp_path: Path) -> None:
     code, _, err = run("predict", "--bundle", str(tmp_path), "--input", str(files["npz"]))
     assert code == 1 and "no manifest.json" in err
-    code, _, err = run(
-        "predict",
-        "--bundle",
-        str(cached_onnx_bundle()),
-        "--input",
-        str(files["npz"]),
-        "--runtime",
-        "tensorflow",
-    )
+    code, _, err = predict("--input", str(files["npz"]), "--runtime", "tensorflow")
     assert code == 2
     code, _, _ = run("predict", "--input", str(files["npz"]))
     assert code == 2

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.formats.keys import load_trusted_keys
 from device_agent.formats.manifest import VerifyPolicy, manifest_sha256, verify_bundle
 from device_agent.inference import Predictor
 from device_agent.update import Updater, UpdaterConfig
@@ -81,3 +82,12 @@ def make_updater(
     if d is not None:
         serving.load(d)
     return up
+
+
+def signed_updater(
+    state_dir: Path, ota_keys: dict[str, Path], make_version: Any, **config: Any
+) -> tuple[Updater, Serving]:
+    """An x86 updater trusting the test key, falling back to a signed v1; and what it serves."""
+    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
+    serving = Serving(pol)
+    return make_updater(state_dir, serving, pol, fallback=make_version(1), **config), serving

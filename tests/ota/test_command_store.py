@@ -29,7 +29,7 @@ from device_agent.formats.keys import load_trusted_keys
 from device_agent.formats.manifest import VerifyPolicy, load_manifest, manifest_sha256
 from device_agent.store import ActiveRef, BundleStore, atomic_write_json
 from device_agent.update import parse_update_section
-from tests.ota.harness import Serving, make_updater
+from tests.ota.harness import Serving, make_updater, signed_updater
 
 SHA = "a" * 64
 
@@ -251,12 +251,7 @@ def _mqtt_updater(
     port: int, tmp_path: Path, make_version: Any, ota_keys: dict[str, Path]
 ) -> tuple[Any, Serving]:
     """An updater serving signed v1 that fetches chunks from the broker on ``port``; and what it serves."""
-    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
-    serving = Serving(pol)
-    up = make_updater(
-        tmp_path / "state", serving, pol, fallback=make_version(1), mqtt=MqttSettings("127.0.0.1", port)
-    )
-    return up, serving
+    return signed_updater(tmp_path / "state", ota_keys, make_version, mqtt=MqttSettings("127.0.0.1", port))
 
 
 def _chunked(bundle: Path, chunk: int) -> tuple[MqttSource, list[bytes], DeployCommand]:
@@ -310,18 +305,14 @@ def test_bad_chunks_fail_cleanly(
 
 
 def test_mqtt_source_without_broker_settings_fails_with_a_reason(tmp_path, make_version, ota_keys) -> None:
-    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
-    serving = Serving(pol)
-    up = make_updater(tmp_path / "state", serving, pol, fallback=make_version(1))
+    up, serving = signed_updater(tmp_path / "state", ota_keys, make_version)
     src, parts, cmd = _chunked(make_version(2), 2048)
     assert up.deploy(cmd) is False
     assert "no broker settings" in serving.events[-1][2]["reason"]
 
 
 def test_local_source_is_consumed_even_when_refused(tmp_path, make_version, ota_keys) -> None:
-    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
-    serving = Serving(pol)
-    up = make_updater(tmp_path / "state", serving, pol, fallback=make_version(1))
+    up, serving = signed_updater(tmp_path / "state", ota_keys, make_version)
     drop = make_version(2, key=None)
     assert up.deploy(LocalSource(str(drop))) is False
     assert not drop.exists()

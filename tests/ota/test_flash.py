@@ -18,7 +18,7 @@ from device_agent.formats.manifest import (
     verify_bundle,
 )
 from device_agent.store import BundleStore
-from tests.ota.harness import Serving, make_updater
+from tests.ota.harness import signed_updater
 from toolchain.cli import main
 from toolchain.shipping.flash import FlashError, LocalDest, MqttDest, SshDest, parse_destination
 
@@ -144,10 +144,8 @@ def test_flash_refuses_bad_bundles_and_destinations(make_version, ota_keys, tmp_
 
 @pytest.mark.timeout(120)
 def test_flash_local_is_activated_by_a_running_updater(make_version, ota_keys, tmp_path, digits) -> None:
-    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
-    serving = Serving(pol)
     state = tmp_path / "state"
-    up = make_updater(state, serving, pol, fallback=make_version(1))
+    up, serving = signed_updater(state, ota_keys, make_version)
     up.start()
     try:
         code, out = run("flash", str(make_version(2)), "--to", str(state), "--wait", "60")
@@ -185,10 +183,8 @@ def test_flash_over_ssh_to_a_real_sshd(sshd, make_version, ota_keys, tmp_path) -
 @pytest.mark.ssh
 @pytest.mark.timeout(180)
 def test_flash_over_ssh_with_wait_reports_the_agents_result(sshd, make_version, ota_keys, tmp_path) -> None:
-    pol = VerifyPolicy(trusted_keys=load_trusted_keys([ota_keys["pub"]]), target="x86")
-    serving = Serving(pol)
     state = tmp_path / "device-state"
-    up = make_updater(state, serving, pol, fallback=make_version(1))
+    up, serving = signed_updater(state, ota_keys, make_version)
     up.start()
     try:
         opts: list[str] = []

@@ -10,7 +10,6 @@ and quarantine lines are rate-limited.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.device_agent.agent_bundles import cached_onnx_bundle
-from tests.helpers import EDGEFLEET, run_edgefleet, wait_for
+from tests.helpers import EDGEFLEET, run_edgefleet, stop_process, wait_for
 from toolchain.fleet.quarantine import MAX_PACKET_BYTES, QUARANTINE_LOG_EVERY_S
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, status_payload
@@ -124,12 +123,7 @@ def test_flood_of_bad_and_oversized_payloads_leaves_the_collector_bounded(
         assert q == {"count": MAX_ROWS, "total": want, "evicted": want - MAX_ROWS}
     finally:
         pub.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)  # SIGTERM: the collector commits and exits 0
     text = log.read_text(errors="replace")
     lines = text.count("quarantined message on")
     # One line, then at most one per QUARANTINE_LOG_EVERY_S, for thousands of messages.

@@ -14,7 +14,6 @@ stored, every earlier message has been judged (one subscription, batches stored 
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ import pytest
 
 from device_agent.formats.telemetry import ModelRef
 from tests.conftest import Mosquitto, missing_service, mosquitto_binary
-from tests.helpers import EDGEFLEET, run_edgefleet, wait_for
+from tests.helpers import EDGEFLEET, run_edgefleet, stop_process, wait_for
 from toolchain.fleet.sim import (
     Publisher,
     digits_baseline,
@@ -144,12 +143,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         yield r
     finally:
         pub.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)  # SIGTERM: the collector commits and exits 0
         broker.stop()
     assert proc.returncode == 0, log.read_text()[-2000:]
 

@@ -373,15 +373,25 @@ def keras3_savedmodel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, n
     return sm, np.load(scores)
 
 
+def convert_and_verify(
+    model: Any, name: str, digits: dict[str, np.ndarray], out: Path, scores: np.ndarray, **kw: Any
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Convert ``model`` for target ``name`` and verify it against the float ``scores``.
+
+    Return (target, artifact, verification report).
+    """
+    target = load_target(name)
+    art = convert_for_target(model, target, digits["x"], out, progress=False, **kw)
+    return target, art, verify_artifact(art, target, digits["x_test"][:N_VERIFY], scores)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TARGETS)
 def test_keras3_savedmodel_converts_for_every_target(
     name: str, keras3_savedmodel: tuple[Path, np.ndarray], digits: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     sm, scores = keras3_savedmodel
-    target = load_target(name)
-    art = convert_for_target(sm, target, digits["x"], tmp_path / name, progress=False)
-    r = verify_artifact(art, target, digits["x_test"][:N_VERIFY], scores)
+    target, art, r = convert_and_verify(sm, name, digits, tmp_path / name, scores)
     assert art.inputs[0].dtype == target.quantization.input_dtype
     assert r["top1_agreement"] >= MIN_AGREEMENT and r["float_ops"] == []
     if name == "coral":
@@ -415,9 +425,7 @@ def test_qat_model_converts_for_every_target(
     name: str, qat_model: tuple[Any, np.ndarray], digits: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     q, scores = qat_model
-    target = load_target(name)
-    art = convert_for_target(q, target, digits["x"], tmp_path / name, qat=True, progress=False)
-    r = verify_artifact(art, target, digits["x_test"][:N_VERIFY], scores)
+    target, art, r = convert_and_verify(q, name, digits, tmp_path / name, scores, qat=True)
     assert art.inputs[0].dtype == target.quantization.input_dtype
     assert art.outputs[0].dtype == target.quantization.output_dtype
     assert r["float_ops"] == [] and art.checks["weights_int8"]

@@ -200,7 +200,8 @@ def _tflite_kernels(path: Path) -> list[tuple[str, np.ndarray, int]]:
 
 def _onnx_kernels(path: Path) -> list[tuple[str, np.ndarray, int]]:
     import onnx
-    from onnx import numpy_helper
+
+    from toolchain.steps.evaluate import onnx_constants
 
     m = onnx.load(str(path))
     axes: dict[str, int] = {}
@@ -208,12 +209,7 @@ def _onnx_kernels(path: Path) -> list[tuple[str, np.ndarray, int]]:
         if node.op_type == "DequantizeLinear":
             axes[node.input[0]] = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
     out = []
-    for init in m.graph.initializer:
-        if len(init.dims) < 2:
-            continue
-        arr = numpy_helper.to_array(init)
-        if arr.dtype not in (np.int8, np.uint8, np.float32):
-            continue
+    for init, arr in onnx_constants(m):
         axis = axes.get(init.name, 0) % arr.ndim
         out.append((init.name, arr, axis))
     return out

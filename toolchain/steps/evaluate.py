@@ -64,6 +64,18 @@ def tflite_constants(path: Path) -> Iterator[tuple[Any, np.ndarray]]:
             continue
 
 
+def onnx_constants(model: Any) -> Iterator[tuple[Any, np.ndarray]]:
+    """Yield (initializer, values) of every int8/uint8/float32 initializer with >= 2 axes of an ONNX model."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if len(init.dims) < 2:
+            continue
+        arr = numpy_helper.to_array(init)
+        if arr.dtype in (np.int8, np.uint8, np.float32):
+            yield init, arr
+
+
 def _tflite_sparsity(path: Path) -> float | None:
     zeros = total = 0
     for t, arr in tflite_constants(path):
@@ -91,12 +103,7 @@ def _onnx_sparsity(path: Path) -> float | None:
             zps[node.input[0]] = (node.input[2], int(axis))
     inits = {i.name: i for i in m.graph.initializer}
     zeros = total = 0
-    for init in m.graph.initializer:
-        if len(init.dims) < 2:
-            continue
-        arr = numpy_helper.to_array(init)
-        if arr.dtype not in (np.int8, np.uint8, np.float32):
-            continue
+    for init, arr in onnx_constants(m):
         zp: Any = 0
         if arr.dtype.kind in "iu" and init.name in zps and zps[init.name][0] in inits:
             zp_arr = numpy_helper.to_array(inits[zps[init.name][0]])
