@@ -42,6 +42,27 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+def subscribe_json(port: int, topic: str) -> tuple[Any, list[dict[str, Any]]]:
+    """A paho MQTT 5 client on 127.0.0.1:``port`` subscribed to ``topic`` (QoS 1, SUBACK awaited).
+
+    Returns (client, list that collects each message's JSON); the caller stops the client's loop.
+    """
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    got: list[dict[str, Any]] = []
+    ready = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda c, u, m: got.append(json.loads(m.payload))
+    client.on_subscribe = lambda *a: ready.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    assert ready.wait(10), f"no SUBACK for {topic}"
+    return client, got
+
+
 EDGEFLEET = [sys.executable, "-c", "from toolchain.cli import main; main()"]  # `edgefleet` in a subprocess
 
 

@@ -100,6 +100,19 @@ class Collector:
         self.client.disconnect()
 
 
+def captured_samples(col: Collector, device_id: str = "pi-001", fleet: str = "lab") -> list[Any]:
+    """The captured samples the listener received on the samples topic, each message once, in order."""
+    from device_agent.formats.samples import decode_samples
+
+    out, seen = [], set()
+    for _topic, payload, *_ in col.of_kind("samples"):
+        msg = decode_samples(payload, device_id, fleet)
+        if msg.seq not in seen:
+            seen.add(msg.seq)
+            out += list(msg.samples)
+    return out
+
+
 def fast_mqtt(monkeypatch: Any) -> None:
     """Patch the agent's reconnect, connect and shutdown-flush constants short for an in-process test."""
     import device_agent.daemon as daemon_mod

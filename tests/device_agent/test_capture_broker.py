@@ -13,7 +13,15 @@ from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.formats.samples import decode_samples
 from tests.device_agent.agent_bundles import cached_onnx_bundle
-from tests.device_agent.agent_helpers import Collector, fast_mqtt, http, persist, wait_for, write_config
+from tests.device_agent.agent_helpers import (
+    Collector,
+    captured_samples,
+    fast_mqtt,
+    http,
+    persist,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -137,13 +145,7 @@ def test_disk_cap_through_the_daemon_drops_oldest_and_counts(tmp_path: Path) -> 
 
 
 def _sample_ids(col: Collector) -> list[str]:
-    out, seen = [], set()
-    for _topic, payload, *_ in col.of_kind("samples"):
-        msg = decode_samples(payload, "pi-001", "lab")
-        if msg.seq not in seen:
-            seen.add(msg.seq)
-            out += [s.id for s in msg.samples]
-    return out
+    return [s.id for s in captured_samples(col)]
 
 
 @pytest.mark.timeout(60)

@@ -18,10 +18,9 @@ import pytest
 from device_agent.config import load_config
 from device_agent.daemon import Daemon
 from device_agent.formats.alertcmd import alert_command_topic, decode_alert_command, encode_alert_command
-from device_agent.formats.samples import decode_samples
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.device_agent.agent_helpers import Collector as Listener
-from tests.device_agent.agent_helpers import fast_mqtt, http, wait_for, write_config
+from tests.device_agent.agent_helpers import captured_samples, fast_mqtt, http, wait_for, write_config
 from tests.fabricate import digits
 from toolchain.fleet.registry import register_bundle
 
@@ -64,13 +63,7 @@ def _held_out(n: int, seed: int) -> np.ndarray:
 
 
 def _samples(listener: Listener) -> list[bytes]:
-    out, seen = [], set()
-    for _t, payload, *_ in listener.of_kind("samples"):
-        msg = decode_samples(payload, "pi-001", "lab")
-        if msg.seq not in seen:
-            seen.add(msg.seq)
-            out += [s.data for s in msg.samples]
-    return out
+    return [s.data for s in captured_samples(listener)]
 
 
 def _commands(listener: Listener) -> list[tuple[Any, bool]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.formats.telemetry import encode_event
-from tests.helpers import child_pids, wait_for
+from tests.helpers import child_pids, subscribe_json, wait_for
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, stats_payload, status_payload
 from toolchain.fleet.storage import open_store
@@ -119,21 +119,12 @@ def test_alerts_are_published_with_hysteresis(
 ) -> None:
     """Alerts are the same whether the evaluation runs in its worker process, in the collector, or
     in the collector after its evaluation worker died."""
-    import paho.mqtt.client as mqtt
 
     register_bundle(sqlite_url, bundle[0], {"raise_after": 2, "clear_after": 2, "min_count": 200})
     c = collector_factory(
         sqlite_url, mosquitto.url, client_id="alert-test", worker_processes=0 if mode == "in process" else 1
     )
-    got: list[dict] = []
-    ready = threading.Event()
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    sub.on_message = lambda cl, u, m: got.append(json.loads(m.payload))
-    sub.on_subscribe = lambda *a: ready.set()
-    sub.connect("127.0.0.1", mosquitto.port)
-    sub.subscribe("edgefleet/lab/alerts", qos=1)
-    sub.loop_start()
-    assert ready.wait(10)
+    sub, got = subscribe_json(mosquitto.port, "edgefleet/lab/alerts")
     pub = Publisher(mosquitto.url)
     plan = ["shift", "shift", "shift", "ok", "ok"]
     for seq, kind in enumerate(plan):

@@ -30,6 +30,11 @@ def run_cli(*args: str) -> tuple[int, str]:
     return r.exit_code, r.output
 
 
+def flash_mqtt(port: int, bundle: str, *args: str) -> tuple[int, str]:
+    """``edgefleet flash BUNDLE --to mqtt://127.0.0.1:PORT/lab/pi-001 ARGS``."""
+    return run_cli("flash", bundle, "--to", f"mqtt://127.0.0.1:{port}/lab/pi-001", *args)
+
+
 class Watch:
     """Every message under edgefleet/# on the broker (payloads kept as bytes)."""
 
@@ -102,32 +107,14 @@ def x_rows(digits: dict[str, np.ndarray], n: int = 3) -> list[Any]:
 @pytest.mark.broker
 @pytest.mark.timeout(180)
 def test_ota_over_mosquitto_from_edgefleet_serve(
-    mosquitto, watch, agents, server, make_version, ota_keys, tmp_path, digits
+    mosquitto, watch, agent_v1, server, make_version, ota_keys, digits
 ) -> None:
-    v1 = make_version(1)
-    cfg = write_agent_config(
-        tmp_path / "agent.toml",
-        bundle=v1,
-        state_dir=tmp_path / "state",
-        pub=ota_keys["pub"],
-        mqtt_url=mosquitto.url,
-    )
-    agent = agents(cfg)
-    assert agent.model_version() == 1
+    agent = agent_v1(mosquitto.url)
     wait_for(lambda: watch.last_status("pi-001"), what="the agent's birth status")
     v2 = make_version(2)
     url = server(v2)
-    code, out = run_cli(
-        "flash",
-        str(v2),
-        "--to",
-        f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
-        "--url",
-        url,
-        "--key",
-        str(ota_keys["pub"]),
-        "--wait",
-        "90",
+    code, out = flash_mqtt(
+        mosquitto.port, str(v2), "--url", url, "--key", str(ota_keys["pub"]), "--wait", "90"
     )
     assert code == 0 and "now serves digits v2" in out, out + agent.log()[-2000:]
     health = agent.health()
@@ -152,16 +139,7 @@ def test_ota_with_chunks_over_mqtt(mosquitto, watch, agent_v1, make_version, dig
     agent = agent_v1(mosquitto.url)
     wait_for(lambda: watch.last_status("pi-001"), what="the agent's birth status")
     v2 = make_version(2)
-    code, out = run_cli(
-        "flash",
-        str(v2),
-        "--to",
-        f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
-        "--chunk-bytes",
-        "1024",
-        "--wait",
-        "90",
-    )
+    code, out = flash_mqtt(mosquitto.port, str(v2), "--chunk-bytes", "1024", "--wait", "90")
     assert code == 0 and "now serves digits v2" in out, out + agent.log()[-2000:]
     assert agent.model_version() == 2
     assert agent.predict(x_rows(digits))["model"]["sha256"] == manifest_sha256(v2)
@@ -197,16 +175,7 @@ def test_bad_commands_and_bundles_over_the_air_never_stop_the_agent(
     assert agent.model_version() == 1
     # a bundle signed by another key, over the air: refused with the reason, v1 keeps serving
     bad = make_version(2, key="other_key")
-    code, out = run_cli(
-        "flash",
-        str(bad),
-        "--to",
-        f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
-        "--url",
-        server(bad),
-        "--wait",
-        "90",
-    )
+    code, out = flash_mqtt(mosquitto.port, str(bad), "--url", server(bad), "--wait", "90")
     assert code == 1 and "does not verify with any trusted key" in out, out
     assert agent.model_version() == 1
     ev = watch.events("deploy_failed")[-1]
@@ -301,9 +270,7 @@ def test_sigkill_in_every_update_state_leaves_old_or_new_model_serving(
     agent = agents(cfg, "paused", pause_at=pause_at)
     assert agent.model_version() == 1
     wait_for(lambda: watch.last_status("pi-001"), what="birth status")
-    code, out = run_cli(
-        "flash", str(v2), "--to", f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001", "--url", server(v2)
-    )
+    code, out = flash_mqtt(mosquitto.port, str(v2), "--url", server(v2))
     assert code == 0, out
     agent.wait_paused()
     agent.sigkill()
@@ -326,14 +293,5 @@ def test_sigkill_in_every_update_state_leaves_old_or_new_model_serving(
         reason = watch.events("deploy_failed")[-1]["detail"]["reason"]
         assert "restarted" in reason
         # the device is not stuck: the same bundle deploys fine afterwards
-        code, out = run_cli(
-            "flash",
-            str(v2),
-            "--to",
-            f"mqtt://127.0.0.1:{mosquitto.port}/lab/pi-001",
-            "--url",
-            server(v2),
-            "--wait",
-            "120",
-        )
+        code, out = flash_mqtt(mosquitto.port, str(v2), "--url", server(v2), "--wait", "120")
         assert code == 0 and "now serves digits v2" in out, out + restarted.log()[-2000:]

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from device_agent.formats.manifest import manifest_sha256
 from device_agent.formats.telemetry import ModelRef
 from tests.conftest import Mosquitto, missing_service, mosquitto_binary
 from tests.device_agent.agent_bundles import cached_onnx_bundle
-from tests.helpers import run_edgefleet, wait_for
+from tests.helpers import run_edgefleet, subscribe_json, wait_for
 from toolchain.fleet.collector import Collector
 from toolchain.fleet.registry import register_bundle
 from toolchain.fleet.sim import Publisher, digits_baseline, load_digits, stats_payload, window_profile
@@ -66,15 +64,7 @@ def test_broker_drops_while_the_collector_is_offline_are_logged_alerted_and_show
     assert first.wait_ready(15)
     first.stop()
     # An observer of the alerts topic.
-    got: list[dict] = []
-    ready = threading.Event()
-    obs = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    obs.on_message = lambda c, u, m: got.append(json.loads(m.payload))
-    obs.on_subscribe = lambda *a: ready.set()
-    obs.connect("127.0.0.1", broker.port)
-    obs.subscribe("edgefleet/lab/alerts", qos=1)
-    obs.loop_start()
-    assert ready.wait(10)
+    obs, got = subscribe_json(broker.port, "edgefleet/lab/alerts")
     pub = Publisher(broker.url)
     try:
         pub.publish_all(stats_payload("dev-1", seq, ref, prof) for seq in range(1, SENT + 1))
