@@ -21,6 +21,10 @@ from device_agent.errors import AgentError, ConfigError
 
 EX_CONFIG = 78
 MAX_ROWS_PRINTED = 50
+# --config FILE: the agent.toml of run, check and status
+config_option = click.option(
+    "--config", "config_path", required=True, type=click.Path(path_type=Path), help="agent.toml"
+)
 
 
 def _setup_logging(debug: bool, level: str) -> None:
@@ -376,7 +380,7 @@ def bench_cmd(
 
 
 @main.command("run")
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="agent.toml")
+@config_option
 @click.pass_context
 def run_cmd(ctx: click.Context, config_path: Path) -> None:
     """Run the daemon: local API, statistics windows, MQTT telemetry with a disk outbox."""
@@ -396,7 +400,7 @@ def run_cmd(ctx: click.Context, config_path: Path) -> None:
 
 
 @main.command("check")
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="agent.toml")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def check_cmd(ctx: click.Context, config_path: Path, as_json: bool) -> None:
@@ -440,7 +444,7 @@ def check_cmd(ctx: click.Context, config_path: Path, as_json: bool) -> None:
 
 
 @main.command("status")
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="agent.toml")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the agent's /v1/health document as JSON.")
 @click.pass_context
 def status_cmd(ctx: click.Context, config_path: Path, as_json: bool) -> None:

@@ -101,6 +101,14 @@ class Mosquitto:
 
 
 @pytest.fixture
+def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short agent reconnect, connect and shutdown-flush constants for in-process daemons."""
+    from tests.device_agent.agent_helpers import fast_mqtt
+
+    fast_mqtt(monkeypatch)
+
+
+@pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A fresh real Mosquitto broker for one test."""
     if not mosquitto_binary():

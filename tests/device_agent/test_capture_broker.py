@@ -16,19 +16,13 @@ from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.device_agent.agent_helpers import (
     Collector,
     captured_samples,
-    fast_mqtt,
     http,
     persist,
     wait_for,
     write_config,
 )
 
-pytestmark = pytest.mark.broker
-
-
-@pytest.fixture(autouse=True)
-def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast_mqtt(monkeypatch)
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("fast_reconnect")]
 
 
 def _daemon(tmp_path: Path, url: str, capture: str) -> Daemon:

@@ -18,7 +18,6 @@ from device_agent.formats.telemetry import decode_stats, decode_status
 from tests.device_agent.agent_bundles import cached_onnx_bundle, digits
 from tests.device_agent.agent_helpers import (
     Collector,
-    fast_mqtt,
     http,
     make_tls,
     persist,
@@ -27,12 +26,7 @@ from tests.device_agent.agent_helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.broker
-
-
-@pytest.fixture(autouse=True)
-def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast_mqtt(monkeypatch)
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("fast_reconnect")]
 
 
 @pytest.fixture(scope="module")

@@ -20,19 +20,14 @@ from device_agent.daemon import Daemon
 from device_agent.formats.alertcmd import alert_command_topic, decode_alert_command, encode_alert_command
 from tests.device_agent.agent_bundles import cached_onnx_bundle
 from tests.device_agent.agent_helpers import Collector as Listener
-from tests.device_agent.agent_helpers import captured_samples, fast_mqtt, http, wait_for, write_config
+from tests.device_agent.agent_helpers import captured_samples, http, wait_for, write_config
 from tests.fabricate import digits
 from toolchain.fleet.registry import register_bundle
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("fast_reconnect")]
 
 N = 300  # predictions per window (window_max_samples) and per evaluation (min_count)
 TOPIC = alert_command_topic("lab", "pi-001")
-
-
-@pytest.fixture(autouse=True)
-def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast_mqtt(monkeypatch)
 
 
 def _daemon(tmp_path: Path, url: str, *, start: bool = True) -> Daemon:

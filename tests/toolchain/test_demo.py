@@ -13,20 +13,19 @@ from device_agent.formats.keys import load_trusted_keys
 from device_agent.formats.manifest import VerifyPolicy, verify_bundle
 
 
+def run_demo(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``edgefleet demo --json --epochs 15 ARGS`` in a subprocess, run in ``cwd``."""
+    cmd = [sys.executable, "-m", "toolchain.cli", "demo", "--json", "--epochs", "15", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=850)
+
+
 @pytest.mark.slow
 @pytest.mark.broker
 @pytest.mark.timeout(900)
 def test_demo_flags_the_shifted_device_only(tmp_path: Path, cli_env: dict[str, str]) -> None:
     out = tmp_path / "demo"
-    proc = subprocess.run(
-        # A relative --out, as `./run demo` uses: agent configs must not resolve it against their own folder.
-        [sys.executable, "-m", "toolchain.cli", "demo", "--out", "demo", "--json", "--epochs", "15"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        timeout=850,
-    )
+    # A relative --out, as `./run demo` uses: agent configs must not resolve it against their own folder.
+    proc = run_demo(cli_env, tmp_path, "--out", "demo")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["ok"] is True
@@ -50,24 +49,7 @@ def test_demo_loop_captures_labels_finetunes_and_canaries(tmp_path: Path, cli_en
     import numpy as np
 
     out = tmp_path / "demo"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toolchain.cli",
-            "demo",
-            "--out",
-            str(out),
-            "--json",
-            "--epochs",
-            "15",
-            "--loop",
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        timeout=850,
-    )
+    proc = run_demo(cli_env, tmp_path, "--out", str(out), "--loop")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["ok"] is True

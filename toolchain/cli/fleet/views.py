@@ -43,6 +43,12 @@ def _f(v: Any, fmt: str = "{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _first_five(rows: list[dict[str, Any]]) -> str:
+    """Name the first five devices of ``rows`` (fleet/device_id), then how many more."""
+    names = ", ".join(safe_text(f"{r['fleet']}/{r['device_id']}") for r in rows[:5])
+    return names + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
 @click.command("status")
 @db_option
 @json_option("Print JSON (for scripts).")
@@ -157,19 +163,15 @@ def status_cmd(db_url: str, as_json: bool, show_all: bool) -> None:
         )
     restarted = [r for r in rows if r["stream_changes"]]
     if restarted and not large:
-        names = ", ".join(safe_text(f"{r['fleet']}/{r['device_id']}") for r in restarted[:5])
-        more = f" and {len(restarted) - 5} more" if len(restarted) > 5 else ""
         click.echo(
-            f"\n{len(restarted)} device(s) restarted with lost state (new stream): {names}{more};"
+            f"\n{len(restarted)} device(s) restarted with lost state (new stream): {_first_five(restarted)};"
             " their new windows are stored"
         )
     gaps = [r for r in rows if r["missing_windows"]]
     if gaps and not large:
-        names = ", ".join(safe_text(f"{r['fleet']}/{r['device_id']}") for r in gaps[:5])
-        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
         click.echo(
             f"\n{sum(r['missing_windows'] for r in gaps):,} window(s) missing from the seq of {len(gaps)}"
-            f" device(s): {names}{more}; lost between the device and the database (the broker dropped or"
+            f" device(s): {_first_five(gaps)}; lost between the device and the database (the broker dropped or"
             " lost them) unless they are still on their way (docs/fleet.md, 'Missing windows')"
         )
     if gates:
