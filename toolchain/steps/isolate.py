@@ -73,15 +73,15 @@ def release_memory() -> None:
     otherwise stay in the process's heap (counted in its RSS) while the next one allocates its own.
     """
     import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name is None or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        # the process's own symbols (ctypes.util.find_library would fork ldconfig, doubling the RSS
+        # a process-tree measurement sees for a moment)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         pass
 
@@ -182,9 +182,10 @@ def _child(job: Path, result: Path) -> int:
     try:
         spec, model, sent, kwargs = pickle.loads(job.read_bytes())
         args = [np.load(v, mmap_mode="r") if kind == "npy" else v for kind, v in sent]
-        from toolchain.steps.convert import _load
+        import importlib
 
-        _load(spec)(model.load(), *args, **kwargs)
+        module, func = spec.split(":")
+        getattr(importlib.import_module(module), func)(model.load(), *args, **kwargs)
         out = ("ok", None)
     except ToolchainError as e:
         out = ("error", (type(e).__module__, type(e).__name__, str(e)))
