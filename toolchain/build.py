@@ -34,6 +34,7 @@ from toolchain.steps.cluster import compression_report
 from toolchain.steps.context import BuildContext, BuildOptions, TargetResult
 from toolchain.steps.data import Dataset
 from toolchain.steps.inputs import load_inputs
+from toolchain.steps.isolate import release_memory
 from toolchain.steps.package import assemble_bundle, discard, place_bundle, staging_dir
 from toolchain.steps.per_class import DEFAULT_MAX_CLASS_DROP_POINTS
 from toolchain.steps.reference import prepare_reference
@@ -133,10 +134,12 @@ def build_bundles(
     results: dict[str, TargetResult] = {}
     try:
         prepare_reference(ctx)
+        release_memory()
         bar = _bar(len(target_list), "targets", progress)
         for t in target_list:
             bar.set_description(f"target {t.name}")
             results[t.name] = _build_target(ctx, t)
+            release_memory()  # this target's runtimes and arrays before the next target's
             bar.update(1)
         bar.close()
     finally:

@@ -47,7 +47,8 @@ FLOAT_BACKENDS: dict[ModelFormat, str] = {
 MODEL_FILES: dict[ModelFormat, str] = {ModelFormat.TFLITE: "model.tflite", ModelFormat.ONNX: "model.onnx"}
 
 # A tf_keras model (maybe a tfmot QAT model or a pruning-stripped one) or a SavedModel directory
-# (how Keras 3 ``.keras`` files arrive: the pipeline exports them with ``model.export(dir)`` first).
+# (how Keras 3 ``.keras`` files arrive: the pipeline exports them with ``model.export(dir)`` first),
+# or a ``toolchain.steps.isolate.ModelFile`` that large models convert from in a child process.
 ModelSource = Any
 
 
@@ -99,10 +100,17 @@ def check_calibration(calib_x: Any, sample_shape: tuple[int, ...] | None = None)
 
 
 def calibration_batches(calib: np.ndarray, batch: int, progress: bool, desc: str) -> Iterator[np.ndarray]:
-    """Yield calibration batches with a tqdm bar (quiet when ``progress`` is False or not a TTY)."""
+    """Yield calibration batches with a tqdm bar (quiet when ``progress`` is False or not a TTY).
+
+    Large samples go in smaller batches (``toolchain.steps.data.batch_rows``): the calibrators hold a
+    batch's activations, and min/max ranges do not depend on how the samples are batched.
+    """
     from tqdm.auto import tqdm
 
+    from toolchain.steps.data import batch_rows
     from toolchain.tfenv import terminal_stderr
+
+    batch = batch_rows(calib.shape[1:], batch)
 
     bar = tqdm(
         total=len(calib),
@@ -160,8 +168,9 @@ def convert_for_target(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILES[target.format]
-    backend = backend_for(target.format)
-    backend(model, target, calib, path, qat=qat, progress=progress)
+    run_backend(
+        BACKENDS, target.format, model, (target, calib, path), {"qat": qat, "progress": progress}, target.name
+    )
     if not path.is_file() or path.stat().st_size == 0:
         raise ConversionError(f"the {target.format.value} converter wrote no model to {path}")
     runtimes = usable_runtimes(target)
@@ -188,11 +197,30 @@ def convert_for_target(
     return artifact
 
 
+def run_backend(
+    table: dict[ModelFormat, str],
+    fmt: ModelFormat,
+    model: ModelSource,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    what: str,
+) -> None:
+    """Run the back end of ``fmt`` from ``table`` on ``model``: in a child process when ``model`` is a
+    large ``ModelFile`` (``toolchain.steps.isolate``), here otherwise."""
+    from toolchain.steps import isolate
+
+    backend_for(fmt, float_model=table is FLOAT_BACKENDS)  # an unknown format fails here, in one line
+    if isolate.in_child(model):
+        isolate.run_backend(table[fmt], model, args, kwargs, what)
+    else:
+        _load(table[fmt])(isolate.resolve(model), *args, **kwargs)
+
+
 def convert_float(model: ModelSource, fmt: ModelFormat, out_path: Path) -> Path:
     """Write the plain float32 model (.tflite or .onnx, dynamic batch) used as the reference."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    backend_for(fmt, float_model=True)(model, out_path)
+    run_backend(FLOAT_BACKENDS, fmt, model, (out_path,), {}, f"the float {fmt.value} reference")
     if not out_path.is_file() or out_path.stat().st_size == 0:
         raise ConversionError(f"the float {fmt.value} converter wrote no model to {out_path}")
     return out_path

@@ -24,6 +24,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 CSV_MAX_ROWS = 5_000_000
 # Fraction of the data held out for evaluation when no --eval-data is given, and its seed.
 HOLDOUT_FRACTION = 0.2
+# Largest input batch (bytes of float32 samples) the build runs through a model at once: TensorFlow
+# and the runtimes hold every activation of a batch and their arenas grow faster than the batch (ONNX
+# Runtime's calibrator: 0.5 GB at 1 image of 224x224x3, 0.7 GB at 3, 1.7 GB at 13), so such images
+# go 3 at a time while small samples (the 8x8 digits) still go in batches of 256 (32 to calibrate).
+BATCH_INPUT_BYTES = 2 * 2**20
 SPLIT_SEED = 0
 
 
@@ -123,6 +128,13 @@ def load_dataset(path: str | Path, label: str | None = None, *, require_labels: 
     if ds.n == 0:
         raise DataError(f"data {str(p)!r} holds no samples")
     return ds
+
+
+def batch_rows(sample_shape: Sequence[int], most: int) -> int:
+    """Return how many samples of ``sample_shape`` to run at once: at most ``most``, and no more than
+    ``BATCH_INPUT_BYTES`` of float32 input (at least 1)."""
+    sample_bytes = 4 * int(np.prod([int(d) for d in sample_shape], dtype=np.int64))
+    return max(1, min(int(most), BATCH_INPUT_BYTES // max(1, sample_bytes)))
 
 
 def check_finite(x: np.ndarray, what: str) -> None:

@@ -52,10 +52,12 @@ class LoadedModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return the float model's scores (n, K) for raw inputs (n, *input_shape)."""
-        x = np.asarray(x, dtype=np.float32)
+        from toolchain.steps.data import batch_rows
+
+        step = batch_rows(np.shape(x)[1:], PREDICT_BATCH)
         outs = []
-        for i in range(0, x.shape[0], PREDICT_BATCH):
-            chunk = x[i : i + PREDICT_BATCH]
+        for i in range(0, len(x), step):
+            chunk = np.asarray(x[i : i + step], dtype=np.float32)
             if self.kind == "onnx":
                 outs.append(np.asarray(self.model.run(None, {self._input_name: chunk})[0]))
             elif self.kind == "savedmodel":

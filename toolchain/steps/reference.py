@@ -21,6 +21,7 @@ from device_agent.formats.stats import baseline_to_dict, build_baseline
 from toolchain.steps.context import BuildContext, FloatReference
 from toolchain.steps.evaluate import gzip_size
 from toolchain.steps.inputs import model_input
+from toolchain.steps.isolate import ModelFile
 from toolchain.steps.models import LoadedModel, fold_input_normalization
 from toolchain.steps.per_class import accuracy, class_report, predicted_classes
 
@@ -32,7 +33,11 @@ def float_outputs(lm: LoadedModel, tf_model: Any | None, x: np.ndarray) -> np.nd
     """Return the float model's outputs (n, K) on ``x``: ``tf_model`` when given, else the model as loaded."""
     if tf_model is None:
         return lm.predict(x)
-    outs = [np.asarray(tf_model(x[i : i + 256], training=False)) for i in range(0, len(x), 256)]
+    from toolchain.steps.data import batch_rows
+    from toolchain.steps.models import PREDICT_BATCH
+
+    step = batch_rows(x.shape[1:], PREDICT_BATCH)
+    outs = [np.asarray(tf_model(x[i : i + step], training=False)) for i in range(0, len(x), step)]
     out = np.concatenate(outs, axis=0)
     return out.reshape(len(out), -1).astype(np.float32)
 
@@ -54,6 +59,11 @@ def prepare_reference(ctx: BuildContext) -> None:
         tf_model = lm.model
     if tf_model is not None:
         tf_model, ctx.preprocessing = fold_input_normalization(tf_model)
+    # A tf_keras model PTQ converts as loaded (no fine-tune) can be loaded again by a child process.
+    tuned = opts.prune is not None or opts.cluster is not None or opts.qat
+    from_file = (
+        None if tuned or lm.kind != "tf_keras" else ModelFile(lm.path, False, int(lm.model.count_params()))
+    )
     # Float reference for size/latency: the model as given, or, when its input normalisation was
     # folded into the manifest, the folded float model (same weights, standardised input).
     reference_model = tf_model if ctx.preprocessing is not None else None
@@ -106,6 +116,9 @@ def prepare_reference(ctx: BuildContext) -> None:
             progress=opts.progress,
             class_weight=weights,
         )
+    elif from_file is not None:
+        # the model to convert is the file's (normalisation folded out): large ones convert in a child
+        ctx.source_model = ModelFile(from_file.path, True, from_file.params, live=tf_model)
     else:
         ctx.source_model = tf_model if tf_model is not None else lm.conversion_source(ctx.work)
 
@@ -119,7 +132,11 @@ def prepare_reference(ctx: BuildContext) -> None:
     )
 
     # float references per format
-    if reference_model is not None:
+    if from_file is not None:
+        folded = reference_model is not None
+        live = reference_model if folded else lm.model
+        original_source = ModelFile(from_file.path, folded, from_file.params, live=live)
+    elif reference_model is not None:
         original_source = reference_model
     else:
         original_source = lm.model if lm.kind == "tf_keras" else lm.conversion_source(ctx.work)

@@ -323,13 +323,20 @@ def predict_artifact(
         raise VerificationError(
             f"inputs of shape {arr.shape} do not fit {path.name}, which takes (n, {sample_shape})"
         )
+    from toolchain.steps.data import batch_rows
+
+    # Large samples go in chunks (toolchain.steps.data.BATCH_INPUT_BYTES); small ones in one batch.
+    step = batch_rows(sample_shape, max(1, len(arr)))
+    outs = []
     try:
         model = load_runtime_model(path, rt, threads=1)
-        raw = model.run(quantize(arr, inputs[0]))
+        for i in range(0, max(1, len(arr)), step):  # an empty batch runs once, as before
+            raw = model.run(quantize(arr[i : i + step], inputs[0]))
+            out = dequantize(np.asarray(raw), outputs[0])
+            outs.append(out.reshape(out.shape[0], -1))
     except Exception as e:
         raise VerificationError(f"{rt} cannot run {path.name}: {_line(e)}") from None
-    out = dequantize(np.asarray(raw), outputs[0])
-    return out.reshape(out.shape[0], -1)
+    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
 
 def _line(e: BaseException) -> str:
