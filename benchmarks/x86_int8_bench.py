@@ -261,19 +261,26 @@ def run(quick: bool, cache: Path | None, md: Path = BENCHMARKS_MD) -> None:
                     f"{'met' if cost <= GOAL_SEARCH_COST else 'MISSED'}: the form search adds {100 * cost:+.0f} %"
                     f" to the x86 build of the digits CNN ({plain_s:.1f} s -> {search_s:.1f} s; goal <= +30 %)"
                 )
-            int8 = [
-                by[(f, rt)]
-                for (f, rt) in by
-                if f != "float" and by[(f, rt)].p50_ms is not None and by[(f, rt)].error is None
-            ]
-            fastest = min(int8, key=lambda c: c.p50_ms or float("inf"))
+            from toolchain.steps.convert_onnx import FORMS
+
+            measured = [c for c in by.values() if c.p50_ms is not None and c.error is None]
+            # What a bundle can carry: the ONNX Runtime int8 forms (not u8s8, not the NNCF IR).
+            shippable = [c for c in measured if c.form in FORMS]
+            fastest = min(shippable, key=lambda c: c.p50_ms or float("inf"))
             ok = (fastest.p50_ms or 0) <= (float_ms[best_float_rt] or 0)
             shipped = choice["p50_ms"]
             goals.append(
-                f"{'met' if ok else 'MISSED'}: {label}: fastest int8 form {fastest.form} in {fastest.runtime}"
-                f" {fastest.p50_ms:.4g} ms vs fastest float {best_float_rt} {float_ms[best_float_rt]:.4g} ms"
-                f" (the build ships {choice['form']}, {shipped:.4g} ms in the search)"
+                f"{'met' if ok else 'MISSED'}: {label}: fastest shippable int8 form {fastest.form} in"
+                f" {fastest.runtime} {fastest.p50_ms:.4g} ms vs fastest float {best_float_rt}"
+                f" {float_ms[best_float_rt]:.4g} ms (the build ships {choice['form']}, {shipped:.4g} ms in"
+                " its own search)"
             )
+            others = [c for c in measured if c.form in (U8S8_FORM, NNCF_FORM)]
+            for c in others:
+                notes.append(
+                    f"{label}: {c.form} in {c.runtime} (reference, cannot ship): {c.p50_ms:.4g} ms, "
+                    f"{float_ms[c.runtime] / (c.p50_ms or 1):.2f}x the float model in {c.runtime}."
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     body = markdown_table(
@@ -323,7 +330,7 @@ def run(quick: bool, cache: Path | None, md: Path = BENCHMARKS_MD) -> None:
 
 
 WHY = (
-    "QOperator forms with int8 activations: ONNX Runtime runs them about 3x slower than QDQ here and"
+    "QOperator forms with int8 activations: ONNX Runtime runs them about 2-3x slower than QDQ here and"
     " warns that QDQ is the fast path for int8 activations on x64; OpenVINO 2026.4 cannot read them"
     " (QLinearConv with int8 data, com.microsoft QLinearAdd, no conversion rule for com.microsoft QGemm), so"
     " the x86 target, which lists both runtimes, cannot ship them and the build does not try them.",
@@ -334,8 +341,11 @@ WHY = (
     " it shows no consistent change in speed here and costs a bit of weight precision, so the build does not"
     " try it either.",
     "NNCF (OpenVINO's own post-training quantization, IR .xml/.bin) is slower than the float model in"
-    " OpenVINO here too, and OpenVINO is behind ONNX Runtime at these sizes; the bundle format has no IR"
-    " model, so the build does not try it.",
+    " OpenVINO on both models, and OpenVINO is behind ONNX Runtime at these sizes; the bundle format has no"
+    " IR model, so the build does not try it.",
+    "The forms table quantizes the model as given (input scaling inside the graph); the build's search"
+    " quantizes the model the build converts (input scaling folded into the manifest where it can be) in"
+    " its own timing run, so the two can rank near-equal forms differently.",
     "Where the fastest int8 form is still slower than float (MISSED above), on a CPU with AVX512-VNNI: at"
     " 0.02-0.5 ms per inference the QuantizeLinear/DequantizeLinear steps around each int8 kernel and the"
     " per-op overhead cost more than the cheaper arithmetic saves. The search still ships the fastest"
