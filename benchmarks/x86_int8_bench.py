@@ -340,9 +340,9 @@ WHY = (
     "reduce_range (7-bit weights) exists to avoid int16 overflow in the u8s8 kernels of CPUs without VNNI;"
     " it shows no consistent change in speed here and costs a bit of weight precision, so the build does not"
     " try it either.",
-    "NNCF (OpenVINO's own post-training quantization, IR .xml/.bin) is slower than the float model in"
-    " OpenVINO on both models, and OpenVINO is behind ONNX Runtime at these sizes; the bundle format has no"
-    " IR model, so the build does not try it.",
+    "NNCF (OpenVINO's own post-training quantization, IR .xml/.bin): its reference rows above say how it"
+    " compares with the float model in OpenVINO; the bundle format has no IR model, so the build does not"
+    " try it.",
     "The forms table quantizes the model as given (input scaling inside the graph); the build's search"
     " quantizes the model the build converts (input scaling folded into the manifest where it can be) in"
     " its own timing run, so the two can rank near-equal forms differently.",
