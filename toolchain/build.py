@@ -108,6 +108,7 @@ def build_bundles(
     allow_accuracy_drop: bool = False,
     progress: bool = True,
     max_class_drop: float = DEFAULT_MAX_CLASS_DROP_POINTS,
+    int8_search: bool = True,
 ) -> dict[str, Any]:
     """Build one bundle per target into ``out_dir/<target>/``; return the report (also in report.json)."""
     t_start = time.perf_counter()
@@ -120,6 +121,7 @@ def build_bundles(
         allow_accuracy_drop=allow_accuracy_drop,
         progress=progress,
         max_class_drop=max_class_drop,
+        int8_search=int8_search,
     )
     options.check()
     resolved = [t if isinstance(t, Target) else None for t in targets]

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 # report.json key paths captured from the build before it ran as typed steps (issue #13)
 REPORT_KEYS = json.loads((Path(__file__).parent / "report_keys.json").read_text())
 RUNTIMES = {"litert", "onnxruntime", "openvino"}
-BY_DATA = {"per_class", "float_per_class", "ops", "tensor_dtypes"}  # keyed by labels, op names, dtypes
+# keyed by labels, op names, dtypes and int8 form names
+BY_DATA = {"per_class", "float_per_class", "ops", "tensor_dtypes", "forms"}
 DIGITS = REPO / "calibration_data" / "digits.npz"
 DIGITS_TEST = REPO / "calibration_data" / "digits_test.npz"
 TARGETS = ["coral", "mobile", "raspberry-pi", "x86"]

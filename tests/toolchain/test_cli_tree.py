@@ -24,6 +24,7 @@ EXPECTED: dict[str, list[str]] = {
         "option:--cluster",
         "option:--data",
         "option:--eval-data",
+        "option:--int8-search/--no-int8-search",
         "option:--json",
         "option:--label",
         "option:--max-class-drop",

@@ -79,6 +79,13 @@ DEFAULT_OUT = "bundles"
     help="Fail a target where one class's recall drops more than this many points from float to int8"
     " (and by 2+ samples); 100 turns it off.",
 )
+@click.option(
+    "--int8-search/--no-int8-search",
+    default=True,
+    show_default=True,
+    help="x86 (ONNX): try the int8 forms (QDQ per-channel/per-tensor, reduced range) and ship the fastest"
+    " that keeps accuracy; --no-int8-search ships QDQ per-channel without trying the others.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (nothing else on stdout).")
 def build_cmd(
     model: str,
@@ -95,6 +102,7 @@ def build_cmd(
     sign_key: str | None,
     allow_accuracy_drop: bool,
     max_class_drop: float,
+    int8_search: bool,
     as_json: bool,
 ) -> None:
     """Turn MODEL (.keras, .h5 or SavedModel) into verified int8 bundles, one per target."""
@@ -119,6 +127,7 @@ def build_cmd(
                 allow_accuracy_drop=allow_accuracy_drop,
                 progress=not as_json,
                 max_class_drop=max_class_drop,
+                int8_search=int8_search,
             )
     except BuildError as e:
         if e.report is not None:

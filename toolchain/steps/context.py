@@ -55,6 +55,8 @@ class BuildOptions:
     allow_accuracy_drop: bool = False
     progress: bool = True
     max_class_drop: float = DEFAULT_MAX_CLASS_DROP_POINTS
+    # ONNX targets: try the int8 forms and ship the fastest that keeps accuracy (toolchain.steps.int8_forms)
+    int8_search: bool = True
 
     @property
     def qat(self) -> bool:
@@ -190,6 +192,9 @@ class BuildContext:
     deployed_eval: np.ndarray | None = None
     baseline: dict[str, Any] = field(default_factory=dict)
     float_refs: dict[ModelFormat, FloatReference] = field(default_factory=dict)
+    # the model the float references were converted from (the int8 form search reuses the float ONNX
+    # file when it is also ``source_model``)
+    float_source: Any = None
 
     def report(self, results: dict[str, TargetResult], build_s: float) -> dict[str, Any]:
         """Return report.json's document for this build (before merging an earlier report)."""
@@ -327,6 +332,8 @@ class TargetResult:
     classes: dict[str, Any] | None = None
     # the Edge TPU analysis and compile summary (coral-like targets only)
     edgetpu: dict[str, Any] | None = None
+    # the int8 forms tried and the one shipped, with why (ONNX targets; toolchain.steps.int8_forms)
+    int8_form_choice: dict[str, Any] | None = None
     # activation memory (toolchain.steps.budget.measure_arena: arena_bytes, arena_method, ...)
     arena: dict[str, Any] | None = None
     edgetpu_op_share: float | None = None
@@ -357,6 +364,8 @@ class TargetResult:
         }
         if self.measured is not None:
             doc.update(self.measured.to_dict())
+        if self.int8_form_choice is not None:
+            doc["int8_form_choice"] = self.int8_form_choice
         if self.classes is not None:
             doc.update(self.classes)
         if self.edgetpu is not None:

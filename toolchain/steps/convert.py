@@ -156,8 +156,12 @@ def convert_for_target(
     *,
     qat: bool = False,
     progress: bool = True,
+    prebuilt: Path | None = None,
 ) -> Artifact:
     """Convert ``model`` to ``target``'s int8 artifact in ``out_dir``, check it and time it.
+
+    ``prebuilt``: an int8 file already written for this target (the form ``toolchain.steps.int8_forms``
+    chose); it is copied in place of converting again, then checked and timed like a fresh one.
 
     ``calib_x`` holds raw float inputs ``(n, *sample_shape)``. With ``qat=True`` the model is a tfmot
     quantization-aware model and its learned ranges are used (see docs/conversion.md for ONNX).
@@ -168,9 +172,17 @@ def convert_for_target(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILES[target.format]
-    run_backend(
-        BACKENDS, target.format, model, (target, calib, path), {"qat": qat, "progress": progress}, target.name
-    )
+    if prebuilt is not None:
+        shutil.copyfile(prebuilt, path)
+    else:
+        run_backend(
+            BACKENDS,
+            target.format,
+            model,
+            (target, calib, path),
+            {"qat": qat, "progress": progress},
+            target.name,
+        )
     if not path.is_file() or path.stat().st_size == 0:
         raise ConversionError(f"the {target.format.value} converter wrote no model to {path}")
     runtimes = usable_runtimes(target)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,42 @@ from toolchain.tfenv import import_tf
 
 OPSET = 17
 INPUT_NAME = "input"
+
+
+@dataclass(frozen=True)
+class Int8Form:
+    """One way ONNX Runtime writes an int8 model (all keep int8 weights and int8 activations).
+
+    ``operator``: QOperator format (QLinearConv, QLinearMatMul... with the scales inside the op)
+    instead of QDQ (float ops between QuantizeLinear/DequantizeLinear pairs that the runtime fuses).
+    ``per_channel``: one weight scale per output channel instead of one per tensor.
+    ``reduce_range``: 7-bit weights, which avoid the int16 overflow of the u8s8 kernels of CPUs
+    without VNNI at the price of one bit of weight precision.
+    """
+
+    operator: bool = False
+    per_channel: bool = True
+    reduce_range: bool = False
+
+    @property
+    def name(self) -> str:
+        """``qdq-per-channel``, ``qoperator-per-tensor-reduce-range``..."""
+        parts = ["qoperator" if self.operator else "qdq", "per-channel" if self.per_channel else "per-tensor"]
+        return "-".join(parts + (["reduce-range"] if self.reduce_range else []))
+
+
+# What a build writes when it does not search (the form of every release before the search).
+DEFAULT_FORM = Int8Form()
+# Every combination, by name; ``toolchain.steps.int8_forms`` picks among them per target.
+FORMS: dict[str, Int8Form] = {
+    f.name: f
+    for f in (
+        Int8Form(operator=op, per_channel=pc, reduce_range=rr)
+        for op in (False, True)
+        for pc in (True, False)
+        for rr in (False, True)
+    )
+}
 
 
 def export_float(model: Any, out_path: Path) -> tuple[Path, tuple[int, ...]]:
@@ -146,44 +183,67 @@ def check_onnx(path: Path) -> None:
 
 
 def convert(
-    model: Any, target: Target, calib: np.ndarray, out_path: Path, *, qat: bool, progress: bool
+    model: Any,
+    target: Target,
+    calib: np.ndarray,
+    out_path: Path,
+    *,
+    qat: bool,
+    progress: bool,
+    form: Int8Form = DEFAULT_FORM,
 ) -> Path:
-    """Write the target's int8 QDQ .onnx (float32 I/O, int8 activations and per-channel int8 weights)."""
+    """Write the target's int8 .onnx (float32 I/O, int8 activations and weights) in ``form``."""
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="edgefleet-onnx-") as tmp:
-        float_path, sample_shape = export_float(model, Path(tmp) / "float.onnx")
-        if tuple(calib.shape[1:]) != sample_shape:
-            want = "x".join(str(d) for d in sample_shape)
-            raise ConversionError(
-                f"calibration data has sample shape {tuple(calib.shape[1:])};"
-                f" the model takes ({want}) (--data)"
-            )
-        if qat:
-            stripped = Path(tmp) / "qat_float.onnx"
-            strip_qat_qdq(float_path, stripped)
-            float_path = stripped
-        quantize_ptq(float_path, out_path, calib, target, progress)
+        float_path = export_quantizable(model, calib, Path(tmp), qat=qat)
+        quantize_ptq(float_path, out_path, calib, target, progress, form)
     check_onnx(out_path)
     return out_path
 
 
-def quantize_ptq(float_path: Path, out_path: Path, calib: np.ndarray, target: Target, progress: bool) -> None:
-    """Quantize a float ONNX model statically (QDQ, int8, per-channel) on the calibration data."""
+def export_quantizable(model: Any, calib: np.ndarray, tmp: Path, *, qat: bool) -> Path:
+    """Write the float ONNX model that ``quantize_ptq`` takes into ``tmp`` (QAT pairs stripped)."""
+    float_path, sample_shape = export_float(model, Path(tmp) / "float.onnx")
+    if tuple(calib.shape[1:]) != sample_shape:
+        want = "x".join(str(d) for d in sample_shape)
+        raise ConversionError(
+            f"calibration data has sample shape {tuple(calib.shape[1:])}; the model takes ({want}) (--data)"
+        )
+    if qat:
+        stripped = Path(tmp) / "qat_float.onnx"
+        strip_qat_qdq(float_path, stripped)
+        float_path = stripped
+    return float_path
+
+
+def quantize_ptq(
+    float_path: Path,
+    out_path: Path,
+    calib: np.ndarray,
+    target: Target,
+    progress: bool,
+    form: Int8Form = DEFAULT_FORM,
+) -> None:
+    """Quantize a float ONNX model statically (int8, MinMax) on the calibration data, in ``form``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = float_path.with_name("pre.onnx")
+    pre = float_path.with_name(f"{float_path.stem}-pre.onnx")  # the same for every form: made once
     try:
-        quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=False)
+        if not pre.is_file():
+            quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=False)
     except Exception as e:
+        remove_quietly(pre)
         raise ConversionError(f"ONNX Runtime quant_pre_process failed: {first_line(e)}") from None
     try:
         quantize_static(
             str(pre),
             str(out_path),
             _reader(calib, _input_name(pre), progress, f"calibrating {target.name}"),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
+            quant_format=QuantFormat.QOperator if form.operator else QuantFormat.QDQ,
+            nodes_to_exclude=_softmax_nodes(pre) if form.operator else None,
+            per_channel=form.per_channel,
+            reduce_range=form.reduce_range,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
@@ -193,6 +253,15 @@ def quantize_ptq(float_path: Path, out_path: Path, calib: np.ndarray, target: Ta
         raise ConversionError(
             f"ONNX Runtime static quantization for target {target.name!r} failed: {first_line(e)}"
         ) from None
+
+
+def _softmax_nodes(path: Path) -> list[str]:
+    """Names of the Softmax nodes: QOperator would turn them into com.microsoft QLinearSoftmax, which
+    OpenVINO 2026.4 cannot read with int8 inputs, so they stay float (the last op; QDQ keeps them too)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return [n.name for n in m.graph.node if n.op_type == "Softmax"]
 
 
 def _input_name(path: Path) -> str:

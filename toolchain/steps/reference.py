@@ -140,6 +140,7 @@ def prepare_reference(ctx: BuildContext) -> None:
         original_source = reference_model
     else:
         original_source = lm.model if lm.kind == "tf_keras" else lm.conversion_source(ctx.work)
+    ctx.float_source = original_source
     for fmt in sorted({t.format for t in ctx.targets}, key=lambda f: f.value):
         ctx.float_refs[fmt] = float_reference(original_source, fmt, ctx.work)
 

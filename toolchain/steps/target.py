@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.formats.manifest import ModelFormat
 from toolchain.errors import ToolchainError
 from toolchain.steps import budget
 from toolchain.steps.artifact import Artifact
@@ -70,8 +71,19 @@ def measure_artifact(
     """
     assert ctx.model_calib is not None and ctx.model_eval is not None and ctx.deployed_eval is not None
     evald = ctx.model_eval
+    prebuilt = None
+    if ctx.options.int8_search and t.format == ModelFormat.ONNX:
+        from toolchain.steps.int8_forms import search_forms
+
+        prebuilt, result.int8_form_choice = search_forms(ctx, t, tdir)
     artifact = convert_for_target(
-        ctx.source_model, t, ctx.model_calib.x, tdir, qat=ctx.options.qat, progress=ctx.options.progress
+        ctx.source_model,
+        t,
+        ctx.model_calib.x,
+        tdir,
+        qat=ctx.options.qat,
+        progress=ctx.options.progress,
+        prebuilt=prebuilt,
     )
     ver = verify_artifact(artifact, t, evald.x, ctx.deployed_eval)
     per_rt: dict[str, Any] = {}

@@ -8,7 +8,8 @@ Two kinds of check:
   a float32 operand or result makes an op a float op, except the QUANTIZE of a float model input and
   the DEQUANTIZE of a float model output of targets with float I/O (``mobile``). For ONNX QDQ, every
   compute op (Conv, ConvTranspose, MatMul, Gemm) must read its data and weight inputs from
-  DequantizeLinear nodes, weights must be stored as int8 and activations quantized to int8.
+  DequantizeLinear nodes, weights must be stored as int8 and activations quantized to int8; in the
+  QOperator form, the QLinearConv/QLinearMatMul/QGemm weights must be int8 too.
 * numbers (``verify_artifact``): the artifact runs in every runtime it lists, and its scores are
   compared with the float model's: top-1 agreement and SQNR in dB.
 """
@@ -30,6 +31,8 @@ from toolchain.targets import Target
 # infinity, so values are capped here.
 SQNR_CAP_DB = 120.0
 ONNX_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+# QOperator-form compute ops (weights at input 3), written by ``convert_onnx`` for QOperator forms
+ONNX_QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm"})
 
 
 def _is_float(dt: Any) -> bool:
@@ -201,6 +204,9 @@ def _inspect_onnx(artifact: Artifact, target: Target) -> dict[str, Any]:
     for n in g.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in inits:
             weight_dtypes[numpy_helper.to_array(inits[n.input[0]]).dtype.name] += 1
+        elif n.op_type in ONNX_QOPERATOR_OPS and len(n.input) > 3 and n.input[3] in inits:
+            # QOperator form: the int8 weight is the op's fourth input, with no DequantizeLinear
+            weight_dtypes[numpy_helper.to_array(inits[n.input[3]]).dtype.name] += 1
         elif n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits:
             act_dtypes[numpy_helper.to_array(inits[n.input[2]]).dtype.name] += 1
     wrong = sorted((set(weight_dtypes) | set(act_dtypes)) - {"int8", "int32"})  # int32: biases
