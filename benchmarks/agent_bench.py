@@ -68,6 +68,7 @@ JSON_BEFORE_PER_S = 58.0  # MobileNetV2 0.35 96x96 over HTTP JSON before the bou
 GOAL_JSON_FACTOR = 10.0
 IDLE_CONNECTIONS = 2000
 LATENCY_REQUESTS = 300
+CPU_REQUESTS = 600  # requests per kind for the CPU split (client process vs agent process)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,6 +523,25 @@ def http_pair_poster(
     return post
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(
+    post: Callable[[Any], Any], xs: Any, pid: int | None, n: int = CPU_REQUESTS
+) -> dict[str, float]:
+    """Microseconds per call of ``post`` over ``n`` calls: wall, this process's CPU (the client) and
+    process ``pid``'s CPU (the agent; all its threads)."""
+    xs = list(xs)
+    c0, a0, w0 = time.process_time(), _proc_cpu_s(pid) if pid else 0.0, time.perf_counter()
+    for i in range(n):
+        post(xs[i % len(xs)])
+    w1, c1, a1 = time.perf_counter(), time.process_time(), _proc_cpu_s(pid) if pid else 0.0
+    return {"wall_us": (w1 - w0) / n * 1e6, "client_us": (c1 - c0) / n * 1e6, "agent_us": (a1 - a0) / n * 1e6}
+
+
 def measure_api(bundle: Path, data: Path) -> dict[str, Any]:
     """The bare loop and the HTTP API with raw, .npy and JSON bodies, interleaved in one run."""
     from ai_edge_litert.interpreter import Interpreter
@@ -531,6 +551,7 @@ def measure_api(bundle: Path, data: Path) -> dict[str, Any]:
 
     work, manifest, xs, res = bench_setup(bundle, data, "agent-api-bench-")
     res["json_parser"] = "orjson" if api_mod._orjson is not None else "json (stdlib)"
+    res["load_before"] = os.getloadavg()[0]
     it = Interpreter(model_path=str(bundle / manifest.model.path), num_threads=1)
     it.allocate_tensors()
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
@@ -572,6 +593,12 @@ def measure_api(bundle: Path, data: Path) -> dict[str, Any]:
             rates = paired_rates(cases)
             for k, v in rates.items():
                 res[f"{k}_per_s"] = v * (2 if k.endswith("_x2") else 1)
+            # Where one request's time goes: the client's CPU (this process), the agent's, the rest
+            # is waiting (wake-ups, loopback, other processes on the machine).
+            res["cpu_split"] = {"bare": cpu_split(bare, xq, None)}
+            for key in ("http_raw", "http_raw_lean", "http_json"):
+                res["cpu_split"][key] = cpu_split(cases[key][0], cases[key][1], proc.pid)
+            res["load_after"] = os.getloadavg()[0]
             res["json_body_bytes"] = len(cases["http_json"][1][0])
             res["raw_body_bytes"] = len(cases["http_raw"][1][0])
         finally:
@@ -772,6 +799,27 @@ def report_api(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> N
         ],
         idle_rows,
     )
+    split_rows = []
+    kinds = {
+        "bare": "bare loop (the model alone, in the benchmark process; its CPU under agent)",
+        "http_raw": "HTTP raw, http.client",
+        "http_raw_lean": "HTTP raw, lean client",
+        "http_json": "HTTP JSON, http.client",
+    }
+    for label, r in results:
+        for key, name in kinds.items():
+            c = r.get("cpu_split", {}).get(key)
+            if c is None:
+                continue
+            agent = c["agent_us"] if key != "bare" else c["client_us"]
+            client = c["client_us"] if key != "bare" else 0.0
+            split_rows.append(
+                [label, name, c["wall_us"], client, agent, max(0.0, c["wall_us"] - client - agent)]
+            )
+    split = markdown_table(
+        ["model", "kind", "wall us/request", "client CPU us", "agent CPU us", "waiting us (wall - CPU)"],
+        split_rows,
+    )
     why = []
     floor = next((r for label, r in results if "CNN" in label), None)
     for label, r in results:
@@ -784,6 +832,18 @@ def report_api(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> N
             f"{label}, raw bodies: at {GOAL_HTTP_BINARY_RATIO}x, HTTP may add {budget:.0f} us per request to the"
             f" model's {1e6 / bare:.0f} us; it adds {added:.0f} us."
         )
+        cs = r.get("cpu_split", {})
+        if "http_raw" in cs and "http_raw_lean" in cs:
+            text += (
+                f" Measured alone ({CPU_REQUESTS} requests): the http.client client spends"
+                f" {cs['http_raw']['client_us']:.0f} us of CPU per request (the lean client"
+                f" {cs['http_raw_lean']['client_us']:.0f} us), the agent {cs['http_raw']['agent_us']:.0f} us"
+                f" (its model {cs['bare']['client_us']:.0f} us in the bare loop; the other"
+                f" {cs['http_raw']['agent_us'] - cs['bare']['client_us']:.0f} us are the HTTP server, the statistics"
+                " window and telemetry, and a model run whose caches the request traffic has cooled). The two"
+                " processes take turns, so the wall time per request"
+                f" ({cs['http_raw']['wall_us']:.0f} us) is about the sum of the two."
+            )
         if floor is not None:
             rt = 1e6 / floor["http_raw_per_s"] - 1e6 / floor["bare_per_s"]
             text += (
@@ -793,6 +853,21 @@ def report_api(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> N
                 + (". That round trip alone is more than the budget." if rt > budget else ".")
             )
         why.append(text)
+    for label, r in results:
+        factor = r["http_json_per_s"] / JSON_BEFORE_PER_S
+        cs = r.get("cpu_split", {})
+        if "MobileNet" not in label or factor >= GOAL_JSON_FACTOR or "http_json" not in cs:
+            continue
+        js = cs["http_json"]
+        why.append(
+            f"{label}, JSON bodies, one connection: {GOAL_JSON_FACTOR:.0f}x is"
+            f" {GOAL_JSON_FACTOR * JSON_BEFORE_PER_S:.0f}/s, {1e6 / (GOAL_JSON_FACTOR * JSON_BEFORE_PER_S):.0f} us"
+            f" per request; this run took {1e6 / r['http_json_per_s']:.0f} us. Measured alone ({CPU_REQUESTS}"
+            f" requests): the agent spends {js['agent_us']:.0f} us of CPU per request (the model"
+            f" {cs['bare']['client_us']:.0f} us of it in the bare loop, the JSON decode {r['json_decode_now_us']:.0f} us"
+            f" measured apart), the http.client client {js['client_us']:.0f} us; the two processes take turns,"
+            " so on a machine whose other jobs hold the cores each turn also waits for a core."
+        )
     if why:
         body_why = "\n\n**Where it falls short, and why**\n\n" + "\n".join(f"- {w}" for w in why)
     else:
@@ -816,10 +891,28 @@ def report_api(results: list[tuple[str, dict[str, Any]]], notes: list[str]) -> N
         " connections open, half of them idle and half with a request sent up to its body; threads and RSS"
         f" before -> during, and the latency of {LATENCY_REQUESTS} real requests of each kind meanwhile."
     )
+    loads = "; ".join(
+        f"{label}: {r['load_before']:.1f} -> {r['load_after']:.1f}"
+        for label, r in results
+        if "load_before" in r
+    )
+    if loads:
+        intro += (
+            f" 1-minute load average of the machine before -> after the measurements ({loads}): above 2, other"
+            " jobs shared the 2 cores, which costs the HTTP rows (two processes to wake per request) more"
+            " than the bare loop (one)."
+        )
     body = table + "\n" + "\n".join(f"- {g}" for g in goals + notes)
     body += body_why
+    if split_rows:
+        body += (
+            f"\n\n**Where one request's time goes** ({CPU_REQUESTS} requests of each kind on one connection,"
+            " after the rows above; CPU from `time.process_time` in the client and `/proc/PID/stat` for the"
+            " agent, all its threads)\n\n" + split
+        )
     body += f"\n\n**Under {IDLE_CONNECTIONS:,} idle and half-sent connections**\n\n" + idle
     print(table)
+    print(split)
     print(idle)
     print("\n".join(goals + notes))
     write_section("agent_api", "Device agent HTTP API", body=body, intro=intro)

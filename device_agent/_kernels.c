@@ -11,6 +11,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -1115,6 +1116,153 @@ static PyTypeObject RunnerType = {
     .tp_new = runner_new,
 };
 
+/* parse_floats(src: bytes, dst: float32) -> n, or -1: the numbers of a JSON array text (nested
+ * arrays of plain JSON numbers, e.g. "[[1, 2.5], [-3e-2, 0]]") into dst, in order, each converted
+ * as the decimal -> nearest double -> nearest float32 that json.loads + numpy.asarray(..., float32)
+ * give. -1 whenever it cannot be sure: a token that is not a strict JSON number, two numbers
+ * without a comma between them, more than dst holds, a number with more than 19 significant digits
+ * or an exponent beyond +-27, a value outside float32's normal range, or one so close to halfway
+ * between two float32 values that the double in between decides (the caller then takes its
+ * general JSON path, which decides those). The brackets and commas themselves are the caller's to
+ * check (kernels.py). The arithmetic: the digits as an exact 64-bit integer, times or divided by an
+ * exact power of ten in long double (one rounding), then float; without a long double of at least
+ * 64 mantissa bits (32-bit ARM) it always returns -1. */
+static long double POW10_LD[28];
+
+static Py_ssize_t parse_floats_into(const char *s, Py_ssize_t len, float *out, Py_ssize_t cap) {
+#if LDBL_MANT_DIG >= 64
+    Py_ssize_t i = 0, n = 0;
+    int want_value = 1; /* after '[' or ',' (or at the start): a number may come */
+    while (i < len) {
+        char c = s[i];
+        if (c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '[') {
+            if (c == '[' && !want_value)
+                return -1;
+            i++;
+            continue;
+        }
+        if (c == ',' || c == ']') {
+            if (want_value)
+                return -1;
+            if (c == ',')
+                want_value = 1;
+            i++;
+            continue;
+        }
+        if (!want_value || n >= cap)
+            return -1;
+        /* a strict JSON number: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? */
+        int neg = 0, digits = 0, exp10 = 0;
+        uint64_t m = 0;
+        if (s[i] == '-') {
+            neg = 1;
+            i++;
+        }
+        if (i >= len || s[i] < '0' || s[i] > '9')
+            return -1;
+        if (s[i] == '0') {
+            i++;
+        } else {
+            while (i < len && s[i] >= '0' && s[i] <= '9') {
+                if (digits >= 19)
+                    return -1;
+                m = m * 10 + (uint64_t)(s[i] - '0');
+                digits++;
+                i++;
+            }
+        }
+        if (i < len && s[i] == '.') {
+            i++;
+            if (i >= len || s[i] < '0' || s[i] > '9')
+                return -1;
+            while (i < len && s[i] >= '0' && s[i] <= '9') {
+                if (m == 0 && s[i] == '0') { /* leading zeros of a fraction are not significant */
+                    exp10--;
+                } else {
+                    if (digits >= 19)
+                        return -1;
+                    m = m * 10 + (uint64_t)(s[i] - '0');
+                    digits++;
+                    exp10--;
+                }
+                i++;
+            }
+        }
+        if (i < len && (s[i] == 'e' || s[i] == 'E')) {
+            int eneg = 0, e = 0, edigits = 0;
+            i++;
+            if (i < len && (s[i] == '+' || s[i] == '-')) {
+                eneg = s[i] == '-';
+                i++;
+            }
+            while (i < len && s[i] >= '0' && s[i] <= '9') {
+                if (++edigits > 4)
+                    return -1;
+                e = e * 10 + (s[i] - '0');
+                i++;
+            }
+            if (edigits == 0)
+                return -1;
+            exp10 += eneg ? -e : e;
+        }
+        if (i < len && s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n' && s[i] != ','
+            && s[i] != ']')
+            return -1;
+        float f;
+        if (m == 0) {
+            f = neg ? -0.0f : 0.0f;
+        } else {
+            if (exp10 > 27 || exp10 < -27)
+                return -1;
+            long double x = (long double)m; /* exact: m < 2^64 */
+            x = exp10 >= 0 ? x * POW10_LD[exp10] : x / POW10_LD[-exp10];
+            if (x < (long double)FLT_MIN || x > (long double)FLT_MAX)
+                return -1;
+            f = (float)x;
+            /* x is within 2^-63 (relative) of the decimal; the double json.loads makes is within
+             * 2^-53. Unless x is within 2^-50 of halfway between two floats, both round to f. */
+            long double d = x - (long double)f;
+            if (d != 0) {
+                long double ulp = (long double)nextafterf(f, d > 0 ? INFINITY : 0.0f) - (long double)f;
+                long double gap = fabsl(ulp) / 2 - fabsl(d);
+                if (gap <= x * 0x1p-50L)
+                    return -1;
+            }
+            if (neg)
+                f = -f;
+        }
+        out[n++] = f;
+        want_value = 0;
+    }
+    return want_value ? -1 : n;
+#else
+    (void)s;
+    (void)len;
+    (void)out;
+    (void)cap;
+    return -1;
+#endif
+}
+
+static PyObject *k_parse_floats(PyObject *self, PyObject *args) {
+    Py_buffer src, dst;
+    PyObject *dst_obj;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*O", &src, &dst_obj))
+        return NULL;
+    if (get_typed(dst_obj, &dst, 'f', -1, 1, "dst") < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    Py_ssize_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = parse_floats_into((const char *)src.buf, src.len, (float *)dst.buf, dst.len / 4);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return PyLong_FromSsize_t(n);
+}
+
 static PyMethodDef methods[] = {
     {"summary", k_summary, METH_VARARGS, "summary(src) -> (min, max, sum, sumsq) of a float32 buffer"},
     {"quantize", k_quantize, METH_VARARGS,
@@ -1125,6 +1273,8 @@ static PyMethodDef methods[] = {
      "decode_row(raw, table, out, rows, row, latencies, latency) -> (argmax, max); table-decodes raw into out"},
     {"fold_outputs", k_fold_outputs, METH_VARARGS,
      "fold_outputs(scores, class_counts, confidence) -> bool: top-1 counts and confidences of probabilities"},
+    {"parse_floats", k_parse_floats, METH_VARARGS,
+     "parse_floats(src, dst) -> n or -1: the numbers of a JSON array text into a float32 buffer"},
     {"profile_update", k_profile_update, METH_VARARGS,
      "profile_update(x, edges, nedges, counts, count, nan_count, min, max, mean, m2): add a batch"},
     {NULL, NULL, 0, NULL},
@@ -1134,6 +1284,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1,
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     import_array();
+    POW10_LD[0] = 1.0L;
+    for (int k = 1; k < 28; k++)
+        POW10_LD[k] = POW10_LD[k - 1] * 10.0L;
     str_flush = PyUnicode_InternFromString("flush");
     if (str_flush == NULL || PyType_Ready(&RunnerType) < 0)
         return NULL;

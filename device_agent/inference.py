@@ -2,7 +2,8 @@
 
 Callers always speak float values (raw feature values, as in the training data) and get float
 scores back; the adapter applies the manifest's declared preprocessing and each tensor's
-``{scale, zero_point}``.
+``{scale, zero_point}``. Images arrive in the caller's layout of the manifest's ``input_layout`` and
+are transposed to the model's when the two differ; statistics see them as the caller sent them.
 """
 
 from __future__ import annotations
@@ -59,6 +60,36 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 
 _minimum, _maximum = kernels.min_reduce, kernels.max_reduce
+
+# np.transpose axes that turn a batch in the caller's image layout into the model's, by
+# (caller, model) layout of the manifest's ``input_layout``.
+LAYOUT_PERMUTATIONS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("NCHW", "NHWC"): (0, 2, 3, 1),
+    ("NHWC", "NCHW"): (0, 3, 1, 2),
+}
+
+
+def layout_permutation(layout: dict[str, str] | None, rank: int, name: str) -> tuple[int, ...] | None:
+    """The axes that take a caller's batch to the model's layout, or None when no transposition is
+    needed (no ``input_layout``, or the caller's layout is the model's)."""
+    if layout is None or layout["caller"] == layout["model"]:
+        return None
+    perm = LAYOUT_PERMUTATIONS.get((layout["caller"], layout["model"]))
+    if perm is None or rank != len(perm):
+        raise BundleError(
+            f"bundle {name!r} declares {layout['caller']} callers of a {layout['model']} model with a"
+            f" rank-{rank} input; a layout conversion needs a rank-4 image input: rebuild the bundle"
+        )
+    return perm
+
+
+def caller_sample_shape(model_sample_shape: tuple[int, ...], perm: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The sample shape callers send, given the model's and the caller-to-model axes."""
+    if perm is None:
+        return model_sample_shape
+    full = (1, *model_sample_shape)
+    inverse = np.argsort(perm)
+    return tuple(int(full[i]) for i in inverse)[1:]
 
 
 class TensorCodec:
@@ -132,21 +163,19 @@ class Predictor:
             accelerator_path=accel,
             precision=m.model.precision.value,
         )
-        layout = m.input_layout
-        if layout is not None and layout["caller"] != layout["model"]:
-            # Refuse rather than feed transposed pixels: the scores would be silently wrong.
-            raise BundleError(
-                f"bundle {m.name!r} takes {layout['model']} inputs from {layout['caller']} callers; this agent"
-                " does not transpose inputs: update the agent or rebuild the bundle"
-            )
         self.input_spec = m.inputs[0]
         self.output_spec = m.outputs[0]
         self._in_codec = TensorCodec(self.input_spec)
         self._out_codec = TensorCodec(self.output_spec)
-        self.sample_shape = tuple(self.input_spec.shape[1:])
+        # What the model's tensor takes, and what callers send: the same unless the manifest's
+        # input_layout says the caller's image layout differs from the artifact's (then every
+        # input is transposed to the model's layout on its way in; see ``to_model_layout``).
+        self.model_sample_shape = tuple(self.input_spec.shape[1:])
+        self._perm = layout_permutation(m.input_layout, len(self.input_spec.shape), m.name)
+        self.sample_shape = caller_sample_shape(self.model_sample_shape, self._perm)
         # The single-sample path's input buffer, handed to the runtime (callers serialize:
         # interpreters are not thread-safe either).
-        self._one_in = np.empty((1, *self.sample_shape), dtype=self._in_codec.dtype)
+        self._one_in = np.empty((1, *self.model_sample_shape), dtype=self._in_codec.dtype)
         self._one_flat = self._one_in.reshape(-1)
         self._runner: Any = False  # see ``runner``: False until made, then a kernels.Runner or None
         self._batch_runner: Any = None  # see ``batch_runner``
@@ -207,8 +236,17 @@ class Predictor:
         """Return float scores (n, K) for a batch that ``check_input`` returned (skips a second check)."""
         return self.scores(self.model.run(self._encode(arr)))
 
+    def to_model_layout(self, arr: np.ndarray) -> np.ndarray:
+        """A checked batch in the caller's layout -> the same values in the model's tensor layout
+        (C-contiguous); ``arr`` itself when the two layouts are one."""
+        if self._perm is None:
+            return arr
+        return np.ascontiguousarray(arr.transpose(self._perm))
+
     def _encode(self, arr: np.ndarray) -> np.ndarray:
-        """A checked float batch -> the model's input: the manifest's preprocessing, then quantization."""
+        """A checked float batch (caller's layout) -> the model's input: transposed to the model's
+        layout, then the manifest's preprocessing (on the model's layout), then quantization."""
+        arr = self.to_model_layout(arr)
         if self._affine is not None:
             arr = arr * self._affine[0] + self._affine[1]
         return self._in_codec.encode(arr)
@@ -230,7 +268,7 @@ class Predictor:
         Returns the sample's (min, max, sum, sum of squares) over its raw values, which the
         statistics window turns into image-summary features. Raises InputError (``nan``).
         """
-        v = arr.reshape(-1)
+        v = self.to_model_layout(arr).reshape(-1)
         c = self._in_codec
         if self._native_8bit():
             summ = kernels.quantize(v, c.scale, c.zero_point, c.qmin, c.qmax, self._one_flat)
@@ -253,6 +291,7 @@ class Predictor:
         """
         if self._native_8bit() and kernels.NATIVE:
             c = self._in_codec
+            arr = self.to_model_layout(arr)
             out = np.empty(arr.shape, dtype=c.dtype)
             lo, hi, _, _ = kernels.quantize(
                 arr.reshape(-1), c.scale, c.zero_point, c.qmin, c.qmax, out.reshape(-1)
@@ -306,6 +345,8 @@ class Predictor:
         io = getattr(self.model, "direct_io", None)
         table = self.out_table
         if kernels.Runner is None or io is None or table is None or not self._native_8bit():
+            return None
+        if self._perm is not None:  # the runner writes samples as they come: no transposition
             return None
         got = io(n)
         if got is None:

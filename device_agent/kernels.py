@@ -9,6 +9,8 @@ otherwise. ``NATIVE`` says which; ``EDGEFLEET_NATIVE_KERNELS=0`` turns the C pat
 run that way too: tests/device_agent/test_kernel_builds.py).
 
 Native only (None without the extension, and their callers take the numpy definitions):
+``parse_floats(src, dst)``, the numbers of a JSON array text into a float32 buffer (the HTTP API's
+JSON fast path; -1 whenever it cannot be sure, and the caller parses with orjson then);
 ``profile_update(...)`` and ``fold_outputs(...)``, the C versions of
 ``device_agent.formats.stats.FeatureSetProfile.update`` and of ``Profile.update_outputs`` for probability
 scores (the same results to the bit); and ``Runner``, ``Agent.predict`` for a LiteRT model with
@@ -132,6 +134,7 @@ if NATIVE:
     profile_update = _native.profile_update
     fold_outputs = _native.fold_outputs
     Runner = _native.Runner
+    parse_floats: Any = getattr(_native, "parse_floats", None)  # None from an extension built before it
 else:
     summary = summary_numpy
     quantize = quantize_numpy
@@ -140,3 +143,4 @@ else:
     profile_update = None  # FeatureSetProfile.update runs its numpy definition
     fold_outputs = None  # Profile.update_outputs runs its numpy definition
     Runner = None  # Agent.predict takes its general path
+    parse_floats = None  # the API's JSON fast path parses with orjson

@@ -497,7 +497,8 @@ class HttpServer:
         if len(c.buf) < c.need:
             return None
         method, target, version, headers, keep = c.head
-        body = bytes(c.buf[c.hlen : c.need])
+        with memoryview(c.buf) as view:  # one copy of the body (a bytearray slice would be two)
+            body = bytes(view[c.hlen : c.need])
         del c.buf[: c.need]
         c.head = None
         return Request(method, target, version, headers, body, keep)

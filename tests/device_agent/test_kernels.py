@@ -268,3 +268,88 @@ def test_fold_outputs_equals_the_numpy_definition(monkeypatch) -> None:
     for rows in (logits, edge, nan):
         assert not kernels.fold_outputs(np.ascontiguousarray(rows), counts, np.empty(len(rows)))
     assert counts.tolist() == [0] * 6
+
+
+def _float32_of_json(text: bytes) -> np.ndarray:
+    """What the API's general path makes of a JSON array text: json.loads, then float32."""
+    import json
+
+    return np.asarray(json.loads(text), dtype=np.float32).reshape(-1)
+
+
+@native
+def test_parse_floats_rounds_every_number_as_json_loads_then_float32() -> None:
+    """The JSON fast path's C parser: the same float32 bits as json.loads + numpy.asarray(float32)
+    on numbers unlike the digits (float32 reprs, 17-digit doubles, units from 0.001 to 4000, short
+    decimals, exponents, signed zeros), or -1 (the caller then parses with orjson)."""
+    import json
+
+    rng = np.random.default_rng(7)
+    sets = {
+        "float32 reprs of [0, 1] images": rng.random(20000).astype(np.float32).tolist(),
+        "17-digit doubles": rng.normal(0, 3, 20000).tolist(),
+        "units 0.001 to 4000": (rng.uniform(0.001, 4000, 20000) * rng.choice([-1, 1], 20000)).tolist(),
+        "short decimals": np.round(rng.uniform(-100, 100, 20000), 3).tolist(),
+    }
+    for name, values in sets.items():
+        text = json.dumps(values).encode()
+        out = np.empty(len(values), dtype=np.float32)
+        assert kernels.parse_floats(text, out) == len(values), name
+        np.testing.assert_array_equal(
+            out.view(np.uint32), _float32_of_json(text).view(np.uint32), err_msg=name
+        )
+    text = b"[[0, -0.0, 1E3, 2.5e-7], [-1e+2, 123456789012345678, 0.000001, 3.4e20]]"
+    out = np.empty(8, dtype=np.float32)
+    assert kernels.parse_floats(text, out) == 8
+    np.testing.assert_array_equal(out.view(np.uint32), _float32_of_json(text).view(np.uint32))
+    assert np.signbit(out[1]) and not np.signbit(out[0])
+
+
+@native
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"[1 2]",  # two numbers in one slot
+        b"[1,]",
+        b"[,1]",
+        b"[01]",
+        b"[.5]",
+        b"[1.]",
+        b"[+1]",
+        b"[1e]",
+        b"[1][2]",
+        b"[1e39]",  # beyond float32: the general path reads inf and the agent refuses it
+        b"[1e-50]",  # below float32's normal range
+        b"[12345678901234567890]",  # 20 significant digits
+        b"[1.0000000596046448]",  # a hair from halfway between two float32 values: the double decides
+        b"[1, 2, 3]",  # more numbers than the buffer holds
+    ],
+)
+def test_parse_floats_returns_minus_one_when_unsure(text: bytes) -> None:
+    out = np.empty(2, dtype=np.float32)
+    assert kernels.parse_floats(text, out) == -1
+
+
+def test_json_fast_path_equals_the_orjson_path(monkeypatch) -> None:
+    """Bodies the C parser declines (near-halfway values) or takes give the same arrays as the
+    orjson path (kernels.parse_floats off) and as the general path."""
+    import json
+
+    from device_agent.api.bodies import JsonInputs
+
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 4, 4, 3)).astype(np.float32)
+    x[0, 0, 0, 0] = 1.0000000596046448  # rounds to 1.0 (the double is just below halfway)
+    bodies = [
+        json.dumps({"inputs": x.tolist()}).encode(),
+        json.dumps({"inputs": (x * 4000).tolist()}).encode(),
+    ]
+    bodies.append(b'{"inputs": [1.0000000596046448' + b", 0.5" * 47 + b"]}")
+    shapes = [(4, 4, 3), (4, 4, 3), (48,)]
+    got = [JsonInputs(32).fast(b, s) for b, s in zip(bodies, shapes, strict=True)]
+    monkeypatch.setattr(kernels, "parse_floats", None)
+    ref = [JsonInputs(32).fast(b, s) for b, s in zip(bodies, shapes, strict=True)]
+    for g, r, b in zip(got, ref, bodies, strict=True):
+        assert g is not None and r is not None
+        np.testing.assert_array_equal(g.view(np.uint32), r.view(np.uint32))
+        np.testing.assert_array_equal(g.reshape(-1), _float32_of_json(b[len(b'{"inputs": ') : -1]))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from device_agent.formats.manifest import BundleError, Manifest, load_manifest
+from device_agent.inference import InputError
 from tests.toolchain.onnx_cases import CLASSES, make_images, save_npz, train_weights, write_onnx
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,20 +161,148 @@ def test_agent_predict_cli_takes_nchw_and_refuses_nhwc(onnx_case: dict[str, Path
     assert len(err) == 1 and "3x16x16" in err[0], bad.stderr
 
 
-@pytest.mark.slow
-def test_agent_refuses_a_layout_it_would_have_to_transpose(x86_build: Path, tmp_path: Path) -> None:
-    """A manifest whose caller layout differs from the model's is refused, never fed unconverted."""
+def _nhwc_bundle(src: Path, dst: Path, caller: str = "NCHW") -> Path:
+    """``src`` (an NCHW bundle) with its model taking NHWC: a Transpose to NCHW put in front of the
+    graph, the manifest's input tensor (-1, 16, 16, 3) and ``input_layout`` caller ``caller``,
+    model NHWC; the model's hash and size updated (unsigned)."""
     import shutil
 
+    import onnx
+    from onnx import helper
+
+    from device_agent.formats.manifest import MANIFEST_FILE, SIGNATURE_FILE, file_entry
+
+    shutil.copytree(src, dst)
+    (dst / SIGNATURE_FILE).unlink(missing_ok=True)
+    m = load_manifest(dst)
+    model = onnx.load(str(dst / m.model.path))
+    g = model.graph
+    old = g.input[0]
+    dims = [d.dim_param or d.dim_value for d in old.type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 16, 16], dims
+    new = helper.make_tensor_value_info("input_nhwc", old.type.tensor_type.elem_type, [dims[0], 16, 16, 3])
+    g.node.insert(0, helper.make_node("Transpose", ["input_nhwc"], [old.name], perm=[0, 3, 1, 2]))
+    g.input.remove(old)
+    g.input.insert(0, new)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst / m.model.path))
+    spec = m.inputs[0]
+    m.inputs[0] = type(spec)("input_nhwc", (spec.shape[0], 16, 16, 3), spec.dtype, spec.quantization)
+    m.input_layout = {"caller": caller, "model": "NHWC"}
+    m.files = [file_entry(dst, f.path) if f.path == m.model.path else f for f in m.files]
+    (dst / MANIFEST_FILE).write_bytes(m.to_bytes())
+    return dst
+
+
+@pytest.mark.slow
+def test_agent_transposes_nchw_callers_for_an_nhwc_model(
+    onnx_case: dict[str, Path], x86_build: Path, tmp_path: Path
+) -> None:
+    """A bundle whose model takes NHWC while its callers send NCHW (manifest ``input_layout``): the
+    agent's predictions on NCHW images, one at a time, in batches and over HTTP, equal the NHWC
+    model's own on the same images in NHWC; the statistics window matches the NCHW bundle's."""
+    import http.client
+
+    import onnxruntime as ort
+
     from device_agent.agent import Agent
+    from device_agent.api import ApiServer
+
+    bundle = _nhwc_bundle(x86_build / "x86", tmp_path / "nhwc")
+    ev = np.load(onnx_case["eval"])
+    x, y = ev["x"][:120], ev["y"][:120]
+    nhwc = np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    direct = sess.run(None, {"input_nhwc": nhwc})[0]
+    assert float(np.mean(direct.argmax(axis=1) == y)) >= 0.9  # the NHWC model itself is right
+    # The stripes trade classes when height and width swap, so a transposition that mixed up H and
+    # W would show here (and the model, fed NCHW pixels as NHWC, would not even take the shape).
+    swapped = sess.run(None, {"input_nhwc": np.ascontiguousarray(np.transpose(x, (0, 3, 2, 1)))})[0]
+    stripes = y < 2
+    assert float(np.mean(swapped.argmax(axis=1)[stripes] == 1 - y[stripes])) >= 0.9
+
+    for runtime in ("onnxruntime", "openvino"):
+        # The same images through the NCHW bundle (the model without the Transpose in front).
+        plain = Agent(x86_build / "x86", allow_unsigned=True, runtime=runtime)
+        want = np.concatenate(
+            [plain.predict(np.ascontiguousarray(x[i : i + 1])).outputs for i in range(len(x))]
+        )
+        plain.predict(x[:64])
+        agent = Agent(bundle, allow_unsigned=True, runtime=runtime)
+        assert agent.model.predictor.sample_shape == (3, 16, 16)  # what callers send
+        one = np.concatenate(
+            [agent.predict(np.ascontiguousarray(x[i : i + 1])).outputs for i in range(len(x))]
+        )
+        batch = agent.predict(x[:64]).outputs
+        np.testing.assert_allclose(one, want, atol=1e-6)
+        np.testing.assert_allclose(batch, want[:64], atol=1e-6)
+        # The runtime's int8 kernels may round the last output step unlike a plain session's; the
+        # top class agrees.
+        assert float(np.mean(one.argmax(axis=1) == direct.argmax(axis=1))) >= 0.98, runtime
+        with pytest.raises(InputError, match="3x16x16"):  # NHWC from the caller is refused
+            agent.predict(nhwc[:1])
+        # The statistics see the caller's layout, as the NCHW bundle's (and the baseline) do.
+        window, base = agent.close_window().profile, plain.close_window().profile
+        np.testing.assert_array_equal(window.inputs.counts, base.inputs.counts)
+        np.testing.assert_allclose(window.inputs.mean, base.inputs.mean)
+        np.testing.assert_array_equal(window.class_counts, base.class_counts)
+        assert window.schema_violations == {**base.schema_violations, "shape": 1}
+        if runtime == "onnxruntime":
+            ort_want = want
+
+    api = ApiServer(Agent(bundle, allow_unsigned=True, runtime="onnxruntime"), "127.0.0.1:0")
+    api.start()
+    try:
+        host, port = api.address.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        for i in range(8):
+            for body, headers in (
+                (x[i].tobytes(), {"Content-Type": "application/octet-stream", "X-Shape": "3,16,16"}),
+                (json.dumps({"inputs": x[i].tolist()}).encode(), {"Content-Type": "application/json"}),
+            ):
+                conn.request("POST", "/v1/predict", body, headers)
+                r = conn.getresponse()
+                doc = json.loads(r.read())
+                assert r.status == 200, doc
+                np.testing.assert_allclose(doc["outputs"][0], ort_want[i], atol=1e-6)
+        conn.close()
+    finally:
+        api.shutdown()
+
+
+@pytest.mark.slow
+def test_predictor_transposes_nhwc_callers_for_an_nchw_model(
+    onnx_case: dict[str, Path], x86_build: Path, tmp_path: Path
+) -> None:
+    """The other way round: callers send NHWC to the NCHW model; scores equal the NCHW bundle's."""
+    import shutil
+
+    from device_agent.formats.manifest import MANIFEST_FILE
+    from device_agent.inference import Predictor
 
     bundle = tmp_path / "x86"
     shutil.copytree(x86_build / "x86", bundle)
-    doc = json.loads((bundle / "manifest.json").read_text())
-    doc["input_layout"] = {"caller": "NHWC", "model": "NCHW"}
-    (bundle / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(BundleError, match="does not transpose"):
-        Agent(bundle, allow_unsigned=True, runtime="onnxruntime")
+    m = load_manifest(bundle)
+    m.input_layout = {"caller": "NHWC", "model": "NCHW"}
+    (bundle / MANIFEST_FILE).write_bytes(m.to_bytes())
+    x = np.load(onnx_case["eval"])["x"][:40]
+    plain = Predictor(x86_build / "x86", runtime="onnxruntime")
+    turned = Predictor(bundle, runtime="onnxruntime")
+    assert turned.sample_shape == (16, 16, 3) and turned.model_sample_shape == (3, 16, 16)
+    np.testing.assert_allclose(turned.predict(np.transpose(x, (0, 2, 3, 1))), plain.predict(x), atol=1e-6)
+
+
+def test_a_layout_conversion_needs_an_image_input() -> None:
+    from device_agent.inference import caller_sample_shape, layout_permutation
+
+    assert layout_permutation(None, 4, "m") is None
+    assert layout_permutation({"caller": "NCHW", "model": "NCHW"}, 4, "m") is None
+    perm = layout_permutation({"caller": "NCHW", "model": "NHWC"}, 4, "m")
+    assert perm == (0, 2, 3, 1) and caller_sample_shape((16, 12, 3), perm) == (3, 16, 12)
+    perm = layout_permutation({"caller": "NHWC", "model": "NCHW"}, 4, "m")
+    assert perm == (0, 3, 1, 2) and caller_sample_shape((3, 16, 12), perm) == (16, 12, 3)
+    with pytest.raises(BundleError, match="rank-2 input"):
+        layout_permutation({"caller": "NCHW", "model": "NHWC"}, 2, "m")
 
 
 @pytest.mark.parametrize(
