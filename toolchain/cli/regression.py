@@ -64,3 +64,70 @@ def run_train_regression(
         f" {res.epochs_run} epochs)"
     )
     click.echo("validation: " + _metrics_line(res.val_metrics))
+
+
+def run_build_regression(
+    model: str,
+    data_path: str,
+    targets: tuple[str, ...],
+    out_dir: str,
+    eval_data: str | None,
+    label: str | None,
+    version: int,
+    name: str | None,
+    sign_key: str | None,
+    max_error_increase: float,
+    allow: bool,
+    as_json: bool,
+) -> None:
+    """``edgefleet build --task regression`` (``toolchain.steps.regbuild``)."""
+    from toolchain.steps.regbuild import RegressionBuildError, build_regression_bundles
+
+    try:
+        with stdout_to_stderr(as_json):
+            report = build_regression_bundles(
+                model,
+                data_path,
+                list(targets),
+                out_dir,
+                eval_data=eval_data,
+                label=label,
+                version=version,
+                name=name,
+                sign_key=sign_key,
+                max_error_increase=max_error_increase,
+                allow_error_increase=allow,
+                progress=not as_json,
+            )
+    except RegressionBuildError as e:
+        if e.report is not None:
+            if as_json:
+                emit_json(e.report)
+            else:
+                click.echo(regression_table(e.report))
+        raise
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(regression_table(report))
+    click.echo(f"\nbundles in {out_dir}/<target>/; report: {Path(out_dir) / 'report.html'}")
+
+
+def regression_table(report: dict[str, Any]) -> str:
+    """The terminal table of a regression report: a row per (hardware target, output)."""
+    from toolchain.report import text_table
+    from toolchain.steps.regbuild import METRIC_HEADERS, metric_rows
+
+    return text_table(METRIC_HEADERS, metric_rows(report))
+
+
+def print_regression_report(base: Path, report: dict[str, Any], as_json: bool) -> None:
+    """``edgefleet report`` of a regression build: re-render report.html, print the table."""
+    from toolchain.steps.regbuild import write_regression_report
+
+    write_regression_report(base, report)
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(regression_table(report))
+    click.echo(f"\nreport: {base / 'report.html'}")
