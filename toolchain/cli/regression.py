@@ -131,3 +131,71 @@ def print_regression_report(base: Path, report: dict[str, Any], as_json: bool) -
         return
     click.echo(regression_table(report))
     click.echo(f"\nreport: {base / 'report.html'}")
+
+
+def bundle_task(bundle: str, task: str) -> str:
+    """The bundle's task; a ``--task`` other than classification (the default) must match it."""
+    from device_agent.formats.manifest import BundleError, load_manifest
+    from toolchain.errors import ToolchainError
+
+    try:
+        kind = load_manifest(Path(bundle)).task_type
+    except (BundleError, OSError):
+        return task  # evaluate reports the bundle's own problem in one line
+    if task != "classification" and task != kind:
+        raise ToolchainError(f"--task {task} does not match bundle {bundle!r}, whose task is {kind}")
+    return kind
+
+
+def run_evaluate_regression(
+    bundle: str, data_path: str, label: str | None, runtimes: list[str], as_json: bool
+) -> None:
+    """``edgefleet evaluate`` of a regression bundle: MAE/RMSE/R2 per target in every runtime, through
+    the agent one sample at a time, beside the figures the build measured."""
+    from device_agent.formats.manifest import load_manifest
+    from toolchain.errors import ToolchainError
+    from toolchain.report import text_table
+    from toolchain.steps.regbuild import device_values
+    from toolchain.steps.regression import error_metrics, load_regression_data
+
+    m = load_manifest(Path(bundle))
+    listed = [r.value for r in m.model.runtimes]
+    unknown = [r for r in runtimes if r not in listed]
+    if unknown:
+        raise ToolchainError(
+            f"--runtime {unknown[0]!r} is not in bundle {bundle!r}; it lists {', '.join(listed)}"
+        )
+    with stdout_to_stderr(as_json):
+        ds = load_regression_data(data_path, label)
+        if ds.y.shape[1] != len(m.labels):
+            raise ToolchainError(
+                f"{data_path!r} has {ds.y.shape[1]} target(s); the bundle predicts {m.labels}"
+            )
+        per_runtime: dict[str, Any] = {}
+        for rt in runtimes or listed:
+            values, times = device_values(Path(bundle), rt, ds.x)
+            per_runtime[rt] = {
+                "metrics": error_metrics(ds.y, values, m.labels),
+                "agent_ms_p50": float(sorted(times)[len(times) // 2]),
+            }
+    doc = {
+        "name": m.name,
+        "version": m.version,
+        "target": m.target,
+        "task": "regression",
+        "data": data_path,
+        "samples": ds.n,
+        "targets": m.labels,
+        "per_runtime": per_runtime,
+        "build_metrics": m.metrics,
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"{m.name} v{m.version} ({m.target}, regression) on {ds.n} samples of {data_path}")
+    rows = [
+        [rt, n, f"{v['mae']:.4g}", f"{v['rmse']:.4g}", f"{v['r2']:.4f}", f"{r['agent_ms_p50']:.3f}"]
+        for rt, r in per_runtime.items()
+        for n, v in r["metrics"].items()
+    ]
+    click.echo(text_table(["runtime", "output", "MAE", "RMSE", "R2", "agent p50 ms"], rows))
