@@ -189,6 +189,17 @@ def test_prediction_drift_through_the_collector(tab: dict, sqlite_url: str) -> N
     assert hot["prediction"]["names"] == tab["names"]
     assert hot["prediction"]["mean_shift"][0] > 0.5  # rul rises with the hotter column
     assert any("prediction PSI" in r for r in hot["reasons"])
+    # the terminal table and the fleet report show it as prediction drift
+    from click.testing import CliRunner
+
+    from toolchain.cli.fleet.views import drift_cmd
+    from toolchain.fleet.report import build_report
+
+    table = CliRunner().invoke(drift_cmd, ["--db", sqlite_url, "--since", "all", "--recompute"])
+    assert table.exit_code == 0, table.output
+    hot_line = next(line for line in table.output.splitlines() if "hot-1" in line)
+    assert "pred" in hot_line and "alert" in hot_line
+    assert "(prediction)" in build_report(sqlite_url, since="all")
 
 
 def test_image_regression_with_the_cnn(tmp_path: Path) -> None:
