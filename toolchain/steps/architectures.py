@@ -19,6 +19,7 @@ ARCHITECTURES = ("mlp", "cnn", "mobilenetv2")
 MOBILENET_MIN_SIDE = 32
 MOBILENET_ALPHA = 0.35
 MOBILENET_BN_MOMENTUM = 0.9
+REGRESSION_L2 = 1e-2
 
 
 def build_architecture(
@@ -63,9 +64,18 @@ def build_architecture(
         norm = L.Normalization(axis=-1, name="normalize")
         norm.adapt(flat)
         h = norm(h)
+        x0 = h
+        # regression: an L2 penalty on the hidden layers, so what the linear path explains stays there
+        reg = keras.regularizers.l2(REGRESSION_L2) if linear else None
         for i in range(depth):
-            h = L.Dense(max(4, round(64 * width / 2**i)), activation="relu")(h)
-        out = L.Dense(n_classes, activation=None if linear else "softmax", name="scores")(h)
+            h = L.Dense(max(4, round(64 * width / 2**i)), activation="relu", kernel_regularizer=reg)(h)
+        if linear:
+            # regression: a linear path beside the hidden layers (train starts it at the least-squares
+            # fit; the hidden part starts at zero and learns what is not linear)
+            head = L.Dense(n_classes, kernel_initializer="zeros", name="scores")(h)
+            out = L.Add(name="values")([head, L.Dense(n_classes, use_bias=False, name="linear")(x0)])
+        else:
+            out = L.Dense(n_classes, activation="softmax", name="scores")(h)
         return keras.Model(inp, out, name="mlp")
     if len(shape) != 3:
         raise ModelError(

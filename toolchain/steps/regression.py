@@ -272,6 +272,7 @@ def train_regression(
     z_val = ((val.y - mean) / std).astype(np.float32)
     keras.utils.set_random_seed(seed)
     model = build_architecture(arch, train.x, len(data.target_names), seed=seed, linear=True)
+    start_at_least_squares(model, train.x, z_train)
     show = progress_enabled(progress)
     has_val = val.n > 0
     with deterministic(seed), native_quiet():
@@ -336,6 +337,21 @@ def train_regression(
     }
     meta_path = write_model_meta(out, json_safe(meta))
     return RegressionTrainResult(out, meta_path, epochs_run, val_metrics, list(data.target_names))
+
+
+def start_at_least_squares(model: Any, x: np.ndarray, z: np.ndarray) -> None:
+    """Set the ``mlp``'s linear path to the least-squares fit of the standardised targets on the
+    normalised inputs (its ``scores`` bias takes the intercept), so training starts where a linear
+    regression ends and the hidden layers learn only what is not linear. No-op for other models."""
+    names = {layer.name for layer in model.layers}
+    if not {"linear", "normalize", "scores"} <= names:
+        return
+    xn = np.asarray(model.get_layer("normalize")(x.reshape(x.shape[0], -1)), dtype=np.float64)
+    a = np.c_[xn, np.ones(len(xn))]
+    coef, *_ = np.linalg.lstsq(a, z.astype(np.float64), rcond=None)
+    model.get_layer("linear").set_weights([coef[:-1].astype(np.float32)])
+    kernel, _ = model.get_layer("scores").get_weights()
+    model.get_layer("scores").set_weights([kernel, coef[-1].astype(np.float32)])
 
 
 def regression_meta(model_path: Path, n_outputs: int) -> dict[str, Any]:
