@@ -111,3 +111,30 @@ def test_prediction_drift_alerts_on_a_shift_and_stays_quiet_on_clean_data() -> N
     d = r.to_dict(features=False)
     assert d["prediction"]["names"] == ["rul", "temp"]
     assert d["prediction"]["mean_shift"][0] == pytest.approx(1.0, abs=0.15)
+
+
+def test_the_collectors_fast_path_takes_values_windows() -> None:
+    from toolchain.fleet.fastpath import Refused, decode_window
+
+    x, y, base = _baseline()
+    w = base.spec.new_profile()
+    w.update_inputs(x[:40])
+    w.update_values(y[:40])
+    w.update_latency(np.ones(40))
+    raw = encode_stats(
+        device_id="d1", fleet="f", seq=1, window_start=0, window_end=1, model=REF,
+        profile=w, stream="0" * 16,
+    )  # fmt: skip
+    layout = Layout.of(base.spec)
+    fw = decode_window(raw, "f", "d1", lambda sha: (layout, base.spec.spec_hash()))
+    assert fw.count == 40
+    ints, floats = pack_profile(w)
+    assert fw.ints == ints  # counts and histograms exactly, the values' included
+    assert fw.floats is not None
+    np.testing.assert_allclose(  # moments at the wire's 10 significant digits
+        np.frombuffer(fw.floats, "<f8"), np.frombuffer(floats, "<f8"), rtol=1e-9
+    )
+    doc = json.loads(raw)
+    doc["count"] = 41  # the values say 40 predictions
+    with pytest.raises(Refused):
+        decode_window(json.dumps(doc).encode(), "f", "d1", lambda sha: (layout, base.spec.spec_hash()))
