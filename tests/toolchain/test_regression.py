@@ -95,7 +95,7 @@ def test_tabular_bundles_return_values_in_the_users_units(tab: dict) -> None:
     for target in ("mobile", "x86"):
         entry = report["targets"][target]
         assert entry["status"] == "ok", entry["error"]
-        for n in names:
+        for j, n in enumerate(names):
             m = entry["per_target"][n]
             assert set(m) >= {"mae", "rmse", "r2", "float_mae", "float_rmse", "float_r2", "output_step"}
             assert m["float_mae"] == pytest.approx(float_err[n]["mae"], rel=1e-4)
@@ -103,6 +103,9 @@ def test_tabular_bundles_return_values_in_the_users_units(tab: dict) -> None:
             assert m["r2"] > 0.95
             # the int8 step, in the target's units, is small against the error
             assert 0 < m["output_step"] < m["float_mae"]
+            lo, hi = m["output_range"]  # what the int8 output can say, in the target's units
+            assert lo < np.median(tab["y_test"][:, j]) < hi
+            assert hi - lo > 0.8 * (m["label_range"][1] - m["label_range"][0])
         man = json.loads((tab["dir"] / "out" / target / "manifest.json").read_text())
         assert man["task"]["type"] == "regression" and len(man["task"]["scale"]) == 2
         agent = Agent(tab["dir"] / "out" / target, allow_unsigned=True)
@@ -128,6 +131,23 @@ def test_agent_cli_predict_and_evaluate_speak_values(tab: dict) -> None:
     x86 = tab["report"]["targets"]["x86"]["per_target"]
     for n in tab["names"]:
         assert doc["mae"][n] == pytest.approx(x86[n]["mae"], rel=1e-3)
+
+
+def test_agent_http_api_returns_values(tab: dict) -> None:
+    from device_agent.api import ApiServer
+    from tests.device_agent.agent_helpers import http
+
+    srv = ApiServer(Agent(tab["dir"] / "out" / "x86", allow_unsigned=True), "127.0.0.1:0")
+    srv.start()
+    try:
+        code, out = http("http://" + srv.address, "/v1/predict", {"inputs": tab["x_test"][:3].tolist()})
+    finally:
+        srv.shutdown()
+    assert code == 200 and len(out["values"]) == 3
+    want = srv.agent.predict(tab["x_test"][:3]).outputs
+    for row, w in zip(out["values"], want, strict=True):
+        assert list(row) == tab["names"]
+        np.testing.assert_allclose([row[n] for n in tab["names"]], w, rtol=1e-6)
 
 
 def test_bad_input_gets_one_line(tab: dict, tmp_path: Path) -> None:

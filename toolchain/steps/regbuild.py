@@ -77,12 +77,14 @@ def device_values(bundle: Path, runtime: str, x: np.ndarray) -> tuple[np.ndarray
     return out, times
 
 
-def output_quant_scale(artifact: Any) -> float | None:
-    """The int8 scale of the model's output values: the output tensor's own, or (float outputs) that
-    of the tensor the final dequantize reads; None when the output is not quantized at all."""
+def output_quantization(artifact: Any) -> tuple[float, int, int, int] | None:
+    """The int8 quantization of the model's output values as (scale, zero point, qmin, qmax): the
+    output tensor's own, or (float outputs) that of the tensor the final dequantize reads; None when
+    the output is not quantized at all."""
     q = artifact.outputs[0].quantization
     if q is not None:
-        return float(q.scale)
+        info = np.iinfo(np.dtype(artifact.outputs[0].dtype.value))
+        return float(q.scale), int(q.zero_point), int(info.min), int(info.max)
     try:
         if artifact.format.value == "tflite":
             from device_agent.runtimes import load_runtime_model
@@ -92,8 +94,10 @@ def output_quant_scale(artifact: Any) -> float | None:
             out_idx = next(i for i, t in tensors.items() if t["name"] == artifact.outputs[0].name)
             for op in model.ops():
                 if op["op_name"] == "DEQUANTIZE" and out_idx in [int(i) for i in op["outputs"]]:
-                    scale = tensors[int(op["inputs"][0])]["quantization"][0]
-                    return float(scale) if scale else None
+                    src = tensors[int(op["inputs"][0])]
+                    scale, zp = src["quantization"]
+                    info = np.iinfo(np.dtype(src["dtype"]))
+                    return (float(scale), int(zp), int(info.min), int(info.max)) if scale else None
             return None
         import onnx
         from onnx import numpy_helper
@@ -103,8 +107,19 @@ def output_quant_scale(artifact: Any) -> float | None:
         outs = {o.name for o in g.output}
         for n in g.node:
             if n.op_type == "DequantizeLinear" and set(n.output) & outs and n.input[1] in inits:
-                return float(numpy_helper.to_array(inits[n.input[1]]).reshape(-1)[0])
-    except (StopIteration, KeyError, IndexError, OSError, ValueError):
+                zp = (
+                    numpy_helper.to_array(inits[n.input[2]])
+                    if len(n.input) > 2 and n.input[2] in inits
+                    else None
+                )
+                info = np.iinfo(zp.dtype if zp is not None else np.uint8)
+                return (
+                    float(numpy_helper.to_array(inits[n.input[1]]).reshape(-1)[0]),
+                    int(zp.reshape(-1)[0]) if zp is not None else 0,
+                    int(info.min),
+                    int(info.max),
+                )
+    except (StopIteration, KeyError, IndexError, OSError, ValueError, TypeError):
         return None
     return None
 
@@ -204,6 +219,7 @@ def build_regression_bundles(
                 evald=evald,
                 names=names,
                 std=std,
+                mean=mean,
                 task=task,
                 baseline=baseline,
                 pre=pre,
@@ -281,6 +297,7 @@ def _build_target(
     evald: RegressionData,
     names: list[str],
     std: np.ndarray,
+    mean: np.ndarray,
     task: dict[str, Any],
     baseline: dict[str, Any],
     pre: dict[str, Any] | None,
@@ -345,8 +362,16 @@ def _build_target(
                 )
         preferred = kept[0]
         metrics = per_runtime[preferred]["metrics"]
-        oscale = output_quant_scale(artifact)
-        step = [float(oscale * s) for s in std] if oscale is not None else None
+        oq = output_quantization(artifact)
+        step = [float(oq[0] * s) for s in std] if oq is not None else None
+        # What the int8 output can express, in the user's units: values beyond it clip to its ends.
+        span = None
+        if oq is not None:
+            scale, zp, qmin, qmax = oq
+            span = [
+                [float((qmin - zp) * scale * s + m), float((qmax - zp) * scale * s + m)]
+                for s, m in zip(std, mean, strict=True)
+            ]
         lat = artifact.latency.get(preferred, {}).get("threads_N", {})
         per_target = {
             n: {
@@ -358,9 +383,20 @@ def _build_target(
                     else None
                 ),
                 "output_step": step[j] if step is not None else None,
+                "output_range": span[j] if span is not None else None,
+                "label_range": [float(evald.y[:, j].min()), float(evald.y[:, j].max())],
             }
             for j, n in enumerate(names)
         }
+        notes = [
+            f"{n}: evaluation values reach {lab[0]:.4g}..{lab[1]:.4g}, the int8 output spans"
+            f" {rng[0]:.4g}..{rng[1]:.4g}; predictions beyond it clip (calibrate with data covering the range)"
+            for n in names
+            if (rng := per_target[n]["output_range"]) is not None
+            and ((lab := per_target[n]["label_range"])[0] < rng[0] or lab[1] > rng[1])
+        ]
+        if notes:
+            entry["notes"] = notes
         over = _verdict(metrics, float_metrics, budget)
         entry.update(
             {
