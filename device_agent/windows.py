@@ -33,6 +33,13 @@ FEATS_BUFFER_BYTES = 512 * 1024
 SUMMARY_FLUSH_ROWS = 1024
 
 
+# For a bundle whose baseline profiles per-sample values (``ProfileSpec.has_values``: regression,
+# anomaly), a function per task type that turns the model's float outputs (n, K) into the value(s)
+# per sample (n, V); a task without one profiles the outputs themselves (regression: the
+# predictions in the user's units). ``Agent`` sets the window's ``values_of`` from this table.
+VALUE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+
 @dataclass
 class ClosedWindow:
     """A finished window: its profile, UTC bounds (POSIX seconds) and the model that produced it."""

@@ -242,3 +242,23 @@ def test_image_regression_with_the_cnn(tmp_path: Path) -> None:
     for n in names:
         m = entry["per_target"][n]
         assert m["r2"] > 0.8 and m["mae"] <= m["float_mae"] * 1.05 + 1e-12, m
+
+
+def test_the_agents_value_hook_per_task(tab: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a window profiles per sample comes from ``windows.VALUE_FUNCTIONS`` for the bundle's task
+    (the anomaly task registers its score there); without an entry, the outputs themselves."""
+    from device_agent import windows
+
+    x = tab["x_test"][:20]
+    for hook, factor in ((None, 1.0), (lambda out: out * 2.0, 2.0)):
+        if hook is None:
+            monkeypatch.delitem(windows.VALUE_FUNCTIONS, "regression", raising=False)
+        else:
+            monkeypatch.setitem(windows.VALUE_FUNCTIONS, "regression", hook)
+        closed: list = []
+        agent = Agent(
+            tab["dir"] / "out" / "mobile", allow_unsigned=True, window_max_samples=20, on_window=closed.append
+        )
+        outs = np.stack([agent.predict(x[i : i + 1]).outputs[0] for i in range(20)])
+        assert len(closed) == 1 and closed[0].count == 20
+        np.testing.assert_allclose(closed[0].profile.values.mean, factor * outs.mean(axis=0), rtol=1e-5)
