@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from device_agent.formats import stats
 from device_agent.formats.telemetry import ModelRef, TelemetryError, decode_stats, encode_stats
@@ -138,3 +140,29 @@ def test_the_collectors_fast_path_takes_values_windows() -> None:
     doc["count"] = 41  # the values say 40 predictions
     with pytest.raises(Refused):
         decode_window(json.dumps(doc).encode(), "f", "d1", lambda sha: (layout, base.spec.spec_hash()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(-5000, 5000, allow_nan=False), min_size=0, max_size=30),
+        min_size=3,
+        max_size=3,
+    )
+)
+def test_values_merge_is_associative_and_exact_for_counts(chunks: list[list[float]]) -> None:
+    _, y, base = _baseline()
+    parts = []
+    for c in chunks:
+        p = base.spec.new_profile()
+        p.update_values(np.array(c + c, dtype=np.float64).reshape(-1, 2))
+        parts.append(p)
+    a, b, c = parts
+    left, right = a.merge(b).merge(c), a.merge(b.merge(c))
+    whole = base.spec.new_profile()
+    whole.update_values(np.concatenate([np.array(ch + ch).reshape(-1, 2) for ch in chunks]))
+    for m in (left, right):
+        assert m.values is not None and whole.values is not None
+        np.testing.assert_array_equal(m.values.counts, whole.values.counts)
+        assert m.count == whole.count == sum(len(ch) for ch in chunks)
+        np.testing.assert_allclose(m.values.mean, whole.values.mean, rtol=1e-9, atol=1e-6)
