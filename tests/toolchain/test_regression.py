@@ -233,15 +233,18 @@ def test_image_regression_with_the_cnn(tmp_path: Path) -> None:
     )
     assert res.val_metrics["column"]["r2"] > 0.8, res.val_metrics
     report = build_regression_bundles(
-        tmp_path / "c.keras", tmp_path / "train.npz", ["raspberry-pi"], tmp_path / "out",
+        tmp_path / "c.keras", tmp_path / "train.npz", ["raspberry-pi", "coral"], tmp_path / "out",
         eval_data=tmp_path / "test.npz", progress=False,
     )  # fmt: skip
-    entry = report["targets"]["raspberry-pi"]
-    assert entry["status"] == "ok", entry["error"]
-    assert entry["outputs"][0]["dtype"] == "int8"
-    for n in names:
-        m = entry["per_target"][n]
-        assert m["r2"] > 0.8 and m["mae"] <= m["float_mae"] * 1.05 + 1e-12, m
+    for target, dtype in (("raspberry-pi", "int8"), ("coral", "uint8")):
+        entry = report["targets"][target]
+        assert entry["status"] == "ok", entry["error"]
+        assert entry["outputs"][0]["dtype"] == dtype
+        for n in names:
+            m = entry["per_target"][n]
+            assert m["r2"] > 0.8 and m["mae"] <= m["float_mae"] * 1.05 + 1e-12, m
+    edgetpu = json.loads((tmp_path / "out" / "coral" / "manifest.json").read_text())["edgetpu"]
+    assert edgetpu["ops_total"] > 0 and edgetpu["ops_mapped"] <= edgetpu["ops_total"]
 
 
 def test_the_agents_value_hook_per_task(tab: dict, monkeypatch: pytest.MonkeyPatch) -> None:

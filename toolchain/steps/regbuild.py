@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -435,8 +435,18 @@ def _build_target(
             "preferred_runtime": preferred,
             **{f"{k}_{n}": per_target[n][k] for n in names for k in ("mae", "float_mae", "rmse", "r2")},
         }
+        edgetpu_fields: dict[str, Any] = {}
+        if t.edgetpu is not None:  # coral: the same Edge TPU analysis and compile as a classifier's
+            from types import SimpleNamespace
+
+            from toolchain.steps.target import analyse_edgetpu
+
+            holder = SimpleNamespace(edgetpu=None)
+            accelerated, summary, extra = analyse_edgetpu(t, artifact.path, work, cast(Any, holder))
+            entry["edgetpu"] = holder.edgetpu
+            edgetpu_fields = {"accelerated_file": accelerated, "edgetpu": summary, "extra_files": extra}
         staging = staging_dir(dest)
-        fields_final = dict(fields, metrics=_finite(manifest_metrics))
+        fields_final = dict(fields, metrics=_finite(manifest_metrics), **edgetpu_fields)
         assemble_bundle(staging, runtimes=kept, **fields_final)
         if sign_key is not None:
             from toolchain.build import _sign
