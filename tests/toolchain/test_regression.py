@@ -25,6 +25,10 @@ from toolchain.steps.regression import RegressionData, error_metrics, train_regr
 pytestmark = pytest.mark.slow
 
 EPOCHS = 40
+# Statistics windows of the drift test: PSI and JS over 20 bins have a sampling floor that falls
+# with the window and baseline sizes; 1,500 predictions against a 3,000-sample baseline keep clean
+# windows well below the 0.1 warn bands (250 against 1,000 would not).
+WINDOW = 1500
 
 
 def tabular(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +44,7 @@ def tabular(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarr
         ],
         axis=1,
     ).astype(np.float32)
-    rul = 2000 * x[:, 1] + 30 * x[:, 2] + 0.2 * x[:, 3] + rng.normal(0, 20, n)
+    rul = 2000 * x[:, 1] + 30 * x[:, 2] + 0.2 * x[:, 3] + rng.normal(0, 60, n)
     dose = 60 * x[:, 0] + 0.5 * x[:, 1] ** 2 + rng.normal(0, 0.02, n)
     return x, np.stack([rul, dose], axis=1)
 
@@ -71,6 +75,11 @@ def tab(tmp_path_factory: pytest.TempPathFactory) -> dict:
     names = ["rul_h", "dose_mg"]
     np.savez(d / "train.npz", x=x, y=y, target_names=np.array(names))
     xt, yt = tabular(300, 1)
+    # calibration (and baseline) data: more than training, so the baseline's own sampling noise
+    # stays well below the drift bands (a 1,000-sample baseline puts clean 600-sample windows near
+    # JS 0.1 on its own)
+    xc, yc = tabular(3000, 2)
+    np.savez(d / "calib.npz", x=xc, y=yc, target_names=np.array(names))
     np.savez(d / "test.npz", x=xt, y=yt, target_names=np.array(names))
     res = train_regression(
         RegressionData(x, y, names, ["a", "b", "c", "d"], "train"),
@@ -80,7 +89,7 @@ def tab(tmp_path_factory: pytest.TempPathFactory) -> dict:
         progress=False,
     )
     report = build_regression_bundles(
-        d / "m.keras", d / "train.npz", ["mobile", "x86"], d / "out", eval_data=d / "test.npz", progress=False
+        d / "m.keras", d / "calib.npz", ["mobile", "x86"], d / "out", eval_data=d / "test.npz", progress=False
     )
     return {"dir": d, "train": res, "report": report, "x_test": xt, "y_test": yt, "names": names}
 
@@ -110,10 +119,12 @@ def test_tabular_bundles_return_values_in_the_users_units(tab: dict) -> None:
         assert man["task"]["type"] == "regression" and len(man["task"]["scale"]) == 2
         agent = Agent(tab["dir"] / "out" / target, allow_unsigned=True)
         got = np.stack([agent.predict(tab["x_test"][i : i + 1]).outputs[0] for i in range(100)])
-        step = np.array([entry["per_target"][n]["output_step"] for n in names])
-        # each value within a few output steps of the float model's, in the user's units (the
-        # rul in thousands, the dose below 1: no shared scale could do both)
-        assert np.all(np.abs(got - float_pred[:100]) < 4 * step + 1e-6), np.abs(got - float_pred[:100]).max(0)
+        # in the user's units (the rul in thousands, the dose below 1: no shared scale could do both)
+        # and close to the float model's: the int8 deviation is small against the model's own error
+        dev = np.abs(got - float_pred[:100]).mean(axis=0)
+        fmae = np.array([float_err[n]["mae"] for n in names])
+        assert np.all(dev < 0.25 * fmae), (dev, fmae)
+        np.testing.assert_allclose(got.mean(axis=0), tab["y_test"][:100].mean(axis=0), rtol=0.05)
         batch = agent.predict(tab["x_test"][:64]).outputs
         np.testing.assert_allclose(batch, got[:64], rtol=1e-5, atol=1e-5 * np.abs(got).max())
 
@@ -148,6 +159,16 @@ def test_agent_http_api_returns_values(tab: dict) -> None:
     for row, w in zip(out["values"], want, strict=True):
         assert list(row) == tab["names"]
         np.testing.assert_allclose([row[n] for n in tab["names"]], w, rtol=1e-6)
+
+
+def test_error_budget_verdict() -> None:
+    from toolchain.steps.regbuild import _verdict
+
+    floats = {"a": {"mae": 10.0}, "b": {"mae": 0.01}}
+    assert _verdict({"a": {"mae": 10.5}, "b": {"mae": 0.0099}}, floats, 5.0) == []
+    over = _verdict({"a": {"mae": 10.51}, "b": {"mae": 0.02}}, floats, 5.0)
+    assert len(over) == 2 and over[0].startswith("a: MAE 10.51 is 5.1% above float 10")
+    assert "100.0% above" in over[1]
 
 
 def test_bad_input_gets_one_line(tab: dict, tmp_path: Path) -> None:
@@ -188,19 +209,33 @@ def test_prediction_drift_through_the_collector(tab: dict, sqlite_url: str) -> N
     info = register_bundle(sqlite_url, bundle)
     assert info["model_sha256"] == manifest_sha256(bundle)
     closed: list = []
-    agent = Agent(bundle, allow_unsigned=True, window_max_samples=250, on_window=closed.append)
-    clean_x, _ = tabular(750, 7)
-    shifted_x, _ = tabular(750, 8, shift=0.6)  # the temperature column runs hot: the life estimate drops
+    agent = Agent(bundle, allow_unsigned=True, window_max_samples=WINDOW, on_window=closed.append)
+    clean_x, _ = tabular(3 * WINDOW, 7)
+    shifted_x, _ = tabular(
+        3 * WINDOW, 8, shift=0.6
+    )  # the temperature column runs hot: the life estimate drops
     for x in (clean_x, shifted_x):
         for i in range(x.shape[0]):
             agent.predict(x[i : i + 1])
     assert len(closed) == 6 and all(w.profile.values is not None for w in closed)
     ref = ModelRef(agent.model.ref.name, agent.model.ref.version, info["model_sha256"])
     msgs = [stats_payload("clean-1" if s < 3 else "hot-1", s, ref, w.profile) for s, w in enumerate(closed)]
+    from toolchain.fleet.alerts import Evaluator
+
+    states: dict[str, list] = {"clean-1": [], "hot-1": []}
     with open_store(sqlite_url) as s:
-        Ingestor(s, BaselineCache(s)).process([Incoming(t, p, i, 1, 0, 0.0) for i, (t, p) in enumerate(msgs)])
+        cache = BaselineCache(s)
+        ingest, evaluator = Ingestor(s, cache), Evaluator(s, cache)
+        for i, (topic, payload) in enumerate(msgs):  # one window at a time, evaluated as it lands
+            ingest.process([Incoming(topic, payload, i, 1, 0, 0.0)])
+            for (_, dev), ev in evaluator.evaluate_many([("lab", "clean-1"), ("lab", "hot-1")]).items():
+                states[dev].append(ev)
+    assert [e.verdict for e in states["clean-1"]] == ["ok"] * 3
+    assert all(e.alert is None for e in states["clean-1"])
+    hot_states = [e.state for e in states["hot-1"]]
+    assert hot_states[-1] == "alert" and any(e.alert is not None for e in states["hot-1"]), hot_states
     rows = {r["device_id"]: r for r in drift_table(sqlite_url, since="all") if r["scope"] == "device"}
-    assert rows["clean-1"]["count"] == 750 and rows["hot-1"]["count"] == 750
+    assert rows["clean-1"]["count"] == 3 * WINDOW and rows["hot-1"]["count"] == 3 * WINDOW
     assert rows["clean-1"]["state"] == "ok", rows["clean-1"]["reasons"]
     assert rows["clean-1"]["prediction"]["max_psi"] < 0.1
     hot = rows["hot-1"]
