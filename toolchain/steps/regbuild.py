@@ -31,6 +31,7 @@ import numpy as np
 
 from device_agent.formats.stats import baseline_to_dict, build_baseline
 from toolchain.errors import USER_ERRORS, ToolchainError
+from toolchain.report import REPORT_SCHEMA, merge_previous
 from toolchain.steps.convert import convert_for_target
 from toolchain.steps.data import DataError
 from toolchain.steps.models import apply_preprocessing, fold_input_normalization, load_model
@@ -49,7 +50,6 @@ from toolchain.steps.regression import RegressionData, error_metrics, load_regre
 from toolchain.targets import Target, resolve_targets
 
 DEFAULT_MAX_ERROR_INCREASE = 5.0  # percent of the float model's MAE, per target
-REPORT_SCHEMA = 1  # toolchain.report's schema: ``load_report`` reads regression reports too
 HOLDOUT = 0.2
 MIN_CALIBRATION = 20
 
@@ -267,7 +267,8 @@ def build_regression_bundles(
     }
     if pre is not None:
         report["preprocessing"] = pre
-    report = _finite(report)
+    # targets built into this folder earlier (same bundle name, bundle still there) stay in the report
+    report = _finite(merge_previous(out, report))
     write_regression_report(out, report)
     failures = [f"{n}: {r['error']}" for n, r in results.items() if r["status"] != "ok"]
     if failures:
