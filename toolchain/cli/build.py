@@ -121,6 +121,8 @@ def build_cmd(
             max_error_increase, allow_accuracy_drop, as_json,
         )  # fmt: skip
         return
+    if task != "classification":
+        raise click.UsageError(f"--task {task} is not supported by 'edgefleet build' in this version")
     from toolchain.build import BuildError, build_bundles
     from toolchain.report import summary_table
 
