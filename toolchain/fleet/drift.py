@@ -434,7 +434,12 @@ def compare_many(
         vals = [c.values if c.values is not None else baseline.values.empty_like() for c in currents]
         psi_bands = (cfg.class_psi_warn, cfg.class_psi_alert)
         shift_bands = (cfg.prediction_shift_warn, cfg.prediction_shift_alert)
-        preds = list(compare_values(baseline.values, vals, psi_bands, shift_bands))
+        bv = baseline.values
+        vw = bv.counts.shape[1]
+        v_mask = np.broadcast_to(_bin_mask(bv), (n_dev, bv.n_features, vw)).reshape(-1, vw)
+        v_base = np.broadcast_to(bv.counts, (n_dev, bv.n_features, vw)).reshape(-1, vw)
+        v_psi = psi(v_base, np.stack([v.counts for v in vals]).reshape(-1, vw), v_mask)
+        preds = list(compare_values(bv, vals, v_psi.reshape(n_dev, -1), psi_bands, shift_bands))
     results = []
     for i, current in enumerate(currents):
         n = current.count

@@ -68,19 +68,14 @@ def _band(value: float, warn: float, alert: float) -> str:
 def compare_values(
     baseline: FeatureSetProfile,
     currents: list[FeatureSetProfile],
+    v_psi: np.ndarray,
     psi_bands: tuple[float, float],
     shift_bands: tuple[float, float],
 ) -> list[PredictionDrift]:
-    """Compare each current values profile with the baseline's (same names and edges); the bands
-    are (warn, alert) for the PSI and for the absolute mean shift."""
-    from toolchain.fleet.drift import _bin_mask, psi
-
-    n_dev, n_val = len(currents), baseline.n_features
-    width = baseline.counts.shape[1]
-    mask = np.broadcast_to(_bin_mask(baseline), (n_dev, n_val, width)).reshape(-1, width)
-    base = np.broadcast_to(baseline.counts, (n_dev, n_val, width)).reshape(-1, width)
-    cur = np.stack([c.counts for c in currents]).reshape(-1, width)
-    v_psi = psi(base, cur, mask).reshape(n_dev, n_val)
+    """Compare each current values profile with the baseline's (same names and edges), given their
+    PSI per current and value ``v_psi`` (n, V) (``toolchain.fleet.drift`` computes it with its own
+    ``psi``); the bands are (warn, alert) for the PSI and for the absolute mean shift."""
+    n_val = baseline.n_features
     std = baseline.std()
     b_mean = [float(m) if n > 0 else None for m, n in zip(baseline.mean, baseline.count, strict=True)]
     out = []
