@@ -254,7 +254,8 @@ def test_prediction_drift_through_the_collector(tab: dict, sqlite_url: str) -> N
     assert table.exit_code == 0, table.output
     hot_line = next(line for line in table.output.splitlines() if "hot-1" in line)
     assert "pred" in hot_line and "alert" in hot_line
-    assert "(prediction)" in build_report(sqlite_url, since="all")
+    page = build_report(sqlite_url, since="all")
+    assert "(prediction)" in page and "hot-1: prediction rul_h" in page  # the drift table and histogram
 
 
 def test_image_regression_with_the_cnn(tmp_path: Path) -> None:

@@ -287,6 +287,18 @@ def build_report(
                         f["psi"] or 0.0,
                     )
                 )
+            bv, cv, pred = base.profile.values, g.profile.values, wr.get("prediction")
+            if bv is not None and cv is not None and pred:  # regression/anomaly: the predictions too
+                for j, vname in enumerate(bv.names):
+                    hist_html.append(
+                        svg_histogram(
+                            f"{wr['device_id']}: prediction {vname}",
+                            bv.edge_list(j),
+                            [int(v) for v in bv.hist(j)],
+                            [int(v) for v in cv.hist(j)],
+                            pred["psi"][j] or 0.0,
+                        )
+                    )
     finally:
         if isinstance(db, str):
             store.close()
