@@ -30,7 +30,7 @@ from device_agent.formats.stats import ProfileSpec, StatsError, baseline_from_di
 from device_agent.formats.telemetry import ModelRef
 from device_agent.inference import InputError, Predictor, dequantize, quantize
 from device_agent.kernels import Summary
-from device_agent.windows import ClosedWindow, Window
+from device_agent.windows import VALUE_FUNCTIONS, ClosedWindow, Window
 
 if TYPE_CHECKING:
     from device_agent.broker import EmbeddedBroker
@@ -224,6 +224,8 @@ class Agent:
     def _new_window(self, model: LoadedModel) -> Window:
         """A window for ``model``, with the model's native runners bound to it."""
         w = Window(model.spec, model.ref, self._clock(), self._mono())
+        if model.spec.has_values:  # a number per sample (regression, anomaly): see windows.VALUE_FUNCTIONS
+            w.values_of = VALUE_FUNCTIONS.get(model.manifest.task_type)
         pred = model.predictor
         runner, batch = pred.runner, pred.current_batch_runner
         self._one: Callable[[Any], Prediction | None] | None = None

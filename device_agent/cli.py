@@ -227,6 +227,9 @@ def predict_cmd(
     except AgentError as e:
         _fail(ctx, e, 1)
         return
+    if agent.model.manifest.task_type == "regression":
+        _print_values(ctx, agent, scores, y, output, as_json)
+        return
     labels = agent.labels
     top = scores.argmax(axis=1)
     pred_labels = [labels[i] for i in top]
@@ -279,6 +282,73 @@ def predict_cmd(
         click.echo(f"wrote {output}")
     if accuracy is not None:
         click.echo(f"accuracy {accuracy:.4f} on {len(pred_labels)} labelled inputs")
+
+
+def _print_values(
+    ctx: click.Context, agent: Any, values: Any, y: Any, output: Path | None, as_json: bool
+) -> None:
+    """``predict`` for a regression bundle: the values per target in the user's units (and the
+    mean absolute error per target when true values came with ``--label``)."""
+    import numpy as np
+
+    from device_agent.agent import prediction_ids
+
+    names = agent.labels
+    mae = None
+    if y is not None:
+        try:
+            truth = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+        except ValueError:
+            _fail(ctx, AgentError("--label values must be numbers for a regression bundle"), 1)
+            return
+        if truth.shape[1] != len(names):
+            _fail(
+                ctx, AgentError(f"--label gives {truth.shape[1]} values per input, the model {len(names)}"), 1
+            )
+            return
+        mae = {n: float(np.abs(values[:, j] - truth[:, j]).mean()) for j, n in enumerate(names)}
+    m = agent.model
+    doc = {
+        "model": {**m.ref.to_dict(), "runtime": m.runtime},
+        "task": "regression",
+        "count": int(values.shape[0]),
+        "mae": mae,
+        "predictions": [
+            {"id": pid, "values": {n: float(v) for n, v in zip(names, row, strict=True)}}
+            for pid, row in zip(prediction_ids(values.shape[0]), values, strict=True)
+        ],
+    }
+    if output is not None:
+        try:
+            if output.suffix.lower() == ".npy":
+                np.save(output, values)
+            elif output.suffix.lower() == ".json":
+                output.write_text(json.dumps(doc) + "\n")
+            elif output.suffix.lower() == ".csv":
+                with open(output, "w", newline="") as fh:
+                    w = csv.writer(fh)
+                    w.writerow(names)
+                    w.writerows([[f"{v:.7g}" for v in row] for row in values])
+            else:
+                raise OSError(0, f"unknown output type {output.suffix!r}; use .csv, .json or .npy")
+        except OSError as e:
+            _fail(ctx, AgentError(f"cannot write {str(output)!r}: {e.strerror}"), 1)
+            return
+    if as_json:
+        shown = doc if output is None else {k: v for k, v in doc.items() if k != "predictions"}
+        click.echo(json.dumps(shown | ({"output": str(output)} if output is not None else {})))
+        return
+    click.echo(f"model {m.ref.name} v{m.ref.version} ({m.runtime}), {values.shape[0]} inputs")
+    if output is None:
+        click.echo(f"{'#':>6}  " + " ".join(f"{n:>12}" for n in names))
+        for i, row in enumerate(values[:MAX_ROWS_PRINTED]):
+            click.echo(f"{i:>6}  " + " ".join(f"{v:>12.6g}" for v in row))
+        if values.shape[0] > MAX_ROWS_PRINTED:
+            click.echo(f"... {values.shape[0] - MAX_ROWS_PRINTED} more (use --output FILE or --json)")
+    else:
+        click.echo(f"wrote {output}")
+    if mae is not None:
+        click.echo("mean absolute error: " + ", ".join(f"{n} {v:.6g}" for n, v in mae.items()))
 
 
 def _write_output(path: Path, doc: dict[str, Any], scores: Any, labels: list[str]) -> None:

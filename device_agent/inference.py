@@ -179,6 +179,14 @@ class Predictor:
         self._one_flat = self._one_in.reshape(-1)
         self._runner: Any = False  # see ``runner``: False until made, then a kernels.Runner or None
         self._batch_runner: Any = None  # see ``batch_runner``
+        # Regression: the model outputs standardised targets; scores are ``out * scale + offset``
+        # (the user's units). None for every other task.
+        self._post: tuple[np.ndarray, np.ndarray] | None = None
+        if m.task_type == "regression" and m.task is not None:
+            self._post = (
+                np.asarray(m.task["scale"], dtype=np.float32),
+                np.asarray(m.task["offset"], dtype=np.float32),
+            )
         pre = m.preprocessing
         self._affine: tuple[np.ndarray, np.ndarray] | None = None
         if pre.get("type") == "affine":
@@ -258,7 +266,10 @@ class Predictor:
     def scores(self, raw: np.ndarray) -> np.ndarray:
         """The output tensor's raw values -> float scores (n, K)."""
         out = self._out_codec.decode(raw)
-        return out if out.ndim == 2 else out.reshape(out.shape[0], -1)
+        out = out if out.ndim == 2 else out.reshape(out.shape[0], -1)
+        if self._post is not None:
+            out = out * self._post[0] + self._post[1]
+        return out
 
     # The single-sample path: ``load_one`` then ``run_loaded``. One pass over the sample (the
     # native kernel) checks it, summarises it and writes the model's input; see device_agent.kernels.
@@ -360,5 +371,7 @@ class Predictor:
 
     @property
     def out_table(self) -> np.ndarray | None:
-        """The output's code table (float32 per 8-bit code) when the output is 8-bit quantized."""
-        return self._out_codec.table
+        """The output's code table (float32 per 8-bit code) when the output is 8-bit quantized and
+        its scores are the decoded codes (None for regression, whose scores are rescaled per target:
+        those take the general path, ``scores``)."""
+        return self._out_codec.table if self._post is None else None

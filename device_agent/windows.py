@@ -12,6 +12,7 @@ exactly. Not thread-safe: the Agent holds a lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,13 @@ MIN_FLUSH_ROWS = 256
 FEATS_BUFFER_BYTES = 512 * 1024
 # Per-channel image summaries are a few features per sample: as many rows, whatever the image size.
 SUMMARY_FLUSH_ROWS = 1024
+
+
+# For a bundle whose baseline profiles per-sample values (``ProfileSpec.has_values``: regression,
+# anomaly), a function per task type that turns the model's float outputs (n, K) into the value(s)
+# per sample (n, V); a task without one profiles the outputs themselves (regression: the
+# predictions in the user's units). ``Agent`` sets the window's ``values_of`` from this table.
+VALUE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
 
 @dataclass
@@ -55,6 +63,9 @@ class Window:
         self.start_ts = start_ts
         self.start_mono = start_mono
         self.profile = spec.new_profile()
+        # Outputs (n, K) -> the scalar value(s) per sample (n, V) profiled for a spec with values;
+        # None: the outputs are the values (a regression's predictions). Set by the agent.
+        self.values_of: Callable[[np.ndarray], np.ndarray] | None = None
         self._elements = spec.features.kind == "elements"
         # Preallocated buffers: recording a sample is a few slice copies, no allocation.
         n_feats = len(spec.features.names)
@@ -94,7 +105,7 @@ class Window:
             self.flush()
             if n > self._rows:  # a large batch goes straight into the profile
                 self.profile.inputs.update(self.spec.features.extract(x))
-                self.profile.update_outputs(scores)
+                self._fold_outputs(scores)
                 self.profile.update_latency(np.full(n, latency_ms / n))
                 self._flushed += n
                 return
@@ -172,10 +183,19 @@ class Window:
                 self._feats[rows] = summary_features(self._summ[rows], self._size)
                 self._pending[:n] = 0
         self.profile.inputs.update(self._feats[:n])
-        self.profile.update_outputs(self._scores[:n])
+        self._fold_outputs(self._scores[:n])
         self.profile.update_latency(self._lat[:n])
         self._flushed += n
         self._next[0] = 0
+
+    def _fold_outputs(self, scores: np.ndarray) -> None:
+        """Fold a block of outputs: class counts and confidence for a classifier; for a model whose
+        output is a number (``spec.has_values``), the scalar value per sample (``values_of`` of the
+        outputs, the outputs themselves by default) into ``Profile.values``."""
+        if self.profile.values is None:
+            self.profile.update_outputs(scores)
+        else:
+            self.profile.update_values(scores if self.values_of is None else self.values_of(scores))
 
     def close(self, end_ts: float) -> ClosedWindow:
         """Flush and return the finished window."""

@@ -344,15 +344,17 @@ class ApiServer:
             ids = prediction_ids(len(pred.labels))
         self.feedback.remember(ids, outputs.argmax(axis=1).tolist(), pred.model.sha256)
         # pred.to_dict(), with the score matrix converted in one call (the same Python floats)
-        payload = _dumps(
-            {
-                "outputs": outputs.tolist(),
-                "labels": pred.labels,
-                "scores": pred.scores,
-                "model": pred.model.to_dict(),
-                "ids": ids,
-            }
-        )
+        doc = {
+            "outputs": outputs.tolist(),
+            "labels": pred.labels,
+            "scores": pred.scores,
+            "model": pred.model.to_dict(),
+            "ids": ids,
+        }
+        if agent.model.manifest.task_type == "regression":  # the values per target, user's units
+            names = agent.labels
+            doc["values"] = [dict(zip(names, row, strict=True)) for row in doc["outputs"]]
+        payload = _dumps(doc)
         self.metrics.observe(path, 200, seconds=time.perf_counter() - t0)
         return Response(200, payload)
 

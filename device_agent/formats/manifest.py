@@ -299,6 +299,10 @@ class Manifest:
         task = d.get("task")
         if task is not None:
             check_task(task)
+            if "scale" in task and len(task["scale"]) != len(labels):
+                raise BundleError(
+                    f"manifest task.scale has {len(task['scale'])} numbers for {len(labels)} labels (targets)"
+                )
         return cls(
             name=name,
             version=int(d["version"]),
@@ -353,8 +357,31 @@ def check_task(task: Any) -> None:
         check(task)
 
 
+def check_regression_task(task: Mapping[str, Any]) -> None:
+    """Validate a regression task: ``{"type", "scale", "offset"}``, one finite number per target each.
+
+    The model's outputs are standardised targets; the agent returns ``output * scale + offset``
+    (the values in the user's units). ``scale`` must be non-zero.
+    """
+    _keys(task, {"type", "scale", "offset"}, "task")
+    for k in ("scale", "offset"):
+        v = task[k]
+        if (
+            not isinstance(v, list)
+            or not v
+            or not all(type(x) in (int, float) and math.isfinite(x) for x in v)
+        ):
+            raise BundleError(
+                f"manifest task.{k} must be a non-empty list of finite numbers (one per target)"
+            )
+    if len(task["scale"]) != len(task["offset"]):
+        raise BundleError("manifest task.scale and task.offset must have one number per target each")
+    if any(x == 0 for x in task["scale"]):
+        raise BundleError("manifest task.scale must not hold 0")
+
+
 # Per-task validation of ``manifest.task`` beyond its ``type``: one function per task with keys.
-TASK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {}
+TASK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"regression": check_regression_task}
 
 
 def check_preprocessing(pre: Mapping[str, Any]) -> None:

@@ -579,6 +579,11 @@ class ProfileSpec:
     labels: list[str]
     confidence_edges: list[float] = field(default_factory=lambda: list(CONFIDENCE_EDGES))
     latency_edges_ms: list[float] = field(default_factory=lambda: list(LATENCY_EDGES_MS))
+    # Optional: a scalar per sample and output (a regression's prediction in the user's units, an
+    # anomaly score), profiled with these names and edges frozen from the baseline. None for
+    # classifiers, whose specs (and hashes) stay what they were before the field existed.
+    value_names: list[str] | None = None
+    value_edges: list[list[float]] | None = None
 
     def new_profile(self) -> Profile:
         """Return an empty profile with this spec's edges (validated once, then copied).
@@ -596,9 +601,20 @@ class ProfileSpec:
             confidence=_copy_fsp(tpl.confidence),
             latency_ms=_copy_fsp(tpl.latency_ms),
             schema_violations={},
+            values=None if tpl.values is None else _copy_fsp(tpl.values),
         )
 
+    @property
+    def has_values(self) -> bool:
+        """Whether profiles of this spec carry the per-sample scalar outputs (``Profile.values``)."""
+        return self.value_names is not None
+
     def _build_profile(self) -> Profile:
+        values = None
+        if self.value_names is not None:
+            if self.value_edges is None:
+                raise StatsError("profile spec has value names but no value edges")
+            values = FeatureSetProfile.empty(self.value_names, self.value_edges)
         return Profile(
             spec=self,
             inputs=FeatureSetProfile.empty(self.features.names, self.input_edges),
@@ -606,28 +622,50 @@ class ProfileSpec:
             confidence=FeatureSetProfile.empty(["top1_confidence"], [self.confidence_edges]),
             latency_ms=FeatureSetProfile.empty(["latency_ms"], [self.latency_edges_ms]),
             schema_violations={},
+            values=values,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "features": self.features.to_dict(),
             "input_edges": [list(map(float, e)) for e in self.input_edges],
             "labels": list(self.labels),
             "confidence_edges": list(self.confidence_edges),
             "latency_edges_ms": list(self.latency_edges_ms),
         }
+        if self.value_names is not None:  # only when present: classifier specs hash as before
+            d["values"] = {
+                "names": list(self.value_names),
+                "edges": [list(map(float, e)) for e in self.value_edges or []],
+            }
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProfileSpec:
         keys = {"features", "input_edges", "labels", "confidence_edges", "latency_edges_ms"}
-        if set(d) != keys:
-            raise StatsError(f"profile spec keys {sorted(d)} != {sorted(keys)}")
+        if set(d) - {"values"} != keys:
+            raise StatsError(f"profile spec keys {sorted(d)} != {sorted(keys)} (and optionally 'values')")
+        names = edges = None
+        if "values" in d:
+            v = d["values"]
+            if (
+                not isinstance(v, Mapping)
+                or set(v) != {"names", "edges"}
+                or not isinstance(v["names"], list)
+                or not isinstance(v["edges"], list)
+                or not all(isinstance(e, list) for e in v["edges"])
+            ):
+                raise StatsError("profile spec 'values' must be {'names': [...], 'edges': [[...], ...]}")
+            names = [str(n) for n in v["names"]]
+            edges = [[float(x) for x in e] for e in v["edges"]]
         spec = cls(
             features=FeatureSpec.from_dict(d["features"]),
             input_edges=[[float(v) for v in e] for e in d["input_edges"]],
             labels=[str(v) for v in d["labels"]],
             confidence_edges=[float(v) for v in d["confidence_edges"]],
             latency_edges_ms=[float(v) for v in d["latency_edges_ms"]],
+            value_names=names,
+            value_edges=edges,
         )
         if len(spec.input_edges) != len(spec.features.names):
             raise StatsError("profile spec has a different number of edge lists and feature names")
@@ -655,10 +693,14 @@ class Profile:
     schema_violations: dict[str, int]
     # Labels that arrived for predictions while this window was open (None: none came).
     feedback: Feedback | None = None
+    # The per-sample scalar outputs (see ``ProfileSpec.value_names``); None for classifiers.
+    values: FeatureSetProfile | None = None
 
     @property
     def count(self) -> int:
         """Return the number of predictions (samples with outputs) in this profile."""
+        if self.values is not None:  # a scalar-output model: every prediction is one row of values
+            return int(self.values.count[0] + self.values.nan_count[0])
         return int(self.class_counts.sum())
 
     def update_inputs(self, x: np.ndarray) -> None:
@@ -693,6 +735,19 @@ class Profile:
         self.class_counts += np.bincount(top, minlength=self.class_counts.size)
         self.confidence.update(p.max(axis=1)[:, None])
 
+    def update_values(self, values: np.ndarray) -> None:
+        """Add a batch of per-sample scalar outputs, shape (n, V) or (n,) for one value per sample.
+
+        The values profile replaces the class counts and top-1 confidence for models whose output
+        is a number (regression: the prediction in the user's units; anomaly: the score).
+        """
+        if self.values is None:
+            raise StatsError("this profile's spec has no values (a classifier's profile)")
+        v = np.asarray(values, dtype=np.float64)
+        if v.ndim == 1:
+            v = v[:, None]
+        self.values.update(v)
+
     def update_latency(self, latency_ms: float | np.ndarray) -> None:
         """Add one or more latency measurements in milliseconds."""
         self.latency_ms.update(np.atleast_1d(np.asarray(latency_ms, dtype=np.float64))[:, None])
@@ -723,6 +778,7 @@ class Profile:
             latency_ms=self.latency_ms.merge(other.latency_ms),
             schema_violations=viol,
             feedback=None if fb is None else fb.merge(None),
+            values=None if self.values is None or other.values is None else self.values.merge(other.values),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -740,17 +796,22 @@ class Profile:
         }
         if self.feedback is not None and self.feedback.labelled:
             out["feedback"] = self.feedback.to_dict()
+        if self.values is not None:
+            out["values"] = self.values.state_dict()
         return out
 
     @classmethod
     def from_state(cls, spec: ProfileSpec, state: Mapping[str, Any]) -> Profile:
         """Rebuild a profile from ``state_dict()`` output and its spec, validating strictly."""
         keys = {"inputs", "class_counts", "confidence", "latency_ms", "schema_violations"}
+        if spec.has_values:
+            keys.add("values")
         if not isinstance(state, Mapping) or set(state) - {"feedback"} != keys:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise StatsError(f"profile keys {got} != {sorted(keys)} (and optionally 'feedback')")
         prof = spec.new_profile()
-        for name in ("inputs", "confidence", "latency_ms"):
+        sets = ("inputs", "confidence", "latency_ms") + (("values",) if spec.has_values else ())
+        for name in sets:
             if not isinstance(state[name], Mapping):
                 raise StatsError(f"profile field {name!r} must be an object")
             getattr(prof, name).load_state(state[name])
@@ -798,21 +859,47 @@ BASELINE_SCHEMA = 1
 
 def build_baseline(
     x: np.ndarray,
-    probs: np.ndarray,
+    probs: np.ndarray | None,
     labels: Sequence[str],
     feature_names: Sequence[str] | None = None,
     bins: int = DEFAULT_BINS,
     latency_ms: Sequence[float] | None = None,
+    values: np.ndarray | None = None,
+    value_names: Sequence[str] | None = None,
 ) -> Profile:
-    """Profile a reference data set: freeze edges from ``x`` (n, *shape), then add ``x`` and ``probs``."""
+    """Profile a reference data set: freeze edges from ``x`` (n, *shape), then add ``x`` and ``probs``.
+
+    A model whose output is a number passes ``values`` (n, V) (or (n,)) instead of ``probs``: its
+    edges are frozen from them too and they fill ``Profile.values`` (``value_names``, default
+    ``value``, ``value_1``, ...); the class counts and confidence stay empty.
+    """
     features = FeatureSpec.for_input(x.shape[1:], feature_names)
     feats = features.extract(x)
+    vnames: list[str] | None = None
+    vedges: list[list[float]] | None = None
+    v: np.ndarray | None = None
+    if values is not None:
+        v = np.asarray(values, dtype=np.float64)
+        v = v[:, None] if v.ndim == 1 else v
+        vnames = (
+            [str(n) for n in value_names]
+            if value_names is not None
+            else (["value"] if v.shape[1] == 1 else [f"value_{i}" for i in range(v.shape[1])])
+        )
+        vedges = make_edges(v, bins)
     spec = ProfileSpec(
-        features=features, input_edges=make_edges(feats, bins), labels=[str(v) for v in labels]
+        features=features,
+        input_edges=make_edges(feats, bins),
+        labels=[str(v) for v in labels],
+        value_names=vnames,
+        value_edges=vedges,
     )
     prof = spec.new_profile()
     prof.inputs.update(feats)
-    prof.update_outputs(probs)
+    if v is not None:
+        prof.update_values(v)
+    if probs is not None:
+        prof.update_outputs(probs)
     if latency_ms is not None and len(latency_ms):
         prof.update_latency(np.asarray(latency_ms))
     return prof

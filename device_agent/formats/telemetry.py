@@ -330,6 +330,8 @@ class StatsMessage:
                 "latency_ms": self.latency_ms,
                 "schema_violations": self.schema_violations,
             }
+            if "values" in self.outputs:
+                state["values"] = self.outputs["values"]
             prof = Profile.from_state(spec, state)
         except StatsError as e:
             raise TelemetryError(f"stats profile does not fit the baseline: {e}") from None
@@ -385,9 +387,7 @@ def encode_stats(
         "spec_hash": profile.spec.spec_hash(),
         "count": profile.count,
         "inputs": None if empty else state["inputs"],
-        "outputs": None
-        if empty
-        else {"class_counts": state["class_counts"], "confidence": state["confidence"]},
+        "outputs": None if empty else _outputs(state),
         "latency_ms": None if empty else state["latency_ms"],
         "schema_violations": state["schema_violations"],
         "dropped_windows": int(dropped_windows),
@@ -401,6 +401,15 @@ def encode_stats(
             f"stats payload of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}; profile fewer features"
         )
     return raw
+
+
+def _outputs(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A window's ``outputs``: class counts and confidence, and ``values`` (the per-sample scalar
+    outputs of a regression or anomaly model) only when the profile has them."""
+    out = {"class_counts": state["class_counts"], "confidence": state["confidence"]}
+    if "values" in state:
+        out["values"] = state["values"]
+    return out
 
 
 def _check_fsp(d: Any, where: str) -> dict[str, Any]:
@@ -457,7 +466,7 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
     count = int_field(d["count"], "count")
     if not all(nulls):
         inputs = _check_fsp(d["inputs"], "inputs")
-        require_keys(d["outputs"], {"class_counts", "confidence"}, set(), "outputs")
+        require_keys(d["outputs"], {"class_counts", "confidence"}, {"values"}, "outputs")
         cc = d["outputs"]["class_counts"]
         if not isinstance(cc, list) or not all(
             isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cc
@@ -467,6 +476,8 @@ def decode_stats(raw: bytes, topic_device: str | None = None, topic_fleet: str |
             "class_counts": cc,
             "confidence": _check_fsp(d["outputs"]["confidence"], "outputs.confidence"),
         }
+        if "values" in d["outputs"]:
+            outputs["values"] = _check_fsp(d["outputs"]["values"], "outputs.values")
         latency = _check_fsp(d["latency_ms"], "latency_ms")
     elif count != 0:
         raise TelemetryError("a heartbeat (no profile) must have count 0")

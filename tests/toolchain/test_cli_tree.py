@@ -28,12 +28,14 @@ EXPECTED: dict[str, list[str]] = {
         "option:--json",
         "option:--label",
         "option:--max-class-drop",
+        "option:--max-error-increase",
         "option:--name",
         "option:--out",
         "option:--prune",
         "option:--quantize",
         "option:--sign-key",
         "option:--target",
+        "option:--task",
         "option:--version",
     ],
     "edgefleet demo": [
@@ -49,6 +51,7 @@ EXPECTED: dict[str, list[str]] = {
         "option:--json",
         "option:--label",
         "option:--runtime",
+        "option:--task",
     ],
     "edgefleet flash": [
         "argument:bundle",
@@ -216,6 +219,7 @@ EXPECTED: dict[str, list[str]] = {
         "option:--out",
         "option:--replay",
         "option:--seed",
+        "option:--task",
         "option:--workers",
     ],
     "edgefleet tune": [

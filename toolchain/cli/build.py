@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from toolchain.cli.options import task_option
 from toolchain.cli.output import emit_json, stdout_to_stderr
 from toolchain.steps.per_class import DEFAULT_MAX_CLASS_DROP_POINTS
 
@@ -86,6 +87,16 @@ DEFAULT_OUT = "bundles"
     help="x86 (ONNX): try the int8 forms (QDQ per-channel/per-tensor, reduced range) and ship the fastest"
     " that keeps accuracy; --no-int8-search ships QDQ per-channel without trying the others.",
 )
+@task_option
+@click.option(
+    "--max-error-increase",
+    "max_error_increase",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    metavar="PERCENT",
+    help="--task regression: fail a target whose int8 MAE exceeds the float MAE by more than this.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (nothing else on stdout).")
 def build_cmd(
     model: str,
@@ -103,9 +114,23 @@ def build_cmd(
     allow_accuracy_drop: bool,
     max_class_drop: float,
     int8_search: bool,
+    task: str,
+    max_error_increase: float,
     as_json: bool,
 ) -> None:
     """Turn MODEL (.keras, .h5 or SavedModel) into verified int8 bundles, one per target."""
+    if task == "regression":
+        from toolchain.cli.regression import run_build_regression
+
+        if quantize != "ptq" or prune is not None or cluster is not None:
+            raise click.UsageError("--task regression builds with --quantize ptq, no --prune or --cluster")
+        run_build_regression(
+            model, data_path, targets, out_dir, eval_data, label, version, name, sign_key,
+            max_error_increase, allow_accuracy_drop, as_json,
+        )  # fmt: skip
+        return
+    if task != "classification":
+        raise click.UsageError(f"--task {task} is not supported by 'edgefleet build' in this version")
     from toolchain.build import BuildError, build_bundles
     from toolchain.report import summary_table
 
@@ -152,6 +177,11 @@ def report_cmd(out_dir: str, as_json: bool) -> None:
 
     report = load_report(out_dir)
     base = Path(out_dir) if Path(out_dir).is_dir() else Path(out_dir).parent
+    if report.get("task") == "regression":
+        from toolchain.cli.regression import print_regression_report
+
+        print_regression_report(base, report, as_json)
+        return
     _, html_path = write_report(base, report)
     if as_json:
         emit_json(report)

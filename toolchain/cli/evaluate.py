@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from toolchain.cli.options import task_option
 from toolchain.cli.output import emit_json, stdout_to_stderr
 
 
@@ -22,11 +23,17 @@ from toolchain.cli.output import emit_json, stdout_to_stderr
     multiple=True,
     help="Measure only this runtime (repeatable; default: all the bundle lists).",
 )
+@task_option
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON on stdout.")
 def evaluate_cmd(
-    bundle: str, data_path: str, label: str | None, runtimes: tuple[str, ...], as_json: bool
+    bundle: str, data_path: str, label: str | None, runtimes: tuple[str, ...], task: str, as_json: bool
 ) -> None:
     """Re-measure a BUNDLE on labelled data: accuracy, per-class metrics and latency in each runtime."""
+    from toolchain.cli.regression import bundle_task, run_evaluate_regression
+
+    if bundle_task(bundle, task) == "regression":
+        run_evaluate_regression(bundle, data_path, label, list(runtimes), as_json)
+        return
     from toolchain.report import MAX_TEXT_MATRIX_CLASSES, confusion_text, per_class_rows, text_table
     from toolchain.steps.data import load_dataset
     from toolchain.steps.evaluate import evaluate_bundle

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import click
 
+from toolchain.cli.options import task_option
 from toolchain.cli.output import emit_json, stdout_to_stderr
 from toolchain.steps.finetune import DEFAULT_REPLAY
 from toolchain.steps.finetune import LEARNING_RATE as FINETUNE_LEARNING_RATE
@@ -89,6 +90,7 @@ from toolchain.steps.train import (
     help="Train data-parallel in this many local worker processes (MultiWorkerMirroredStrategy).",
 )
 @click.option("--out", "out_path", required=True, help="Where to save the model (.keras or .h5).")
+@task_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_cmd(
     data_paths: tuple[str, ...],
@@ -102,6 +104,7 @@ def train_cmd(
     class_weight: str,
     workers: int,
     out_path: str,
+    task: str,
     as_json: bool,
 ) -> None:
     """Train a built-in architecture on your data (seeded, repeatable; early stopping on validation loss).
@@ -115,6 +118,18 @@ def train_cmd(
     if learning_rate is not None and not (0 < learning_rate < float("inf")):
         raise TrainError(f"--learning-rate must be a positive number, got {learning_rate}")
     out = check_out_path(out_path)  # before reading data or importing TensorFlow
+    if task == "regression":
+        from toolchain.cli.regression import run_train_regression
+
+        if init_from is not None or workers > 1 or len(data_paths) != 1:
+            raise TrainError(
+                "--task regression trains from scratch on one --data (no --init-from, --workers)"
+            )
+        assert arch is not None
+        run_train_regression(data_paths[0], label, arch, epochs, seed, learning_rate, out, as_json)
+        return
+    if task != "classification":
+        raise TrainError(f"--task {task} is not supported by 'edgefleet train' in this version")
     if init_from is not None:
         from toolchain.cli.finetune import run_finetune
 

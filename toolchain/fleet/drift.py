@@ -50,6 +50,7 @@ import numpy as np
 
 from device_agent.formats.stats import FeatureSetProfile, Profile
 from toolchain.errors import ToolchainError
+from toolchain.fleet.predictiondrift import PredictionDrift, compare_values
 
 SMOOTHING = 0.5
 STATES = ("insufficient", "ok", "warn", "alert")
@@ -79,6 +80,10 @@ class DriftConfig:
     out_of_range_alert: float = 0.05
     violation_warn: float = 0.01
     violation_alert: float = 0.05
+    # Regression/anomaly bundles: |mean shift| of the predictions in baseline standard deviations
+    # (toolchain.fleet.predictiondrift; their prediction PSI uses the class_psi bands).
+    prediction_shift_warn: float = 0.5
+    prediction_shift_alert: float = 1.0
     raise_after: int = 2
     clear_after: int = 3
 
@@ -94,6 +99,7 @@ class DriftConfig:
             ("confidence_drop_warn", "confidence_drop_alert"),
             ("out_of_range_warn", "out_of_range_alert"),
             ("violation_warn", "violation_alert"),
+            ("prediction_shift_warn", "prediction_shift_alert"),
         ]
         for w, a in pairs:
             if getattr(self, w) > getattr(self, a):
@@ -266,6 +272,8 @@ class DriftResult:
         )
         for k in self.SCALARS:
             setattr(self, k, scalars[k])
+        # Regression/anomaly bundles: drift of the predicted values (None for classifiers).
+        self.prediction: PredictionDrift | None = scalars.get("prediction")
         self._features: list[FeatureDrift] | None = None
 
     count: int
@@ -319,6 +327,8 @@ class DriftResult:
         """Return a JSON-ready dict (floats rounded to 6 digits, non-finite as null)."""
         d = {k: _clean(getattr(self, k)) for k in self.SCALARS}
         d["max_psi"] = _clean(self.max_psi)
+        if self.prediction is not None:  # only for scalar-output bundles: classifier results unchanged
+            d["prediction"] = self.prediction.to_dict()
         if features:
             cols = [np.round(a, 6).tolist() for a in (self.f_psi, self.f_js, self.f_ks, self.f_ms)]
             d["features"] = [
@@ -419,6 +429,17 @@ def compare_many(
     oor_all = np.where(total > 0, outside / np.maximum(total, 1), 0.0)
     nf = max(n_feat, 1)
     base_conf = float(baseline.confidence.mean[0]) if baseline.confidence.count[0] > 0 else None
+    preds: list[PredictionDrift | None] = [None] * n_dev
+    if baseline.values is not None:
+        vals = [c.values if c.values is not None else baseline.values.empty_like() for c in currents]
+        psi_bands = (cfg.class_psi_warn, cfg.class_psi_alert)
+        shift_bands = (cfg.prediction_shift_warn, cfg.prediction_shift_alert)
+        bv = baseline.values
+        vw = bv.counts.shape[1]
+        v_mask = np.broadcast_to(_bin_mask(bv), (n_dev, bv.n_features, vw)).reshape(-1, vw)
+        v_base = np.broadcast_to(bv.counts, (n_dev, bv.n_features, vw)).reshape(-1, vw)
+        v_psi = psi(v_base, np.stack([v.counts for v in vals]).reshape(-1, vw), v_mask)
+        preds = list(compare_values(bv, vals, v_psi.reshape(n_dev, -1), psi_bands, shift_bands))
     results = []
     for i, current in enumerate(currents):
         n = current.count
@@ -436,7 +457,11 @@ def compare_many(
         class_psi = conf_mean = conf_shift = None
         class_share: list[float] = []
         output_state = decay_state = "ok"
-        if n > 0:
+        pred = preds[i]
+        if pred is not None:  # a number per sample: prediction PSI and mean shift instead
+            output_state, decay_state = pred.output_state, pred.decay_state
+            reasons += pred.reasons
+        elif n > 0:
             class_psi = float(c_psi[i])
             class_share = (cc[i] / n).tolist()
             output_state = _band(class_psi, cfg.class_psi_warn, cfg.class_psi_alert)
@@ -488,6 +513,7 @@ def compare_many(
                 out_of_range_rate=oor,
                 skew_state=skew_state if enough else ins,
                 class_share=class_share,
+                prediction=pred,
             )
         )
     return results

@@ -218,8 +218,8 @@ def _split(values: list[int], sizes: list[int]) -> list[list[int]]:
 _FILLS = (math.inf, -math.inf, 0.0, 0.0)  # what min, max, mean, m2 of a feature without values are
 
 
-def _pack_sets(states: tuple[Any, Any, Any], cc: Any, layout: Layout) -> tuple[bytes, bytes]:
-    """Validate the three feature-set states and class counts together; return the packed blobs."""
+def _pack_sets(states: tuple[Any, ...], cc: Any, layout: Layout) -> tuple[bytes, bytes]:
+    """Validate the feature-set states and class counts together; return the packed blobs."""
     plan = _plan(layout)
     lists: dict[str, list[Any]] = {k: [] for k in ("count", "nan", "min", "max", "mean", "m2", "hist")}
     for d, f in zip(states, plan.sizes, strict=True):
@@ -344,11 +344,19 @@ def decode_window(
         raise Refused("nulls")
     else:
         out = d["outputs"]
-        if type(out) is not dict or out.keys() != {"class_counts", "confidence"}:
+        has_values = layout.template.values is not None
+        keys = {"class_counts", "confidence", "values"} if has_values else {"class_counts", "confidence"}
+        if type(out) is not dict or out.keys() != keys:
             raise Refused("outputs")
         cc = out["class_counts"]
-        ints_b, floats_b = _pack_sets((d["inputs"], out["confidence"], d["latency_ms"]), cc, layout)
-        if sum(cc) != count:
+        sets = (d["inputs"], out["confidence"], d["latency_ms"])
+        ints_b, floats_b = _pack_sets((*sets, out["values"]) if has_values else sets, cc, layout)
+        if has_values:  # a scalar-output model counts its predictions in its values, not classes
+            v = out["values"]
+            predicted = v["count"][0] + v["nan"][0] if v["count"] else 0
+        else:
+            predicted = sum(cc)
+        if predicted != count:
             raise Refused("count")
     return FastWindow(
         device,

@@ -287,6 +287,18 @@ def build_report(
                         f["psi"] or 0.0,
                     )
                 )
+            bv, cv, pred = base.profile.values, g.profile.values, wr.get("prediction")
+            if bv is not None and cv is not None and pred:  # regression/anomaly: the predictions too
+                for j, vname in enumerate(bv.names):
+                    hist_html.append(
+                        svg_histogram(
+                            f"{wr['device_id']}: prediction {vname}",
+                            bv.edge_list(j),
+                            [int(v) for v in bv.hist(j)],
+                            [int(v) for v in cv.hist(j)],
+                            pred["psi"][j] or 0.0,
+                        )
+                    )
     finally:
         if isinstance(db, str):
             store.close()
@@ -353,8 +365,8 @@ def _drift_table_html(rows: list[dict[str, Any]]) -> str:
             f"<td>{_e(r['model']['name'])} v{_e(r['model']['version'])}</td><td>{r['count']}</td>"
             f'<td class="state-{_e(r["state"])}">{_e(r["state"])}</td><td>{_fmt(r["max_psi"])}</td>'
             f"<td>{_e(r['worst_feature'])}</td><td>{_fmt(r['alert_share'] * 100, 0)} %</td>"
-            f"<td>{_fmt(r['class_psi'])}</td><td>{_fmt(r['confidence_shift'])}</td>"
-            f"<td>{_fmt(r['out_of_range_rate'] * 100, 1)} %</td>"
+            + _output_html(r)
+            + f"<td>{_fmt(r['out_of_range_rate'] * 100, 1)} %</td>"
             f"<td>{_fmt(r['schema_violation_rate'] * 100, 1)} %</td>"
             f"<td>{_accuracy(r)}</td></tr>"
         )
@@ -446,3 +458,14 @@ def write_report(
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
     return out
+
+
+def _output_html(r: dict[str, Any]) -> str:
+    """The class PSI and confidence shift cells; for a regression/anomaly model the prediction PSI
+    and its largest mean shift (in baseline standard deviations), marked as prediction drift."""
+    p = r.get("prediction")
+    if not p:
+        return f"<td>{_fmt(r['class_psi'])}</td><td>{_fmt(r['confidence_shift'])}</td>"
+    shifts = [v for v in p.get("mean_shift") or [] if v is not None]
+    worst = max(shifts, key=abs) if shifts else None
+    return f"<td>{_fmt(p.get('max_psi'))} (prediction)</td><td>{_fmt(worst)} sd (prediction)</td>"

@@ -268,7 +268,7 @@ class Layout:
         proto = spec.new_profile()
         parts = []
         n_ints = n_floats = 0
-        for name in ("inputs", "confidence", "latency_ms"):
+        for name in _sets(proto):
             fp: FeatureSetProfile = getattr(proto, name)
             f, w = fp.counts.shape
             parts.append((name, f, w))
@@ -287,14 +287,21 @@ class Layout:
             confidence=t.confidence.empty_like(),
             latency_ms=t.latency_ms.empty_like(),
             schema_violations={},
+            values=None if t.values is None else t.values.empty_like(),
         )
+
+
+def _sets(profile: Profile) -> tuple[str, ...]:
+    """The feature sets a profile packs, in order (``values`` last, only for scalar-output models)."""
+    base = ("inputs", "confidence", "latency_ms")
+    return base if profile.values is None else (*base, "values")
 
 
 def pack_profile(profile: Profile) -> tuple[bytes, bytes]:
     """Return a profile's (ints, floats) blobs in its spec's layout."""
     ints: list[np.ndarray] = []
     floats: list[np.ndarray] = []
-    for name in ("inputs", "confidence", "latency_ms"):
+    for name in _sets(profile):
         fp: FeatureSetProfile = getattr(profile, name)
         ints += [fp.counts.ravel(), fp.count, fp.nan_count]
         floats += [fp.min, fp.max, fp.mean, fp.m2]

@@ -19,6 +19,7 @@ ARCHITECTURES = ("mlp", "cnn", "mobilenetv2")
 MOBILENET_MIN_SIDE = 32
 MOBILENET_ALPHA = 0.35
 MOBILENET_BN_MOMENTUM = 0.9
+REGRESSION_L2 = 1e-2
 
 
 def build_architecture(
@@ -31,6 +32,7 @@ def build_architecture(
     depth: int = 2,
     resolution: float = 1.0,
     alpha: float = MOBILENET_ALPHA,
+    linear: bool = False,
 ) -> Any:
     """Return an uncompiled tf_keras model for raw inputs like ``x`` (n, *shape) with ``n_classes`` outputs.
 
@@ -42,6 +44,9 @@ def build_architecture(
     hidden layers (mlp) or conv blocks (cnn), each half (mlp) or twice (cnn) the previous one;
     ``resolution`` (0..1] scales the image's height and width by a resize inside the model (the device
     still sends full-size images); ``alpha`` is MobileNetV2's width multiplier.
+
+    ``linear`` (regression, ``toolchain.steps.regression``): ``n_classes`` linear outputs, one per
+    target, instead of a softmax over classes.
     """
     keras = import_keras()
     tf = import_tf()
@@ -49,7 +54,7 @@ def build_architecture(
     if arch not in ARCHITECTURES:
         raise ModelError(f"unknown architecture {arch!r}. Known: {', '.join(ARCHITECTURES)}")
     shape = tuple(int(d) for d in x.shape[1:])
-    if n_classes < 2:
+    if n_classes < 2 and not linear:
         raise ModelError(f"the data has {n_classes} class; classification needs at least 2")
     L = keras.layers
     inp = keras.Input(shape=shape, name="input")
@@ -59,9 +64,18 @@ def build_architecture(
         norm = L.Normalization(axis=-1, name="normalize")
         norm.adapt(flat)
         h = norm(h)
+        x0 = h
+        # regression: an L2 penalty on the hidden layers, so what the linear path explains stays there
+        reg = keras.regularizers.l2(REGRESSION_L2) if linear else None
         for i in range(depth):
-            h = L.Dense(max(4, round(64 * width / 2**i)), activation="relu")(h)
-        out = L.Dense(n_classes, activation="softmax", name="scores")(h)
+            h = L.Dense(max(4, round(64 * width / 2**i)), activation="relu", kernel_regularizer=reg)(h)
+        if linear:
+            # regression: a linear path beside the hidden layers (train starts it at the least-squares
+            # fit; the hidden part starts at zero and learns what is not linear)
+            head = L.Dense(n_classes, kernel_initializer="zeros", name="scores")(h)
+            out = L.Add(name="values")([head, L.Dense(n_classes, use_bias=False, name="linear")(x0)])
+        else:
+            out = L.Dense(n_classes, activation="softmax", name="scores")(h)
         return keras.Model(inp, out, name="mlp")
     if len(shape) != 3:
         raise ModelError(
@@ -82,7 +96,7 @@ def build_architecture(
         h = L.Flatten()(h) if spatial <= 64 else L.GlobalAveragePooling2D()(h)
         h = L.Dense(64, activation="relu")(h)
         h = L.Dropout(0.2)(h)
-        out = L.Dense(n_classes, activation="softmax", name="scores")(h)
+        out = L.Dense(n_classes, activation=None if linear else "softmax", name="scores")(h)
         return keras.Model(inp, out, name="cnn")
     # mobilenetv2: scale raw values to [-1, 1] as MobileNetV2 expects; resize tiny images up.
     h = L.Rescaling(2.0 / scale, offset=-1.0, name="rescale")(inp)
@@ -109,7 +123,7 @@ def build_architecture(
         if type(layer).__name__ == "BatchNormalization":
             layer.momentum = MOBILENET_BN_MOMENTUM
     h = base.output
-    out = L.Dense(n_classes, activation="softmax", name="scores")(h)
+    out = L.Dense(n_classes, activation=None if linear else "softmax", name="scores")(h)
     return keras.Model(inp, out, name="mobilenetv2")
 
 

@@ -161,14 +161,22 @@ def _class_names_for(y_raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
         return np.searchsorted(uniq, vals).astype(np.int64), [str(v) for v in uniq]
     if y_raw.dtype.kind == "f":
         if not np.isfinite(y_raw).all() or not np.all(y_raw == np.round(y_raw)):
-            raise DataError(
-                "labels must be integers or strings (class names); regression targets are not supported"
-            )
+            raise DataError(float_labels_message(y_raw))
         return _class_names_for(y_raw.astype(np.int64))
     strs = [str(v) for v in y_raw.tolist()]
     names = sorted(set(strs), key=_natural_key)
     index = {v: i for i, v in enumerate(names)}
     return np.array([index[v] for v in strs], dtype=np.int64), names
+
+
+def float_labels_message(y: np.ndarray) -> str:
+    """The one-line refusal of fractional labels for classification, pointing to ``--task regression``."""
+    frac = y[~np.isfinite(y) | (y != np.round(y))]
+    shown = f" (e.g. {float(frac[0]):g})" if frac.size else ""
+    return (
+        f"labels hold fractional numbers{shown}, not class names; to predict a number pass --task regression"
+        " (class labels must be integers or strings)"
+    )
 
 
 def _natural_key(s: str) -> tuple[int, float, str]:
@@ -293,10 +301,12 @@ def _load_csv(p: Path, label: str | None) -> Dataset:
     lab_arr = np.array(labels)
     try:
         as_num = np.array([float(v) for v in labels])
-        if np.all(as_num == np.round(as_num)):
-            lab_arr = as_num.astype(np.int64)
     except ValueError:
-        pass
+        as_num = None
+    if as_num is not None:
+        if not np.all(as_num == np.round(as_num)):  # a number per row, not class names
+            raise DataError(f"{str(p)!r} column {label!r}: " + float_labels_message(as_num))
+        lab_arr = as_num.astype(np.int64)
     y, names = _class_names_for(lab_arr)
     return Dataset(x, y, feats, names, str(p), "csv")
 

@@ -148,8 +148,11 @@ def assemble_bundle(
     edgetpu: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, Path] | None = None,
     input_layout: Mapping[str, str] | None = None,
+    task: Mapping[str, Any] | None = None,
 ) -> Manifest:
-    """Fill ``staging`` with the bundle's files and write manifest.json last; return the manifest."""
+    """Fill ``staging`` with the bundle's files and write manifest.json last; return the manifest.
+
+    ``task`` is the manifest's ``task`` (None: classification, the field left out)."""
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     model_rel = "model." + model_format.value
@@ -186,6 +189,7 @@ def assemble_bundle(
         threads=int(threads),
         edgetpu=dict(edgetpu) if edgetpu is not None else None,
         input_layout=dict(input_layout) if input_layout is not None else None,
+        task=dict(task) if task is not None else None,
     )
     # Round-trip through the device's own parser so a bundle the agent would refuse never ships.
     Manifest.from_dict(json.loads(manifest.to_bytes()))

@@ -320,8 +320,7 @@ def drift_cmd(
                 _f(r["max_psi"]),
                 r["worst_feature"],
                 f"{r['alert_share']:.0%}",
-                _f(r["class_psi"]),
-                _f(r["confidence_shift"], "{:+.3f}"),
+                *output_cells(r),
                 f"{r['out_of_range_rate']:.1%}",
                 f"{r['schema_violation_rate']:.1%}",
             ]
@@ -380,8 +379,7 @@ def _print_stored_drift(rows: list[dict[str, Any]], as_json: bool, since: str) -
                 _f(r["max_psi"]),
                 r["worst_feature"],
                 f"{r['alert_share']:.0%}" if r.get("alert_share") is not None else "-",
-                _f(r.get("class_psi")),
-                _f(r.get("confidence_shift"), "{:+.3f}"),
+                *output_cells(r),
                 f"{r['out_of_range_rate']:.1%}" if r.get("out_of_range_rate") is not None else "-",
             ]
         )
@@ -419,3 +417,15 @@ def report_cmd(db_url: str, out_path: str, since: str) -> None:
         )
     path = write_report(db_url, out_path, since=since)
     click.echo(f"wrote {path}")
+
+
+def output_cells(r: dict[str, Any]) -> list[str]:
+    """The output-drift cells of a drift row: class PSI and confidence shift for a classifier; for
+    a regression/anomaly model the prediction PSI and the largest mean shift (in baseline sd),
+    marked ``pred``."""
+    p = r.get("prediction")
+    if not p:
+        return [_f(r.get("class_psi")), _f(r.get("confidence_shift"), "{:+.3f}")]
+    shifts = [v for v in p.get("mean_shift") or [] if v is not None]
+    worst = max(shifts, key=abs) if shifts else None
+    return [f"{_f(p.get('max_psi'))} pred", "-" if worst is None else f"{worst:+.2f} sd pred"]
