@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from toolchain.cli.options import task_option
 from toolchain.cli.output import emit_json, stdout_to_stderr
 from toolchain.steps.per_class import DEFAULT_MAX_CLASS_DROP_POINTS
 
@@ -80,6 +81,16 @@ DEFAULT_OUT = "bundles"
     " (and by 2+ samples); 100 turns it off.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (nothing else on stdout).")
+@task_option
+@click.option(
+    "--threshold-percentile",
+    "threshold_percentile",
+    type=click.FloatRange(0, 100, min_open=True, max_open=True),
+    default=None,
+    metavar="P",
+    help="--task anomaly: the threshold is this percentile of the int8 model's scores of --data"
+    " (normal samples) [default: 99].",
+)
 def build_cmd(
     model: str,
     data_path: str,
@@ -96,11 +107,46 @@ def build_cmd(
     allow_accuracy_drop: bool,
     max_class_drop: float,
     as_json: bool,
+    task: str,
+    threshold_percentile: float | None,
 ) -> None:
     """Turn MODEL (.keras, .h5 or SavedModel) into verified int8 bundles, one per target."""
     from toolchain.build import BuildError, build_bundles
+    from toolchain.errors import ToolchainError
     from toolchain.report import summary_table
+    from toolchain.steps.anomaly import model_task
+    from toolchain.steps.models import read_model_meta
 
+    if task != "anomaly" and threshold_percentile is not None:
+        raise click.UsageError("--threshold-percentile applies to --task anomaly")
+    trained_for = model_task(read_model_meta(Path(model)))
+    if trained_for != task and trained_for != "classification":
+        raise ToolchainError(
+            f"model {model!r} was trained with --task {trained_for}; build it with --task {trained_for}"
+        )
+    if task == "anomaly":
+        _build_anomaly(
+            model,
+            data_path,
+            targets,
+            quantize,
+            prune,
+            cluster,
+            eval_data,
+            label,
+            version,
+            name,
+            out_dir,
+            sign_key,
+            allow_accuracy_drop,
+            99.0 if threshold_percentile is None else threshold_percentile,
+            as_json,
+        )
+        return
+    if task != "classification":
+        raise ToolchainError(
+            f"--task {task} is not available in this version; build a classifier or --task anomaly"
+        )
     try:
         with stdout_to_stderr(as_json):
             report = build_bundles(
@@ -131,6 +177,65 @@ def build_cmd(
         emit_json(report)
         return
     click.echo(summary_table(report))
+    click.echo(f"\nbundles in {out_dir}/<target>/; report: {Path(out_dir) / 'report.html'}")
+
+
+def _build_anomaly(
+    model: str,
+    data_path: str,
+    targets: tuple[str, ...],
+    quantize: str,
+    prune: float | None,
+    cluster: int | None,
+    eval_data: str | None,
+    label: str | None,
+    version: int,
+    name: str | None,
+    out_dir: str,
+    sign_key: str | None,
+    allow_accuracy_drop: bool,
+    threshold_percentile: float,
+    as_json: bool,
+) -> None:
+    """``build --task anomaly`` (toolchain.steps.anomaly_build): the threshold from the int8 scores."""
+    from toolchain.build import BuildError
+    from toolchain.steps.anomaly_build import anomaly_summary, build_anomaly_bundles
+    from toolchain.targets import resolve_targets
+
+    unsupported = [
+        flag
+        for flag, on in (
+            ("--prune", prune is not None),
+            ("--cluster", cluster is not None),
+            ("--quantize qat", quantize == "qat"),
+        )
+        if on
+    ]
+    try:
+        with stdout_to_stderr(as_json):
+            report = build_anomaly_bundles(
+                model,
+                data_path,
+                resolve_targets(list(targets)),
+                out_dir,
+                threshold_percentile=threshold_percentile,
+                eval_data=eval_data,
+                label=label,
+                version=version,
+                name=name,
+                sign_key=sign_key,
+                allow_accuracy_drop=allow_accuracy_drop,
+                progress=not as_json,
+                unsupported=unsupported,
+            )
+    except BuildError as e:
+        if e.report is not None:
+            emit_json(e.report) if as_json else click.echo(anomaly_summary(e.report))
+        raise
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(anomaly_summary(report))
     click.echo(f"\nbundles in {out_dir}/<target>/; report: {Path(out_dir) / 'report.html'}")
 
 

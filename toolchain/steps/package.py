@@ -148,6 +148,7 @@ def assemble_bundle(
     edgetpu: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, Path] | None = None,
     input_layout: Mapping[str, str] | None = None,
+    task: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Fill ``staging`` with the bundle's files and write manifest.json last; return the manifest."""
     staging = Path(staging)
@@ -186,6 +187,7 @@ def assemble_bundle(
         threads=int(threads),
         edgetpu=dict(edgetpu) if edgetpu is not None else None,
         input_layout=dict(input_layout) if input_layout is not None else None,
+        task=dict(task) if task is not None else None,
     )
     # Round-trip through the device's own parser so a bundle the agent would refuse never ships.
     Manifest.from_dict(json.loads(manifest.to_bytes()))
