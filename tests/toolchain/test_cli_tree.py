@@ -33,6 +33,8 @@ EXPECTED: dict[str, list[str]] = {
         "option:--quantize",
         "option:--sign-key",
         "option:--target",
+        "option:--task",
+        "option:--threshold-percentile",
         "option:--version",
     ],
     "edgefleet demo": [
@@ -215,6 +217,7 @@ EXPECTED: dict[str, list[str]] = {
         "option:--out",
         "option:--replay",
         "option:--seed",
+        "option:--task",
         "option:--workers",
     ],
     "edgefleet tune": [
