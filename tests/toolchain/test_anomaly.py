@@ -290,3 +290,25 @@ def test_build_refuses_bad_percentiles_anomalous_data_and_the_wrong_task(
     res = CliRunner().invoke(main, [*base, "--data", str(anomaly_data / "tab.npz"), "--prune", "0.5"])
     _one_line_error(res, 1, "--prune is not available for --task anomaly")
     assert not (tmp_path / "b" / "x86").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_remeasures_an_anomaly_bundle_like_the_build(
+    anomaly_bundles: dict[str, Path], anomaly_data: Path
+) -> None:
+    res = _invoke(
+        [
+            "evaluate",
+            str(anomaly_bundles["tab"] / "x86"),
+            "--data",
+            str(anomaly_data / "tab_eval.npz"),
+            "--json",
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    built = json.loads((anomaly_bundles["tab"] / "report.json").read_text())["targets"]["x86"]
+    assert doc["threshold"] == pytest.approx(built["threshold"]) and doc["anomalies"] > 0
+    for rt, fig in doc["per_runtime"].items():
+        for k in ("auroc", "precision", "recall", "false_positive_rate"):
+            assert fig[k] == pytest.approx(built["per_runtime"][rt][k]), (rt, k)

@@ -31,6 +31,9 @@ def evaluate_cmd(
     from toolchain.steps.data import load_dataset
     from toolchain.steps.evaluate import evaluate_bundle
 
+    if _is_anomaly(bundle):
+        _evaluate_anomaly(bundle, data_path, label, runtimes, as_json)
+        return
     with stdout_to_stderr(as_json):
         ds = load_dataset(data_path, label)
         res = evaluate_bundle(bundle, ds, runtimes=list(runtimes) or None, progress=not as_json)
@@ -69,3 +72,48 @@ def evaluate_cmd(
         if len(res["labels"]) <= MAX_TEXT_MATRIX_CLASSES:
             click.echo("\nconfusion matrix (rows true, columns predicted):")
             click.echo(confusion_text(res["confusion_matrix"], res["labels"]))
+
+
+def _is_anomaly(bundle: str) -> bool:
+    """Whether BUNDLE's manifest says it is an anomaly detector (unreadable ones go the usual way)."""
+    from device_agent.formats.manifest import BundleError, load_manifest
+
+    try:
+        return load_manifest(bundle).task_type == "anomaly"
+    except (BundleError, OSError):
+        return False
+
+
+def _evaluate_anomaly(
+    bundle: str, data_path: str, label: str | None, runtimes: tuple[str, ...], as_json: bool
+) -> None:
+    """``evaluate`` of an anomaly bundle: AUROC, precision and recall at its threshold, per runtime."""
+    from toolchain.report import _fmt, text_table
+    from toolchain.steps.anomaly_build import evaluate_anomaly_bundle
+    from toolchain.steps.data import load_dataset
+
+    with stdout_to_stderr(as_json):
+        res = evaluate_anomaly_bundle(bundle, load_dataset(data_path, label), list(runtimes) or None)
+    if as_json:
+        emit_json(res)
+        return
+    click.echo(
+        f"{res['name']} v{res['version']} ({res['target']}, anomaly, threshold {res['threshold']:.4g}) on"
+        f" {res['samples']} samples ({res['anomalies']} anomalies) of {res['data']}"
+    )
+    rows = [
+        [
+            rt,
+            _fmt(v.get("auroc")),
+            _fmt(v.get("precision"), "pct"),
+            _fmt(v.get("recall"), "pct"),
+            _fmt(v.get("false_positive_rate"), "pct"),
+            _fmt(v.get("latency_ms_p50"), "ms"),
+        ]
+        for rt, v in res["per_runtime"].items()
+    ]
+    click.echo(
+        text_table(["runtime", "AUROC", "precision", "recall", "false positives", "agent p50 ms"], rows)
+    )
+    if res.get("build_auroc") is not None:
+        click.echo(f"AUROC at build time: {res['build_auroc']:.4f}")

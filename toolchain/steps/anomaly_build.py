@@ -450,6 +450,49 @@ def _measure_runtimes(
     return per_rt, calib_scores
 
 
+def evaluate_anomaly_bundle(
+    bundle: str | Path, data: Dataset, runtimes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Re-measure an anomaly bundle on labelled data (``y``: 1 = anomaly) through the agent, per runtime.
+
+    ``edgefleet evaluate`` on an anomaly bundle: AUROC (worse of the batch-1 and batch paths),
+    precision, recall and false-positive rate at the manifest's threshold (batch-1 scores), and the
+    agent's per-sample latency, beside the figures the build recorded.
+    """
+    from device_agent.formats.manifest import VerifyPolicy, verify_bundle
+
+    bundle = Path(bundle)
+    m = verify_bundle(bundle, VerifyPolicy(allow_unsigned=True))
+    threshold = m.anomaly_threshold
+    if threshold is None:
+        raise AnomalyError(f"bundle {str(bundle)!r} is a {m.task_type} bundle, not an anomaly detector")
+    check_fits(data, m.inputs[0].shape[1:], None, what="eval data")
+    truth = anomaly_truth(data, "--data")
+    listed = [r.value for r in m.model.runtimes]
+    chosen = list(runtimes or listed)
+    unknown = [r for r in chosen if r not in listed]
+    if unknown:
+        raise AnomalyError(f"runtime {unknown[0]!r} is not in bundle {m.name!r}. Listed: {', '.join(listed)}")
+    per_runtime, _ = _measure_runtimes(bundle, chosen, data.x[:1], data.x, truth)
+    for fig in per_runtime.values():
+        fig.update(_detection(fig.pop("_eval_scores"), truth, threshold))
+    return finite(
+        {
+            "name": m.name,
+            "version": m.version,
+            "target": m.target,
+            "task": dict(m.task or {}),
+            "threshold": threshold,
+            "data": data.source,
+            "samples": data.n,
+            "anomalies": int(truth.sum()) if truth is not None else None,
+            "preferred_runtime": chosen[0],
+            "per_runtime": per_runtime,
+            "build_auroc": m.metrics.get("auroc"),
+        }
+    )
+
+
 def anomaly_summary(report: dict[str, Any]) -> str:
     """Return the terminal summary of an anomaly build: one row per target, then failures."""
     from toolchain.report import _fmt, text_table
