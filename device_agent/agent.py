@@ -149,6 +149,17 @@ def _smoke(predictor: Predictor, spec: ProfileSpec, n_labels: int) -> None:
         )
 
 
+def predicted_classes(pred: Prediction, labels: Sequence[str]) -> list[int]:
+    """Return each sample's predicted class index: the top-1 output, or for a model with one output
+    per sample (an anomaly score) the index of the label the agent gave it."""
+    out = np.asarray(pred.outputs)
+    index = {lab: i for i, lab in enumerate(labels)}
+    if out.ndim == 2 and out.shape[1] != len(labels) and all(lab in index for lab in pred.labels):
+        return [index[lab] for lab in pred.labels]
+    # (also when the serving model changed since: feedback then does not count for it anyway)
+    return [int(v) for v in out.reshape(len(out), -1).argmax(axis=1)]
+
+
 def prediction_ids(n: int) -> list[str]:
     """``n`` new prediction ids: 22 URL-safe characters of 128 random bits each."""
     import secrets
@@ -508,6 +519,7 @@ __all__ = [
     "PREDICT_BATCH",
     "agent_version",
     "prediction_ids",
+    "predicted_classes",
     "dequantize",
     "load_model",
     "quantize",

@@ -312,3 +312,62 @@ def test_evaluate_remeasures_an_anomaly_bundle_like_the_build(
     for rt, fig in doc["per_runtime"].items():
         for k in ("auroc", "precision", "recall", "false_positive_rate"):
             assert fig[k] == pytest.approx(built["per_runtime"][rt][k]), (rt, k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_http_api_labels_scores_and_feedback_follow_the_decision(
+    anomaly_bundles: dict[str, Path], anomaly_data: Path
+) -> None:
+    from device_agent.api import ApiServer
+    from tests.device_agent.agent_helpers import http
+
+    ev = np.load(anomaly_data / "tab_eval.npz")
+    srv = ApiServer(Agent(anomaly_bundles["tab"] / "x86", allow_unsigned=True), "127.0.0.1:0")
+    srv.start()
+    try:
+        base = "http://" + srv.address
+        code, out = http(base, "/v1/predict", {"inputs": ev["x"][:20].tolist()})
+        assert code == 200
+        threshold = srv.agent.model.manifest.anomaly_threshold
+        assert out["labels"] == ["anomaly" if s > threshold else "normal" for s in out["scores"]]
+        assert [row[0] for row in out["outputs"]] == pytest.approx(out["scores"])
+        truth = ["anomaly" if v else "normal" for v in ev["y"][:20]]
+        code, res = http(
+            base,
+            "/v1/feedback",
+            {"items": [{"id": i, "label": t} for i, t in zip(out["ids"], truth, strict=True)]},
+        )
+        assert code == 200 and res["counted"] == 20
+        right = sum(p == t for p, t in zip(out["labels"], truth, strict=True))
+        assert [r["outcome"] for r in res["results"]].count("correct") == right
+    finally:
+        srv.shutdown()
+
+
+@pytest.mark.slow
+def test_anomaly_rate_drift_alerts_on_a_faulty_sensor_and_stays_silent_on_clean_data(
+    anomaly_bundles: dict[str, Path],
+) -> None:
+    """The fleet's class-prior PSI watches the anomaly rate: windows of a device whose sensor gain
+    went wrong (one column x1.5) alert; windows of clean normal data stay silent."""
+    from device_agent.formats.stats import baseline_from_dict
+    from toolchain.fleet.drift import compare
+
+    bundle = anomaly_bundles["tab"] / "raspberry-pi"
+    baseline = baseline_from_dict(json.loads((bundle / "baseline.json").read_text()))
+    assert baseline.class_counts[1] / baseline.count < 0.03  # about 1 % above the 99th percentile
+    agent = Agent(bundle, allow_unsigned=True)
+    clean, _ = anomaly_tabular(400, 0.0, seed=5)
+    faulty = clean.copy()
+    faulty[:, 5] *= 1.5
+    for row in clean:
+        agent.predict(row)
+    quiet = compare(baseline, agent.close_window().profile)
+    for row in faulty:
+        agent.predict(row)
+    window = agent.close_window().profile
+    loud = compare(baseline, window)
+    assert window.class_counts[1] / window.count > 0.2  # the anomaly rate of the faulty device
+    assert quiet.class_psi is not None and quiet.class_psi < 0.1 and quiet.output_state == "ok"
+    assert loud.class_psi is not None and loud.class_psi > 0.2 and loud.output_state == "alert"
