@@ -8,6 +8,9 @@ Data made in code (tests/fabricate.py), two sets:
 - ``images``: 16x16x1 images in [0, 1]; normal ones are one smooth blob (random place, width,
   brightness); anomalies are stripes or speckle noise. 600 normal images to train on.
 
+Each test set comes twice: obvious anomalies (strength 1) and subtle ones (strength ``SUBTLE``: a
+small spike, or a little of the structure broken; stripes or speckle faintly over a blob).
+
 Methods, side by side in one run:
 
 - ``edgefleet`` float: ``edgefleet train --task anomaly --arch autoencoder`` (default settings), the
@@ -21,7 +24,7 @@ Methods, side by side in one run:
 
 Goal: int8 AUROC within ``GOAL_MAX_AUROC_DROP`` of float on every target (the build's gate).
 
-    .venv/bin/python -m benchmarks.anomaly_bench          # about 3 minutes on 2 cores
+    .venv/bin/python -m benchmarks.anomaly_bench          # about 5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ SETS = {  # name -> (train samples, test samples, PCA components)
     "tabular": (1000, 800, 2),
     "images": (600, 400, 64),
 }
+# Anomaly strength of the test sets (tests/fabricate.py): 1 = obvious, SUBTLE = barely off normal,
+# where the int8 score's resolution near the threshold matters most.
+SUBTLE = 0.05
+STRENGTHS = (1.0, SUBTLE)
 
 
 def pca_scores(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
@@ -76,9 +83,7 @@ def run(md: Path) -> None:
         for name, (n_train, n_test, k) in SETS.items():
             gen = anomaly_tabular if name == "tabular" else anomaly_images
             x, _ = gen(n_train, 0.0, seed=0)
-            xt, yt = gen(n_test, 0.25, seed=1)
             np.savez(d / f"{name}.npz", x=x)
-            np.savez(d / f"{name}_test.npz", x=xt, y=yt)
             t0 = time.perf_counter()
             res = CliRunner().invoke(
                 main,
@@ -89,40 +94,49 @@ def run(md: Path) -> None:
             if res.exit_code:
                 raise SystemExit(res.output)
             progress_print(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
-            args = ["build", str(d / f"{name}.keras"), "--task", "anomaly", "--data", str(d / f"{name}.npz")]
-            args += [
-                "--eval-data",
-                str(d / f"{name}_test.npz"),
-                "--out",
-                str(d / f"{name}-bundles"),
-                "--json",
-            ]
-            args += [a for t in TARGETS for a in ("--target", t)]
-            res = CliRunner().invoke(main, args, catch_exceptions=False)
-            report = json.loads(res.stdout)
-            progress_print(f"{name}: built in {report['build_s']} s")
-            pca = auroc(pca_scores(x, xt, k), yt)
-            rows.append([name, "PCA (float64)", "numpy", pca, None, None, None, None, "-"])
-            rows.append([name, "float", "tf_keras", report["float"]["auroc"], None, None, None, None, "-"])
-            for target, e in report["targets"].items():
-                for rt, fig in e.get("per_runtime", {}).items():
-                    drop = (e["float_auroc"] - fig["auroc"]) if fig.get("auroc") is not None else None
-                    ok = drop is not None and drop <= GOAL_MAX_AUROC_DROP
-                    if not ok:
-                        missed.append(f"{name}/{target}/{rt}")
-                    rows.append(
-                        [
-                            name,
-                            f"int8 {target}",
-                            rt,
-                            fig.get("auroc"),
-                            drop,
-                            fig.get("precision"),
-                            fig.get("recall"),
-                            fig.get("false_positive_rate"),
-                            "met" if ok else "MISSED",
-                        ]
-                    )
+            for strength in STRENGTHS:
+                xt, yt = gen(n_test, 0.25, seed=1, strength=strength)
+                test = d / f"{name}_test_{strength}.npz"
+                np.savez(test, x=xt, y=yt)
+                label = f"{name}, strength {strength:g}"
+                args = [
+                    "build",
+                    str(d / f"{name}.keras"),
+                    "--task",
+                    "anomaly",
+                    "--data",
+                    str(d / f"{name}.npz"),
+                ]
+                args += ["--eval-data", str(test), "--out", str(d / f"{name}-{strength}"), "--json"]
+                args += ["--allow-accuracy-drop"]  # a target over the AUROC gate is a MISSED row, not a stop
+                args += [a for t in TARGETS for a in ("--target", t)]
+                res = CliRunner().invoke(main, args, catch_exceptions=False)
+                report = json.loads(res.stdout)
+                progress_print(f"{label}: built in {report['build_s']} s")
+                pca = auroc(pca_scores(x, xt, k), yt)
+                rows.append([label, "PCA (float64)", "numpy", pca, None, None, None, None, "-"])
+                rows.append(
+                    [label, "float", "tf_keras", report["float"]["auroc"], None, None, None, None, "-"]
+                )
+                for target, e in report["targets"].items():
+                    for rt, fig in e.get("per_runtime", {}).items():
+                        drop = (e["float_auroc"] - fig["auroc"]) if fig.get("auroc") is not None else None
+                        ok = drop is not None and drop <= GOAL_MAX_AUROC_DROP
+                        if not ok:
+                            missed.append(f"{label}/{target}/{rt}")
+                        rows.append(
+                            [
+                                label,
+                                f"int8 {target}",
+                                rt,
+                                fig.get("auroc"),
+                                drop,
+                                fig.get("precision"),
+                                fig.get("recall"),
+                                fig.get("false_positive_rate"),
+                                "met" if ok else "MISSED",
+                            ]
+                        )
     headers = [
         "data",
         "model",
@@ -146,7 +160,8 @@ def run(md: Path) -> None:
         "`benchmarks/anomaly_bench.py`: `edgefleet train --task anomaly --arch autoencoder` and"
         " `edgefleet build --task anomaly` on two data sets made in code (tabular: 8 columns from 0.001 to"
         " 4000, 1,000 normal rows; images: 16x16 blobs, 600), each tested on held-out data with 25 %"
-        " anomalies; a PCA reconstruction error with as many components as the autoencoder's bottleneck is"
+        f" anomalies, obvious (strength 1) and subtle (strength {SUBTLE:g}: barely off the normal"
+        " structure, tests/fabricate.py); a PCA reconstruction error with as many components as the autoencoder's bottleneck is"
         " the plain alternative. The score is computed inside the int8 graph: scores above the calibration"
         " range saturate (docs/anomaly.md), which ties the strongest anomalies but keeps them above the"
         " threshold."
