@@ -166,6 +166,7 @@ def test_int8_keeps_the_ranking_and_the_report_measures_the_device_path(
     report = json.loads((anomaly_bundles[kind] / "report.json").read_text())
     assert report["task"]["type"] == "anomaly" and report["labels"] == ["normal", "anomaly"]
     assert report["float"]["auroc"] > 0.97
+    assert "<th>AUROC</th>" in (anomaly_bundles[kind] / "report.html").read_text()
     for name, e in report["targets"].items():
         assert e["status"] == "ok", (name, e["error"])
         assert e["auroc"] > 0.95 and abs(e["auroc"] - e["float_auroc"]) <= 0.02, (name, e)

@@ -199,7 +199,8 @@ def _build_anomaly(
 ) -> None:
     """``build --task anomaly`` (toolchain.steps.anomaly_build): the threshold from the int8 scores."""
     from toolchain.build import BuildError
-    from toolchain.steps.anomaly_build import anomaly_summary, build_anomaly_bundles
+    from toolchain.report import summary_table
+    from toolchain.steps.anomaly_build import build_anomaly_bundles
     from toolchain.targets import resolve_targets
 
     unsupported = [
@@ -230,12 +231,12 @@ def _build_anomaly(
             )
     except BuildError as e:
         if e.report is not None:
-            emit_json(e.report) if as_json else click.echo(anomaly_summary(e.report))
+            emit_json(e.report) if as_json else click.echo(summary_table(e.report))
         raise
     if as_json:
         emit_json(report)
         return
-    click.echo(anomaly_summary(report))
+    click.echo(summary_table(report))
     click.echo(f"\nbundles in {out_dir}/<target>/; report: {Path(out_dir) / 'report.html'}")
 
 
