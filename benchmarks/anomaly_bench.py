@@ -78,6 +78,7 @@ def run(md: Path) -> None:
 
     rows: list[list[Any]] = []
     missed: list[str] = []
+    versus: list[str] = []  # the float autoencoder against PCA, per test set
     with tempfile.TemporaryDirectory(prefix="anomaly-bench-") as tmp:
         d = Path(tmp)
         for name, (n_train, n_test, k) in SETS.items():
@@ -114,6 +115,7 @@ def run(md: Path) -> None:
                 report = json.loads(res.stdout)
                 progress_print(f"{label}: built in {report['build_s']} s")
                 pca = auroc(pca_scores(x, xt, k), yt)
+                versus.append(f"{label}: {report['float']['auroc']:.3f} vs {pca:.3f}")
                 rows.append([label, "PCA (float64)", "numpy", pca, None, None, None, None, "-"])
                 rows.append(
                     [label, "float", "tf_keras", report["float"]["auroc"], None, None, None, None, "-"]
@@ -154,7 +156,12 @@ def run(md: Path) -> None:
         " path); precision, recall and false positives at the bundle's threshold (99th percentile of the"
         " int8 scores of the training data). "
         + (f"MISSED: {', '.join(missed)}." if missed else "Goal met on every target and runtime.")
-        + "\n"
+        + "\n\nThe false-positive rate on new normal samples is above the 1 % the 99th percentile names: the"
+        " threshold comes from the scores of the training data, which the autoencoder reconstructs better"
+        " than unseen data (build with held-out normal samples as --data for a truer threshold).\n"
+        "\nFloat autoencoder vs PCA (AUROC): " + "; ".join(versus) + ". Where PCA is ahead, the autoencoder"
+        " is no better a detector than a linear model on that data: the goal here is that int8 keeps the"
+        " float model's ranking.\n"
     )
     intro = (
         "`benchmarks/anomaly_bench.py`: `edgefleet train --task anomaly --arch autoencoder` and"
