@@ -372,3 +372,31 @@ def test_anomaly_rate_drift_alerts_on_a_faulty_sensor_and_stays_silent_on_clean_
     assert window.class_counts[1] / window.count > 0.2  # the anomaly rate of the faulty device
     assert quiet.class_psi is not None and quiet.class_psi < 0.1 and quiet.output_state == "ok"
     assert loud.class_psi is not None and loud.class_psi > 0.2 and loud.output_state == "alert"
+
+
+@pytest.mark.slow
+def test_build_without_eval_data_holds_out_normal_samples(
+    anomaly_bundles: dict[str, Path], anomaly_data: Path, tmp_path: Path
+) -> None:
+    """No --eval-data: 20 % of the normal --data is held out; no AUROC (no anomalies), but the share
+    of held-out normal samples above the threshold is measured, and the threshold still comes from
+    the rest on the device path."""
+    res = _invoke(
+        [
+            "build",
+            str(anomaly_data / "tab.keras"),
+            "--task",
+            "anomaly",
+            "--data",
+            str(anomaly_data / "tab.npz"),
+        ]
+        + ["--target", "x86", "--threshold-percentile", "95", "--out", str(tmp_path / "b"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    e = json.loads(res.stdout)["targets"]["x86"]
+    assert e["status"] == "ok" and e["auroc"] is None and e["recall"] is None
+    assert 0 <= e["false_positive_rate"] < 0.25
+    assert e["threshold_percentile"] == 95.0
+    assert load_manifest(tmp_path / "b" / "x86").task["threshold_percentile"] == 95.0  # type: ignore[index]
+    # 5 % of the 240 calibration rows are above the 95th percentile of their own scores
+    assert 6 <= e["calibration_flagged"] <= 18

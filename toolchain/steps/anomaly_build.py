@@ -147,7 +147,8 @@ def build_anomaly_bundles(
         )
         check_fits(evald, lm.input_shape, None, what="eval data")
         eval_note = evald.source
-    truth = anomaly_truth(evald)
+    # the held-out part of --data is all normal: no AUROC, but its false-positive rate is measured
+    truth = np.zeros(evald.n, dtype=np.int64) if eval_data is None else anomaly_truth(evald)
     if calib.n < min_calibration():
         raise DataError(
             f"--data {ds.source!r} has {calib.n} normal samples for calibration and the threshold; need at"
