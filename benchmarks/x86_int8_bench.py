@@ -37,17 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._bench import (  # noqa: E402
     BENCHMARKS_MD,
     DEFAULT_LIBRARIES,
+    DIGITS,
+    DIGITS_TEST,
     machine_info,
     markdown_table,
     progress_print,
+    train_cached,
     write_section,
 )
 from benchmarks.build_bench import (  # noqa: E402
     CNN_EPOCHS,
-    DIGITS,
-    DIGITS_TEST,
     MOBILENET_EPOCHS,
-    train,
+    PATIENCE,
     upsampled,
 )
 
@@ -206,7 +207,7 @@ def run(quick: bool, cache: Path | None, md: Path = BENCHMARKS_MD) -> None:
     try:
         for label, arch, data, test, epochs in models:
             progress_print(f"== {label}: training {arch} ...")
-            model, _ = train(arch, data, work / f"{arch}.keras", epochs, cache)
+            model, _ = train_cached(arch, data, work / f"{arch}.keras", epochs, cache, patience=PATIENCE)
             mdir = work / arch
             mdir.mkdir()
             progress_print(f"== {label}: writing and measuring every form ...")

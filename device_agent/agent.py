@@ -117,13 +117,17 @@ def load_model(
         )
     if len(spec.labels) != len(manifest.labels):
         raise BundleError(f"baseline has {len(spec.labels)} labels, the manifest {len(manifest.labels)}")
-    _smoke(predictor, spec, len(manifest.labels))
+    # an anomaly model returns one score per sample; the agent turns it into the two labels
+    _smoke(predictor, spec, 1 if manifest.anomaly_threshold is not None else len(manifest.labels))
     ref = ModelRef(manifest.name, manifest.version, sha)
     return LoadedModel(path, manifest, ref, spec, predictor)
 
 
 def _smoke(predictor: Predictor, spec: ProfileSpec, n_labels: int) -> None:
-    """Run one inference on a typical input (the baseline means) and check the output's shape and values."""
+    """Run one inference on a typical input (the baseline means) and check the output's shape and values.
+
+    ``n_labels`` is the number of outputs the model must give per sample (1 for an anomaly score).
+    """
     shape = predictor.sample_shape
     if spec.features.kind == "elements":
         base = spec.new_profile()  # empty: use the midpoint of each feature's edges instead of data
@@ -143,6 +147,17 @@ def _smoke(predictor: Predictor, spec: ProfileSpec, n_labels: int) -> None:
         raise BundleError(
             f"smoke inference returned shape {out.shape} (want (1, {n_labels})) or non-finite scores"
         )
+
+
+def predicted_classes(pred: Prediction, labels: Sequence[str]) -> list[int]:
+    """Return each sample's predicted class index: the top-1 output, or for a model with one output
+    per sample (an anomaly score) the index of the label the agent gave it."""
+    out = np.asarray(pred.outputs)
+    index = {lab: i for i, lab in enumerate(labels)}
+    if out.ndim == 2 and out.shape[1] != len(labels) and all(lab in index for lab in pred.labels):
+        return [index[lab] for lab in pred.labels]
+    # (also when the serving model changed since: feedback then does not count for it anyway)
+    return [int(v) for v in out.reshape(len(out), -1).argmax(axis=1)]
 
 
 def prediction_ids(n: int) -> list[str]:
@@ -227,9 +242,11 @@ class Agent:
         if model.spec.has_values:  # a number per sample (regression, anomaly): see windows.VALUE_FUNCTIONS
             w.values_of = VALUE_FUNCTIONS.get(model.manifest.task_type)
         pred = model.predictor
-        runner, batch = pred.runner, pred.current_batch_runner
         self._one: Callable[[Any], Prediction | None] | None = None
         self._batch_one: Callable[[Any], Prediction | None] | None = None
+        if model.manifest.anomaly_threshold is not None:
+            return w  # the native runners record class scores; an anomaly score takes _run_anomaly
+        runner, batch = pred.runner, pred.current_batch_runner
         if runner is not None and self._bind(runner, w, model):
             self._one = runner.predict
             if batch is not None and self._bind(batch, w, model):
@@ -300,7 +317,10 @@ class Agent:
                 self._window.add_violation("shape")
                 self.violations_total += 1
                 raise InputError("shape", f"input is not a rectangular array of numbers ({e})") from None
-            if summary is not None:
+            threshold = m.manifest.anomaly_threshold
+            if threshold is not None:
+                scores, tops, top_scores = self._run_anomaly(m, arr, encoded, threshold)
+            elif summary is not None:
                 scores, tops, top_scores = self._run_one(m, arr, summary)
             else:
                 assert encoded is not None
@@ -311,7 +331,7 @@ class Agent:
                     self._batch_one = None
                     pred.close_batch_runner()
                 scores, tops, top_scores = self._run_batch(m, arr, encoded)
-                if n == self._last_batch_n and pred.current_batch_runner is None:
+                if n == self._last_batch_n and pred.current_batch_runner is None and threshold is None:
                     # the same size twice in a row: the native path from the next batch on
                     runner = pred.batch_runner(n)
                     if runner is not None and self._one is not None and self._bind(runner, self._window, m):
@@ -320,6 +340,7 @@ class Agent:
         if self.window_max_samples is not None:
             self._rotate_if_full()
         labels = m.manifest.labels
+        # For an anomaly model ``outputs`` is the score (n, 1) and ``scores`` the same score per sample.
         return Prediction(
             outputs=scores,
             labels=[labels[i] if i < len(labels) else str(i) for i in tops],
@@ -346,6 +367,28 @@ class Agent:
             table, scores = into
             top, score = self._window.record_one(arr, scores, latency_ms, summary, (raw, table))
         return scores, [top], [score]
+
+    def _run_anomaly(
+        self, m: LoadedModel, arr: np.ndarray, encoded: np.ndarray | None, threshold: float
+    ) -> tuple[np.ndarray, list[int], list[float]]:
+        """Run an anomaly model on a loaded sample (``encoded`` None) or a batch, and record it.
+
+        The model outputs the score (n, 1); a sample is ``anomaly`` (label 1) when it is above the
+        manifest's threshold. The window counts the decision as a class (one-hot rows), so the
+        anomaly rate per window and device is the existing class-count machinery.
+        """
+        pred = m.predictor
+        t0 = time.perf_counter()
+        out = pred.scores(pred.run_loaded()) if encoded is None else pred.run_encoded(encoded)
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        # THE per-sample anomaly score (reconstruction MSE, float64 (n,)), in one place: the window's
+        # score histogram (issue 15's Profile.update_values) is to be fed from here.
+        anomaly_scores = out[:, 0].astype(np.float64)
+        flagged = anomaly_scores > threshold
+        decisions = np.zeros((len(flagged), 2), dtype=np.float64)
+        decisions[np.arange(len(flagged)), flagged.astype(np.int64)] = 1.0
+        self._window.record(arr, decisions, latency_ms)
+        return out, flagged.astype(np.int64).tolist(), anomaly_scores.tolist()
 
     def _run_batch(
         self, m: LoadedModel, arr: np.ndarray, encoded: np.ndarray
@@ -478,6 +521,7 @@ __all__ = [
     "PREDICT_BATCH",
     "agent_version",
     "prediction_ids",
+    "predicted_classes",
     "dequantize",
     "load_model",
     "quantize",

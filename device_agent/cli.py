@@ -221,8 +221,15 @@ def predict_cmd(
         if y is not None and len(y) != x.shape[0]:
             raise InputFileError(f"{len(y)} labels for {x.shape[0]} inputs")
         outs = []
+        # the agent's own decision per sample: the top-1 class and its score, or for an anomaly
+        # bundle normal/anomaly and the anomaly score
+        pred_labels: list[str] = []
+        top_scores: list[float] = []
         for i in range(0, x.shape[0], PREDICT_BATCH):
-            outs.append(agent.predict(x[i : i + PREDICT_BATCH]).outputs)
+            got = agent.predict(x[i : i + PREDICT_BATCH])
+            outs.append(got.outputs)
+            pred_labels += got.labels
+            top_scores += [float(v) for v in got.scores]
         scores = np.concatenate(outs) if outs else np.zeros((0, len(agent.labels)))
     except AgentError as e:
         _fail(ctx, e, 1)
@@ -231,9 +238,6 @@ def predict_cmd(
         _print_values(ctx, agent, scores, y, output, as_json)
         return
     labels = agent.labels
-    top = scores.argmax(axis=1)
-    pred_labels = [labels[i] for i in top]
-    top_scores = [float(scores[r, i]) for r, i in enumerate(top)]
     accuracy = None
     if y is not None:
         # a true label is a label name, or a class index into the bundle's labels
@@ -245,8 +249,9 @@ def predict_cmd(
             float(np.mean([p == t for p, t in zip(pred_labels, truth, strict=False)])) if truth else None
         )
     m = agent.model
-    doc = {
+    doc: dict[str, Any] = {
         "model": {**m.ref.to_dict(), "runtime": m.runtime},
+        "task": m.manifest.task_type,
         "count": int(scores.shape[0]),
         "accuracy": accuracy,
         # ids as POST /v1/predict gives them (this process's own: a running agent cannot label them)
@@ -257,6 +262,8 @@ def predict_cmd(
             )
         ],
     }
+    if m.manifest.anomaly_threshold is not None:
+        doc["threshold"] = m.manifest.anomaly_threshold
     if output is not None:
         try:
             _write_output(output, doc, scores, labels)
@@ -362,7 +369,14 @@ def _write_output(path: Path, doc: dict[str, Any], scores: Any, labels: list[str
     elif suffix == ".csv":
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["label", "score", *[f"score_{lab}" for lab in labels]])
+            # an anomaly bundle's one output is its score, not a score per label
+            width = scores.shape[1] if scores.ndim == 2 else len(labels)
+            cols = (
+                [f"score_{lab}" for lab in labels]
+                if width == len(labels)
+                else [f"output_{j}" for j in range(width)]
+            )
+            w.writerow(["label", "score", *cols])
             for p in doc["predictions"]:
                 w.writerow([p["label"], f"{p['score']:.6g}", *[f"{v:.6g}" for v in p["scores"]]])
     else:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from device_agent.agent import Agent, agent_version
+from device_agent.agent import Agent, agent_version, predicted_classes
 from device_agent.config import AgentConfig, check_files, load_config
 from device_agent.errors import AgentError, ConfigError
 from device_agent.formats.telemetry import TelemetryError, encode_event, encode_status, topic
@@ -434,7 +434,7 @@ class Daemon:
         outs = np.asarray(pred.outputs)
         if raw.ndim == len(self.agent.model.predictor.sample_shape):
             raw = raw[None]
-        labels = outs.argmax(axis=1).tolist()
+        labels = predicted_classes(pred, self.agent.labels)
         # None: the capturer makes ids for the rows it captures only
         ids = list(given) if given is not None and len(given) == len(labels) else None
         ref = pred.model

@@ -319,3 +319,63 @@ def shifted_images(seed: int, n: int, new: bool) -> tuple[np.ndarray, np.ndarray
     if new:
         x = 1.0 - x
     return x.astype(np.float32), y
+
+
+# Anomaly detection (issue 15): normal samples on a low-dimensional structure, anomalies off it.
+ANOMALY_TABULAR_SCALES = np.array([0.001, 0.05, 1.0, 7.0, 60.0, 300.0, 1500.0, 4000.0], dtype=np.float32)
+
+
+def anomaly_tabular(
+    n: int, anomaly_fraction: float = 0.0, seed: int = 0, strength: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tabular rows in units from 0.001 to 4000: normal rows follow two hidden factors (8 correlated
+    columns plus a little noise); anomalies break that structure (columns drawn independently with
+    the same spread) or carry a 4-sigma spike in one column. ``strength`` in (0, 1] makes them
+    subtler: the spike is ``4 * strength`` sigma and broken rows keep ``1 - strength`` of their
+    structure's variance. Returns x (n, 8) float32, y (n,) 1 = anomaly."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(1234).normal(size=(2, 8))  # the same structure for every draw
+    mix /= np.linalg.norm(mix, axis=0, keepdims=True)
+    y = (rng.random(n) < anomaly_fraction).astype(np.int64)
+    z = rng.normal(size=(n, 2)) @ mix + 0.1 * rng.normal(size=(n, 8))
+    bad = np.flatnonzero(y)
+    spike = bad[: len(bad) // 2]
+    shuffled = bad[len(bad) // 2 :]
+    noise = rng.normal(size=(len(shuffled), 8))
+    z[shuffled] = np.sqrt(1.0 - strength) * z[shuffled] + np.sqrt(strength) * noise
+    cols = rng.integers(0, 8, size=len(spike))
+    z[spike, cols] += rng.choice([-4.0, 4.0], size=len(spike)) * strength
+    x = (2.0 + z) * ANOMALY_TABULAR_SCALES
+    return x.astype(np.float32), y
+
+
+def anomaly_images(
+    n: int, anomaly_fraction: float = 0.0, seed: int = 0, side: int = 16, strength: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """[0, 1] images (n, side, side, 1): normal ones are one smooth blob (random place, width and
+    brightness) with faint noise; anomalies are stripes (random frequency and angle) or speckle noise,
+    laid over a normal blob with weight ``strength`` in (0, 1] (1: the pattern alone).
+    Returns x float32 and y (n,) int, 1 = anomaly."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < anomaly_fraction).astype(np.int64)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float64)
+    out = np.empty((n, side, side), dtype=np.float64)
+
+    def blob() -> np.ndarray:
+        cy, cx = rng.uniform(side * 0.25, side * 0.75, size=2)
+        w = rng.uniform(side / 8, side / 4)
+        return np.asarray(rng.uniform(0.6, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * w * w)))
+
+    for i in range(n):
+        if not y[i]:
+            img = blob()
+        else:
+            if rng.random() < 0.5:
+                f, a, p = rng.uniform(0.15, 0.4), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+                img = 0.5 + 0.5 * np.sin(2 * np.pi * f * (xx * np.cos(a) + yy * np.sin(a)) + p)
+            else:
+                img = rng.random((side, side)) * rng.uniform(0.5, 1.0)
+            if strength < 1.0:
+                img = strength * img + (1.0 - strength) * blob()
+        out[i] = img + 0.02 * rng.normal(size=(side, side))
+    return np.clip(out, 0.0, 1.0)[..., None].astype(np.float32), y

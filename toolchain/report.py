@@ -129,12 +129,33 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# The summary of an anomaly build (``task.type`` anomaly; docs/anomaly.md).
+ANOMALY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("target", "target", ""),
+    ("status", "status", ""),
+    ("AUROC", "auroc", ""),
+    ("float AUROC", "float_auroc", ""),
+    ("threshold", "threshold", ""),
+    ("precision", "precision", "pct"),
+    ("recall", "recall", "pct"),
+    ("size", "size_bytes", "kb"),
+    ("p50 ms", "latency_ms_p50", "ms"),
+    ("runtime", "preferred_runtime", ""),
+    ("build s", "build_s", ""),
+)
+
+
+def summary_columns(report: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """Return the summary table's (header, report key, format) columns for the report's task."""
+    return ANOMALY_COLUMNS if (report.get("task") or {}).get("type") == "anomaly" else SUMMARY_COLUMNS
+
+
 def summary_rows(report: dict[str, Any]) -> list[list[str]]:
     """Return the summary table's rows (one per target) as strings."""
     rows = []
     for name, e in report.get("targets", {}).items():
         row = []
-        for _, key, kind in SUMMARY_COLUMNS:
+        for _, key, kind in summary_columns(report):
             row.append(name if key == "target" else format_value(e.get(key), kind))
         rows.append(row)
     return rows
@@ -151,7 +172,7 @@ def text_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
 
 def summary_table(report: dict[str, Any]) -> str:
     """Return the terminal summary: one row per target, then failures and Edge TPU notes."""
-    out = [text_table([c[0] for c in SUMMARY_COLUMNS], summary_rows(report))]
+    out = [text_table([c[0] for c in summary_columns(report)], summary_rows(report))]
     for name, e in report.get("targets", {}).items():
         if e.get("status") != "ok" and e.get("error"):
             out.append(f"{name}: FAILED: {e['error']}")
@@ -433,7 +454,7 @@ def render_html(report: dict[str, Any]) -> str:
     targets = report.get("targets", {})
     ok = {n: t for n, t in targets.items() if t.get("status") == "ok"}
     rows = summary_rows(report)
-    head = "".join(f"<th>{e(c[0])}</th>" for c in SUMMARY_COLUMNS)
+    head = "".join(f"<th>{e(c[0])}</th>" for c in summary_columns(report))
     body = "".join(
         "<tr"
         + (' class="failed"' if targets[r[0]].get("status") != "ok" else "")

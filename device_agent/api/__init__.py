@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.agent import Agent, prediction_ids
+from device_agent.agent import Agent, predicted_classes, prediction_ids
 from device_agent.api.bodies import BadBody, JsonInputs, _dumps, _loads, json_depth, load_npy, load_raw
 from device_agent.api.server import HttpServer, Request, Response
 from device_agent.config import ApiSettings, read_token
@@ -342,7 +342,7 @@ class ApiServer:
         outputs = np.asarray(pred.outputs)
         if len(ids) != len(pred.labels):
             ids = prediction_ids(len(pred.labels))
-        self.feedback.remember(ids, outputs.argmax(axis=1).tolist(), pred.model.sha256)
+        self.feedback.remember(ids, predicted_classes(pred, agent.labels), pred.model.sha256)
         # pred.to_dict(), with the score matrix converted in one call (the same Python floats)
         doc = {
             "outputs": outputs.tolist(),

@@ -183,6 +183,13 @@ class Manifest:
         """``classification``, ``regression`` or ``anomaly`` (absent ``task`` is classification)."""
         return "classification" if self.task is None else str(self.task["type"])
 
+    @property
+    def anomaly_threshold(self) -> float | None:
+        """The score above which a sample is an anomaly (anomaly bundles only; None otherwise)."""
+        return (
+            float(self.task["threshold"]) if self.task is not None and self.task_type == "anomaly" else None
+        )
+
     def to_dict(self) -> dict[str, Any]:
         model: dict[str, Any] = {
             "path": self.model.path,
@@ -303,6 +310,10 @@ class Manifest:
                 raise BundleError(
                     f"manifest task.scale has {len(task['scale'])} numbers for {len(labels)} labels (targets)"
                 )
+            if task["type"] == "anomaly" and list(labels) != list(ANOMALY_LABELS):
+                raise BundleError(
+                    f"an anomaly bundle's labels are {list(ANOMALY_LABELS)}, not {list(labels)[:5]}"
+                )
         return cls(
             name=name,
             version=int(d["version"]),
@@ -380,8 +391,35 @@ def check_regression_task(task: Mapping[str, Any]) -> None:
         raise BundleError("manifest task.scale must not hold 0")
 
 
+# Anomaly bundles (issue 15): their two labels, and the scores the model may compute.
+ANOMALY_LABELS = ("normal", "anomaly")
+ANOMALY_SCORES = ("reconstruction_mse",)
+
+
+def check_anomaly_task(task: Mapping[str, Any]) -> None:
+    """Validate an anomaly task: ``{"type": "anomaly", "score": ..., "threshold": t, "threshold_percentile": p}``.
+
+    The model outputs one score per sample (``score`` names how it is computed); the agent labels a
+    sample ``anomaly`` when its score is above ``threshold`` (finite, >= 0), which the build picked
+    as the ``threshold_percentile``-th percentile (0 < p < 100) of normal samples' scores.
+    """
+    _keys(task, {"type", "score", "threshold", "threshold_percentile"}, "task")
+    if task["score"] not in ANOMALY_SCORES:
+        raise BundleError(
+            f"manifest task.score {task['score']!r} is unknown. Known: {', '.join(ANOMALY_SCORES)}"
+        )
+    if not _is_num(task["threshold"]) or task["threshold"] < 0:
+        raise BundleError(f"manifest task.threshold {task['threshold']!r} must be a finite number >= 0")
+    p = task["threshold_percentile"]
+    if not _is_num(p) or not 0 < p < 100:
+        raise BundleError(f"manifest task.threshold_percentile {p!r} must be between 0 and 100")
+
+
 # Per-task validation of ``manifest.task`` beyond its ``type``: one function per task with keys.
-TASK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"regression": check_regression_task}
+TASK_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "regression": check_regression_task,
+    "anomaly": check_anomaly_task,
+}
 
 
 def check_preprocessing(pre: Mapping[str, Any]) -> None:

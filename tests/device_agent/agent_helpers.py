@@ -62,9 +62,14 @@ class Collector:
         else:
             proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
             self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
-        self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe("edgefleet/#", qos=1), self._ready.set())
+
+        def on_connect(c: Any, u: Any, f: Any, rc: Any, p: Any = None) -> None:
+            c.subscribe("edgefleet/#", qos=1)
+            self._ready.set()
+
+        self.client.on_connect = on_connect
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]  # paho takes floats
         self.port = port
         self.client.connect("127.0.0.1", port, 10)
         self.client.loop_start()

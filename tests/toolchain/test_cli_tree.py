@@ -36,6 +36,7 @@ EXPECTED: dict[str, list[str]] = {
         "option:--sign-key",
         "option:--target",
         "option:--task",
+        "option:--threshold-percentile",
         "option:--version",
     ],
     "edgefleet demo": [

@@ -97,6 +97,15 @@ DEFAULT_OUT = "bundles"
     metavar="PERCENT",
     help="--task regression: fail a target whose int8 MAE exceeds the float MAE by more than this.",
 )
+@click.option(
+    "--threshold-percentile",
+    "threshold_percentile",
+    type=click.FloatRange(0, 100, min_open=True, max_open=True),
+    default=None,
+    metavar="P",
+    help="--task anomaly: the threshold is this percentile of the int8 model's scores of --data"
+    " (normal samples) [default: 99].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (nothing else on stdout).")
 def build_cmd(
     model: str,
@@ -116,9 +125,12 @@ def build_cmd(
     int8_search: bool,
     task: str,
     max_error_increase: float,
+    threshold_percentile: float | None,
     as_json: bool,
 ) -> None:
     """Turn MODEL (.keras, .h5 or SavedModel) into verified int8 bundles, one per target."""
+    if task != "anomaly" and threshold_percentile is not None:
+        raise click.UsageError("--threshold-percentile applies to --task anomaly")
     if task == "regression":
         from toolchain.cli.regression import run_build_regression
 
@@ -129,11 +141,36 @@ def build_cmd(
             max_error_increase, allow_accuracy_drop, as_json,
         )  # fmt: skip
         return
-    if task != "classification":
-        raise click.UsageError(f"--task {task} is not supported by 'edgefleet build' in this version")
     from toolchain.build import BuildError, build_bundles
+    from toolchain.errors import ToolchainError
     from toolchain.report import summary_table
+    from toolchain.steps.anomaly import model_task
+    from toolchain.steps.models import read_model_meta
 
+    trained_for = model_task(read_model_meta(Path(model)))
+    if trained_for != task and trained_for != "classification":
+        raise ToolchainError(
+            f"model {model!r} was trained with --task {trained_for}; build it with --task {trained_for}"
+        )
+    if task == "anomaly":
+        _build_anomaly(
+            model,
+            data_path,
+            targets,
+            quantize,
+            prune,
+            cluster,
+            eval_data,
+            label,
+            version,
+            name,
+            out_dir,
+            sign_key,
+            allow_accuracy_drop,
+            99.0 if threshold_percentile is None else threshold_percentile,
+            as_json,
+        )
+        return
     try:
         with stdout_to_stderr(as_json):
             report = build_bundles(
@@ -160,6 +197,66 @@ def build_cmd(
                 emit_json(e.report)
             else:
                 click.echo(summary_table(e.report))
+        raise
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(summary_table(report))
+    click.echo(f"\nbundles in {out_dir}/<target>/; report: {Path(out_dir) / 'report.html'}")
+
+
+def _build_anomaly(
+    model: str,
+    data_path: str,
+    targets: tuple[str, ...],
+    quantize: str,
+    prune: float | None,
+    cluster: int | None,
+    eval_data: str | None,
+    label: str | None,
+    version: int,
+    name: str | None,
+    out_dir: str,
+    sign_key: str | None,
+    allow_accuracy_drop: bool,
+    threshold_percentile: float,
+    as_json: bool,
+) -> None:
+    """``build --task anomaly`` (toolchain.steps.anomaly_build): the threshold from the int8 scores."""
+    from toolchain.build import BuildError
+    from toolchain.report import summary_table
+    from toolchain.steps.anomaly_build import build_anomaly_bundles
+    from toolchain.targets import resolve_targets
+
+    unsupported = [
+        flag
+        for flag, on in (
+            ("--prune", prune is not None),
+            ("--cluster", cluster is not None),
+            ("--quantize qat", quantize == "qat"),
+        )
+        if on
+    ]
+    try:
+        with stdout_to_stderr(as_json):
+            report = build_anomaly_bundles(
+                model,
+                data_path,
+                resolve_targets(list(targets)),
+                out_dir,
+                threshold_percentile=threshold_percentile,
+                eval_data=eval_data,
+                label=label,
+                version=version,
+                name=name,
+                sign_key=sign_key,
+                allow_accuracy_drop=allow_accuracy_drop,
+                progress=not as_json,
+                unsupported=unsupported,
+            )
+    except BuildError as e:
+        if e.report is not None:
+            emit_json(e.report) if as_json else click.echo(summary_table(e.report))
         raise
     if as_json:
         emit_json(report)

@@ -31,13 +31,17 @@ def evaluate_cmd(
     """Re-measure a BUNDLE on labelled data: accuracy, per-class metrics and latency in each runtime."""
     from toolchain.cli.regression import bundle_task, run_evaluate_regression
 
-    if bundle_task(bundle, task) == "regression":
+    kind = bundle_task(bundle, task)
+    if kind == "regression":
         run_evaluate_regression(bundle, data_path, label, list(runtimes), as_json)
         return
     from toolchain.report import MAX_TEXT_MATRIX_CLASSES, confusion_text, per_class_rows, text_table
     from toolchain.steps.data import load_dataset
     from toolchain.steps.evaluate import evaluate_bundle
 
+    if kind == "anomaly":
+        _evaluate_anomaly(bundle, data_path, label, runtimes, as_json)
+        return
     with stdout_to_stderr(as_json):
         ds = load_dataset(data_path, label)
         res = evaluate_bundle(bundle, ds, runtimes=list(runtimes) or None, progress=not as_json)
@@ -76,3 +80,38 @@ def evaluate_cmd(
         if len(res["labels"]) <= MAX_TEXT_MATRIX_CLASSES:
             click.echo("\nconfusion matrix (rows true, columns predicted):")
             click.echo(confusion_text(res["confusion_matrix"], res["labels"]))
+
+
+def _evaluate_anomaly(
+    bundle: str, data_path: str, label: str | None, runtimes: tuple[str, ...], as_json: bool
+) -> None:
+    """``evaluate`` of an anomaly bundle: AUROC, precision and recall at its threshold, per runtime."""
+    from toolchain.report import format_value, text_table
+    from toolchain.steps.anomaly_build import evaluate_anomaly_bundle
+    from toolchain.steps.data import load_dataset
+
+    with stdout_to_stderr(as_json):
+        res = evaluate_anomaly_bundle(bundle, load_dataset(data_path, label), list(runtimes) or None)
+    if as_json:
+        emit_json(res)
+        return
+    click.echo(
+        f"{res['name']} v{res['version']} ({res['target']}, anomaly, threshold {res['threshold']:.4g}) on"
+        f" {res['samples']} samples ({res['anomalies']} anomalies) of {res['data']}"
+    )
+    rows = [
+        [
+            rt,
+            format_value(v.get("auroc")),
+            format_value(v.get("precision"), "pct"),
+            format_value(v.get("recall"), "pct"),
+            format_value(v.get("false_positive_rate"), "pct"),
+            format_value(v.get("latency_ms_p50"), "ms"),
+        ]
+        for rt, v in res["per_runtime"].items()
+    ]
+    click.echo(
+        text_table(["runtime", "AUROC", "precision", "recall", "false positives", "agent p50 ms"], rows)
+    )
+    if res.get("build_auroc") is not None:
+        click.echo(f"AUROC at build time: {res['build_auroc']:.4f}")

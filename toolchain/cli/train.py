@@ -12,6 +12,7 @@ import click
 
 from toolchain.cli.options import task_option
 from toolchain.cli.output import emit_json, stdout_to_stderr
+from toolchain.steps.architectures import ARCHITECTURES, TASK_ARCHITECTURES
 from toolchain.steps.finetune import DEFAULT_REPLAY
 from toolchain.steps.finetune import LEARNING_RATE as FINETUNE_LEARNING_RATE
 from toolchain.steps.train import (
@@ -36,9 +37,10 @@ from toolchain.steps.train import (
 @click.option("--label", default=None, help="Label column (CSV) or label array name (.npz, default y).")
 @click.option(
     "--arch",
-    type=click.Choice(["mlp", "cnn", "mobilenetv2"]),
+    type=click.Choice([*ARCHITECTURES, *TASK_ARCHITECTURES]),
     default=None,
-    help="Built-in architecture (required unless --init-from, which keeps the model's).",
+    help="Built-in architecture (required unless --init-from, which keeps the model's); autoencoder"
+    " with --task anomaly.",
 )
 @click.option(
     "--init-from",
@@ -117,6 +119,11 @@ def train_cmd(
         raise TrainError("--replay applies to fine-tuning; pass --init-from MODEL (the deployed model)")
     if learning_rate is not None and not (0 < learning_rate < float("inf")):
         raise TrainError(f"--learning-rate must be a positive number, got {learning_rate}")
+    if task == "anomaly" or arch == "autoencoder":
+        _train_anomaly(
+            data_paths, label, arch, task, init_from, learning_rate, epochs, seed, workers, out_path, as_json
+        )
+        return
     out = check_out_path(out_path)  # before reading data or importing TensorFlow
     if task == "regression":
         from toolchain.cli.regression import run_train_regression
@@ -128,8 +135,6 @@ def train_cmd(
         assert arch is not None
         run_train_regression(data_paths[0], label, arch, epochs, seed, learning_rate, out, as_json)
         return
-    if task != "classification":
-        raise TrainError(f"--task {task} is not supported by 'edgefleet train' in this version")
     if init_from is not None:
         from toolchain.cli.finetune import run_finetune
 
@@ -238,3 +243,56 @@ def finite(v: float | None) -> float | None:
     if v is None:
         return None
     return v if v == v and v not in (float("inf"), float("-inf")) else None
+
+
+def _train_anomaly(
+    data_paths: tuple[str, ...],
+    label: str | None,
+    arch: str | None,
+    task: str,
+    init_from: str | None,
+    learning_rate: float | None,
+    epochs: int,
+    seed: int,
+    workers: int,
+    out_path: str,
+    as_json: bool,
+) -> None:
+    """``train --task anomaly --arch autoencoder``: fit the autoencoder to normal samples only."""
+    if task != "anomaly":
+        raise TrainError("--arch autoencoder learns what normal looks like; train it with --task anomaly")
+    if arch != "autoencoder":
+        raise TrainError(f"--task anomaly trains --arch autoencoder (got --arch {arch or 'none'})")
+    if init_from is not None or workers > 1:
+        raise TrainError("--task anomaly trains from scratch in one process; drop --init-from and --workers")
+    out = check_out_path(out_path)  # before reading data or importing TensorFlow
+    from toolchain.steps.anomaly import load_normal, train_autoencoder
+
+    with stdout_to_stderr(as_json):
+        ds = load_normal(data_paths, label)
+        result = train_autoencoder(
+            ds, epochs, out, seed=seed, learning_rate=learning_rate, progress=not as_json
+        )
+    doc = {
+        "model": str(result.path),
+        "metadata": str(result.meta_path),
+        "task": "anomaly",
+        "arch": "autoencoder",
+        "seed": seed,
+        "samples": ds.n,
+        "input_shape": list(ds.sample_shape),
+        "labels": ["normal", "anomaly"],
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "val_score_mean": finite(result.val_score_mean),
+        "val_score_p99": finite(result.val_score_p99),
+        "train_score_mean": finite(result.train_score_mean),
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(
+        f"saved {result.path} (autoencoder, {ds.n} normal samples, seed {seed}): validation score mean"
+        f" {result.val_score_mean:.4g}, 99th percentile {result.val_score_p99:.4g}"
+        f" (best epoch {result.best_epoch} of {result.epochs_run}); the build picks the threshold"
+    )

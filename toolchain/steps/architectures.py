@@ -15,6 +15,11 @@ from toolchain.steps.models import ModelError
 from toolchain.tfenv import import_keras, import_tf
 
 ARCHITECTURES = ("mlp", "cnn", "mobilenetv2")
+# Architectures of the other tasks (issue 15): name -> (task, "module:function" taking (x, seed)),
+# imported on first use. Not classifiers, so not in ARCHITECTURES (``edgefleet tune`` searches those).
+TASK_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "autoencoder": ("anomaly", "toolchain.steps.anomaly:build_autoencoder"),
+}
 # MobileNetV2 needs at least 32x32 inputs; smaller images are resized inside the model.
 MOBILENET_MIN_SIDE = 32
 MOBILENET_ALPHA = 0.35
@@ -48,11 +53,17 @@ def build_architecture(
     ``linear`` (regression, ``toolchain.steps.regression``): ``n_classes`` linear outputs, one per
     target, instead of a softmax over classes.
     """
+    if arch in TASK_ARCHITECTURES:
+        import importlib
+
+        module, func = TASK_ARCHITECTURES[arch][1].split(":")
+        return getattr(importlib.import_module(module), func)(x, seed)
     keras = import_keras()
     tf = import_tf()
     tf.random.set_seed(seed)
     if arch not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {arch!r}. Known: {', '.join(ARCHITECTURES)}")
+        known = ", ".join((*ARCHITECTURES, *TASK_ARCHITECTURES))
+        raise ModelError(f"unknown architecture {arch!r}. Known: {known}")
     shape = tuple(int(d) for d in x.shape[1:])
     if n_classes < 2 and not linear:
         raise ModelError(f"the data has {n_classes} class; classification needs at least 2")
