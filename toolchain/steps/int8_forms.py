@@ -25,7 +25,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,18 +185,24 @@ def _rejection(
 
 
 def search_forms(
-    ctx: Any, t: Target, tdir: Path, forms: Sequence[str] | None = None
+    ctx: Any,
+    t: Target,
+    tdir: Path,
+    bundle_fields: Callable[[Any], dict[str, Any]],
+    forms: Sequence[str] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write and measure each int8 form of an ONNX target; return (the chosen file, the choice).
 
     ``ctx`` is the build's ``BuildContext`` (source model, calibration and evaluation data). The chosen
     file lies in ``tdir/int8-forms``; the caller ships it (``convert_for_target(prebuilt=...)``).
+    ``bundle_fields(artifact)`` gives the ``assemble_bundle`` arguments of a candidate's scratch bundle
+    (``toolchain.steps.target.bundle_fields``, passed in so this module does not import its caller).
     """
+    from toolchain.steps import isolate
     from toolchain.steps.artifact import Artifact, read_io_specs
     from toolchain.steps.convert import check_calibration, remove_quietly, usable_runtimes
     from toolchain.steps.convert_onnx import DEFAULT_FORM, FORMS, export_quantizable, quantize_ptq
     from toolchain.steps.package import assemble_bundle
-    from toolchain.steps.target import bundle_fields
     from toolchain.steps.verify import inspect_artifact
 
     names = list(forms or SEARCH_FORMS)
@@ -214,11 +220,13 @@ def search_forms(
     artifacts: dict[str, Artifact] = {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-forms-") as tmp:
         ref = ctx.float_refs.get(t.format)
-        if ref is not None and ctx.float_source is ctx.source_model and not ctx.options.qat:
+        same = ctx.float_source is ctx.source_model or ctx.float_source == ctx.source_model
+        if ref is not None and same and not ctx.options.qat:
             float_path = Path(tmp) / "float.onnx"  # the float reference is this very model: no new export
             shutil.copyfile(ref.path, float_path)
         else:
-            float_path = export_quantizable(ctx.source_model, calib, Path(tmp), qat=ctx.options.qat)
+            source = isolate.resolve(ctx.source_model)  # a ModelFile (toolchain.steps.isolate) loads here
+            float_path = export_quantizable(source, calib, Path(tmp), qat=ctx.options.qat)
         for name in names:
             path = out_dir / f"{name}.onnx"
             try:
@@ -249,7 +257,7 @@ def search_forms(
                     c.error = f"not scored: not {MIN_SPEEDUP:.2f}x as fast as {DEFAULT_FORM.name}"
                 continue
             scratch = Path(tmp) / f"bundle-{name}"
-            assemble_bundle(scratch, **bundle_fields(ctx, t, artifact))
+            assemble_bundle(scratch, **bundle_fields(artifact))
             for c in mine:
                 score_on_agent(scratch, c, ctx.evald.x, ctx.evald.y)
             shutil.rmtree(scratch, ignore_errors=True)

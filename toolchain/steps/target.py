@@ -75,7 +75,7 @@ def measure_artifact(
     if ctx.options.int8_search and t.format == ModelFormat.ONNX:
         from toolchain.steps.int8_forms import search_forms
 
-        prebuilt, result.int8_form_choice = search_forms(ctx, t, tdir)
+        prebuilt, result.int8_form_choice = search_forms(ctx, t, tdir, lambda a: bundle_fields(ctx, t, a))
     artifact = convert_for_target(
         ctx.source_model,
         t,
