@@ -55,7 +55,13 @@ class OpenVINOModel:
         self._one_batch = 1 if self._dynamic or self.input_shape[:1] == (1,) else self.input_shape[0]
         if STATIC_BATCH_1 and self._dynamic and all(d.is_static for d in list(ps)[1:]):
             model.reshape([1, *self.input_shape[1:]])  # single samples: a static batch of 1
+        # A precision other than f32 is checked with the probe first: on some CPUs a capped oneDNN
+        # fails the compile, on others the plugin compiles this model and silently ignores the hint
+        # (or computes some layers in f32): either way not what the bundle was verified in.
+        problem = None if precision == DEFAULT_PRECISION else precision_problem(precision)
         try:
+            if problem is not None:
+                raise RuntimeError(problem)
             self._compiled = core.compile_model(model, "CPU", self._config)
         except RuntimeError as e:
             if precision == DEFAULT_PRECISION:

@@ -72,7 +72,9 @@ def measure_artifact(
     assert ctx.model_calib is not None and ctx.model_eval is not None and ctx.deployed_eval is not None
     evald = ctx.model_eval
     prebuilt = None
-    if ctx.options.int8_search and t.format == ModelFormat.ONNX:
+    # Clustered builds ship QDQ per-channel untried: a per-tensor form re-rounds the shared values and
+    # loses the <= K values per channel that clustering is for (seen: 13 values per channel at K=6).
+    if ctx.options.int8_search and t.format == ModelFormat.ONNX and ctx.options.cluster is None:
         from toolchain.steps.int8_forms import search_forms
 
         prebuilt, result.int8_form_choice = search_forms(ctx, t, tdir, lambda a: bundle_fields(ctx, t, a))
